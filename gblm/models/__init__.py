@@ -1,0 +1,1 @@
+"""Model loading, the embedded default model, and per-architecture layer access."""

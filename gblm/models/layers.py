@@ -1,0 +1,88 @@
+"""Where the decoder blocks and their prunable Linears are, per architecture.
+
+Only the Linears inside decoder blocks are pruned; embeddings and the LM head never are.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+# Attribute paths of the decoder-block list, tried in order.
+_BLOCK_PATHS = (
+    "model.layers",  # LLaMA, Mistral, Qwen2, Gemma, Phi-3
+    "model.decoder.layers",  # OPT
+    "transformer.h",  # GPT-2, Falcon, BLOOM
+    "gpt_neox.layers",  # Pythia / GPT-NeoX
+)
+
+# Short module types, for per-type statistics.
+MODULE_TYPES = ("q", "k", "v", "o", "gate", "up", "down", "fc1", "fc2", "other")
+_TYPE_BY_SUFFIX = {
+    "q_proj": "q",
+    "k_proj": "k",
+    "v_proj": "v",
+    "o_proj": "o",
+    "out_proj": "o",
+    "dense": "o",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+    "fc1": "fc1",
+    "fc2": "fc2",
+}
+
+# SparseGPT's true_sequential groups, by module type.
+SEQUENTIAL_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up", "fc1"), ("down", "fc2"))
+
+
+def _get(obj: object, path: str) -> object | None:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a causal LM."""
+    for path in _BLOCK_PATHS:
+        layers = _get(model, path)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(
+        f"Unsupported architecture {type(model).__name__}: no decoder-block list at any of "
+        f"{', '.join(_BLOCK_PATHS)}."
+    )
+
+
+def decoder_layers_path(model: nn.Module) -> str:
+    for path in _BLOCK_PATHS:
+        if isinstance(_get(model, path), nn.ModuleList):
+            return path
+    decoder_layers(model)  # raises with the message
+    return ""
+
+
+def prunable_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` in a block, by its name inside the block (e.g. ``self_attn.q_proj``)."""
+    return {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
+
+
+def module_type(name: str) -> str:
+    """``self_attn.q_proj`` -> ``q``; unknown names -> ``other``."""
+    return _TYPE_BY_SUFFIX.get(name.rsplit(".", 1)[-1], "other")
+
+
+def sequential_groups(names: list[str]) -> list[list[str]]:
+    """Split a block's Linear names into SparseGPT's true-sequential order; leftovers go last."""
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    for types in SEQUENTIAL_GROUPS:
+        group = [n for n in names if module_type(n) in types]
+        if group:
+            groups.append(group)
+            seen.update(group)
+    rest = [n for n in names if n not in seen]
+    if rest:
+        groups.append(rest)
+    return groups

@@ -1,0 +1,1 @@
+"""Pruning methods: one interface, one mask-selection module, one class per method."""

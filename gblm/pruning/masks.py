@@ -1,0 +1,89 @@
+"""Mask selection: the one place for unstructured (per row, per layer) and N:M selection.
+
+Every score method hands its score matrix (d_out, d_in) here; True in a mask means pruned.
+
+- ``row``: in every output row prune the ``int(d_in * ratio)`` lowest scores; ties are broken by
+  a stable sort, so the lower column index is pruned first (Wanda / GBLM-Pruner).
+- ``layer``: one threshold over the whole matrix, ``t = sort(score)[int(numel * ratio)]``, prune
+  ``score <= t`` (the published magnitude rule; ties at ``t`` may overshoot slightly).
+- N:M: every row is cut into groups of M consecutive columns; the N lowest of each are pruned.
+- :func:`variant_mask` is Wanda's appendix variant: per row, prune the entries whose cumulative
+  sorted score stays under ``alpha`` times the row sum, alpha found by bisection.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+COMPARISON_GROUPS = ("row", "layer")
+
+
+def unstructured_row_mask(score: Tensor, ratio: float) -> Tensor:
+    """Prune the ``int(d_in * ratio)`` lowest entries of every row (stable sort)."""
+    k = int(score.shape[1] * ratio)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if k == 0:
+        return mask
+    order = torch.sort(score, dim=-1, stable=True)[1]  # (d_out, d_in)
+    return mask.scatter_(1, order[:, :k], True)
+
+
+def unstructured_layer_mask(score: Tensor, ratio: float) -> Tensor:
+    """Prune every entry at or below the ``int(numel * ratio)``-th smallest score."""
+    k = int(score.numel() * ratio)
+    if k == 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    # kthvalue is 1-based: the (k+1)-th smallest is sorted(score)[k].
+    threshold = torch.kthvalue(score.flatten().float(), k + 1).values
+    return score.float() <= threshold
+
+
+def nm_mask(score: Tensor, n: int, m: int) -> Tensor:
+    """In every group of ``m`` consecutive columns of each row, prune the ``n`` lowest."""
+    d_out, d_in = score.shape
+    if d_in % m:
+        raise ValueError(f"N:M {n}:{m} needs the input width ({d_in}) to be a multiple of M.")
+    groups = score.float().reshape(d_out, d_in // m, m)  # (d_out, groups, m)
+    lowest = torch.topk(groups, n, dim=-1, largest=False)[1]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, lowest, True)
+    return mask.reshape(d_out, d_in)
+
+
+def select_mask(score: Tensor, ratio: float, n: int = 0, m: int = 0, group: str = "row") -> Tensor:
+    """Dispatch on the sparsity pattern: N:M when ``m > 0``, else unstructured by ``group``."""
+    if m > 0:
+        return nm_mask(score, n, m)
+    if group == "row":
+        return unstructured_row_mask(score, ratio)
+    if group == "layer":
+        return unstructured_layer_mask(score, ratio)
+    raise ValueError(f"comparison_group={group!r}: allowed values are {', '.join(COMPARISON_GROUPS)}.")
+
+
+def _mask_for_alpha(
+    score: Tensor, sorted_score: Tensor, cumsum: Tensor, row_sum: Tensor, alpha: float
+) -> Tensor:
+    under = cumsum <= (row_sum * alpha).reshape(-1, 1)  # (d_out, d_in)
+    count = under.sum(dim=1, keepdim=True)  # entries per row under the budget
+    threshold = torch.gather(sorted_score, 1, (count - 1).clamp(min=0))
+    threshold = torch.where(count > 0, threshold, torch.full_like(threshold, -torch.inf))
+    return score <= threshold
+
+
+def variant_mask(score: Tensor, ratio: float, tolerance: float = 0.001) -> Tensor:
+    """Wanda's variant: bisection on alpha in [0, 0.8] from 0.4 until sparsity is within 0.001."""
+    sorted_score = torch.sort(score, dim=-1, stable=True)[0]
+    cumsum = torch.cumsum(sorted_score, dim=1)
+    row_sum = score.sum(dim=1)
+    alpha, low, high = 0.4, 0.0, 0.8
+    mask = _mask_for_alpha(score, sorted_score, cumsum, row_sum, alpha)
+    achieved = mask.float().mean().item()
+    while abs(achieved - ratio) > tolerance and high - low >= 0.001:
+        if achieved > ratio:
+            alpha, high = (alpha + low) / 2.0, alpha
+        else:
+            alpha, low = (alpha + high) / 2.0, alpha
+        mask = _mask_for_alpha(score, sorted_score, cumsum, row_sum, alpha)
+        achieved = mask.float().mean().item()
+    return mask
