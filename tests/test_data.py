@@ -1,0 +1,110 @@
+"""Calibration sampling (the published protocol, re-derived in the test), corpora, local files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+
+import pytest
+import torch
+
+from gblm.data.calibration import sample_windows
+from gblm.data.corpus import austen_documents, kjv_documents
+from gblm.data.sources import DataUnavailableError, load_documents
+
+
+class CharTokenizer:
+    """One token per character (+ a BOS of 0), so expected windows are easy to compute."""
+
+    def __call__(self, text, return_tensors=None):
+        ids = torch.tensor([[0] + [ord(c) for c in text]])
+        return type("Enc", (), {"input_ids": ids})()
+
+
+def _expected_documents(docs, n, seqlen, seed):
+    random.seed(seed)
+    out = []
+    for _ in range(n):
+        while True:
+            d = random.randint(0, len(docs) - 1)
+            ids = [0] + [ord(c) for c in docs[d]]
+            if len(ids) > seqlen:
+                break
+        i = random.randint(0, len(ids) - seqlen - 1)
+        out.append(ids[i : i + seqlen])
+    return torch.tensor(out)
+
+
+def test_document_sampling_matches_the_published_draws():
+    docs = ["short", "a" * 3 + "bcdefghijklmnopqrstuvwxyz" * 3, "tiny", "0123456789" * 5]
+    got = sample_windows(CharTokenizer(), docs, nsamples=7, seqlen=12, seed=3, sampling="documents")
+    assert torch.equal(got, _expected_documents(docs, 7, 12, 3))
+
+
+def test_stream_sampling_draws_only_the_start():
+    docs = ["alpha beta", "gamma delta epsilon", "zeta eta theta iota"]
+    got = sample_windows(CharTokenizer(), docs, nsamples=5, seqlen=8, seed=0, sampling="stream")
+    ids = [0] + [ord(c) for c in "\n\n".join(docs)]
+    random.seed(0)
+    starts = [random.randint(0, len(ids) - 8 - 1) for _ in range(5)]
+    assert torch.equal(got, torch.tensor([ids[i : i + 8] for i in starts]))
+
+
+def test_sampling_is_seeded():
+    docs = ["".join(chr(65 + i % 50) for i in range(60)), "".join(chr(97 + i % 26) for i in range(90))]
+    a = sample_windows(CharTokenizer(), docs, 4, 10, seed=1, sampling="documents")
+    assert torch.equal(a, sample_windows(CharTokenizer(), docs, 4, 10, seed=1, sampling="documents"))
+    assert not torch.equal(a, sample_windows(CharTokenizer(), docs, 4, 10, seed=2, sampling="documents"))
+
+
+def test_no_document_long_enough_is_an_error_not_a_hang():
+    with pytest.raises(ValueError, match="calibration.seqlen=100"):
+        sample_windows(CharTokenizer(), ["abc", "defg"], 2, 100, sampling="documents")
+
+
+def test_austen_split_is_by_whole_novel_and_disjoint():
+    train, val, test = (austen_documents(s) for s in ("train", "validation", "test"))
+    assert len(test) == 24 and test[0].startswith("Chapter 1") and "Sir Walter Elliot" in test[0]
+    assert len(val) == 31 and len(train) > 200
+    assert not set(test) & set(train)
+    assert all("\n\n" in ch for ch in test)
+
+
+def test_kjv_split_covers_every_chapter_once():
+    parts = [kjv_documents(s) for s in ("train", "validation", "test")]
+    assert sum(map(len, parts)) == 1189  # chapters of the King James Bible
+    assert parts[0][0].startswith("Genesis 1\n\nIn the beginning God created")
+
+
+def test_local_text_and_c4_style_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("first document")
+    with gzip.open(tmp_path / "c4-train.00000-of-01024.json.gz", "wt") as f:
+        for t in ("doc one", "doc two"):
+            f.write(json.dumps({"text": t, "timestamp": "2019", "url": "http://x"}) + "\n")
+    docs = load_documents("local", "train", [tmp_path / "a.txt", tmp_path / "c4-train.00000-of-01024.json.gz"])
+    assert docs == ["first document", "doc one", "doc two"]
+    # c4 and wikitext2 read the same files when paths are given (offline use).
+    assert load_documents("c4", "train", [tmp_path / "c4-train.00000-of-01024.json.gz"]) == ["doc one", "doc two"]
+
+
+def test_wikitext_parquet_layout(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["", " = Title = \n", " Some text . \n"]}).to_parquet(
+        tmp_path / "test-00000-of-00001.parquet"
+    )
+    docs = load_documents("wikitext2", "test", [tmp_path / "test-00000-of-00001.parquet"])
+    assert docs == ["", " = Title = \n", " Some text . \n"]
+
+
+def test_missing_local_file_and_offline_hub(tmp_path, monkeypatch):
+    with pytest.raises(DataUnavailableError, match="does not exist"):
+        load_documents("local", "train", [tmp_path / "nope.txt"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from gblm import paths
+
+    paths.hub_reachable.cache_clear()
+    with pytest.raises(DataUnavailableError, match="calibration.paths"):
+        load_documents("c4", "train")
+    paths.hub_reachable.cache_clear()

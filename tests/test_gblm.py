@@ -1,0 +1,209 @@
+"""GBLM-Pruner's score and masks, against naive loops and an independent Wanda selection."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from gblm.calibration.gradients import gradient_norms
+from gblm.models.tiny import build_tiny_model, tiny_config
+from gblm.pruning.base import LinearStats, Sparsity
+from gblm.pruning.gblm import GBLMPruner, gblm_score
+from gblm.pruning.masks import unstructured_row_mask
+
+D_OUT, D_IN = 8, 16
+
+
+def layer_stats(seed: int = 0, grad_dtype: torch.dtype = torch.float16) -> tuple[Tensor, LinearStats]:
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(D_OUT, D_IN, generator=gen)  # (d_out, d_in)
+    row_sq = torch.rand(D_IN, generator=gen) * 4.0  # (d_in,)
+    grad = (torch.rand(D_OUT, D_IN, generator=gen) * 10.0).to(grad_dtype)  # (d_out, d_in)
+    return weight, LinearStats(row_sq_norms=row_sq, grad_norm=grad, nsamples=4)
+
+
+def linear_with(weight: Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    return linear
+
+
+def naive_score(weight: Tensor, stats: LinearStats, score: str = "combined") -> Tensor:
+    """Entry by entry: fp32 activation term + (|W| * G in G's dtype) cast to fp32."""
+    G = stats.grad_norm
+    out = torch.zeros(weight.shape, dtype=torch.float32)
+    for i in range(weight.shape[0]):
+        for j in range(weight.shape[1]):
+            w = weight[i, j].abs()
+            act = w.float() * stats.row_sq_norms[j].float().sqrt()
+            grad = (w.to(G.dtype) * G[i, j]).float() if G is not None else None
+            out[i, j] = {"combined": act + grad, "activation": act, "gradient": grad}[score]
+    return out
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float16, torch.float32, torch.bfloat16])
+def test_combined_score_matches_naive_loop(grad_dtype: torch.dtype) -> None:
+    weight, stats = layer_stats(grad_dtype=grad_dtype)
+    score = GBLMPruner().score(weight, stats)
+    assert score.dtype == torch.float32
+    assert torch.equal(score, naive_score(weight, stats))
+    if grad_dtype == torch.float16:
+        # The second product really is formed in fp16, as published, not promoted to fp32.
+        promoted = weight.abs() * stats.row_sq_norms.sqrt() + weight.abs() * stats.grad_norm.float()
+        assert not torch.equal(score, promoted)
+
+
+@pytest.mark.parametrize("kind", ["gradient", "activation"])
+def test_single_term_scores(kind: str) -> None:
+    weight, stats = layer_stats(seed=1)
+    pruner = GBLMPruner(score=kind)
+    assert torch.equal(pruner.score(weight, stats), naive_score(weight, stats, kind))
+    # The unused statistic is not needed.
+    if kind == "gradient":
+        stats.row_sq_norms = None
+    else:
+        stats.grad_norm = None
+    pruner.score(weight, stats)
+
+
+def test_needs_flags_follow_the_score() -> None:
+    assert GBLMPruner.needs_activations and GBLMPruner.needs_gradients
+    combined = GBLMPruner()
+    assert combined.needs_activations and combined.needs_gradients
+    gradient_only = GBLMPruner(score="gradient")
+    assert not gradient_only.needs_activations and gradient_only.needs_gradients
+    activation_only = GBLMPruner(score="activation")
+    assert activation_only.needs_activations and not activation_only.needs_gradients
+    assert GBLMPruner.name == "gblm"
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7])
+def test_exact_pruned_count_per_row(ratio: float) -> None:
+    weight, stats = layer_stats(seed=2)
+    linear = linear_with(weight)
+    mask = GBLMPruner().prune_linear(linear, stats, Sparsity(ratio))
+    assert mask.dtype == torch.bool and mask.shape == weight.shape
+    assert (mask.sum(dim=1) == int(D_IN * ratio)).all()
+    assert (linear.weight[mask] == 0).all()
+    assert torch.equal(linear.weight[~mask], weight[~mask])
+    # The pruned entries are the lowest scores of each row.
+    score = naive_score(weight, stats)
+    for i in range(D_OUT):
+        assert score[i][mask[i]].max() <= score[i][~mask[i]].min()
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8)])
+def test_nm_masks_are_valid(n: int, m: int) -> None:
+    weight, stats = layer_stats(seed=3)
+    linear = linear_with(weight)
+    mask = GBLMPruner().prune_linear(linear, stats, Sparsity(n / m, n, m))
+    groups = mask.reshape(D_OUT, D_IN // m, m)
+    assert (groups.sum(dim=-1) == n).all()
+    score = naive_score(weight, stats).reshape(D_OUT, D_IN // m, m)
+    assert (score.masked_fill(~groups, -math.inf).amax(-1) <= score.masked_fill(groups, math.inf).amin(-1)).all()
+    assert (linear.weight[mask] == 0).all()
+
+
+def test_layer_comparison_group() -> None:
+    weight, stats = layer_stats(seed=4)
+    mask = GBLMPruner(comparison_group="layer").prune_linear(linear_with(weight), stats, Sparsity(0.5))
+    assert mask.sum() >= int(weight.numel() * 0.5)
+    assert mask.sum(dim=1).unique().numel() > 1  # one threshold for the matrix, not per row
+
+
+@pytest.fixture(scope="module")
+def tiny_model_norms() -> tuple[nn.Module, dict[str, dict[str, Tensor]]]:
+    model = build_tiny_model(tiny_config("llama", vocab_size=256), seed=0)
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))  # (N, T)
+    norms = {
+        "l1": gradient_norms(model, ids, norm="l1", progress=False),
+        "l2": gradient_norms(model, ids, norm="l2", progress=False),
+        "zero": gradient_norms(model, ids, norm="l1", scale=0.0, progress=False),
+    }
+    return model, norms
+
+
+def row_sq_for(weight: Tensor, name: str) -> Tensor:
+    """A made-up activation statistic (d_in,), fixed per Linear name."""
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    return torch.rand(weight.shape[1], generator=gen)
+
+
+def masks_for(model: nn.Module, norms: dict[str, Tensor], pruner: GBLMPruner) -> dict[str, Tensor]:
+    modules = dict(model.named_modules())
+    masks = {}
+    for name, grad_norm in norms.items():
+        weight = modules[name].weight.detach()
+        stats = LinearStats(row_sq_norms=row_sq_for(weight, name), grad_norm=grad_norm, nsamples=3)
+        masks[name] = pruner.prune_linear(linear_with(weight), stats, Sparsity(0.5))
+    return masks
+
+
+def test_zero_scale_gives_exactly_wandas_mask(tiny_model_norms) -> None:
+    model, norms = tiny_model_norms
+    assert not any(g.any() for g in norms["zero"].values())
+    gblm = masks_for(model, norms["zero"], GBLMPruner(scale=0.0))
+    modules = dict(model.named_modules())
+    for name in norms["zero"]:
+        weight = modules[name].weight.detach()
+        row_sq = row_sq_for(weight, name)
+        wanda = unstructured_row_mask(weight.abs() * torch.sqrt(row_sq).reshape(1, -1), 0.5)
+        assert torch.equal(gblm[name], wanda), name
+    with_grads = masks_for(model, norms["l1"], GBLMPruner())
+    assert any(not torch.equal(with_grads[n], gblm[n]) for n in gblm)
+
+
+def test_l1_and_l2_give_different_masks(tiny_model_norms) -> None:
+    model, norms = tiny_model_norms
+    l1 = masks_for(model, norms["l1"], GBLMPruner(norm="l1"))
+    l2 = masks_for(model, norms["l2"], GBLMPruner(norm="l2"))
+    assert set(l1) == set(l2) and len(l1) == 14
+    assert any(not torch.equal(l1[n], l2[n]) for n in l1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"norm": "l3"}, "method.norm"),
+        ({"score": "taylor"}, "method.score"),
+        ({"accumulator_dtype": "int8"}, "method.accumulator_dtype"),
+        ({"comparison_group": "column"}, "method.comparison_group"),
+        ({"scale": -1.0}, "method.scale"),
+        ({"scale": float("nan")}, "method.scale"),
+        ({"scale": "100"}, "method.scale"),
+    ],
+)
+def test_invalid_options_raise(kwargs: dict, key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        GBLMPruner(**kwargs)
+
+
+def test_missing_or_mismatched_statistics_raise() -> None:
+    weight, stats = layer_stats()
+    with pytest.raises(ValueError, match="gradient"):
+        GBLMPruner().score(weight, LinearStats(row_sq_norms=stats.row_sq_norms))
+    with pytest.raises(ValueError, match="row_sq_norms"):
+        GBLMPruner().score(weight, LinearStats(grad_norm=stats.grad_norm))
+    with pytest.raises(ValueError, match="does not match"):
+        GBLMPruner().score(weight, LinearStats(row_sq_norms=stats.row_sq_norms, grad_norm=stats.grad_norm.T))
+    with pytest.raises(ValueError, match="method.score"):
+        gblm_score(weight, stats.row_sq_norms, stats.grad_norm, "both")
+
+
+def test_settings_for_the_run() -> None:
+    pruner = GBLMPruner(norm="l2", scale=10, accumulator_dtype="float32")
+    assert (pruner.norm, pruner.scale, pruner.accumulator_torch_dtype) == ("l2", 10.0, torch.float32)
+    described = pruner.describe()
+    assert described == {
+        "norm": "l2",
+        "scale": 10.0,
+        "score": "combined",
+        "comparison_group": "row",
+        "accumulator_dtype": "float32",
+    }
+    json.dumps(described)

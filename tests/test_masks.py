@@ -1,0 +1,139 @@
+"""Mask selection (gblm.pruning.masks) against naive Python loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gblm.pruning.masks import (
+    nm_mask,
+    select_mask,
+    unstructured_layer_mask,
+    unstructured_row_mask,
+    variant_mask,
+)
+
+
+def _naive_row(score: list[list[float]], ratio: float) -> list[list[bool]]:
+    mask = []
+    for row in score:
+        k = int(len(row) * ratio)
+        # stable: equal scores keep column order, so the lower column index goes first
+        order = sorted(range(len(row)), key=lambda j: (row[j], j))
+        pruned = set(order[:k])
+        mask.append([j in pruned for j in range(len(row))])
+    return mask
+
+
+def _naive_layer(score: list[list[float]], ratio: float) -> list[list[bool]]:
+    flat = sorted(v for row in score for v in row)
+    k = int(len(flat) * ratio)
+    if k == 0:
+        return [[False] * len(row) for row in score]
+    threshold = flat[k]
+    return [[v <= threshold for v in row] for row in score]
+
+
+def _naive_variant(score: list[list[float]], ratio: float) -> list[list[bool]]:
+    """Wanda's appendix variant written with loops (same bisection, one row at a time)."""
+
+    def mask_for(alpha: float) -> list[list[bool]]:
+        out = []
+        for row in score:
+            ordered = sorted(row)
+            budget, running, count = alpha * sum(row), 0.0, 0
+            for value in ordered:
+                running += value
+                if running <= budget:
+                    count += 1
+            threshold = ordered[count - 1] if count else float("-inf")
+            out.append([v <= threshold for v in row])
+        return out
+
+    def sparsity(mask: list[list[bool]]) -> float:
+        return sum(map(sum, mask)) / (len(mask) * len(mask[0]))
+
+    alpha, low, high = 0.4, 0.0, 0.8
+    mask = mask_for(alpha)
+    while abs(sparsity(mask) - ratio) > 0.001 and high - low >= 0.001:
+        if sparsity(mask) > ratio:
+            alpha, high = (alpha + low) / 2, alpha
+        else:
+            alpha, low = (alpha + high) / 2, alpha
+        mask = mask_for(alpha)
+    return mask
+
+
+def _ties(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """Scores with many ties (small integers), to exercise tie-breaking."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 5, shape, generator=gen).float()
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 0.77])
+@pytest.mark.parametrize("ties", [False, True])
+def test_row_mask_matches_stable_sort_loop(ratio: float, ties: bool) -> None:
+    score = (
+        _ties((7, 24)) if ties else torch.rand(7, 24, generator=torch.Generator().manual_seed(1))
+    )
+    mask = unstructured_row_mask(score, ratio)
+    assert mask.tolist() == _naive_row(score.tolist(), ratio)
+    assert (mask.sum(dim=1) == int(24 * ratio)).all()  # exact count in every row
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.9])
+@pytest.mark.parametrize("ties", [False, True])
+def test_layer_mask_matches_threshold_loop(ratio: float, ties: bool) -> None:
+    score = (
+        _ties((9, 16)) if ties else torch.rand(9, 16, generator=torch.Generator().manual_seed(2))
+    )
+    mask = unstructured_layer_mask(score, ratio)
+    assert mask.tolist() == _naive_layer(score.tolist(), ratio)
+    if not ties:
+        assert mask.sum().item() == int(score.numel() * ratio) + (ratio > 0)
+
+
+def test_layer_mask_ties_overshoot_with_le() -> None:
+    score = torch.tensor([[1.0, 1.0, 1.0, 2.0]])
+    # sorted()[int(4 * 0.25)] = 1.0, and every entry <= 1.0 is pruned: 3 of 4 (the reference rule)
+    assert unstructured_layer_mask(score, 0.25).tolist() == [[True, True, True, False]]
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8), (1, 4)])
+def test_nm_mask_prunes_n_smallest_per_group(n: int, m: int) -> None:
+    score = torch.randn(6, 32, generator=torch.Generator().manual_seed(3))
+    mask = nm_mask(score, n, m)
+    rows = score.tolist()
+    for i, row in enumerate(rows):
+        for g in range(0, 32, m):
+            pruned = [row[j] for j in range(g, g + m) if mask[i, j]]
+            kept = [row[j] for j in range(g, g + m) if not mask[i, j]]
+            assert len(pruned) == n
+            assert max(pruned) <= min(kept)
+    assert torch.equal(select_mask(score, n / m, n, m, "layer"), mask)  # N:M ignores the group
+
+
+def test_nm_mask_rejects_width_not_multiple_of_m() -> None:
+    with pytest.raises(ValueError, match="multiple of M"):
+        nm_mask(torch.rand(2, 10), 2, 4)
+
+
+def test_select_mask_dispatch_and_bad_group() -> None:
+    score = torch.rand(4, 8, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(select_mask(score, 0.5, group="row"), unstructured_row_mask(score, 0.5))
+    assert torch.equal(select_mask(score, 0.5, group="layer"), unstructured_layer_mask(score, 0.5))
+    with pytest.raises(ValueError, match="comparison_group"):
+        select_mask(score, 0.5, group="column")
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.6])
+def test_variant_mask_matches_loop_and_reaches_target(ratio: float) -> None:
+    score = torch.rand(128, 256, generator=torch.Generator().manual_seed(5))
+    mask = variant_mask(score, ratio)
+    expected = _naive_variant(score.tolist(), ratio)
+    differ = (mask != torch.tensor(expected)).sum().item()
+    assert differ <= 2  # float32 cumsum vs Python float may flip an entry at the budget edge
+    assert abs(mask.float().mean().item() - ratio) <= 0.001 + 2 / score.numel()
+    for i in range(score.shape[0]):  # per row, the pruned entries are the lowest ones
+        if mask[i].any() and (~mask[i]).any():
+            assert score[i][mask[i]].max() <= score[i][~mask[i]].min()

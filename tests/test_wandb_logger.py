@@ -1,0 +1,166 @@
+"""The W&B logger: an offline run is written and readable back; failures never reach the run."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from gblm.loggers.base import Logger, NullLogger
+from gblm.loggers.wandb import WandbLogger, api_key_configured, flatten, resolve_mode
+
+pytest.importorskip("wandb")
+
+
+def read_wandb_records(path: Path) -> list:
+    """Decode a ``run-*.wandb`` file: a 7-byte W&B header, then LevelDB-log records.
+
+    The log is cut into 32 KiB blocks; each record has a 7-byte header (crc32, little-endian
+    length, type: 1 full, 2 first, 3 middle, 4 last) and a block tail under 7 bytes is padding.
+    Each assembled payload is a serialized ``wandb_internal_pb2.Record``.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    records, payload, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        if length == 0 and kind == 0:  # zero padding
+            pos += left
+            continue
+        payload += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            records.append(record)
+            payload = b""
+    return records
+
+
+def offline_run_contents(root: Path) -> tuple[dict, dict, list[str]]:
+    """(config, last logged value per key, file names under files/) of the one offline run."""
+    import json
+
+    (run_dir,) = sorted((root / "wandb").glob("offline-run-*"))
+    (log_file,) = run_dir.glob("run-*.wandb")
+    config, history = {}, {}
+    for record in read_wandb_records(log_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
+        elif kind == "config":
+            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+        elif kind == "history":
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)  # objects arrive one leaf a line
+                history[key] = json.loads(item.value_json)
+    files = [p.relative_to(run_dir / "files").as_posix() for p in (run_dir / "files").rglob("*")]
+    return config, history, files
+
+
+def test_offline_run_is_written_and_readable(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(project="gblm-test", group="sweep", tags=("gblm", "0.5"), name="r1",
+                         mode="offline", dir=tmp_path)
+    assert isinstance(logger, Logger)
+    logger.start({"method": {"name": "gblm"}, "sparsity": {"ratio": 0.5}})
+    logger.log_metrics({"ppl": {"dense": 20.5, "pruned": 31.25}, "timings": {"total": 3.0},
+                        "sparsity_check": {"per_block": [0.5, 0.5]}, "status": "finished"})
+    logger.log_table("mask_stats", [{"name": "model.layers.0.mlp.up_proj", "sparsity": 0.5}])
+    image = tmp_path / "m.png"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.imsave(image, [[0.0, 1.0], [1.0, 0.0]])
+    logger.log_images("masks", [image])
+    logger.finish()
+    assert logger.failures == []
+    logger.finish()  # twice is harmless
+
+    config, history, files = offline_run_contents(tmp_path)
+    assert config["method"] == {"name": "gblm"} and config["sparsity"] == {"ratio": 0.5}
+    assert history["ppl/pruned"] == 31.25 and history["ppl/dense"] == 20.5
+    assert history["status"] == "finished"
+    assert "sparsity_check/per_block" not in history  # lists are not metrics
+    assert history["mask_stats/_type"] == "table-file"  # nested values come key path by path
+    assert history["masks/_type"] == "images/separated" and history["masks/captions"] == ["m"]
+    assert any(f.startswith("media/table/mask_stats") for f in files)
+    assert any(f.startswith("media/images/masks") for f in files)
+
+
+def test_failing_init_never_raises(tmp_path, monkeypatch, caplog):
+    import wandb
+
+    def broken_init(*args, **kwargs):
+        raise RuntimeError("no server")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    logger = WandbLogger(project="p", mode="online", dir=tmp_path)
+    logger.start({"a": 1})  # online fails, the offline retry fails too
+    assert logger.run is None and len(logger.failures) == 2
+    assert "no server" in caplog.text
+    logger.log_metrics({"ppl": 1.0})
+    logger.log_table("t", [{"a": 1}])
+    logger.log_images("i", [tmp_path / "missing.png"])
+    logger.finish(exit_code=1)
+
+
+def test_failing_log_call_never_raises(tmp_path):
+    class BrokenRun:
+        def log(self, *args, **kwargs):
+            raise ConnectionError("dropped")
+
+        def finish(self, exit_code=0):
+            raise ConnectionError("dropped")
+
+    logger = WandbLogger(project="p", mode="offline", dir=tmp_path)
+    logger.run = BrokenRun()
+    logger.log_metrics({"a": 1})
+    logger.log_table("t", [{"a": 1}])
+    logger.finish()
+    assert len(logger.failures) == 3 and logger.run is None
+
+
+def test_mode_resolution(tmp_path):
+    assert resolve_mode("auto", {"WANDB_API_KEY": "x" * 40}) == "online"
+    assert resolve_mode("auto", {"NETRC": str(tmp_path / "none")}) == "offline"
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password secret\n")
+    netrc.chmod(0o600)
+    assert api_key_configured({"NETRC": str(netrc)})
+    assert not api_key_configured({"NETRC": str(netrc), "WANDB_BASE_URL": "https://wandb.example"})
+    assert resolve_mode("auto", {"WANDB_MODE": "disabled", "WANDB_API_KEY": "x"}) == "disabled"
+    assert resolve_mode("offline", {"WANDB_API_KEY": "x"}) == "offline"
+    with pytest.raises(ValueError, match="logger.mode"):
+        resolve_mode("sometimes")
+
+
+def test_disabled_and_null_loggers_do_nothing(tmp_path):
+    logger = WandbLogger(project="p", mode="disabled", dir=tmp_path)
+    logger.start({})
+    logger.log_metrics({"a": 1})
+    logger.finish()
+    assert not (tmp_path / "wandb").exists()
+    null = NullLogger()
+    assert isinstance(null, Logger)
+    null.start({})
+    null.log_metrics({})
+    null.log_table("t", [])
+    null.log_images("i", [])
+    null.finish()
+
+
+def test_flatten():
+    assert flatten({"ppl": {"dense": 1.0, "pruned": float("nan")}, "n": 2, "x": None, "l": [1]}) == {
+        "ppl/dense": 1.0,
+        "n": 2,
+    }
