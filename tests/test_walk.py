@@ -22,6 +22,15 @@ from gblm.pruning.wanda import WandaPruner
 VOCAB, N, T = 256, 6, 16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _model(arch: str = "llama") -> nn.Module:
     return build_tiny_model(tiny_config(arch, vocab_size=VOCAB))
 
@@ -204,8 +213,8 @@ def test_batch_size_does_not_change_the_result(method: str) -> None:
     for name, stats in seen_1.items():
         for field in ("row_sq_norms", "hessian"):
             a, b = getattr(stats, field), getattr(seen_4[name], field)
-            if a is not None:
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            if a is not None:  # entrywise, up to fp32 reassociation across batches
+                torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 * a.abs().max().item())
     if differ == 0:
         for key, value in weights_1.items():
             # SparseGPT's solve amplifies the last bits of the Hessian a little
