@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from gblm import devices
 from gblm.config import ConfigError, RunSettings, to_plain, validate
 from gblm.loggers.local import LocalLogger, read_metrics
-from gblm.paths import cache_dir, configure_offline
+from gblm.paths import PROJECT_ROOT, cache_dir, configure_offline
 from gblm.utils import StageTimer
 
 log = logging.getLogger("gblm")
@@ -306,7 +306,7 @@ def _print_summary(metrics: dict) -> None:
     print("gblm: " + " | ".join(parts), flush=True)
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Compose, run, report. Errors are logged with the run dir; in a multirun the next job goes on."""
     try:
