@@ -18,7 +18,9 @@ from gblm.pruning.masks import unstructured_row_mask
 D_OUT, D_IN = 8, 16
 
 
-def layer_stats(seed: int = 0, grad_dtype: torch.dtype = torch.float16) -> tuple[Tensor, LinearStats]:
+def layer_stats(
+    seed: int = 0, grad_dtype: torch.dtype = torch.float16
+) -> tuple[Tensor, LinearStats]:
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(D_OUT, D_IN, generator=gen)  # (d_out, d_in)
     row_sq = torch.rand(D_IN, generator=gen) * 4.0  # (d_in,)
@@ -105,13 +107,18 @@ def test_nm_masks_are_valid(n: int, m: int) -> None:
     groups = mask.reshape(D_OUT, D_IN // m, m)
     assert (groups.sum(dim=-1) == n).all()
     score = naive_score(weight, stats).reshape(D_OUT, D_IN // m, m)
-    assert (score.masked_fill(~groups, -math.inf).amax(-1) <= score.masked_fill(groups, math.inf).amin(-1)).all()
+    assert (
+        score.masked_fill(~groups, -math.inf).amax(-1)
+        <= score.masked_fill(groups, math.inf).amin(-1)
+    ).all()
     assert (linear.weight[mask] == 0).all()
 
 
 def test_layer_comparison_group() -> None:
     weight, stats = layer_stats(seed=4)
-    mask = GBLMPruner(comparison_group="layer").prune_linear(linear_with(weight), stats, Sparsity(0.5))
+    mask = GBLMPruner(comparison_group="layer").prune_linear(
+        linear_with(weight), stats, Sparsity(0.5)
+    )
     assert mask.sum() >= int(weight.numel() * 0.5)
     assert mask.sum(dim=1).unique().numel() > 1  # one threshold for the matrix, not per row
 
@@ -190,14 +197,20 @@ def test_missing_or_mismatched_statistics_raise() -> None:
     with pytest.raises(ValueError, match="row_sq_norms"):
         GBLMPruner().score(weight, LinearStats(grad_norm=stats.grad_norm))
     with pytest.raises(ValueError, match="does not match"):
-        GBLMPruner().score(weight, LinearStats(row_sq_norms=stats.row_sq_norms, grad_norm=stats.grad_norm.T))
+        GBLMPruner().score(
+            weight, LinearStats(row_sq_norms=stats.row_sq_norms, grad_norm=stats.grad_norm.T)
+        )
     with pytest.raises(ValueError, match="method.score"):
         gblm_score(weight, stats.row_sq_norms, stats.grad_norm, "both")
 
 
 def test_settings_for_the_run() -> None:
     pruner = GBLMPruner(norm="l2", scale=10, accumulator_dtype="float32")
-    assert (pruner.norm, pruner.scale, pruner.accumulator_torch_dtype) == ("l2", 10.0, torch.float32)
+    assert (pruner.norm, pruner.scale, pruner.accumulator_torch_dtype) == (
+        "l2",
+        10.0,
+        torch.float32,
+    )
     described = pruner.describe()
     assert described == {
         "norm": "l2",

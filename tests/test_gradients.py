@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -65,11 +66,29 @@ def reference(grads: list[dict[str, Tensor]], norm: str, scale: float = SCALE) -
     return out
 
 
+Case = tuple[nn.Module, Tensor, list[dict[str, Tensor]]]
+
+
+def make_case(arch: str) -> Case:
+    """A tiny model (never modified: the stage leaves it as found), windows, per-sample grads."""
+    model, ids = tiny(arch), windows()
+    return model, ids, per_sample_grads(model, ids)
+
+
+@pytest.fixture(scope="module")
+def llama_case() -> Case:
+    return make_case("llama")
+
+
+@pytest.fixture(scope="module")
+def opt_case() -> Case:
+    return make_case("opt")
+
+
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 @pytest.mark.parametrize("norm", ["l1", "l2"])
-def test_norms_match_independent_per_sample_gradients(arch: str, norm: str) -> None:
-    model, ids = tiny(arch), windows()
-    grads = per_sample_grads(model, ids)
+def test_norms_match_independent_per_sample_gradients(request, arch: str, norm: str) -> None:
+    model, ids, grads = request.getfixturevalue(f"{arch}_case")
     expected = reference(grads, norm)
     got = gradient_norms(model, ids, norm=norm, accumulator_dtype=torch.float32, progress=False)
 
@@ -85,10 +104,9 @@ def test_norms_match_independent_per_sample_gradients(arch: str, norm: str) -> N
     assert not torch.allclose(summed.abs(), expected[name], rtol=1e-3)
 
 
-def test_l1_fp16_follows_published_arithmetic() -> None:
+def test_l1_fp16_follows_published_arithmetic(llama_case: Case) -> None:
     """fp16 l1: each term |scale g| is rounded to fp16, then added to an fp16 running sum."""
-    model, ids = tiny(), windows()
-    grads = per_sample_grads(model, ids)
+    model, ids, grads = llama_case
     got = gradient_norms(model, ids, norm="l1", progress=False)  # float16 by default
     for name, g in got.items():
         assert g.dtype == torch.float16
@@ -103,17 +121,17 @@ def test_l1_fp16_follows_published_arithmetic() -> None:
         )
 
 
-def test_l2_fp16_is_fp32_sum_then_cast() -> None:
-    model, ids = tiny(), windows()
-    expected = reference(per_sample_grads(model, ids), "l2")
+def test_l2_fp16_is_fp32_sum_then_cast(llama_case: Case) -> None:
+    model, ids, grads = llama_case
+    expected = reference(grads, "l2")
     got = gradient_norms(model, ids, norm="l2", progress=False)
     for name, g in got.items():
         assert g.dtype == torch.float16
         torch.testing.assert_close(g, expected[name].to(torch.float16), rtol=1e-3, atol=1e-6)
 
 
-def test_scale_is_linear_and_zero_gives_zeros() -> None:
-    model, ids = tiny(), windows()
+def test_scale_is_linear_and_zero_gives_zeros(llama_case: Case) -> None:
+    model, ids, _ = llama_case
     one = gradient_norms(model, ids, scale=1.0, accumulator_dtype=torch.float32, progress=False)
     hundred = gradient_norms(model, ids, accumulator_dtype=torch.float32, progress=False)
     zero = gradient_norms(model, ids, scale=0.0, progress=False)
@@ -141,6 +159,20 @@ def test_model_left_exactly_as_found() -> None:
     for name, g in got.items():
         scale = expected[name].abs().max().item()
         torch.testing.assert_close(g.double(), expected[name], rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_a_weight_written_during_the_stage_is_caught() -> None:
+    model, ids = tiny(), windows()
+    linear = model.model.layers[0].mlp.up_proj
+
+    def write(module: nn.Module, args: object) -> None:
+        with torch.no_grad():
+            module.weight.mul_(1.0)
+
+    handle = linear.register_forward_pre_hook(write)
+    with pytest.raises(RuntimeError, match=r"modified parameters: model\.layers\.0\.mlp\.up_proj"):
+        gradient_norms(model, ids, progress=False)
+    handle.remove()
 
 
 def test_gradients_freed_as_produced() -> None:
@@ -188,8 +220,8 @@ def test_nan_weight_gives_a_clear_loss_error() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_checkpointing_gives_the_same_norms() -> None:
-    model, ids = tiny(), windows()
+def test_checkpointing_gives_the_same_norms(llama_case: Case) -> None:
+    model, ids, _ = llama_case
     calls = {"n": 0}
 
     def count(*_: object) -> None:
@@ -208,8 +240,25 @@ def test_checkpointing_gives_the_same_norms() -> None:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-6, atol=0.0)
 
 
-def test_accumulate_on_cpu_and_bad_arguments() -> None:
+def test_checkpointing_keeps_an_instance_forward() -> None:
+    """accelerate's device-map hooks set ``block.forward`` on the instance; it is put back."""
     model, ids = tiny(), windows()
+    block = model.model.layers[0]
+    original = block.forward
+    calls = {"n": 0}
+
+    def hooked(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    block.forward = hooked
+    gradient_norms(model, ids, checkpointing=True, progress=False)
+    assert vars(block)["forward"] is hooked
+    assert calls["n"] == 2 * NSAMPLES  # forward, then the recompute in backward
+
+
+def test_accumulate_on_cpu_and_bad_arguments(llama_case: Case) -> None:
+    model, ids, _ = llama_case
     got = gradient_norms(model, ids, accumulate_on="cpu", progress=False)
     assert all(g.device.type == "cpu" for g in got.values())
     with pytest.raises(ValueError, match="method.norm"):
@@ -249,7 +298,8 @@ def test_cache_computes_once_and_keys_separate_files(tmp_path) -> None:
     assert calls["n"] == 2
     assert not torch.equal(other["model.layers.0.mlp.up_proj"], first["model.layers.0.mlp.up_proj"])
     files = sorted(p.name for p in tmp_path.glob("grad_*.safetensors"))
-    assert len(files) == 2
+    digest = hashlib.sha256(json.dumps(key_l1, sort_keys=True).encode()).hexdigest()[:16]
+    assert len(files) == 2 and f"grad_{digest}.safetensors" in files
     keys = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("grad_*.json"))]
     assert sorted(k["norm"] for k in keys) == ["l1", "l2"]
     assert not list(tmp_path.glob("*.tmp"))

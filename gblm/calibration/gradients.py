@@ -112,16 +112,19 @@ def _checkpointed_blocks(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
         return
     blocks = list(decoder_layers(model))
-    for block in blocks:
-        if "forward" in vars(block):
-            raise RuntimeError(f"{type(block).__name__} already has an instance-level forward.")
+    # accelerate's device-map hooks already put an instance-level forward on blocks: wrap it and
+    # put it back afterwards.
+    saved = [vars(block).get("forward") for block in blocks]
     try:
         for block in blocks:
             block.forward = _checkpointed(block.forward)
         yield
     finally:
-        for block in blocks:
-            vars(block).pop("forward", None)
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                vars(block).pop("forward", None)
+            else:
+                block.forward = forward
 
 
 def _checkpointed(forward: Callable) -> Callable:
@@ -258,6 +261,9 @@ def gradient_norms(
         torch.device(accumulate_on) if accumulate_on is not None else None,
     )
     weights = [linear.weight for linear in linears.values()]
+    # Every in-place write to a tensor bumps its version counter: a free check that the stage
+    # (no optimizer, hooks under no_grad) left every parameter untouched.
+    versions = {name: p._version for name, p in model.named_parameters()}
     start = time.perf_counter()
     handles = []
     try:
@@ -283,6 +289,9 @@ def gradient_norms(
         for handle in handles:
             handle.remove()
 
+    changed = [name for name, p in model.named_parameters() if p._version != versions[name]]
+    if changed:
+        raise RuntimeError(f"the gradient stage modified parameters: {', '.join(changed[:5])}")
     missing = [name for name, count in folder.samples_seen.items() if count == 0]
     if missing:
         logger.warning(
@@ -384,12 +393,15 @@ def cached_gradient_norms(
                 return norms
         norms = compute()
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        save_file(
-            {name: g.contiguous() for name, g in norms.items()},
-            str(tmp),
-            metadata={"key": json.dumps(key, sort_keys=True)},
-        )
-        os.replace(tmp, path)
+        try:
+            save_file(
+                {name: g.contiguous() for name, g in norms.items()},
+                str(tmp),
+                metadata={"key": json.dumps(key, sort_keys=True)},
+            )
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         _write_text_atomic(path.with_suffix(".json"), key_json + "\n")
         logger.info("gradient norms cached at %s", path)
     return norms

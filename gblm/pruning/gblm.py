@@ -63,7 +63,9 @@ def gblm_score(
     if score not in SCORES:
         raise ValueError(f"method.score={score!r}: allowed values are {', '.join(SCORES)}.")
     if score != "gradient" and row_sq_norms is None:
-        raise ValueError(f"GBLM-Pruner score={score!r} needs the activation statistic row_sq_norms.")
+        raise ValueError(
+            f"GBLM-Pruner score={score!r} needs the activation statistic row_sq_norms."
+        )
     if score != "activation":
         if grad_norm is None:
             raise ValueError(
@@ -111,7 +113,11 @@ class GBLMPruner(ScorePruner):
                 f"method.accumulator_dtype={accumulator_dtype!r}: allowed values are "
                 f"{', '.join(ACCUMULATOR_DTYPES)}."
             )
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, int | float)
+            or not math.isfinite(scale)
+        ):
             raise ValueError(f"method.scale={scale!r}: must be a finite number >= 0.")
         if scale < 0:
             raise ValueError(f"method.scale={scale!r}: must be a finite number >= 0.")
