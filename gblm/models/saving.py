@@ -1,0 +1,171 @@
+"""Save a pruned model with its tokenizer, masks and run record, atomically.
+
+Layout of the directory (``<run dir>/model`` when a run has ``save_model=true``)::
+
+    config.json, model*.safetensors, ...   save_pretrained: the pruned weights (zeros included)
+    tokenizer files                        tokenizer.save_pretrained
+    pruning_masks.safetensors              one uint8 tensor per pruned Linear: its boolean mask
+                                           (True = pruned) packed 8 entries per byte, first entry
+                                           in the high bit; shapes in the file's metadata
+    pruning.json                           the run's metrics and per-Linear mask statistics
+
+It loads like any Hugging Face checkpoint, so a saved model is evaluated without pruning again:
+``python -m gblm model=hf model.name_or_path=<run dir>/model method=dense`` (or ``model=saved
+model.run_dir=<run dir>``). Everything is written into a temporary sibling directory that is then
+renamed into place, so a reader never sees a half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gblm.utils import atomic_write_json
+
+MASKS_FILE = "pruning_masks.safetensors"
+RECORD_FILE = "pruning.json"
+MASK_FORMAT = "gblm-packbits-v1"
+# Bit i of a byte (i = 0 first) holds entry 8k + i: numpy.packbits' default (big-endian) order.
+_BIT_VALUES = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """A boolean tensor as uint8 bytes, 8 entries per byte (zero-padded at the end)."""
+    flat = mask.detach().to(device="cpu", dtype=torch.bool).reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8).to(torch.uint8) * _BIT_VALUES).sum(
+        dim=1, dtype=torch.uint8
+    )  # (ceil(n/8),)
+
+
+def unpack_mask(packed: Tensor, shape: tuple[int, ...] | list[int]) -> Tensor:
+    """The boolean tensor of ``shape`` that :func:`pack_mask` packed."""
+    bits = packed.reshape(-1, 1).bitwise_and(_BIT_VALUES).ne(0).reshape(-1)
+    return bits[: math.prod(shape)].reshape(tuple(shape))
+
+
+def save_masks(masks: Mapping[str, Tensor], path: Path) -> Path:
+    """Write ``masks`` (Linear name -> bool mask) bit-packed into one safetensors file."""
+    from safetensors.torch import save_file
+
+    packed = {name: pack_mask(mask) for name, mask in masks.items()}
+    shapes = {name: list(mask.shape) for name, mask in masks.items()}
+    save_file(packed, str(path), metadata={"format": MASK_FORMAT, "shapes": json.dumps(shapes)})
+    return Path(path)
+
+
+def load_masks(path: str | Path) -> dict[str, Tensor]:
+    """The boolean masks (True = pruned) of a ``pruning_masks.safetensors`` file or its directory."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / MASKS_FILE
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != MASK_FORMAT:
+            raise ValueError(f"{path}: not a gblm mask file (format {metadata.get('format')!r}).")
+        shapes = json.loads(metadata["shapes"])
+        return {name: unpack_mask(f.get_tensor(name), shapes[name]) for name in f.keys()}  # noqa: SIM118
+
+
+def mask_summary(masks: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Pruned share per Linear and overall (True = pruned)."""
+    per_linear = {}
+    pruned_total = numel_total = 0
+    for name, mask in masks.items():
+        pruned = int(mask.sum().item())
+        per_linear[name] = {
+            "shape": list(mask.shape),
+            "pruned": pruned,
+            "ratio": pruned / max(mask.numel(), 1),
+        }
+        pruned_total += pruned
+        numel_total += mask.numel()
+    return {
+        "linears": len(per_linear),
+        "pruned": pruned_total,
+        "total": numel_total,
+        "ratio": pruned_total / numel_total if numel_total else 0.0,
+        "per_linear": per_linear,
+    }
+
+
+def _default_permissions(directory: Path) -> None:
+    """Give the files under ``directory`` the mode its plain ``mkdir`` got under the umask.
+
+    Atomic writes go through temporary files, which are created 0600; a saved model should be
+    readable by whoever can read the run directory.
+    """
+    dir_mode = directory.stat().st_mode & 0o777
+    for path in directory.rglob("*"):
+        path.chmod(dir_mode if path.is_dir() else dir_mode & 0o666)
+
+
+def save_pruned_model(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    masks: Mapping[str, Tensor],
+    out_dir: str | Path,
+    metrics: Mapping[str, Any],
+) -> Path:
+    """Save the pruned ``model``, its ``tokenizer``, ``masks`` and ``metrics`` into ``out_dir``.
+
+    Args:
+        model: a Hugging Face causal LM whose pruned weights are already zero.
+        tokenizer: its tokenizer (saved beside it, so the directory loads on its own).
+        masks: Linear name -> boolean mask (True = pruned), as the layer walk returns them; empty
+            for a dense model.
+        out_dir: the directory to create or replace.
+        metrics: the run's metrics so far, stored in ``pruning.json``.
+
+    Returns:
+        ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # not mkdtemp: its 0700 would stay on the saved model
+    try:
+        config = model.config
+        use_cache = getattr(config, "use_cache", None)
+        if use_cache is not None:  # the walk turned it off; a saved model should generate normally
+            config.use_cache = True
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            if use_cache is not None:
+                config.use_cache = use_cache
+        tokenizer.save_pretrained(tmp)
+        if masks:
+            save_masks(masks, tmp / MASKS_FILE)
+        atomic_write_json(
+            tmp / RECORD_FILE,
+            {
+                "metrics": dict(metrics),
+                "masks": mask_summary(masks)
+                | {"file": MASKS_FILE if masks else None, "format": MASK_FORMAT},
+            },
+        )
+        _default_permissions(tmp)
+        if out_dir.exists():  # replace: move the old one aside, the new one in, then delete the old
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

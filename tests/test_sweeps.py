@@ -1,0 +1,337 @@
+"""Sweeps: every experiment composes and validates, sweeps expand as planned, the preflight stops a
+bad sweep before any job, and a real multirun survives a crashed job and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from gblm.config import to_plain, validate
+from gblm.sweep import (
+    JOB_STATUS_FILE,
+    PLAN_FILE,
+    SUMMARY_FILE,
+    SweepPreflightError,
+    expand_sweep,
+    format_summary,
+    preflight,
+    summarize,
+)
+from tests.conftest import CONF, ROOT, compose_config
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+SWEEPS = [name for name in EXPERIMENTS if name != "demo"]
+# Jobs per experiment: the product of its sweep axes.
+EXPECTED_JOBS = {
+    "paper_main_llama1": 3 * 5 * 3,  # models x methods x sparsity patterns
+    "paper_main_llama2": 3 * 5 * 3,
+    "paper_sparsity_sweep": 4 * 8,  # methods x ratios 0.1 .. 0.8
+    "ablation_norm": 2,
+    "ablation_scale": 5,
+    "ablation_score": 3,
+    "ablation_group": 2,
+    "ablation_nsamples": 3 * 8,
+    "ablation_calibration": 2 * 4,
+    "demo_sweep": 5,
+    "tiny_sweep": 4,
+}
+
+
+@contextmanager
+def multirun_config(*overrides: str) -> Iterator[DictConfig]:
+    """The config ``python -m gblm -m <overrides>`` hands to ``on_multirun_start``.
+
+    Hydra stays initialized inside the block, as it is in a real multirun, so jobs can be composed.
+    """
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield GlobalHydra.instance().hydra.compose_config(
+            "config", list(overrides), run_mode=RunMode.MULTIRUN, with_log_configuration=False
+        )
+
+
+def test_every_sweep_experiment_is_listed():
+    assert set(SWEEPS) == set(EXPECTED_JOBS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_validates(name):
+    from gblm.run import build_pruner
+
+    settings = validate(to_plain(compose_config(f"experiment={name}")))
+    build_pruner(settings)
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_sweep_expands_and_its_first_job_validates(name):
+    """The planned number of jobs, a fixed sweep dir, the callback registered, job 0 valid."""
+    with multirun_config(f"experiment={name}") as cfg:
+        jobs = preflight(cfg, validate_jobs="first", check_models=False)
+        assert len(jobs) == EXPECTED_JOBS[name]
+        # a fixed sweep dir and job dirs named by the overrides only: a relaunch resumes there
+        sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
+        assert sweep == {"dir": f"outputs/sweeps/{name}", "subdir": "${hydra.job.override_dirname}"}
+        assert cfg.hydra.callbacks.sweep._target_ == "gblm.sweep.SweepCallback"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_job_of_every_sweep_validates(name):
+    """The preflight (without the model check: hub models are not here) passes on every job."""
+    with multirun_config(f"experiment={name}") as cfg:
+        assert len(preflight(cfg, validate_jobs="all", check_models=False)) == EXPECTED_JOBS[name]
+
+
+def test_paper_main_table_expands_to_the_published_grid():
+    with multirun_config("experiment=paper_main_llama2") as cfg:
+        jobs = expand_sweep(cfg)
+        narrowed = expand_sweep(_with_task_overrides(cfg, ["model=llama2_70b"]))
+    points = {tuple(sorted(o for o in job if not o.startswith("experiment="))) for job in jobs}
+    assert len(points) == len(jobs) == 45
+    for model in ("llama2_7b", "llama2_13b", "llama2_70b"):
+        for method in ("dense", "magnitude", "sparsegpt", "wanda", "gblm"):
+            for sparsity in ("unstructured", "nm_4_8", "nm_2_4"):
+                assert (f"method={method}", f"model={model}", f"sparsity={sparsity}") in points
+    # a command-line value replaces the sweep axis: one model, 15 jobs, same dir names
+    assert len(narrowed) == 15 and all("model=llama2_70b" in job for job in narrowed)
+
+
+def _with_task_overrides(cfg: DictConfig, extra: list[str]) -> DictConfig:
+    from omegaconf import open_dict, read_write
+
+    cfg = cfg.copy()
+    with read_write(cfg), open_dict(cfg):
+        cfg.hydra.overrides.task = list(cfg.hydra.overrides.task) + extra
+    return cfg
+
+
+def test_paper_protocol_settings():
+    s = validate(to_plain(compose_config("experiment=paper_main_llama1")))
+    assert (s.calibration.source, s.calibration.nsamples, s.calibration.seqlen) == ("c4", 128, 2048)
+    assert (s.perplexity.dataset, s.perplexity.seqlen, s.perplexity.max_windows) == (
+        "wikitext2",
+        2048,
+        None,
+    )
+    assert (s.method_kwargs["norm"], s.method_kwargs["scale"]) == ("l1", 100.0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["sparsity.ratio=0.5,1.5"], "sparsity.ratio=1.5"),
+        (["method=gblm", "method.norm=l3"], "method.norm='l3'"),
+        (["model=hf", "model.name_or_path=/nonexistent/model"], "/nonexistent/model"),
+        # locations do not name job dirs: sweeping over them would make two jobs share one dir
+        (
+            ["method=wanda", "calibration=local", "calibration.paths=[a.txt],[b.txt]"],
+            "would all write into",
+        ),
+    ],
+)
+def test_preflight_stops_a_bad_sweep_with_the_reason(overrides, needle):
+    with (
+        multirun_config("experiment=tiny_sweep", *overrides) as cfg,
+        pytest.raises(SweepPreflightError) as err,
+    ):
+        preflight(cfg)
+    assert needle in str(err.value) and "no job was started" in str(err.value)
+
+
+def test_preflight_first_mode_still_checks_every_model():
+    with (
+        multirun_config(
+            "experiment=tiny_sweep",
+            "method=magnitude",
+            "model=tiny_llama,hf",
+            "model.name_or_path=/nonexistent/m",
+        ) as cfg,
+        pytest.raises(SweepPreflightError, match="/nonexistent/m"),
+    ):
+        preflight(cfg, validate_jobs="first")
+
+
+def test_summary_of_an_empty_or_missing_sweep_dir(tmp_path):
+    summary = summarize(tmp_path / "nothing")
+    assert summary["total"] == 0 and summary["counts"]["failed"] == 0
+    assert "0 job(s)" in format_summary(summary)
+
+
+def test_slurm_launcher_config_renders_an_sbatch_script(tmp_path, monkeypatch):
+    """hydra/launcher=slurm: every key is a valid submitit parameter (a fake srun stands in)."""
+    submitit = pytest.importorskip("submitit")
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    with multirun_config("hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}") as cfg:
+        params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert params.pop("_target_").endswith("SlurmLauncher")
+    # the same split of parameters as hydra_submitit_launcher's BaseSubmititLauncher.launch
+    executor = submitit.AutoExecutor(
+        folder=params.pop("submitit_folder"),
+        cluster="slurm",
+        slurm_max_num_timeout=params.pop("max_num_timeout"),
+    )
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    script = executor._executor._make_submission_file_text("python -m gblm", "uid")
+    for line in (
+        "--gpus-per-node=1",
+        "--cpus-per-task=8",
+        "--mem=128GB",
+        "--time=720",
+        "--job-name=gblm",
+    ):
+        assert line in script
+
+
+# A real multirun ---------------------------------------------------------------------------------
+def _gblm(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", "gblm", "-m", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _metrics(job_dir: Path) -> dict:
+    return json.loads((job_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def crashed_then_resumed(tmp_path_factory):
+    """tiny_sweep with magnitude and wanda on a local calibration file that is missing at first.
+
+    Magnitude needs no calibration data and finishes; Wanda fails. Then the file appears and the
+    same command is launched again: magnitude is skipped, wanda redone.
+    """
+    tmp = tmp_path_factory.mktemp("sweep")
+    sweep_dir, text = tmp / "sweep", tmp / "calibration.txt"
+    args = [
+        "experiment=tiny_sweep",
+        f"hydra.sweep.dir={sweep_dir}",
+        "method=magnitude,wanda",
+        "calibration=local",
+        f"calibration.paths=[{text}]",
+    ]
+    first = _gblm(*args)
+    state = {
+        "first": first,
+        "summary": json.loads((sweep_dir / SUMMARY_FILE).read_text()),
+        "magnitude_mtime": (sweep_dir / "calibration=local,method=magnitude" / "metrics.json")
+        .stat()
+        .st_mtime_ns,
+    }
+    text.write_text(" ".join(f"word{i % 97} and more words, said she." for i in range(4000)))
+    state["second"] = _gblm(*args)
+    return sweep_dir, state
+
+
+def test_crash_in_one_job_leaves_the_others_intact(crashed_then_resumed):
+    sweep_dir, state = crashed_then_resumed
+    first = state["first"]
+    assert first.returncode != 0, first.stdout + first.stderr  # the failure is re-raised at the end
+    summary = state["summary"]
+    assert summary["counts"] == {
+        "finished": 1,
+        "skipped": 0,
+        "failed": 1,
+        "incomplete": 0,
+        "pending": 0,
+    }
+    assert summary["failed"] == ["calibration=local,method=wanda"]
+    failed = next(job for job in summary["jobs"] if job["status"] == "failed")
+    assert "DataUnavailableError" in failed["error"] and "calibration.txt" in failed["error"]
+    assert "1 failed" in first.stdout and "method=wanda" in first.stdout  # printed at exit
+    plan = json.loads((sweep_dir / PLAN_FILE).read_text())["jobs"]
+    assert [job["dir"] for job in plan] == [
+        "calibration=local,method=magnitude",
+        "calibration=local,method=wanda",
+    ]
+    assert all((sweep_dir / job["dir"] / ".hydra").is_dir() for job in plan)  # where Hydra put them
+
+
+def test_relaunch_skips_finished_and_redoes_failed(crashed_then_resumed):
+    sweep_dir, state = crashed_then_resumed
+    second = state["second"]
+    assert second.returncode == 0, second.stdout + second.stderr
+    summary = json.loads((sweep_dir / SUMMARY_FILE).read_text())
+    assert summary["counts"]["skipped"] == 1 and summary["counts"]["finished"] == 1
+    assert summary["skipped"] == ["calibration=local,method=magnitude"]
+    assert summary["finished"] == ["calibration=local,method=wanda"]
+    magnitude = sweep_dir / "calibration=local,method=magnitude"
+    assert (magnitude / "metrics.json").stat().st_mtime_ns == state[
+        "magnitude_mtime"
+    ]  # not rewritten
+    assert json.loads((magnitude / JOB_STATUS_FILE).read_text())["status"] == "skipped"
+    assert "already finished with the same config: skipped" in (second.stdout + second.stderr)
+    # one metrics.json per job, every one finished
+    job_dirs = sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
+    assert [p.name for p in job_dirs] == [
+        "calibration=local,method=magnitude",
+        "calibration=local,method=wanda",
+    ]
+    assert all(_metrics(p)["status"] == "finished" for p in job_dirs)
+    assert _metrics(job_dirs[1])["sparsity_check"]["overall"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.slow
+def test_preflight_failure_from_the_command_line(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = _gblm(
+        "experiment=tiny_sweep", f"hydra.sweep.dir={sweep_dir}", "sparsity.ratio=0.5,1.5"
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no job was started" in result.stderr and "sparsity.ratio=1.5" in result.stderr
+    assert not sweep_dir.exists()  # no job started
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["slurm_local", "submitit_local", "local_parallel"])
+def test_other_launchers_run_a_small_sweep(tmp_path, launcher):
+    """The SLURM code path (submitit, local executor) and joblib: two jobs, then a resume."""
+    sweep_dir = tmp_path / "sweep"
+    args = [
+        "experiment=tiny_sweep",
+        f"hydra/launcher={launcher}",
+        f"hydra.sweep.dir={sweep_dir}",
+        "method=magnitude,wanda",
+    ]
+    first = _gblm(*args, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert json.loads((sweep_dir / SUMMARY_FILE).read_text())["counts"]["finished"] == 2
+    assert all(
+        _metrics(sweep_dir / f"method={m}")["status"] == "finished" for m in ("magnitude", "wanda")
+    )
+    second = _gblm(*args, timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert json.loads((sweep_dir / SUMMARY_FILE).read_text())["counts"]["skipped"] == 2
+
+
+@pytest.mark.slow
+def test_tiny_sweep_runs_every_method(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = _gblm("experiment=tiny_sweep", f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for method in ("magnitude", "wanda", "sparsegpt", "gblm"):
+        metrics = _metrics(sweep_dir / f"method={method}")
+        assert metrics["status"] == "finished" and metrics["method"] == method
+        assert metrics["sparsity_check"]["overall"] == pytest.approx(0.5, abs=0.01)
