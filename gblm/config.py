@@ -56,6 +56,7 @@ class ZeroshotSettings:
     limit: int | float | None = None
     batch_size: int = 1
     include_path: str | None = None
+    cloze_items: int = 100
 
 
 @dataclass
@@ -181,8 +182,9 @@ def validate(cfg: dict[str, Any]) -> RunSettings:
         enabled=bool(z.get("enabled", False)),
         tasks=list(z.get("tasks") or []),
         limit=z.get("limit"),
-        batch_size=_positive_int("eval.zeroshot.batch_size", z.get("batch_size", 1)),
+        batch_size=z.get("batch_size", 1) if z.get("batch_size") == "auto" else _positive_int("eval.zeroshot.batch_size", z.get("batch_size", 1)),
         include_path=z.get("include_path"),
+        cloze_items=_positive_int("eval.zeroshot.cloze_items", z.get("cloze_items", 100)),
     )
     if zeroshot.enabled and not zeroshot.tasks:
         raise ConfigError("eval.zeroshot.enabled=true needs eval.zeroshot.tasks=[...].")

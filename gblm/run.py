@@ -87,6 +87,10 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
     from gblm.models.loading import check_model_available
 
     check_model_available(settings.model)  # fail fast, before data or weights
+    if settings.zeroshot.enabled:
+        from gblm.eval.zeroshot import validate_task_names
+
+        validate_task_names(settings.zeroshot.tasks, settings.zeroshot.include_path)
     pruner = build_pruner(settings)
     metrics: dict[str, Any] = {
         "status": "running",
@@ -245,7 +249,7 @@ def _zeroshot_include_path(s: RunSettings, tokenizer) -> str | None:
         return s.zeroshot.include_path
     from gblm.eval.cloze import ensure_austen_cloze_task
 
-    return str(ensure_austen_cloze_task(cache_dir() / "tasks"))
+    return str(ensure_austen_cloze_task(cache_dir() / "tasks", n_items=s.zeroshot.cloze_items))
 
 
 def _flat_metrics(metrics: dict) -> dict:
@@ -280,12 +284,11 @@ def _make_remote_logger(s: RunSettings, run_dir: Path):
 
 
 def _log_tables_and_images(remote, run_dir: Path) -> None:
-    import csv
+    from gblm.pruning.stats import read_mask_stats_csv
 
     path = run_dir / "mask_stats.csv"
     if path.exists():
-        with path.open() as f:
-            remote.log_table("mask_stats", list(csv.DictReader(f)))
+        remote.log_table("mask_stats", read_mask_stats_csv(path))
     images = sorted((run_dir / "masks").glob("*.png")) if (run_dir / "masks").exists() else []
     if images:
         remote.log_images("masks", images)

@@ -18,8 +18,8 @@ from gblm.pruning.stats import (
     nm_validity,
     read_mask_stats_csv,
     save_mask_images,
+    weight_zero_share,
     write_mask_stats_csv,
-    zero_share_of_model,
 )
 
 
@@ -150,7 +150,7 @@ def test_zero_share_reads_the_weights():
         model.layers[0][0].weight.fill_(1.0)
         model.layers[0][0].weight[:2] = 0.0  # half of block 0
         model.layers[1][0].weight.fill_(0.0)  # all of block 1
-    check = zero_share_of_model(model, ["layers.0.0", "layers.1.0"])
+    check = weight_zero_share(model, ["layers.0.0", "layers.1.0"])
     assert check["overall"] == pytest.approx(0.75)
     assert check["zeros"] == 24 and check["total"] == 32
     assert [(b["block"], b["zero_share"]) for b in check["per_block"]] == [(0, 0.5), (1, 1.0)]

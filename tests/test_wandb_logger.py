@@ -54,7 +54,9 @@ def offline_run_contents(root: Path) -> tuple[dict, dict, list[str]]:
     for record in read_wandb_records(log_file):
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
+            config.update(
+                {item.key: json.loads(item.value_json) for item in record.run.config.update}
+            )
         elif kind == "config":
             config.update({item.key: json.loads(item.value_json) for item in record.config.update})
         elif kind == "history":
@@ -67,12 +69,24 @@ def offline_run_contents(root: Path) -> tuple[dict, dict, list[str]]:
 
 def test_offline_run_is_written_and_readable(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
-    logger = WandbLogger(project="gblm-test", group="sweep", tags=("gblm", "0.5"), name="r1",
-                         mode="offline", dir=tmp_path)
+    logger = WandbLogger(
+        project="gblm-test",
+        group="sweep",
+        tags=("gblm", "0.5"),
+        name="r1",
+        mode="offline",
+        dir=tmp_path,
+    )
     assert isinstance(logger, Logger)
     logger.start({"method": {"name": "gblm"}, "sparsity": {"ratio": 0.5}})
-    logger.log_metrics({"ppl": {"dense": 20.5, "pruned": 31.25}, "timings": {"total": 3.0},
-                        "sparsity_check": {"per_block": [0.5, 0.5]}, "status": "finished"})
+    logger.log_metrics(
+        {
+            "ppl": {"dense": 20.5, "pruned": 31.25},
+            "timings": {"total": 3.0},
+            "sparsity_check": {"per_block": [0.5, 0.5]},
+            "status": "finished",
+        }
+    )
     logger.log_table("mask_stats", [{"name": "model.layers.0.mlp.up_proj", "sparsity": 0.5}])
     image = tmp_path / "m.png"
     import matplotlib
@@ -160,7 +174,9 @@ def test_disabled_and_null_loggers_do_nothing(tmp_path):
 
 
 def test_flatten():
-    assert flatten({"ppl": {"dense": 1.0, "pruned": float("nan")}, "n": 2, "x": None, "l": [1]}) == {
+    assert flatten(
+        {"ppl": {"dense": 1.0, "pruned": float("nan")}, "n": 2, "x": None, "l": [1]}
+    ) == {
         "ppl/dense": 1.0,
         "n": 2,
     }

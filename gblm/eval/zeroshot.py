@@ -41,7 +41,11 @@ def _task_manager(include_path: str | os.PathLike | Sequence[str | os.PathLike] 
 
     paths = None
     if include_path is not None:
-        paths = [str(p) for p in include_path] if not isinstance(include_path, (str, os.PathLike)) else str(include_path)
+        paths = (
+            [str(p) for p in include_path]
+            if not isinstance(include_path, (str, os.PathLike))
+            else str(include_path)
+        )
         local = TaskManager(include_path=paths, include_defaults=False)
         if all(t in local.all_tasks for t in tasks):
             return local
@@ -63,6 +67,25 @@ def check_tasks(tasks: Sequence[str], task_manager: Any) -> None:
             f"{TASKS_KEY}: unknown lm-eval task(s) {'; '.join(hints)}. The defaults are "
             f"{', '.join(DEFAULT_TASKS)}; local tasks (austen_cloze) need their include path."
         )
+
+
+def validate_task_names(
+    tasks: Sequence[str],
+    include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+) -> None:
+    """Fail fast, before any model is loaded, on a task name lm-eval will not know.
+
+    ``austen_cloze`` counts as known without an include path: its task folder is generated on
+    demand (:func:`gblm.eval.cloze.ensure_austen_cloze_task`). Building lm-eval's task index takes
+    about 10 s, so this is called once per run, only when zero-shot evaluation is enabled.
+    """
+    from gblm.eval.cloze import TASK_NAME
+
+    others = [t for t in tasks if not (t == TASK_NAME and include_path is None)]
+    if not tasks:
+        check_tasks(tasks, None)
+    if others:
+        check_tasks(others, _task_manager(include_path, others))
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -127,7 +150,7 @@ def zeroshot_eval(
             None = where the model already is.
         include_path: folder(s) of local task YAMLs (see :func:`gblm.eval.cloze.write_task_dir`).
         num_fewshot: examples in context (0 for the published protocol).
-        seed: lm-eval's python/numpy/torch seeds.
+        seed: lm-eval's python/numpy/torch seeds (lm-eval reseeds the global generators).
 
     Returns:
         ``{task: {"acc", "acc_norm", "acc_stderr", "samples"}, ..., "mean_acc", "mean_acc_norm"}``

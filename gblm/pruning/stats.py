@@ -125,7 +125,9 @@ def linear_mask_stats(name: str, mask: Tensor, n: int = 0, m: int = 0) -> dict:
         n, m: the N:M pattern; ``m = 0`` for unstructured (then ``nm_valid``/``nm_exact`` are None).
     """
     if mask.dim() != 2:
-        raise ValueError(f"{name}: a mask must be 2-D (d_out, d_in), got shape {tuple(mask.shape)}.")
+        raise ValueError(
+            f"{name}: a mask must be 2-D (d_out, d_in), got shape {tuple(mask.shape)}."
+        )
     mask = mask.bool()
     d_out, d_in = mask.shape
     total = d_out * d_in
@@ -171,7 +173,9 @@ def _aggregate(rows: Sequence[dict]) -> dict:
         "column_structure": sum(r["column_structure"] * r["total"] for r in rows) / total
         if total
         else 0.0,
-        "row_structure": sum(r["row_structure"] * r["total"] for r in rows) / total if total else 0.0,
+        "row_structure": sum(r["row_structure"] * r["total"] for r in rows) / total
+        if total
+        else 0.0,
         "full_rows_share": sum(r["full_rows_share"] * r["d_out"] for r in rows)
         / max(1, sum(r["d_out"] for r in rows)),
         "full_cols_share": sum(r["full_cols_share"] * r["d_in"] for r in rows)
@@ -269,17 +273,21 @@ def downsample_mask(mask: Tensor, max_pixels: int = MAX_IMAGE_PIXELS) -> Tensor:
     """Share pruned in blocks of the mask, so that neither side exceeds ``max_pixels``.
 
     The block shape is ``(ceil(d_out / max_pixels), ceil(d_in / max_pixels))``; edge blocks that
-    overhang the matrix average only the entries they cover. Returns float ``(rows, cols)``.
+    overhang the matrix average only the entries they cover. Counts are summed straight from the
+    boolean mask, so a 70B-model matrix needs no float copy. Returns float ``(rows, cols)``.
     """
     d_out, d_in = mask.shape
     fr, fc = math.ceil(d_out / max_pixels), math.ceil(d_in / max_pixels)
     rows, cols = math.ceil(d_out / fr), math.ceil(d_in / fc)
-    pad = (0, cols * fc - d_in, 0, rows * fr - d_out)
-    pruned = torch.nn.functional.pad(mask.float(), pad)  # (rows * fr, cols * fc)
-    covered = torch.nn.functional.pad(torch.ones_like(mask, dtype=torch.float32), pad)
-    pruned = pruned.reshape(rows, fr, cols, fc).sum(dim=(1, 3))  # (rows, cols)
-    covered = covered.reshape(rows, fr, cols, fc).sum(dim=(1, 3))
-    return pruned / covered
+    padded = mask.new_zeros((rows * fr, cols * fc), dtype=torch.bool)
+    padded[:d_out, :d_in] = mask
+    pruned = padded.view(rows * fr, cols, fc).sum(dim=2, dtype=torch.int32)  # (rows * fr, cols)
+    pruned = pruned.view(rows, fr, cols).sum(dim=1)  # (rows, cols)
+    row_cover = torch.full((rows,), fr, dtype=torch.float32)
+    row_cover[-1] = d_out - (rows - 1) * fr
+    col_cover = torch.full((cols,), fc, dtype=torch.float32)
+    col_cover[-1] = d_in - (cols - 1) * fc
+    return pruned.float().cpu() / torch.outer(row_cover, col_cover)
 
 
 def mask_image_name(name: str) -> str:
@@ -307,10 +315,17 @@ def save_mask_images(
         mask = masks[name].detach().bool().cpu()
         d_out, d_in = mask.shape
         image = downsample_mask(mask).numpy()
-        sparsity = mask.float().mean().item()
-        fig, ax = plt.subplots(figsize=(7.0, 5.0), dpi=100)
+        sparsity = mask.sum().item() / max(1, mask.numel())
+        # Large enough that a 512-pixel image is not resampled down; axes in weight indices.
+        fig, ax = plt.subplots(figsize=(8.5, 6.0), dpi=100)
         shown = ax.imshow(
-            image, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest"
+            image,
+            cmap="magma",
+            vmin=0.0,
+            vmax=1.0,
+            aspect="auto",
+            interpolation="nearest",
+            extent=(0, d_in, d_out, 0),
         )
         block = f"; {math.ceil(d_out / image.shape[0])}x{math.ceil(d_in / image.shape[1])} blocks"
         scale = "" if image.shape == (d_out, d_in) else block
@@ -327,7 +342,7 @@ def save_mask_images(
 
 
 @torch.no_grad()
-def zero_share_of_model(model: nn.Module, names: Iterable[str]) -> dict:
+def weight_zero_share(model: nn.Module, names: Iterable[str]) -> dict:
     """The share of exact zeros in the named Linears' weights, per block and overall.
 
     This is the post-pruning sparsity check: it reads the weights themselves, not the masks, so
