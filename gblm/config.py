@@ -127,7 +127,9 @@ def to_plain(cfg: Any) -> dict[str, Any]:
     except InterpolationToMissingValueError as err:
         found = re.search(r"Missing mandatory value: ([\w.]+)", str(err.msg))
         missing = found.group(1) if found else err.full_key
-        raise ConfigError(f"{missing} must be set (it has no default; {err.full_key} refers to it).") from None
+        raise ConfigError(
+            f"{missing} must be set (it has no default; {err.full_key} refers to it)."
+        ) from None
     plain.pop("hydra", None)
     return plain
 
@@ -148,7 +150,9 @@ def validate(cfg: dict[str, Any]) -> RunSettings:
             f"sparsity.ratio = N/M (sparsity=nm_2_4 or nm_4_8)."
         ) from None
     if name != "dense" and ratio == 0.0:
-        raise ConfigError(f"sparsity.ratio=0 with method={name}: nothing to prune; use method=dense.")
+        raise ConfigError(
+            f"sparsity.ratio=0 with method={name}: nothing to prune; use method=dense."
+        )
 
     c = cfg["calibration"]
     calibration = CalibrationSettings(
@@ -161,7 +165,9 @@ def validate(cfg: dict[str, Any]) -> RunSettings:
         seed=int(c.get("seed", 0)),
     )
     if calibration.source == "local" and not calibration.paths:
-        raise ConfigError("calibration.source=local needs calibration.paths=[file.txt, file.jsonl, ...].")
+        raise ConfigError(
+            "calibration.source=local needs calibration.paths=[file.txt, file.jsonl, ...]."
+        )
 
     e = cfg["eval"]
     p = e.get("perplexity", {}) or {}
@@ -170,19 +176,27 @@ def validate(cfg: dict[str, Any]) -> RunSettings:
         dataset=_choice("eval.perplexity.dataset", p.get("dataset", "austen"), SOURCES),
         split=p.get("split", "test"),
         paths=_paths("eval.perplexity.paths", p.get("paths")),
-        seqlen=_positive_int("eval.perplexity.seqlen", p.get("seqlen", calibration.seqlen), minimum=2),
+        seqlen=_positive_int(
+            "eval.perplexity.seqlen", p.get("seqlen", calibration.seqlen), minimum=2
+        ),
         batch_size=_positive_int("eval.perplexity.batch_size", p.get("batch_size", 1)),
-        max_windows=None if p.get("max_windows") is None else _positive_int("eval.perplexity.max_windows", p["max_windows"]),
+        max_windows=None
+        if p.get("max_windows") is None
+        else _positive_int("eval.perplexity.max_windows", p["max_windows"]),
         dense=bool(p.get("dense", True)),
     )
     if perplexity.enabled and perplexity.dataset == "local" and not perplexity.paths:
-        raise ConfigError("eval.perplexity.dataset=local needs eval.perplexity.paths=[file.txt, ...].")
+        raise ConfigError(
+            "eval.perplexity.dataset=local needs eval.perplexity.paths=[file.txt, ...]."
+        )
     z = e.get("zeroshot", {}) or {}
     zeroshot = ZeroshotSettings(
         enabled=bool(z.get("enabled", False)),
         tasks=list(z.get("tasks") or []),
         limit=z.get("limit"),
-        batch_size=z.get("batch_size", 1) if z.get("batch_size") == "auto" else _positive_int("eval.zeroshot.batch_size", z.get("batch_size", 1)),
+        batch_size=z.get("batch_size", 1)
+        if z.get("batch_size") == "auto"
+        else _positive_int("eval.zeroshot.batch_size", z.get("batch_size", 1)),
         include_path=z.get("include_path"),
         cloze_items=_positive_int("eval.zeroshot.cloze_items", z.get("cloze_items", 100)),
     )
@@ -201,15 +215,20 @@ def validate(cfg: dict[str, Any]) -> RunSettings:
         tiny=dict(m.get("tiny") or {}),
     )
     if model.kind == "hf" and not model.name_or_path:
-        raise ConfigError("model.name_or_path is required with model.kind=hf (hub id or local directory).")
+        raise ConfigError(
+            "model.name_or_path is required with model.kind=hf (hub id or local directory)."
+        )
 
     lg = cfg.get("logger", {}) or {}
     logger = _choice("logger.name", lg.get("name", "local"), LOGGERS)
     wandb = None
     if logger == "wandb":
         wandb = WandbSettings(
-            project=lg.get("project", "gblm"), entity=lg.get("entity"), group=lg.get("group"),
-            tags=list(lg.get("tags") or []), name=lg.get("run_name"),
+            project=lg.get("project", "gblm"),
+            entity=lg.get("entity"),
+            group=lg.get("group"),
+            tags=list(lg.get("tags") or []),
+            name=lg.get("run_name"),
             mode=_choice("logger.mode", lg.get("mode", "auto"), WANDB_MODES),
         )
     device = str(cfg.get("device", "auto"))
@@ -217,9 +236,19 @@ def validate(cfg: dict[str, Any]) -> RunSettings:
         raise ConfigError(f"device={device!r}: allowed values are auto, cpu, cuda, cuda:N.")
 
     return RunSettings(
-        model=model, method_name=name, method_target=method.get("_target_"), method_kwargs=method_kwargs,
-        sparsity=sparsity, calibration=calibration, perplexity=perplexity, zeroshot=zeroshot,
-        logger=logger, wandb=wandb, device=device, dtype=model.dtype, seed=int(cfg.get("seed", 0)),
+        model=model,
+        method_name=name,
+        method_target=method.get("_target_"),
+        method_kwargs=method_kwargs,
+        sparsity=sparsity,
+        calibration=calibration,
+        perplexity=perplexity,
+        zeroshot=zeroshot,
+        logger=logger,
+        wandb=wandb,
+        device=device,
+        dtype=model.dtype,
+        seed=int(cfg.get("seed", 0)),
         batch_size=_positive_int("batch_size", cfg.get("batch_size", 1)),
         offload_inputs=bool(cfg.get("offload_inputs", False)),
         gradient_checkpointing=bool(method.get("gradient_checkpointing", False)),

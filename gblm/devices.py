@@ -26,10 +26,16 @@ def cuda_available() -> bool:
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` is the first CUDA device when there is one, else the CPU."""
     if name == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if cuda_available()
+            else torch.device("cpu")
+        )
     device = torch.device(name)
     if device.type == "cuda" and not cuda_available():
-        raise ValueError(f"device={name!r} was asked for but CUDA is not available; use device=cpu or auto.")
+        raise ValueError(
+            f"device={name!r} was asked for but CUDA is not available; use device=cpu or auto."
+        )
     return device
 
 

@@ -37,7 +37,9 @@ _NON_RESULT_KEYS = ("logger", "progress", "skip_finished", "experiment", "hydra"
 def config_hash(cfg: dict[str, Any]) -> str:
     """Hash of the settings that determine a run's results (for resume)."""
     relevant = {k: v for k, v in cfg.items() if k not in _NON_RESULT_KEYS}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
 
 
 def build_pruner(settings: RunSettings):
@@ -61,10 +63,15 @@ def _prepare_data(s: RunSettings, tokenizer_loader):
 
     texts: dict[str, list[str]] = {}
     if s.method_name not in ("dense", "magnitude"):
-        texts["calibration"] = load_documents(s.calibration.source, s.calibration.split, s.calibration.paths)
+        texts["calibration"] = load_documents(
+            s.calibration.source, s.calibration.split, s.calibration.paths
+        )
     if s.perplexity.enabled:
         texts["eval"] = load_documents(
-            s.perplexity.dataset, s.perplexity.split, s.perplexity.paths, key="eval.perplexity.dataset"
+            s.perplexity.dataset,
+            s.perplexity.split,
+            s.perplexity.paths,
+            key="eval.perplexity.dataset",
         )
     return texts
 
@@ -80,7 +87,12 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
     digest = config_hash(container)
 
     previous = read_metrics(run_dir)
-    if settings.skip_finished and previous and previous.get("status") == "finished" and previous.get("config_hash") == digest:
+    if (
+        settings.skip_finished
+        and previous
+        and previous.get("status") == "finished"
+        and previous.get("config_hash") == digest
+    ):
         log.info("run in %s already finished with the same config: skipped", run_dir)
         return previous
 
@@ -99,10 +111,18 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
         "method": settings.method_name,
         "method_settings": settings.method_kwargs,
         "model": settings.model.name,
-        "sparsity": {"ratio": settings.sparsity.ratio, "n": settings.sparsity.n, "m": settings.sparsity.m,
-                     "label": settings.sparsity.label},
-        "calibration": {"source": settings.calibration.source, "nsamples": settings.calibration.nsamples,
-                        "seqlen": settings.calibration.seqlen, "seed": settings.calibration.seed},
+        "sparsity": {
+            "ratio": settings.sparsity.ratio,
+            "n": settings.sparsity.n,
+            "m": settings.sparsity.m,
+            "label": settings.sparsity.label,
+        },
+        "calibration": {
+            "source": settings.calibration.source,
+            "nsamples": settings.calibration.nsamples,
+            "seqlen": settings.calibration.seqlen,
+            "seed": settings.calibration.seed,
+        },
         "ppl": {},
         "timings": {},
     }
@@ -130,7 +150,9 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
     return metrics
 
 
-def _execute(s: RunSettings, pruner, metrics: dict, timer: StageTimer, local: LocalLogger, run_dir: Path) -> None:
+def _execute(
+    s: RunSettings, pruner, metrics: dict, timer: StageTimer, local: LocalLogger, run_dir: Path
+) -> None:
     from gblm.data.calibration import cached_windows, sample_windows, windows_cache_key
     from gblm.data.evaluation import evaluation_tokens
     from gblm.eval.perplexity import perplexity
@@ -147,21 +169,39 @@ def _execute(s: RunSettings, pruner, metrics: dict, timer: StageTimer, local: Lo
         texts = _prepare_data(s, None)
     with timer.stage("load model"):
         model, tokenizer = load_model_and_tokenizer(s.model, device, dtype)
-    log.info("model %s: %s, %.1fM parameters, %s on %s", s.model.name, type(model).__name__,
-             sum(p.numel() for p in model.parameters()) / 1e6, metrics["dtype"], device)
+    log.info(
+        "model %s: %s, %.1fM parameters, %s on %s",
+        s.model.name,
+        type(model).__name__,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        metrics["dtype"],
+        device,
+    )
 
     eval_tokens = None
     if s.perplexity.enabled:
         with timer.stage("tokenize eval"):
-            eval_tokens = evaluation_tokens(tokenizer, s.perplexity.dataset, s.perplexity.split, s.perplexity.paths) \
-                if "eval" not in texts else tokenizer("\n\n".join(texts["eval"]), return_tensors="pt").input_ids
+            eval_tokens = (
+                evaluation_tokens(
+                    tokenizer, s.perplexity.dataset, s.perplexity.split, s.perplexity.paths
+                )
+                if "eval" not in texts
+                else tokenizer("\n\n".join(texts["eval"]), return_tensors="pt").input_ids
+            )
         metrics["eval_tokens"] = int(eval_tokens.numel())
 
     def eval_ppl(tag: str) -> float:
         with timer.stage(f"perplexity {tag}"):
-            value = perplexity(model, eval_tokens, s.perplexity.seqlen, device=_input_device(model, device),
-                               batch_size=s.perplexity.batch_size, max_windows=s.perplexity.max_windows,
-                               progress=s.progress, desc=f"perplexity ({tag})")
+            value = perplexity(
+                model,
+                eval_tokens,
+                s.perplexity.seqlen,
+                device=_input_device(model, device),
+                batch_size=s.perplexity.batch_size,
+                max_windows=s.perplexity.max_windows,
+                progress=s.progress,
+                desc=f"perplexity ({tag})",
+            )
         log.info("perplexity %s: %.3f", tag, value)
         return value
 
@@ -175,18 +215,40 @@ def _execute(s: RunSettings, pruner, metrics: dict, timer: StageTimer, local: Lo
         if pruner.needs_calibration:
             c = s.calibration
             with timer.stage("calibration windows"):
-                key = windows_cache_key(s.model.model_id if s.model.kind != "tiny" else "smollm2-tokenizer",
-                                        c.source, c.paths, c.nsamples, c.seqlen, c.seed, c.sampling, len(tokenizer))
-                windows = cached_windows(cache_dir(), key, lambda: sample_windows(
-                    tokenizer, texts["calibration"], c.nsamples, c.seqlen, c.seed, c.sampling))
+                key = windows_cache_key(
+                    s.model.model_id if s.model.kind != "tiny" else "smollm2-tokenizer",
+                    c.source,
+                    c.paths,
+                    c.nsamples,
+                    c.seqlen,
+                    c.seed,
+                    c.sampling,
+                    len(tokenizer),
+                )
+                windows = cached_windows(
+                    cache_dir(),
+                    key,
+                    lambda: sample_windows(
+                        tokenizer, texts["calibration"], c.nsamples, c.seqlen, c.seed, c.sampling
+                    ),
+                )
         grad_norms = None
         if pruner.needs_gradients:
             grad_norms = _gradient_norms(s, pruner, model, windows, device, dtype, timer)
         from gblm.calibration.sequential import prune_model
 
         with timer.stage("prune"):
-            masks = prune_model(model, pruner, s.sparsity, windows, device=device, batch_size=s.batch_size,
-                                grad_norms=grad_norms, progress=s.progress, offload_inputs=s.offload_inputs)
+            masks = prune_model(
+                model,
+                pruner,
+                s.sparsity,
+                windows,
+                device=device,
+                batch_size=s.batch_size,
+                grad_norms=grad_norms,
+                progress=s.progress,
+                offload_inputs=s.offload_inputs,
+            )
         del grad_norms
         with timer.stage("mask statistics"):
             _record_mask_stats(s, model, masks, metrics, local, run_dir)
@@ -199,8 +261,13 @@ def _execute(s: RunSettings, pruner, metrics: dict, timer: StageTimer, local: Lo
 
         with timer.stage("zero-shot"):
             metrics["zeroshot"] = zeroshot_eval(
-                model, tokenizer, s.zeroshot.tasks, limit=s.zeroshot.limit, batch_size=s.zeroshot.batch_size,
-                device=_input_device(model, device), include_path=_zeroshot_include_path(s, tokenizer),
+                model,
+                tokenizer,
+                s.zeroshot.tasks,
+                limit=s.zeroshot.limit,
+                batch_size=s.zeroshot.batch_size,
+                device=_input_device(model, device),
+                include_path=_zeroshot_include_path(s, tokenizer),
             )
         local.write_metrics(metrics)
 
@@ -208,40 +275,64 @@ def _execute(s: RunSettings, pruner, metrics: dict, timer: StageTimer, local: Lo
         from gblm.models.saving import save_pruned_model
 
         with timer.stage("save model"):
-            metrics["saved_model"] = str(save_pruned_model(model, tokenizer, masks, run_dir / "model", metrics))
+            metrics["saved_model"] = str(
+                save_pruned_model(model, tokenizer, masks, run_dir / "model", metrics)
+            )
     metrics["peak_memory_bytes"] = devices.peak_memory_bytes(device)
 
 
 def _input_device(model, device: torch.device) -> torch.device:
     """Where token ids go: the embedding's device when a device_map placed the model."""
-    return model.get_input_embeddings().weight.device if getattr(model, "hf_device_map", None) else device
+    return (
+        model.get_input_embeddings().weight.device
+        if getattr(model, "hf_device_map", None)
+        else device
+    )
 
 
 def _gradient_norms(s: RunSettings, pruner, model, windows, device, dtype, timer: StageTimer):
     from gblm.calibration.gradients import cached_gradient_norms, gradient_cache_key, gradient_norms
 
-    acc_dtype = devices.resolve_dtype(pruner.accumulator_dtype, device) if isinstance(pruner.accumulator_dtype, str) \
+    acc_dtype = (
+        devices.resolve_dtype(pruner.accumulator_dtype, device)
+        if isinstance(pruner.accumulator_dtype, str)
         else pruner.accumulator_dtype
+    )
     key = gradient_cache_key(s.model.model_id, windows, pruner.norm, pruner.scale, acc_dtype, dtype)
     with timer.stage("gradients"):
         return cached_gradient_norms(
-            cache_dir() / "gradients", key,
-            lambda: gradient_norms(model, windows, norm=pruner.norm, scale=pruner.scale, accumulator_dtype=acc_dtype,
-                                   device=device, checkpointing=s.gradient_checkpointing, progress=s.progress),
+            cache_dir() / "gradients",
+            key,
+            lambda: gradient_norms(
+                model,
+                windows,
+                norm=pruner.norm,
+                scale=pruner.scale,
+                accumulator_dtype=acc_dtype,
+                device=device,
+                checkpointing=s.gradient_checkpointing,
+                progress=s.progress,
+            ),
         )
 
 
-def _record_mask_stats(s: RunSettings, model, masks, metrics: dict, local: LocalLogger, run_dir: Path) -> None:
+def _record_mask_stats(
+    s: RunSettings, model, masks, metrics: dict, local: LocalLogger, run_dir: Path
+) -> None:
     from gblm.pruning import stats
 
-    per_linear, per_block, per_type, overall = stats.model_mask_stats(masks, s.sparsity.n, s.sparsity.m)
+    per_linear, per_block, per_type, overall = stats.model_mask_stats(
+        masks, s.sparsity.n, s.sparsity.m
+    )
     stats.write_mask_stats_csv(per_linear, run_dir / "mask_stats.csv")
     local.write_json("mask_stats_blocks.json", {"per_block": per_block, "per_type": per_type})
     metrics["mask_stats"] = overall
     metrics["sparsity_check"] = stats.weight_zero_share(model, list(masks))
     wanted = [n for n in s.mask_images if n in masks]
     if wanted:
-        metrics["mask_images"] = [str(p) for p in stats.save_mask_images(masks, wanted, run_dir / "masks")]
+        metrics["mask_images"] = [
+            str(p) for p in stats.save_mask_images(masks, wanted, run_dir / "masks")
+        ]
 
 
 def _zeroshot_include_path(s: RunSettings, tokenizer) -> str | None:
@@ -259,7 +350,9 @@ def _flat_metrics(metrics: dict) -> dict:
             if isinstance(v, int | float):
                 flat[f"{key}/{k}"] = v
             elif isinstance(v, dict):
-                flat.update({f"{key}/{k}/{kk}": vv for kk, vv in v.items() if isinstance(vv, int | float)})
+                flat.update(
+                    {f"{key}/{k}/{kk}": vv for kk, vv in v.items() if isinstance(vv, int | float)}
+                )
     flat["sparsity/ratio"] = metrics["sparsity"]["ratio"]
     if "sparsity_check" in metrics:
         flat["sparsity/achieved"] = metrics["sparsity_check"].get("overall")
@@ -279,8 +372,15 @@ def _make_remote_logger(s: RunSettings, run_dir: Path):
     group = w.group
     if group is None and HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
         group = Path(HydraConfig.get().sweep.dir).name
-    return WandbLogger(project=w.project, entity=w.entity, group=group, tags=w.tags,
-                       name=w.name or _run_name(s), mode=w.mode, dir=str(run_dir))
+    return WandbLogger(
+        project=w.project,
+        entity=w.entity,
+        group=group,
+        tags=w.tags,
+        name=w.name or _run_name(s),
+        mode=w.mode,
+        dir=str(run_dir),
+    )
 
 
 def _log_tables_and_images(remote, run_dir: Path) -> None:

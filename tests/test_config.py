@@ -35,7 +35,9 @@ def test_every_group_option_validates(group):
     for option in _options(group):
         extra = ["model.name_or_path=some/model"] if option == "hf" else []
         extra += ["model.run_dir=some/run"] if option == "saved" else []
-        extra += ["calibration.paths=[a.txt]"] if (group, option) == ("calibration", "local") else []
+        extra += (
+            ["calibration.paths=[a.txt]"] if (group, option) == ("calibration", "local") else []
+        )
         _settings(f"{group}={option}", *extra)
 
 

@@ -52,10 +52,17 @@ def test_stream_sampling_draws_only_the_start():
 
 
 def test_sampling_is_seeded():
-    docs = ["".join(chr(65 + i % 50) for i in range(60)), "".join(chr(97 + i % 26) for i in range(90))]
+    docs = [
+        "".join(chr(65 + i % 50) for i in range(60)),
+        "".join(chr(97 + i % 26) for i in range(90)),
+    ]
     a = sample_windows(CharTokenizer(), docs, 4, 10, seed=1, sampling="documents")
-    assert torch.equal(a, sample_windows(CharTokenizer(), docs, 4, 10, seed=1, sampling="documents"))
-    assert not torch.equal(a, sample_windows(CharTokenizer(), docs, 4, 10, seed=2, sampling="documents"))
+    assert torch.equal(
+        a, sample_windows(CharTokenizer(), docs, 4, 10, seed=1, sampling="documents")
+    )
+    assert not torch.equal(
+        a, sample_windows(CharTokenizer(), docs, 4, 10, seed=2, sampling="documents")
+    )
 
 
 def test_no_document_long_enough_is_an_error_not_a_hang():
@@ -82,10 +89,15 @@ def test_local_text_and_c4_style_jsonl(tmp_path):
     with gzip.open(tmp_path / "c4-train.00000-of-01024.json.gz", "wt") as f:
         for t in ("doc one", "doc two"):
             f.write(json.dumps({"text": t, "timestamp": "2019", "url": "http://x"}) + "\n")
-    docs = load_documents("local", "train", [tmp_path / "a.txt", tmp_path / "c4-train.00000-of-01024.json.gz"])
+    docs = load_documents(
+        "local", "train", [tmp_path / "a.txt", tmp_path / "c4-train.00000-of-01024.json.gz"]
+    )
     assert docs == ["first document", "doc one", "doc two"]
     # c4 and wikitext2 read the same files when paths are given (offline use).
-    assert load_documents("c4", "train", [tmp_path / "c4-train.00000-of-01024.json.gz"]) == ["doc one", "doc two"]
+    assert load_documents("c4", "train", [tmp_path / "c4-train.00000-of-01024.json.gz"]) == [
+        "doc one",
+        "doc two",
+    ]
 
 
 def test_wikitext_parquet_layout(tmp_path):

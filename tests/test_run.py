@@ -12,8 +12,13 @@ from gblm.data.sources import DataUnavailableError
 from gblm.run import run
 from tests.conftest import compose_config
 
-SMALL = ("calibration.nsamples=4", "calibration.seqlen=32", "eval.perplexity.max_windows=2", "progress=false",
-         "mask_images=[model.layers.0.mlp.down_proj]")
+SMALL = (
+    "calibration.nsamples=4",
+    "calibration.seqlen=32",
+    "eval.perplexity.max_windows=2",
+    "progress=false",
+    "mask_images=[model.layers.0.mlp.down_proj]",
+)
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "gblm"])
@@ -46,7 +51,10 @@ def test_finished_run_is_skipped_and_a_changed_config_is_redone(tmp_path):
     first = run(cfg, run_dir=tmp_path)
     again = run(cfg, run_dir=tmp_path)
     assert again["timings"] == first["timings"]  # read back, not recomputed
-    changed = run(compose_config("model=tiny_llama", "method=magnitude", "sparsity.ratio=0.3", *SMALL), run_dir=tmp_path)
+    changed = run(
+        compose_config("model=tiny_llama", "method=magnitude", "sparsity.ratio=0.3", *SMALL),
+        run_dir=tmp_path,
+    )
     assert changed["sparsity"]["ratio"] == 0.3 and changed["timings"] != first["timings"]
 
 
@@ -57,8 +65,13 @@ def test_unavailable_data_fails_before_the_model_loads_and_is_recorded(tmp_path,
         raise AssertionError("the model was loaded before the data check")
 
     monkeypatch.setattr(loading, "load_model_and_tokenizer", must_not_load)
-    cfg = compose_config("model=tiny_llama", "method=wanda", "calibration=local",
-                         f"calibration.paths=[{tmp_path}/missing.txt]", *SMALL)
+    cfg = compose_config(
+        "model=tiny_llama",
+        "method=wanda",
+        "calibration=local",
+        f"calibration.paths=[{tmp_path}/missing.txt]",
+        *SMALL,
+    )
     with pytest.raises(DataUnavailableError, match="missing.txt"):
         run(cfg, run_dir=tmp_path)
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
@@ -73,8 +86,14 @@ def test_config_errors_come_before_any_file_is_written(tmp_path):
 def test_gblm_scale_zero_equals_wanda_end_to_end(tmp_path):
     from gblm.calibration.sequential import prune_model
 
-    wanda = run(compose_config("model=tiny_llama", "method=wanda", "save_model=false", *SMALL), run_dir=tmp_path / "w")
-    gblm0 = run(compose_config("model=tiny_llama", "method=gblm", "method.scale=0", *SMALL), run_dir=tmp_path / "g")
+    wanda = run(
+        compose_config("model=tiny_llama", "method=wanda", "save_model=false", *SMALL),
+        run_dir=tmp_path / "w",
+    )
+    gblm0 = run(
+        compose_config("model=tiny_llama", "method=gblm", "method.scale=0", *SMALL),
+        run_dir=tmp_path / "g",
+    )
     assert wanda["ppl"]["pruned"] == pytest.approx(gblm0["ppl"]["pruned"], rel=1e-6)
     assert prune_model is not None
 
@@ -84,14 +103,28 @@ def test_cli_prints_a_summary(tmp_path):
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "gblm", "model=tiny_llama", "method=wanda", *SMALL, f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "gblm",
+            "model=tiny_llama",
+            "method=wanda",
+            *SMALL,
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "gblm: wanda 0.5 on tiny_llama" in out.stdout
     assert (tmp_path / ".hydra" / "config.yaml").exists() and (tmp_path / "run.log").exists()
-    bad = subprocess.run([sys.executable, "-m", "gblm", "method=wanda", "sparsity=nm_2_4", "sparsity.ratio=0.7"],
-                         capture_output=True, text=True, timeout=600)
+    bad = subprocess.run(
+        [sys.executable, "-m", "gblm", "method=wanda", "sparsity=nm_2_4", "sparsity.ratio=0.7"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert bad.returncode == 2 and "N/M = 0.5" in bad.stdout + bad.stderr
 
 
@@ -99,7 +132,12 @@ def test_cli_prints_a_summary(tmp_path):
 def test_demo_on_smollm2_gblm_beats_magnitude(tmp_path):
     results = {}
     for method in ("magnitude", "gblm"):
-        cfg = compose_config("experiment=demo", f"method={method}", "eval.perplexity.max_windows=16", "progress=false")
+        cfg = compose_config(
+            "experiment=demo",
+            f"method={method}",
+            "eval.perplexity.max_windows=16",
+            "progress=false",
+        )
         results[method] = run(cfg, run_dir=tmp_path / method)["ppl"]
     assert results["gblm"]["pruned"] < results["magnitude"]["pruned"]
     assert results["gblm"]["dense"] < results["gblm"]["pruned"]

@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +44,22 @@ from gblm.models.layers import (
 from gblm.pruning.base import LinearStats, Pruner, Sparsity
 
 logger = logging.getLogger("gblm.walk")
+
+#: The walk's stages, as handed to ``prune_model(timer=...)``: block-0 input capture, the hooked
+#: forward that folds the statistics, scoring and masking (the method's per-Linear step), and the
+#: forward of the pruned block that produces the next block's inputs.
+WALK_STAGES = ("capture", "statistics", "scoring and masking", "re-forward")
+
+
+class StageClock(Protocol):
+    """What ``prune_model`` needs of a timer: a context manager per named stage."""
+
+    def stage(self, name: str) -> contextlib.AbstractContextManager[None]: ...
+
+
+@contextlib.contextmanager
+def _untimed(_name: str) -> Iterator[None]:
+    yield
 
 
 def _as_ids(windows: Tensor | Sequence[Tensor]) -> Tensor:
@@ -105,8 +123,17 @@ def _calibrate(
     hidden: Tensor,
     pruner: Pruner,
     device: torch.device,
+    *,
+    share_inputs: bool = True,
 ) -> dict[str, LinearStats]:
-    """Run the block on all N inputs with hooks on ``linears``; fold the method's statistics."""
+    """Run the block on all N inputs with hooks on ``linears``; fold the method's statistics.
+
+    Linears that read the very same input tensor (LLaMA's q/k/v, gate/up) get the same statistics,
+    so with ``share_inputs`` they are folded once, by the first of them, and the others refer to
+    the same tensors (bit for bit what folding them separately gives, at a third of the Hessian
+    work for q/k/v). Should a block feed a Linear a shared input in some batches and its own in
+    others, the statistics are gathered again without sharing.
+    """
     stats = {
         name: LinearStats(
             row_sq_norms=make_row_sq(lin.in_features, device) if pruner.needs_activations else None,
@@ -117,24 +144,49 @@ def _calibrate(
     if not (pruner.needs_activations or pruner.needs_hessian):
         return stats
     batch = 0  # windows in the current forward call, read by the hooks
+    # this call's inputs, id -> (weak reference, who folded it); weak, so no activation is kept
+    folded: dict[int, tuple[weakref.ref, str]] = {}
+    source: dict[str, set[str | None]] = {name: set() for name in linears}  # None: its own input
 
     def fold(name: str):
         def hook(_module: nn.Module, args: tuple, _output: Tensor) -> None:
-            x = args[0].detach()
+            x = args[0]
+            seen = folded.get(id(x)) if share_inputs else None
+            if seen is not None and seen[0]() is x:  # already folded for another Linear
+                source[name].add(seen[1])
+                return
+            source[name].add(None)
+            folded[id(x)] = (weakref.ref(x), name)
+            x = x.detach()
             x = x.reshape(batch, -1, x.shape[-1])  # (b, T, d_in): OPT's MLP flattens the tokens
             entry = stats[name]
-            if entry.row_sq_norms is not None:
-                accumulate_row_sq(entry.row_sq_norms, entry.nsamples, x)
-            if entry.hessian is not None:
-                accumulate_hessian(entry.hessian, entry.nsamples, x)
-            entry.nsamples += batch
+            # One window at a time, as with batch_size=1: the block's forward is batched, the
+            # running means take the same steps in the same order whatever the batch size.
+            for sample in x.split(1):  # (1, T, d_in) each
+                if entry.row_sq_norms is not None:
+                    accumulate_row_sq(entry.row_sq_norms, entry.nsamples, sample)
+                if entry.hessian is not None:
+                    accumulate_hessian(entry.hessian, entry.nsamples, sample)
+                entry.nsamples += 1
 
         return hook
 
     with attached_hooks([(lin, fold(name)) for name, lin in linears.items()]):
         for start, end in inputs.batches():
             batch = end - start
+            folded.clear()
             _run_block(block, inputs, hidden, device, start, end)
+    folded.clear()
+    if any(len(sources) > 1 for sources in source.values()):
+        logger.debug("inputs shared in some batches only: statistics gathered per Linear")
+        return _calibrate(block, linears, inputs, hidden, pruner, device, share_inputs=False)
+    for name, sources in source.items():
+        owner = next(iter(sources), None)
+        if owner is not None:
+            shared = stats[owner]
+            stats[name] = LinearStats(
+                row_sq_norms=shared.row_sq_norms, hessian=shared.hessian, nsamples=shared.nsamples
+            )
     return stats
 
 
@@ -164,6 +216,7 @@ def prune_model(
     grad_norms: Mapping[str, Tensor] | None = None,
     progress: bool = True,
     offload_inputs: bool = False,
+    timer: StageClock | None = None,
 ) -> dict[str, Tensor]:
     """Prune every Linear inside the decoder blocks of ``model``, in place, block by block.
 
@@ -178,6 +231,9 @@ def prune_model(
         grad_norms: GBLM's gradient norms, keyed by full Linear name, when the method needs them.
         progress: show a tqdm bar.
         offload_inputs: keep the (N, T, hidden) block inputs on the CPU instead of ``device``.
+        timer: anything with a ``stage(name)`` context manager (e.g. :class:`gblm.utils.StageTimer`);
+            the walk's four stages are timed under the names in :data:`WALK_STAGES`, entered
+            once per block (the benchmarks use it).
 
     Returns:
         The boolean masks (True = pruned), on the CPU, keyed by the full module name as in
@@ -193,6 +249,8 @@ def prune_model(
     if pruner.needs_calibration and windows is None:
         raise ValueError(f"Method {pruner.name!r} needs calibration windows; none were given.")
     groups_of = sequential_groups if getattr(pruner, "true_sequential", False) else lambda n: [n]
+    stage = timer.stage if timer is not None else _untimed
+    capture_stage, statistics_stage, masking_stage, reforward_stage = WALK_STAGES
 
     was_training = model.training
     model.eval()
@@ -201,9 +259,10 @@ def prune_model(
     try:
         if pruner.needs_calibration:
             storage = torch.device("cpu") if offload_inputs else device
-            inputs = capture_block_inputs(
-                model, _as_ids(windows), batch_size=batch_size, storage_device=storage
-            )
+            with stage(capture_stage):
+                inputs = capture_block_inputs(
+                    model, _as_ids(windows), batch_size=batch_size, storage_device=storage
+                )
             hidden = inputs.hidden  # (N, T, hidden): inputs of the current block
             outputs = torch.empty_like(hidden)  # (N, T, hidden): inputs of the next block
         for b, block in enumerate(tqdm(blocks, desc="prune blocks", disable=not progress)):
@@ -213,22 +272,28 @@ def prune_model(
                 for group in groups_of(list(linears)):
                     if pruner.needs_calibration:
                         group_linears = {name: linears[name] for name in group}
-                        stats = _calibrate(
-                            block, group_linears, inputs, hidden, pruner, block_device
-                        )
+                        with stage(statistics_stage):
+                            stats = _calibrate(
+                                block, group_linears, inputs, hidden, pruner, block_device
+                            )
                     else:
                         stats = {name: LinearStats() for name in group}
-                    for name in group:
-                        full_name = f"{prefix}.{b}.{name}"
-                        linear = linears[name]
-                        if pruner.needs_gradients:
-                            stats[name].grad_norm = grad_norms[full_name].to(linear.weight.device)
-                        masks[full_name] = pruner.prune_linear(linear, stats[name], sparsity).cpu()
-                        stats[name] = LinearStats()  # free the Hessian before the next Linear
+                    with stage(masking_stage):
+                        for name in group:
+                            full_name = f"{prefix}.{b}.{name}"
+                            linear = linears[name]
+                            if pruner.needs_gradients:
+                                stats[name].grad_norm = grad_norms[full_name].to(
+                                    linear.weight.device
+                                )
+                            mask = pruner.prune_linear(linear, stats[name], sparsity)
+                            masks[full_name] = mask.cpu()
+                            stats[name] = LinearStats()  # free the Hessian before the next Linear
                 if pruner.needs_calibration:  # the pruned block feeds the next one
-                    for start, end in inputs.batches():
-                        out = _run_block(block, inputs, hidden, block_device, start, end)
-                        outputs[start:end] = out.to(outputs.device)
+                    with stage(reforward_stage):
+                        for start, end in inputs.batches():
+                            out = _run_block(block, inputs, hidden, block_device, start, end)
+                            outputs[start:end] = out.to(outputs.device)
                     hidden, outputs = outputs, hidden
             logger.debug("block %d pruned in %.2f s", b, time.perf_counter() - block_began)
     finally:

@@ -26,11 +26,18 @@ log = logging.getLogger("gblm.data")
 
 
 def sample_windows(
-    tokenizer, documents: Sequence[str], nsamples: int, seqlen: int, seed: int = 0, sampling: str = "documents"
+    tokenizer,
+    documents: Sequence[str],
+    nsamples: int,
+    seqlen: int,
+    seed: int = 0,
+    sampling: str = "documents",
 ) -> Tensor:
     """(nsamples, seqlen) int64 token ids drawn from ``documents``."""
     if sampling not in SAMPLINGS:
-        raise ValueError(f"calibration.sampling={sampling!r}: allowed values are {', '.join(SAMPLINGS)}.")
+        raise ValueError(
+            f"calibration.sampling={sampling!r}: allowed values are {', '.join(SAMPLINGS)}."
+        )
     if not documents:
         raise ValueError("No calibration documents.")
     random.seed(seed)
@@ -66,10 +73,26 @@ def sample_windows(
     return windows
 
 
-def windows_cache_key(tokenizer_id: str, source: str, paths: Sequence[str] | None, nsamples: int,
-                      seqlen: int, seed: int, sampling: str, vocab_size: int) -> str:
-    key = dict(tokenizer=tokenizer_id, source=source, paths=[str(p) for p in (paths or [])],
-               nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling, vocab=vocab_size)
+def windows_cache_key(
+    tokenizer_id: str,
+    source: str,
+    paths: Sequence[str] | None,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    sampling: str,
+    vocab_size: int,
+) -> str:
+    key = dict(
+        tokenizer=tokenizer_id,
+        source=source,
+        paths=[str(p) for p in (paths or [])],
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        sampling=sampling,
+        vocab=vocab_size,
+    )
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

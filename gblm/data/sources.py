@@ -21,7 +21,13 @@ from gblm.paths import configure_offline
 
 SOURCES = ("austen", "kjv", "wikitext2", "c4", "local")
 SAMPLINGS = ("stream", "documents")
-DEFAULT_SAMPLING = {"austen": "stream", "kjv": "stream", "wikitext2": "stream", "c4": "documents", "local": "stream"}
+DEFAULT_SAMPLING = {
+    "austen": "stream",
+    "kjv": "stream",
+    "wikitext2": "stream",
+    "c4": "documents",
+    "local": "stream",
+}
 C4_SHARDS = {
     "train": "en/c4-train.00000-of-01024.json.gz",
     "validation": "en/c4-validation.00000-of-00008.json.gz",
@@ -66,13 +72,18 @@ def _load_files(paths: Sequence[str | Path], split: str) -> list[str]:
     for builder, files in tabular.items():
         ds = datasets.load_dataset(builder, data_files={split: files}, split=split)
         if "text" not in ds.column_names:
-            raise DataUnavailableError(f"Files {files} have no 'text' column (columns: {ds.column_names}).")
+            raise DataUnavailableError(
+                f"Files {files} have no 'text' column (columns: {ds.column_names})."
+            )
         docs.extend(ds["text"])
     return docs
 
 
 def load_documents(
-    source: str, split: str, paths: Sequence[str | Path] | None = None, key: str = "calibration.source"
+    source: str,
+    split: str,
+    paths: Sequence[str | Path] | None = None,
+    key: str = "calibration.source",
 ) -> list[str]:
     """The documents of ``source`` / ``split``; ``paths`` replaces the hub for wikitext2, c4, local."""
     if source not in SOURCES:
@@ -103,6 +114,10 @@ def load_documents(
     except (ConnectionError, OSError, FileNotFoundError) as err:
         raise DataUnavailableError(_offline_help(source, key)) from err
     except Exception as err:  # datasets raises several of its own types offline
-        if "offline" in str(err).lower() or "hub" in str(err).lower() or "connect" in str(err).lower():
+        if (
+            "offline" in str(err).lower()
+            or "hub" in str(err).lower()
+            or "connect" in str(err).lower()
+        ):
             raise DataUnavailableError(_offline_help(source, key)) from err
         raise

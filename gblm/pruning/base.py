@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from gblm.pruning.masks import COMPARISON_GROUPS, select_mask
+from gblm.pruning.masks import COMPARISON_GROUPS, select_mask, zero_masked_
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,9 @@ class Sparsity:
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"sparsity.ratio={self.ratio}: must lie in [0, 1).")
         if (self.n == 0) != (self.m == 0):
-            raise ValueError(f"sparsity.n={self.n}, sparsity.m={self.m}: set both (N:M) or neither.")
+            raise ValueError(
+                f"sparsity.n={self.n}, sparsity.m={self.m}: set both (N:M) or neither."
+            )
         if self.structured:
             if not 0 < self.n < self.m:
                 raise ValueError(f"sparsity.n={self.n}, sparsity.m={self.m}: N:M needs 0 < N < M.")
@@ -97,5 +99,5 @@ class ScorePruner(Pruner):
     def prune_linear(self, linear: nn.Linear, stats: LinearStats, sparsity: Sparsity) -> Tensor:
         weight = linear.weight.data
         mask = self.select(self.score(weight, stats), sparsity)
-        weight[mask] = 0
+        zero_masked_(weight, mask)
         return mask

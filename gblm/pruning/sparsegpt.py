@@ -15,6 +15,14 @@ from torch import Tensor, nn
 
 from gblm import devices
 from gblm.pruning.base import LinearStats, Pruner, Sparsity
+from gblm.pruning.masks import kth_smallest, zero_masked_
+
+
+def _kth_smallest(values: Tensor, k: int) -> Tensor:
+    """``sort(values)[k]`` (0-based) by selection; the sort only when NaN makes ranks ambiguous."""
+    if not bool(torch.isfinite(values.sum())) and bool(torch.isnan(values).any()):
+        return torch.sort(values)[0][k]
+    return kth_smallest(values.reshape(1, -1), k + 1).to(values.device).reshape(())
 
 
 @torch.no_grad()
@@ -57,36 +65,41 @@ def sparsegpt_prune(
         H = torch.cholesky_inverse(torch.linalg.cholesky(H))  # H^-1
         Hinv = torch.linalg.cholesky(H, upper=True)  # upper U with H^-1 = U^T U
         mask = torch.zeros_like(W, dtype=torch.bool)
+        zero = W.new_zeros(())
 
         for i1 in range(0, d_in, blocksize):
             i2 = min(i1 + blocksize, d_in)
-            W1 = W[:, i1:i2].clone()  # (d_out, B)
-            Q1 = torch.zeros_like(W1)
-            Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]  # (B, B)
             d1 = torch.diag(Hinv1).reshape(1, -1)  # (1, B)
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-            k = int(W1.numel() * ratio)
+            # The block is worked on transposed, one contiguous row per column of W, so every
+            # step of the column loop touches contiguous memory.
+            W1t = W[:, i1:i2].t().contiguous()  # (B, d_out)
+            Err1t = torch.empty_like(W1t)  # (B, d_out)
+            k = int(W1t.numel() * ratio)
             if m == 0 and k > 0:
-                saliency = W1**2 / d1**2  # (d_out, B)
-                mask1 = saliency <= torch.sort(saliency.flatten())[0][k]
+                saliency = W[:, i1:i2] ** 2 / d1**2  # (d_out, B)
+                mask1t = (saliency <= _kth_smallest(saliency.flatten(), k)).t().contiguous()
+            else:
+                mask1t = torch.zeros_like(W1t, dtype=torch.bool)  # (B, d_out)
 
             for i in range(i2 - i1):
                 if m > 0 and i % m == 0:
-                    saliency = W1[:, i : i + m] ** 2 / d1[:, i : i + m] ** 2  # (d_out, M)
-                    lowest = torch.topk(saliency, n, dim=1, largest=False)[1]
-                    mask1.scatter_(1, i + lowest, True)
-                w = W1[:, i]  # (d_out,)
-                q = w.clone()
-                q[mask1[:, i]] = 0
-                Q1[:, i] = q
-                err = (w - q) / Hinv1[i, i]  # (d_out,)
-                W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-                Err1[:, i] = err
+                    saliency = (W1t[i : i + m].t() ** 2 / d1[:, i : i + m] ** 2).contiguous()
+                    lowest = torch.topk(saliency, n, dim=1, largest=False)[1]  # (d_out, N)
+                    mask1t[i : i + m].t().scatter_(1, lowest, True)
+                # q = w with the pruned entries zeroed; err = (w - q) / Hinv[i, i] is w on the
+                # pruned entries (and +0 elsewhere) over Hinv[i, i], bit for bit.
+                err = Err1t[i]  # (d_out,)
+                torch.where(mask1t[i], W1t[i], zero, out=err)
+                err.div_(Hinv1[i, i])
+                # W[:, i+1:] -= err x Hinv[i, i+1:]. Column i itself is not updated: its final
+                # value is q, written below from the row kept as it was when visited.
+                W1t[i + 1 :].sub_(torch.outer(Hinv1[i, i + 1 :], err))
 
-            W[:, i1:i2] = Q1  # pruned entries exactly 0
-            mask[:, i1:i2] = mask1
-            W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])  # lazy update of the later columns
+            W[:, i1:i2] = zero_masked_(W1t, mask1t).t()  # q: pruned entries exactly 0
+            mask[:, i1:i2] = mask1t.t()
+            # the lazy update of the later columns, with Err in the published (d_out, B) layout
+            W[:, i2:] -= Err1t.t().contiguous().matmul(Hinv[i1:i2, i2:])
 
         mask[:, dead] = True
     return W.to(weight.dtype), mask
