@@ -13,6 +13,26 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+CHUNK_TOKENS = 256  # positions per cross-entropy call: bounds the fp32 copy of the logits
+
+
+def token_losses(logits: Tensor, ids: Tensor, chunk: int = CHUNK_TOKENS) -> Tensor:
+    """Next-token cross-entropy of every position: (b, T, vocab) logits, (b, T) ids -> (b, T-1).
+
+    Computed ``chunk`` positions at a time, so the fp32 logits and their log-softmax exist for
+    one chunk only instead of the whole (b, T-1, vocab) at once (and no copy of the shifted
+    logits is made); each position's loss is the same number either way.
+    """
+    targets = ids[:, 1:]  # (b, T-1)
+    losses = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+    for row in range(logits.shape[0]):
+        for start in range(0, targets.shape[1], chunk):
+            end = min(start + chunk, targets.shape[1])
+            losses[row, start:end] = F.cross_entropy(
+                logits[row, start:end].float(), targets[row, start:end], reduction="none"
+            )
+    return losses
+
 
 @torch.no_grad()
 def perplexity(
@@ -43,10 +63,6 @@ def perplexity(
     for start in tqdm(range(0, nseg, batch_size), desc=desc, disable=not progress, leave=False):
         batch = windows[start : start + batch_size].to(device)  # (b, T)
         logits = model(batch, use_cache=False).logits  # (b, T, vocab)
-        loss = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            batch[:, 1:].reshape(-1),
-            reduction="none",
-        ).reshape(batch.shape[0], -1)  # (b, T-1)
+        loss = token_losses(logits, batch)  # (b, T-1)
         nll_sum += (loss.mean(dim=1).double() * seqlen).sum()
     return float(torch.exp(nll_sum / (nseg * seqlen)).item())

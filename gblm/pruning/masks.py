@@ -13,6 +13,8 @@ Every score method hands its score matrix (d_out, d_in) here; True in a mask mea
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -24,13 +26,44 @@ def kth_smallest(values: Tensor, k: int) -> Tensor:
     """The ``k``-th smallest entry (1-based) of every row of ``values`` (rows, n): (rows, 1).
 
     A selection, not a sort. On the CPU NumPy's introselect (``np.partition``) does it without
-    the index bookkeeping of ``torch.kthvalue``, 2-8x faster; elsewhere ``torch.kthvalue``. Both
-    give the same value; callers keep NaN away (its rank differs between the two).
+    the index bookkeeping of ``torch.kthvalue``, 2-8x faster, and a single long row is first
+    narrowed down by a sample (:func:`_bracketed_kth`); elsewhere ``torch.kthvalue``. All give the
+    same value; callers keep NaN away (its rank differs between them).
     """
     if values.device.type == "cpu" and values.dtype in _NUMPY_SELECT_DTYPES:
+        if values.shape[0] == 1 and values.shape[1] >= _BRACKET_MIN:
+            return _bracketed_kth(values.reshape(-1), k).reshape(1, 1)
         rows = np.partition(values.detach().numpy(), k - 1, axis=1)[:, k - 1 : k]
         return torch.from_numpy(np.ascontiguousarray(rows))
     return torch.kthvalue(values, k, dim=1, keepdim=True).values
+
+
+_BRACKET_MIN = 1 << 16  # shorter rows: a plain partition is as fast
+_BRACKET_SAMPLE = 4096
+
+
+def _bracketed_kth(values: Tensor, k: int) -> Tensor:
+    """The ``k``-th smallest of a long 1-D CPU tensor, partitioning only a narrow band of it.
+
+    A fixed-seed sample of 4096 entries brackets the wanted rank within about four standard
+    deviations of the sampling error, [lo, hi]; one pass counts the entries below ``lo`` and
+    picks those in [lo, hi] (a few percent), and the answer is the right rank among those. The
+    counts prove the bracket holds (exactly ``below`` entries precede it); when it does not, the
+    whole tensor is partitioned. Same value as a full sort, about 3x faster on large matrices.
+    """
+    flat = values.detach().numpy()  # NumPy's sort, count and boolean indexing are the faster
+    n, m = flat.size, _BRACKET_SAMPLE
+    sample = np.sort(flat[np.random.default_rng(0).integers(n, size=m)])  # (m,)
+    q = (k - 0.5) / n
+    spread = 4.0 * math.sqrt(m * q * (1.0 - q)) + 2.0
+    lo = sample[max(0, math.floor(q * m - spread))]
+    hi = sample[min(m - 1, math.ceil(q * m + spread))]
+    below = int(np.count_nonzero(flat < lo))
+    band = flat[(flat >= lo) & (flat <= hi)]  # ranks below + 1, below + 2, ... in some order
+    rank = k - below  # 1-based, within the band
+    if 1 <= rank <= band.size:
+        return torch.from_numpy(np.partition(band, rank - 1)[rank - 1 : rank]).reshape(())
+    return torch.from_numpy(np.partition(flat, k - 1)[k - 1 : k]).reshape(())
 
 
 _NUMPY_SELECT_DTYPES = (torch.float32, torch.float64, torch.float16)

@@ -1,0 +1,250 @@
+"""The measured work: each method run as gblm runs it, and the floors it is compared with.
+
+A run's stages: ``capture``, ``statistics``, ``scoring and masking`` and ``re-forward`` come from
+the layer walk's own timer (:data:`gblm.calibration.sequential.WALK_STAGES`); the ``gradient
+stage`` (GBLM) and ``evaluation`` (perplexity) are timed around their calls.
+
+The floors are the least work each stage must do: ``gradient``, N plain forward+backward passes
+of the dense model (weight gradients for the decoder Linears only, dropped after each sample);
+``walk``, N forward passes of all decoder blocks, twice (the statistics pass and the re-forward);
+``evaluation``, plain forwards (logits only) of the evaluation windows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from benchmarks.cases import Settings
+from benchmarks.measure import Measurement, PeakWatch, StageClock, measure
+from gblm.calibration.capture import BlockInputs, capture_block_inputs
+from gblm.calibration.gradients import decoder_linear_names, gradient_norms
+from gblm.calibration.sequential import WALK_STAGES, prune_model
+from gblm.eval.perplexity import perplexity
+from gblm.models.layers import decoder_layers
+from gblm.pruning.base import LinearStats, Pruner, Sparsity
+from gblm.pruning.gblm import GBLMPruner
+from gblm.pruning.magnitude import MagnitudePruner
+from gblm.pruning.sparsegpt import SparseGPTPruner
+from gblm.pruning.wanda import WandaPruner
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "gblm")
+GRADIENT_STAGE = "gradient stage"
+EVALUATION = "evaluation"
+CAPTURE, STATISTICS, MASKING, REFORWARD = WALK_STAGES
+STAGES = (CAPTURE, GRADIENT_STAGE, STATISTICS, MASKING, REFORWARD, EVALUATION)
+APPLICABLE = {
+    "magnitude": (MASKING, EVALUATION),
+    "wanda": (CAPTURE, STATISTICS, MASKING, REFORWARD, EVALUATION),
+    "sparsegpt": (CAPTURE, STATISTICS, MASKING, REFORWARD, EVALUATION),
+    "gblm": STAGES,
+}
+# stage -> (floor, share of it, what the ratio says)
+STAGE_FLOORS = {
+    CAPTURE: ("walk", 1.0, "share of the walk floor (2N block forwards)"),
+    GRADIENT_STAGE: ("gradient", 1.0, "x N plain fwd+bwd of the dense model"),
+    STATISTICS: ("walk", 0.5, "x N block forwards"),
+    MASKING: ("walk", 1.0, "share of the calibration passes (2N block forwards)"),
+    REFORWARD: ("walk", 0.5, "x N block forwards"),
+    EVALUATION: ("evaluation", 1.0, "x plain forwards of the eval windows"),
+}
+
+
+# --- methods ------------------------------------------------------------------------------------
+
+
+def make_pruner(method: str) -> Pruner:
+    """The method with its published defaults."""
+    return {
+        "magnitude": MagnitudePruner,
+        "wanda": WandaPruner,
+        "sparsegpt": SparseGPTPruner,
+        "gblm": GBLMPruner,
+    }[method]()
+
+
+class RecordingPruner(Pruner):
+    """Delegates to a method and keeps (weight before pruning, Hessian) of the first Linears."""
+
+    def __init__(self, inner: Pruner, limit: int) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.needs_activations = inner.needs_activations
+        self.needs_hessian = inner.needs_hessian
+        self.needs_gradients = inner.needs_gradients
+        self.needs_calibration = inner.needs_calibration
+        self.true_sequential = getattr(inner, "true_sequential", False)
+        self.limit = limit
+        self.pairs: list[tuple[Tensor, Tensor]] = []
+
+    def prune_linear(self, linear: nn.Linear, stats: LinearStats, sparsity: Sparsity) -> Tensor:
+        if len(self.pairs) < self.limit and stats.hessian is not None:
+            self.pairs.append((linear.weight.detach().clone(), stats.hessian))
+        return self.inner.prune_linear(linear, stats, sparsity)
+
+
+@dataclass
+class MethodRun:
+    """One run of a method: per-stage totals, the masks, the gradient norms, the perplexity."""
+
+    stages: dict[str, dict[str, Any]]
+    masks: dict[str, Tensor]
+    norms: dict[str, Tensor] | None
+    ppl: float
+
+
+def run_method(
+    base: nn.Module,
+    method: str,
+    windows: Tensor,
+    eval_tokens: Tensor,
+    settings: Settings,
+    *,
+    batch_size: int = 1,
+    norms: dict[str, Tensor] | None = None,
+    pruner: Pruner | None = None,
+    evaluate: bool = True,
+    memory: bool = False,
+) -> MethodRun:
+    """Prune a fresh copy of ``base`` with ``method`` as gblm does, timing every stage.
+
+    Args:
+        base: the dense model; it is copied (untimed), never modified.
+        method: one of :data:`METHODS`.
+        windows: (N, T) calibration ids. eval_tokens: (1, windows x T) evaluation ids.
+        settings: sparsity and seqlen.
+        batch_size: windows per forward in the walk.
+        norms: GBLM gradient norms to reuse; without them the gradient stage runs (timed).
+        pruner: a replacement for the method's pruner (e.g. a :class:`RecordingPruner`).
+        evaluate: run the perplexity stage.
+        memory: record each stage's peak memory too.
+    """
+    model = copy.deepcopy(base)
+    clock = StageClock(memory=memory)
+    if method == "gblm" and norms is None:
+        with clock.stage(GRADIENT_STAGE):
+            norms = gradient_norms(model, windows, progress=False)
+    masks = prune_model(
+        model,
+        pruner or make_pruner(method),
+        Sparsity(settings.sparsity),
+        windows,
+        device="cpu",
+        batch_size=batch_size,
+        grad_norms=norms,
+        progress=False,
+        timer=clock,
+    )
+    ppl = math.nan
+    if evaluate:
+        with clock.stage(EVALUATION):
+            ppl = perplexity(
+                model, eval_tokens, settings.seqlen, device=torch.device("cpu"), progress=False
+            )
+    return MethodRun(clock.as_dict(), masks, norms, ppl)
+
+
+def walk_total(stages: dict[str, dict[str, Any]], key: str = "cpu_s") -> float:
+    """The walk's time: capture, statistics, scoring and masking, re-forward."""
+    return sum(stages[s][key] for s in WALK_STAGES if s in stages)
+
+
+def mask_difference(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Any]:
+    """How many mask entries differ between two runs (``equal`` when none does)."""
+    differ = sum(int((a[k] != b[k]).sum()) for k in a)
+    total = sum(a[k].numel() for k in a)
+    return {"entries_differ": differ, "entries": total, "equal": differ == 0}
+
+
+# --- floors -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _only_linear_weights_require_grad(model: nn.Module) -> Iterator[list[Tensor]]:
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    weights = [lin.weight for lin in decoder_linear_names(model).values()]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        yield weights
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+def gradient_floor(model: nn.Module, windows: Tensor) -> None:
+    """N plain forward+backward passes, batch of one, weight gradients of the decoder Linears."""
+    with _only_linear_weights_require_grad(model) as weights, torch.enable_grad():
+        for n in range(windows.shape[0]):
+            ids = windows[n : n + 1]
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            for w in weights:
+                w.grad = None
+
+
+def forward_graph_bytes(model: nn.Module, windows: Tensor) -> int | None:
+    """One sample's activations: the peak memory while its forward graph (and loss) is alive."""
+    with _only_linear_weights_require_grad(model), torch.enable_grad():
+        watch = PeakWatch()
+        watch.begin()
+        ids = windows[:1]
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        peak = watch.peak()
+        del loss
+    return peak
+
+
+@torch.no_grad()
+def block_passes(model: nn.Module, inputs: BlockInputs, passes: int = 2) -> None:
+    """``passes`` forward passes of all decoder blocks over the N captured inputs."""
+    blocks = decoder_layers(model)
+    for _ in range(passes):
+        hidden = inputs.hidden.clone()
+        outputs = torch.empty_like(hidden)
+        for block in blocks:
+            for start, end in inputs.batches():
+                args, kwargs = inputs.call_args(end - start, "cpu")
+                out = block(hidden[start:end], *args, **kwargs)
+                outputs[start:end] = out[0] if isinstance(out, tuple | list) else out
+            hidden, outputs = outputs, hidden
+
+
+@torch.no_grad()
+def evaluation_floor(model: nn.Module, eval_tokens: Tensor, seqlen: int) -> None:
+    """Plain forwards (logits only) of the evaluation windows."""
+    windows = eval_tokens.reshape(-1, seqlen)
+    for n in range(windows.shape[0]):
+        model(windows[n : n + 1], use_cache=False)
+
+
+def measure_floors(
+    model: nn.Module,
+    windows: Tensor,
+    eval_tokens: Tensor,
+    settings: Settings,
+    repeats: int,
+    memory: bool = False,
+) -> dict[str, Measurement]:
+    """The gradient, walk and evaluation floors (walk: block-0 capture done untimed first)."""
+    gradient, _ = measure(lambda: gradient_floor(model, windows), repeats, memory=memory)
+    walk, _ = measure(
+        lambda inputs: block_passes(model, inputs),
+        repeats,
+        setup=lambda: capture_block_inputs(model, windows),
+        memory=memory,
+    )
+    evaluation, _ = measure(
+        lambda: evaluation_floor(model, eval_tokens, settings.seqlen), repeats, memory=memory
+    )
+    return {"gradient": gradient, "walk": walk, "evaluation": evaluation}

@@ -1,0 +1,76 @@
+"""The benchmark harness, in its smallest mode: a complete report, no timing thresholds.
+
+Targets are judged in the benchmark's printed verdicts; here only the report's shape is checked:
+every method has every stage, the applicable ones with positive times and ratios to a floor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks.analysis import TARGETS
+from benchmarks.run import main
+from benchmarks.work import APPLICABLE, METHODS, STAGES
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["--smoke", "--out", str(out)]) == 0
+    (json_path,) = out.glob("*.json")
+    (md_path,) = out.glob("*.md")
+    return json.loads(json_path.read_text()), md_path.read_text()
+
+
+def _positive(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and value > 0
+
+
+def test_every_method_and_stage_has_times_and_ratios(report: tuple[dict, str]) -> None:
+    data, _ = report
+    assert len(data["models"]) >= 2  # a width and a depth step for the scaling fit
+    for model in data["models"]:
+        for name, floor in model["floors"].items():
+            assert _positive(floor["cpu_s"]) and _positive(floor["wall_s"]), name
+        for method in METHODS:
+            stages = model["methods"][method]["stages"]
+            assert list(stages) == list(STAGES)
+            for stage, entry in stages.items():
+                if stage not in APPLICABLE[method]:
+                    assert entry == {"applicable": False}
+                    continue
+                assert entry["applicable"] and entry["floor"] in model["floors"]
+                for key in ("cpu_s", "wall_s", "ratio_cpu", "ratio_wall"):
+                    assert _positive(entry[key]), (method, stage, key)
+                assert "peak_bytes" in entry
+            if method != "magnitude":
+                walk = model["methods"][method]["walk"]
+                assert _positive(walk["ratio_cpu"]) and _positive(walk["ratio_wall"])
+        end_to_end = model["methods"]["gblm"]["end_to_end"]
+        assert _positive(end_to_end["ratio_cpu"]) and _positive(end_to_end["floor_cpu_s"])
+        flops = model["flops"]
+        assert _positive(flops["walk_floor"]) and _positive(flops["gradient_floor"])
+
+
+def test_extras_scaling_and_verdicts_are_reported(report: tuple[dict, str]) -> None:
+    data, text = report
+    probe = next(m for m in data["models"] if "extras" in m)
+    extras = probe["extras"]
+    assert set(extras["batching"]) == {"wanda", "sparsegpt", "gblm"}
+    for entry in extras["batching"].values():
+        assert _positive(entry["batch4_walk_cpu_s"]) and "equal" in entry["masks"]
+    assert _positive(extras["checkpointing"]["time_ratio"])
+    assert extras["checkpointing"]["norms_identical"]
+    assert _positive(extras["bfloat16"]["gblm_stages"]["gradient stage"]["speedup"])
+    reference = probe["sparsegpt_reference"]["rows"]
+    assert {row["pattern"] for row in reference} == {"unstructured", "2:4"}
+    assert all(row["weights_identical"] and _positive(row["ratio"]) for row in reference)
+
+    assert set(data["scaling"]) >= {"gradient stage", "walk floor", "gblm walk"}
+    for fit in data["scaling"].values():
+        assert _positive(fit["gflops_per_cpu_s"]) and fit["loglog_slope"] is not None
+    assert {v["limit"] for v in data["verdicts"]} == set(TARGETS.values())
+    assert "## Targets" in text and "## How cost grows" in text
