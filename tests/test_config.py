@@ -44,7 +44,9 @@ def test_every_group_option_validates(group):
 def test_experiment_demo_is_small():
     s = _settings("experiment=demo")
     assert (s.method_name, s.calibration.nsamples, s.calibration.seqlen) == ("gblm", 32, 256)
-    assert s.perplexity.seqlen == 256 and s.zeroshot.enabled and s.zeroshot.tasks == ["austen_cloze"]
+    assert (
+        s.perplexity.seqlen == 256 and s.zeroshot.enabled and s.zeroshot.tasks == ["austen_cloze"]
+    )
 
 
 def test_unknown_group_option_lists_the_allowed_ones():
