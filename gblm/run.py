@@ -57,7 +57,7 @@ def _run_name(s: RunSettings) -> str:
     return f"{s.method_name}_{s.sparsity.label}_{s.model.name}".replace(":", "of")
 
 
-def _prepare_data(s: RunSettings, tokenizer_loader):
+def _prepare_data(s: RunSettings) -> dict[str, list[str]]:
     """Load the texts first: an unavailable dataset fails before the model loads."""
     from gblm.data.sources import load_documents
 
@@ -166,7 +166,7 @@ def _execute(
     torch.manual_seed(s.seed)
 
     with timer.stage("load data"):
-        texts = _prepare_data(s, None)
+        texts = _prepare_data(s)
     with timer.stage("load model"):
         model, tokenizer = load_model_and_tokenizer(s.model, device, dtype)
     log.info(
