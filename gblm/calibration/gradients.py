@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from gblm.devices import dtype_name
 from gblm.models.layers import decoder_layers, prunable_linears
+from gblm.utils import atomic_write_text
 
 logger = logging.getLogger("gblm.gradients")
 
@@ -402,12 +403,6 @@ def cached_gradient_norms(
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        _write_text_atomic(path.with_suffix(".json"), key_json + "\n")
+        atomic_write_text(path.with_suffix(".json"), key_json + "\n")
         logger.info("gradient norms cached at %s", path)
     return norms
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -13,7 +13,6 @@ in files and use ``calibration=local`` / ``eval.perplexity.dataset=local`` inste
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from gblm.paths import cache_dir
+from gblm.utils import atomic_write_text
 
 AUSTEN_BOOKS = {
     "sensesensibility": "train",
@@ -43,14 +43,6 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split={split!r}: allowed values are {', '.join(SPLITS)}.")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _export_austen(out_dir: Path) -> None:
     if shutil.which("Rscript") is None:
         raise CorpusUnavailableError(
@@ -70,7 +62,7 @@ def _export_austen(out_dir: Path) -> None:
                 f"installed? `apt-get install r-cran-janeaustenr`):\n{proc.stderr.strip()}"
             )
         for book in AUSTEN_BOOKS:
-            _atomic_write_text(out_dir / f"{book}.txt", Path(tmp, f"{book}.txt").read_text("utf-8"))
+            atomic_write_text(out_dir / f"{book}.txt", Path(tmp, f"{book}.txt").read_text("utf-8"))
 
 
 def _paragraphs(lines: list[str]) -> list[str]:
@@ -117,7 +109,7 @@ def _export_kjv(path: Path) -> None:
     proc = subprocess.run(["bible", "Gen1:1-Rev22:21"], capture_output=True, text=True)
     if proc.returncode != 0 or not proc.stdout.strip():
         raise CorpusUnavailableError(f"`bible` failed to export the text: {proc.stderr.strip()}")
-    _atomic_write_text(path, proc.stdout)
+    atomic_write_text(path, proc.stdout)
 
 
 _KJV_HEADING = re.compile(r"^(?:[1-3] )?[A-Z][A-Za-z ]+ \d+$")

@@ -32,12 +32,13 @@ import json
 import os
 import random
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from gblm.utils import atomic_write_text
 
 TASK_NAME = "austen_cloze"
 TEMPLATE = Path(__file__).parent / "tasks" / TASK_NAME / f"{TASK_NAME}.yaml"
@@ -223,18 +224,6 @@ def build_items(
     return items
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_austen_cloze(
     documents: Sequence[str],
     out_path: str | os.PathLike,
@@ -245,7 +234,7 @@ def build_austen_cloze(
     """Write :func:`build_items` as JSONL (one item a line) to ``out_path``, atomically."""
     items = build_items(documents, n_items=n_items, seed=seed, design=design)
     path = Path(out_path)
-    _atomic_write_text(path, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
+    atomic_write_text(path, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
     return path
 
 
@@ -257,7 +246,7 @@ def write_task_dir(out_dir: str | os.PathLike, jsonl_path: str | os.PathLike) ->
     config = yaml.safe_load(TEMPLATE.read_text(encoding="utf-8"))
     config["dataset_kwargs"] = {"data_files": {"test": str(Path(jsonl_path).resolve())}}
     out = Path(out_dir)
-    _atomic_write_text(out / f"{TASK_NAME}.yaml", yaml.safe_dump(config, sort_keys=False))
+    atomic_write_text(out / f"{TASK_NAME}.yaml", yaml.safe_dump(config, sort_keys=False))
     return out
 
 
