@@ -154,7 +154,7 @@ def _execute(
     s: RunSettings, pruner, metrics: dict, timer: StageTimer, local: LocalLogger, run_dir: Path
 ) -> None:
     from gblm.data.calibration import cached_windows, sample_windows, windows_cache_key
-    from gblm.data.evaluation import evaluation_tokens
+    from gblm.data.evaluation import join_and_tokenize
     from gblm.eval.perplexity import perplexity
     from gblm.models.loading import load_model_and_tokenizer
 
@@ -181,13 +181,7 @@ def _execute(
     eval_tokens = None
     if s.perplexity.enabled:
         with timer.stage("tokenize eval"):
-            eval_tokens = (
-                evaluation_tokens(
-                    tokenizer, s.perplexity.dataset, s.perplexity.split, s.perplexity.paths
-                )
-                if "eval" not in texts
-                else tokenizer("\n\n".join(texts["eval"]), return_tensors="pt").input_ids
-            )
+            eval_tokens = join_and_tokenize(tokenizer, texts["eval"])
         metrics["eval_tokens"] = int(eval_tokens.numel())
 
     def eval_ppl(tag: str) -> float:
