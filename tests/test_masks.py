@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gblm.pruning.masks import (
+    kth_smallest,
     nm_mask,
     select_mask,
     unstructured_layer_mask,
@@ -79,6 +80,49 @@ def test_row_mask_matches_stable_sort_loop(ratio: float, ties: bool) -> None:
     mask = unstructured_row_mask(score, ratio)
     assert mask.tolist() == _naive_row(score.tolist(), ratio)
     assert (mask.sum(dim=1) == int(24 * ratio)).all()  # exact count in every row
+
+
+@pytest.mark.parametrize(
+    "rows, width",
+    [(5, 7), (4, 512), (6, 513), (3, 1300), (2, 1536), (3, 2049), (2, 4096), (2, 5000), (1, 3000)]
+    + [(1, 9000), (1, 70000)],  # single long rows: the sampled bracket
+)
+@pytest.mark.parametrize("kind", ["normal", "ties", "sorted", "inf"])
+def test_kth_smallest_matches_sort(rows: int, width: int, kind: str) -> None:
+    # widths cover one padded chunk, several chunks with a short last one, more chunks than the
+    # chunked path takes, and the sampled bracket of a single long row
+    gen = torch.Generator().manual_seed(rows * width)
+    values = {
+        "normal": lambda: torch.randn(rows, width, generator=gen),
+        "ties": lambda: _ties((rows, width), seed=width),
+        "sorted": lambda: torch.rand(rows, width, generator=gen).sort(dim=1).values,
+        "inf": lambda: (
+            torch.randn(rows, width, generator=gen)
+            .clamp(max=1.0)
+            .masked_fill(torch.rand(rows, width, generator=gen) < 0.3, float("inf"))
+        ),
+    }[kind]()
+    ordered = values.sort(dim=1).values
+    for k in {1, 2, width // 3, width // 2, width - 1, width} - {0}:
+        got = kth_smallest(values, k)
+        assert got.shape == (rows, 1)
+        assert torch.equal(got, ordered[:, k - 1 : k]), k
+    for dtype in (torch.float16, torch.float64):  # the other CPU path: np.partition
+        half = values.to(dtype)
+        k = max(1, width // 2)
+        assert torch.equal(kth_smallest(half, k), half.sort(dim=1).values[:, k - 1 : k])
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_row_mask_wide_rows_match_stable_sort_loop(ties: bool) -> None:
+    # rows of 1300 take the chunked selection; the mask must still be the stable sort's
+    score = (
+        _ties((3, 1300), seed=7)
+        if ties
+        else torch.rand(3, 1300, generator=torch.Generator().manual_seed(3))
+    )
+    mask = unstructured_row_mask(score, 0.5)
+    assert mask.tolist() == _naive_row(score.tolist(), 0.5)
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.9])
