@@ -19,7 +19,7 @@ METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "gblm")
 LOGGERS = ("local", "wandb")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 # Keys of the method group that configure the run, not the pruner's constructor.
-METHOD_RUN_KEYS = ("name", "_target_", "gradient_checkpointing", "gradient_device")
+METHOD_RUN_KEYS = ("name", "_target_", "gradient_checkpointing", "loss_chunk_tokens")
 
 
 class ConfigError(ValueError):
@@ -87,6 +87,7 @@ class RunSettings:
     batch_size: int = 1
     offload_inputs: bool = False
     gradient_checkpointing: bool = False
+    loss_chunk_tokens: int = 0  # GBLM gradient stage: LM head + loss this many positions at a time
     save_model: bool = False
     mask_images: list[str] = field(default_factory=list)
     progress: bool = True
@@ -252,6 +253,9 @@ def validate(cfg: dict[str, Any]) -> RunSettings:
         batch_size=_positive_int("batch_size", cfg.get("batch_size", 1)),
         offload_inputs=bool(cfg.get("offload_inputs", False)),
         gradient_checkpointing=bool(method.get("gradient_checkpointing", False)),
+        loss_chunk_tokens=_positive_int(
+            "method.loss_chunk_tokens", method.get("loss_chunk_tokens", 0), minimum=0
+        ),
         save_model=bool(cfg.get("save_model", False)),
         mask_images=list(cfg.get("mask_images") or []),
         progress=bool(cfg.get("progress", True)),

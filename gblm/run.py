@@ -199,6 +199,11 @@ def _execute(
         log.info("perplexity %s: %.3f", tag, value)
         return value
 
+    if pruner is not None and pruner.needs_gradients and s.loss_chunk_tokens:
+        from gblm.calibration.gradients import check_chunkable
+
+        check_chunkable(model)  # before the dense evaluation, not after it
+
     if eval_tokens is not None and (s.perplexity.dense or pruner is None):
         metrics["ppl"]["dense"] = eval_ppl("dense")
         local.write_metrics(metrics)
@@ -293,6 +298,8 @@ def _gradient_norms(s: RunSettings, pruner, model, windows, device, dtype, timer
         else pruner.accumulator_dtype
     )
     key = gradient_cache_key(s.model.model_id, windows, pruner.norm, pruner.scale, acc_dtype, dtype)
+    if s.loss_chunk_tokens:  # same values on CPU (tested), maybe not bit for bit elsewhere
+        key["loss_chunk_tokens"] = s.loss_chunk_tokens
     with timer.stage("gradients"):
         return cached_gradient_norms(
             cache_dir() / "gradients",
@@ -305,6 +312,7 @@ def _gradient_norms(s: RunSettings, pruner, model, windows, device, dtype, timer
                 accumulator_dtype=acc_dtype,
                 device=device,
                 checkpointing=s.gradient_checkpointing,
+                loss_chunk_tokens=s.loss_chunk_tokens,
                 progress=s.progress,
             ),
         )

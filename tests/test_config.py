@@ -73,6 +73,7 @@ def test_unknown_group_option_lists_the_allowed_ones():
         (["calibration=local"], "calibration.paths must be set"),
         (["model=hf"], "model.name_or_path must be set"),
         (["method=wanda", "sparsity.ratio=0"], "method=dense"),
+        (["method=gblm", "method.loss_chunk_tokens=-4"], "method.loss_chunk_tokens=-4"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(overrides, needle):

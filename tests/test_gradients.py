@@ -240,6 +240,67 @@ def test_checkpointing_gives_the_same_norms(llama_case: Case) -> None:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-6, atol=0.0)
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+@pytest.mark.parametrize("chunk", [1, 5, SEQLEN + 3])
+def test_chunked_loss_matches_per_sample_gradients(request, arch, norm, chunk) -> None:
+    model, ids, grads = request.getfixturevalue(f"{arch}_case")
+    expected = reference(grads, norm)
+    head_rows: list[int] = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda _m, _i, out: head_rows.append(out.shape[1])
+    )
+    try:
+        got = gradient_norms(
+            model,
+            ids,
+            norm=norm,
+            accumulator_dtype=torch.float32,
+            loss_chunk_tokens=chunk,
+            progress=False,
+        )
+    finally:
+        handle.remove()
+    plain = gradient_norms(model, ids, norm=norm, accumulator_dtype=torch.float32, progress=False)
+    # the logits never exist whole: at most `chunk` positions per LM-head call, the last
+    # position (no next token) never
+    assert max(head_rows) == min(chunk, SEQLEN - 1)
+    assert sum(head_rows) == NSAMPLES * (SEQLEN - 1)
+    for name, g in got.items():
+        torch.testing.assert_close(
+            g.double(), expected[name], rtol=1e-5, atol=1e-6 * expected[name].abs().max().item()
+        )
+        # the LM head's input gradient is summed in chunks: equal up to float rounding
+        torch.testing.assert_close(g, plain[name], rtol=1e-5, atol=1e-6 * g.abs().max().item())
+
+
+def test_chunked_loss_with_checkpointing(llama_case: Case) -> None:
+    model, ids, grads = llama_case
+    expected = reference(grads, "l1")
+    got = gradient_norms(
+        model,
+        ids,
+        accumulator_dtype=torch.float32,
+        checkpointing=True,
+        loss_chunk_tokens=4,
+        progress=False,
+    )
+    for name, g in got.items():
+        torch.testing.assert_close(
+            g.double(), expected[name], rtol=1e-5, atol=1e-6 * expected[name].abs().max().item()
+        )
+
+
+def test_chunked_loss_refuses_transformed_logits_and_bad_values() -> None:
+    model, ids = tiny(), windows()
+    with pytest.raises(ValueError, match="loss_chunk_tokens=-1"):
+        gradient_norms(model, ids, loss_chunk_tokens=-1, progress=False)
+    model.config.final_logit_softcapping = 30.0  # as Gemma-2 has: lm_head alone is not the logits
+    with pytest.raises(ValueError, match="final_logit_softcapping.*loss_chunk_tokens=0"):
+        gradient_norms(model, ids, loss_chunk_tokens=8, progress=False)
+    gradient_norms(model, ids, progress=False)  # the model's own loss is fine
+
+
 def test_checkpointing_keeps_an_instance_forward() -> None:
     """accelerate's device-map hooks set ``block.forward`` on the instance; it is put back."""
     model, ids = tiny(), windows()

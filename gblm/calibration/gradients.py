@@ -205,6 +205,64 @@ class _Folder:
         return self.accumulators
 
 
+def check_chunkable(model: nn.Module) -> None:
+    """Raise unless the model's logits are exactly ``lm_head(base_model(ids))`` (then cast to fp32).
+
+    Architectures that scale or soft-cap their logits in the LM's own forward (Gemma-2's
+    ``final_logit_softcapping``, Cohere's ``logit_scale``) would get a different loss.
+    """
+    config = getattr(model, "config", None)
+    odd = [
+        key
+        for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+        if getattr(config, key, None) not in (None, 1, 1.0)
+    ]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if odd or not isinstance(head, nn.Linear) or getattr(model, "base_model", model) is model:
+        why = f"it transforms its logits ({', '.join(odd)})" if odd else "it has no plain LM head"
+        raise ValueError(
+            f"method.loss_chunk_tokens > 0 needs logits = lm_head(hidden states), but {why}; "
+            "set method.loss_chunk_tokens=0 (the model's own loss)."
+        )
+
+
+def _chunked_loss_backward(model: nn.Module, input_ids: Tensor, chunk: int) -> Tensor:
+    """Backward of the mean next-token loss of one window, ``chunk`` positions of logits at a time.
+
+    The decoder runs once; its last hidden states are cut off the graph, and for each run of
+    ``chunk`` positions the LM head, the fp32 cast and the cross-entropy run forward and backward
+    alone, filling that run's rows of the hidden-state gradient; then one backward through the
+    decoder. Each logits row's gradient is ``(softmax - onehot) / (T - 1)`` as in the full loss,
+    so the (T, vocab) logits and their gradient never exist whole: the stage's peak drops by
+    about ``3 x T x vocab x 4`` bytes. The float summation of the LM head's input gradient may
+    differ from the full matmul in the last bits (BLAS blocking), hence an option, not the default.
+    Returns the loss (detached), for the finiteness check.
+    """
+    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # (1, T, H)
+    head = model.get_output_embeddings()
+    predicting = input_ids.shape[1] - 1  # the last position has no next token
+    hidden_grad = torch.zeros_like(hidden)  # (1, T, H); the last row stays 0
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, predicting, chunk):
+        stop = min(start + chunk, predicting)
+        part = hidden[:, start:stop].detach().requires_grad_()  # (1, c, H)
+        logits = head(part).float()  # (1, c, V), as the LM's own loss casts them
+        loss = (
+            nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                input_ids[0, start + 1 : stop + 1],
+                reduction="sum",
+            )
+            / predicting
+        )
+        loss.backward()
+        hidden_grad[:, start:stop] = part.grad
+        total += loss.detach()
+        del logits, loss, part
+    hidden.backward(hidden_grad)
+    return total
+
+
 def gradient_norms(
     model: nn.Module,
     windows: Tensor,
@@ -214,6 +272,7 @@ def gradient_norms(
     accumulator_dtype: torch.dtype = torch.float16,
     device: str | torch.device | None = None,
     checkpointing: bool = False,
+    loss_chunk_tokens: int = 0,
     accumulate_on: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict[str, Tensor]:
@@ -229,6 +288,10 @@ def gradient_norms(
             fp16). l2 always sums in fp32 and only the result is cast.
         device: Where the input ids go; default the device of the input embeddings.
         checkpointing: Recompute each block's activations in backward (less memory, ~1.3x time).
+        loss_chunk_tokens: 0 (default): the model's own loss over the full (T, vocab) logits, as
+            published. > 0: compute the LM head and loss this many positions at a time
+            (:func:`_chunked_loss_backward`): the same loss, without the full logits in memory;
+            gradients may differ from the default in the last float bits.
         accumulate_on: Device of the accumulators; default the device of each Linear's weight.
             ``"cpu"`` keeps them in host memory, as the published code does.
         progress: Show a tqdm bar labelled ``gradients``.
@@ -251,6 +314,10 @@ def gradient_norms(
     nsamples, seqlen = windows.shape
     if nsamples == 0 or seqlen < 2:
         raise ValueError(f"windows of shape {tuple(windows.shape)}: need N >= 1 and T >= 2.")
+    if loss_chunk_tokens < 0:
+        raise ValueError(f"method.loss_chunk_tokens={loss_chunk_tokens}: must be >= 0 (0 = off).")
+    if loss_chunk_tokens:
+        check_chunkable(model)
 
     linears = decoder_linear_names(model)
     input_device = torch.device(device) if device is not None else _input_device(model)
@@ -278,13 +345,17 @@ def gradient_norms(
                 handles.append(linear.weight.register_post_accumulate_grad_hook(folder.hook(name)))
             for n in tqdm(range(nsamples), desc="gradients", disable=not progress):
                 input_ids = windows[n : n + 1].to(input_device)  # (1, T)
-                loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+                if loss_chunk_tokens:
+                    loss = _chunked_loss_backward(model, input_ids, loss_chunk_tokens)
+                else:
+                    loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
                 if not bool(torch.isfinite(loss.detach())):
                     raise GradientError(
                         f"non-finite loss ({loss.item()}) on sample {n}: the dense model's "
                         "forward pass overflows or has NaN/inf weights, so no gradient is usable."
                     )
-                loss.backward()
+                if not loss_chunk_tokens:
+                    loss.backward()
                 folder.check_sample(n)
     finally:
         for handle in handles:
