@@ -68,6 +68,7 @@ class Settings:
     sparsity: float = 0.5
     memory: bool = True
     smollm2_repeats: int = 1
+    loss_chunk_tokens: int = 64  # the gradient stage's chunked-loss option, measured beside it
 
 
 def preset(mode: str, *, smollm2: bool = False, threads: int = 1) -> Settings:

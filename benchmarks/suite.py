@@ -253,6 +253,20 @@ def bench_extras(
     ckpt, ckpt_norms = measure(
         lambda: gradient_norms(model, windows, checkpointing=True, progress=False), repeats
     )
+    log.info("probe extras: chunked LM-head loss")
+    chunk = settings.loss_chunk_tokens
+    chunked, chunked_norms = measure(
+        lambda: gradient_norms(model, windows, loss_chunk_tokens=chunk, progress=False), repeats
+    )
+    extras["chunked_loss"] = {
+        "tokens": chunk,
+        "plain_cpu_s": plain["cpu_s"],
+        "chunked_cpu_s": chunked.cpu_s,
+        "time_ratio": chunked.cpu_s / plain["cpu_s"],
+        "norms_identical": all(
+            torch.equal(chunked_norms[k], runs["gblm"].norms[k]) for k in chunked_norms
+        ),
+    }
     extras["checkpointing"] = {
         "plain_cpu_s": plain["cpu_s"],
         "checkpointed_cpu_s": ckpt.cpu_s,
@@ -321,6 +335,13 @@ def memory_pass(prepared: Prepared, settings: Settings) -> dict[str, Any]:
     for method in METHODS:
         run = run_method(model, method, windows, eval_tokens, settings, memory=True)
         memory["stages"][method] = {k: v["peak_bytes"] for k, v in run.stages.items()}
+    chunk = settings.loss_chunk_tokens
+    chunked, _ = measure(
+        lambda: gradient_norms(model, windows, loss_chunk_tokens=chunk, progress=False),
+        memory=True,
+    )
+    memory["chunked_loss"] = chunked.peak_bytes
+    memory["chunked_loss_tokens"] = chunk
     if prepared.case.name == settings.probe:
         ckpt, _ = measure(
             lambda: gradient_norms(model, windows, checkpointing=True, progress=False), memory=True
@@ -358,6 +379,14 @@ def merge_memory(result: dict[str, Any], memory: dict[str, Any]) -> None:
         # backward holds the gradient of the (T, vocab) fp32 logits beside the forward graph
         "logits_gradient_bytes": result["seqlen"] * result["vocab"] * 4,
     }
+    chunked = memory.get("chunked_loss")
+    if chunked is not None and known:
+        result["gradient_memory"].update(
+            chunked_loss_tokens=memory.get("chunked_loss_tokens"),
+            chunked_stage_extra_bytes=chunked,
+            chunked_stage_peak_bytes=counts["param_bytes"] + chunked,
+            chunked_ratio=(counts["param_bytes"] + chunked) / budget,
+        )
     extras = result.get("extras")
     if extras is not None and "checkpointing" in memory:
         extras["checkpointing"]["peak_bytes"] = memory["checkpointing"]
