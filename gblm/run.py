@@ -298,7 +298,7 @@ def _gradient_norms(s: RunSettings, pruner, model, windows, device, dtype, timer
         else pruner.accumulator_dtype
     )
     key = gradient_cache_key(s.model.model_id, windows, pruner.norm, pruner.scale, acc_dtype, dtype)
-    if s.loss_chunk_tokens:  # same values on CPU (tested), maybe not bit for bit elsewhere
+    if s.loss_chunk_tokens:  # its norms may differ from the default's in the last float bits
         key["loss_chunk_tokens"] = s.loss_chunk_tokens
     with timer.stage("gradients"):
         return cached_gradient_norms(

@@ -250,7 +250,7 @@ def _chunked_loss_backward(model: nn.Module, input_ids: Tensor, chunk: int) -> T
         loss = (
             nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]),
-                input_ids[0, start + 1 : stop + 1],
+                input_ids[0, start + 1 : stop + 1].to(logits.device),  # device maps: the head's
                 reduction="sum",
             )
             / predicting
