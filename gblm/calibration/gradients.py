@@ -18,7 +18,9 @@ gradient is folded into its accumulator by a post-accumulate-grad hook the momen
 produces it, then freed. At most one weight gradient exists at a time beside the accumulators, so
 the stage costs the accumulators plus the activations of one window (less with checkpointing),
 instead of the published fp16 ``.grad`` for every parameter plus about 6 bytes per parameter of
-host accumulators.
+host accumulators. The loss is the model's own (``model(ids, labels=ids).loss``), computed by
+:func:`gblm.calibration.loss.lean_causal_lm_loss`: the same kernels, so the same bits, but its
+backward holds no more (T, vocab) buffers than the forward did.
 
 :func:`cached_gradient_norms` keeps the result on disk (safetensors), keyed by a hash of what
 produced it (:func:`gradient_cache_key`), written atomically under a file lock.
@@ -44,6 +46,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from gblm.calibration.loss import lean_loss
 from gblm.devices import dtype_name
 from gblm.models.layers import decoder_layers, prunable_linears
 from gblm.utils import atomic_write_text
@@ -233,8 +236,8 @@ def _chunked_loss_backward(model: nn.Module, input_ids: Tensor, chunk: int) -> T
     ``chunk`` positions the LM head, the fp32 cast and the cross-entropy run forward and backward
     alone, filling that run's rows of the hidden-state gradient; then one backward through the
     decoder. Each logits row's gradient is ``(softmax - onehot) / (T - 1)`` as in the full loss,
-    so the (T, vocab) logits and their gradient never exist whole: the stage's peak drops by
-    about ``3 x T x vocab x 4`` bytes. The float summation of the LM head's input gradient may
+    so the (T, vocab) logits, log-probabilities and their gradient never exist whole: the
+    stage's peak drops by about ``2 x T x vocab x 4`` bytes against the default loss. The float summation of the LM head's input gradient may
     differ from the full matmul in the last bits (BLAS blocking), hence an option, not the default.
     Returns the loss (detached), for the finiteness check.
     """
@@ -339,8 +342,11 @@ def gradient_norms(
             _eval_mode(model),
             _only_weights_require_grad(model, weights),
             _checkpointed_blocks(model, checkpointing),
+            lean_loss(model) if not loss_chunk_tokens else contextlib.nullcontext(False) as lean,
             torch.enable_grad(),
         ):
+            if not loss_chunk_tokens and not lean:
+                logger.info("the model's own loss function is not ForCausalLMLoss: it is used as is")
             for name, linear in linears.items():
                 handles.append(linear.weight.register_post_accumulate_grad_hook(folder.hook(name)))
             for n in tqdm(range(nsamples), desc="gradients", disable=not progress):
