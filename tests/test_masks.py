@@ -84,13 +84,14 @@ def test_row_mask_matches_stable_sort_loop(ratio: float, ties: bool) -> None:
 
 @pytest.mark.parametrize(
     "rows, width",
-    [(5, 7), (4, 512), (6, 513), (3, 1300), (2, 1536), (3, 2049), (2, 4096), (2, 5000), (1, 3000)]
+    [(5, 7), (4, 512), (6, 513), (3, 576), (3, 1300), (2, 1536), (3, 2049), (2, 4096), (1, 3000)]
+    + [(2, 4608), (2, 5000), (2, 11008)]  # more than 8 runs: samples every 16th entry
     + [(1, 9000), (1, 70000)],  # single long rows: the sampled bracket
 )
 @pytest.mark.parametrize("kind", ["normal", "ties", "sorted", "inf"])
 def test_kth_smallest_matches_sort(rows: int, width: int, kind: str) -> None:
-    # widths cover one padded chunk, several chunks with a short last one, more chunks than the
-    # chunked path takes, and the sampled bracket of a single long row
+    # widths cover one sorted run, several runs with a short last one, more than 8 runs, and
+    # the sampled bracket of a single long row
     gen = torch.Generator().manual_seed(rows * width)
     values = {
         "normal": lambda: torch.randn(rows, width, generator=gen),
@@ -107,10 +108,12 @@ def test_kth_smallest_matches_sort(rows: int, width: int, kind: str) -> None:
         got = kth_smallest(values, k)
         assert got.shape == (rows, 1)
         assert torch.equal(got, ordered[:, k - 1 : k]), k
-    for dtype in (torch.float16, torch.float64):  # the other CPU path: np.partition
-        half = values.to(dtype)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):  # widened, or np.partition
+        narrow = values.to(dtype)
         k = max(1, width // 2)
-        assert torch.equal(kth_smallest(half, k), half.sort(dim=1).values[:, k - 1 : k])
+        got = kth_smallest(narrow, k)
+        assert got.dtype == dtype
+        assert torch.equal(got, narrow.sort(dim=1).values[:, k - 1 : k])
 
 
 @pytest.mark.parametrize("ties", [False, True])

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from gblm.calibration.gradients import NORMS
 from gblm.pruning.base import LinearStats, ScorePruner
+from gblm.pruning.wanda import activation_term
 
 SCORES = ("combined", "gradient", "activation")
 ACCUMULATOR_DTYPES = {
@@ -34,16 +35,14 @@ ACCUMULATOR_DTYPES = {
 }
 
 
-def activation_term(weight: Tensor, row_sq_norms: Tensor) -> Tensor:
-    """``|W| * sqrt(row_sq)`` in fp32, shape (d_out, d_in) (Wanda's score)."""
-    norms = row_sq_norms.to(device=weight.device, dtype=torch.float32).sqrt()  # (d_in,)
-    return weight.abs().float() * norms.reshape(1, -1)
-
-
 def gradient_term(weight: Tensor, grad_norm: Tensor) -> Tensor:
-    """``|W| * G_p`` formed in ``G_p``'s dtype (published: fp16), returned as fp32 (d_out, d_in)."""
+    """``|W| * G_p`` formed in ``G_p``'s dtype (published: fp16), shape (d_out, d_in).
+
+    The product is rounded to ``G_p``'s dtype, as published; callers widen it to fp32.
+    """
     grad_norm = grad_norm.to(weight.device)
-    return (weight.abs().to(grad_norm.dtype) * grad_norm).float()
+    # abs() makes a fresh tensor (so does the cast when dtypes differ): the in-place product is safe
+    return weight.abs().to(grad_norm.dtype).mul_(grad_norm)
 
 
 def gblm_score(
@@ -80,8 +79,9 @@ def gblm_score(
     if score == "activation":
         return activation_term(weight, row_sq_norms)
     if score == "gradient":
-        return gradient_term(weight, grad_norm)
-    return activation_term(weight, row_sq_norms) + gradient_term(weight, grad_norm)
+        return gradient_term(weight, grad_norm).float()
+    # fp32 + the fp16 product: the same sum as with the product widened first, without the copy
+    return activation_term(weight, row_sq_norms).add_(gradient_term(weight, grad_norm))
 
 
 class GBLMPruner(ScorePruner):

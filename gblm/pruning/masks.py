@@ -13,6 +13,7 @@ Every score method hands its score matrix (d_out, d_in) here; True in a mask mea
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -25,90 +26,106 @@ COMPARISON_GROUPS = ("row", "layer")
 def kth_smallest(values: Tensor, k: int) -> Tensor:
     """The ``k``-th smallest entry (1-based) of every row of ``values`` (rows, n): (rows, 1).
 
-    A selection, not a full sort. On the CPU, for fp32 rows, NumPy's SIMD sort of short arrays
-    is the fastest primitive there is (about 1 ns per entry up to 512 entries, then 4-6 ns), so
-    rows are cut into short sorted chunks and the answer is read off them
-    (:func:`_chunked_kth`); a single long row (a whole layer) is first narrowed down by a sample
-    (:func:`_bracketed_kth`); other CPU dtypes take NumPy's introselect (``np.partition``);
-    other devices ``torch.kthvalue``. All give the same value; callers keep NaN away (its rank
-    differs between them).
+    A selection, not a full sort. On the CPU, NumPy's SIMD sort of short fp32 arrays is the
+    fastest primitive there is (about 1.2 ns per entry up to 512 entries, 4-6 ns beyond), so
+    rows are cut into sorted runs of 512 and the answer is read off them
+    (:func:`_sorted_runs_kth`); a single long row (a whole layer) is first narrowed down by a
+    sample (:func:`_bracketed_kth`). fp16 and bf16 rows are widened to fp32 (exactly) for it,
+    fp64 rows take NumPy's introselect (``np.partition``), other devices ``torch.kthvalue``. All
+    give the same value, in the dtype of ``values``; callers keep NaN away (its rank differs
+    between them).
     """
-    if values.device.type == "cpu" and values.dtype in _NUMPY_SELECT_DTYPES:
-        rows, n = values.shape
-        array = values.detach().numpy()
-        if rows == 1 and n >= _BRACKET_MIN:
-            return _bracketed_kth(values.reshape(-1), k).reshape(1, 1)
-        if values.dtype == torch.float32 and _chunk_layout(n)[1] <= _MAX_CHUNKS:
-            return torch.from_numpy(_chunked_kth(array, k)).reshape(rows, 1)
-        kth = np.partition(array, k - 1, axis=1)[:, k - 1 : k]
+    if values.device.type != "cpu" or values.dtype not in _SELECT_DTYPES:
+        return torch.kthvalue(values, k, dim=1, keepdim=True).values
+    rows, n = values.shape
+    if values.dtype == torch.float64:
+        kth = np.partition(values.detach().numpy(), k - 1, axis=1)[:, k - 1 : k]
         return torch.from_numpy(np.ascontiguousarray(kth))
-    return torch.kthvalue(values, k, dim=1, keepdim=True).values
+    wide = values.detach().float()
+    if rows == 1 and n >= _BRACKET_MIN:
+        kth = _bracketed_kth(wide.reshape(-1), k).reshape(1, 1)
+    else:
+        kth = torch.from_numpy(_sorted_runs_kth(wide.numpy(), k)).reshape(rows, 1)
+    return kth.to(values.dtype)  # exact: the value is one of the entries
 
 
-_BRACKET_MIN = 1 << 13  # shorter single rows: the chunked sort is as fast
-_SORT_NETWORK = 512  # NumPy's fp32 sort is a SIMD network up to this length (x86-simd-sort)
-# Measured here against np.partition: 1.3x faster for rows up to 512 entries, 1.05x at 576, 2x for
-# 1024-4096; beyond 8 chunks the pivot searches (chunks^2 per row) eat the gain (none at 11008).
-_MAX_CHUNKS = 8
+@functools.lru_cache(maxsize=64)
+def _sample_positions(n: int, m: int) -> np.ndarray:
+    """``m`` positions in [0, n) drawn with a fixed seed; kept, since a model has few shapes."""
+    positions = np.random.default_rng(0).integers(n, size=m)
+    positions.flags.writeable = False
+    return positions
 
 
-def _chunk_layout(n: int) -> tuple[int, int]:
-    """(chunk length, chunks) for rows of ``n``: chunks of the longest sort network (512), a
-    shorter row padded to the next power of two (at least 16)."""
-    if n <= _SORT_NETWORK:
-        return max(16, 1 << (n - 1).bit_length()), 1
-    return _SORT_NETWORK, -(-n // _SORT_NETWORK)
+_SELECT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_BRACKET_MIN = 1 << 13  # shorter single rows: the sorted runs are as fast
+_RUN = 512  # NumPy's fp32 sort is a SIMD network up to this length (x86-simd-sort)
 
 
-def _chunked_kth(values: np.ndarray, k: int) -> np.ndarray:
+def _sorted_runs_kth(values: np.ndarray, k: int) -> np.ndarray:
     """The ``k``-th smallest (1-based) of every row of a (rows, n) fp32 array: (rows,).
 
-    Each row is cut into ``c`` chunks of consecutive columns, padded with +inf to a sort-network
-    length and sorted. Every chunk's entry at ``p = ceil(k / c) - 1`` is a pivot. The smallest
-    pivot has at most ``c * p < k`` entries of the row strictly below it and the largest at
-    least ``c * (p + 1) >= k`` at or below it, so the answer lies between two pivots: the largest
-    with fewer than ``k`` entries below it (``lo``) and the smallest with ``k`` or more at or
-    below it (``hi``), both counted by binary search in the sorted chunks. The entries in
-    [lo, hi] are a contiguous run of every sorted chunk; gathered and sorted, the one at rank
-    ``k - #(entries < lo)`` is the answer. The padding is larger than every entry, so it never
-    changes the ``k``-th smallest for ``k <= n``.
+    A row of up to 512 entries is sorted whole. A longer one is cut into ``m`` runs of 512
+    consecutive columns (the last one shorter) and each run is sorted. Then every ``s``-th entry
+    of each sorted run is a sample (``s`` = 8, or 16 past 8 runs), and the samples bound ranks:
+
+    - in a run, ``c`` samples below ``v`` put at least ``c * s`` entries at or below ``v`` and,
+      the next sample being at or above ``v``, at most ``c * s + s - 1`` strictly below it;
+    - so over the row, the sample ``lo`` at rank ``(k - 1 - m (s - 1)) // s`` of the sorted samples
+      has fewer than ``k`` entries below it, and the sample ``hi`` at rank ``ceil(k / s) - 1`` has
+      ``k`` or more at or below it: the answer lies in [lo, hi].
+
+    Every run's entries in [lo, hi] are a contiguous stretch of it (found by binary search); the
+    answer is the entry of rank ``k - #(entries < lo)`` among them, gathered and sorted. About
+    ``2 m s`` entries per row, a few percent of it.
     """
     rows, n = values.shape
-    length, chunks = _chunk_layout(n)
-    if chunks == 1:
-        padded = np.full((rows, length), np.inf, dtype=values.dtype)
-        padded[:, :n] = values
-        padded.sort(axis=1)
-        return padded[:, k - 1]
-    per_chunk = -(-n // chunks)  # real entries per chunk, the last may have fewer
-    # one +inf slot at the very end serves as the filler of the gather below
-    store = np.full(rows * chunks * length + 1, np.inf, dtype=values.dtype)
-    sorted_chunks = store[:-1].reshape(rows, chunks, length)
-    for j in range(chunks):
-        part = values[:, j * per_chunk : (j + 1) * per_chunk]
-        sorted_chunks[:, j, : part.shape[1]] = part
-    sorted_chunks.sort(axis=2)
-    pivots = np.ascontiguousarray(sorted_chunks[:, :, -(-k // chunks) - 1])  # (rows, chunks)
-    searchable = torch.from_numpy(sorted_chunks.reshape(rows * chunks, length))
+    if n <= _RUN:
+        ordered = values.copy()
+        ordered.sort(axis=1)
+        return ordered[:, k - 1]
+    full, rest = divmod(n, _RUN)
+    runs: list[np.ndarray] = []  # (rows, count, length) each, every length-axis sorted
+    if full:
+        block = np.array(values[:, : full * _RUN]).reshape(rows, full, _RUN)
+        block.sort(axis=2)
+        runs.append(block)
+    if rest:
+        tail = np.array(values[:, full * _RUN :]).reshape(rows, 1, rest)
+        tail.sort(axis=2)
+        runs.append(tail)
+    count = full + (rest > 0)
+    stride = 8 if count <= 8 else 16
+    samples = np.concatenate(
+        [run[:, :, stride - 1 :: stride].reshape(rows, -1) for run in runs], axis=1
+    )  # (rows, about n / stride)
+    samples.sort(axis=1)
+    rank_lo = (k - 1 - count * (stride - 1)) // stride
+    rank_hi = -(-k // stride) - 1
+    lo = samples[:, rank_lo] if rank_lo >= 0 else np.full(rows, -np.inf, values.dtype)
+    hi = samples[:, rank_hi] if rank_hi < samples.shape[1] else np.full(rows, np.inf, values.dtype)
 
-    def count(bounds: np.ndarray, right: bool) -> np.ndarray:
-        """Entries of each row below (right: at or below) each bound: (rows, bounds)."""
-        queries = torch.from_numpy(np.repeat(bounds, chunks, axis=0))  # each chunk, same bounds
-        found = torch.searchsorted(searchable, queries, right=right).numpy()
-        return found.reshape(rows, chunks, -1)
+    def stretch(run: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per row and run: entries below ``lo``, and entries in [lo, hi]: (rows, runs) each."""
+        sorted_rows = torch.from_numpy(run.reshape(-1, run.shape[2]))
+        per = run.shape[1]
+        bounds = [torch.from_numpy(np.repeat(b, per).reshape(-1, 1)) for b in (lo, hi)]
+        below = torch.searchsorted(sorted_rows, bounds[0], right=False).numpy().reshape(rows, per)
+        upto = torch.searchsorted(sorted_rows, bounds[1], right=True).numpy().reshape(rows, per)
+        return below, upto - below
 
-    lo = np.where(count(pivots, False).sum(axis=1) < k, pivots, -np.inf).max(axis=1)
-    hi = np.where(count(pivots, True).sum(axis=1) >= k, pivots, np.inf).min(axis=1)
-    first = count(lo.reshape(-1, 1), False).reshape(rows, chunks)  # run starts
-    width = count(hi.reshape(-1, 1), True).reshape(rows, chunks) - first  # run lengths
-    band = int(width.max())
+    found = [stretch(run) for run in runs]
+    below = sum(first.sum(axis=1) for first, _ in found)  # (rows,) entries < lo
+    band = int(max(width.max() for _, width in found))
     offsets = np.arange(band)
-    starts = first + np.arange(rows * chunks).reshape(rows, chunks) * length
-    index = np.where(offsets < width[..., None], starts[..., None] + offsets, store.size - 1)
-    runs = store[index].reshape(rows, chunks * band)
-    runs.sort(axis=1)
-    rank = k - first.sum(axis=1)  # 1-based, within the runs
-    return runs[np.arange(rows), rank - 1]
+    gathered = []
+    for run, (first, width) in zip(runs, found):
+        index = np.minimum(first[..., None] + offsets, run.shape[2] - 1)  # (rows, runs, band)
+        taken = np.take_along_axis(run, index, axis=2)
+        gathered.append(np.where(offsets < width[..., None], taken, np.inf).reshape(rows, -1))
+    candidates = np.concatenate(gathered, axis=1)  # (rows, runs * band)
+    candidates.sort(axis=1)
+    return candidates[np.arange(rows), k - 1 - below]
 
 
 def _bracketed_kth(values: Tensor, k: int) -> Tensor:
@@ -124,7 +141,7 @@ def _bracketed_kth(values: Tensor, k: int) -> Tensor:
     flat = values.detach().numpy()  # NumPy's sort, count and boolean indexing are the faster
     n = flat.size
     m = min(1 << 14, max(1 << 10, 1 << round(math.log2(8.0 * math.sqrt(n)))))
-    sample = np.sort(flat[np.random.default_rng(0).integers(n, size=m)])  # (m,)
+    sample = np.sort(flat[_sample_positions(n, m)])  # (m,)
     q = (k - 0.5) / n
     spread = 4.0 * math.sqrt(m * q * (1.0 - q)) + 2.0
     lo = sample[max(0, math.floor(q * m - spread))]
@@ -135,9 +152,6 @@ def _bracketed_kth(values: Tensor, k: int) -> Tensor:
     if 1 <= rank <= band.size:
         return torch.from_numpy(np.partition(band, rank - 1)[rank - 1 : rank]).reshape(())
     return torch.from_numpy(np.partition(flat, k - 1)[k - 1 : k]).reshape(())
-
-
-_NUMPY_SELECT_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
 def zero_masked_(weight: Tensor, mask: Tensor) -> Tensor:

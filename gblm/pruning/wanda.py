@@ -16,6 +16,16 @@ from gblm.pruning.base import LinearStats, ScorePruner, Sparsity
 from gblm.pruning.masks import variant_mask
 
 
+def activation_term(weight: Tensor, row_sq_norms: Tensor) -> Tensor:
+    """``|W| * sqrt(row_sq)`` in fp32, shape (d_out, d_in): Wanda's score, GBLM-Pruner's first term.
+
+    An fp16 or bf16 weight is widened (exactly) before the product, as type promotion would.
+    """
+    norms = row_sq_norms.to(device=weight.device, dtype=torch.float32).sqrt()  # (d_in,)
+    # abs() makes a fresh tensor (so does float() of a narrower one): the in-place product is safe
+    return weight.abs().float().mul_(norms.reshape(1, -1))  # (d_out, d_in) * (1, d_in)
+
+
 class WandaPruner(ScorePruner):
     """Prune by weight magnitude times input activation norm."""
 
@@ -35,8 +45,7 @@ class WandaPruner(ScorePruner):
             raise ValueError(
                 "Wanda needs the activation statistic row_sq_norms from the layer walk."
             )
-        # (d_out, d_in) * (1, d_in); an fp16 weight times the fp32 norms promotes to fp32.
-        return weight.abs() * torch.sqrt(stats.row_sq_norms.reshape(1, -1))
+        return activation_term(weight, stats.row_sq_norms)
 
     def select(self, score: Tensor, sparsity: Sparsity) -> Tensor:
         if self.use_variant and not sparsity.structured:
