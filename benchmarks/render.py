@@ -26,7 +26,8 @@ How it is measured
   of the resident high-water mark (VmHWM, reset through /proc/self/clear_refs at the stage's
   start) over the resident set at its start; the maximum over blocks for walk stages. torch's
   CPU allocator keeps no statistics and tracemalloc does not see it, hence the kernel's count.
-  Timings follow in the same process with glibc's usual threshold (32 MiB, its dynamic ceiling).
+  Timings follow in the same process with glibc's mmap threshold at 32 MiB and its trim
+  threshold at 64 MiB, where its dynamic adjustment settles in a long run.
 - FLOPs: analytic. Linears 2 x weights per token forward, 3x that with weight gradients, LM head
   2x forward (input gradient only), causal attention 2 T^2 H per block and sample forward (3x
   with backward), SparseGPT Hessians 2 d_in^2 per token per distinct input. GFLOP/s are per CPU
@@ -191,8 +192,8 @@ def _memory(r: dict[str, Any]) -> list[str]:
         f" {_mib(m['stage_peak_bytes'])} MiB (weights + {_mib(m['stage_extra_bytes'])} MiB"
         f" allocated during the stage) = {_x(m['ratio'])} the budget"
         f" ({_x(m['extra_over_accumulators_and_activations'])} of accumulators + activations;"
-        f" the rest is backward's working set, chiefly the gradient of the (T, vocab) fp32"
-        f" logits, {_mib(m['logits_gradient_bytes'])} MiB)."
+        f" beyond that, backward's working set: activation gradients, one weight gradient and"
+        f" its fold at a time; a (T, vocab) fp32 buffer is {_mib(m['logits_gradient_bytes'])} MiB)."
         f" The published layout (fp16 .grad for every parameter + ~6 B per Linear weight of host"
         f" accumulators) would add {_mib(m['published_layout_bytes'])} MiB here.",
         "",

@@ -376,7 +376,7 @@ def merge_memory(result: dict[str, Any], memory: dict[str, Any]) -> None:
         if known
         else None,
         "published_layout_bytes": counts["params"] * 2 + counts["linear_params"] * 6,
-        # backward holds the gradient of the (T, vocab) fp32 logits beside the forward graph
+        # the size of one (T, vocab) fp32 buffer (logits, log-probabilities or their gradient)
         "logits_gradient_bytes": result["seqlen"] * result["vocab"] * 4,
     }
     chunked = memory.get("chunked_loss")
