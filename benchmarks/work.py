@@ -206,7 +206,9 @@ def forward_graph_bytes(model: nn.Module, windows: Tensor) -> int | None:
 
 
 @torch.no_grad()
-def block_passes(model: nn.Module, inputs: BlockInputs, passes: int = 2) -> None:
+def block_passes(
+    model: nn.Module, inputs: BlockInputs, passes: int = 2, device: torch.device | str = "cpu"
+) -> None:
     """``passes`` forward passes of all decoder blocks over the N captured inputs."""
     blocks = decoder_layers(model)
     for _ in range(passes):
@@ -214,7 +216,7 @@ def block_passes(model: nn.Module, inputs: BlockInputs, passes: int = 2) -> None
         outputs = torch.empty_like(hidden)
         for block in blocks:
             for start, end in inputs.batches():
-                args, kwargs = inputs.call_args(end - start, "cpu")
+                args, kwargs = inputs.call_args(end - start, device)
                 out = block(hidden[start:end], *args, **kwargs)
                 outputs[start:end] = out[0] if isinstance(out, tuple | list) else out
             hidden, outputs = outputs, hidden

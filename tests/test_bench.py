@@ -74,3 +74,29 @@ def test_extras_scaling_and_verdicts_are_reported(report: tuple[dict, str]) -> N
         assert _positive(fit["gflops_per_cpu_s"]) and fit["loglog_slope"] is not None
     assert {v["limit"] for v in data["verdicts"]} == set(TARGETS.values())
     assert "## Targets" in text and "## How cost grows" in text
+
+
+def test_gpu_benchmark_runs_its_code_path_on_the_cpu(tmp_path) -> None:
+    """The GPU benchmark's CPU fallback: the tiny shape through every stage, a full report."""
+    from benchmarks.gpu import GOALS
+    from benchmarks.gpu import main as gpu_main
+
+    assert (
+        gpu_main(["--device", "cpu", "--shape", "tiny", "--no-verbose", "--out", str(tmp_path)])
+        == 0
+    )
+    (json_path,) = tmp_path.glob("gpu-*.json")
+    (md_path,) = tmp_path.glob("gpu-*.md")
+    data = json.loads(json_path.read_text())
+    expected = {"floor: N fwd+bwd", "floor: 2N block forwards", "gradient stage", "walk"}
+    assert set(data["stages"]) >= expected | {"evaluation", "capture", "scoring and masking"}
+    for name, stage in data["stages"].items():
+        assert _positive(stage["seconds"]) and stage["entries"] >= 1, name
+    assert data["stages"]["walk"]["seconds"] >= data["stages"]["scoring and masking"]["seconds"]
+    assert set(data["verdicts"]) == set(GOALS) and set(data["verdicts"].values()) <= {
+        "MET",
+        "MISSED",
+    }
+    assert abs(data["sparsity"] - 0.5) < 0.01  # the walk really pruned every decoder Linear
+    assert math.isfinite(data["ppl_random"]) and all(_positive(r) for r in data["ratios"].values())
+    assert "| gradient stage |" in md_path.read_text()
