@@ -68,9 +68,7 @@ def test_gradient_norms_identical_to_the_autograd_loss(monkeypatch, arch, norm) 
     assert seen and all(fn is lean_causal_lm_loss for fn in seen)
     assert model.loss_function is ForCausalLMLoss  # restored
     seen.clear()
-    monkeypatch.setattr(
-        gradients_module, "lean_loss", lambda _model: contextlib.nullcontext(False)
-    )
+    monkeypatch.setattr(gradients_module, "lean_loss", lambda _model: contextlib.nullcontext(False))
     plain = gradient_norms(model, ids, norm=norm, progress=False)
     handle.remove()
     assert seen and all(fn is ForCausalLMLoss for fn in seen)

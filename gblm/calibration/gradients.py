@@ -346,7 +346,9 @@ def gradient_norms(
             torch.enable_grad(),
         ):
             if not loss_chunk_tokens and not lean:
-                logger.info("the model's own loss function is not ForCausalLMLoss: it is used as is")
+                logger.info(
+                    "the model's own loss function is not ForCausalLMLoss: it is used as is"
+                )
             for name, linear in linears.items():
                 handles.append(linear.weight.register_post_accumulate_grad_hook(folder.hook(name)))
             for n in tqdm(range(nsamples), desc="gradients", disable=not progress):
