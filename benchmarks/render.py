@@ -73,10 +73,12 @@ def _model_title(r: dict[str, Any]) -> str:
         else f"tiny LLaMA, hidden {c['hidden']}, MLP {c['intermediate']}, {c['layers']} blocks, "
         f"{c['heads']} heads, vocab {c['vocab']}"
     )
+    more = {m: n for m, n in r.get("repeats_by_method", {}).items() if n != r["repeats"]}
+    extra = f" ({', '.join(f'{m} {n}' for m, n in more.items())})" if more else ""
     return (
         f"### {c['name']}: {shape}; {counts['params'] / 1e6:.2f}M parameters "
         f"({counts['linear_params'] / 1e6:.2f}M in decoder Linears); N={r['nsamples']} x "
-        f"T={r['seqlen']}, {r['repeats']} repeats"
+        f"T={r['seqlen']}, {r['repeats']} repeats{extra}"
     )
 
 

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.run [--quick] [--smollm2]``: run the benchmarks, print and save the report.
+"""``python -m benchmarks.run [--quick] [--no-smollm2]``: run the benchmarks, print and save the report.
 
 The report goes to stdout and to ``outputs/bench/<timestamp>.json`` and ``.md``. Progress lines go
 to stderr. Targets are judged in the printed verdicts, never by an exit code: a missed target is a
@@ -31,7 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     speed.add_argument("--quick", action="store_true", help="small models, ~1-2 minutes")
     speed.add_argument("--smoke", action="store_true", help="tiny models, seconds (tests)")
     parser.add_argument(
-        "--smollm2", action="store_true", help="add the pretrained SmolLM2-135M (slow on a CPU)"
+        "--smollm2",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the pretrained SmolLM2-135M too (default: yes in the default mode, ~6 more minutes)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1)")
     parser.add_argument("--repeats", type=int, default=None, help="override the preset's repeats")
@@ -49,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     mode = "quick" if args.quick else "smoke" if args.smoke else "default"
-    settings = preset(mode, smollm2=args.smollm2, threads=args.threads)
+    smollm2 = args.smollm2 if args.smollm2 is not None else mode == "default"
+    settings = preset(mode, smollm2=smollm2, threads=args.threads)
     overrides: dict[str, Any] = {}
     if args.repeats is not None:
         overrides["repeats"] = args.repeats

@@ -103,10 +103,15 @@ def bench_model(prepared: Prepared, settings: Settings) -> dict[str, Any]:
     recorded: list[tuple[Tensor, Tensor]] = []
     first_block = len(prunable_linears(decoder_layers(model)[0]))
     want_reference = case.name == settings.probe or case.smollm2
+    repeats_by_method: dict[str, int] = {}
     for method in METHODS:
         log.info("%s: %s", case.name, method)
         stage_runs = []
-        for r in range(repeats):
+        runs_of_method = repeats
+        if case.smollm2 and method in ("magnitude", "wanda"):
+            runs_of_method = max(repeats, settings.smollm2_cheap_repeats)
+        repeats_by_method[method] = runs_of_method
+        for r in range(runs_of_method):
             recorder = None
             if method == "sparsegpt" and want_reference and r == 0:
                 recorder = RecordingPruner(make_pruner(method), limit=first_block)
@@ -147,6 +152,7 @@ def bench_model(prepared: Prepared, settings: Settings) -> dict[str, Any]:
         "nsamples": n,
         "seqlen": t,
         "repeats": repeats,
+        "repeats_by_method": repeats_by_method,
         "flops": _flop_counts(counts, settings, model),
         "floors": {k: v.as_dict() for k, v in floors.items()},
         "methods": methods,

@@ -184,3 +184,24 @@ def test_variant_mask_matches_loop_and_reaches_target(ratio: float) -> None:
     for i in range(score.shape[0]):  # per row, the pruned entries are the lowest ones
         if mask[i].any() and (~mask[i]).any():
             assert score[i][mask[i]].max() <= score[i][~mask[i]].min()
+
+
+def test_packed_masks_hold_bits_and_give_back_the_masks() -> None:
+    from gblm.pruning.masks import PackedMasks
+
+    gen = torch.Generator().manual_seed(9)
+    originals = {f"layer{i}": torch.rand(5 + i, 13, generator=gen) < 0.4 for i in range(3)}
+    packed = PackedMasks()
+    for name, mask in originals.items():
+        packed.add(name, mask)
+    assert list(packed) == list(originals) and len(packed) == 3
+    assert packed.nbytes == sum(-(-m.numel() // 8) for m in originals.values())
+    for name, mask in originals.items():
+        got = packed[name]
+        assert got.dtype == torch.bool and packed.shape(name) == tuple(mask.shape)
+        assert torch.equal(got, mask)
+    packed["layer0"][0, 0] ^= True  # a read is a copy: the held bits do not change
+    assert torch.equal(packed["layer0"], originals["layer0"])
+    assert {k: v.sum().item() for k, v in packed.items()} == {
+        k: v.sum().item() for k, v in originals.items()
+    }

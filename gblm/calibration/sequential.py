@@ -42,6 +42,7 @@ from gblm.models.layers import (
     sequential_groups,
 )
 from gblm.pruning.base import LinearStats, Pruner, Sparsity
+from gblm.pruning.masks import PackedMasks
 
 logger = logging.getLogger("gblm.walk")
 
@@ -217,7 +218,7 @@ def prune_model(
     progress: bool = True,
     offload_inputs: bool = False,
     timer: StageClock | None = None,
-) -> dict[str, Tensor]:
+) -> PackedMasks:
     """Prune every Linear inside the decoder blocks of ``model``, in place, block by block.
 
     Args:
@@ -237,7 +238,8 @@ def prune_model(
 
     Returns:
         The boolean masks (True = pruned), on the CPU, keyed by the full module name as in
-        ``model.named_modules()`` (e.g. ``model.layers.0.self_attn.q_proj``).
+        ``model.named_modules()`` (e.g. ``model.layers.0.self_attn.q_proj``); held as bits
+        (:class:`gblm.pruning.masks.PackedMasks`), each unpacked when read.
     """
     device = torch.device(device)
     blocks = decoder_layers(model)
@@ -254,7 +256,7 @@ def prune_model(
 
     was_training = model.training
     model.eval()
-    masks: dict[str, Tensor] = {}
+    masks = PackedMasks()
     began = time.perf_counter()
     try:
         if pruner.needs_calibration:
@@ -287,7 +289,7 @@ def prune_model(
                                     linear.weight.device
                                 )
                             mask = pruner.prune_linear(linear, stats[name], sparsity)
-                            masks[full_name] = mask.cpu()
+                            masks.add(full_name, mask)
                             stats[name] = LinearStats()  # free the Hessian before the next Linear
                 if pruner.needs_calibration:  # the pruned block feeds the next one
                     with stage(reforward_stage):

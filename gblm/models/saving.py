@@ -18,7 +18,6 @@ renamed into place, so a reader never sees a half-written model.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -28,30 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gblm.pruning.masks import pack_mask, unpack_mask
 from gblm.utils import atomic_write_json
 
 MASKS_FILE = "pruning_masks.safetensors"
 RECORD_FILE = "pruning.json"
 MASK_FORMAT = "gblm-packbits-v1"
-# Bit i of a byte (i = 0 first) holds entry 8k + i: numpy.packbits' default (big-endian) order.
-_BIT_VALUES = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-
-
-def pack_mask(mask: Tensor) -> Tensor:
-    """A boolean tensor as uint8 bytes, 8 entries per byte (zero-padded at the end)."""
-    flat = mask.detach().to(device="cpu", dtype=torch.bool).reshape(-1)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8).to(torch.uint8) * _BIT_VALUES).sum(
-        dim=1, dtype=torch.uint8
-    )  # (ceil(n/8),)
-
-
-def unpack_mask(packed: Tensor, shape: tuple[int, ...] | list[int]) -> Tensor:
-    """The boolean tensor of ``shape`` that :func:`pack_mask` packed."""
-    bits = packed.reshape(-1, 1).bitwise_and(_BIT_VALUES).ne(0).reshape(-1)
-    return bits[: math.prod(shape)].reshape(tuple(shape))
 
 
 def save_masks(masks: Mapping[str, Tensor], path: Path) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -154,6 +155,54 @@ def _bracketed_kth(values: Tensor, k: int) -> Tensor:
     return torch.from_numpy(np.partition(flat, k - 1)[k - 1 : k]).reshape(())
 
 
+def pack_mask(mask: Tensor) -> Tensor:
+    """A boolean tensor as uint8 bytes, 8 entries per byte, flat, first entry in the top bit
+    (``numpy.packbits``' order), the last byte zero-padded: (ceil(numel / 8),)."""
+    flat = mask.detach().to(device="cpu", dtype=torch.bool).reshape(-1).numpy()
+    return torch.from_numpy(np.packbits(flat))
+
+
+def unpack_mask(packed: Tensor, shape: tuple[int, ...] | list[int]) -> Tensor:
+    """The boolean tensor of ``shape`` that :func:`pack_mask` packed."""
+    count = math.prod(shape)
+    bits = np.unpackbits(packed.detach().cpu().numpy().reshape(-1), count=count)
+    return torch.from_numpy(bits.view(np.bool_)).reshape(tuple(shape))
+
+
+class PackedMasks(Mapping[str, Tensor]):
+    """Masks by Linear name, held as bits (an eighth of the bytes of a bool tensor).
+
+    Reading an entry unpacks it into a fresh boolean CPU tensor. The layer walk returns its masks
+    so: for LLaMA-7B that is 0.8 GB of host memory instead of 6.5 GB, and the walk does not fault
+    in a page of new memory for every 4096 weights it prunes.
+    """
+
+    def __init__(self) -> None:
+        self._packed: dict[str, Tensor] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    def add(self, name: str, mask: Tensor) -> None:
+        self._packed[name] = pack_mask(mask)
+        self._shapes[name] = tuple(mask.shape)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return unpack_mask(self._packed[name], self._shapes[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the packed bits."""
+        return sum(p.numel() for p in self._packed.values())
+
+
 def zero_masked_(weight: Tensor, mask: Tensor) -> Tensor:
     """``weight[mask] = 0`` in place, writing exactly +0.0: the raw bits times ``~mask``.
 
@@ -199,12 +248,13 @@ def unstructured_row_mask(score: Tensor, ratio: float) -> Tensor:
         return torch.zeros_like(score, dtype=torch.bool).scatter_(1, order[:, :k], True)
     kth = kth_smallest(score, k).to(score.device)  # (d_out, 1)
     mask = score <= kth  # (d_out, d_in): k entries per row, more where ties at kth
-    crowded = (mask.sum(dim=1) > k).nonzero().squeeze(1)
+    # int32 counts: a bool sum to int64 widens the whole mask first (5x slower, new pages)
+    crowded = (mask.sum(dim=1, dtype=torch.int32) > k).nonzero().squeeze(1)
     if crowded.numel():  # keep the lowest columns among the ties
         rows, row_kth = score[crowded], kth[crowded]
         below = rows < row_kth
         ties = rows == row_kth
-        wanted = k - below.sum(dim=1, keepdim=True)  # ties to take, >= 1
+        wanted = k - below.sum(dim=1, keepdim=True, dtype=torch.int32)  # ties to take, >= 1
         mask[crowded] = below | (ties & (ties.cumsum(dim=1) <= wanted))
     return mask
 

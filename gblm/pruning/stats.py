@@ -95,7 +95,9 @@ def nm_validity(mask: Tensor, n: int, m: int) -> tuple[bool, bool]:
     d_out, d_in = mask.shape
     if m <= 0 or d_in % m:
         return False, False
-    per_group = mask.reshape(d_out, d_in // m, m).sum(dim=-1)  # (d_out, d_in / m) int64
+    per_group = mask.reshape(d_out, d_in // m, m).sum(
+        dim=-1, dtype=torch.int32
+    )  # (d_out, d_in / m)
     return bool((per_group >= n).all()), bool((per_group == n).all())
 
 
@@ -131,8 +133,8 @@ def linear_mask_stats(name: str, mask: Tensor, n: int = 0, m: int = 0) -> dict:
     mask = mask.bool()
     d_out, d_in = mask.shape
     total = d_out * d_in
-    row_pruned = mask.sum(dim=1)  # (d_out,) int64
-    col_pruned = mask.sum(dim=0)  # (d_in,) int64
+    row_pruned = mask.sum(dim=1, dtype=torch.int32)  # (d_out,)
+    col_pruned = mask.sum(dim=0, dtype=torch.int32)  # (d_in,)
     pruned = int(row_pruned.sum().item())
     p = pruned / total if total else 0.0
     row_sparsity = row_pruned.double() / d_in  # (d_out,)
