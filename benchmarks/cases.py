@@ -68,9 +68,9 @@ class Settings:
     sparsity: float = 0.5
     memory: bool = True
     smollm2_repeats: int = 1
-    # magnitude and Wanda walk in seconds even on SmolLM2: a second run gives their masking stage
-    # (a few percent of the passes, so easily moved by page faults) a best-of-two
-    smollm2_cheap_repeats: int = 2
+    # magnitude's and Wanda's scoring and masking, replayed on the walk's own inputs, best of
+    # these many: a few percent of the passes, it is easily moved by the machine's memory noise
+    replays: int = 5
     loss_chunk_tokens: int = 64  # the gradient stage's chunked-loss option, measured beside it
 
 

@@ -230,8 +230,12 @@ def best_stages(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, An
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 _MEMORY_PASS_MMAP_THRESHOLD = 64 * 1024
 _GLIBC_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+_KEEP_TRIM_THRESHOLD = 1 << 30
+_GLIBC_MMAP_MAX = 65536  # glibc's defaults
+_GLIBC_TRIM_THRESHOLD = 128 * 1024
 
 
 @contextlib.contextmanager
@@ -240,10 +244,7 @@ def mmap_every_tensor(enabled: bool = True) -> Iterator[bool]:
 
     Only new heap growth obeys the threshold (free heap chunks are reused first), so this is set
     before the measured work fills the heap. glibc offers no way back to its dynamic threshold;
-    afterwards it is set to that threshold's ceiling (32 MiB), where a long run settles anyway,
-    and the trim threshold to twice that, as glibc's own adjustment sets it. (Left at its 128 KiB
-    default, every free at the top of the heap would hand the pages back and the next tensor
-    would fault them in again: about 50% on the masking stage of SmolLM2, not seen in real runs.)
+    afterwards it is set to that threshold's ceiling (32 MiB), where a long run settles anyway.
     """
     mallopt = getattr(_LIBC, "mallopt", None) if _LIBC is not None else None
     if mallopt is None or not enabled:
@@ -255,4 +256,27 @@ def mmap_every_tensor(enabled: bool = True) -> Iterator[bool]:
         yield ok
     finally:
         mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
-        mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_MMAP_THRESHOLD_MAX)
+
+
+@contextlib.contextmanager
+def keep_freed_memory() -> Iterator[bool]:
+    """glibc: within the block serve every allocation from the heap and hand nothing back on free.
+
+    The timings use it. Each benchmarked run copies the model and frees it after; with glibc's
+    defaults the freed pages go back to the kernel, and the next run's tensors fault them in
+    again. On a virtual machine that can cost a host-side fault per page (seen here: the same
+    masking stage of SmolLM2 took 0.5 s or 1.5 s depending on it, with 0 or 200k minor faults),
+    which a real run, copying nothing, pays once. Kept, the pages are reused, as in a long run.
+    Yields False where glibc's ``mallopt`` is not there. Afterwards glibc's defaults are back.
+    """
+    mallopt = getattr(_LIBC, "mallopt", None) if _LIBC is not None else None
+    if mallopt is None:
+        yield False
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    ok = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD))
+    try:
+        yield ok
+    finally:
+        mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
+        mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD)

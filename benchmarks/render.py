@@ -26,8 +26,9 @@ How it is measured
   of the resident high-water mark (VmHWM, reset through /proc/self/clear_refs at the stage's
   start) over the resident set at its start; the maximum over blocks for walk stages. torch's
   CPU allocator keeps no statistics and tracemalloc does not see it, hence the kernel's count.
-  Timings follow in the same process with glibc's mmap threshold at 32 MiB and its trim
-  threshold at 64 MiB, where its dynamic adjustment settles in a long run.
+  Timings follow in the same process with every allocation served from glibc's heap and no
+  freed memory handed back to the kernel: each timed run copies the model, and on a virtual
+  machine re-faulting the pages a previous copy gave back costs up to 2x on the masking stages.
 - FLOPs: analytic. Linears 2 x weights per token forward, 3x that with weight gradients, LM head
   2x forward (input gradient only), causal attention 2 T^2 H per block and sample forward (3x
   with backward), SparseGPT Hessians 2 d_in^2 per token per distinct input. GFLOP/s are per CPU
@@ -73,12 +74,10 @@ def _model_title(r: dict[str, Any]) -> str:
         else f"tiny LLaMA, hidden {c['hidden']}, MLP {c['intermediate']}, {c['layers']} blocks, "
         f"{c['heads']} heads, vocab {c['vocab']}"
     )
-    more = {m: n for m, n in r.get("repeats_by_method", {}).items() if n != r["repeats"]}
-    extra = f" ({', '.join(f'{m} {n}' for m, n in more.items())})" if more else ""
     return (
         f"### {c['name']}: {shape}; {counts['params'] / 1e6:.2f}M parameters "
         f"({counts['linear_params'] / 1e6:.2f}M in decoder Linears); N={r['nsamples']} x "
-        f"T={r['seqlen']}, {r['repeats']} repeats{extra}"
+        f"T={r['seqlen']}, {r['repeats']} repeats"
     )
 
 
@@ -139,7 +138,23 @@ def _stages(r: dict[str, Any]) -> list[str]:
         "against",
         "peak MiB",
     ]
-    return ["Stages (ratios against the floors above)", "", *_table(header, rows)]
+    lines = ["Stages (ratios against the floors above)", "", *_table(header, rows)]
+    replays = [
+        f"{method} {_s(e['cpu_s'])} s = {_pct(e['ratio_cpu'])} (all: "
+        + ", ".join(_s(t) for t in e["cpu_all"])
+        + ")"
+        for method in METHODS
+        if (e := r["methods"][method].get("masking_replayed"))
+    ]
+    if replays:
+        lines += [
+            "Scoring and masking replayed alone on the walk's own inputs (dense weights back "
+            "before each), best of the replays, against the calibration passes: "
+            + "; ".join(replays)
+            + ".",
+            "",
+        ]
+    return lines
 
 
 def _composites(r: dict[str, Any]) -> list[str]:

@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="the pretrained SmolLM2-135M too (default: yes in the default mode, ~6 more minutes)",
     )
+    parser.add_argument(
+        "--cases", default=None, help="only these models, comma-separated (e.g. llama_h128_l4)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1)")
     parser.add_argument("--repeats", type=int, default=None, help="override the preset's repeats")
     parser.add_argument("--nsamples", type=int, default=None, help="calibration windows N")
@@ -63,6 +66,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         overrides["seqlen"] = args.seqlen
     if args.no_memory:
         overrides["memory"] = False
+    if args.cases:
+        wanted = args.cases.split(",")
+        known = {case.name: case for case in settings.cases}
+        unknown = [name for name in wanted if name not in known]
+        if unknown:
+            raise SystemExit(
+                f"--cases {args.cases}: unknown {', '.join(unknown)}; this mode has "
+                f"{', '.join(known)}."
+            )
+        overrides["cases"] = tuple(known[name] for name in wanted)
+        if settings.probe not in wanted:
+            overrides["probe"] = None
     return replace(settings, **overrides)
 
 

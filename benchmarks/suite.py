@@ -33,14 +33,22 @@ from torch import Tensor, nn
 from benchmarks import flops
 from benchmarks.analysis import PUBLISHED_CALIBRATION, TARGETS, scaling_fit, verdicts
 from benchmarks.cases import Prepared, Settings, prepare
-from benchmarks.measure import Measurement, best_stages, measure, mmap_every_tensor
+from benchmarks.measure import (
+    Measurement,
+    best_stages,
+    keep_freed_memory,
+    measure,
+    mmap_every_tensor,
+)
 from benchmarks.reference_sparsegpt import reference_sparsegpt
 from benchmarks.work import (
     APPLICABLE,
     GRADIENT_STAGE,
     METHODS,
+    REPLAYED,
     STAGE_FLOORS,
     STAGES,
+    MaskingRecorder,
     MethodRun,
     RecordingPruner,
     evaluation_floor,
@@ -49,6 +57,7 @@ from benchmarks.work import (
     make_pruner,
     mask_difference,
     measure_floors,
+    replay_masking,
     run_method,
     walk_total,
 )
@@ -103,28 +112,39 @@ def bench_model(prepared: Prepared, settings: Settings) -> dict[str, Any]:
     recorded: list[tuple[Tensor, Tensor]] = []
     first_block = len(prunable_linears(decoder_layers(model)[0]))
     want_reference = case.name == settings.probe or case.smollm2
-    repeats_by_method: dict[str, int] = {}
     for method in METHODS:
         log.info("%s: %s", case.name, method)
         stage_runs = []
-        runs_of_method = repeats
-        if case.smollm2 and method in ("magnitude", "wanda"):
-            runs_of_method = max(repeats, settings.smollm2_cheap_repeats)
-        repeats_by_method[method] = runs_of_method
-        for r in range(runs_of_method):
+        masking_inputs = None
+        for r in range(repeats):
             recorder = None
             if method == "sparsegpt" and want_reference and r == 0:
                 recorder = RecordingPruner(make_pruner(method), limit=first_block)
+            elif method in REPLAYED and r == 0:
+                recorder = masking_inputs = MaskingRecorder(make_pruner(method))
             run = run_method(model, method, windows, eval_tokens, settings, pruner=recorder)
             stage_runs.append(run.stages)
             if r == 0:
                 runs[method] = run
-                if recorder is not None:
+                if isinstance(recorder, RecordingPruner):
                     recorded = recorder.pairs
         stages = best_stages(stage_runs)
         report = _stage_report(method, stages, floors)
         walk_cpu = walk_total(stages)
         entry: dict[str, Any] = {"stages": report, "ppl": runs[method].ppl}
+        if masking_inputs is not None:
+            replayed, replay_masks = replay_masking(model, masking_inputs, settings.replays)
+            entry["masking_replayed"] = {
+                "replays": replayed.repeats,
+                "cpu_s": replayed.cpu_s,
+                "cpu_all": replayed.cpu_all,
+                "ratio_cpu": replayed.cpu_s / floors["walk"].cpu_s,
+                # the replay did the walk's work: the same masks, in the walk's order
+                "same_masks": all(
+                    torch.equal(a, b) for a, b in zip(replay_masks, runs[method].masks.values())
+                ),
+            }
+            del masking_inputs
         if method != "magnitude":
             entry["walk"] = {
                 "cpu_s": walk_cpu,
@@ -152,7 +172,6 @@ def bench_model(prepared: Prepared, settings: Settings) -> dict[str, Any]:
         "nsamples": n,
         "seqlen": t,
         "repeats": repeats,
-        "repeats_by_method": repeats_by_method,
         "flops": _flop_counts(counts, settings, model),
         "floors": {k: v.as_dict() for k, v in floors.items()},
         "methods": methods,
@@ -443,13 +462,15 @@ def run_suite(settings: Settings, progress: Callable[[str], None] | None = None)
                     memory[case.name] = memory_pass(prepared[-1], settings)
         info["memory_method_exact_mmap"] = exact
         results = []
-        while prepared:
-            item = prepared.pop(0)
-            say(f"timing {item.case.name} ...")
-            results.append(bench_model(item, settings))
-            if item.case.name in memory:
-                merge_memory(results[-1], memory[item.case.name])
-            del item
+        with keep_freed_memory() as kept:
+            info["timings_keep_freed_memory"] = kept
+            while prepared:
+                item = prepared.pop(0)
+                say(f"timing {item.case.name} ...")
+                results.append(bench_model(item, settings))
+                if item.case.name in memory:
+                    merge_memory(results[-1], memory[item.case.name])
+                del item
         report = {
             "settings": _settings_dict(settings),
             "machine": info,

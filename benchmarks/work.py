@@ -28,10 +28,11 @@ from gblm.calibration.capture import BlockInputs, capture_block_inputs
 from gblm.calibration.gradients import decoder_linear_names, gradient_norms
 from gblm.calibration.sequential import WALK_STAGES, prune_model
 from gblm.eval.perplexity import perplexity
-from gblm.models.layers import decoder_layers
-from gblm.pruning.base import LinearStats, Pruner, Sparsity
+from gblm.models.layers import decoder_layers, prunable_linears
+from gblm.pruning.base import LinearStats, Pruner, ScorePruner, Sparsity
 from gblm.pruning.gblm import GBLMPruner
 from gblm.pruning.magnitude import MagnitudePruner
+from gblm.pruning.masks import PackedMasks
 from gblm.pruning.sparsegpt import SparseGPTPruner
 from gblm.pruning.wanda import WandaPruner
 
@@ -88,6 +89,66 @@ class RecordingPruner(Pruner):
         if len(self.pairs) < self.limit and stats.hessian is not None:
             self.pairs.append((linear.weight.detach().clone(), stats.hessian))
         return self.inner.prune_linear(linear, stats, sparsity)
+
+
+REPLAYED = ("magnitude", "wanda")  # the methods whose masking stage has a target
+
+
+class MaskingRecorder(Pruner):
+    """Delegates to a score method and keeps what each of its per-Linear steps was given.
+
+    (Linear, statistics, sparsity) in the walk's order, so :func:`replay_masking` can run the
+    scoring and masking stage again, alone, on the very same inputs. Nothing is copied while the
+    walk is timed: the dense weights are taken back from the base model before each replay.
+    """
+
+    def __init__(self, inner: Pruner) -> None:
+        if getattr(inner, "true_sequential", False) or not isinstance(inner, ScorePruner):
+            raise ValueError("MaskingRecorder replays score methods in block order only")
+        self.inner = inner
+        self.name = inner.name
+        self.needs_activations = inner.needs_activations
+        self.needs_hessian = inner.needs_hessian
+        self.needs_gradients = inner.needs_gradients
+        self.needs_calibration = inner.needs_calibration
+        self.records: list[tuple[nn.Linear, LinearStats, Sparsity]] = []
+
+    def prune_linear(self, linear: nn.Linear, stats: LinearStats, sparsity: Sparsity) -> Tensor:
+        self.records.append((linear, stats, sparsity))
+        return self.inner.prune_linear(linear, stats, sparsity)
+
+
+def replay_masking(
+    base: nn.Module, recorder: MaskingRecorder, repeats: int
+) -> tuple[Measurement, list[Tensor]]:
+    """The scoring and masking stage again, ``repeats`` times, on the walk's inputs: best time.
+
+    Before each replay (untimed) every recorded Linear gets its dense weight back from ``base``
+    (a score method does not change the weights of blocks it has not reached, so these are the
+    weights it scored); then each is scored, masked, zeroed and its mask packed, as in the walk.
+    Returns the best measurement and the last replay's masks, in the walk's order.
+    """
+    dense = [
+        lin.weight for block in decoder_layers(base) for lin in prunable_linears(block).values()
+    ]
+    if len(dense) != len(recorder.records) or any(
+        w.shape != lin.weight.shape for w, (lin, _, _) in zip(dense, recorder.records)
+    ):
+        raise ValueError("the recorded Linears do not match the base model's decoder Linears")
+
+    def restore() -> None:
+        with torch.no_grad():
+            for weight, (linear, _, _) in zip(dense, recorder.records):
+                linear.weight.copy_(weight)
+
+    def work(_: None) -> PackedMasks:
+        masks = PackedMasks()
+        for i, (linear, stats, sparsity) in enumerate(recorder.records):
+            masks.add(str(i), recorder.inner.prune_linear(linear, stats, sparsity))
+        return masks
+
+    measured, masks = measure(work, repeats, setup=restore)
+    return measured, [masks[str(i)] for i in range(len(masks))]
 
 
 @dataclass

@@ -49,6 +49,10 @@ def test_every_method_and_stage_has_times_and_ratios(report: tuple[dict, str]) -
             if method != "magnitude":
                 walk = model["methods"][method]["walk"]
                 assert _positive(walk["ratio_cpu"]) and _positive(walk["ratio_wall"])
+        for method in ("magnitude", "wanda"):  # their masking stage, replayed alone
+            replayed = model["methods"][method]["masking_replayed"]
+            assert replayed["same_masks"] and _positive(replayed["ratio_cpu"])
+            assert replayed["replays"] == len(replayed["cpu_all"]) >= 2
         end_to_end = model["methods"]["gblm"]["end_to_end"]
         assert _positive(end_to_end["ratio_cpu"]) and _positive(end_to_end["floor_cpu_s"])
         flops = model["flops"]
@@ -100,3 +104,14 @@ def test_gpu_benchmark_runs_its_code_path_on_the_cpu(tmp_path) -> None:
     assert abs(data["sparsity"] - 0.5) < 0.01  # the walk really pruned every decoder Linear
     assert math.isfinite(data["ppl_random"]) and all(_positive(r) for r in data["ratios"].values())
     assert "| gradient stage |" in md_path.read_text()
+
+
+def test_cases_option_selects_models_and_names_the_known_ones() -> None:
+    from benchmarks.run import parse_args, settings_from_args
+
+    settings = settings_from_args(parse_args(["--smoke", "--cases", "llama_h64_l2"]))
+    assert [c.name for c in settings.cases] == ["llama_h64_l2"] and settings.probe is None
+    assert not any(c.smollm2 for c in settings_from_args(parse_args(["--quick"])).cases)
+    assert any(c.smollm2 for c in settings_from_args(parse_args([])).cases)  # default: SmolLM2 too
+    with pytest.raises(SystemExit, match="unknown nope; this mode has llama_h64_l1"):
+        settings_from_args(parse_args(["--smoke", "--cases", "nope"]))

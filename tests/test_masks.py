@@ -205,3 +205,40 @@ def test_packed_masks_hold_bits_and_give_back_the_masks() -> None:
     assert {k: v.sum().item() for k, v in packed.items()} == {
         k: v.sum().item() for k, v in originals.items()
     }
+
+
+@pytest.mark.parametrize("width", [7, 512, 576, 1536, 4608])
+@pytest.mark.parametrize("kind", ["normal", "ties", "inf"])
+def test_selection_also_finds_the_next_value_and_nan(width: int, kind: str) -> None:
+    from gblm.pruning.masks import _sorted_runs_select
+
+    gen = torch.Generator().manual_seed(width)
+    values = {
+        "normal": lambda: torch.randn(4, width, generator=gen),
+        "ties": lambda: _ties((4, width), seed=width),
+        "inf": lambda: torch.randn(4, width, generator=gen).masked_fill(
+            torch.rand(4, width, generator=gen) < 0.6, float("inf")
+        ),
+    }[kind]()
+    ordered = values.sort(dim=1).values
+    for k in {1, width // 2, width - 1, width} - {0}:
+        kth, following, has_nan = _sorted_runs_select(values.numpy(), k)
+        assert not has_nan
+        assert torch.equal(torch.from_numpy(kth), ordered[:, k - 1])
+        if k < width:  # ties beyond rank k show up as following == kth, and only then
+            ties_beyond = ordered[:, k] == ordered[:, k - 1]
+            assert torch.equal(torch.from_numpy(following == kth), ties_beyond)
+            # otherwise following is the k + 1-th smallest itself or +inf (beyond the stretch)
+            following = torch.from_numpy(following)
+            assert ((following == ordered[:, k]) | (following == float("inf"))).all()
+    values[2, width // 3] = float("nan")
+    assert _sorted_runs_select(values.numpy(), max(1, width // 2))[2]
+
+
+def test_row_mask_with_nan_takes_the_stable_sort() -> None:
+    score = torch.rand(3, 700, generator=torch.Generator().manual_seed(8))
+    score[1, 5] = float("nan")
+    mask = unstructured_row_mask(score, 0.5)
+    order = torch.sort(score, dim=-1, stable=True)[1]
+    expected = torch.zeros_like(mask).scatter_(1, order[:, :350], True)
+    assert torch.equal(mask, expected) and not mask[1, 5]  # NaN sorts last: never pruned

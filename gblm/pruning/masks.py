@@ -30,7 +30,7 @@ def kth_smallest(values: Tensor, k: int) -> Tensor:
     A selection, not a full sort. On the CPU, NumPy's SIMD sort of short fp32 arrays is the
     fastest primitive there is (about 1.2 ns per entry up to 512 entries, 4-6 ns beyond), so
     rows are cut into sorted runs of 512 and the answer is read off them
-    (:func:`_sorted_runs_kth`); a single long row (a whole layer) is first narrowed down by a
+    (:func:`_sorted_runs_select`); a single long row (a whole layer) is first narrowed down by a
     sample (:func:`_bracketed_kth`). fp16 and bf16 rows are widened to fp32 (exactly) for it,
     fp64 rows take NumPy's introselect (``np.partition``), other devices ``torch.kthvalue``. All
     give the same value, in the dtype of ``values``; callers keep NaN away (its rank differs
@@ -46,7 +46,7 @@ def kth_smallest(values: Tensor, k: int) -> Tensor:
     if rows == 1 and n >= _BRACKET_MIN:
         kth = _bracketed_kth(wide.reshape(-1), k).reshape(1, 1)
     else:
-        kth = torch.from_numpy(_sorted_runs_kth(wide.numpy(), k)).reshape(rows, 1)
+        kth = torch.from_numpy(_sorted_runs_select(wide.numpy(), k)[0]).reshape(rows, 1)
     return kth.to(values.dtype)  # exact: the value is one of the entries
 
 
@@ -63,8 +63,14 @@ _BRACKET_MIN = 1 << 13  # shorter single rows: the sorted runs are as fast
 _RUN = 512  # NumPy's fp32 sort is a SIMD network up to this length (x86-simd-sort)
 
 
-def _sorted_runs_kth(values: np.ndarray, k: int) -> np.ndarray:
-    """The ``k``-th smallest (1-based) of every row of a (rows, n) fp32 array: (rows,).
+def _sorted_runs_select(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The ``k``-th and ``k + 1``-th smallest (1-based) of every row of a (rows, n) fp32 array.
+
+    Returns:
+        ``(kth, following, has_nan)``: (rows,) each; ``following`` is +inf where there is no
+        ``k + 1``-th entry (and may be +inf where it equals +inf): a row has ties at its k-th
+        value beyond rank k exactly where ``following == kth``. With a NaN anywhere (sorted last
+        in every run) only ``has_nan`` is meaningful.
 
     A row of up to 512 entries is sorted whole. A longer one is cut into ``m`` runs of 512
     consecutive columns (the last one shorter) and each run is sorted. Then every ``s``-th entry
@@ -78,13 +84,17 @@ def _sorted_runs_kth(values: np.ndarray, k: int) -> np.ndarray:
 
     Every run's entries in [lo, hi] are a contiguous stretch of it (found by binary search); the
     answer is the entry of rank ``k - #(entries < lo)`` among them, gathered and sorted. About
-    ``2 m s`` entries per row, a few percent of it.
+    ``2 m s`` entries per row, a few percent of it. The ``k + 1``-th smallest, when it ties with
+    the k-th, lies in [lo, hi] too, so it is read off the same sorted stretch.
     """
     rows, n = values.shape
+    nothing = np.full(rows, np.inf, values.dtype)
     if n <= _RUN:
         ordered = values.copy()
         ordered.sort(axis=1)
-        return ordered[:, k - 1]
+        if np.isnan(ordered[:, -1]).any():
+            return ordered[:, k - 1], nothing, True
+        return ordered[:, k - 1], ordered[:, k] if k < n else nothing, False
     full, rest = divmod(n, _RUN)
     runs: list[np.ndarray] = []  # (rows, count, length) each, every length-axis sorted
     if full:
@@ -95,6 +105,8 @@ def _sorted_runs_kth(values: np.ndarray, k: int) -> np.ndarray:
         tail = np.array(values[:, full * _RUN :]).reshape(rows, 1, rest)
         tail.sort(axis=2)
         runs.append(tail)
+    if any(np.isnan(run[:, :, -1]).any() for run in runs):
+        return nothing, nothing, True
     count = full + (rest > 0)
     stride = 8 if count <= 8 else 16
     samples = np.concatenate(
@@ -126,7 +138,11 @@ def _sorted_runs_kth(values: np.ndarray, k: int) -> np.ndarray:
         gathered.append(np.where(offsets < width[..., None], taken, np.inf).reshape(rows, -1))
     candidates = np.concatenate(gathered, axis=1)  # (rows, runs * band)
     candidates.sort(axis=1)
-    return candidates[np.arange(rows), k - 1 - below]
+    at = np.arange(rows)
+    after = k - below  # where the k + 1-th smallest sits, when it is in the stretch
+    following = candidates[at, np.minimum(after, candidates.shape[1] - 1)]
+    following = np.where(after < candidates.shape[1], following, np.inf)
+    return candidates[at, k - 1 - below], following, False
 
 
 def _bracketed_kth(values: Tensor, k: int) -> Tensor:
@@ -230,6 +246,27 @@ def _has_nan(score: Tensor) -> bool:
     return not bool(torch.isfinite(score.sum())) and bool(torch.isnan(score).any())
 
 
+def _row_threshold(score: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """Every row's k-th smallest score (d_out, 1) and the rows where more entries tie with it
+    (indices), or None when the score has a NaN. On the CPU both come out of one selection
+    (:func:`_sorted_runs_select`), elsewhere from ``kthvalue`` and a count."""
+    if score.device.type == "cpu" and score.dtype in _WIDENED_DTYPES:
+        kth, following, has_nan = _sorted_runs_select(score.detach().float().numpy(), k)
+        if has_nan:
+            return None
+        crowded = torch.from_numpy(np.flatnonzero(following == kth))
+        return torch.from_numpy(kth).reshape(-1, 1).to(score.dtype), crowded
+    if _has_nan(score):
+        return None
+    kth = kth_smallest(score, k).to(score.device)  # (d_out, 1)
+    # int32 counts: a bool sum to int64 widens the whole mask first (5x slower, new pages)
+    counts = (score <= kth).sum(dim=1, dtype=torch.int32)
+    return kth, (counts > k).nonzero().squeeze(1)
+
+
+_WIDENED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def unstructured_row_mask(score: Tensor, ratio: float) -> Tensor:
     """Prune the ``int(d_in * ratio)`` lowest entries of every row (stable sort).
 
@@ -243,13 +280,12 @@ def unstructured_row_mask(score: Tensor, ratio: float) -> Tensor:
     k = int(score.shape[1] * ratio)
     if k == 0:
         return torch.zeros_like(score, dtype=torch.bool)
-    if _has_nan(score):
+    found = _row_threshold(score, k)
+    if found is None:  # NaN in the score
         order = torch.sort(score, dim=-1, stable=True)[1]  # (d_out, d_in)
         return torch.zeros_like(score, dtype=torch.bool).scatter_(1, order[:, :k], True)
-    kth = kth_smallest(score, k).to(score.device)  # (d_out, 1)
+    kth, crowded = found  # (d_out, 1), indices of the rows with ties beyond rank k
     mask = score <= kth  # (d_out, d_in): k entries per row, more where ties at kth
-    # int32 counts: a bool sum to int64 widens the whole mask first (5x slower, new pages)
-    crowded = (mask.sum(dim=1, dtype=torch.int32) > k).nonzero().squeeze(1)
     if crowded.numel():  # keep the lowest columns among the ties
         rows, row_kth = score[crowded], kth[crowded]
         below = rows < row_kth
