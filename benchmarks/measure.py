@@ -264,8 +264,8 @@ def keep_freed_memory() -> Iterator[bool]:
 
     The timings use it. Each benchmarked run copies the model and frees it after; with glibc's
     defaults the freed pages go back to the kernel, and the next run's tensors fault them in
-    again. On a virtual machine that can cost a host-side fault per page (seen here: the same
-    masking stage of SmolLM2 took 0.5 s or 1.5 s depending on it, with 0 or 200k minor faults),
+    again. On a virtual machine that can cost a host-side fault per page (seen here: SmolLM2's
+    Wanda masking stage took 0.52 s in a run with no minor faults and 0.77 s in one with 220k),
     which a real run, copying nothing, pays once. Kept, the pages are reused, as in a long run.
     Yields False where glibc's ``mallopt`` is not there. Afterwards glibc's defaults are back.
     """
