@@ -242,3 +242,19 @@ def test_row_mask_with_nan_takes_the_stable_sort() -> None:
     order = torch.sort(score, dim=-1, stable=True)[1]
     expected = torch.zeros_like(mask).scatter_(1, order[:, :350], True)
     assert torch.equal(mask, expected) and not mask[1, 5]  # NaN sorts last: never pruned
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_mask_of_a_large_layer_matches_the_threshold_rule(ties: bool, dtype) -> None:
+    # 12800 entries: the sampled bracket, computed in NumPy
+    gen = torch.Generator().manual_seed(11)
+    score = (_ties((64, 200), seed=11) if ties else torch.rand(64, 200, generator=gen)).to(dtype)
+    flat = score.float().reshape(-1).sort().values
+    for ratio in (0.1, 0.5, 0.83):
+        threshold = flat[int(score.numel() * ratio)]
+        mask = unstructured_layer_mask(score, ratio)
+        assert mask.dtype == torch.bool and torch.equal(mask, score.float() <= threshold)
+    score[3, 7] = float("nan")  # NaN takes torch's kthvalue, which ranks it last
+    mask = unstructured_layer_mask(score, 0.5)
+    assert not mask[3, 7] and mask.sum() >= score.numel() // 2

@@ -44,7 +44,7 @@ def kth_smallest(values: Tensor, k: int) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(kth))
     wide = values.detach().float()
     if rows == 1 and n >= _BRACKET_MIN:
-        kth = _bracketed_kth(wide.reshape(-1), k).reshape(1, 1)
+        kth = torch.tensor([[_bracketed_kth(wide.numpy().reshape(-1), k)]])
     else:
         kth = torch.from_numpy(_sorted_runs_select(wide.numpy(), k)[0]).reshape(rows, 1)
     return kth.to(values.dtype)  # exact: the value is one of the entries
@@ -145,8 +145,8 @@ def _sorted_runs_select(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     return candidates[at, k - 1 - below], following, False
 
 
-def _bracketed_kth(values: Tensor, k: int) -> Tensor:
-    """The ``k``-th smallest of a long 1-D CPU tensor, partitioning only a narrow band of it.
+def _bracketed_kth(flat: np.ndarray, k: int) -> np.float32:
+    """The ``k``-th smallest of a long 1-D fp32 array, partitioning only a narrow band of it.
 
     A fixed-seed sample (about ``8 sqrt(n)`` entries) brackets the wanted rank within about four
     standard deviations of the sampling error, [lo, hi]; one pass counts the entries below
@@ -155,7 +155,6 @@ def _bracketed_kth(values: Tensor, k: int) -> Tensor:
     does not, the whole tensor is partitioned. Same value as a full sort, 2-3x faster than a
     partition of the whole.
     """
-    flat = values.detach().numpy()  # NumPy's sort, count and boolean indexing are the faster
     n = flat.size
     m = min(1 << 14, max(1 << 10, 1 << round(math.log2(8.0 * math.sqrt(n)))))
     sample = np.sort(flat[_sample_positions(n, m)])  # (m,)
@@ -167,8 +166,8 @@ def _bracketed_kth(values: Tensor, k: int) -> Tensor:
     band = flat[(flat >= lo) & (flat <= hi)]  # ranks below + 1, below + 2, ... in some order
     rank = k - below  # 1-based, within the band
     if 1 <= rank <= band.size:
-        return torch.from_numpy(np.partition(band, rank - 1)[rank - 1 : rank]).reshape(())
-    return torch.from_numpy(np.partition(flat, k - 1)[k - 1 : k]).reshape(())
+        return np.partition(band, rank - 1)[rank - 1]
+    return np.partition(flat, k - 1)[k - 1]
 
 
 def pack_mask(mask: Tensor) -> Tensor:
@@ -302,6 +301,12 @@ def unstructured_layer_mask(score: Tensor, ratio: float) -> Tensor:
         return torch.zeros_like(score, dtype=torch.bool)
     values = score.reshape(1, -1).float()
     # the (k+1)-th smallest (1-based) is sorted(score)[k]
+    if score.device.type == "cpu" and score.numel() >= _BRACKET_MIN:
+        # all in NumPy: for the small layers of small models the per-call cost is the cost
+        flat = values.detach().numpy().reshape(-1)
+        if not (np.isnan(flat.sum()) and np.isnan(flat).any()):
+            threshold = _bracketed_kth(flat, k + 1)
+            return torch.from_numpy(flat.reshape(score.shape) <= threshold)
     if _has_nan(values):
         threshold = torch.kthvalue(values, k + 1).values
     else:
