@@ -71,10 +71,10 @@ def make_pruner(method: str) -> Pruner:
     }[method]()
 
 
-class RecordingPruner(Pruner):
-    """Delegates to a method and keeps (weight before pruning, Hessian) of the first Linears."""
+class _Delegating(Pruner):
+    """A method seen through a wrapper: the walk asks the wrapper what the method needs."""
 
-    def __init__(self, inner: Pruner, limit: int) -> None:
+    def __init__(self, inner: Pruner) -> None:
         self.inner = inner
         self.name = inner.name
         self.needs_activations = inner.needs_activations
@@ -82,6 +82,13 @@ class RecordingPruner(Pruner):
         self.needs_gradients = inner.needs_gradients
         self.needs_calibration = inner.needs_calibration
         self.true_sequential = getattr(inner, "true_sequential", False)
+
+
+class RecordingPruner(_Delegating):
+    """Delegates to a method and keeps (weight before pruning, Hessian) of the first Linears."""
+
+    def __init__(self, inner: Pruner, limit: int) -> None:
+        super().__init__(inner)
         self.limit = limit
         self.pairs: list[tuple[Tensor, Tensor]] = []
 
@@ -94,7 +101,7 @@ class RecordingPruner(Pruner):
 REPLAYED = ("magnitude", "wanda")  # the methods whose masking stage has a target
 
 
-class MaskingRecorder(Pruner):
+class MaskingRecorder(_Delegating):
     """Delegates to a score method and keeps what each of its per-Linear steps was given.
 
     (Linear, statistics, sparsity) in the walk's order, so :func:`replay_masking` can run the
@@ -105,12 +112,7 @@ class MaskingRecorder(Pruner):
     def __init__(self, inner: Pruner) -> None:
         if getattr(inner, "true_sequential", False) or not isinstance(inner, ScorePruner):
             raise ValueError("MaskingRecorder replays score methods in block order only")
-        self.inner = inner
-        self.name = inner.name
-        self.needs_activations = inner.needs_activations
-        self.needs_hessian = inner.needs_hessian
-        self.needs_gradients = inner.needs_gradients
-        self.needs_calibration = inner.needs_calibration
+        super().__init__(inner)
         self.records: list[tuple[nn.Linear, LinearStats, Sparsity]] = []
 
     def prune_linear(self, linear: nn.Linear, stats: LinearStats, sparsity: Sparsity) -> Tensor:
