@@ -238,6 +238,14 @@ _GLIBC_MMAP_MAX = 65536  # glibc's defaults
 _GLIBC_TRIM_THRESHOLD = 128 * 1024
 
 
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt(param, value)``, or None where the C library has none."""
+    mallopt = getattr(_LIBC, "mallopt", None) if _LIBC is not None else None
+    if mallopt is not None:
+        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return mallopt
+
+
 @contextlib.contextmanager
 def mmap_every_tensor(enabled: bool = True) -> Iterator[bool]:
     """glibc: serve every allocation >= 64 KiB by its own mmap, unmapped on free (see module doc).
@@ -246,11 +254,10 @@ def mmap_every_tensor(enabled: bool = True) -> Iterator[bool]:
     before the measured work fills the heap. glibc offers no way back to its dynamic threshold;
     afterwards it is set to that threshold's ceiling (32 MiB), where a long run settles anyway.
     """
-    mallopt = getattr(_LIBC, "mallopt", None) if _LIBC is not None else None
+    mallopt = _mallopt()
     if mallopt is None or not enabled:
         yield False
         return
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok = bool(mallopt(_M_MMAP_THRESHOLD, _MEMORY_PASS_MMAP_THRESHOLD))
     try:
         yield ok
@@ -269,11 +276,10 @@ def keep_freed_memory() -> Iterator[bool]:
     which a real run, copying nothing, pays once. Kept, the pages are reused, as in a long run.
     Yields False where glibc's ``mallopt`` is not there. Afterwards glibc's defaults are back.
     """
-    mallopt = getattr(_LIBC, "mallopt", None) if _LIBC is not None else None
+    mallopt = _mallopt()
     if mallopt is None:
         yield False
         return
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD))
     try:
         yield ok

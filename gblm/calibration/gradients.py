@@ -237,8 +237,9 @@ def _chunked_loss_backward(model: nn.Module, input_ids: Tensor, chunk: int) -> T
     alone, filling that run's rows of the hidden-state gradient; then one backward through the
     decoder. Each logits row's gradient is ``(softmax - onehot) / (T - 1)`` as in the full loss,
     so the (T, vocab) logits, log-probabilities and their gradient never exist whole: the
-    stage's peak drops by about ``2 x T x vocab x 4`` bytes against the default loss. The float summation of the LM head's input gradient may
-    differ from the full matmul in the last bits (BLAS blocking), hence an option, not the default.
+    stage's peak drops by about ``2 x T x vocab x 4`` bytes against the default loss. The float
+    summation of the LM head's input gradient may differ from the full matmul in the last bits
+    (BLAS blocking), hence an option, not the default.
     Returns the loss (detached), for the finiteness check.
     """
     hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # (1, T, H)

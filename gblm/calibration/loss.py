@@ -88,14 +88,6 @@ def lean_causal_lm_loss(
     )
 
 
-def _causal_lm_loss_function() -> object | None:
-    try:
-        from transformers.loss.loss_utils import ForCausalLMLoss
-    except ImportError:  # pragma: no cover - every supported transformers has it
-        return None
-    return ForCausalLMLoss
-
-
 @contextlib.contextmanager
 def lean_loss(model: nn.Module) -> Iterator[bool]:
     """Within the block, ``model``'s loss is :func:`lean_causal_lm_loss` if it was ``ForCausalLMLoss``.
@@ -103,9 +95,10 @@ def lean_loss(model: nn.Module) -> Iterator[bool]:
     Yields:
         Whether the lean loss is in use (False: the model keeps its own loss function).
     """
+    from transformers.loss.loss_utils import ForCausalLMLoss  # imported late: transformers is slow
+
     original = getattr(model, "loss_function", None)
-    standard = _causal_lm_loss_function()
-    if standard is None or original is not standard:
+    if original is not ForCausalLMLoss:
         yield False
         return
     had_own = "_loss_function" in vars(model)

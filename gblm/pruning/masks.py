@@ -42,12 +42,19 @@ def kth_smallest(values: Tensor, k: int) -> Tensor:
     if values.dtype == torch.float64:
         kth = np.partition(values.detach().numpy(), k - 1, axis=1)[:, k - 1 : k]
         return torch.from_numpy(np.ascontiguousarray(kth))
-    wide = values.detach().float()
-    if rows == 1 and n >= _BRACKET_MIN:
-        kth = torch.tensor([[_bracketed_kth(wide.numpy().reshape(-1), k)]])
+    wide = values.detach().float().numpy()
+    if rows == 1:
+        kth = torch.tensor([[_flat_kth(wide.reshape(-1), k)]])
     else:
-        kth = torch.from_numpy(_sorted_runs_select(wide.numpy(), k)[0]).reshape(rows, 1)
+        kth = torch.from_numpy(_sorted_runs_select(wide, k)[0]).reshape(rows, 1)
     return kth.to(values.dtype)  # exact: the value is one of the entries
+
+
+def _flat_kth(flat: np.ndarray, k: int) -> np.float32:
+    """The ``k``-th smallest of a 1-D fp32 array: a sampled bracket when long, else sorted runs."""
+    if flat.size >= _BRACKET_MIN:
+        return _bracketed_kth(flat, k)
+    return _sorted_runs_select(flat.reshape(1, -1), k)[0][0]
 
 
 @functools.lru_cache(maxsize=64)
@@ -116,7 +123,7 @@ def _sorted_runs_select(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     rank_lo = (k - 1 - count * (stride - 1)) // stride
     rank_hi = -(-k // stride) - 1
     lo = samples[:, rank_lo] if rank_lo >= 0 else np.full(rows, -np.inf, values.dtype)
-    hi = samples[:, rank_hi] if rank_hi < samples.shape[1] else np.full(rows, np.inf, values.dtype)
+    hi = samples[:, rank_hi] if rank_hi < samples.shape[1] else nothing
 
     def stretch(run: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per row and run: entries below ``lo``, and entries in [lo, hi]: (rows, runs) each."""
@@ -301,17 +308,13 @@ def unstructured_layer_mask(score: Tensor, ratio: float) -> Tensor:
         return torch.zeros_like(score, dtype=torch.bool)
     values = score.reshape(1, -1).float()
     # the (k+1)-th smallest (1-based) is sorted(score)[k]
-    if score.device.type == "cpu" and score.numel() >= _BRACKET_MIN:
+    if score.device.type == "cpu":
         # all in NumPy: for the small layers of small models the per-call cost is the cost
         flat = values.detach().numpy().reshape(-1)
         if not (np.isnan(flat.sum()) and np.isnan(flat).any()):
-            threshold = _bracketed_kth(flat, k + 1)
-            return torch.from_numpy(flat.reshape(score.shape) <= threshold)
-    if _has_nan(values):
-        threshold = torch.kthvalue(values, k + 1).values
-    else:
-        threshold = kth_smallest(values, k + 1).to(score.device).reshape(())
-    return score.float() <= threshold
+            return torch.from_numpy(flat.reshape(score.shape) <= _flat_kth(flat, k + 1))
+    # elsewhere, or with NaN (which kthvalue ranks last)
+    return score.float() <= torch.kthvalue(values, k + 1).values
 
 
 def nm_mask(score: Tensor, n: int, m: int) -> Tensor:
