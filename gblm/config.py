@@ -19,7 +19,7 @@ METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "gblm")
 LOGGERS = ("local", "wandb")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 # Keys of the method group that configure the run, not the pruner's constructor.
-METHOD_RUN_KEYS = ("name", "_target_", "gradient_checkpointing", "loss_chunk_tokens")
+METHOD_RUN_KEYS = ("name", "_target_", "order", "gradient_checkpointing", "loss_chunk_tokens")
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,1 @@
+"""Pruning methods as plug-ins: one class, one ``conf/method/<name>.yaml``, one test file."""
