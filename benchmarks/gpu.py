@@ -42,8 +42,8 @@ from gblm.calibration.sequential import WALK_STAGES, prune_model
 from gblm.eval.perplexity import perplexity
 from gblm.models.layers import decoder_layers, prunable_linears
 from gblm.paths import PROJECT_ROOT
-from gblm.pruning.base import Sparsity
 from gblm.pruning.gblm import GBLMPruner
+from gblm.pruning.sparsity import Sparsity
 from gblm.utils import atomic_write_text
 
 SHAPES = {

@@ -32,8 +32,8 @@ from gblm.models.layers import decoder_layers, prunable_linears
 from gblm.pruning.base import LinearStats, Pruner, ScorePruner, Sparsity
 from gblm.pruning.gblm import GBLMPruner
 from gblm.pruning.magnitude import MagnitudePruner
-from gblm.pruning.masks import PackedMasks
 from gblm.pruning.sparsegpt import SparseGPTPruner
+from gblm.pruning.storage import PackedMasks
 from gblm.pruning.wanda import WandaPruner
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "gblm")

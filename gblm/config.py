@@ -12,18 +12,15 @@ from typing import Any
 
 from gblm.data.sources import SAMPLINGS, SOURCES
 from gblm.devices import DTYPE_NAMES
+from gblm.errors import ConfigError
 from gblm.models.loading import KINDS, ModelSpec
-from gblm.pruning.base import Sparsity
+from gblm.pruning.sparsity import Sparsity
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "gblm")
 LOGGERS = ("local", "wandb")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 # Keys of the method group that configure the run, not the pruner's constructor.
 METHOD_RUN_KEYS = ("name", "_target_", "order", "gradient_checkpointing", "loss_chunk_tokens")
-
-
-class ConfigError(ValueError):
-    """A configuration value is not allowed; the message names the key and the allowed values."""
 
 
 @dataclass

@@ -187,7 +187,7 @@ def test_variant_mask_matches_loop_and_reaches_target(ratio: float) -> None:
 
 
 def test_packed_masks_hold_bits_and_give_back_the_masks() -> None:
-    from gblm.pruning.masks import PackedMasks
+    from gblm.pruning.storage import PackedMasks
 
     gen = torch.Generator().manual_seed(9)
     originals = {f"layer{i}": torch.rand(5 + i, 13, generator=gen) < 0.4 for i in range(3)}

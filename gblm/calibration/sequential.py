@@ -42,7 +42,7 @@ from gblm.models.layers import (
     sequential_groups,
 )
 from gblm.pruning.base import LinearStats, Pruner, Sparsity
-from gblm.pruning.masks import PackedMasks
+from gblm.pruning.storage import PackedMasks
 
 logger = logging.getLogger("gblm.walk")
 

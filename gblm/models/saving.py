@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gblm.pruning.masks import pack_mask, unpack_mask
+from gblm.pruning.storage import pack_mask, unpack_mask
 from gblm.utils import atomic_write_json
 
 MASKS_FILE = "pruning_masks.safetensors"
