@@ -8,6 +8,7 @@ remote logger sees them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,7 +20,6 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from gblm import devices
@@ -42,27 +42,36 @@ def config_hash(cfg: dict[str, Any]) -> str:
     ]
 
 
-def build_pruner(settings: RunSettings):
-    """Instantiate the method's class from its ``_target_`` with the group's remaining keys."""
-    if settings.method_target is None:
-        return None
-    cls = get_class(settings.method_target)
-    try:
-        return cls(**settings.method_kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"method={settings.method_name}: {err}") from err
+def build_method(settings: RunSettings):
+    """The configured method (None for the dense baseline); bad options are a ConfigError."""
+    from gblm.methods.registry import build_method as build
+
+    return build(settings.method_name, settings.method_target, **settings.method_kwargs)
+
+
+def build_plan(settings: RunSettings):
+    """The sparsity plan: one ratio per block when ``sparsity.per_block`` is set, else uniform."""
+    from gblm.methods.plans import PerBlockPlan, UniformPlan
+
+    if settings.sparsity_per_block:
+        return PerBlockPlan(settings.sparsity_per_block)
+    return UniformPlan(settings.sparsity)
 
 
 def _run_name(s: RunSettings) -> str:
     return f"{s.method_name}_{s.sparsity.label}_{s.model.name}".replace(":", "of")
 
 
-def _prepare_data(s: RunSettings) -> dict[str, list[str]]:
+def _needs_calibration(method, plan) -> bool:
+    return method is not None and (method.needs_calibration or plan.needs_calibration)
+
+
+def _prepare_data(s: RunSettings, needs_calibration: bool) -> dict[str, list[str]]:
     """Load the texts first: an unavailable dataset fails before the model loads."""
     from gblm.data.sources import load_documents
 
     texts: dict[str, list[str]] = {}
-    if s.method_name not in ("dense", "magnitude"):
+    if needs_calibration:
         texts["calibration"] = load_documents(
             s.calibration.source, s.calibration.split, s.calibration.paths
         )
@@ -103,7 +112,7 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
         from gblm.eval.zeroshot import validate_task_names
 
         validate_task_names(settings.zeroshot.tasks, settings.zeroshot.include_path)
-    pruner = build_pruner(settings)
+    method, plan = build_method(settings), build_plan(settings)
     metrics: dict[str, Any] = {
         "status": "running",
         "config_hash": digest,
@@ -116,6 +125,7 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
             "n": settings.sparsity.n,
             "m": settings.sparsity.m,
             "label": settings.sparsity.label,
+            "per_block_target": plan.block_targets(),
         },
         "calibration": {
             "source": settings.calibration.source,
@@ -133,7 +143,7 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
     started = time.perf_counter()
     try:
         remote.start(container)
-        _execute(settings, pruner, metrics, timer, local, run_dir)
+        _execute(settings, method, plan, metrics, timer, local, run_dir)
         metrics["status"] = "finished"
     except BaseException as err:
         metrics["status"] = "failed"
@@ -151,11 +161,14 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
 
 
 def _execute(
-    s: RunSettings, pruner, metrics: dict, timer: StageTimer, local: LocalLogger, run_dir: Path
+    s: RunSettings,
+    method,
+    plan,
+    metrics: dict,
+    timer: StageTimer,
+    local: LocalLogger,
+    run_dir: Path,
 ) -> None:
-    from gblm.data.calibration import cached_windows, sample_windows, windows_cache_key
-    from gblm.data.evaluation import join_and_tokenize
-    from gblm.eval.perplexity import perplexity
     from gblm.models.loading import load_model_and_tokenizer
 
     configure_offline()
@@ -166,7 +179,7 @@ def _execute(
     torch.manual_seed(s.seed)
 
     with timer.stage("load data"):
-        texts = _prepare_data(s)
+        texts = _prepare_data(s, _needs_calibration(method, plan))
     with timer.stage("load model"):
         model, tokenizer = load_model_and_tokenizer(s.model, device, dtype)
     log.info(
@@ -177,12 +190,56 @@ def _execute(
         metrics["dtype"],
         device,
     )
+    if method is not None:
+        _check_model(method, plan, model)  # before the dense evaluation, not after it
+    eval_ppl = _perplexity_stage(s, model, tokenizer, texts, device, metrics, timer)
+    if eval_ppl is not None and (s.perplexity.dense or method is None):
+        metrics["ppl"]["dense"] = eval_ppl("dense")
+        local.write_metrics(metrics)
 
-    eval_tokens = None
-    if s.perplexity.enabled:
-        with timer.stage("tokenize eval"):
-            eval_tokens = join_and_tokenize(tokenizer, texts["eval"])
-        metrics["eval_tokens"] = int(eval_tokens.numel())
+    masks: dict[str, torch.Tensor] = {}
+    if method is not None:
+        masks = _prune(s, method, plan, model, tokenizer, texts, device, dtype, timer)
+        with timer.stage("mask statistics"):
+            _record_mask_stats(s, model, masks, metrics, local, run_dir)
+        if eval_ppl is not None:
+            metrics["ppl"]["pruned"] = eval_ppl("pruned")
+        local.write_metrics(metrics)
+    if s.zeroshot.enabled:
+        _zeroshot_stage(s, model, tokenizer, device, metrics, timer)
+        local.write_metrics(metrics)
+    if s.save_model:
+        from gblm.models.saving import save_pruned_model
+
+        with timer.stage("save model"):
+            metrics["saved_model"] = str(
+                save_pruned_model(model, tokenizer, masks, run_dir / "model", metrics)
+            )
+    metrics["peak_memory_bytes"] = devices.peak_memory_bytes(device)
+
+
+def _check_model(method, plan, model) -> None:
+    """The method's and the plan's checks of the loaded model, as configuration errors."""
+    from gblm.models.layers import decoder_layers
+
+    try:
+        method.check_model(model)
+        if hasattr(plan, "check_blocks"):
+            plan.check_blocks(len(decoder_layers(model)))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _perplexity_stage(s: RunSettings, model, tokenizer, texts, device, metrics, timer):
+    """A function ``tag -> perplexity`` of the model as it is then, or None when disabled."""
+    if not s.perplexity.enabled:
+        return None
+    from gblm.data.evaluation import join_and_tokenize
+    from gblm.eval.perplexity import perplexity
+
+    with timer.stage("tokenize eval"):
+        eval_tokens = join_and_tokenize(tokenizer, texts["eval"])
+    metrics["eval_tokens"] = int(eval_tokens.numel())
 
     def eval_ppl(tag: str) -> float:
         with timer.stage(f"perplexity {tag}"):
@@ -199,85 +256,81 @@ def _execute(
         log.info("perplexity %s: %.3f", tag, value)
         return value
 
-    if pruner is not None and pruner.needs_gradients and s.loss_chunk_tokens:
-        from gblm.calibration.gradients import check_chunkable
+    return eval_ppl
 
-        check_chunkable(model)  # before the dense evaluation, not after it
 
-    if eval_tokens is not None and (s.perplexity.dense or pruner is None):
-        metrics["ppl"]["dense"] = eval_ppl("dense")
-        local.write_metrics(metrics)
+def _calibration_windows(s: RunSettings, tokenizer, texts, timer: StageTimer) -> torch.Tensor:
+    """The (N, T) calibration windows, from the cache when the same ones were drawn before."""
+    from gblm.data.calibration import cached_windows, sample_windows, windows_cache_key
 
-    masks: dict[str, torch.Tensor] = {}
-    if pruner is not None:
-        windows = None
-        if pruner.needs_calibration:
-            c = s.calibration
-            with timer.stage("calibration windows"):
-                key = windows_cache_key(
-                    s.model.model_id if s.model.kind != "tiny" else "smollm2-tokenizer",
-                    c.source,
-                    c.paths,
-                    c.nsamples,
-                    c.seqlen,
-                    c.seed,
-                    c.sampling,
-                    len(tokenizer),
-                )
-                windows = cached_windows(
-                    cache_dir(),
-                    key,
-                    lambda: sample_windows(
-                        tokenizer, texts["calibration"], c.nsamples, c.seqlen, c.seed, c.sampling
-                    ),
-                )
-        grad_norms = None
-        if pruner.needs_gradients:
-            grad_norms = _gradient_norms(s, pruner, model, windows, device, dtype, timer)
-        from gblm.calibration.sequential import prune_model
+    c = s.calibration
+    with timer.stage("calibration windows"):
+        key = windows_cache_key(
+            s.model.model_id if s.model.kind != "tiny" else "smollm2-tokenizer",
+            c.source,
+            c.paths,
+            c.nsamples,
+            c.seqlen,
+            c.seed,
+            c.sampling,
+            len(tokenizer),
+        )
+        return cached_windows(
+            cache_dir(),
+            key,
+            lambda: sample_windows(
+                tokenizer, texts["calibration"], c.nsamples, c.seqlen, c.seed, c.sampling
+            ),
+        )
 
+
+def _prune(s: RunSettings, method, plan, model, tokenizer, texts, device, dtype, timer):
+    """The method's dense-model pass, the plan's, then the layer walk; returns the masks."""
+    from gblm.calibration.sequential import prune_model
+    from gblm.methods.base import RunContext
+
+    windows = None
+    if _needs_calibration(method, plan):
+        windows = _calibration_windows(s, tokenizer, texts, timer)
+    context = RunContext(
+        device=device,
+        model_dtype=dtype,
+        model_id=s.model.model_id,
+        cache_dir=cache_dir(),
+        progress=s.progress,
+    )
+    for stage in (plan, method):  # their passes over the dense model, named as stages
+        with timer.stage(stage.dense_pass) if stage.dense_pass else contextlib.nullcontext():
+            stage.prepare(model, windows, context)
+    try:
         with timer.stage("prune"):
-            masks = prune_model(
+            return prune_model(
                 model,
-                pruner,
-                s.sparsity,
-                windows,
+                method,
+                plan,
+                windows if method.needs_calibration else None,
                 device=device,
                 batch_size=s.batch_size,
-                grad_norms=grad_norms,
                 progress=s.progress,
                 offload_inputs=s.offload_inputs,
             )
-        del grad_norms
-        with timer.stage("mask statistics"):
-            _record_mask_stats(s, model, masks, metrics, local, run_dir)
-        if eval_tokens is not None:
-            metrics["ppl"]["pruned"] = eval_ppl("pruned")
-        local.write_metrics(metrics)
+    finally:
+        method.release()
 
-    if s.zeroshot.enabled:
-        from gblm.eval.zeroshot import zeroshot_eval
 
-        with timer.stage("zero-shot"):
-            metrics["zeroshot"] = zeroshot_eval(
-                model,
-                tokenizer,
-                s.zeroshot.tasks,
-                limit=s.zeroshot.limit,
-                batch_size=s.zeroshot.batch_size,
-                device=_input_device(model, device),
-                include_path=_zeroshot_include_path(s, tokenizer),
-            )
-        local.write_metrics(metrics)
+def _zeroshot_stage(s: RunSettings, model, tokenizer, device, metrics, timer) -> None:
+    from gblm.eval.zeroshot import zeroshot_eval
 
-    if s.save_model:
-        from gblm.models.saving import save_pruned_model
-
-        with timer.stage("save model"):
-            metrics["saved_model"] = str(
-                save_pruned_model(model, tokenizer, masks, run_dir / "model", metrics)
-            )
-    metrics["peak_memory_bytes"] = devices.peak_memory_bytes(device)
+    with timer.stage("zero-shot"):
+        metrics["zeroshot"] = zeroshot_eval(
+            model,
+            tokenizer,
+            s.zeroshot.tasks,
+            limit=s.zeroshot.limit,
+            batch_size=s.zeroshot.batch_size,
+            device=_input_device(model, device),
+            include_path=_zeroshot_include_path(s, tokenizer),
+        )
 
 
 def _input_device(model, device: torch.device) -> torch.device:
@@ -287,35 +340,6 @@ def _input_device(model, device: torch.device) -> torch.device:
         if getattr(model, "hf_device_map", None)
         else device
     )
-
-
-def _gradient_norms(s: RunSettings, pruner, model, windows, device, dtype, timer: StageTimer):
-    from gblm.calibration.gradients import cached_gradient_norms, gradient_cache_key, gradient_norms
-
-    acc_dtype = (
-        devices.resolve_dtype(pruner.accumulator_dtype, device)
-        if isinstance(pruner.accumulator_dtype, str)
-        else pruner.accumulator_dtype
-    )
-    key = gradient_cache_key(s.model.model_id, windows, pruner.norm, pruner.scale, acc_dtype, dtype)
-    if s.loss_chunk_tokens:  # its norms may differ from the default's in the last float bits
-        key["loss_chunk_tokens"] = s.loss_chunk_tokens
-    with timer.stage("gradients"):
-        return cached_gradient_norms(
-            cache_dir() / "gradients",
-            key,
-            lambda: gradient_norms(
-                model,
-                windows,
-                norm=pruner.norm,
-                scale=pruner.scale,
-                accumulator_dtype=acc_dtype,
-                device=device,
-                checkpointing=s.gradient_checkpointing,
-                loss_chunk_tokens=s.loss_chunk_tokens,
-                progress=s.progress,
-            ),
-        )
 
 
 def _record_mask_stats(

@@ -9,23 +9,47 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from gblm.calibration.gradients import gradient_norms
+from dataclasses import dataclass
+
+from gblm.calibration.gradients import GradientSettings, gradient_norms
+from gblm.calibration.stats import LinearStats
+from gblm.methods.gblm import GBLMPruner
 from gblm.models.tiny import build_tiny_model, tiny_config
-from gblm.pruning.base import LinearStats, Sparsity
-from gblm.pruning.gblm import GBLMPruner, gblm_score
+from gblm.pruning.gblm import gblm_score
 from gblm.pruning.masks import unstructured_row_mask
+from gblm.pruning.sparsity import Sparsity
 
 D_OUT, D_IN = 8, 16
+NAME = "model.layers.0.mlp.up_proj"
 
 
-def layer_stats(
-    seed: int = 0, grad_dtype: torch.dtype = torch.float16
-) -> tuple[Tensor, LinearStats]:
+@dataclass
+class _Stats(LinearStats):
+    """The walk's statistics plus the gradient norm the method's own stage would hold."""
+
+    grad_norm: Tensor | None = None
+
+
+def _with_norms(pruner: GBLMPruner, stats: _Stats, name: str = NAME) -> GBLMPruner:
+    if stats.grad_norm is not None:
+        pruner.set_gradient_norms({name: stats.grad_norm})
+    return pruner
+
+
+def scored(pruner: GBLMPruner, weight: Tensor, stats: _Stats) -> Tensor:
+    return _with_norms(pruner, stats).score(NAME, weight, stats)
+
+
+def pruned(pruner: GBLMPruner, linear: nn.Linear, stats: _Stats, target: Sparsity, name=NAME):
+    return _with_norms(pruner, stats, name).prune_linear(name, linear, stats, target)
+
+
+def layer_stats(seed: int = 0, grad_dtype: torch.dtype = torch.float16) -> tuple[Tensor, _Stats]:
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(D_OUT, D_IN, generator=gen)  # (d_out, d_in)
     row_sq = torch.rand(D_IN, generator=gen) * 4.0  # (d_in,)
     grad = (torch.rand(D_OUT, D_IN, generator=gen) * 10.0).to(grad_dtype)  # (d_out, d_in)
-    return weight, LinearStats(row_sq_norms=row_sq, grad_norm=grad, nsamples=4)
+    return weight, _Stats(row_sq_norms=row_sq, grad_norm=grad, nsamples=4)
 
 
 def linear_with(weight: Tensor) -> nn.Linear:
@@ -35,7 +59,7 @@ def linear_with(weight: Tensor) -> nn.Linear:
     return linear
 
 
-def naive_score(weight: Tensor, stats: LinearStats, score: str = "combined") -> Tensor:
+def naive_score(weight: Tensor, stats: _Stats, score: str = "combined") -> Tensor:
     """Entry by entry: fp32 activation term + (|W| * G in G's dtype) cast to fp32."""
     G = stats.grad_norm
     out = torch.zeros(weight.shape, dtype=torch.float32)
@@ -51,7 +75,7 @@ def naive_score(weight: Tensor, stats: LinearStats, score: str = "combined") -> 
 @pytest.mark.parametrize("grad_dtype", [torch.float16, torch.float32, torch.bfloat16])
 def test_combined_score_matches_naive_loop(grad_dtype: torch.dtype) -> None:
     weight, stats = layer_stats(grad_dtype=grad_dtype)
-    score = GBLMPruner().score(weight, stats)
+    score = scored(GBLMPruner(), weight, stats)
     assert score.dtype == torch.float32
     assert torch.equal(score, naive_score(weight, stats))
     if grad_dtype == torch.float16:
@@ -64,31 +88,29 @@ def test_combined_score_matches_naive_loop(grad_dtype: torch.dtype) -> None:
 def test_single_term_scores(kind: str) -> None:
     weight, stats = layer_stats(seed=1)
     pruner = GBLMPruner(score=kind)
-    assert torch.equal(pruner.score(weight, stats), naive_score(weight, stats, kind))
+    assert torch.equal(scored(pruner, weight, stats), naive_score(weight, stats, kind))
     # The unused statistic is not needed.
     if kind == "gradient":
         stats.row_sq_norms = None
     else:
         stats.grad_norm = None
-    pruner.score(weight, stats)
+    scored(GBLMPruner(score=kind), weight, stats)
 
 
-def test_needs_flags_follow_the_score() -> None:
-    assert GBLMPruner.needs_activations and GBLMPruner.needs_gradients
+def test_declared_work_follows_the_score() -> None:
     combined = GBLMPruner()
-    assert combined.needs_activations and combined.needs_gradients
+    assert combined.stats == {"row_sq"} and combined.dense_pass == "gradients"
     gradient_only = GBLMPruner(score="gradient")
-    assert not gradient_only.needs_activations and gradient_only.needs_gradients
+    assert gradient_only.stats == frozenset() and gradient_only.dense_pass == "gradients"
     activation_only = GBLMPruner(score="activation")
-    assert activation_only.needs_activations and not activation_only.needs_gradients
-    assert GBLMPruner.name == "gblm"
+    assert activation_only.stats == {"row_sq"} and activation_only.dense_pass is None
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7])
 def test_exact_pruned_count_per_row(ratio: float) -> None:
     weight, stats = layer_stats(seed=2)
     linear = linear_with(weight)
-    mask = GBLMPruner().prune_linear(linear, stats, Sparsity(ratio))
+    mask = pruned(GBLMPruner(), linear, stats, Sparsity(ratio))
     assert mask.dtype == torch.bool and mask.shape == weight.shape
     assert (mask.sum(dim=1) == int(D_IN * ratio)).all()
     assert (linear.weight[mask] == 0).all()
@@ -103,7 +125,7 @@ def test_exact_pruned_count_per_row(ratio: float) -> None:
 def test_nm_masks_are_valid(n: int, m: int) -> None:
     weight, stats = layer_stats(seed=3)
     linear = linear_with(weight)
-    mask = GBLMPruner().prune_linear(linear, stats, Sparsity(n / m, n, m))
+    mask = pruned(GBLMPruner(), linear, stats, Sparsity(n / m, n, m))
     groups = mask.reshape(D_OUT, D_IN // m, m)
     assert (groups.sum(dim=-1) == n).all()
     score = naive_score(weight, stats).reshape(D_OUT, D_IN // m, m)
@@ -116,9 +138,7 @@ def test_nm_masks_are_valid(n: int, m: int) -> None:
 
 def test_layer_comparison_group() -> None:
     weight, stats = layer_stats(seed=4)
-    mask = GBLMPruner(comparison_group="layer").prune_linear(
-        linear_with(weight), stats, Sparsity(0.5)
-    )
+    mask = pruned(GBLMPruner(comparison_group="layer"), linear_with(weight), stats, Sparsity(0.5))
     assert mask.sum() >= int(weight.numel() * 0.5)
     assert mask.sum(dim=1).unique().numel() > 1  # one threshold for the matrix, not per row
 
@@ -128,9 +148,9 @@ def tiny_model_norms() -> tuple[nn.Module, dict[str, dict[str, Tensor]]]:
     model = build_tiny_model(tiny_config("llama", vocab_size=256), seed=0)
     ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))  # (N, T)
     norms = {
-        "l1": gradient_norms(model, ids, norm="l1", progress=False),
-        "l2": gradient_norms(model, ids, norm="l2", progress=False),
-        "zero": gradient_norms(model, ids, norm="l1", scale=0.0, progress=False),
+        "l1": gradient_norms(model, ids, GradientSettings(norm="l1"), progress=False),
+        "l2": gradient_norms(model, ids, GradientSettings(norm="l2"), progress=False),
+        "zero": gradient_norms(model, ids, GradientSettings(scale=0.0), progress=False),
     }
     return model, norms
 
@@ -146,8 +166,8 @@ def masks_for(model: nn.Module, norms: dict[str, Tensor], pruner: GBLMPruner) ->
     masks = {}
     for name, grad_norm in norms.items():
         weight = modules[name].weight.detach()
-        stats = LinearStats(row_sq_norms=row_sq_for(weight, name), grad_norm=grad_norm, nsamples=3)
-        masks[name] = pruner.prune_linear(linear_with(weight), stats, Sparsity(0.5))
+        stats = _Stats(row_sq_norms=row_sq_for(weight, name), grad_norm=grad_norm, nsamples=3)
+        masks[name] = pruned(pruner, linear_with(weight), stats, Sparsity(0.5), name)
     return masks
 
 
@@ -183,6 +203,7 @@ def test_l1_and_l2_give_different_masks(tiny_model_norms) -> None:
         ({"scale": -1.0}, "method.scale"),
         ({"scale": float("nan")}, "method.scale"),
         ({"scale": "100"}, "method.scale"),
+        ({"loss_chunk_tokens": -1}, "method.loss_chunk_tokens"),
     ],
 )
 def test_invalid_options_raise(kwargs: dict, key: str) -> None:
@@ -193,24 +214,23 @@ def test_invalid_options_raise(kwargs: dict, key: str) -> None:
 def test_missing_or_mismatched_statistics_raise() -> None:
     weight, stats = layer_stats()
     with pytest.raises(ValueError, match="gradient"):
-        GBLMPruner().score(weight, LinearStats(row_sq_norms=stats.row_sq_norms))
+        scored(GBLMPruner(), weight, _Stats(row_sq_norms=stats.row_sq_norms))
     with pytest.raises(ValueError, match="row_sq_norms"):
-        GBLMPruner().score(weight, LinearStats(grad_norm=stats.grad_norm))
+        scored(GBLMPruner(), weight, _Stats(grad_norm=stats.grad_norm))
     with pytest.raises(ValueError, match="does not match"):
-        GBLMPruner().score(
-            weight, LinearStats(row_sq_norms=stats.row_sq_norms, grad_norm=stats.grad_norm.T)
+        scored(
+            GBLMPruner(),
+            weight,
+            _Stats(row_sq_norms=stats.row_sq_norms, grad_norm=stats.grad_norm.T),
         )
     with pytest.raises(ValueError, match="method.score"):
         gblm_score(weight, stats.row_sq_norms, stats.grad_norm, "both")
 
 
-def test_settings_for_the_run() -> None:
-    pruner = GBLMPruner(norm="l2", scale=10, accumulator_dtype="float32")
-    assert (pruner.norm, pruner.scale, pruner.accumulator_torch_dtype) == (
-        "l2",
-        10.0,
-        torch.float32,
-    )
+def test_gradient_stage_settings_are_held_once() -> None:
+    pruner = GBLMPruner(norm="l2", scale=10, accumulator_dtype="float32", loss_chunk_tokens=64)
+    assert pruner.gradients == GradientSettings("l2", 10.0, "float32", False, 64)
+    assert pruner.gradients.torch_accumulator_dtype == torch.float32
     described = pruner.describe()
     assert described == {
         "norm": "l2",
@@ -218,5 +238,7 @@ def test_settings_for_the_run() -> None:
         "score": "combined",
         "comparison_group": "row",
         "accumulator_dtype": "float32",
+        "gradient_checkpointing": False,
+        "loss_chunk_tokens": 64,
     }
     json.dumps(described)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from gblm.calibration.gradients import (
+    GradientSettings,
     GradientError,
     cached_gradient_norms,
     gradient_cache_key,
@@ -90,7 +91,9 @@ def opt_case() -> Case:
 def test_norms_match_independent_per_sample_gradients(request, arch: str, norm: str) -> None:
     model, ids, grads = request.getfixturevalue(f"{arch}_case")
     expected = reference(grads, norm)
-    got = gradient_norms(model, ids, norm=norm, accumulator_dtype=torch.float32, progress=False)
+    got = gradient_norms(
+        model, ids, GradientSettings(norm=norm, accumulator_dtype=torch.float32), progress=False
+    )
 
     assert set(got) == set(expected)
     for name, g in got.items():
@@ -107,7 +110,9 @@ def test_norms_match_independent_per_sample_gradients(request, arch: str, norm: 
 def test_l1_fp16_follows_published_arithmetic(llama_case: Case) -> None:
     """fp16 l1: each term |scale g| is rounded to fp16, then added to an fp16 running sum."""
     model, ids, grads = llama_case
-    got = gradient_norms(model, ids, norm="l1", progress=False)  # float16 by default
+    got = gradient_norms(
+        model, ids, GradientSettings(norm="l1"), progress=False
+    )  # float16 by default
     for name, g in got.items():
         assert g.dtype == torch.float16
         published = torch.zeros_like(g)
@@ -124,7 +129,7 @@ def test_l1_fp16_follows_published_arithmetic(llama_case: Case) -> None:
 def test_l2_fp16_is_fp32_sum_then_cast(llama_case: Case) -> None:
     model, ids, grads = llama_case
     expected = reference(grads, "l2")
-    got = gradient_norms(model, ids, norm="l2", progress=False)
+    got = gradient_norms(model, ids, GradientSettings(norm="l2"), progress=False)
     for name, g in got.items():
         assert g.dtype == torch.float16
         torch.testing.assert_close(g, expected[name].to(torch.float16), rtol=1e-3, atol=1e-6)
@@ -132,9 +137,13 @@ def test_l2_fp16_is_fp32_sum_then_cast(llama_case: Case) -> None:
 
 def test_scale_is_linear_and_zero_gives_zeros(llama_case: Case) -> None:
     model, ids, _ = llama_case
-    one = gradient_norms(model, ids, scale=1.0, accumulator_dtype=torch.float32, progress=False)
-    hundred = gradient_norms(model, ids, accumulator_dtype=torch.float32, progress=False)
-    zero = gradient_norms(model, ids, scale=0.0, progress=False)
+    one = gradient_norms(
+        model, ids, GradientSettings(scale=1.0, accumulator_dtype=torch.float32), progress=False
+    )
+    hundred = gradient_norms(
+        model, ids, GradientSettings(accumulator_dtype=torch.float32), progress=False
+    )
+    zero = gradient_norms(model, ids, GradientSettings(scale=0.0), progress=False)
     for name in one:
         torch.testing.assert_close(hundred[name], 100.0 * one[name], rtol=1e-5, atol=0.0)
         assert not zero[name].any()
@@ -147,7 +156,9 @@ def test_model_left_exactly_as_found() -> None:
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
 
-    got = gradient_norms(model, ids, accumulator_dtype=torch.float32, progress=False)
+    got = gradient_norms(
+        model, ids, GradientSettings(accumulator_dtype=torch.float32), progress=False
+    )
 
     assert model.training and all(m.training for m in model.modules())
     for name, p in model.named_parameters():
@@ -228,10 +239,15 @@ def test_checkpointing_gives_the_same_norms(llama_case: Case) -> None:
         calls["n"] += 1
 
     handle = model.model.layers[0].self_attn.q_proj.register_forward_hook(count)
-    plain = gradient_norms(model, ids, accumulator_dtype=torch.float32, progress=False)
+    plain = gradient_norms(
+        model, ids, GradientSettings(accumulator_dtype=torch.float32), progress=False
+    )
     assert calls["n"] == NSAMPLES
     checkpointed = gradient_norms(
-        model, ids, accumulator_dtype=torch.float32, checkpointing=True, progress=False
+        model,
+        ids,
+        GradientSettings(accumulator_dtype=torch.float32, checkpointing=True),
+        progress=False,
     )
     handle.remove()
     assert calls["n"] == NSAMPLES + 2 * NSAMPLES  # recomputed in backward
@@ -254,14 +270,14 @@ def test_chunked_loss_matches_per_sample_gradients(request, arch, norm, chunk) -
         got = gradient_norms(
             model,
             ids,
-            norm=norm,
-            accumulator_dtype=torch.float32,
-            loss_chunk_tokens=chunk,
+            GradientSettings(norm=norm, accumulator_dtype=torch.float32, loss_chunk_tokens=chunk),
             progress=False,
         )
     finally:
         handle.remove()
-    plain = gradient_norms(model, ids, norm=norm, accumulator_dtype=torch.float32, progress=False)
+    plain = gradient_norms(
+        model, ids, GradientSettings(norm=norm, accumulator_dtype=torch.float32), progress=False
+    )
     # the logits never exist whole: at most `chunk` positions per LM-head call, the last
     # position (no next token) never
     assert max(head_rows) == min(chunk, SEQLEN - 1)
@@ -280,9 +296,7 @@ def test_chunked_loss_with_checkpointing(llama_case: Case) -> None:
     got = gradient_norms(
         model,
         ids,
-        accumulator_dtype=torch.float32,
-        checkpointing=True,
-        loss_chunk_tokens=4,
+        GradientSettings(accumulator_dtype=torch.float32, checkpointing=True, loss_chunk_tokens=4),
         progress=False,
     )
     for name, g in got.items():
@@ -294,10 +308,10 @@ def test_chunked_loss_with_checkpointing(llama_case: Case) -> None:
 def test_chunked_loss_refuses_transformed_logits_and_bad_values() -> None:
     model, ids = tiny(), windows()
     with pytest.raises(ValueError, match="loss_chunk_tokens=-1"):
-        gradient_norms(model, ids, loss_chunk_tokens=-1, progress=False)
+        gradient_norms(model, ids, GradientSettings(loss_chunk_tokens=-1), progress=False)
     model.config.final_logit_softcapping = 30.0  # as Gemma-2 has: lm_head alone is not the logits
     with pytest.raises(ValueError, match="final_logit_softcapping.*loss_chunk_tokens=0"):
-        gradient_norms(model, ids, loss_chunk_tokens=8, progress=False)
+        gradient_norms(model, ids, GradientSettings(loss_chunk_tokens=8), progress=False)
     gradient_norms(model, ids, progress=False)  # the model's own loss is fine
 
 
@@ -313,7 +327,7 @@ def test_checkpointing_keeps_an_instance_forward() -> None:
         return original(*args, **kwargs)
 
     block.forward = hooked
-    gradient_norms(model, ids, checkpointing=True, progress=False)
+    gradient_norms(model, ids, GradientSettings(checkpointing=True), progress=False)
     assert vars(block)["forward"] is hooked
     assert calls["n"] == 2 * NSAMPLES  # forward, then the recompute in backward
 
@@ -323,9 +337,9 @@ def test_accumulate_on_cpu_and_bad_arguments(llama_case: Case) -> None:
     got = gradient_norms(model, ids, accumulate_on="cpu", progress=False)
     assert all(g.device.type == "cpu" for g in got.values())
     with pytest.raises(ValueError, match="method.norm"):
-        gradient_norms(model, ids, norm="l3", progress=False)
+        gradient_norms(model, ids, GradientSettings(norm="l3"), progress=False)
     with pytest.raises(ValueError, match="method.scale"):
-        gradient_norms(model, ids, scale=-1.0, progress=False)
+        gradient_norms(model, ids, GradientSettings(scale=-1.0), progress=False)
     with pytest.raises(ValueError, match="int64"):
         gradient_norms(model, ids.float(), progress=False)
 
@@ -340,8 +354,12 @@ def fake_norms(value: float = 1.0) -> dict[str, Tensor]:
 
 def test_cache_computes_once_and_keys_separate_files(tmp_path) -> None:
     ids = windows()
-    key_l1 = gradient_cache_key("tiny-llama", ids, "l1", SCALE, torch.float16, torch.float32)
-    key_l2 = gradient_cache_key("tiny-llama", ids, "l2", SCALE, torch.float16, torch.float32)
+    key_l1 = gradient_cache_key(
+        "tiny-llama", ids, GradientSettings("l1", SCALE, torch.float16), torch.float32
+    )
+    key_l2 = gradient_cache_key(
+        "tiny-llama", ids, GradientSettings("l2", SCALE, torch.float16), torch.float32
+    )
     calls = {"n": 0}
 
     def compute() -> dict[str, Tensor]:
@@ -368,19 +386,33 @@ def test_cache_computes_once_and_keys_separate_files(tmp_path) -> None:
 
 def test_cache_key_tracks_windows_and_settings() -> None:
     ids = windows()
-    base = gradient_cache_key("m", ids, "l1", 100.0, torch.float16, torch.float16)
-    assert base == gradient_cache_key("m", ids.clone(), "l1", 100, "float16", "float16")
+    base = gradient_cache_key("m", ids, GradientSettings("l1", 100.0, torch.float16), torch.float16)
+    assert base == gradient_cache_key("m", ids.clone(), GradientSettings("l1", 100, "float16"), "float16")
     changed = ids.clone()
     changed[0, 0] = (changed[0, 0] + 1) % VOCAB
-    assert gradient_cache_key("m", changed, "l1", 100.0, torch.float16, torch.float16) != base
-    assert gradient_cache_key("m", ids, "l1", 1.0, torch.float16, torch.float16) != base
-    assert gradient_cache_key("m", ids, "l1", 100.0, torch.float32, torch.float16) != base
-    assert gradient_cache_key("m2", ids, "l1", 100.0, torch.float16, torch.float16) != base
+    assert (
+        gradient_cache_key(
+            "m", changed, GradientSettings("l1", 100.0, torch.float16), torch.float16
+        )
+        != base
+    )
+    assert (
+        gradient_cache_key("m", ids, GradientSettings("l1", 1.0, torch.float16), torch.float16)
+        != base
+    )
+    assert (
+        gradient_cache_key("m", ids, GradientSettings("l1", 100.0, torch.float32), torch.float16)
+        != base
+    )
+    assert (
+        gradient_cache_key("m2", ids, GradientSettings("l1", 100.0, torch.float16), torch.float16)
+        != base
+    )
     json.dumps(base)
 
 
 def test_cache_lock_lets_concurrent_jobs_compute_once(tmp_path) -> None:
-    key = gradient_cache_key("m", windows(), "l1", SCALE, torch.float16, torch.float16)
+    key = gradient_cache_key("m", windows(), GradientSettings("l1", SCALE, torch.float16), torch.float16)
     calls = {"n": 0}
     results: list[dict[str, Tensor]] = []
 

@@ -9,7 +9,7 @@ import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import gblm.calibration.gradients as gradients_module
-from gblm.calibration.gradients import gradient_norms
+from gblm.calibration.gradients import GradientSettings, gradient_norms
 from gblm.calibration.loss import lean_causal_lm_loss, lean_loss
 from gblm.models.tiny import build_tiny_model, tiny_config
 
@@ -64,12 +64,12 @@ def test_gradient_norms_identical_to_the_autograd_loss(monkeypatch, arch, norm) 
     handle = model.get_output_embeddings().register_forward_hook(
         lambda *_: seen.append(model.loss_function)
     )
-    lean = gradient_norms(model, ids, norm=norm, progress=False)
+    lean = gradient_norms(model, ids, GradientSettings(norm=norm), progress=False)
     assert seen and all(fn is lean_causal_lm_loss for fn in seen)
     assert model.loss_function is ForCausalLMLoss  # restored
     seen.clear()
     monkeypatch.setattr(gradients_module, "lean_loss", lambda _model: contextlib.nullcontext(False))
-    plain = gradient_norms(model, ids, norm=norm, progress=False)
+    plain = gradient_norms(model, ids, GradientSettings(norm=norm), progress=False)
     handle.remove()
     assert seen and all(fn is ForCausalLMLoss for fn in seen)
     assert set(lean) == set(plain)

@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from gblm.calibration.stats import accumulate_hessian, make_hessian
-from gblm.pruning.base import LinearStats, Sparsity
-from gblm.pruning.sparsegpt import SparseGPTPruner, sparsegpt_prune
+from gblm.calibration.stats import LinearStats
+from gblm.methods.sparsegpt import SparseGPTPruner
+from gblm.pruning.sparsegpt import sparsegpt_prune
+from gblm.pruning.sparsity import Sparsity
 
 D_OUT, D_IN, N, T = 8, 32, 4, 16
 
@@ -137,10 +139,10 @@ def test_pruner_writes_the_weight() -> None:
     linear = nn.Linear(D_IN, D_OUT, bias=False)
     linear.weight.data = weight.clone()
     hessian = _hessian(x)
-    mask = SparseGPTPruner().prune_linear(linear, LinearStats(hessian=hessian), Sparsity(0.5))
+    mask = SparseGPTPruner().prune_linear("x", linear, LinearStats(hessian=hessian), Sparsity(0.5))
     expected, expected_mask = sparsegpt_prune(weight, hessian, 0.5)
     assert torch.equal(mask, expected_mask)
     assert torch.equal(linear.weight.data, expected)
-    assert SparseGPTPruner.needs_hessian and not SparseGPTPruner.needs_activations
-    with pytest.raises(ValueError, match="Hessian"):
-        SparseGPTPruner().prune_linear(linear, LinearStats(), Sparsity(0.5))
+    assert SparseGPTPruner.stats == {"hessian"}
+    with pytest.raises(ValueError, match="hessian"):
+        SparseGPTPruner().prune_linear("x", linear, LinearStats(), Sparsity(0.5))

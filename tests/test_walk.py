@@ -14,10 +14,14 @@ from gblm.calibration.hooks import attached_hooks
 from gblm.calibration.sequential import prune_model
 from gblm.models.layers import decoder_layers, decoder_layers_path, prunable_linears
 from gblm.models.tiny import ARCHITECTURES, build_tiny_model, tiny_config
-from gblm.pruning.base import LinearStats, Pruner, Sparsity
-from gblm.pruning.magnitude import MagnitudePruner
-from gblm.pruning.sparsegpt import SparseGPTPruner
-from gblm.pruning.wanda import WandaPruner
+from gblm.calibration.stats import LinearStats
+from gblm.methods.base import Pruner
+from gblm.methods.gblm import GBLMPruner
+from gblm.methods.magnitude import MagnitudePruner
+from gblm.methods.plans import PerBlockPlan, SparsityPlan
+from gblm.methods.sparsegpt import SparseGPTPruner
+from gblm.methods.wanda import WandaPruner
+from gblm.pruning.sparsity import Sparsity
 
 VOCAB, N, T = 256, 6, 16
 
@@ -52,18 +56,19 @@ class _Recorder(Pruner):
 
     def __init__(self, inner: Pruner, model: nn.Module) -> None:
         self.inner = inner
-        self.name = inner.name
-        self.needs_activations = inner.needs_activations
-        self.needs_hessian = inner.needs_hessian
-        self.needs_gradients = inner.needs_gradients
+        self.stats = inner.stats
         self.needs_calibration = inner.needs_calibration
-        self.true_sequential = getattr(inner, "true_sequential", False)
+        self.true_sequential = inner.true_sequential
         self._names = {id(m): name for name, m in model.named_modules()}
         self.seen: dict[str, LinearStats] = {}
+        self.targets: dict[str, Sparsity] = {}
 
-    def prune_linear(self, linear: nn.Linear, stats: LinearStats, sparsity: Sparsity) -> Tensor:
-        self.seen[self._names[id(linear)]] = stats
-        return self.inner.prune_linear(linear, stats, sparsity)
+    def prune_linear(
+        self, name: str, linear: nn.Linear, stats: LinearStats, target: Sparsity
+    ) -> Tensor:
+        assert self._names[id(linear)] == name  # the walk names each Linear by its full name
+        self.seen[name], self.targets[name] = stats, target
+        return self.inner.prune_linear(name, linear, stats, target)
 
 
 # --- capture -------------------------------------------------------------------------------
@@ -126,7 +131,7 @@ def test_walk_leaves_no_hook_when_a_step_raises(monkeypatch: pytest.MonkeyPatch)
     def broken(*_args: object) -> int:
         raise RuntimeError("statistic failed")
 
-    monkeypatch.setattr(sequential, "accumulate_row_sq", broken)  # raises inside a Linear hook
+    monkeypatch.setattr(LinearStats, "fold", broken)  # raises inside a Linear hook
     with pytest.raises(RuntimeError, match="statistic failed"):
         prune_model(model, WandaPruner(), Sparsity(0.5), _windows(), device="cpu", progress=False)
     assert _hooks(model) == before
@@ -289,40 +294,67 @@ def test_true_sequential_recalibrates_after_each_group() -> None:
 
 def test_missing_inputs_fail_clearly() -> None:
     model = _model()
-
-    class NeedsGradients(WandaPruner):
-        needs_gradients = True
-
-    with pytest.raises(ValueError, match="gradient norms"):
-        prune_model(model, NeedsGradients(), Sparsity(0.5), _windows(), device="cpu")
-    partial = {"model.layers.0.self_attn.q_proj": torch.ones(64, 64)}
-    with pytest.raises(ValueError, match="lacks 13 of the 14"):
-        prune_model(
-            model, NeedsGradients(), Sparsity(0.5), _windows(), device="cpu", grad_norms=partial
-        )
+    with pytest.raises(ValueError, match="no gradient norm for 'model.layers.0.self_attn.q_proj'"):
+        prune_model(model, GBLMPruner(), Sparsity(0.5), _windows(), device="cpu", progress=False)
     with pytest.raises(ValueError, match="calibration windows"):
         prune_model(model, WandaPruner(), Sparsity(0.5), device="cpu")
 
 
-def test_grad_norms_reach_the_pruner() -> None:
+def test_each_linear_gets_the_target_of_its_plan() -> None:
+    """A per-block plan: every row of every Linear of block b prunes int(d_in * r_b) entries."""
     model = _model()
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
-    grads = {n: torch.full_like(dict(model.named_modules())[n].weight, 2.0) for n in names}
-
-    class UsesGradients(WandaPruner):
-        needs_gradients = True
-
-        def score(self, weight: Tensor, stats: LinearStats) -> Tensor:
-            assert stats.grad_norm is not None and (stats.grad_norm == 2.0).all()
-            return super().score(weight, stats)
-
+    recorder = _Recorder(WandaPruner(), model)
+    ratios = [0.25, 0.75]
     masks = prune_model(
-        model,
-        UsesGradients(),
-        Sparsity(0.5),
-        _windows(),
-        device="cpu",
-        grad_norms=grads,
-        progress=False,
+        model, recorder, PerBlockPlan(ratios), _windows(), device="cpu", progress=False
     )
-    assert set(masks) == set(names)
+    for name, mask in masks.items():
+        block = int(name.split(".")[2])
+        assert recorder.targets[name] == Sparsity(ratios[block])
+        per_row = mask.sum(dim=1)
+        assert (per_row == int(mask.shape[1] * ratios[block])).all(), name
+
+
+def test_a_plan_may_give_each_linear_its_own_target() -> None:
+    class ByType(SparsityPlan):
+        def target(self, block: int, name: str) -> Sparsity:
+            return Sparsity(0.25) if name.endswith("q_proj") else Sparsity(0.5, 2, 4)
+
+    model = _model()
+    masks = prune_model(
+        model, MagnitudePruner(), ByType(), device="cpu", progress=False
+    )
+    for name, mask in masks.items():
+        if name.endswith("q_proj"):
+            assert mask.sum().item() == int(mask.numel() * 0.25) + 1  # magnitude's '<=' rule
+        else:
+            groups = mask.reshape(mask.shape[0], -1, 4).sum(dim=-1)
+            assert (groups == 2).all(), name
+
+
+def test_mean_and_variance_statistics_match_a_direct_computation() -> None:
+    """The walk folds DSnoT's input statistics: per-sample token sums and variances."""
+
+    class WantsMoments(WandaPruner):
+        stats = frozenset({"row_sq", "mean", "var"})
+
+    model, ids = _model(), _windows(3)
+    dense = copy.deepcopy(model)
+    recorder = _Recorder(WantsMoments(), model)
+    q = "model.layers.0.self_attn.q_proj"
+    seen: list[Tensor] = []
+    handle = dict(dense.named_modules())[q].register_forward_hook(
+        lambda _m, args, _out: seen.append(args[0].detach().clone())
+    )
+    with torch.no_grad():
+        for n in range(ids.shape[0]):
+            dense(ids[n : n + 1], use_cache=False)
+    handle.remove()
+    prune_model(model, recorder, Sparsity(0.5), ids, device="cpu", batch_size=2, progress=False)
+    got = recorder.seen[q]
+    x = torch.cat(seen).double()  # (N, T, d_in): block 0 sees the dense model's inputs
+    mean = x.sum(dim=1).mean(dim=0)  # mean over samples of the token sums
+    var = x.var(dim=1, unbiased=False).mean(dim=0)  # equal T: token-weighted = plain mean
+    torch.testing.assert_close(got.mean.double(), mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.var.double(), var, rtol=1e-5, atol=1e-6)
+    assert got.nsamples == 3 and got.ntokens == 3 * ids.shape[1]

@@ -36,6 +36,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,7 +55,62 @@ from gblm.utils import atomic_write_text
 logger = logging.getLogger("gblm.gradients")
 
 NORMS = ("l1", "l2")
+ACCUMULATOR_DTYPES = {
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+}
 CACHE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GradientSettings:
+    """Every setting of the gradient stage, checked once, here (keys of ``method.*``).
+
+    Attributes:
+        norm: ``l1`` (``sum_n |scale * g_n|``, the paper's headline) or ``l2``
+            (``sqrt(sum_n (scale * g_n)^2)``).
+        scale: The paper's alpha, applied to each gradient before the norm (published: 100).
+        accumulator_dtype: dtype name of the l1 running sum and of the result (published:
+            ``float16``); l2 always sums in fp32 and only the result is cast. A ``torch.dtype``
+            is accepted and stored by name.
+        checkpointing: Recompute each block's activations in backward (less memory, ~1.3x time).
+        loss_chunk_tokens: 0 (default): the model's own loss over the full (T, vocab) logits, as
+            published. > 0: the LM head and loss this many positions at a time
+            (:func:`_chunked_loss_backward`); gradients may differ in the last float bits.
+    """
+
+    norm: str = "l1"
+    scale: float = 100.0
+    accumulator_dtype: str = "float16"
+    checkpointing: bool = False
+    loss_chunk_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.accumulator_dtype, torch.dtype):
+            object.__setattr__(self, "accumulator_dtype", dtype_name(self.accumulator_dtype))
+        if self.norm not in NORMS:
+            raise ValueError(f"method.norm={self.norm!r}: allowed values are {', '.join(NORMS)}.")
+        if self.accumulator_dtype not in ACCUMULATOR_DTYPES:
+            raise ValueError(
+                f"method.accumulator_dtype={self.accumulator_dtype!r}: allowed values are "
+                f"{', '.join(ACCUMULATOR_DTYPES)}."
+            )
+        scale = self.scale
+        if isinstance(scale, bool) or not isinstance(scale, int | float):
+            raise ValueError(f"method.scale={scale!r}: must be a finite number >= 0.")
+        if not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"method.scale={scale!r}: must be a finite number >= 0.")
+        object.__setattr__(self, "scale", float(scale))
+        chunk = self.loss_chunk_tokens
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+            raise ValueError(
+                f"method.loss_chunk_tokens={chunk!r}: must be an integer >= 0 (0 = off)."
+            )
+
+    @property
+    def torch_accumulator_dtype(self) -> torch.dtype:
+        return ACCUMULATOR_DTYPES[self.accumulator_dtype]
 
 
 class GradientError(RuntimeError):
@@ -270,13 +326,9 @@ def _chunked_loss_backward(model: nn.Module, input_ids: Tensor, chunk: int) -> T
 def gradient_norms(
     model: nn.Module,
     windows: Tensor,
+    settings: GradientSettings | None = None,
     *,
-    norm: str = "l1",
-    scale: float = 100.0,
-    accumulator_dtype: torch.dtype = torch.float16,
     device: str | torch.device | None = None,
-    checkpointing: bool = False,
-    loss_chunk_tokens: int = 0,
     accumulate_on: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict[str, Tensor]:
@@ -286,16 +338,8 @@ def gradient_norms(
         model: A causal LM (``model(input_ids, labels=input_ids).loss``); it is left exactly as
             found: same weights, train/eval flags, ``requires_grad`` flags and ``.grad``.
         windows: Calibration token ids, shape (N, T); each row is one sample (batch of one).
-        norm: ``l1`` (``sum_n |scale * g_n|``) or ``l2`` (``sqrt(sum_n (scale * g_n)^2)``).
-        scale: The paper's alpha, applied to each gradient before the norm (published: 100).
-        accumulator_dtype: dtype of the l1 running sum and of the returned tensors (published:
-            fp16). l2 always sums in fp32 and only the result is cast.
+        settings: The stage's settings (:class:`GradientSettings`; default: the published ones).
         device: Where the input ids go; default the device of the input embeddings.
-        checkpointing: Recompute each block's activations in backward (less memory, ~1.3x time).
-        loss_chunk_tokens: 0 (default): the model's own loss over the full (T, vocab) logits, as
-            published. > 0: compute the LM head and loss this many positions at a time
-            (:func:`_chunked_loss_backward`): the same loss, without the full logits in memory;
-            gradients may differ from the default in the last float bits.
         accumulate_on: Device of the accumulators; default the device of each Linear's weight.
             ``"cpu"`` keeps them in host memory, as the published code does.
         progress: Show a tqdm bar labelled ``gradients``.
@@ -306,10 +350,9 @@ def gradient_norms(
     Raises:
         GradientError: A window's loss or a Linear's gradient is NaN or infinite.
     """
-    if norm not in NORMS:
-        raise ValueError(f"method.norm={norm!r}: allowed values are {', '.join(NORMS)}.")
-    if not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"method.scale={scale}: must be a finite number >= 0.")
+    settings = settings or GradientSettings()
+    norm, scale, chunk = settings.norm, settings.scale, settings.loss_chunk_tokens
+    accumulator_dtype = settings.torch_accumulator_dtype
     if windows.ndim != 2 or windows.dtype != torch.long:
         raise ValueError(
             f"windows must be a (N, T) tensor of int64 token ids, got {tuple(windows.shape)} "
@@ -318,9 +361,7 @@ def gradient_norms(
     nsamples, seqlen = windows.shape
     if nsamples == 0 or seqlen < 2:
         raise ValueError(f"windows of shape {tuple(windows.shape)}: need N >= 1 and T >= 2.")
-    if loss_chunk_tokens < 0:
-        raise ValueError(f"method.loss_chunk_tokens={loss_chunk_tokens}: must be >= 0 (0 = off).")
-    if loss_chunk_tokens:
+    if chunk:
         check_chunkable(model)
 
     linears = decoder_linear_names(model)
@@ -342,11 +383,11 @@ def gradient_norms(
         with (
             _eval_mode(model),
             _only_weights_require_grad(model, weights),
-            _checkpointed_blocks(model, checkpointing),
-            lean_loss(model) if not loss_chunk_tokens else contextlib.nullcontext(False) as lean,
+            _checkpointed_blocks(model, settings.checkpointing),
+            lean_loss(model) if not chunk else contextlib.nullcontext(False) as lean,
             torch.enable_grad(),
         ):
-            if not loss_chunk_tokens and not lean:
+            if not chunk and not lean:
                 logger.info(
                     "the model's own loss function is not ForCausalLMLoss: it is used as is"
                 )
@@ -354,8 +395,8 @@ def gradient_norms(
                 handles.append(linear.weight.register_post_accumulate_grad_hook(folder.hook(name)))
             for n in tqdm(range(nsamples), desc="gradients", disable=not progress):
                 input_ids = windows[n : n + 1].to(input_device)  # (1, T)
-                if loss_chunk_tokens:
-                    loss = _chunked_loss_backward(model, input_ids, loss_chunk_tokens)
+                if chunk:
+                    loss = _chunked_loss_backward(model, input_ids, chunk)
                 else:
                     loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
                 if not bool(torch.isfinite(loss.detach())):
@@ -363,7 +404,7 @@ def gradient_norms(
                         f"non-finite loss ({loss.item()}) on sample {n}: the dense model's "
                         "forward pass overflows or has NaN/inf weights, so no gradient is usable."
                     )
-                if not loss_chunk_tokens:
+                if not chunk:
                     loss.backward()
                 folder.check_sample(n)
     finally:
@@ -419,30 +460,26 @@ def windows_digest(windows: Tensor) -> str:
 
 
 def gradient_cache_key(
-    model_id: str,
-    windows: Tensor,
-    norm: str,
-    scale: float,
-    accumulator_dtype: torch.dtype | str,
-    model_dtype: torch.dtype | str,
+    model_id: str, windows: Tensor, settings: GradientSettings, model_dtype: torch.dtype | str
 ) -> dict:
     """Everything the gradient norms depend on, as a JSON-able dict for :func:`cached_gradient_norms`."""
-
-    def name(dtype: torch.dtype | str) -> str:
-        return dtype_name(dtype) if isinstance(dtype, torch.dtype) else str(dtype)
-
-    return {
+    key = {
         "kind": "gblm-gradient-norms",
         "version": CACHE_FORMAT_VERSION,
         "model": model_id,
-        "model_dtype": name(model_dtype),
+        "model_dtype": dtype_name(model_dtype)
+        if isinstance(model_dtype, torch.dtype)
+        else model_dtype,
         "nsamples": int(windows.shape[0]),
         "seqlen": int(windows.shape[1]),
         "windows_sha256": windows_digest(windows),
-        "norm": norm,
-        "scale": float(scale),
-        "accumulator_dtype": name(accumulator_dtype),
+        "norm": settings.norm,
+        "scale": settings.scale,
+        "accumulator_dtype": settings.accumulator_dtype,
     }
+    if settings.loss_chunk_tokens:  # its norms may differ from the default's in the last bits
+        key["loss_chunk_tokens"] = settings.loss_chunk_tokens
+    return key
 
 
 def gradient_cache_path(cache_dir: Path, key: dict) -> Path:

@@ -3,12 +3,17 @@
 1. Capture the inputs of decoder block 0 (hidden states and every keyword argument) for all N
    calibration windows.
 2. For each block b in order: hook all its Linears, run the block on the N inputs (every Linear
-   sees the block's unpruned forward), fold the statistics the method asks for (``row_sq`` for
-   Wanda / GBLM, the Hessian for SparseGPT), prune every Linear, then run the now-pruned block
-   again on the same inputs to produce the inputs of block b + 1. So block b sees the outputs of
-   the pruned blocks 0..b-1.
-3. With ``pruner.true_sequential`` (SparseGPT's option) the block is pruned group by group,
+   sees the block's unpruned forward), fold the statistics the method declares (``row_sq`` for
+   Wanda / GBLM, the Hessian for SparseGPT, input mean and variance for a refinement), prune
+   every Linear to the target the sparsity plan gives it, then run the now-pruned block again on
+   the same inputs to produce the inputs of block b + 1. So block b sees the outputs of the
+   pruned blocks 0..b-1.
+3. With ``method.true_sequential`` (SparseGPT's option) the block is pruned group by group,
    [q,k,v] -> [o] -> [gate,up] -> [down], re-running it with hooks on the next group each time.
+
+The stages are module-level functions (:func:`capture_block_inputs`, :func:`gather_statistics`,
+:func:`reforward_block`; the per-Linear step is the method's ``prune_linear``), so a benchmark
+can time each one by wrapping it, without parameters of its own in these signatures.
 
 Methods that need no calibration (magnitude) prune every block's Linears without data. Only the
 Linears inside decoder blocks are pruned; embeddings and the LM head never are.
@@ -20,7 +25,7 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -29,38 +34,43 @@ from tqdm import tqdm
 
 from gblm.calibration.capture import BlockInputs, capture_block_inputs
 from gblm.calibration.hooks import attached_hooks
-from gblm.calibration.stats import (
-    accumulate_hessian,
-    accumulate_row_sq,
-    make_hessian,
-    make_row_sq,
-)
+from gblm.calibration.stats import LinearStats
 from gblm.models.layers import (
     decoder_layers,
     decoder_layers_path,
     prunable_linears,
     sequential_groups,
 )
-from gblm.pruning.base import LinearStats, Pruner, Sparsity
+from gblm.pruning.sparsity import Sparsity
 from gblm.pruning.storage import PackedMasks
 
 logger = logging.getLogger("gblm.walk")
 
-#: The walk's stages, as handed to ``prune_model(timer=...)``: block-0 input capture, the hooked
-#: forward that folds the statistics, scoring and masking (the method's per-Linear step), and the
-#: forward of the pruned block that produces the next block's inputs.
-WALK_STAGES = ("capture", "statistics", "scoring and masking", "re-forward")
+
+class WalkMethod(Protocol):
+    """What the walk needs of a method (:class:`gblm.methods.base.Pruner` has it)."""
+
+    stats: frozenset[str]
+    needs_calibration: bool
+    true_sequential: bool
+
+    def prune_linear(
+        self, name: str, linear: nn.Linear, stats: LinearStats, target: Sparsity
+    ) -> Tensor: ...
 
 
-class StageClock(Protocol):
-    """What ``prune_model`` needs of a timer: a context manager per named stage."""
+class TargetPlan(Protocol):
+    """What the walk needs of a sparsity plan (:class:`gblm.methods.plans.SparsityPlan`)."""
 
-    def stage(self, name: str) -> contextlib.AbstractContextManager[None]: ...
+    def target(self, block: int, name: str) -> Sparsity: ...
 
 
-@contextlib.contextmanager
-def _untimed(_name: str) -> Iterator[None]:
-    yield
+class _Uniform:
+    def __init__(self, sparsity: Sparsity) -> None:
+        self.sparsity = sparsity
+
+    def target(self, block: int, name: str) -> Sparsity:
+        return self.sparsity
 
 
 def _as_ids(windows: Tensor | Sequence[Tensor]) -> Tensor:
@@ -117,17 +127,17 @@ def _run_block(
     return out[0] if isinstance(out, tuple | list) else out  # (b, T, hidden)
 
 
-def _calibrate(
+def gather_statistics(
     block: nn.Module,
     linears: Mapping[str, nn.Linear],
     inputs: BlockInputs,
     hidden: Tensor,
-    pruner: Pruner,
+    wanted: frozenset[str],
     device: torch.device,
     *,
     share_inputs: bool = True,
 ) -> dict[str, LinearStats]:
-    """Run the block on all N inputs with hooks on ``linears``; fold the method's statistics.
+    """Run the block on all N inputs with hooks on ``linears``; fold the statistics ``wanted``.
 
     Linears that read the very same input tensor (LLaMA's q/k/v, gate/up) get the same statistics,
     so with ``share_inputs`` they are folded once, by the first of them, and the others refer to
@@ -136,20 +146,16 @@ def _calibrate(
     others, the statistics are gathered again without sharing.
     """
     stats = {
-        name: LinearStats(
-            row_sq_norms=make_row_sq(lin.in_features, device) if pruner.needs_activations else None,
-            hessian=make_hessian(lin.in_features, device) if pruner.needs_hessian else None,
-        )
-        for name, lin in linears.items()
+        name: LinearStats.empty(wanted, lin.in_features, device) for name, lin in linears.items()
     }
-    if not (pruner.needs_activations or pruner.needs_hessian):
+    if not wanted:
         return stats
     batch = 0  # windows in the current forward call, read by the hooks
     # this call's inputs, id -> (weak reference, who folded it); weak, so no activation is kept
     folded: dict[int, tuple[weakref.ref, str]] = {}
     source: dict[str, set[str | None]] = {name: set() for name in linears}  # None: its own input
 
-    def fold(name: str):
+    def fold(name: str) -> Callable:
         def hook(_module: nn.Module, args: tuple, _output: Tensor) -> None:
             x = args[0]
             seen = folded.get(id(x)) if share_inputs else None
@@ -158,17 +164,11 @@ def _calibrate(
                 return
             source[name].add(None)
             folded[id(x)] = (weakref.ref(x), name)
-            x = x.detach()
-            x = x.reshape(batch, -1, x.shape[-1])  # (b, T, d_in): OPT's MLP flattens the tokens
-            entry = stats[name]
+            x = x.detach().reshape(batch, -1, x.shape[-1])  # (b, T, d_in): OPT flattens tokens
             # One window at a time, as with batch_size=1: the block's forward is batched, the
             # running means take the same steps in the same order whatever the batch size.
             for sample in x.split(1):  # (1, T, d_in) each
-                if entry.row_sq_norms is not None:
-                    accumulate_row_sq(entry.row_sq_norms, entry.nsamples, sample)
-                if entry.hessian is not None:
-                    accumulate_hessian(entry.hessian, entry.nsamples, sample)
-                entry.nsamples += 1
+                stats[name].fold(sample)
 
         return hook
 
@@ -180,129 +180,116 @@ def _calibrate(
     folded.clear()
     if any(len(sources) > 1 for sources in source.values()):
         logger.debug("inputs shared in some batches only: statistics gathered per Linear")
-        return _calibrate(block, linears, inputs, hidden, pruner, device, share_inputs=False)
+        return gather_statistics(block, linears, inputs, hidden, wanted, device, share_inputs=False)
     for name, sources in source.items():
         owner = next(iter(sources), None)
         if owner is not None:
-            shared = stats[owner]
-            stats[name] = LinearStats(
-                row_sq_norms=shared.row_sq_norms, hessian=shared.hessian, nsamples=shared.nsamples
-            )
+            stats[name] = stats[owner]  # the same tensors: read only by the methods
     return stats
 
 
-def _check_grad_norms(
-    pruner: Pruner, names: list[str], grad_norms: Mapping[str, Tensor] | None
+def reforward_block(
+    block: nn.Module, inputs: BlockInputs, hidden: Tensor, outputs: Tensor, device: torch.device
 ) -> None:
-    if not pruner.needs_gradients:
-        return
-    missing = [n for n in names if grad_norms is None or n not in grad_norms]
-    if missing:
-        raise ValueError(
-            f"Method {pruner.name!r} needs gradient norms, but grad_norms lacks {len(missing)} of "
-            f"the {len(names)} decoder-block Linears (first: {missing[0]!r}). Compute them with "
-            "gblm.calibration.gradients on the dense model first."
-        )
+    """Run the (pruned) block on every input in ``hidden``, writing the results into ``outputs``."""
+    for start, end in inputs.batches():
+        out = _run_block(block, inputs, hidden, device, start, end)
+        outputs[start:end] = out.to(outputs.device)
+
+
+def _prune_block(
+    block: nn.Module,
+    b: int,
+    prefix: str,
+    method: WalkMethod,
+    plan: TargetPlan,
+    inputs: BlockInputs | None,
+    hidden: Tensor | None,
+    device: torch.device,
+    masks: PackedMasks,
+) -> None:
+    """Gather statistics and prune every Linear of block ``b`` (group by group if sequential)."""
+    linears = prunable_linears(block)
+    groups = sequential_groups(list(linears)) if method.true_sequential else [list(linears)]
+    for group in groups:
+        group_linears = {name: linears[name] for name in group}
+        if inputs is not None:
+            stats = gather_statistics(
+                block, group_linears, inputs, hidden, frozenset(method.stats), device
+            )
+        else:
+            stats = {name: LinearStats() for name in group}
+        for name in group:
+            full_name = f"{prefix}.{b}.{name}"
+            mask = method.prune_linear(full_name, linears[name], stats[name], plan.target(b, name))
+            masks.add(full_name, mask)
+            stats[name] = LinearStats()  # free the Hessian before the next Linear
 
 
 @torch.no_grad()
 def prune_model(
     model: nn.Module,
-    pruner: Pruner,
-    sparsity: Sparsity,
+    method: WalkMethod,
+    plan: TargetPlan | Sparsity,
     windows: Tensor | Sequence[Tensor] | None = None,
     *,
     device: torch.device | str,
     batch_size: int = 1,
-    grad_norms: Mapping[str, Tensor] | None = None,
     progress: bool = True,
     offload_inputs: bool = False,
-    timer: StageClock | None = None,
 ) -> PackedMasks:
     """Prune every Linear inside the decoder blocks of ``model``, in place, block by block.
 
     Args:
         model: a causal LM (LLaMA, Mistral, Qwen2, OPT, ...).
-        pruner: the method; its ``needs_*`` flags decide which statistics are gathered.
-        sparsity: the target sparsity.
+        method: the method (:class:`gblm.methods.base.Pruner`); its ``stats`` decide which
+            statistics are gathered, its ``prune_linear`` prunes each Linear.
+        plan: every Linear's target (:class:`gblm.methods.plans.SparsityPlan`), or one target for
+            all of them.
         windows: (N, T) calibration token ids (or N tensors of T ids); not used by methods that
             need no calibration (magnitude).
         device: the compute device; blocks living elsewhere are moved there for their work.
         batch_size: windows per forward call.
-        grad_norms: GBLM's gradient norms, keyed by full Linear name, when the method needs them.
         progress: show a tqdm bar.
         offload_inputs: keep the (N, T, hidden) block inputs on the CPU instead of ``device``.
-        timer: anything with a ``stage(name)`` context manager (e.g. :class:`gblm.utils.StageTimer`);
-            the walk's four stages are timed under the names in :data:`WALK_STAGES`, entered
-            once per block (the benchmarks use it).
 
     Returns:
         The boolean masks (True = pruned), on the CPU, keyed by the full module name as in
         ``model.named_modules()`` (e.g. ``model.layers.0.self_attn.q_proj``); held as bits
-        (:class:`gblm.pruning.masks.PackedMasks`), each unpacked when read.
+        (:class:`gblm.pruning.storage.PackedMasks`), each unpacked when read.
     """
     device = torch.device(device)
+    plan = _Uniform(plan) if isinstance(plan, Sparsity) else plan
     blocks = decoder_layers(model)
     prefix = decoder_layers_path(model)
-    linear_names = [
-        f"{prefix}.{b}.{name}" for b, block in enumerate(blocks) for name in prunable_linears(block)
-    ]
-    _check_grad_norms(pruner, linear_names, grad_norms)
-    if pruner.needs_calibration and windows is None:
-        raise ValueError(f"Method {pruner.name!r} needs calibration windows; none were given.")
-    groups_of = sequential_groups if getattr(pruner, "true_sequential", False) else lambda n: [n]
-    stage = timer.stage if timer is not None else _untimed
-    capture_stage, statistics_stage, masking_stage, reforward_stage = WALK_STAGES
-
+    if method.needs_calibration and windows is None:
+        raise ValueError(f"{type(method).__name__} needs calibration windows; none were given.")
     was_training = model.training
     model.eval()
     masks = PackedMasks()
     began = time.perf_counter()
+    inputs = hidden = outputs = None
     try:
-        if pruner.needs_calibration:
+        if method.needs_calibration:
             storage = torch.device("cpu") if offload_inputs else device
-            with stage(capture_stage):
-                inputs = capture_block_inputs(
-                    model, _as_ids(windows), batch_size=batch_size, storage_device=storage
-                )
+            inputs = capture_block_inputs(
+                model, _as_ids(windows), batch_size=batch_size, storage_device=storage
+            )
             hidden = inputs.hidden  # (N, T, hidden): inputs of the current block
             outputs = torch.empty_like(hidden)  # (N, T, hidden): inputs of the next block
         for b, block in enumerate(tqdm(blocks, desc="prune blocks", disable=not progress)):
             block_began = time.perf_counter()
             with _on_device(block, device) as block_device:
-                linears = prunable_linears(block)
-                for group in groups_of(list(linears)):
-                    if pruner.needs_calibration:
-                        group_linears = {name: linears[name] for name in group}
-                        with stage(statistics_stage):
-                            stats = _calibrate(
-                                block, group_linears, inputs, hidden, pruner, block_device
-                            )
-                    else:
-                        stats = {name: LinearStats() for name in group}
-                    with stage(masking_stage):
-                        for name in group:
-                            full_name = f"{prefix}.{b}.{name}"
-                            linear = linears[name]
-                            if pruner.needs_gradients:
-                                stats[name].grad_norm = grad_norms[full_name].to(
-                                    linear.weight.device
-                                )
-                            mask = pruner.prune_linear(linear, stats[name], sparsity)
-                            masks.add(full_name, mask)
-                            stats[name] = LinearStats()  # free the Hessian before the next Linear
-                if pruner.needs_calibration:  # the pruned block feeds the next one
-                    with stage(reforward_stage):
-                        for start, end in inputs.batches():
-                            out = _run_block(block, inputs, hidden, block_device, start, end)
-                            outputs[start:end] = out.to(outputs.device)
+                _prune_block(block, b, prefix, method, plan, inputs, hidden, block_device, masks)
+                if inputs is not None:  # the pruned block feeds the next one
+                    reforward_block(block, inputs, hidden, outputs, block_device)
                     hidden, outputs = outputs, hidden
             logger.debug("block %d pruned in %.2f s", b, time.perf_counter() - block_began)
     finally:
         model.train(was_training)
     logger.info(
         "%s: pruned %d Linears in %d blocks in %.1f s",
-        pruner.name,
+        type(method).__name__,
         len(masks),
         len(blocks),
         time.perf_counter() - began,

@@ -3,8 +3,12 @@
 - Activation statistic (Wanda, GBLM-Pruner): ``row_sq[j] = (1/N) sum_{n,t} X[n,t,j]^2``; the
   scores use ``sqrt(row_sq)`` = ``||X_j||_2 / sqrt(N)``.
 - Hessian (SparseGPT): ``H = (2/N) sum_{n,t} x x^T`` (d_in x d_in).
+- Input sum (mask refinement, DSnoT): ``mean[j] = (1/N) sum_n sum_t X[n,t,j]``: the running mean
+  over samples of each sample's token sum (so ``T`` times the token mean).
+- Token variance (DSnoT): ``var[j]``, the token-weighted running mean of each sample's population
+  variance over its tokens (within a sample only).
 
-Both are folded in one batch of ``b`` samples at a time exactly as the published code does:
+The first three are folded in one batch of ``b`` samples at a time exactly as the published code does:
 ``S *= n / (n + b); n += b; S += (batch sum) / n``, so the result does not depend on how the N
 samples are batched (up to rounding). Pure tensor functions; the caller keeps the state.
 """
@@ -12,9 +16,47 @@ samples are batched (up to rounding). Pure tensor functions; the caller keeps th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+#: The per-Linear statistics a method can ask the layer walk for.
+STATISTICS = ("row_sq", "hessian", "mean", "var")
+
+
+@dataclass
+class LinearStats:
+    """What the walk gathered for one Linear. Only the statistics the method asks for are filled."""
+
+    row_sq_norms: Tensor | None = None  # (d_in,) fp32: mean over samples of sum_t X[n,t,j]^2
+    hessian: Tensor | None = None  # (d_in, d_in) fp32: (2/N) sum_{n,t} x x^T
+    mean: Tensor | None = None  # (d_in,) fp32: mean over samples of sum_t X[n,t,j]
+    var: Tensor | None = None  # (d_in,) fp32: token-weighted mean of per-sample variances
+    nsamples: int = 0
+    ntokens: int = 0  # tokens folded into ``var``
+
+    @classmethod
+    def empty(cls, wanted: frozenset[str], d_in: int, device: torch.device) -> LinearStats:
+        """Zeroed accumulators for the statistics in ``wanted`` (names from :data:`STATISTICS`)."""
+        return cls(
+            row_sq_norms=make_row_sq(d_in, device) if "row_sq" in wanted else None,
+            hessian=make_hessian(d_in, device) if "hessian" in wanted else None,
+            mean=make_row_sq(d_in, device) if "mean" in wanted else None,
+            var=make_row_sq(d_in, device) if "var" in wanted else None,
+        )
+
+    def fold(self, sample: Tensor) -> None:
+        """Fold one sample's inputs (1, T, d_in) into every statistic held, in place."""
+        if self.row_sq_norms is not None:
+            accumulate_row_sq(self.row_sq_norms, self.nsamples, sample)
+        if self.hessian is not None:
+            accumulate_hessian(self.hessian, self.nsamples, sample)
+        if self.mean is not None:
+            accumulate_input_sum(self.mean, self.nsamples, sample)
+        if self.var is not None:
+            self.ntokens = accumulate_token_var(self.var, self.ntokens, sample)
+        self.nsamples += 1
 
 
 def _columns(x: Tensor) -> tuple[int, Tensor]:
@@ -70,3 +112,42 @@ def accumulate_hessian(hessian: Tensor, nsamples: int, x: Tensor) -> int:
     cols = math.sqrt(2 / nsamples) * cols  # (d_in, b * T)
     hessian += cols.matmul(cols.t())
     return nsamples
+
+
+def accumulate_input_sum(mean: Tensor, nsamples: int, x: Tensor) -> int:
+    """Fold a batch into the running mean over samples of the token sums, in place.
+
+    Args:
+        mean: (d_in,) fp32, the mean so far over ``nsamples`` samples; updated in place.
+        nsamples: samples folded in so far.
+        x: the Linear's input for ``b`` samples, shape (b, T, d_in) (or (T, d_in): one sample).
+
+    Returns:
+        The new sample count, ``nsamples + b``.
+    """
+    batch, cols = _columns(x)
+    mean *= nsamples / (nsamples + batch)
+    nsamples += batch
+    mean += torch.sum(cols, dim=1) / nsamples  # (d_in,)
+    return nsamples
+
+
+def accumulate_token_var(var: Tensor, ntokens: int, x: Tensor) -> int:
+    """Fold one sample into the token-weighted running mean of population variances, in place.
+
+    Args:
+        var: (d_in,) fp32, the mean so far over ``ntokens`` tokens; updated in place.
+        ntokens: tokens folded in so far.
+        x: one sample's input, (1, T, d_in) or (T, d_in); the variance is over its T tokens.
+
+    Returns:
+        The new token count, ``ntokens + T``.
+    """
+    _, cols = _columns(x)  # (d_in, T)
+    count = cols.shape[1]
+    sample_var = torch.var(cols, dim=1, unbiased=False)  # (d_in,)
+    if ntokens == 0:
+        var.copy_(sample_var)
+    else:
+        var.mul_(ntokens).add_(sample_var * count).div_(ntokens + count)
+    return ntokens + count

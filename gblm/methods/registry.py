@@ -63,3 +63,43 @@ def method_order(name: str) -> tuple[int, str]:
     """Sort key for tables: registered methods in registry order, unknown ones after, by name."""
     names = method_names()
     return (names.index(name), name) if name in names else (len(names), name)
+
+
+def build_method(name: str, target: str | None = None, **options: Any):
+    """The method ``name`` with its registered defaults updated by ``options``; None for dense.
+
+    Args:
+        name: A registered method (a file of ``conf/method/``).
+        target: The class's dotted path, when the config names another class than the registry.
+        options: Keyword arguments of the class; unknown ones are refused with the allowed list.
+
+    Raises:
+        ConfigError: unknown method or option, or a value the class refuses.
+    """
+    import inspect
+
+    from hydra.utils import get_class
+
+    from gblm.errors import ConfigError
+
+    try:
+        entry = method_entry(name)
+    except KeyError:
+        raise ConfigError(
+            f"method={name!r} is not allowed: choose one of {', '.join(method_names())}."
+        ) from None
+    target = target or entry.target
+    if target is None:
+        return None
+    cls = get_class(target)
+    allowed = [p for p in inspect.signature(cls).parameters if p != "self"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"method.{unknown[0]} is not an option of method={name}: its options are "
+            f"{', '.join(allowed) or 'none'}."
+        )
+    try:
+        return cls(**{**entry.options, **options})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"method={name}: {err}") from err

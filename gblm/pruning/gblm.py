@@ -1,4 +1,4 @@
-"""GBLM-Pruner: weights scored by their activations and their loss gradients.
+"""GBLM-Pruner's score: weights scored by their activations and their loss gradients.
 
 GBLM-Pruner (Das et al., arXiv 2311.04902) prunes, in every output row, the weights with the
 lowest
@@ -8,7 +8,7 @@ lowest
 computed as the published code does: ``S = |W| * sqrt(row_sq) + |W| * G_p``, where ``row_sq`` is
 the walk's running mean of squared inputs (so ``sqrt(row_sq) = ||X_j||_2 / sqrt(N)``) and
 ``G_p`` the dense model's per-sample gradient norm with alpha already folded in
-(:mod:`gblm.calibration.gradients`). The first term is formed in fp32; the second in the dtype
+(computed by the gradient stage, :mod:`gblm.calibration.gradients`). The first term is formed in fp32; the second in the dtype
 ``G_p`` was accumulated in (published: fp16) and then cast to fp32 for the sum.
 
 Ablations: ``score="gradient"`` keeps only ``|W| * G_p``; ``score="activation"`` only
@@ -17,22 +17,11 @@ Ablations: ``score="gradient"`` keeps only ``|W| * G_p``; ``score="activation"``
 
 from __future__ import annotations
 
-import math
-from typing import ClassVar
-
-import torch
 from torch import Tensor
 
-from gblm.calibration.gradients import NORMS
-from gblm.pruning.base import LinearStats, ScorePruner
 from gblm.pruning.wanda import activation_term
 
 SCORES = ("combined", "gradient", "activation")
-ACCUMULATOR_DTYPES = {
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-}
 
 
 def gradient_term(weight: Tensor, grad_norm: Tensor) -> Tensor:
@@ -82,67 +71,3 @@ def gblm_score(
         return gradient_term(weight, grad_norm).float()
     # fp32 + the fp16 product: the same sum as with the product widened first, without the copy
     return activation_term(weight, row_sq_norms).add_(gradient_term(weight, grad_norm))
-
-
-class GBLMPruner(ScorePruner):
-    """GBLM-Pruner (arXiv 2311.04902): ``|W| * sqrt(row_sq) + |W| * G_p``, per output row.
-
-    ``norm``, ``scale`` and ``accumulator_dtype`` configure the gradient stage; the run reads
-    them from this object to compute (or find in the cache) the gradient norms.
-    """
-
-    name: ClassVar[str] = "gblm"
-    needs_activations: ClassVar[bool] = True
-    needs_gradients: ClassVar[bool] = True
-
-    def __init__(
-        self,
-        norm: str = "l1",
-        scale: float = 100.0,
-        score: str = "combined",
-        comparison_group: str = "row",
-        accumulator_dtype: str = "float16",
-    ) -> None:
-        super().__init__(comparison_group)
-        if norm not in NORMS:
-            raise ValueError(f"method.norm={norm!r}: allowed values are {', '.join(NORMS)}.")
-        if score not in SCORES:
-            raise ValueError(f"method.score={score!r}: allowed values are {', '.join(SCORES)}.")
-        if accumulator_dtype not in ACCUMULATOR_DTYPES:
-            raise ValueError(
-                f"method.accumulator_dtype={accumulator_dtype!r}: allowed values are "
-                f"{', '.join(ACCUMULATOR_DTYPES)}."
-            )
-        if (
-            isinstance(scale, bool)
-            or not isinstance(scale, int | float)
-            or not math.isfinite(scale)
-        ):
-            raise ValueError(f"method.scale={scale!r}: must be a finite number >= 0.")
-        if scale < 0:
-            raise ValueError(f"method.scale={scale!r}: must be a finite number >= 0.")
-        self.norm = norm
-        self.scale = float(scale)
-        self.score_kind = score
-        self.accumulator_dtype = accumulator_dtype
-        # Per instance: a gradient-only score needs no activation pass, an activation-only score
-        # (Wanda) no gradient stage.
-        self.needs_activations = score != "gradient"
-        self.needs_gradients = score != "activation"
-
-    @property
-    def accumulator_torch_dtype(self) -> torch.dtype:
-        """``accumulator_dtype`` as a ``torch.dtype``, for :func:`gradient_norms`."""
-        return ACCUMULATOR_DTYPES[self.accumulator_dtype]
-
-    def score(self, weight: Tensor, stats: LinearStats) -> Tensor:
-        return gblm_score(weight, stats.row_sq_norms, stats.grad_norm, self.score_kind)
-
-    def describe(self) -> dict:
-        return {
-            "norm": self.norm,
-            "scale": self.scale,
-            "score": self.score_kind,
-            "comparison_group": self.comparison_group,
-            "accumulator_dtype": self.accumulator_dtype,
-        }

@@ -8,13 +8,10 @@ the upper Cholesky factor of ``H^-1`` (within the block at once, lazily beyond i
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from gblm import devices
-from gblm.pruning.base import LinearStats, Pruner, Sparsity
 from gblm.pruning.masks import kth_smallest, zero_masked_
 
 
@@ -103,37 +100,3 @@ def sparsegpt_prune(
 
         mask[:, dead] = True
     return W.to(weight.dtype), mask
-
-
-class SparseGPTPruner(Pruner):
-    """Prune with the SparseGPT solve: the surviving weights are updated to absorb the error."""
-
-    name: ClassVar[str] = "sparsegpt"
-    needs_hessian: ClassVar[bool] = True
-
-    def __init__(
-        self, blocksize: int = 128, percdamp: float = 0.01, true_sequential: bool = False
-    ) -> None:
-        if blocksize < 1:
-            raise ValueError(f"method.blocksize={blocksize}: must be >= 1.")
-        if percdamp < 0:
-            raise ValueError(f"method.percdamp={percdamp}: must be >= 0.")
-        self.blocksize = blocksize
-        self.percdamp = percdamp
-        self.true_sequential = true_sequential
-
-    @torch.no_grad()
-    def prune_linear(self, linear: nn.Linear, stats: LinearStats, sparsity: Sparsity) -> Tensor:
-        if stats.hessian is None:
-            raise ValueError("SparseGPT needs the Hessian from the layer walk.")
-        weight, mask = sparsegpt_prune(
-            linear.weight.data,
-            stats.hessian,
-            sparsity.ratio,
-            sparsity.n,
-            sparsity.m,
-            blocksize=self.blocksize,
-            percdamp=self.percdamp,
-        )
-        linear.weight.data.copy_(weight)
-        return mask

@@ -6,21 +6,19 @@ per-row groups of M columns.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from torch import Tensor
 
-from gblm.pruning.base import LinearStats, ScorePruner
+from gblm.calibration.stats import LinearStats
+from gblm.methods.base import ScorePruner
 
 
 class MagnitudePruner(ScorePruner):
     """Prune the weights of smallest absolute value."""
 
-    name: ClassVar[str] = "magnitude"
-    needs_calibration: ClassVar[bool] = False
+    needs_calibration = False
 
     def __init__(self, comparison_group: str = "layer") -> None:
         super().__init__(comparison_group)
 
-    def score(self, weight: Tensor, stats: LinearStats) -> Tensor:
+    def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:
         return weight.abs()  # (d_out, d_in)

@@ -1,0 +1,105 @@
+"""GBLM-Pruner (Das et al., arXiv 2311.04902): ``|W| * sqrt(row_sq) + |W| * G_p``, per output row.
+
+The method owns two stages: its dense-model pass (:meth:`GBLMPruner.prepare`, the gradient stage
+of :mod:`gblm.calibration.gradients`, cached on disk) and the per-Linear score
+(:func:`gblm.pruning.gblm.gblm_score`). Every option of the gradient stage is checked once, by
+:class:`gblm.calibration.gradients.GradientSettings`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from gblm.calibration.gradients import (
+    GradientSettings,
+    cached_gradient_norms,
+    check_chunkable,
+    gradient_cache_key,
+    gradient_norms,
+)
+from gblm.calibration.stats import LinearStats
+from gblm.methods.base import RunContext, ScorePruner
+from gblm.pruning.gblm import SCORES, gblm_score
+
+
+class GBLMPruner(ScorePruner):
+    """Gradient-informed pruning: activation term plus ``|W|`` times the gradient norm."""
+
+    def __init__(
+        self,
+        norm: str = "l1",
+        scale: float = 100.0,
+        score: str = "combined",
+        comparison_group: str = "row",
+        accumulator_dtype: str = "float16",
+        gradient_checkpointing: bool = False,
+        loss_chunk_tokens: int = 0,
+    ) -> None:
+        super().__init__(comparison_group)
+        if score not in SCORES:
+            raise ValueError(f"method.score={score!r}: allowed values are {', '.join(SCORES)}.")
+        self.score_kind = score
+        self.gradients = GradientSettings(
+            norm=norm,
+            scale=scale,
+            accumulator_dtype=accumulator_dtype,
+            checkpointing=gradient_checkpointing,
+            loss_chunk_tokens=loss_chunk_tokens,
+        )
+        # A gradient-only score needs no activation statistic; an activation-only one (Wanda)
+        # no gradient stage.
+        self.stats = frozenset() if score == "gradient" else frozenset({"row_sq"})
+        self.uses_gradients = score != "activation"
+        self.dense_pass = "gradients" if self.uses_gradients else None
+        self._grad_norms: dict[str, Tensor] | None = None
+
+    def check_model(self, model: nn.Module) -> None:
+        if self.uses_gradients and self.gradients.loss_chunk_tokens:
+            check_chunkable(model)
+
+    def prepare(self, model: nn.Module, windows: Tensor | None, context: RunContext) -> None:
+        """The gradient stage on the dense model, or its cached result."""
+        if not self.uses_gradients:
+            return
+        if windows is None:
+            raise ValueError("GBLM-Pruner's gradient stage needs calibration windows.")
+
+        def compute() -> dict[str, Tensor]:
+            return gradient_norms(
+                model, windows, self.gradients, device=context.device, progress=context.progress
+            )
+
+        if context.cache_dir is None or context.model_id is None:
+            self._grad_norms = compute()
+            return
+        key = gradient_cache_key(context.model_id, windows, self.gradients, context.model_dtype)
+        self._grad_norms = cached_gradient_norms(context.cache_dir / "gradients", key, compute)
+
+    def set_gradient_norms(self, grad_norms: dict[str, Tensor]) -> None:
+        """Use gradient norms computed elsewhere (by full Linear name) instead of :meth:`prepare`."""
+        self._grad_norms = grad_norms
+
+    def release(self) -> None:
+        self._grad_norms = None
+
+    def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:
+        grad_norm = None
+        if self.uses_gradients:
+            if self._grad_norms is None or name not in self._grad_norms:
+                raise ValueError(
+                    f"GBLM-Pruner has no gradient norm for {name!r}: run its gradient stage "
+                    "(prepare) on the dense model first."
+                )
+            grad_norm = self._grad_norms[name]
+        return gblm_score(weight, stats.row_sq_norms, grad_norm, self.score_kind)
+
+    def describe(self) -> dict:
+        return {
+            "norm": self.gradients.norm,
+            "scale": self.gradients.scale,
+            "score": self.score_kind,
+            "comparison_group": self.comparison_group,
+            "accumulator_dtype": self.gradients.accumulator_dtype,
+            "gradient_checkpointing": self.gradients.checkpointing,
+            "loss_chunk_tokens": self.gradients.loss_chunk_tokens,
+        }

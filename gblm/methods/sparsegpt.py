@@ -1,0 +1,46 @@
+"""SparseGPT (Frantar & Alistarh 2023, arXiv 2301.00774): prune against the Hessian and update the
+surviving weights to absorb the error (the solve is :func:`gblm.pruning.sparsegpt.sparsegpt_prune`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from gblm.calibration.stats import LinearStats
+from gblm.methods.base import Pruner, require
+from gblm.pruning.sparsegpt import sparsegpt_prune
+from gblm.pruning.sparsity import Sparsity
+
+
+class SparseGPTPruner(Pruner):
+    """Prune with the SparseGPT solve: the surviving weights are updated to absorb the error."""
+
+    stats = frozenset({"hessian"})
+
+    def __init__(
+        self, blocksize: int = 128, percdamp: float = 0.01, true_sequential: bool = False
+    ) -> None:
+        if blocksize < 1:
+            raise ValueError(f"method.blocksize={blocksize}: must be >= 1.")
+        if percdamp < 0:
+            raise ValueError(f"method.percdamp={percdamp}: must be >= 0.")
+        self.blocksize = blocksize
+        self.percdamp = percdamp
+        self.true_sequential = true_sequential
+
+    @torch.no_grad()
+    def prune_linear(
+        self, name: str, linear: nn.Linear, stats: LinearStats, target: Sparsity
+    ) -> Tensor:
+        weight, mask = sparsegpt_prune(
+            linear.weight.data,
+            require(stats, "hessian", "SparseGPT"),
+            target.ratio,
+            target.n,
+            target.m,
+            blocksize=self.blocksize,
+            percdamp=self.percdamp,
+        )
+        linear.weight.data.copy_(weight)
+        return mask

@@ -1,0 +1,39 @@
+"""Wanda (Sun et al. 2023, arXiv 2306.11695): score = |W[i, j]| * ||X_j||_2 / sqrt(N).
+
+The score is :func:`gblm.pruning.wanda.activation_term`; the comparison group is the output row.
+``use_variant`` is the paper's appendix variant (per-row cumulative-score budget ``alpha``, found
+by bisection), for unstructured sparsity only.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from gblm.calibration.stats import LinearStats
+from gblm.methods.base import ScorePruner, require
+from gblm.pruning.masks import variant_mask
+from gblm.pruning.sparsity import Sparsity
+from gblm.pruning.wanda import activation_term
+
+
+class WandaPruner(ScorePruner):
+    """Prune by weight magnitude times input activation norm."""
+
+    stats = frozenset({"row_sq"})
+
+    def __init__(self, comparison_group: str = "row", use_variant: bool = False) -> None:
+        super().__init__(comparison_group)
+        if use_variant and comparison_group != "row":
+            raise ValueError(
+                "method.use_variant=true works per output row; got "
+                f"comparison_group={comparison_group!r}."
+            )
+        self.use_variant = use_variant
+
+    def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:
+        return activation_term(weight, require(stats, "row_sq_norms", "Wanda"))
+
+    def select(self, score: Tensor, target: Sparsity) -> Tensor:
+        if self.use_variant and not target.structured:
+            return variant_mask(score, target.ratio)
+        return super().select(score, target)
