@@ -345,19 +345,20 @@ def _input_device(model, device: torch.device) -> torch.device:
 def _record_mask_stats(
     s: RunSettings, model, masks, metrics: dict, local: LocalLogger, run_dir: Path
 ) -> None:
-    from gblm.pruning import stats
+    from gblm.analysis.plots import save_mask_images
+    from gblm.analysis.records import write_mask_stats_blocks, write_mask_stats_csv
+    from gblm.analysis.stats import model_mask_stats
+    from gblm.models.zeros import weight_zero_share
 
-    per_linear, per_block, per_type, overall = stats.model_mask_stats(
-        masks, s.sparsity.n, s.sparsity.m
-    )
-    stats.write_mask_stats_csv(per_linear, run_dir / "mask_stats.csv")
-    local.write_json("mask_stats_blocks.json", {"per_block": per_block, "per_type": per_type})
+    per_linear, per_block, per_type, overall = model_mask_stats(masks, s.sparsity.n, s.sparsity.m)
+    write_mask_stats_csv(per_linear, run_dir / "mask_stats.csv")
+    write_mask_stats_blocks(per_block, per_type, run_dir / "mask_stats_blocks.json")
     metrics["mask_stats"] = overall
-    metrics["sparsity_check"] = stats.weight_zero_share(model, list(masks))
+    metrics["sparsity_check"] = weight_zero_share(model, list(masks))
     wanted = [n for n in s.mask_images if n in masks]
     if wanted:
         metrics["mask_images"] = [
-            str(p) for p in stats.save_mask_images(masks, wanted, run_dir / "masks")
+            str(p) for p in save_mask_images(masks, wanted, run_dir / "masks")
         ]
 
 
@@ -410,7 +411,7 @@ def _make_remote_logger(s: RunSettings, run_dir: Path):
 
 
 def _log_tables_and_images(remote, run_dir: Path) -> None:
-    from gblm.pruning.stats import read_mask_stats_csv
+    from gblm.analysis.records import read_mask_stats_csv
 
     path = run_dir / "mask_stats.csv"
     if path.exists():
