@@ -85,13 +85,11 @@ def test_row_mask_matches_stable_sort_loop(ratio: float, ties: bool) -> None:
 @pytest.mark.parametrize(
     "rows, width",
     [(5, 7), (4, 512), (6, 513), (3, 576), (3, 1300), (2, 1536), (3, 2049), (2, 4096), (1, 3000)]
-    + [(2, 4608), (2, 5000), (2, 11008)]  # more than 8 runs: samples every 16th entry
-    + [(1, 9000), (1, 70000)],  # single long rows: the sampled bracket
+    + [(2, 4608), (2, 5000), (2, 11008)]
+    + [(1, 9000), (1, 70000)],  # single long rows, as SparseGPT's layer threshold asks
 )
 @pytest.mark.parametrize("kind", ["normal", "ties", "sorted", "inf"])
 def test_kth_smallest_matches_sort(rows: int, width: int, kind: str) -> None:
-    # widths cover one sorted run, several runs with a short last one, more than 8 runs, and
-    # the sampled bracket of a single long row
     gen = torch.Generator().manual_seed(rows * width)
     values = {
         "normal": lambda: torch.randn(rows, width, generator=gen),
@@ -108,7 +106,7 @@ def test_kth_smallest_matches_sort(rows: int, width: int, kind: str) -> None:
         got = kth_smallest(values, k)
         assert got.shape == (rows, 1)
         assert torch.equal(got, ordered[:, k - 1 : k]), k
-    for dtype in (torch.float16, torch.bfloat16, torch.float64):  # widened, or np.partition
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
         narrow = values.to(dtype)
         k = max(1, width // 2)
         got = kth_smallest(narrow, k)
@@ -118,7 +116,7 @@ def test_kth_smallest_matches_sort(rows: int, width: int, kind: str) -> None:
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_row_mask_wide_rows_match_stable_sort_loop(ties: bool) -> None:
-    # rows of 1300 take the chunked selection; the mask must still be the stable sort's
+    # rows of the widths of real layers, with and without ties
     score = (
         _ties((3, 1300), seed=7)
         if ties
@@ -207,35 +205,7 @@ def test_packed_masks_hold_bits_and_give_back_the_masks() -> None:
     }
 
 
-@pytest.mark.parametrize("width", [7, 512, 576, 1536, 4608])
-@pytest.mark.parametrize("kind", ["normal", "ties", "inf"])
-def test_selection_also_finds_the_next_value_and_nan(width: int, kind: str) -> None:
-    from gblm.pruning.masks import _sorted_runs_select
-
-    gen = torch.Generator().manual_seed(width)
-    values = {
-        "normal": lambda: torch.randn(4, width, generator=gen),
-        "ties": lambda: _ties((4, width), seed=width),
-        "inf": lambda: torch.randn(4, width, generator=gen).masked_fill(
-            torch.rand(4, width, generator=gen) < 0.6, float("inf")
-        ),
-    }[kind]()
-    ordered = values.sort(dim=1).values
-    for k in {1, width // 2, width - 1, width} - {0}:
-        kth, following, has_nan = _sorted_runs_select(values.numpy(), k)
-        assert not has_nan
-        assert torch.equal(torch.from_numpy(kth), ordered[:, k - 1])
-        if k < width:  # ties beyond rank k show up as following == kth, and only then
-            ties_beyond = ordered[:, k] == ordered[:, k - 1]
-            assert torch.equal(torch.from_numpy(following == kth), ties_beyond)
-            # otherwise following is the k + 1-th smallest itself or +inf (beyond the stretch)
-            following = torch.from_numpy(following)
-            assert ((following == ordered[:, k]) | (following == float("inf"))).all()
-    values[2, width // 3] = float("nan")
-    assert _sorted_runs_select(values.numpy(), max(1, width // 2))[2]
-
-
-def test_row_mask_with_nan_takes_the_stable_sort() -> None:
+def test_row_mask_with_nan_is_the_stable_sort() -> None:
     score = torch.rand(3, 700, generator=torch.Generator().manual_seed(8))
     score[1, 5] = float("nan")
     mask = unstructured_row_mask(score, 0.5)
@@ -247,7 +217,7 @@ def test_row_mask_with_nan_takes_the_stable_sort() -> None:
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_mask_of_a_large_layer_matches_the_threshold_rule(ties: bool, dtype) -> None:
-    # 12800 entries: the sampled bracket, computed in NumPy
+    # 12800 entries, in fp32 and bf16 (compared in fp32, which widens bf16 exactly)
     gen = torch.Generator().manual_seed(11)
     score = (_ties((64, 200), seed=11) if ties else torch.rand(64, 200, generator=gen)).to(dtype)
     flat = score.float().reshape(-1).sort().values
@@ -255,6 +225,71 @@ def test_layer_mask_of_a_large_layer_matches_the_threshold_rule(ties: bool, dtyp
         threshold = flat[int(score.numel() * ratio)]
         mask = unstructured_layer_mask(score, ratio)
         assert mask.dtype == torch.bool and torch.equal(mask, score.float() <= threshold)
-    score[3, 7] = float("nan")  # NaN takes torch's kthvalue, which ranks it last
+    score[3, 7] = float("nan")  # NaN ranks last, as in a sort
     mask = unstructured_layer_mask(score, 0.5)
     assert not mask[3, 7] and mask.sum() >= score.numel() // 2
+
+
+def _nan_last(value: float) -> tuple[bool, float]:
+    """A sort key that orders NaN after every number, +inf included (as torch.sort does)."""
+    return (value != value, 0.0 if value != value else value)
+
+
+def _naive_row_nan_last(score: list[list[float]], ratio: float) -> list[list[bool]]:
+    mask = []
+    for row in score:
+        k = int(len(row) * ratio)
+        order = sorted(range(len(row)), key=lambda j: (_nan_last(row[j]), j))
+        pruned = set(order[:k])
+        mask.append([j in pruned for j in range(len(row))])
+    return mask
+
+
+def _naive_layer_nan_last(score: list[list[float]], ratio: float) -> list[list[bool]]:
+    flat = sorted((v for row in score for v in row), key=_nan_last)
+    k = int(len(flat) * ratio)
+    if k == 0:
+        return [[False] * len(row) for row in score]
+    threshold = flat[k]  # a NaN threshold compares false with everything: nothing pruned
+    return [[v <= threshold for v in row] for row in score]
+
+
+def _with_nan_and_inf(shape: tuple[int, int], share: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    score = _ties(shape, seed=seed)
+    score = score.masked_fill(torch.rand(shape, generator=gen) < 0.1, float("inf"))
+    return score.masked_fill(torch.rand(shape, generator=gen) < share, float("nan"))
+
+
+@pytest.mark.parametrize("share", [0.02, 0.3, 0.7])
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.9])
+def test_row_and_layer_masks_with_nan_match_loops(share: float, ratio: float) -> None:
+    score = _with_nan_and_inf((6, 40), share, seed=int(100 * share))
+    rows = score.tolist()
+    assert unstructured_row_mask(score, ratio).tolist() == _naive_row_nan_last(rows, ratio)
+    assert unstructured_layer_mask(score, ratio).tolist() == _naive_layer_nan_last(rows, ratio)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("ties", [False, True])
+def test_row_and_layer_masks_in_other_dtypes_match_loops(dtype, ties: bool) -> None:
+    gen = torch.Generator().manual_seed(12)
+    score = (_ties((5, 48), seed=12) if ties else torch.randn(5, 48, generator=gen)).to(dtype)
+    rows = score.tolist()  # every fp16 / bf16 value is exact as a Python float
+    for ratio in (0.3, 0.5):
+        assert unstructured_row_mask(score, ratio).tolist() == _naive_row(rows, ratio)
+        # the layer rule compares in fp32: fp64 scores are rounded to fp32 first
+        widened = score.float().tolist()
+        assert unstructured_layer_mask(score, ratio).tolist() == _naive_layer(widened, ratio)
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8), (1, 4)])
+def test_nm_mask_matches_a_group_loop(n: int, m: int) -> None:
+    score = torch.randn(5, 24, generator=torch.Generator().manual_seed(13))
+    expected = []
+    for row in score.tolist():
+        pruned: set[int] = set()
+        for g in range(0, len(row), m):
+            pruned |= set(sorted(range(g, g + m), key=lambda j: row[j])[:n])
+        expected.append([j in pruned for j in range(len(row))])
+    assert nm_mask(score, n, m).tolist() == expected
