@@ -1,7 +1,17 @@
-"""Typed run settings and validation: bad values fail here, before any model or data loads.
+"""The config schema, and validation: bad values fail here, before any model or data loads.
+
+The schema is written once, as the dataclasses below: their fields are the keys, their types and
+their defaults. :class:`RunConf` is stored in Hydra's ConfigStore as ``schema`` and heads the
+defaults list of ``conf/config.yaml``, so every group file merges onto a typed node and holds only
+what differs from these defaults. A value of the wrong type (``calibration.nsamples=abc``) fails
+at composition, naming its key; ``save_model=no`` or ``eval.perplexity.enabled=off`` become a real
+``False``. The ``method`` node stays an untyped dict: each method's options are the keyword
+arguments of its class (``conf/method/<name>.yaml``, :mod:`gblm.methods.registry`), which checks
+them.
 
 Only :mod:`gblm.run` sees a ``DictConfig``; it calls :func:`validate` to turn it into a
-:class:`RunSettings`, and everything below takes these typed values.
+:class:`RunSettings`: the checks of allowed values and across groups, each message naming the key
+and the allowed values. Everything below takes these typed values.
 """
 
 from __future__ import annotations
@@ -10,25 +20,55 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from omegaconf import II, MISSING, OmegaConf
+
 from gblm.data.sources import SAMPLINGS, SOURCES
 from gblm.devices import DTYPE_NAMES
 from gblm.errors import ConfigError
+from gblm.methods.registry import ENTRY_KEYS, method_entry, method_names
 from gblm.models.loading import KINDS, ModelSpec
 from gblm.pruning.sparsity import Sparsity
 
-METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "gblm")
 LOGGERS = ("local", "wandb")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-# Keys of the method group that configure the run, not the pruner's constructor.
-METHOD_RUN_KEYS = ("name", "_target_", "order", "gradient_checkpointing", "loss_chunk_tokens")
+SCHEMA_NAME = "schema"  # the ConfigStore entry at the head of conf/config.yaml's defaults list
+
+
+# The schema ---------------------------------------------------------------------------------------
+@dataclass
+class ModelConf:
+    """The ``model`` group: what to load (see :class:`gblm.models.loading.ModelSpec`)."""
+
+    name: str | None = II("model.name_or_path")  # a short name for run records
+    kind: str = "hf"  # hf | smollm2 | tiny
+    # kind=hf: a hub id or a local save_pretrained directory (required); null for the other kinds
+    name_or_path: str | None = MISSING
+    revision: str | None = None
+    dtype: str = II("dtype")
+    device_map: Any = None  # auto: spread over GPUs / offload to CPU with accelerate
+    trust_remote_code: bool = False
+    tiny: dict[str, Any] = field(default_factory=dict)  # kind=tiny: tiny_config arguments + seed
+    run_dir: str | None = None  # model=saved: the run dir whose model/ a run saved (required)
+
+
+@dataclass
+class SparsityConf:
+    """The ``sparsity`` group: unstructured (``n = m = 0``) or N:M."""
+
+    ratio: float = 0.5
+    n: int = 0
+    m: int = 0
+    per_block: list[float] | None = None  # one ratio per decoder block; None: ``ratio`` for all
 
 
 @dataclass
 class CalibrationSettings:
-    source: str = "austen"
-    paths: list[str] | None = None
+    """The ``calibration`` group (schema and settings alike)."""
+
+    source: str = "austen"  # austen | kjv | wikitext2 | c4 | local
+    paths: list[str] | None = None  # local files, or an offline copy of the source
     split: str = "train"
-    sampling: str = "stream"
+    sampling: str = "stream"  # stream | documents (one document at a time, as published for C4)
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
@@ -36,34 +76,110 @@ class CalibrationSettings:
 
 @dataclass
 class PerplexitySettings:
+    """``eval.perplexity`` (schema and settings alike)."""
+
     enabled: bool = True
     dataset: str = "austen"
     split: str = "test"
     paths: list[str] | None = None
-    seqlen: int = 2048
+    seqlen: int = II("calibration.seqlen")
     batch_size: int = 1
-    max_windows: int | None = None
-    dense: bool = True
+    max_windows: int | None = None  # None: every window, as published
+    dense: bool = True  # also evaluate the dense model first
 
 
 @dataclass
 class ZeroshotSettings:
+    """``eval.zeroshot`` (schema and settings alike)."""
+
     enabled: bool = False
-    tasks: list[str] = field(default_factory=list)
+    # a local multiple-choice task built from Persuasion (gblm/eval/cloze.py)
+    tasks: list[str] = field(default_factory=lambda: ["austen_cloze"])
     limit: int | float | None = None
-    batch_size: int = 1
-    include_path: str | None = None
+    batch_size: int | str = 8  # an integer, or auto
+    include_path: str | None = None  # a folder of extra lm-eval task YAMLs
     cloze_items: int = 100
 
 
 @dataclass
-class WandbSettings:
+class EvalConf:
+    """The ``eval`` group."""
+
+    perplexity: PerplexitySettings = field(default_factory=PerplexitySettings)
+    zeroshot: ZeroshotSettings = field(default_factory=ZeroshotSettings)
+
+
+@dataclass
+class LoggerConf:
+    """The ``logger`` group: local files only, or Weights & Biases after them."""
+
+    name: str = "local"  # local | wandb
     project: str = "gblm"
     entity: str | None = None
-    group: str | None = None
+    group: str | None = None  # None: the sweep directory's name
     tags: list[str] = field(default_factory=list)
-    name: str | None = None
-    mode: str = "auto"
+    run_name: str | None = None  # None: method_sparsity_model
+    mode: str = "auto"  # auto (online when logged in, else offline) | online | offline | disabled
+
+
+@dataclass
+class RunConf:
+    """The whole run config: the groups and the top-level keys."""
+
+    model: ModelConf = field(default_factory=ModelConf)
+    method: dict[str, Any] = field(default_factory=dict)  # untyped: the method class checks it
+    sparsity: SparsityConf = field(default_factory=SparsityConf)
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    eval: EvalConf = field(default_factory=EvalConf)
+    logger: LoggerConf = field(default_factory=LoggerConf)
+    seed: int = 0
+    device: str = "auto"  # auto (first CUDA device, else CPU) | cpu | cuda | cuda:N
+    # model dtype: auto (float16 on CUDA as published, float32 on CPU) | float32 | float16 | bfloat16
+    dtype: str = "auto"
+    batch_size: int = 1  # calibration windows per forward in the layer walk
+    offload_inputs: bool = False  # keep the walk's (N, T, hidden) block inputs on the CPU
+    save_model: bool = False  # save_pretrained the pruned model with its masks into the run dir
+    mask_images: list[str] = field(  # PNG masks of these Linears
+        default_factory=lambda: ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
+    )
+    progress: bool = True
+    skip_finished: bool = True  # a run dir finished with the same config is not redone
+
+
+def _require(value: Any, key: str) -> Any:
+    """``${gblm.require:${a.b},a.b}``: the value of ``a.b``, which an option needs set.
+
+    A group file cannot make a key with a schema default mandatory (``???`` never replaces a
+    value in a merge), so the option that needs it interpolates through this resolver.
+    """
+    if value is None or value == "":
+        raise ConfigError(f"{key} must be set (it has no default)")
+    return value
+
+
+def register_schema() -> None:
+    """Store :class:`RunConf` in Hydra's ConfigStore, and the ``gblm.require`` resolver.
+
+    Done on import of this module, which :mod:`gblm.run` and :mod:`gblm.sweep` import.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConf)
+    OmegaConf.register_new_resolver("gblm.require", _require, replace=True)
+
+
+register_schema()
+
+
+# The settings -------------------------------------------------------------------------------------
+@dataclass
+class WandbSettings:
+    project: str
+    entity: str | None
+    group: str | None
+    tags: list[str]
+    name: str | None
+    mode: str
 
 
 @dataclass
@@ -73,24 +189,24 @@ class RunSettings:
     method_target: str | None
     method_kwargs: dict[str, Any]
     sparsity: Sparsity
+    sparsity_per_block: list[float] | None  # one ratio per decoder block; None: uniform
     calibration: CalibrationSettings
     perplexity: PerplexitySettings
     zeroshot: ZeroshotSettings
-    logger: str = "local"
-    wandb: WandbSettings | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
-    batch_size: int = 1
-    offload_inputs: bool = False
-    gradient_checkpointing: bool = False
-    loss_chunk_tokens: int = 0  # GBLM gradient stage: LM head + loss this many positions at a time
-    save_model: bool = False
-    mask_images: list[str] = field(default_factory=list)
-    progress: bool = True
-    skip_finished: bool = True
+    logger: str
+    wandb: WandbSettings | None
+    device: str
+    dtype: str
+    seed: int
+    batch_size: int
+    offload_inputs: bool
+    save_model: bool
+    mask_images: list[str]
+    progress: bool
+    skip_finished: bool
 
 
+# Validation ---------------------------------------------------------------------------------------
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(allowed)}.")
@@ -103,18 +219,27 @@ def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
-def _paths(key: str, value: Any) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [value]
-    return [str(v) for v in value]
+def _missing_key(err: Exception) -> str:
+    found = re.search(r"Missing mandatory value: ([\w.\[\]]+)", str(getattr(err, "msg", err)))
+    return found.group(1) if found else str(err.full_key)
+
+
+def _config_error_in(err: BaseException) -> ConfigError | None:
+    """The ConfigError a resolver raised, which OmegaConf wraps (as the context, not the cause)."""
+    seen: BaseException | None = err
+    while seen is not None and not isinstance(seen, ConfigError):
+        seen = seen.__cause__ or seen.__context__
+    return seen
 
 
 def to_plain(cfg: Any) -> dict[str, Any]:
     """A resolved plain dict of a DictConfig; a missing mandatory value (``???``) is a ConfigError."""
-    from omegaconf import DictConfig, OmegaConf
-    from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+    from omegaconf import DictConfig
+    from omegaconf.errors import (
+        InterpolationResolutionError,
+        InterpolationToMissingValueError,
+        MissingMandatoryValue,
+    )
 
     if not isinstance(cfg, DictConfig):
         return dict(cfg)
@@ -123,138 +248,169 @@ def to_plain(cfg: Any) -> dict[str, Any]:
     except MissingMandatoryValue as err:
         raise ConfigError(f"{err.full_key} must be set (it has no default).") from None
     except InterpolationToMissingValueError as err:
-        found = re.search(r"Missing mandatory value: ([\w.]+)", str(err.msg))
-        missing = found.group(1) if found else err.full_key
         raise ConfigError(
-            f"{missing} must be set (it has no default; {err.full_key} refers to it)."
+            f"{_missing_key(err)} must be set (it has no default; {err.full_key} refers to it)."
         ) from None
+    except InterpolationResolutionError as err:
+        cause = _config_error_in(err)
+        if cause is None:
+            raise
+        raise ConfigError(f"{str(cause)[:-1]}; {err.full_key} refers to it).") from None
     plain.pop("hydra", None)
     return plain
 
 
-def validate(cfg: dict[str, Any]) -> RunSettings:
-    """Check every value of a resolved config (a plain dict) and return typed settings."""
-    method = dict(cfg["method"])
-    name = _choice("method", method.get("name"), METHODS)
-    method_kwargs = {k: v for k, v in method.items() if k not in METHOD_RUN_KEYS}
+def typed_config(cfg: dict[str, Any]) -> RunConf:
+    """``cfg`` merged onto the schema: defaults filled in, every value of its declared type.
 
-    sp = cfg["sparsity"]
+    A composed config is typed already; a plain dict from elsewhere gets the same checks here.
+    Raises ConfigError naming the key of a value of the wrong type or of an unknown key.
+    """
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
     try:
-        ratio = float(sp.get("ratio", 0.0))
-        sparsity = Sparsity(ratio=ratio, n=int(sp.get("n", 0)), m=int(sp.get("m", 0)))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConf), cfg))
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"{_missing_key(err)} must be set (it has no default).") from None
+    except OmegaConfBaseException as err:
+        reason = str(getattr(err, "msg", err)).splitlines()[0]
+        raise ConfigError(f"{err.full_key}: {reason}") from None
+
+
+def _method(method: dict[str, Any]) -> tuple[str, str | None, dict[str, Any]]:
+    """The method's name, class and constructor options (the node minus the entry's keys)."""
+    name = _choice("method.name", method.get("name"), method_names())
+    kwargs = {k: v for k, v in method.items() if k not in ENTRY_KEYS}
+    return name, method.get("_target_"), kwargs
+
+
+def _sparsity(sp: SparsityConf, method_name: str, pruning: bool) -> Sparsity:
+    try:
+        sparsity = Sparsity(ratio=sp.ratio, n=sp.n, m=sp.m)
     except ValueError as err:
         raise ConfigError(
             f"{err} Allowed: sparsity.ratio in [0, 1) for unstructured; N:M with 0 < N < M and "
             f"sparsity.ratio = N/M (sparsity=nm_2_4 or nm_4_8)."
         ) from None
-    if name != "dense" and ratio == 0.0:
+    ratios = [sp.ratio] if sp.per_block is None else sp.per_block
+    if sp.per_block is not None:
+        if sparsity.structured:
+            raise ConfigError(
+                f"sparsity.per_block with N:M {sp.n}:{sp.m}: a per-block schedule is for "
+                "unstructured sparsity only; set sparsity.per_block=null or sparsity=unstructured."
+            )
+        if not sp.per_block:
+            raise ConfigError(
+                "sparsity.per_block=[]: give one ratio per decoder block, or null (uniform "
+                "sparsity.ratio)."
+            )
+        for i, ratio in enumerate(sp.per_block):
+            if not 0.0 <= ratio < 1.0:
+                raise ConfigError(
+                    f"sparsity.per_block[{i}]={ratio}: each ratio must lie in [0, 1)."
+                )
+    if pruning and not any(ratios):
+        baselines = [n for n in method_names() if method_entry(n).target is None]
+        zero = "sparsity.ratio=0" if sp.per_block is None else "sparsity.per_block all 0"
         raise ConfigError(
-            f"sparsity.ratio=0 with method={name}: nothing to prune; use method=dense."
+            f"{zero} with method={method_name}: nothing to prune; use "
+            f"method={' or method='.join(baselines)}."
         )
+    return sparsity
 
-    c = cfg["calibration"]
-    calibration = CalibrationSettings(
-        source=_choice("calibration.source", c.get("source"), SOURCES),
-        paths=_paths("calibration.paths", c.get("paths")),
-        split=c.get("split", "train"),
-        sampling=_choice("calibration.sampling", c.get("sampling", "stream"), SAMPLINGS),
-        nsamples=_positive_int("calibration.nsamples", c.get("nsamples")),
-        seqlen=_positive_int("calibration.seqlen", c.get("seqlen"), minimum=2),
-        seed=int(c.get("seed", 0)),
-    )
-    if calibration.source == "local" and not calibration.paths:
+
+def _calibration(c: CalibrationSettings) -> CalibrationSettings:
+    _choice("calibration.source", c.source, SOURCES)
+    _choice("calibration.sampling", c.sampling, SAMPLINGS)
+    _positive_int("calibration.nsamples", c.nsamples)
+    _positive_int("calibration.seqlen", c.seqlen, minimum=2)
+    if c.source == "local" and not c.paths:
         raise ConfigError(
             "calibration.source=local needs calibration.paths=[file.txt, file.jsonl, ...]."
         )
+    return c
 
-    e = cfg["eval"]
-    p = e.get("perplexity", {}) or {}
-    perplexity = PerplexitySettings(
-        enabled=bool(p.get("enabled", True)),
-        dataset=_choice("eval.perplexity.dataset", p.get("dataset", "austen"), SOURCES),
-        split=p.get("split", "test"),
-        paths=_paths("eval.perplexity.paths", p.get("paths")),
-        seqlen=_positive_int(
-            "eval.perplexity.seqlen", p.get("seqlen", calibration.seqlen), minimum=2
-        ),
-        batch_size=_positive_int("eval.perplexity.batch_size", p.get("batch_size", 1)),
-        max_windows=None
-        if p.get("max_windows") is None
-        else _positive_int("eval.perplexity.max_windows", p["max_windows"]),
-        dense=bool(p.get("dense", True)),
-    )
-    if perplexity.enabled and perplexity.dataset == "local" and not perplexity.paths:
+
+def _perplexity(p: PerplexitySettings) -> PerplexitySettings:
+    _choice("eval.perplexity.dataset", p.dataset, SOURCES)
+    _positive_int("eval.perplexity.seqlen", p.seqlen, minimum=2)
+    _positive_int("eval.perplexity.batch_size", p.batch_size)
+    if p.max_windows is not None:
+        _positive_int("eval.perplexity.max_windows", p.max_windows)
+    if p.enabled and p.dataset == "local" and not p.paths:
         raise ConfigError(
             "eval.perplexity.dataset=local needs eval.perplexity.paths=[file.txt, ...]."
         )
-    z = e.get("zeroshot", {}) or {}
-    zeroshot = ZeroshotSettings(
-        enabled=bool(z.get("enabled", False)),
-        tasks=list(z.get("tasks") or []),
-        limit=z.get("limit"),
-        batch_size=z.get("batch_size", 1)
-        if z.get("batch_size") == "auto"
-        else _positive_int("eval.zeroshot.batch_size", z.get("batch_size", 1)),
-        include_path=z.get("include_path"),
-        cloze_items=_positive_int("eval.zeroshot.cloze_items", z.get("cloze_items", 100)),
-    )
-    if zeroshot.enabled and not zeroshot.tasks:
-        raise ConfigError("eval.zeroshot.enabled=true needs eval.zeroshot.tasks=[...].")
+    return p
 
-    m = cfg["model"]
-    model = ModelSpec(
-        kind=_choice("model.kind", m.get("kind", "hf"), KINDS),
-        name=str(m.get("name", m.get("name_or_path") or m.get("kind"))),
-        name_or_path=m.get("name_or_path"),
-        revision=m.get("revision"),
-        dtype=_choice("model.dtype", m.get("dtype", cfg.get("dtype", "auto")), DTYPE_NAMES),
-        device_map=m.get("device_map"),
-        trust_remote_code=bool(m.get("trust_remote_code", False)),
-        tiny=dict(m.get("tiny") or {}),
+
+def _zeroshot(z: ZeroshotSettings) -> ZeroshotSettings:
+    if z.batch_size != "auto":
+        _positive_int("eval.zeroshot.batch_size", z.batch_size)
+    _positive_int("eval.zeroshot.cloze_items", z.cloze_items)
+    if z.enabled and not z.tasks:
+        raise ConfigError("eval.zeroshot.enabled=true needs eval.zeroshot.tasks=[...].")
+    return z
+
+
+def _model(m: ModelConf) -> ModelSpec:
+    spec = ModelSpec(
+        kind=_choice("model.kind", m.kind, KINDS),
+        name=str(m.name or m.kind),
+        name_or_path=m.name_or_path,
+        revision=m.revision,
+        dtype=_choice("model.dtype", m.dtype, DTYPE_NAMES),
+        device_map=m.device_map,
+        trust_remote_code=m.trust_remote_code,
+        tiny=dict(m.tiny),
     )
-    if model.kind == "hf" and not model.name_or_path:
+    if spec.kind == "hf" and not spec.name_or_path:
         raise ConfigError(
             "model.name_or_path is required with model.kind=hf (hub id or local directory)."
         )
+    return spec
 
-    lg = cfg.get("logger", {}) or {}
-    logger = _choice("logger.name", lg.get("name", "local"), LOGGERS)
-    wandb = None
-    if logger == "wandb":
-        wandb = WandbSettings(
-            project=lg.get("project", "gblm"),
-            entity=lg.get("entity"),
-            group=lg.get("group"),
-            tags=list(lg.get("tags") or []),
-            name=lg.get("run_name"),
-            mode=_choice("logger.mode", lg.get("mode", "auto"), WANDB_MODES),
-        )
-    device = str(cfg.get("device", "auto"))
+
+def _wandb(lg: LoggerConf) -> WandbSettings | None:
+    if _choice("logger.name", lg.name, LOGGERS) != "wandb":
+        return None
+    return WandbSettings(
+        project=lg.project,
+        entity=lg.entity,
+        group=lg.group,
+        tags=list(lg.tags),
+        name=lg.run_name,
+        mode=_choice("logger.mode", lg.mode, WANDB_MODES),
+    )
+
+
+def validate(cfg: dict[str, Any]) -> RunSettings:
+    """Check every value of a resolved config (a plain dict) and return typed settings."""
+    conf = typed_config(cfg)
+    name, target, kwargs = _method(conf.method)
+    device = conf.device
     if not (device in ("auto", "cpu") or device.startswith("cuda")):
         raise ConfigError(f"device={device!r}: allowed values are auto, cpu, cuda, cuda:N.")
-
+    model = _model(conf.model)
     return RunSettings(
         model=model,
         method_name=name,
-        method_target=method.get("_target_"),
-        method_kwargs=method_kwargs,
-        sparsity=sparsity,
-        calibration=calibration,
-        perplexity=perplexity,
-        zeroshot=zeroshot,
-        logger=logger,
-        wandb=wandb,
+        method_target=target,
+        method_kwargs=kwargs,
+        sparsity=_sparsity(conf.sparsity, name, pruning=target is not None),
+        sparsity_per_block=conf.sparsity.per_block,
+        calibration=_calibration(conf.calibration),
+        perplexity=_perplexity(conf.eval.perplexity),
+        zeroshot=_zeroshot(conf.eval.zeroshot),
+        logger=conf.logger.name,
+        wandb=_wandb(conf.logger),
         device=device,
         dtype=model.dtype,
-        seed=int(cfg.get("seed", 0)),
-        batch_size=_positive_int("batch_size", cfg.get("batch_size", 1)),
-        offload_inputs=bool(cfg.get("offload_inputs", False)),
-        gradient_checkpointing=bool(method.get("gradient_checkpointing", False)),
-        loss_chunk_tokens=_positive_int(
-            "method.loss_chunk_tokens", method.get("loss_chunk_tokens", 0), minimum=0
-        ),
-        save_model=bool(cfg.get("save_model", False)),
-        mask_images=list(cfg.get("mask_images") or []),
-        progress=bool(cfg.get("progress", True)),
-        skip_finished=bool(cfg.get("skip_finished", True)),
+        seed=conf.seed,
+        batch_size=_positive_int("batch_size", conf.batch_size),
+        offload_inputs=conf.offload_inputs,
+        save_model=conf.save_model,
+        mask_images=list(conf.mask_images),
+        progress=conf.progress,
+        skip_finished=conf.skip_finished,
     )

@@ -208,7 +208,7 @@ def preflight(
     """
     from gblm.config import to_plain, validate
     from gblm.models.loading import check_model_available
-    from gblm.run import build_pruner
+    from gblm.run import build_method
 
     if validate_jobs not in VALIDATE_MODES:
         raise SweepPreflightError(
@@ -224,7 +224,7 @@ def preflight(
     for i in _jobs_to_validate(jobs, validate_jobs, check_models):
         try:
             settings = validate(to_plain(task_config(compose_job(master, jobs[i], i))))
-            build_pruner(settings)
+            build_method(settings)
         except Exception as err:  # every kind of bad config: report them all, then stop
             errors.append(f"job #{i} ({' '.join(jobs[i])}): {type(err).__name__}: {err}")
             continue

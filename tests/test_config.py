@@ -21,11 +21,11 @@ def _options(group: str) -> list[str]:
 @pytest.mark.parametrize("method", _options("method"))
 @pytest.mark.parametrize("sparsity", _options("sparsity"))
 def test_every_method_and_sparsity_composes_and_instantiates(method, sparsity):
-    from gblm.run import build_pruner
+    from gblm.run import build_method
 
     s = _settings(f"method={method}", f"sparsity={sparsity}")
     assert s.method_name == method
-    pruner = build_pruner(s)
+    pruner = build_method(s)
     assert (pruner is None) == (method == "dense")
     assert s.sparsity.ratio == 0.5
 
@@ -70,10 +70,16 @@ def test_unknown_group_option_lists_the_allowed_ones():
         (["eval.perplexity.dataset=ptb"], "eval.perplexity.dataset"),
         (["dtype=float8"], "model.dtype"),
         (["device=tpu"], "device='tpu'"),
-        (["calibration=local"], "calibration.paths must be set"),
+        (["calibration=local"], "needs calibration.paths=["),
         (["model=hf"], "model.name_or_path must be set"),
+        (["model=saved"], "model.run_dir must be set"),
         (["method=wanda", "sparsity.ratio=0"], "method=dense"),
-        (["method=gblm", "method.loss_chunk_tokens=-4"], "method.loss_chunk_tokens=-4"),
+        (["method.name=pruneall"], "method.name='pruneall'"),
+        (["sparsity.per_block=[0.5,1.0]"], "sparsity.per_block[1]=1.0"),
+        (["sparsity.per_block=[-0.1]"], "[0, 1)"),
+        (["sparsity.per_block=[]"], "sparsity.per_block=[]"),
+        (["sparsity=nm_2_4", "sparsity.per_block=[0.5,0.5]"], "sparsity.per_block with N:M 2:4"),
+        (["method=wanda", "sparsity.per_block=[0,0]"], "method=dense"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(overrides, needle):
@@ -82,12 +88,103 @@ def test_bad_values_name_the_key_and_the_allowed_values(overrides, needle):
     assert needle in str(err.value)
 
 
+def test_unknown_method_name_lists_the_registry():
+    from gblm.methods.registry import method_names
+
+    with pytest.raises(ConfigError) as err:
+        _settings("method.name=pruneall")
+    assert ", ".join(method_names()) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("calibration.nsamples=abc", "calibration.nsamples"),
+        ("save_model=maybe", "save_model"),
+        ("eval.perplexity.batch_size=1.5", "eval.perplexity.batch_size"),
+        ("sparsity.per_block=[0.5,half]", "sparsity.per_block[1]"),
+    ],
+)
+def test_value_of_the_wrong_type_fails_at_composition_naming_the_key(override, key):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(override)
+    assert override in str(err.value) and f"full_key: {key}" in str(err.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    ("value", "key"),
+    [
+        ({"calibration": {"nsamples": "abc"}}, "calibration.nsamples"),
+        ({"save_model": "maybe"}, "save_model"),
+        ({"colour": "blue"}, "colour"),
+    ],
+)
+def test_plain_dict_of_the_wrong_type_is_a_config_error_naming_the_key(value, key):
+    cfg = to_plain(compose_config())
+    for name, node in value.items():
+        cfg[name] = {**cfg[name], **node} if isinstance(node, dict) else node
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("word", ["no", "off", "false", "0"])
+def test_string_booleans_become_real_booleans(word):
+    s = _settings(f"save_model={word}", f"eval.perplexity.enabled={word}", f"progress={word}")
+    assert (s.save_model, s.perplexity.enabled, s.progress) == (False, False, False)
+    s = _settings("save_model=yes", "eval.perplexity.dense=on")
+    assert s.save_model is True and s.perplexity.dense is True
+    cfg = to_plain(compose_config())
+    cfg["save_model"] = word  # a plain dict (not composed) gets the same conversion
+    assert validate(cfg).save_model is False
+
+
+def test_per_block_schedule_reaches_the_settings():
+    s = _settings("method=wanda", "sparsity.per_block=[0.25,0.5]")
+    assert s.sparsity_per_block == [0.25, 0.5] and s.sparsity.ratio == 0.5
+    assert _settings().sparsity_per_block is None
+
+
+def test_method_options_are_the_method_class_keywords():
+    from gblm.methods.registry import ENTRY_KEYS
+    from gblm.run import build_method
+
+    s = _settings("method=gblm", "method.loss_chunk_tokens=-4")
+    assert s.method_kwargs["loss_chunk_tokens"] == -4
+    assert not set(ENTRY_KEYS) & set(s.method_kwargs)
+    with pytest.raises(ConfigError, match="method.loss_chunk_tokens=-4"):
+        build_method(s)
+
+
+def _differences(own: dict, schema: dict, where: str) -> None:
+    """Assert that every key of a group file is in the schema with another value than its default."""
+    for key, value in own.items():
+        assert key in schema, f"{where}: {key} is not in the schema"
+        default = schema[key]
+        if isinstance(value, dict) and isinstance(default, dict) and default:
+            _differences(value, default, f"{where}: {key}")
+        else:
+            assert value != default, f"{where} repeats the default {key}={value}"
+
+
+@pytest.mark.parametrize("group", ["model", "sparsity", "calibration", "eval", "logger"])
+def test_group_files_hold_only_what_differs_from_the_schema(group):
+    from omegaconf import OmegaConf
+
+    from gblm.config import RunConf
+
+    schema = OmegaConf.to_container(OmegaConf.structured(RunConf)[group])
+    for option in _options(group):
+        own = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml")) or {}
+        own.pop("defaults", None)
+        _differences(own, schema, f"{group}/{option}.yaml")
+
+
 def test_bad_method_option_is_a_config_error():
-    from gblm.run import build_pruner
+    from gblm.run import build_method
 
     s = _settings("method=wanda", "+method.colour=blue")
     with pytest.raises(ConfigError, match="method=wanda"):
-        build_pruner(s)
+        build_method(s)
 
 
 def test_missing_model_path_fails_fast(tmp_path):

@@ -66,10 +66,10 @@ def test_every_sweep_experiment_is_listed():
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_validates(name):
-    from gblm.run import build_pruner
+    from gblm.run import build_method
 
     settings = validate(to_plain(compose_config(f"experiment={name}")))
-    build_pruner(settings)
+    build_method(settings)
 
 
 @pytest.mark.parametrize("name", SWEEPS)
