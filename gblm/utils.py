@@ -1,55 +1,150 @@
-"""Small shared helpers: atomic writes, file locks, stage timing."""
+"""Small shared helpers: the one atomic writer, the one content hash, file locks, stage timing."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
-import tempfile
+import shutil
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from filelock import FileLock
 
 log = logging.getLogger("gblm")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers never see half."""
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _write_temp_file(path: Path, content: bytes | Callable[[Path], None]) -> Path:
+    """A new temporary sibling of ``path`` holding the content.
+
+    Created with mode 0666 less the umask, as a plain ``open`` would (``mkstemp``'s 0600 would
+    stay on the result and hide run records from the other readers of a shared folder).
+    """
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        if callable(content):
+            os.close(fd)
+            content(tmp)
+        else:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content)
+        _fsync_file(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _write_temp_dir(path: Path, content: Callable[[Path], None]) -> Path:
+    """A temporary sibling directory of ``path``, filled by ``content``.
+
+    Made with ``mkdir`` (the umask's mode), not ``mkdtemp``, whose 0700 would stay on the result.
+    """
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        content(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path``; an existing ``path`` is moved aside first, then deleted."""
+    if not path.exists():
+        tmp.rename(path)
+        return
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write(
+    path: str | os.PathLike, content: bytes | Callable[[Path], None], *, directory: bool = False
+) -> Path:
+    """Write ``path`` through a temporary sibling and a rename, so readers never see half of it.
+
+    Args:
+        path: the file (or, with ``directory=True``, the directory) to create or replace.
+        content: the file's bytes, or a callback that writes the temporary path it is given (an
+            existing empty file, e.g. for ``torch.save(obj, tmp)``; or an existing empty
+            directory). The result has the mode a plain ``open`` or ``mkdir`` would give it.
+        directory: the result is a directory; an existing one at ``path`` is replaced whole.
+
+    On any error (in the callback too) the temporary is removed and ``path`` is left as it was.
+    Returns ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if directory:
+        if not callable(content):
+            raise TypeError("atomic_write(directory=True) needs a callback that fills the folder.")
+        tmp = _write_temp_dir(path, content)
+        try:
+            _replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+    tmp = _write_temp_file(path, content)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
+    return path
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write` of ``text`` as UTF-8 (newlines written as given)."""
+    return atomic_write(path, text.encode("utf-8"))
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
+    """:func:`atomic_write` of ``data`` as indented JSON (``default=str``) and a final newline."""
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------- content hashes
+
+
+def canonical_json(obj: Any) -> str:
+    """The JSON text that :func:`content_hash` hashes: sorted keys, ``default=str``, compact."""
+    return json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"), ensure_ascii=False)
+
+
+def content_hash(obj: Any = None, *, data: Iterable[bytes] = (), length: int | None = None) -> str:
+    """sha256 hex of ``obj``'s :func:`canonical_json`, then of each chunk of ``data``.
+
+    The one hash of the project for cache keys and run identities. ``obj`` is any JSON-able
+    value (a dict of settings, a list of documents; other values are hashed as ``str``); ``data``
+    adds raw bytes that are too big or not meant for JSON (e.g. ``tensor.numpy().tobytes()``,
+    with the shape and dtype in ``obj``). ``length`` keeps the first that many hex digits.
+    """
+    digest = hashlib.sha256(canonical_json(obj).encode("utf-8"))
+    for chunk in data:
+        digest.update(chunk)
+    hexdigest = digest.hexdigest()
+    return hexdigest if length is None else hexdigest[:length]
+
+
+# ----------------------------------------------------------------------------- locks and timing
 
 
 def file_lock(path: Path, timeout: float = -1) -> FileLock:

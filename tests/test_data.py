@@ -120,3 +120,36 @@ def test_missing_local_file_and_offline_hub(tmp_path, monkeypatch):
     with pytest.raises(DataUnavailableError, match="calibration.paths"):
         load_documents("c4", "train")
     paths.hub_reachable.cache_clear()
+
+
+def test_content_hash_and_windows_cache_key():
+    from gblm.data.calibration import windows_cache_key
+    from gblm.utils import content_hash
+
+    assert content_hash({"a": 1, "b": [1, 2]}) == content_hash({"b": [1, 2], "a": 1})
+    assert len(content_hash("x")) == 64 and len(content_hash("x", length=16)) == 16
+    assert content_hash({"shape": [2]}, data=[b"ab"]) != content_hash({"shape": [2]}, data=[b"ba"])
+    base = dict(
+        tokenizer_id="tok",
+        source="austen",
+        paths=None,
+        nsamples=4,
+        seqlen=64,
+        seed=0,
+        sampling="documents",
+        vocab_size=100,
+    )
+    key = windows_cache_key(**base)
+    assert len(key) == 16 and key == windows_cache_key(**base)
+    changes = dict(
+        tokenizer_id="other",
+        source="c4",
+        paths=["a.txt"],
+        nsamples=8,
+        seqlen=128,
+        seed=1,
+        sampling="stream",
+        vocab_size=101,
+    )
+    for name, value in changes.items():  # every input is part of the key
+        assert windows_cache_key(**{**base, name: value}) != key, name

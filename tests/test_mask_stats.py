@@ -8,19 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from gblm.pruning.masks import nm_mask, unstructured_row_mask
-from gblm.pruning.stats import (
+from gblm.analysis.plots import downsample_mask, save_mask_images
+from gblm.analysis.records import read_mask_stats_csv, write_mask_stats_csv
+from gblm.analysis.stats import (
     LINEAR_FIELDS,
     aggregate_mask_stats,
-    downsample_mask,
     linear_mask_stats,
     model_mask_stats,
     nm_validity,
-    read_mask_stats_csv,
-    save_mask_images,
-    weight_zero_share,
-    write_mask_stats_csv,
 )
+from gblm.models.zeros import weight_zero_share
+from gblm.pruning.masks import nm_mask, unstructured_row_mask
 
 
 def test_one_full_row_and_column():

@@ -9,8 +9,10 @@ import pytest
 import torch
 import yaml
 
+from gblm.analysis.plots import save_mask_images
+from gblm.analysis.records import write_mask_stats_csv
+from gblm.analysis.stats import model_mask_stats
 from gblm.pruning.masks import nm_mask, unstructured_row_mask
-from gblm.pruning.stats import model_mask_stats, save_mask_images, write_mask_stats_csv
 from gblm.report import build_report, find_runs, main
 
 LINEARS = ("model.layers.{}.self_attn.q_proj", "model.layers.{}.mlp.down_proj")
@@ -200,3 +202,38 @@ def test_cli_default_out_dir_and_missing_sweep(tmp_path, capsys):
     assert "1 run folder(s), 1 finished" in (sweep / "report" / "report.md").read_text()
     assert main([str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_per_block_sparsity_table_and_schedule_targets(tmp_path):
+    sweep = tmp_path / "sweep"
+    make_run(sweep, "0_method=wanda", "wanda", UNSTRUCTURED, 31.25, images=False)
+    scheduled = make_run(sweep, "1_method=gblm", "gblm", UNSTRUCTURED, 30.0, images=False)
+    metrics = json.loads((scheduled / "metrics.json").read_text())
+    metrics["sparsity"]["per_block_target"] = [0.4, 0.6]
+    metrics["sparsity_check"]["per_block"] = [
+        {"block": 0, "zero_share": 0.41},
+        {"block": 1, "zero_share": 0.59},
+    ]
+    (scheduled / "metrics.json").write_text(json.dumps(metrics))
+
+    runs = {r.name: r for r in find_runs(sweep)}
+    assert runs["1_method=gblm"].per_block_target == [0.4, 0.6]
+    assert runs["0_method=wanda"].per_block_target == []
+    md = (build_report(sweep) / "report.md").read_text()
+    header = (
+        "| block | wanda (0_method=wanda) | gblm (1_method=gblm) | gblm (1_method=gblm) target |"
+    )
+    assert header in md
+    assert "| 0 | 0.5000 | 0.4100 | 0.4000 |" in md
+    assert "| 1 | 0.5100 | 0.5900 | 0.6000 |" in md
+    assert "(block_sparsity_tiny_llama_0.5.png)" in md
+
+
+def test_methods_follow_the_registry_order(report):
+    from gblm.methods.registry import method_names
+
+    md = (report / "report.md").read_text()
+    table = md.split("Perplexity (lower is better):")[1].split("![")[0]
+    shown = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
+    shown = [m for m in shown if m not in ("method", "dense")]
+    assert shown == [m for m in method_names() if m in shown]

@@ -246,3 +246,31 @@ def test_model_split_over_two_gpus_runs(tmp_path, saved_tiny, small_local_data):
     )
     assert metrics["status"] == "finished"
     assert metrics["sparsity_check"]["overall"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_atomic_write_bytes_callback_and_directory(tmp_path):
+    from gblm.utils import atomic_write, atomic_write_json, atomic_write_text
+
+    path = tmp_path / "sub" / "a.txt"
+    assert atomic_write_text(path, "first\r\nline") == path
+    assert path.read_bytes() == b"first\r\nline"  # newlines as given
+    assert path.stat().st_mode & 0o044  # the mode of a plain open, not mkstemp's 0600
+    atomic_write(path, lambda tmp: torch.save({"x": 1}, tmp))
+    assert torch.load(path) == {"x": 1}
+    atomic_write_json(tmp_path / "b.json", {"k": [1, 2]})
+    assert json.loads((tmp_path / "b.json").read_text()) == {"k": [1, 2]}
+
+    def broken(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("writer failed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, broken)
+    assert torch.load(path) == {"x": 1}  # untouched
+
+    folder = tmp_path / "folder"
+    atomic_write(folder, lambda tmp: (tmp / "one").write_text("1"), directory=True)
+    atomic_write(folder, lambda tmp: (tmp / "two").write_text("2"), directory=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["two"]  # replaced whole
+    leftovers = [p.name for p in tmp_path.rglob(".*")]
+    assert leftovers == []  # no temporary file or folder left behind

@@ -9,8 +9,6 @@ sample only draws ``i`` the same way. Labels are the ids themselves (next-token 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 from collections.abc import Sequence
@@ -20,7 +18,7 @@ import torch
 from torch import Tensor
 
 from gblm.data.sources import SAMPLINGS
-from gblm.utils import atomic_torch_save, file_lock
+from gblm.utils import atomic_write, content_hash, file_lock
 
 log = logging.getLogger("gblm.data")
 
@@ -83,6 +81,7 @@ def windows_cache_key(
     sampling: str,
     vocab_size: int,
 ) -> str:
+    """16 hex digits of :func:`gblm.utils.content_hash` over everything the windows depend on."""
     key = dict(
         tokenizer=tokenizer_id,
         source=source,
@@ -93,7 +92,7 @@ def windows_cache_key(
         sampling=sampling,
         vocab=vocab_size,
     )
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return content_hash(key, length=16)
 
 
 def cached_windows(cache_root: Path, key: str, make) -> Tensor:
@@ -105,5 +104,5 @@ def cached_windows(cache_root: Path, key: str, make) -> Tensor:
             log.info("calibration windows from cache %s", path.name)
             return torch.load(path)
         windows = make()
-        atomic_torch_save(windows, path)
+        atomic_write(path, lambda tmp: torch.save(windows, tmp))
         return windows

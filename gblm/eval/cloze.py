@@ -27,18 +27,17 @@ corpus.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
-from gblm.utils import atomic_write_text
+from gblm.utils import atomic_write_text, content_hash
 
 TASK_NAME = "austen_cloze"
 TEMPLATE = Path(__file__).parent / "tasks" / TASK_NAME / f"{TASK_NAME}.yaml"
@@ -156,39 +155,64 @@ def build_items(
         raise ValueError(
             "austen_cloze needs at least two documents (distractors come from others)."
         )
-    d = design
     rng = random.Random(seed)
     chapters = [paragraph_sentences(doc) for doc in documents]
     sentences = [[s for paragraph in chapter for s in paragraph] for chapter in chapters]
     names = corpus_names([s for doc in sentences for s in doc])
+    candidates = _candidates(chapters, sentences, names, design)
+    pool = sorted({(c, s) for c, doc in enumerate(sentences) for s in doc if _is_choice(s, design)})
+    picked = _pick(rng, candidates, pool, sentences, names, design, n_items)
+    return _make_items(rng, picked, sentences)
 
-    def is_choice(sentence: str) -> bool:
-        words = _words(sentence)
-        return d.min_answer_words <= words <= d.max_answer_words and not _QUOTES.search(sentence)
 
-    def passage_start(doc: list[str], i: int) -> int:
-        start = i
-        while start > 0 and i - start < d.max_context_sentences:
-            start -= 1
-            if sum(_words(s) for s in doc[start:i]) >= d.context_words:
-                break
-        return start
+def _is_choice(sentence: str, d: ClozeDesign) -> bool:
+    """A narrative sentence (no quotation marks) of an answer's length."""
+    words = _words(sentence)
+    return d.min_answer_words <= words <= d.max_answer_words and not _QUOTES.search(sentence)
 
+
+def _passage_start(doc: list[str], i: int, d: ClozeDesign) -> int:
+    """The first sentence of the passage before sentence ``i``, grown backwards."""
+    start = i
+    while start > 0 and i - start < d.max_context_sentences:
+        start -= 1
+        if sum(_words(s) for s in doc[start:i]) >= d.context_words:
+            break
+    return start
+
+
+def _candidates(
+    chapters: list[list[list[str]]],
+    sentences: list[list[str]],
+    names: frozenset[str],
+    d: ClozeDesign,
+) -> list[tuple[int, int, int]]:
+    """``(chapter, sentence index, passage start)`` of every sentence that can be an answer."""
     candidates = []
     for c, chapter in enumerate(chapters):
         index = 0
         for paragraph in chapter:
             for k, sentence in enumerate(paragraph):
-                start = passage_start(sentences[c], index)
+                start = _passage_start(sentences[c], index, d)
                 long_enough = sum(_words(s) for s in sentences[c][start:index]) >= d.context_words
-                if k > 0 and long_enough and is_choice(sentence):
+                if k > 0 and long_enough and _is_choice(sentence, d):
                     passage = " ".join(sentences[c][start:index])
                     if not d.shared_name or _names_in(sentence, names) & _names_in(passage, names):
                         candidates.append((c, index, start))
                 index += 1
-    pool = sorted({(c, s) for c, doc in enumerate(sentences) for s in doc if is_choice(s)})
+    return candidates
 
-    # Visit the candidates in a seeded random order; keep those with enough distractors.
+
+def _pick(
+    rng: random.Random,
+    candidates: list[tuple[int, int, int]],
+    pool: list[tuple[int, str]],
+    sentences: list[list[str]],
+    names: frozenset[str],
+    d: ClozeDesign,
+    n_items: int,
+) -> list[tuple[int, int, int, list[str]]]:
+    """Visit the candidates in a seeded random order; keep those with enough distractors."""
     picked: list[tuple[int, int, int, list[str]]] = []
     for c, i, start in rng.sample(candidates, len(candidates)):
         answer = sentences[c][i]
@@ -205,7 +229,13 @@ def build_items(
             f"Only {len(picked)} usable sentences for {n_items} austen_cloze items; "
             "use fewer items or more documents."
         )
+    return picked
 
+
+def _make_items(
+    rng: random.Random, picked: list[tuple[int, int, int, list[str]]], sentences: list[list[str]]
+) -> list[dict]:
+    """The items of the picked answers, in document order, with shuffled seeded distractors."""
     items = []
     for item_id, (c, i, start, similar) in enumerate(sorted(picked, key=lambda p: p[:2])):
         answer = sentences[c][i]
@@ -263,12 +293,15 @@ def prepare_austen_cloze(
     :data:`BUILDER_VERSION`, so a changed corpus or design builds a new folder and an unchanged
     one is reused.
     """
-    digest = hashlib.sha256()
-    template = TEMPLATE.read_text("utf-8")
-    for part in (str(BUILDER_VERSION), repr(design), str(n_items), str(seed), template, *documents):
-        digest.update(part.encode("utf-8"))
-        digest.update(b"\0")
-    task_dir = Path(cache_root) / f"{TASK_NAME}-{digest.hexdigest()[:12]}"
+    key = {
+        "builder_version": BUILDER_VERSION,
+        "design": asdict(design),
+        "n_items": n_items,
+        "seed": seed,
+        "template": TEMPLATE.read_text("utf-8"),
+        "documents": list(documents),
+    }
+    task_dir = Path(cache_root) / f"{TASK_NAME}-{content_hash(key, length=12)}"
     yaml_path = task_dir / f"{TASK_NAME}.yaml"
     if not yaml_path.exists():
         jsonl = task_dir / f"{TASK_NAME}.jsonl"

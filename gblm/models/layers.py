@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from gblm.names import module_type  # the type mapping is pure naming: it lives in gblm.names
+
 # Attribute paths of the decoder-block list, tried in order.
 _BLOCK_PATHS = (
     "model.layers",  # LLaMA, Mistral, Qwen2, Gemma, Phi-3
@@ -14,22 +16,6 @@ _BLOCK_PATHS = (
     "transformer.h",  # GPT-2, Falcon, BLOOM
     "gpt_neox.layers",  # Pythia / GPT-NeoX
 )
-
-# Short module types, for per-type statistics.
-MODULE_TYPES = ("q", "k", "v", "o", "gate", "up", "down", "fc1", "fc2", "other")
-_TYPE_BY_SUFFIX = {
-    "q_proj": "q",
-    "k_proj": "k",
-    "v_proj": "v",
-    "o_proj": "o",
-    "out_proj": "o",
-    "dense": "o",
-    "gate_proj": "gate",
-    "up_proj": "up",
-    "down_proj": "down",
-    "fc1": "fc1",
-    "fc2": "fc2",
-}
 
 # SparseGPT's true_sequential groups, by module type.
 SEQUENTIAL_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up", "fc1"), ("down", "fc2"))
@@ -66,11 +52,6 @@ def decoder_layers_path(model: nn.Module) -> str:
 def prunable_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """Every ``nn.Linear`` in a block, by its name inside the block (e.g. ``self_attn.q_proj``)."""
     return {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
-
-
-def module_type(name: str) -> str:
-    """``self_attn.q_proj`` -> ``q``; unknown names -> ``other``."""
-    return _TYPE_BY_SUFFIX.get(name.rsplit(".", 1)[-1], "other")
 
 
 def sequential_groups(names: list[str]) -> list[list[str]]:

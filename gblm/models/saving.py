@@ -12,14 +12,13 @@ Layout of the directory (``<run dir>/model`` when a run has ``save_model=true``)
 It loads like any Hugging Face checkpoint, so a saved model is evaluated without pruning again:
 ``python -m gblm model=hf model.name_or_path=<run dir>/model method=dense`` (or ``model=saved
 model.run_dir=<run dir>``). Everything is written into a temporary sibling directory that is then
-renamed into place, so a reader never sees a half-written model.
+renamed into place (:func:`gblm.utils.atomic_write` with ``directory=True``), so a reader never
+sees a half-written model.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor
 
 from gblm.pruning.storage import pack_mask, unpack_mask
-from gblm.utils import atomic_write_json
+from gblm.utils import atomic_write, atomic_write_json
 
 MASKS_FILE = "pruning_masks.safetensors"
 RECORD_FILE = "pruning.json"
@@ -93,6 +92,20 @@ def _default_permissions(directory: Path) -> None:
         path.chmod(dir_mode if path.is_dir() else dir_mode & 0o666)
 
 
+def _save_pretrained(model: torch.nn.Module, directory: Path) -> None:
+    """``model.save_pretrained`` with ``use_cache`` on (the walk turned it off; a saved model
+    should generate normally), restored afterwards."""
+    config = model.config
+    use_cache = getattr(config, "use_cache", None)
+    if use_cache is not None:
+        config.use_cache = True
+    try:
+        model.save_pretrained(directory)
+    finally:
+        if use_cache is not None:
+            config.use_cache = use_cache
+
+
 def save_pruned_model(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -113,20 +126,9 @@ def save_pruned_model(
     Returns:
         ``out_dir``.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()  # not mkdtemp: its 0700 would stay on the saved model
-    try:
-        config = model.config
-        use_cache = getattr(config, "use_cache", None)
-        if use_cache is not None:  # the walk turned it off; a saved model should generate normally
-            config.use_cache = True
-        try:
-            model.save_pretrained(tmp)
-        finally:
-            if use_cache is not None:
-                config.use_cache = use_cache
+
+    def fill(tmp: Path) -> None:
+        _save_pretrained(model, tmp)
         tokenizer.save_pretrained(tmp)
         if masks:
             save_masks(masks, tmp / MASKS_FILE)
@@ -139,14 +141,5 @@ def save_pruned_model(
             },
         )
         _default_permissions(tmp)
-        if out_dir.exists():  # replace: move the old one aside, the new one in, then delete the old
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return atomic_write(out_dir, fill, directory=True)

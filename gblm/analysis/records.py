@@ -1,0 +1,73 @@
+"""The mask-statistics records of a run: ``mask_stats.csv`` and ``mask_stats_blocks.json``.
+
+``mask_stats.csv`` holds one row per pruned Linear (columns :data:`LINEAR_FIELDS` first, then any
+extra keys in sorted order; None as an empty cell). ``mask_stats_blocks.json`` holds the per-block
+and per-type summaries: ``{"per_block": [...], "per_type": [...]}``, each per-block row with its
+achieved ``sparsity``. Both are written atomically (:func:`gblm.utils.atomic_write`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from gblm.analysis.stats import LINEAR_FIELDS
+from gblm.utils import atomic_write_json, atomic_write_text
+
+MASK_STATS_CSV = "mask_stats.csv"
+MASK_STATS_BLOCKS_JSON = "mask_stats_blocks.json"
+_TEXT_FIELDS = ("name", "type")  # kept as strings when read back
+
+
+def write_mask_stats_csv(per_linear: Iterable[dict], path: str | os.PathLike) -> Path:
+    """Write the per-Linear rows as CSV (columns :data:`LINEAR_FIELDS` first), atomically."""
+    rows = list(per_linear)
+    fields = list(LINEAR_FIELDS) + sorted({k for r in rows for k in r} - set(LINEAR_FIELDS))
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in fields})
+    return atomic_write_text(path, buffer.getvalue())
+
+
+def _parse_cell(value: str):
+    """A CSV cell back to None, bool, int, float or (failing those) the string itself."""
+    if value == "":
+        return None
+    if value in ("True", "False"):
+        return value == "True"
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def read_mask_stats_csv(path: str | os.PathLike) -> list[dict]:
+    """Read :func:`write_mask_stats_csv` output back, with numbers and booleans restored."""
+    with open(path, newline="") as handle:
+        return [
+            {k: (v if k in _TEXT_FIELDS else _parse_cell(v)) for k, v in row.items()}
+            for row in csv.DictReader(handle)
+        ]
+
+
+def write_mask_stats_blocks(
+    per_block: Sequence[dict], per_type: Sequence[dict], path: str | os.PathLike
+) -> Path:
+    """Write the per-block and per-type summaries as ``{"per_block", "per_type"}`` JSON."""
+    return atomic_write_json(path, {"per_block": list(per_block), "per_type": list(per_type)})
+
+
+def read_mask_stats_blocks(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """``(per_block, per_type)`` of a :func:`write_mask_stats_blocks` file."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return list(data.get("per_block") or []), list(data.get("per_type") or [])

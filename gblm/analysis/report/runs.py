@@ -1,0 +1,210 @@
+"""Reading the run folders of a sweep into :class:`RunRecord` objects, and their sort keys."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gblm.analysis.records import MASK_STATS_CSV, read_mask_stats_csv
+from gblm.methods.registry import method_entry, method_order
+
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class RunRecord:
+    """What the report needs from one run folder."""
+
+    path: Path
+    name: str  # the folder relative to the sweep directory
+    status: str  # finished | failed | running | unfinished | unreadable
+    method: str = "?"
+    model: str = "?"
+    label: str = "?"
+    ratio: float = float("nan")
+    n: int = 0
+    m: int = 0
+    ppl_dense: float | None = None
+    ppl_pruned: float | None = None
+    zeroshot: float | None = None  # mean acc over tasks
+    zeroshot_norm: float | None = None
+    zeroshot_tasks: dict[str, float] = field(default_factory=dict)  # task -> acc
+    achieved: float | None = None  # share of zeros over the pruned Linears
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_memory_bytes: int | None = None
+    per_block: list[float] = field(default_factory=list)  # achieved share of zeros per block
+    per_block_target: list[float] = field(default_factory=list)  # a schedule's targets, if any
+    mask_images: dict[str, Path] = field(default_factory=dict)  # file name -> path
+    mask_rows: list[dict] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    @property
+    def total_time(self) -> float | None:
+        if "total" in self.timings:
+            return self.timings["total"]
+        return sum(self.timings.values()) if self.timings else None
+
+
+# ----------------------------------------------------------------------------- sort keys
+
+
+def is_baseline(method: str) -> bool:
+    """Whether ``method`` is registered as no pruning at all (a ``_target_: null`` entry)."""
+    try:
+        return method_entry(method).target is None
+    except KeyError:
+        return False
+
+
+def method_key(method: str) -> tuple[int, str]:
+    """Table order of methods: the registry's (``gblm.methods.registry.method_order``)."""
+    return method_order(method)
+
+
+def sparsity_key(run: RunRecord) -> tuple[int, float, int]:
+    """Unstructured ratios first (ascending), then N:M patterns."""
+    return (1 if run.m else 0, run.ratio if not math.isnan(run.ratio) else -1.0, run.n)
+
+
+# ----------------------------------------------------------------------------- reading one run
+
+
+def number(value: Any) -> float | None:
+    """``value`` as a float when it is a real number (not a bool), else None."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _from_config(record: RunRecord, config: Any) -> None:
+    """Fill method / model / sparsity from the resolved Hydra config (for runs without metrics)."""
+    if not isinstance(config, dict):
+        return
+    method, model, sparsity = config.get("method"), config.get("model"), config.get("sparsity")
+    if isinstance(method, dict) and method.get("name"):
+        record.method = str(method["name"])
+    if isinstance(model, dict) and model.get("name"):
+        record.model = str(model["name"])
+    if isinstance(sparsity, dict) and "ratio" in sparsity:
+        _set_sparsity(record, sparsity)
+
+
+def _set_sparsity(record: RunRecord, sparsity: dict) -> None:
+    record.ratio = float(sparsity.get("ratio", float("nan")))
+    record.n, record.m = int(sparsity.get("n") or 0), int(sparsity.get("m") or 0)
+    record.label = str(
+        sparsity.get("label") or (f"{record.n}:{record.m}" if record.m else f"{record.ratio:g}")
+    )
+
+
+def _floats(items: Any, key: str | None = None) -> list[float]:
+    """The numbers of a list, in order; with ``key``, items may also be dicts holding one there."""
+    if not isinstance(items, list):
+        return []
+    values = []
+    for item in items:
+        value = item.get(key) if key is not None and isinstance(item, dict) else item
+        if number(value) is not None:
+            values.append(float(value))
+    return values
+
+
+def _per_block(check: Any) -> list[float]:
+    """``sparsity_check.per_block`` as floats in block order (floats or ``{"zero_share"}`` dicts)."""
+    if not isinstance(check, dict):
+        return []
+    return _floats(check.get("per_block"), "zero_share")
+
+
+def _mask_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    try:
+        return read_mask_stats_csv(path)
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _from_metrics(record: RunRecord, metrics: dict) -> None:
+    """Fill ``record`` from a run's ``metrics.json``."""
+    record.status = str(metrics.get("status", "unknown"))
+    record.method = str(metrics.get("method", record.method))
+    record.model = str(metrics.get("model", record.model))
+    if isinstance(metrics.get("sparsity"), dict):
+        _set_sparsity(record, metrics["sparsity"])
+        record.per_block_target = _floats(metrics["sparsity"].get("per_block_target"))
+    ppl = metrics.get("ppl") or {}
+    record.ppl_dense, record.ppl_pruned = number(ppl.get("dense")), number(ppl.get("pruned"))
+    zeroshot = metrics.get("zeroshot") or {}
+    record.zeroshot = number(zeroshot.get("mean_acc"))
+    record.zeroshot_norm = number(zeroshot.get("mean_acc_norm"))
+    record.zeroshot_tasks = {
+        str(task): float(row["acc"])
+        for task, row in zeroshot.items()
+        if isinstance(row, dict) and number(row.get("acc")) is not None
+    }
+    check = metrics.get("sparsity_check") or {}
+    record.achieved = number(check.get("overall")) if isinstance(check, dict) else None
+    record.per_block = _per_block(check)
+    record.timings = {
+        str(k): float(v) for k, v in (metrics.get("timings") or {}).items() if number(v) is not None
+    }
+    record.peak_memory_bytes = metrics.get("peak_memory_bytes")
+    record.error = metrics.get("error")
+
+
+def read_run(run_dir: Path, sweep_dir: Path) -> RunRecord:
+    """One run folder -> :class:`RunRecord` (never raises on a damaged folder)."""
+    record = RunRecord(
+        path=run_dir, name=run_dir.relative_to(sweep_dir).as_posix() or ".", status="unfinished"
+    )
+    _from_config(record, _read_yaml(run_dir / ".hydra" / "config.yaml"))
+    metrics_path = run_dir / METRICS_FILE
+    if metrics_path.exists():
+        try:
+            metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            record.status, record.error = "unreadable", f"{METRICS_FILE}: {err}"
+            return record
+        _from_metrics(record, metrics)
+    masks = run_dir / "masks"
+    if masks.is_dir():
+        record.mask_images = {p.name: p for p in sorted(masks.glob("*.png"))}
+    record.mask_rows = _mask_rows(run_dir / MASK_STATS_CSV)
+    return record
+
+
+def find_runs(sweep_dir: str | Path, exclude: Iterable[Path] = ()) -> list[RunRecord]:
+    """Every run folder under ``sweep_dir``, sorted by folder name; ``exclude`` folders skipped."""
+    sweep_dir = Path(sweep_dir).resolve()
+    skip = {Path(p).resolve() for p in exclude}
+    runs = []
+    stack = [sweep_dir]
+    while stack:
+        folder = stack.pop()
+        if folder in skip:
+            continue
+        if (folder / METRICS_FILE).exists() or (folder / ".hydra").is_dir():
+            runs.append(read_run(folder, sweep_dir))
+            continue  # a run's own sub-folders (masks, model, wandb) hold no runs
+        stack.extend(
+            p
+            for p in folder.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and p.name != "wandb"
+        )
+    return sorted(runs, key=lambda r: r.name)
