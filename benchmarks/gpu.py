@@ -35,14 +35,14 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from benchmarks import flops
-from benchmarks.work import block_passes, gradient_floor
+from benchmarks.work import WALK_STAGES, _TimedMasking, block_passes, gradient_floor, timed_walk
 from gblm.calibration.capture import capture_block_inputs
-from gblm.calibration.gradients import gradient_norms
-from gblm.calibration.sequential import WALK_STAGES, prune_model
+from gblm.calibration.gradients import GradientSettings, gradient_norms
+from gblm.calibration.sequential import prune_model
 from gblm.eval.perplexity import perplexity
+from gblm.methods.gblm import GBLMPruner
 from gblm.models.layers import decoder_layers, prunable_linears
 from gblm.paths import PROJECT_ROOT
-from gblm.pruning.gblm import GBLMPruner
 from gblm.pruning.sparsity import Sparsity
 from gblm.utils import atomic_write_text
 
@@ -158,23 +158,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     with clock.stage("gradient stage"):
         norms = gradient_norms(
-            model, windows, checkpointing=args.checkpointing, progress=args.verbose
+            model,
+            windows,
+            GradientSettings(checkpointing=args.checkpointing),
+            progress=args.verbose,
         )
     if args.norms_on_cpu:  # the walk moves each Linear's norms to the device as it prunes it
         norms = {name: g.cpu() for name, g in norms.items()}
     say("gradient stage done")
-    with clock.stage("walk"):
+    method = GBLMPruner()
+    method.set_gradient_norms(norms)
+    with clock.stage("walk"), timed_walk(clock):
         prune_model(
             model,
-            GBLMPruner(),
+            _TimedMasking(method, clock),
             Sparsity(args.sparsity),
             windows,
             device=device,
             batch_size=args.batch_size,
-            grad_norms=norms,
             progress=args.verbose,
-            timer=clock,
         )
+    method.release()
     del norms
     say("walk done")
     zeros = total = 0

@@ -61,7 +61,7 @@ from benchmarks.work import (
     run_method,
     walk_total,
 )
-from gblm.calibration.gradients import gradient_norms
+from gblm.calibration.gradients import GradientSettings, gradient_norms
 from gblm.models.layers import decoder_layers, prunable_linears
 from gblm.pruning.sparsegpt import sparsegpt_prune
 
@@ -276,12 +276,18 @@ def bench_extras(
     log.info("probe extras: gradient checkpointing")
     plain = result["methods"]["gblm"]["stages"][GRADIENT_STAGE]
     ckpt, ckpt_norms = measure(
-        lambda: gradient_norms(model, windows, checkpointing=True, progress=False), repeats
+        lambda: gradient_norms(
+            model, windows, GradientSettings(checkpointing=True), progress=False
+        ),
+        repeats,
     )
     log.info("probe extras: chunked LM-head loss")
     chunk = settings.loss_chunk_tokens
     chunked, chunked_norms = measure(
-        lambda: gradient_norms(model, windows, loss_chunk_tokens=chunk, progress=False), repeats
+        lambda: gradient_norms(
+            model, windows, GradientSettings(loss_chunk_tokens=chunk), progress=False
+        ),
+        repeats,
     )
     extras["chunked_loss"] = {
         "tokens": chunk,
@@ -362,14 +368,19 @@ def memory_pass(prepared: Prepared, settings: Settings) -> dict[str, Any]:
         memory["stages"][method] = {k: v["peak_bytes"] for k, v in run.stages.items()}
     chunk = settings.loss_chunk_tokens
     chunked, _ = measure(
-        lambda: gradient_norms(model, windows, loss_chunk_tokens=chunk, progress=False),
+        lambda: gradient_norms(
+            model, windows, GradientSettings(loss_chunk_tokens=chunk), progress=False
+        ),
         memory=True,
     )
     memory["chunked_loss"] = chunked.peak_bytes
     memory["chunked_loss_tokens"] = chunk
     if prepared.case.name == settings.probe:
         ckpt, _ = measure(
-            lambda: gradient_norms(model, windows, checkpointing=True, progress=False), memory=True
+            lambda: gradient_norms(
+                model, windows, GradientSettings(checkpointing=True), progress=False
+            ),
+            memory=True,
         )
         memory["checkpointing"] = ckpt.peak_bytes
     return memory

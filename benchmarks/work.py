@@ -1,7 +1,7 @@
 """The measured work: each method run as gblm runs it, and the floors it is compared with.
 
 A run's stages: ``capture``, ``statistics``, ``scoring and masking`` and ``re-forward`` come from
-the layer walk's own timer (:data:`gblm.calibration.sequential.WALK_STAGES`); the ``gradient
+the layer walk's stages (:data:`WALK_STAGES`, timed by wrapping the walk's stage functions); the ``gradient
 stage`` (GBLM) and ``evaluation`` (perplexity) are timed around their calls.
 
 The floors are the least work each stage must do: ``gradient``, N plain forward+backward passes
@@ -15,30 +15,33 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+import gblm.calibration.sequential as sequential
 from benchmarks.cases import Settings
 from benchmarks.measure import Measurement, PeakWatch, StageClock, measure
 from gblm.calibration.capture import BlockInputs, capture_block_inputs
 from gblm.calibration.gradients import decoder_linear_names, gradient_norms
-from gblm.calibration.sequential import WALK_STAGES, prune_model
+from gblm.calibration.sequential import prune_model
+from gblm.calibration.stats import LinearStats
 from gblm.eval.perplexity import perplexity
+from gblm.methods.base import Pruner, ScorePruner
+from gblm.methods.registry import build_method
 from gblm.models.layers import decoder_layers, prunable_linears
-from gblm.pruning.base import LinearStats, Pruner, ScorePruner, Sparsity
-from gblm.pruning.gblm import GBLMPruner
-from gblm.pruning.magnitude import MagnitudePruner
-from gblm.pruning.sparsegpt import SparseGPTPruner
+from gblm.pruning.sparsity import Sparsity
 from gblm.pruning.storage import PackedMasks
-from gblm.pruning.wanda import WandaPruner
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "gblm")
 GRADIENT_STAGE = "gradient stage"
 EVALUATION = "evaluation"
+#: The walk's stages: block-0 input capture, the hooked forward that folds the statistics,
+#: scoring and masking (the method's per-Linear step), and the pruned block's forward.
+WALK_STAGES = ("capture", "statistics", "scoring and masking", "re-forward")
 CAPTURE, STATISTICS, MASKING, REFORWARD = WALK_STAGES
 STAGES = (CAPTURE, GRADIENT_STAGE, STATISTICS, MASKING, REFORWARD, EVALUATION)
 APPLICABLE = {
@@ -62,13 +65,8 @@ STAGE_FLOORS = {
 
 
 def make_pruner(method: str) -> Pruner:
-    """The method with its published defaults."""
-    return {
-        "magnitude": MagnitudePruner,
-        "wanda": WandaPruner,
-        "sparsegpt": SparseGPTPruner,
-        "gblm": GBLMPruner,
-    }[method]()
+    """The registered method with its published defaults."""
+    return build_method(method)
 
 
 class _Delegating(Pruner):
@@ -76,12 +74,57 @@ class _Delegating(Pruner):
 
     def __init__(self, inner: Pruner) -> None:
         self.inner = inner
-        self.name = inner.name
-        self.needs_activations = inner.needs_activations
-        self.needs_hessian = inner.needs_hessian
-        self.needs_gradients = inner.needs_gradients
+        self.stats = inner.stats
         self.needs_calibration = inner.needs_calibration
-        self.true_sequential = getattr(inner, "true_sequential", False)
+        self.true_sequential = inner.true_sequential
+
+    def prune_linear(
+        self, name: str, linear: nn.Linear, stats: LinearStats, target: Sparsity
+    ) -> Tensor:
+        return self.inner.prune_linear(name, linear, stats, target)
+
+
+class _TimedMasking(_Delegating):
+    """Times the method's per-Linear step as the masking stage."""
+
+    def __init__(self, inner: Pruner, clock: StageClock) -> None:
+        super().__init__(inner)
+        self.clock = clock
+
+    def prune_linear(
+        self, name: str, linear: nn.Linear, stats: LinearStats, target: Sparsity
+    ) -> Tensor:
+        with self.clock.stage(MASKING):
+            return super().prune_linear(name, linear, stats, target)
+
+
+@contextlib.contextmanager
+def timed_walk(clock: StageClock) -> Iterator[None]:
+    """Time the walk's capture, statistics and re-forward stages by wrapping its functions."""
+    names = {"capture_block_inputs": CAPTURE, "gather_statistics": STATISTICS}
+    names["reforward_block"] = REFORWARD
+    saved = {attr: getattr(sequential, attr) for attr in names}
+
+    def timed(function: Callable, stage: str) -> Callable:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with clock.stage(stage):
+                return function(*args, **kwargs)
+
+        return run
+
+    try:
+        for attr, stage in names.items():
+            setattr(sequential, attr, timed(saved[attr], stage))
+        yield
+    finally:
+        for attr, function in saved.items():
+            setattr(sequential, attr, function)
+
+
+def _innermost(pruner: Pruner) -> Pruner:
+    while isinstance(pruner, _Delegating):
+        pruner = pruner.inner
+    return pruner
 
 
 class RecordingPruner(_Delegating):
@@ -92,10 +135,12 @@ class RecordingPruner(_Delegating):
         self.limit = limit
         self.pairs: list[tuple[Tensor, Tensor]] = []
 
-    def prune_linear(self, linear: nn.Linear, stats: LinearStats, sparsity: Sparsity) -> Tensor:
+    def prune_linear(
+        self, name: str, linear: nn.Linear, stats: LinearStats, target: Sparsity
+    ) -> Tensor:
         if len(self.pairs) < self.limit and stats.hessian is not None:
             self.pairs.append((linear.weight.detach().clone(), stats.hessian))
-        return self.inner.prune_linear(linear, stats, sparsity)
+        return self.inner.prune_linear(name, linear, stats, target)
 
 
 REPLAYED = ("magnitude", "wanda")  # the methods whose masking stage has a target
@@ -110,14 +155,16 @@ class MaskingRecorder(_Delegating):
     """
 
     def __init__(self, inner: Pruner) -> None:
-        if getattr(inner, "true_sequential", False) or not isinstance(inner, ScorePruner):
+        if inner.true_sequential or not isinstance(inner, ScorePruner):
             raise ValueError("MaskingRecorder replays score methods in block order only")
         super().__init__(inner)
-        self.records: list[tuple[nn.Linear, LinearStats, Sparsity]] = []
+        self.records: list[tuple[str, nn.Linear, LinearStats, Sparsity]] = []
 
-    def prune_linear(self, linear: nn.Linear, stats: LinearStats, sparsity: Sparsity) -> Tensor:
-        self.records.append((linear, stats, sparsity))
-        return self.inner.prune_linear(linear, stats, sparsity)
+    def prune_linear(
+        self, name: str, linear: nn.Linear, stats: LinearStats, target: Sparsity
+    ) -> Tensor:
+        self.records.append((name, linear, stats, target))
+        return self.inner.prune_linear(name, linear, stats, target)
 
 
 def replay_masking(
@@ -134,19 +181,19 @@ def replay_masking(
         lin.weight for block in decoder_layers(base) for lin in prunable_linears(block).values()
     ]
     if len(dense) != len(recorder.records) or any(
-        w.shape != lin.weight.shape for w, (lin, _, _) in zip(dense, recorder.records)
+        w.shape != lin.weight.shape for w, (_, lin, _, _) in zip(dense, recorder.records)
     ):
         raise ValueError("the recorded Linears do not match the base model's decoder Linears")
 
     def restore() -> None:
         with torch.no_grad():
-            for weight, (linear, _, _) in zip(dense, recorder.records):
+            for weight, (_, linear, _, _) in zip(dense, recorder.records):
                 linear.weight.copy_(weight)
 
     def work(_: None) -> PackedMasks:
         masks = PackedMasks()
-        for i, (linear, stats, sparsity) in enumerate(recorder.records):
-            masks.add(str(i), recorder.inner.prune_linear(linear, stats, sparsity))
+        for i, (name, linear, stats, target) in enumerate(recorder.records):
+            masks.add(str(i), recorder.inner.prune_linear(name, linear, stats, target))
         return masks
 
     measured, masks = measure(work, repeats, setup=restore)
@@ -194,17 +241,19 @@ def run_method(
     if method == "gblm" and norms is None:
         with clock.stage(GRADIENT_STAGE):
             norms = gradient_norms(model, windows, progress=False)
-    masks = prune_model(
-        model,
-        pruner or make_pruner(method),
-        Sparsity(settings.sparsity),
-        windows,
-        device="cpu",
-        batch_size=batch_size,
-        grad_norms=norms,
-        progress=False,
-        timer=clock,
-    )
+    pruner = pruner or make_pruner(method)
+    if norms is not None and hasattr(_innermost(pruner), "set_gradient_norms"):
+        _innermost(pruner).set_gradient_norms(norms)
+    with timed_walk(clock):
+        masks = prune_model(
+            model,
+            _TimedMasking(pruner, clock),
+            Sparsity(settings.sparsity),
+            windows,
+            device="cpu",
+            batch_size=batch_size,
+            progress=False,
+        )
     ppl = math.nan
     if evaluate:
         with clock.stage(EVALUATION):

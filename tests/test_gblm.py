@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import Tensor, nn
-
-from dataclasses import dataclass
 
 from gblm.calibration.gradients import GradientSettings, gradient_norms
 from gblm.calibration.stats import LinearStats

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from gblm.calibration.gradients import (
-    GradientSettings,
     GradientError,
+    GradientSettings,
     cached_gradient_norms,
     gradient_cache_key,
     gradient_norms,
@@ -387,7 +387,9 @@ def test_cache_computes_once_and_keys_separate_files(tmp_path) -> None:
 def test_cache_key_tracks_windows_and_settings() -> None:
     ids = windows()
     base = gradient_cache_key("m", ids, GradientSettings("l1", 100.0, torch.float16), torch.float16)
-    assert base == gradient_cache_key("m", ids.clone(), GradientSettings("l1", 100, "float16"), "float16")
+    assert base == gradient_cache_key(
+        "m", ids.clone(), GradientSettings("l1", 100, "float16"), "float16"
+    )
     changed = ids.clone()
     changed[0, 0] = (changed[0, 0] + 1) % VOCAB
     assert (
@@ -412,7 +414,9 @@ def test_cache_key_tracks_windows_and_settings() -> None:
 
 
 def test_cache_lock_lets_concurrent_jobs_compute_once(tmp_path) -> None:
-    key = gradient_cache_key("m", windows(), GradientSettings("l1", SCALE, torch.float16), torch.float16)
+    key = gradient_cache_key(
+        "m", windows(), GradientSettings("l1", SCALE, torch.float16), torch.float16
+    )
     calls = {"n": 0}
     results: list[dict[str, Tensor]] = []
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gblm.calibration.stats import accumulate_hessian, make_hessian
-from gblm.calibration.stats import LinearStats
+from gblm.calibration.stats import LinearStats, accumulate_hessian, make_hessian
 from gblm.methods.sparsegpt import SparseGPTPruner
 from gblm.pruning.sparsegpt import sparsegpt_prune
 from gblm.pruning.sparsity import Sparsity

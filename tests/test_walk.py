@@ -8,12 +8,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import gblm.calibration.sequential as sequential
 from gblm.calibration.capture import capture_block_inputs
 from gblm.calibration.hooks import attached_hooks
 from gblm.calibration.sequential import prune_model
-from gblm.models.layers import decoder_layers, decoder_layers_path, prunable_linears
-from gblm.models.tiny import ARCHITECTURES, build_tiny_model, tiny_config
 from gblm.calibration.stats import LinearStats
 from gblm.methods.base import Pruner
 from gblm.methods.gblm import GBLMPruner
@@ -21,6 +18,8 @@ from gblm.methods.magnitude import MagnitudePruner
 from gblm.methods.plans import PerBlockPlan, SparsityPlan
 from gblm.methods.sparsegpt import SparseGPTPruner
 from gblm.methods.wanda import WandaPruner
+from gblm.models.layers import decoder_layers, decoder_layers_path, prunable_linears
+from gblm.models.tiny import ARCHITECTURES, build_tiny_model, tiny_config
 from gblm.pruning.sparsity import Sparsity
 
 VOCAB, N, T = 256, 6, 16
@@ -321,9 +320,7 @@ def test_a_plan_may_give_each_linear_its_own_target() -> None:
             return Sparsity(0.25) if name.endswith("q_proj") else Sparsity(0.5, 2, 4)
 
     model = _model()
-    masks = prune_model(
-        model, MagnitudePruner(), ByType(), device="cpu", progress=False
-    )
+    masks = prune_model(model, MagnitudePruner(), ByType(), device="cpu", progress=False)
     for name, mask in masks.items():
         if name.endswith("q_proj"):
             assert mask.sum().item() == int(mask.numel() * 0.25) + 1  # magnitude's '<=' rule

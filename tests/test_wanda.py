@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from gblm.calibration.stats import accumulate_row_sq, make_row_sq
-from gblm.calibration.stats import LinearStats
+from gblm.calibration.stats import LinearStats, accumulate_row_sq, make_row_sq
 from gblm.methods.magnitude import MagnitudePruner
 from gblm.methods.wanda import WandaPruner
 from gblm.pruning.sparsity import Sparsity
@@ -64,7 +63,9 @@ def test_wanda_reconstructs_better_than_magnitude_on_uneven_channels() -> None:
         mask = pruner.prune_linear("x", linear, stats, sparsity)
         assert (linear.weight.data[mask] == 0).all()
         assert torch.equal(linear.weight.data[~mask], dense[~mask])
-        errors[f"{type(pruner).__name__[:-6].lower()}-{pruner.comparison_group}"] = _error(dense, linear.weight.data, x)
+        errors[f"{type(pruner).__name__[:-6].lower()}-{pruner.comparison_group}"] = _error(
+            dense, linear.weight.data, x
+        )
     assert errors["wanda-row"] < 0.7 * errors["magnitude-layer"]
     assert errors["wanda-row"] < 0.7 * errors["magnitude-row"]
 
