@@ -411,6 +411,26 @@ def gradient_norms(
         for handle in handles:
             handle.remove()
 
+    norms = _finish(model, versions, folder, settings)
+    logger.info(
+        "gradient norms (%s, scale %g, %s) of %d Linears over %d windows x %d tokens: %.1f s",
+        norm,
+        scale,
+        settings.accumulator_dtype,
+        len(norms),
+        nsamples,
+        seqlen,
+        time.perf_counter() - start,
+    )
+    return norms
+
+
+def _finish(
+    model: nn.Module, versions: dict[str, int], folder: _Folder, settings: GradientSettings
+) -> dict[str, Tensor]:
+    """Check that no parameter changed, warn of Linears without gradient or with overflow, and
+    return the finished norms."""
+    accumulator_dtype = settings.torch_accumulator_dtype
     changed = [name for name, p in model.named_parameters() if p._version != versions[name]]
     if changed:
         raise RuntimeError(f"the gradient stage modified parameters: {', '.join(changed[:5])}")
@@ -431,16 +451,6 @@ def gradient_norms(
             len(overflowed),
             overflowed[0],
         )
-    logger.info(
-        "gradient norms (%s, scale %g, %s) of %d Linears over %d windows x %d tokens: %.1f s",
-        norm,
-        scale,
-        dtype_name(accumulator_dtype),
-        len(norms),
-        nsamples,
-        seqlen,
-        time.perf_counter() - start,
-    )
     return norms
 
 
