@@ -51,7 +51,10 @@ def offline_run_contents(root: Path) -> tuple[dict, dict, list[str]]:
     (run_dir,) = sorted((root / "wandb").glob("offline-run-*"))
     (log_file,) = run_dir.glob("run-*.wandb")
     config, history = {}, {}
-    for record in read_wandb_records(log_file):
+    records = read_wandb_records(log_file)
+    kinds = [record.WhichOneof("record_type") for record in records]
+    assert kinds[-1:] == ["exit"], f"the offline run's log is incomplete: {kinds}"
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             config.update(
@@ -99,7 +102,14 @@ def test_offline_run_is_written_and_readable(tmp_path, monkeypatch):
     logger.finish()
     assert logger.failures == []
     logger.finish()  # twice is harmless
+    # The race: the SDK sends the init config inside the Run record, and the wandb-core service
+    # writes the transaction log through a buffer that it flushes when it closes the run's stream.
+    # run.finish() only *publishes* "inform_finish" and returns; the close happens later, so under
+    # load the file read here could still hold the header alone. teardown() waits for the service
+    # process to exit, after every stream is closed and its file complete.
+    import wandb
 
+    wandb.teardown()
     config, history, files = offline_run_contents(tmp_path)
     assert config["method"] == {"name": "gblm"} and config["sparsity"] == {"ratio": 0.5}
     assert history["ppl/pruned"] == 31.25 and history["ppl/dense"] == 20.5
