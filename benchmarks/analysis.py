@@ -88,85 +88,66 @@ def scaling_fit(results: list[dict[str, Any]]) -> dict[str, Any]:
     return fits
 
 
+def _row(case: str, target: str, value: float | None, limit: float, note: str = "") -> dict:
+    met = None if value is None else value <= limit
+    return {"model": case, "target": target, "value": value, "limit": limit, "met": met,
+            "note": note}  # fmt: skip
+
+
+def _masking_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Magnitude's and Wanda's masking share of the calibration passes, measured and projected."""
+    case, rows = r["case"]["name"], []
+    scale_up = r["flops"]["walk_floor_published_calibration"] / r["flops"]["walk_floor"]
+    for method in ("wanda", "magnitude"):
+        walk_share = r["methods"][method]["stages"][MASKING]["ratio_cpu"]
+        replayed = r["methods"][method].get("masking_replayed")
+        share = replayed["ratio_cpu"] if replayed else walk_share
+        how = (
+            f"best of {replayed['replays']} replays on the walk's inputs; in the walk "
+            f"{100 * walk_share:.1f}%"
+            if replayed
+            else "timed in the walk"
+        )
+        target = f"{method} masking / calibration passes"
+        rows.append(_row(case, target, share, TARGETS["masking_share"],
+                         f"at N={r['nsamples']}, T={r['seqlen']}: {how}"))  # fmt: skip
+        rows.append(_row(case, f"{target} (N=128, T=2048)", share / scale_up,
+                         TARGETS["masking_share"],
+                         "projected: the passes scale with their FLOPs, masking does not"))  # fmt: skip
+    return rows
+
+
+def _memory_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The gradient stage's peak against its budget, with the published loss and chunked."""
+    memory = r.get("gradient_memory")
+    if memory is None:
+        return []
+    case, limit = r["case"]["name"], TARGETS["gradient_memory_vs_budget"]
+    target = "gradient stage peak / (weights + accumulators + 1 sample activations)"
+    rows = [_row(case, target, memory["ratio"], limit,
+                 "method.loss_chunk_tokens=0 (default, the published loss)")]  # fmt: skip
+    if memory.get("chunked_ratio") is not None:
+        note = f"method.loss_chunk_tokens={memory['chunked_loss_tokens']}"
+        rows.append(_row(case, target, memory["chunked_ratio"], limit, note))
+    return rows
+
+
 def verdicts(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every target, per model: the measured value, the target and whether it is met."""
     rows: list[dict[str, Any]] = []
-
-    def add(case: str, target: str, value: float | None, limit: float, note: str = "") -> None:
-        rows.append(
-            {
-                "model": case,
-                "target": target,
-                "value": value,
-                "limit": limit,
-                "met": None if value is None else value <= limit,
-                "note": note,
-            }
-        )
-
     for r in results:
         case = r["case"]["name"]
         gblm = r["methods"]["gblm"]
-        add(
-            case,
-            "gradient stage / N fwd+bwd",
-            gblm["stages"][GRADIENT_STAGE]["ratio_cpu"],
-            TARGETS["gradient_stage_vs_floor"],
-        )
-        add(
-            case,
-            "GBLM end to end / (grad floor + walk floor)",
-            gblm["end_to_end"]["ratio_cpu"],
-            TARGETS["gblm_end_to_end_vs_floor"],
-        )
-        scale_up = r["flops"]["walk_floor_published_calibration"] / r["flops"]["walk_floor"]
-        for method in ("wanda", "magnitude"):
-            walk_share = r["methods"][method]["stages"][MASKING]["ratio_cpu"]
-            replayed = r["methods"][method].get("masking_replayed")
-            share = replayed["ratio_cpu"] if replayed else walk_share
-            how = (
-                f"best of {replayed['replays']} replays on the walk's inputs; in the walk "
-                f"{100 * walk_share:.1f}%"
-                if replayed
-                else "timed in the walk"
-            )
-            add(
-                case,
-                f"{method} masking / calibration passes",
-                share,
-                TARGETS["masking_share"],
-                f"at N={r['nsamples']}, T={r['seqlen']}: {how}",
-            )
-            add(
-                case,
-                f"{method} masking / calibration passes (N=128, T=2048)",
-                share / scale_up,
-                TARGETS["masking_share"],
-                "projected: the passes scale with their FLOPs, masking does not",
-            )
+        rows.append(_row(case, "gradient stage / N fwd+bwd",
+                         gblm["stages"][GRADIENT_STAGE]["ratio_cpu"],
+                         TARGETS["gradient_stage_vs_floor"]))  # fmt: skip
+        rows.append(_row(case, "GBLM end to end / (grad floor + walk floor)",
+                         gblm["end_to_end"]["ratio_cpu"],
+                         TARGETS["gblm_end_to_end_vs_floor"]))  # fmt: skip
+        rows += _masking_rows(r)
         for row in r.get("sparsegpt_reference", {}).get("rows", []):
-            add(
-                case,
-                f"SparseGPT solve / published loop ({row['pattern']})",
-                row["ratio"],
-                TARGETS["sparsegpt_solve_vs_reference"],
-                "weights identical" if row["weights_identical"] else "WEIGHTS DIFFER",
-            )
-        memory = r.get("gradient_memory")
-        if memory is not None:
-            add(
-                case,
-                "gradient stage peak / (weights + accumulators + 1 sample activations)",
-                memory["ratio"],
-                TARGETS["gradient_memory_vs_budget"],
-                "method.loss_chunk_tokens=0 (default, the published loss)",
-            )
-            if memory.get("chunked_ratio") is not None:
-                add(
-                    case,
-                    "gradient stage peak / (weights + accumulators + 1 sample activations)",
-                    memory["chunked_ratio"],
-                    TARGETS["gradient_memory_vs_budget"],
-                    f"method.loss_chunk_tokens={memory['chunked_loss_tokens']}",
-                )
+            same = "weights identical" if row["weights_identical"] else "WEIGHTS DIFFER"
+            rows.append(_row(case, f"SparseGPT solve / published loop ({row['pattern']})",
+                             row["ratio"], TARGETS["sparsegpt_solve_vs_reference"], same))  # fmt: skip
+        rows += _memory_rows(r)
     return rows

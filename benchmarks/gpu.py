@@ -37,10 +37,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from benchmarks import flops
 from benchmarks.work import WALK_STAGES, _TimedMasking, block_passes, gradient_floor, timed_walk
 from gblm.calibration.capture import capture_block_inputs
-from gblm.calibration.gradients import GradientSettings, gradient_norms
+from gblm.calibration.gradients import gradient_norms
 from gblm.calibration.sequential import prune_model
 from gblm.eval.perplexity import perplexity
-from gblm.methods.gblm import GBLMPruner
+from gblm.methods.registry import build_method
 from gblm.models.layers import decoder_layers, prunable_linears
 from gblm.paths import PROJECT_ROOT
 from gblm.pruning.sparsity import Sparsity
@@ -156,17 +156,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         del inputs
         say("floors done")
 
-    with clock.stage("gradient stage"):
-        norms = gradient_norms(
-            model,
-            windows,
-            GradientSettings(checkpointing=args.checkpointing),
-            progress=args.verbose,
-        )
+    method = build_method("gblm", gradient_checkpointing=args.checkpointing)
+    with clock.stage("gradient stage"):  # GBLM's dense-model pass, as its prepare runs it
+        norms = gradient_norms(model, windows, method.gradients, progress=args.verbose)
     if args.norms_on_cpu:  # the walk moves each Linear's norms to the device as it prunes it
         norms = {name: g.cpu() for name, g in norms.items()}
     say("gradient stage done")
-    method = GBLMPruner()
     method.set_gradient_norms(norms)
     with clock.stage("walk"), timed_walk(clock):
         prune_model(

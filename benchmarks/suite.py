@@ -24,7 +24,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -42,7 +42,6 @@ from benchmarks.measure import (
 )
 from benchmarks.reference_sparsegpt import reference_sparsegpt
 from benchmarks.work import (
-    APPLICABLE,
     GRADIENT_STAGE,
     METHODS,
     REPLAYED,
@@ -51,17 +50,18 @@ from benchmarks.work import (
     MaskingRecorder,
     MethodRun,
     RecordingPruner,
+    applicable_stages,
     evaluation_floor,
     forward_graph_bytes,
     gradient_floor,
-    make_pruner,
     mask_difference,
     measure_floors,
     replay_masking,
     run_method,
     walk_total,
 )
-from gblm.calibration.gradients import GradientSettings, gradient_norms
+from gblm.calibration.gradients import gradient_norms
+from gblm.methods.registry import build_method
 from gblm.models.layers import decoder_layers, prunable_linears
 from gblm.pruning.sparsegpt import sparsegpt_prune
 
@@ -70,11 +70,11 @@ ACCUMULATOR_BYTES = 2  # GBLM's default fp16 accumulators
 
 
 def _stage_report(
-    method: str, stages: dict[str, dict[str, Any]], floors: dict[str, Measurement]
+    applicable: tuple[str, ...], stages: dict[str, dict[str, Any]], floors: dict[str, Measurement]
 ) -> dict[str, dict[str, Any]]:
     report: dict[str, dict[str, Any]] = {}
     for stage in STAGES:
-        if stage not in APPLICABLE[method]:
+        if stage not in applicable:
             report[stage] = {"applicable": False}
             continue
         t = stages[stage]
@@ -96,8 +96,79 @@ def _stage_report(
     return report
 
 
+def _timed_runs(
+    prepared: Prepared, settings: Settings, method: str, repeats: int, reference_linears: int
+) -> tuple[dict[str, dict[str, Any]], MethodRun, MaskingRecorder | None, list]:
+    """``repeats`` runs of ``method``: best stages, the first run, what its recorders kept.
+
+    The first run records: the Hessians of the first ``reference_linears`` Linears for a method
+    that gathers them (0: none), or the masking stage's inputs for a replayed method.
+    """
+    model, windows, eval_tokens = prepared.model, prepared.windows, prepared.eval_tokens
+    declared = build_method(method)
+    stage_runs, first, masking_inputs, recorded = [], None, None, []
+    for r in range(repeats):
+        recorder = None
+        if "hessian" in declared.stats and reference_linears and r == 0:
+            recorder = RecordingPruner(build_method(method), limit=reference_linears)
+        elif method in REPLAYED and r == 0:
+            recorder = masking_inputs = MaskingRecorder(build_method(method))
+        run = run_method(model, method, windows, eval_tokens, settings, pruner=recorder)
+        stage_runs.append(run.stages)
+        if r == 0:
+            first = run
+            if isinstance(recorder, RecordingPruner):
+                recorded = recorder.pairs
+    return best_stages(stage_runs), first, masking_inputs, recorded
+
+
+def _method_entry(
+    declared, stages: dict[str, dict[str, Any]], floors: dict[str, Measurement], run: MethodRun
+) -> dict[str, Any]:
+    """A method's report: its stages, and its walk and end to end where it has them."""
+    entry: dict[str, Any] = {
+        "stages": _stage_report(applicable_stages(declared), stages, floors),
+        "ppl": run.ppl,
+    }
+    walk_cpu, walk_wall = walk_total(stages), walk_total(stages, "wall_s")
+    if declared.needs_calibration:
+        entry["walk"] = {
+            "cpu_s": walk_cpu,
+            "wall_s": walk_wall,
+            "ratio_cpu": walk_cpu / floors["walk"].cpu_s,
+            "ratio_wall": walk_wall / floors["walk"].wall_s,
+        }
+    if declared.dense_pass is not None:  # GBLM: gradients, then the walk
+        grad = stages[GRADIENT_STAGE]
+        floor_cpu = floors["gradient"].cpu_s + floors["walk"].cpu_s
+        floor_wall = floors["gradient"].wall_s + floors["walk"].wall_s
+        entry["end_to_end"] = {
+            "cpu_s": grad["cpu_s"] + walk_cpu,
+            "wall_s": grad["wall_s"] + walk_wall,
+            "floor_cpu_s": floor_cpu,
+            "ratio_cpu": (grad["cpu_s"] + walk_cpu) / floor_cpu,
+            "ratio_wall": (grad["wall_s"] + walk_wall) / floor_wall,
+        }
+    return entry
+
+
+def _replayed_entry(
+    model: nn.Module, recorder: MaskingRecorder, run: MethodRun, floors, replays: int
+) -> dict[str, Any]:
+    """The masking stage replayed alone on the walk's inputs, best of ``replays``."""
+    replayed, replay_masks = replay_masking(model, recorder, replays)
+    return {
+        "replays": replayed.repeats,
+        "cpu_s": replayed.cpu_s,
+        "cpu_all": replayed.cpu_all,
+        "ratio_cpu": replayed.cpu_s / floors["walk"].cpu_s,
+        # the replay did the walk's work: the same masks, in the walk's order
+        "same_masks": all(torch.equal(a, b) for a, b in zip(replay_masks, run.masks.values())),
+    }
+
+
 def bench_model(prepared: Prepared, settings: Settings) -> dict[str, Any]:
-    """Every timing on one model: floors, the four methods, and the extras on the probe."""
+    """Every timing on one model: floors, the benchmarked methods, and the extras on the probe."""
     began = time.perf_counter()
     case, model = prepared.case, prepared.model
     windows, eval_tokens = prepared.windows, prepared.eval_tokens
@@ -110,59 +181,20 @@ def bench_model(prepared: Prepared, settings: Settings) -> dict[str, Any]:
     methods: dict[str, Any] = {}
     runs: dict[str, MethodRun] = {}
     recorded: list[tuple[Tensor, Tensor]] = []
-    first_block = len(prunable_linears(decoder_layers(model)[0]))
     want_reference = case.name == settings.probe or case.smollm2
+    first_block = len(prunable_linears(decoder_layers(model)[0])) if want_reference else 0
     for method in METHODS:
         log.info("%s: %s", case.name, method)
-        stage_runs = []
-        masking_inputs = None
-        for r in range(repeats):
-            recorder = None
-            if method == "sparsegpt" and want_reference and r == 0:
-                recorder = RecordingPruner(make_pruner(method), limit=first_block)
-            elif method in REPLAYED and r == 0:
-                recorder = masking_inputs = MaskingRecorder(make_pruner(method))
-            run = run_method(model, method, windows, eval_tokens, settings, pruner=recorder)
-            stage_runs.append(run.stages)
-            if r == 0:
-                runs[method] = run
-                if isinstance(recorder, RecordingPruner):
-                    recorded = recorder.pairs
-        stages = best_stages(stage_runs)
-        report = _stage_report(method, stages, floors)
-        walk_cpu = walk_total(stages)
-        entry: dict[str, Any] = {"stages": report, "ppl": runs[method].ppl}
+        stages, runs[method], masking_inputs, pairs = _timed_runs(
+            prepared, settings, method, repeats, first_block
+        )
+        recorded = pairs or recorded
+        entry = _method_entry(build_method(method), stages, floors, runs[method])
         if masking_inputs is not None:
-            replayed, replay_masks = replay_masking(model, masking_inputs, settings.replays)
-            entry["masking_replayed"] = {
-                "replays": replayed.repeats,
-                "cpu_s": replayed.cpu_s,
-                "cpu_all": replayed.cpu_all,
-                "ratio_cpu": replayed.cpu_s / floors["walk"].cpu_s,
-                # the replay did the walk's work: the same masks, in the walk's order
-                "same_masks": all(
-                    torch.equal(a, b) for a, b in zip(replay_masks, runs[method].masks.values())
-                ),
-            }
+            entry["masking_replayed"] = _replayed_entry(
+                model, masking_inputs, runs[method], floors, settings.replays
+            )
             del masking_inputs
-        if method != "magnitude":
-            entry["walk"] = {
-                "cpu_s": walk_cpu,
-                "wall_s": walk_total(stages, "wall_s"),
-                "ratio_cpu": walk_cpu / floors["walk"].cpu_s,
-                "ratio_wall": walk_total(stages, "wall_s") / floors["walk"].wall_s,
-            }
-        if method == "gblm":
-            grad = stages[GRADIENT_STAGE]
-            floor_cpu = floors["gradient"].cpu_s + floors["walk"].cpu_s
-            floor_wall = floors["gradient"].wall_s + floors["walk"].wall_s
-            entry["end_to_end"] = {
-                "cpu_s": grad["cpu_s"] + walk_cpu,
-                "wall_s": grad["wall_s"] + walk_total(stages, "wall_s"),
-                "floor_cpu_s": floor_cpu,
-                "ratio_cpu": (grad["cpu_s"] + walk_cpu) / floor_cpu,
-                "ratio_wall": (grad["wall_s"] + walk_total(stages, "wall_s")) / floor_wall,
-            }
         methods[method] = entry
 
     result: dict[str, Any] = {
@@ -237,7 +269,7 @@ def compare_with_reference(
     return {"rows": rows}
 
 
-def bench_extras(
+def _batching(
     model: nn.Module,
     windows: Tensor,
     eval_tokens: Tensor,
@@ -245,18 +277,17 @@ def bench_extras(
     runs: dict[str, MethodRun],
     result: dict[str, Any],
 ) -> dict[str, Any]:
-    """Batch 1 vs 4, gradient checkpointing, bfloat16 vs float32 on the probe model."""
+    """Batch 1 vs 4 in the walk: time, and whether the masks agree."""
     repeats = settings.repeats
-    extras: dict[str, Any] = {}
     log.info("probe extras: batch size 4")
     batching = {}
-    for method in ("wanda", "sparsegpt", "gblm"):
+    for method in (m for m in METHODS if runs[m].method.needs_calibration):
         stage_runs = []
         masks = None
-        for _ in range(repeats):
+        for _ in range(repeats):  # the same method objects: GBLM's gradients are not redone
             run = run_method(
                 model, method, windows, eval_tokens, settings, batch_size=4,
-                norms=runs["gblm"].norms, evaluate=False,
+                pruner=runs[method].method, prepared=True, evaluate=False,
             )  # fmt: skip
             stage_runs.append(run.stages)
             masks = masks or run.masks
@@ -271,13 +302,26 @@ def bench_extras(
             "speedup_cpu": batch1["cpu_s"] / walk4,
             "masks": mask_difference(runs[method].masks, masks),
         }
-    extras["batching"] = batching
+    return batching
 
+
+def _gradient_options(
+    model: nn.Module,
+    windows: Tensor,
+    settings: Settings,
+    runs: dict[str, MethodRun],
+    result: dict[str, Any],
+) -> dict[str, Any]:
+    """GBLM's gradient stage with checkpointing and with the chunked loss, against plain."""
+    repeats = settings.repeats
+    extras: dict[str, Any] = {}
     log.info("probe extras: gradient checkpointing")
     plain = result["methods"]["gblm"]["stages"][GRADIENT_STAGE]
+    gradients = runs["gblm"].method.gradients  # GBLM's registered gradient settings
+    plain_norms = gradient_norms(model, windows, gradients, progress=False)  # untimed, to compare
     ckpt, ckpt_norms = measure(
         lambda: gradient_norms(
-            model, windows, GradientSettings(checkpointing=True), progress=False
+            model, windows, replace(gradients, checkpointing=True), progress=False
         ),
         repeats,
     )
@@ -285,7 +329,7 @@ def bench_extras(
     chunk = settings.loss_chunk_tokens
     chunked, chunked_norms = measure(
         lambda: gradient_norms(
-            model, windows, GradientSettings(loss_chunk_tokens=chunk), progress=False
+            model, windows, replace(gradients, loss_chunk_tokens=chunk), progress=False
         ),
         repeats,
     )
@@ -295,7 +339,7 @@ def bench_extras(
         "chunked_cpu_s": chunked.cpu_s,
         "time_ratio": chunked.cpu_s / plain["cpu_s"],
         "norms_identical": all(
-            torch.equal(chunked_norms[k], runs["gblm"].norms[k]) for k in chunked_norms
+            torch.equal(chunked_norms[k], plain_norms[k]) for k in chunked_norms
         ),
     }
     extras["checkpointing"] = {
@@ -303,13 +347,23 @@ def bench_extras(
         "checkpointed_cpu_s": ckpt.cpu_s,
         "checkpointed_wall_s": ckpt.wall_s,
         "time_ratio": ckpt.cpu_s / plain["cpu_s"],
-        "norms_identical": all(
-            torch.equal(ckpt_norms[k], runs["gblm"].norms[k]) for k in ckpt_norms
-        ),
+        "norms_identical": all(torch.equal(ckpt_norms[k], plain_norms[k]) for k in ckpt_norms),
         "peak_bytes": None,
         "plain_peak_bytes": None,
     }
+    return extras
 
+
+def _bfloat16(
+    model: nn.Module,
+    windows: Tensor,
+    eval_tokens: Tensor,
+    settings: Settings,
+    runs: dict[str, MethodRun],
+    result: dict[str, Any],
+) -> dict[str, Any]:
+    """GBLM in bfloat16 against float32: floors, stages, masks, perplexity."""
+    repeats = settings.repeats
     log.info("probe extras: bfloat16")
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     floors16 = measure_floors(bf16, windows, eval_tokens, settings, repeats)
@@ -321,7 +375,7 @@ def bench_extras(
     stages16 = best_stages(stage_runs)
     fp32 = result["methods"]["gblm"]["stages"]
     floors32 = result["floors"]
-    extras["bfloat16"] = {
+    return {
         "floors": {
             name: {
                 "fp32_cpu_s": floors32[name]["cpu_s"],
@@ -344,6 +398,22 @@ def bench_extras(
         "ppl_fp32": runs["gblm"].ppl,
         "ppl_bf16": bf16_run.ppl,
     }
+
+
+def bench_extras(
+    model: nn.Module,
+    windows: Tensor,
+    eval_tokens: Tensor,
+    settings: Settings,
+    runs: dict[str, MethodRun],
+    result: dict[str, Any],
+) -> dict[str, Any]:
+    """Batch 1 vs 4, gradient checkpointing, bfloat16 vs float32 on the probe model."""
+    extras: dict[str, Any] = {
+        "batching": _batching(model, windows, eval_tokens, settings, runs, result)
+    }
+    extras.update(_gradient_options(model, windows, settings, runs, result))
+    extras["bfloat16"] = _bfloat16(model, windows, eval_tokens, settings, runs, result)
     return extras
 
 
@@ -367,9 +437,10 @@ def memory_pass(prepared: Prepared, settings: Settings) -> dict[str, Any]:
         run = run_method(model, method, windows, eval_tokens, settings, memory=True)
         memory["stages"][method] = {k: v["peak_bytes"] for k, v in run.stages.items()}
     chunk = settings.loss_chunk_tokens
+    gradients = build_method("gblm").gradients  # GBLM's registered gradient settings
     chunked, _ = measure(
         lambda: gradient_norms(
-            model, windows, GradientSettings(loss_chunk_tokens=chunk), progress=False
+            model, windows, replace(gradients, loss_chunk_tokens=chunk), progress=False
         ),
         memory=True,
     )
@@ -378,7 +449,7 @@ def memory_pass(prepared: Prepared, settings: Settings) -> dict[str, Any]:
     if prepared.case.name == settings.probe:
         ckpt, _ = measure(
             lambda: gradient_norms(
-                model, windows, GradientSettings(checkpointing=True), progress=False
+                model, windows, replace(gradients, checkpointing=True), progress=False
             ),
             memory=True,
         )

@@ -1,8 +1,11 @@
 """The measured work: each method run as gblm runs it, and the floors it is compared with.
 
-A run's stages: ``capture``, ``statistics``, ``scoring and masking`` and ``re-forward`` come from
-the layer walk's stages (:data:`WALK_STAGES`, timed by wrapping the walk's stage functions); the ``gradient
-stage`` (GBLM) and ``evaluation`` (perplexity) are timed around their calls.
+A run's stages: ``capture``, ``statistics``, ``scoring and masking`` and ``re-forward`` are the
+layer walk's (:data:`WALK_STAGES`), timed by wrapping the walk's stage functions and the method's
+per-Linear step (:func:`timed_walk`; the walk has no timing parameter); the ``gradient stage``
+(the method's dense-model pass, ``prepare``: GBLM's gradients) and ``evaluation`` (perplexity)
+are timed around their calls. Which stages a method has follows from what it declares
+(:func:`applicable_stages`).
 
 The floors are the least work each stage must do: ``gradient``, N plain forward+backward passes
 of the dense model (weight gradients for the decoder Linears only, dropped after each sample);
@@ -26,16 +29,17 @@ import gblm.calibration.sequential as sequential
 from benchmarks.cases import Settings
 from benchmarks.measure import Measurement, PeakWatch, StageClock, measure
 from gblm.calibration.capture import BlockInputs, capture_block_inputs
-from gblm.calibration.gradients import decoder_linear_names, gradient_norms
+from gblm.calibration.gradients import decoder_linear_names
 from gblm.calibration.sequential import prune_model
 from gblm.calibration.stats import LinearStats
 from gblm.eval.perplexity import perplexity
-from gblm.methods.base import Pruner, ScorePruner
+from gblm.methods.base import Pruner, RunContext, ScorePruner
 from gblm.methods.registry import build_method
 from gblm.models.layers import decoder_layers, prunable_linears
 from gblm.pruning.sparsity import Sparsity
 from gblm.pruning.storage import PackedMasks
 
+#: The registered methods (``conf/method``) that are benchmarked, in table order.
 METHODS = ("magnitude", "wanda", "sparsegpt", "gblm")
 GRADIENT_STAGE = "gradient stage"
 EVALUATION = "evaluation"
@@ -44,12 +48,6 @@ EVALUATION = "evaluation"
 WALK_STAGES = ("capture", "statistics", "scoring and masking", "re-forward")
 CAPTURE, STATISTICS, MASKING, REFORWARD = WALK_STAGES
 STAGES = (CAPTURE, GRADIENT_STAGE, STATISTICS, MASKING, REFORWARD, EVALUATION)
-APPLICABLE = {
-    "magnitude": (MASKING, EVALUATION),
-    "wanda": (CAPTURE, STATISTICS, MASKING, REFORWARD, EVALUATION),
-    "sparsegpt": (CAPTURE, STATISTICS, MASKING, REFORWARD, EVALUATION),
-    "gblm": STAGES,
-}
 # stage -> (floor, share of it, what the ratio says)
 STAGE_FLOORS = {
     CAPTURE: ("walk", 1.0, "share of the walk floor (2N block forwards)"),
@@ -64,9 +62,15 @@ STAGE_FLOORS = {
 # --- methods ------------------------------------------------------------------------------------
 
 
-def make_pruner(method: str) -> Pruner:
-    """The registered method with its published defaults."""
-    return build_method(method)
+def applicable_stages(method: Pruner) -> tuple[str, ...]:
+    """The stages a method has, from what it declares: the walk's calibration passes only when
+    it needs calibration, the gradient stage only when it has a dense-model pass (``prepare``)."""
+    skipped = set()
+    if not method.needs_calibration:
+        skipped |= {CAPTURE, STATISTICS, REFORWARD}
+    if method.dense_pass is None:
+        skipped.add(GRADIENT_STAGE)
+    return tuple(stage for stage in STAGES if stage not in skipped)
 
 
 class _Delegating(Pruner):
@@ -77,6 +81,13 @@ class _Delegating(Pruner):
         self.stats = inner.stats
         self.needs_calibration = inner.needs_calibration
         self.true_sequential = inner.true_sequential
+        self.dense_pass = inner.dense_pass
+
+    def prepare(self, model: nn.Module, windows: Tensor | None, context: RunContext) -> None:
+        self.inner.prepare(model, windows, context)
+
+    def release(self) -> None:
+        self.inner.release()
 
     def prune_linear(
         self, name: str, linear: nn.Linear, stats: LinearStats, target: Sparsity
@@ -98,22 +109,40 @@ class _TimedMasking(_Delegating):
             return super().prune_linear(name, linear, stats, target)
 
 
+#: The walk's stage functions (module attributes of :mod:`gblm.calibration.sequential`).
+_WALK_FUNCTIONS = {
+    "capture_block_inputs": CAPTURE,
+    "gather_statistics": STATISTICS,
+    "reforward_block": REFORWARD,
+}
+
+
 @contextlib.contextmanager
 def timed_walk(clock: StageClock) -> Iterator[None]:
-    """Time the walk's capture, statistics and re-forward stages by wrapping its functions."""
-    names = {"capture_block_inputs": CAPTURE, "gather_statistics": STATISTICS}
-    names["reforward_block"] = REFORWARD
-    saved = {attr: getattr(sequential, attr) for attr in names}
+    """Time the walk's capture, statistics and re-forward stages by wrapping its functions.
+
+    Within the block the walk module's attributes are timing wrappers (restored on exit). A call
+    made from inside a timed one (``gather_statistics`` calls itself again when inputs are
+    shared in some batches only) is not timed twice.
+    """
+    saved = {attr: getattr(sequential, attr) for attr in _WALK_FUNCTIONS}
+    inside: list[str] = []
 
     def timed(function: Callable, stage: str) -> Callable:
         def run(*args: Any, **kwargs: Any) -> Any:
-            with clock.stage(stage):
+            if inside:
                 return function(*args, **kwargs)
+            inside.append(stage)
+            try:
+                with clock.stage(stage):
+                    return function(*args, **kwargs)
+            finally:
+                inside.pop()
 
         return run
 
     try:
-        for attr, stage in names.items():
+        for attr, stage in _WALK_FUNCTIONS.items():
             setattr(sequential, attr, timed(saved[attr], stage))
         yield
     finally:
@@ -143,7 +172,8 @@ class RecordingPruner(_Delegating):
         return self.inner.prune_linear(name, linear, stats, target)
 
 
-REPLAYED = ("magnitude", "wanda")  # the methods whose masking stage has a target
+#: The benchmarked methods whose masking stage has a target (and is replayed alone).
+REPLAYED = ("magnitude", "wanda")
 
 
 class MaskingRecorder(_Delegating):
@@ -202,12 +232,22 @@ def replay_masking(
 
 @dataclass
 class MethodRun:
-    """One run of a method: per-stage totals, the masks, the gradient norms, the perplexity."""
+    """One run of a method: per-stage totals, the masks, the method as it ran, the perplexity.
+
+    ``method`` is the method itself (no benchmark wrapper), still prepared: a later run may reuse
+    its dense-model pass (``run_method(..., pruner=run.method, prepared=True)``).
+    """
 
     stages: dict[str, dict[str, Any]]
     masks: dict[str, Tensor]
-    norms: dict[str, Tensor] | None
+    method: Pruner
     ppl: float
+
+
+def _context(model: nn.Module) -> RunContext:
+    """The run context of a benchmarked run: the CPU, the model's dtype, no cache, no bars."""
+    dtype = next(model.parameters()).dtype
+    return RunContext(device=torch.device("cpu"), model_dtype=dtype, progress=False)
 
 
 def run_method(
@@ -218,8 +258,8 @@ def run_method(
     settings: Settings,
     *,
     batch_size: int = 1,
-    norms: dict[str, Tensor] | None = None,
     pruner: Pruner | None = None,
+    prepared: bool = False,
     evaluate: bool = True,
     memory: bool = False,
 ) -> MethodRun:
@@ -227,23 +267,22 @@ def run_method(
 
     Args:
         base: the dense model; it is copied (untimed), never modified.
-        method: one of :data:`METHODS`.
+        method: a registered method (:func:`gblm.methods.registry.build_method`, its defaults).
         windows: (N, T) calibration ids. eval_tokens: (1, windows x T) evaluation ids.
         settings: sparsity and seqlen.
         batch_size: windows per forward in the walk.
-        norms: GBLM gradient norms to reuse; without them the gradient stage runs (timed).
-        pruner: a replacement for the method's pruner (e.g. a :class:`RecordingPruner`).
+        pruner: the method object to run instead of a fresh one (e.g. a
+            :class:`RecordingPruner`, or the method of an earlier :class:`MethodRun`).
+        prepared: ``pruner``'s dense-model pass already ran: it is not run (nor timed) again.
         evaluate: run the perplexity stage.
         memory: record each stage's peak memory too.
     """
     model = copy.deepcopy(base)
     clock = StageClock(memory=memory)
-    if method == "gblm" and norms is None:
+    pruner = pruner or build_method(method)
+    if pruner.dense_pass is not None and not prepared:  # GBLM's gradient stage
         with clock.stage(GRADIENT_STAGE):
-            norms = gradient_norms(model, windows, progress=False)
-    pruner = pruner or make_pruner(method)
-    if norms is not None and hasattr(_innermost(pruner), "set_gradient_norms"):
-        _innermost(pruner).set_gradient_norms(norms)
+            pruner.prepare(model, windows, _context(model))
     with timed_walk(clock):
         masks = prune_model(
             model,
@@ -260,7 +299,7 @@ def run_method(
             ppl = perplexity(
                 model, eval_tokens, settings.seqlen, device=torch.device("cpu"), progress=False
             )
-    return MethodRun(clock.as_dict(), masks, norms, ppl)
+    return MethodRun(clock.as_dict(), masks, _innermost(pruner), ppl)
 
 
 def walk_total(stages: dict[str, dict[str, Any]], key: str = "cpu_s") -> float:

@@ -13,7 +13,8 @@ import pytest
 
 from benchmarks.analysis import TARGETS
 from benchmarks.run import main
-from benchmarks.work import APPLICABLE, METHODS, STAGES
+from benchmarks.work import METHODS, STAGES, applicable_stages
+from gblm.methods.registry import build_method
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,9 @@ def test_every_method_and_stage_has_times_and_ratios(report: tuple[dict, str]) -
         for method in METHODS:
             stages = model["methods"][method]["stages"]
             assert list(stages) == list(STAGES)
+            applicable = applicable_stages(build_method(method))
             for stage, entry in stages.items():
-                if stage not in APPLICABLE[method]:
+                if stage not in applicable:
                     assert entry == {"applicable": False}
                     continue
                 assert entry["applicable"] and entry["floor"] in model["floors"]
@@ -115,3 +117,36 @@ def test_cases_option_selects_models_and_names_the_known_ones() -> None:
     assert any(c.smollm2 for c in settings_from_args(parse_args([])).cases)  # default: SmolLM2 too
     with pytest.raises(SystemExit, match="unknown nope; this mode has llama_h64_l1"):
         settings_from_args(parse_args(["--smoke", "--cases", "nope"]))
+
+
+def test_stages_follow_from_what_a_method_declares() -> None:
+    assert applicable_stages(build_method("magnitude")) == ("scoring and masking", "evaluation")
+    calibrated = ("capture", "statistics", "scoring and masking", "re-forward", "evaluation")
+    assert applicable_stages(build_method("wanda")) == calibrated
+    assert applicable_stages(build_method("sparsegpt")) == calibrated
+    assert applicable_stages(build_method("gblm")) == STAGES  # its gradient stage too
+
+
+def test_timed_walk_times_each_stage_once_and_restores_the_walk() -> None:
+    import gblm.calibration.sequential as sequential
+    from benchmarks.measure import StageClock
+    from benchmarks.work import timed_walk
+
+    originals = {a: getattr(sequential, a) for a in ("gather_statistics", "reforward_block")}
+    clock = StageClock()
+    calls = []
+
+    def outer(depth: int) -> None:  # calls itself through the module, as gather_statistics may
+        calls.append(depth)
+        if depth == 0:
+            sequential.gather_statistics(1)
+
+    try:
+        sequential.gather_statistics = outer
+        with timed_walk(clock):
+            sequential.gather_statistics(0)
+        assert calls == [0, 1] and clock.as_dict()["statistics"]["entries"] == 1
+        assert sequential.gather_statistics is outer  # the wrapper is gone
+    finally:
+        sequential.gather_statistics = originals["gather_statistics"]
+    assert sequential.reforward_block is originals["reforward_block"]
