@@ -9,6 +9,7 @@ with those arguments, so nothing architecture-specific is rebuilt by hand.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,20 @@ def _input_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def _cache_off(model: nn.Module) -> Iterator[None]:
+    """``model.config.use_cache = False`` for the block, restored after."""
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if config is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if config is not None:
+            config.use_cache = use_cache
+
+
 def capture_block_inputs(
     model: nn.Module,
     windows: Tensor,
@@ -123,21 +138,13 @@ def capture_block_inputs(
         calls.setdefault(states.shape[0], (extra, dict(kwargs)))
         raise _BlockReached
 
-    config = getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None)
-    if config is not None:
-        config.use_cache = False
-    try:
-        with attached_hooks([(block, catch)], pre=True, with_kwargs=True):
-            for start in range(0, nsamples, batch_size):
-                ids = windows[start : start + batch_size].to(input_device)  # (b, T)
-                try:
-                    model(input_ids=ids, use_cache=False)
-                except _BlockReached:
-                    continue
-                raise RuntimeError("The forward pass never reached decoder block 0.")
-    finally:
-        if config is not None:
-            config.use_cache = use_cache
+    with _cache_off(model), attached_hooks([(block, catch)], pre=True, with_kwargs=True):
+        for start in range(0, nsamples, batch_size):
+            ids = windows[start : start + batch_size].to(input_device)  # (b, T)
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _BlockReached:
+                continue
+            raise RuntimeError("The forward pass never reached decoder block 0.")
     assert hidden is not None
     return BlockInputs(hidden=hidden, batch_size=batch_size, calls=calls)

@@ -323,6 +323,34 @@ def _chunked_loss_backward(model: nn.Module, input_ids: Tensor, chunk: int) -> T
     return total
 
 
+def _check_windows(windows: Tensor) -> tuple[int, int]:
+    """(N, T) of a valid window tensor: int64 ids, N >= 1 samples of T >= 2 tokens."""
+    if windows.ndim != 2 or windows.dtype != torch.long:
+        raise ValueError(
+            f"windows must be a (N, T) tensor of int64 token ids, got {tuple(windows.shape)} "
+            f"{windows.dtype}."
+        )
+    nsamples, seqlen = windows.shape
+    if nsamples == 0 or seqlen < 2:
+        raise ValueError(f"windows of shape {tuple(windows.shape)}: need N >= 1 and T >= 2.")
+    return nsamples, seqlen
+
+
+def _backward_sample(model: nn.Module, input_ids: Tensor, chunk: int, n: int) -> None:
+    """One sample's loss (mean over its T-1 predictions) and its backward pass."""
+    if chunk:
+        loss = _chunked_loss_backward(model, input_ids, chunk)  # backward done chunk by chunk
+    else:
+        loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+    if not bool(torch.isfinite(loss.detach())):
+        raise GradientError(
+            f"non-finite loss ({loss.item()}) on sample {n}: the dense model's forward pass "
+            "overflows or has NaN/inf weights, so no gradient is usable."
+        )
+    if not chunk:
+        loss.backward()
+
+
 def gradient_norms(
     model: nn.Module,
     windows: Tensor,
@@ -353,14 +381,7 @@ def gradient_norms(
     settings = settings or GradientSettings()
     norm, scale, chunk = settings.norm, settings.scale, settings.loss_chunk_tokens
     accumulator_dtype = settings.torch_accumulator_dtype
-    if windows.ndim != 2 or windows.dtype != torch.long:
-        raise ValueError(
-            f"windows must be a (N, T) tensor of int64 token ids, got {tuple(windows.shape)} "
-            f"{windows.dtype}."
-        )
-    nsamples, seqlen = windows.shape
-    if nsamples == 0 or seqlen < 2:
-        raise ValueError(f"windows of shape {tuple(windows.shape)}: need N >= 1 and T >= 2.")
+    nsamples, seqlen = _check_windows(windows)
     if chunk:
         check_chunkable(model)
 
@@ -394,18 +415,7 @@ def gradient_norms(
             for name, linear in linears.items():
                 handles.append(linear.weight.register_post_accumulate_grad_hook(folder.hook(name)))
             for n in tqdm(range(nsamples), desc="gradients", disable=not progress):
-                input_ids = windows[n : n + 1].to(input_device)  # (1, T)
-                if chunk:
-                    loss = _chunked_loss_backward(model, input_ids, chunk)
-                else:
-                    loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-                if not bool(torch.isfinite(loss.detach())):
-                    raise GradientError(
-                        f"non-finite loss ({loss.item()}) on sample {n}: the dense model's "
-                        "forward pass overflows or has NaN/inf weights, so no gradient is usable."
-                    )
-                if not chunk:
-                    loss.backward()
+                _backward_sample(model, windows[n : n + 1].to(input_device), chunk, n)
                 folder.check_sample(n)
     finally:
         for handle in handles:

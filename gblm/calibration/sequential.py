@@ -60,17 +60,10 @@ class WalkMethod(Protocol):
 
 
 class TargetPlan(Protocol):
-    """What the walk needs of a sparsity plan (:class:`gblm.methods.plans.SparsityPlan`)."""
+    """What the walk needs of a sparsity plan: :class:`gblm.methods.plans.SparsityPlan`, or one
+    :class:`Sparsity` for every Linear (it is its own uniform plan)."""
 
     def target(self, block: int, name: str) -> Sparsity: ...
-
-
-class _Uniform:
-    def __init__(self, sparsity: Sparsity) -> None:
-        self.sparsity = sparsity
-
-    def target(self, block: int, name: str) -> Sparsity:
-        return self.sparsity
 
 
 def _as_ids(windows: Tensor | Sequence[Tensor]) -> Tensor:
@@ -227,10 +220,35 @@ def _prune_block(
 
 
 @torch.no_grad()
+def _walk_blocks(
+    blocks: Sequence[nn.Module],
+    prefix: str,
+    method: WalkMethod,
+    plan: TargetPlan,
+    inputs: BlockInputs | None,
+    device: torch.device,
+    masks: PackedMasks,
+    progress: bool,
+) -> None:
+    """Prune the blocks in order; with calibration inputs, each pruned block feeds the next."""
+    hidden = outputs = None
+    if inputs is not None:
+        hidden = inputs.hidden  # (N, T, hidden): inputs of the current block
+        outputs = torch.empty_like(hidden)  # (N, T, hidden): inputs of the next block
+    for b, block in enumerate(tqdm(blocks, desc="prune blocks", disable=not progress)):
+        block_began = time.perf_counter()
+        with _on_device(block, device) as block_device:
+            _prune_block(block, b, prefix, method, plan, inputs, hidden, block_device, masks)
+            if inputs is not None:
+                reforward_block(block, inputs, hidden, outputs, block_device)
+                hidden, outputs = outputs, hidden
+        logger.debug("block %d pruned in %.2f s", b, time.perf_counter() - block_began)
+
+
 def prune_model(
     model: nn.Module,
     method: WalkMethod,
-    plan: TargetPlan | Sparsity,
+    plan: TargetPlan,
     windows: Tensor | Sequence[Tensor] | None = None,
     *,
     device: torch.device | str,
@@ -259,32 +277,21 @@ def prune_model(
         (:class:`gblm.pruning.storage.PackedMasks`), each unpacked when read.
     """
     device = torch.device(device)
-    plan = _Uniform(plan) if isinstance(plan, Sparsity) else plan
-    blocks = decoder_layers(model)
-    prefix = decoder_layers_path(model)
     if method.needs_calibration and windows is None:
         raise ValueError(f"{type(method).__name__} needs calibration windows; none were given.")
+    blocks, prefix = decoder_layers(model), decoder_layers_path(model)
     was_training = model.training
     model.eval()
     masks = PackedMasks()
     began = time.perf_counter()
-    inputs = hidden = outputs = None
     try:
+        inputs = None
         if method.needs_calibration:
             storage = torch.device("cpu") if offload_inputs else device
             inputs = capture_block_inputs(
                 model, _as_ids(windows), batch_size=batch_size, storage_device=storage
             )
-            hidden = inputs.hidden  # (N, T, hidden): inputs of the current block
-            outputs = torch.empty_like(hidden)  # (N, T, hidden): inputs of the next block
-        for b, block in enumerate(tqdm(blocks, desc="prune blocks", disable=not progress)):
-            block_began = time.perf_counter()
-            with _on_device(block, device) as block_device:
-                _prune_block(block, b, prefix, method, plan, inputs, hidden, block_device, masks)
-                if inputs is not None:  # the pruned block feeds the next one
-                    reforward_block(block, inputs, hidden, outputs, block_device)
-                    hidden, outputs = outputs, hidden
-            logger.debug("block %d pruned in %.2f s", b, time.perf_counter() - block_began)
+        _walk_blocks(blocks, prefix, method, plan, inputs, device, masks, progress)
     finally:
         model.train(was_training)
     logger.info(

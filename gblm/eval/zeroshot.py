@@ -125,6 +125,14 @@ def summarize_results(results: dict) -> dict:
     return summary
 
 
+def _place(model: nn.Module, device: torch.device | str | None) -> None:
+    """Move a model not dispatched by accelerate to ``device`` (None: leave it where it is)."""
+    if device is not None and getattr(model, "hf_device_map", None) is None:
+        device = torch.device(device)
+        if _model_device(model) != device:
+            model.to(device)
+
+
 def zeroshot_eval(
     model: nn.Module,
     tokenizer: Any,
@@ -163,10 +171,7 @@ def zeroshot_eval(
     task_manager = _task_manager(include_path, tasks)
     check_tasks(tasks, task_manager)
 
-    if device is not None and getattr(model, "hf_device_map", None) is None:
-        device = torch.device(device)
-        if _model_device(model) != device:
-            model.to(device)
+    _place(model, device)
     was_training = model.training
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:

@@ -36,3 +36,7 @@ class Sparsity:
     @property
     def label(self) -> str:
         return f"{self.n}:{self.m}" if self.structured else f"{self.ratio:g}"
+
+    def target(self, block: int, name: str) -> Sparsity:
+        """One target is the uniform plan: every Linear of every block gets it."""
+        return self

@@ -26,6 +26,27 @@ _FAILED_NOTE = (
 )
 
 
+def _metric_blocks(
+    runs: Sequence[RunRecord],
+    value,
+    fmt,
+    dense: float | None,
+    texts: tuple[str, str, str],
+    path: Path,
+    log_y: bool = False,
+) -> list:
+    """A metric's caption, its methods x sparsity table and its plot against sparsity.
+
+    ``texts``: the caption, the plot's y label and the plot's title (before "vs sparsity").
+    """
+    caption, ylabel, title = texts
+    return [
+        caption,
+        tables.pivot(runs, value, fmt, dense),
+        plots.plot_vs_sparsity(runs, value, dense, ylabel, f"{title} vs sparsity", path, log_y),
+    ]
+
+
 def _headline_section(model: str, runs: Sequence[RunRecord], out_dir: Path) -> Section:
     """Perplexity, zero-shot accuracy and wall time: methods x sparsity, with their plots."""
     slug = plots.slug(model)
@@ -37,32 +58,28 @@ def _headline_section(model: str, runs: Sequence[RunRecord], out_dir: Path) -> S
     )
     if note:
         main.blocks.append(note)
-    main.blocks += [
-        "Perplexity (lower is better):",
-        tables.pivot(runs, lambda r: r.ppl_pruned, tables.fmt_ppl, dense_ppl),
-        plots.plot_vs_sparsity(
-            runs,
-            lambda r: r.ppl_pruned,
-            dense_ppl,
-            "perplexity (log scale)",
-            f"{model}: perplexity vs sparsity",
-            out_dir / f"ppl_vs_sparsity_{slug}.png",
-            log_y=True,
-        ),
-    ]
+    main.blocks += _metric_blocks(
+        runs,
+        lambda r: r.ppl_pruned,
+        tables.fmt_ppl,
+        dense_ppl,
+        ("Perplexity (lower is better):", "perplexity (log scale)", f"{model}: perplexity"),
+        out_dir / f"ppl_vs_sparsity_{slug}.png",
+        log_y=True,
+    )
     if any(r.zeroshot is not None for r in runs):
-        main.blocks += [
-            "Zero-shot mean accuracy over tasks (%):",
-            tables.pivot(runs, lambda r: r.zeroshot, tables.fmt_acc, dense_zeroshot),
-            plots.plot_vs_sparsity(
-                runs,
-                lambda r: r.zeroshot,
-                dense_zeroshot,
+        main.blocks += _metric_blocks(
+            runs,
+            lambda r: r.zeroshot,
+            tables.fmt_acc,
+            dense_zeroshot,
+            (
+                "Zero-shot mean accuracy over tasks (%):",
                 "zero-shot mean accuracy",
-                f"{model}: zero-shot accuracy vs sparsity",
-                out_dir / f"zeroshot_vs_sparsity_{slug}.png",
+                f"{model}: zero-shot accuracy",
             ),
-        ]
+            out_dir / f"zeroshot_vs_sparsity_{slug}.png",
+        )
     main.blocks += [
         "Wall time of the whole run:",
         tables.pivot(runs, lambda r: r.total_time, tables.fmt_seconds, None),

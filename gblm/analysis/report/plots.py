@@ -55,6 +55,17 @@ def _log_axis(ax) -> None:
     ax.yaxis.set_minor_formatter(plain)
 
 
+def _save(fig, ax, title: str, path: Path, legend_size: int, grid: str = "major") -> Path:
+    """Title, grid and legend of a line plot, then the PNG; the figure is closed."""
+    ax.set_title(title)
+    ax.grid(True, which=grid, alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path)
+    pyplot().close(fig)
+    return path
+
+
 def plot_vs_sparsity(
     runs: Sequence[RunRecord],
     value: Callable[[RunRecord], float | None],
@@ -79,13 +90,7 @@ def plot_vs_sparsity(
         _log_axis(ax)
     ax.set_xlabel("sparsity (share of weights pruned)")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, title, path, legend_size=8, grid="both")
 
 
 def _block_limits(
@@ -134,13 +139,7 @@ def plot_block_sparsity(runs: Sequence[RunRecord], title: str, path: Path) -> Pa
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("decoder block")
     ax.set_ylabel("share of zero weights")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, title, path, legend_size=7)
 
 
 def plot_mask_comparison(
