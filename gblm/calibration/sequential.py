@@ -41,6 +41,7 @@ from gblm.models.layers import (
     prunable_linears,
     sequential_groups,
 )
+from gblm.models.memory import private_file_mappings, privatize_parameters
 from gblm.pruning.sparsity import Sparsity
 from gblm.pruning.storage import PackedMasks
 
@@ -235,9 +236,11 @@ def _walk_blocks(
     if inputs is not None:
         hidden = inputs.hidden  # (N, T, hidden): inputs of the current block
         outputs = torch.empty_like(hidden)  # (N, T, hidden): inputs of the next block
+    mapped = private_file_mappings()  # weights still in the checkpoint's pages (mmap)
     for b, block in enumerate(tqdm(blocks, desc="prune blocks", disable=not progress)):
         block_began = time.perf_counter()
         with _on_device(block, device) as block_device:
+            privatize_parameters(block, mapped)  # no copy-on-write faults as the masks land
             _prune_block(block, b, prefix, method, plan, inputs, hidden, block_device, masks)
             if inputs is not None:
                 reforward_block(block, inputs, hidden, outputs, block_device)

@@ -1,0 +1,78 @@
+"""Weights memory-mapped from a checkpoint are copied into private memory before the walk writes."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gblm.calibration.sequential import prune_model
+from gblm.methods.registry import build_method
+from gblm.models.layers import decoder_layers
+from gblm.models.memory import private_file_mappings, privatize_parameters
+from gblm.models.tiny import build_tiny_model, tiny_config
+from gblm.pruning.sparsity import Sparsity
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps")
+
+
+def in_mapping(tensor: torch.Tensor) -> bool:
+    address = tensor.untyped_storage().data_ptr()
+    return any(lo <= address < hi for lo, hi in private_file_mappings())
+
+
+@pytest.fixture()
+def mapped_model(tmp_path):
+    """A tiny LLaMA saved as safetensors and loaded back the way a checkpoint is (mmap)."""
+    build_tiny_model(tiny_config("llama", vocab_size=256), seed=0).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    return model
+
+
+def test_maps_table_is_parsed(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text(
+        "7f0000000000-7f0000001000 rw-p 00000000 fe:00 12 /data/model.safetensors\n"
+        "7f0000002000-7f0000003000 r--p 00000000 fe:00 12 /data/model.safetensors\n"
+        "7f0000004000-7f0000005000 rw-s 00000000 fe:00 13 /dev/shm/x\n"
+        "7f0000006000-7f0000007000 rw-p 00000000 00:00 0 \n"
+        "7f0000008000-7f0000009000 rw-p 00000000 00:00 0 [heap]\n"
+    )
+    assert private_file_mappings(maps) == [(0x7F0000000000, 0x7F0000001000)]
+    assert private_file_mappings(tmp_path / "absent") == []
+
+
+def test_loaded_weights_are_mapped_and_privatized_bit_for_bit(mapped_model):
+    block = decoder_layers(mapped_model)[0]
+    weight = block.mlp.up_proj.weight
+    if not in_mapping(weight):
+        pytest.skip("this transformers build copies checkpoints into memory (nothing mapped)")
+    before = weight.detach().clone()
+    copied = privatize_parameters(block)
+    assert copied == sum(p.numel() * p.element_size() for p in block.parameters())
+    assert block.mlp.up_proj.weight is weight  # the same Parameter, new storage
+    assert not any(in_mapping(p) for p in block.parameters())
+    assert torch.equal(weight, before)
+    assert privatize_parameters(block) == 0  # nothing left to copy
+
+
+def test_in_memory_model_is_not_copied():
+    model = build_tiny_model(tiny_config("llama", vocab_size=256), seed=0)
+    assert privatize_parameters(model) == 0
+
+
+def test_walk_prunes_private_copies_with_the_same_masks(mapped_model):
+    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    reference = copy.deepcopy(mapped_model)  # deepcopy: ordinary memory
+    assert not any(in_mapping(p) for p in reference.parameters())
+    expected = prune_model(reference, build_method("wanda"), Sparsity(0.5), windows, device="cpu")
+    got = prune_model(mapped_model, build_method("wanda"), Sparsity(0.5), windows, device="cpu")
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+    for block in decoder_layers(mapped_model):
+        assert not any(in_mapping(p) for p in block.parameters())
+    for a, b in zip(mapped_model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
