@@ -253,6 +253,30 @@ def _reference(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _product_path(r: dict[str, Any]) -> list[str]:
+    runs = r.get("product_path")
+    if not runs:
+        return []
+    rows = []
+    for method, p in runs.items():
+        controlled = r["methods"][method].get("walk", {})
+        dense = p.get("dense_pass")
+        rows.append([
+            method, str(p["threads"]), _s(dense["wall_s"]) if dense else "-",
+            _s(p["walk"]["wall_s"]), _s(p["walk"]["cpu_s"]), _s(controlled.get("wall_s")),
+        ])  # fmt: skip
+    header = ["method", "threads", "dense pass wall s", "walk wall s", "walk CPU s",
+              "controlled walk wall s"]  # fmt: skip
+    return [
+        "As a user runs it: the model freshly loaded (weights as the loader maps them), torch's "
+        "default threads, once; beside it the controlled walk (a private copy of the model, the "
+        "suite's threads, best of the repeats).",
+        "",
+        *_table(header, rows),
+        "",
+    ]
+
+
 def _extras(r: dict[str, Any]) -> list[str]:
     x = r.get("extras")
     if not x:
@@ -409,6 +433,6 @@ def render(report: dict[str, Any]) -> str:
     for r in report["models"]:
         lines += [_model_title(r), ""]
         lines += _floors(r) + _stages(r) + _composites(r) + _memory(r)
-        lines += _reference(r) + _extras(r)
+        lines += _reference(r) + _product_path(r) + _extras(r)
     lines += _scaling(report)
     return "\n".join(lines).rstrip() + "\n"

@@ -56,6 +56,7 @@ from benchmarks.work import (
     gradient_floor,
     mask_difference,
     measure_floors,
+    product_path,
     replay_masking,
     run_method,
     walk_total,
@@ -66,6 +67,10 @@ from gblm.models.layers import decoder_layers, prunable_linears
 from gblm.pruning.sparsegpt import sparsegpt_prune
 
 log = logging.getLogger("benchmarks")
+#: The threads torch picks by itself (read before the suite sets its own count).
+DEFAULT_THREADS = torch.get_num_threads()
+#: The methods timed as a user runs them (:func:`benchmarks.work.product_path`).
+PRODUCT_METHODS = ("wanda", "gblm")
 ACCUMULATOR_BYTES = 2  # GBLM's default fp16 accumulators
 
 
@@ -210,6 +215,11 @@ def bench_model(prepared: Prepared, settings: Settings) -> dict[str, Any]:
     }
     if recorded:
         result["sparsegpt_reference"] = compare_with_reference(recorded, repeats=max(repeats, 2))
+    if case.smollm2 or (case.name == settings.probe and not any(c.smollm2 for c in settings.cases)):
+        log.info("%s: the product's own path (as loaded, %d threads)", case.name, DEFAULT_THREADS)
+        result["product_path"] = product_path(
+            case, windows, settings, DEFAULT_THREADS, PRODUCT_METHODS
+        )
     if case.name == settings.probe:
         result["extras"] = bench_extras(model, windows, eval_tokens, settings, runs, result)
     result["seconds"] = time.perf_counter() - began

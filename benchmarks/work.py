@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -401,3 +402,41 @@ def measure_floors(
         lambda: evaluation_floor(model, eval_tokens, settings.seqlen), repeats, memory=memory
     )
     return {"gradient": gradient, "walk": walk, "evaluation": evaluation}
+
+
+def product_path(
+    case: Any, windows: Tensor, settings: Settings, threads: int, methods: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Each method as a user runs it: the model freshly loaded (its weights as the loader maps
+    them), torch's default threads, the method's dense pass then the walk; once each, untimed
+    load. Beside the controlled runs (a private copy of the model, ``settings.threads``), this
+    shows what the controlled runs cannot: costs of the loaded model itself (page faults on
+    mapped weights) and of the thread count."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        for name in methods:
+            model = case.build()  # as loaded, no copy
+            method = build_method(name)
+            timings: dict[str, Any] = {}
+            if method.dense_pass is not None:
+                with _wall_and_cpu(timings, "dense_pass"):
+                    method.prepare(model, windows, _context(model))
+            with _wall_and_cpu(timings, "walk"):
+                prune_model(model, method, Sparsity(settings.sparsity), windows, device="cpu",
+                            progress=False)  # fmt: skip
+            method.release()
+            out[name] = {"threads": threads, **timings}
+            del model
+    finally:
+        torch.set_num_threads(saved)
+    return out
+
+
+@contextlib.contextmanager
+def _wall_and_cpu(into: dict[str, Any], key: str) -> Iterator[None]:
+    """Wall and process CPU seconds of the block, as ``into[key] = {"wall_s", "cpu_s"}``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    into[key] = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}

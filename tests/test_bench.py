@@ -82,6 +82,16 @@ def test_extras_scaling_and_verdicts_are_reported(report: tuple[dict, str]) -> N
     assert "## Targets" in text and "## How cost grows" in text
 
 
+def test_product_path_is_timed_beside_the_controlled_runs(report: tuple[dict, str]) -> None:
+    data, text = report
+    (probe,) = [m for m in data["models"] if "product_path" in m]  # no SmolLM2 in smoke mode
+    runs = probe["product_path"]
+    assert set(runs) == {"wanda", "gblm"}
+    assert _positive(runs["gblm"]["dense_pass"]["wall_s"]) and "dense_pass" not in runs["wanda"]
+    assert all(_positive(r["walk"]["cpu_s"]) and r["threads"] >= 1 for r in runs.values())
+    assert "As a user runs it" in text
+
+
 def test_gpu_benchmark_runs_its_code_path_on_the_cpu(tmp_path) -> None:
     """The GPU benchmark's CPU fallback: the tiny shape through every stage, a full report."""
     from benchmarks.gpu import GOALS
