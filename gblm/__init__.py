@@ -1,3 +1,21 @@
-"""gblm: prune causal language models with GBLM-Pruner, Wanda, SparseGPT and magnitude."""
+"""gblm: prune causal language models with GBLM-Pruner, Wanda, SparseGPT, magnitude and more.
+
+The Python API (:mod:`gblm.api`): ``gblm.prune(model, tokenizer, method=..., sparsity=...,
+calibration=...)`` and ``gblm.evaluate(model, tokenizer, texts)``. ``python -m gblm`` runs the
+Hydra app. The API is imported on first use, so ``import gblm`` stays light.
+"""
 
 __version__ = "0.1.0"
+__all__ = ["PruneResult", "evaluate", "method_names", "prune"]
+
+
+def __getattr__(name: str):
+    if name in ("prune", "evaluate", "PruneResult"):
+        from gblm import api
+
+        return getattr(api, name)
+    if name == "method_names":
+        from gblm.methods.registry import method_names
+
+        return method_names
+    raise AttributeError(f"module 'gblm' has no attribute {name!r}")

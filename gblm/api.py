@@ -1,0 +1,178 @@
+"""The Python API: prune a model object and evaluate it, from a notebook or a script.
+
+>>> import gblm
+>>> result = gblm.prune(model, tokenizer, method="wanda", sparsity=0.5,
+...                     calibration=texts, nsamples=32, seqlen=256)
+>>> result.overall["sparsity"], gblm.evaluate(model, tokenizer, eval_texts, seqlen=256)
+
+It runs the same stages as ``python -m gblm``: the plan's and the method's dense-model passes
+(GBLM's gradients), then the layer walk; only the files, the caches and the loggers are left out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gblm.analysis.stats import model_mask_stats
+from gblm.calibration.sequential import prune_model
+from gblm.methods.base import Pruner, RunContext
+from gblm.methods.plans import PerBlockPlan, SparsityPlan, UniformPlan
+from gblm.methods.registry import build_method
+from gblm.pruning.sparsity import Sparsity
+from gblm.pruning.storage import PackedMasks
+
+log = logging.getLogger("gblm.api")
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` did: the masks (True = pruned) and their statistics."""
+
+    masks: PackedMasks  # full Linear name -> (d_out, d_in) bool mask, held as bits
+    per_linear: list[dict] = field(default_factory=list)
+    per_block: list[dict] = field(default_factory=list)
+    overall: dict = field(default_factory=dict)  # e.g. overall["sparsity"]
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage
+
+
+def as_sparsity_plan(sparsity: float | str | Sparsity | Sequence[float] | SparsityPlan):
+    """A plan from ``0.5``, ``"2:4"``, a :class:`Sparsity`, per-block ratios or a plan."""
+    if isinstance(sparsity, SparsityPlan):
+        return sparsity
+    if isinstance(sparsity, Sparsity):
+        return UniformPlan(sparsity)
+    if isinstance(sparsity, str):
+        n, sep, m = sparsity.partition(":")
+        if not sep or not (n.isdigit() and m.isdigit()):
+            raise ValueError(f"sparsity={sparsity!r}: write N:M patterns as 'N:M', e.g. '2:4'.")
+        return UniformPlan(Sparsity(int(n) / int(m), int(n), int(m)))
+    if isinstance(sparsity, (int, float)):
+        return UniformPlan(Sparsity(float(sparsity)))
+    return PerBlockPlan([float(r) for r in sparsity])
+
+
+def calibration_windows(
+    calibration: Tensor | Sequence[str] | None,
+    tokenizer: Any,
+    nsamples: int,
+    seqlen: int,
+    seed: int = 0,
+) -> Tensor | None:
+    """(N, T) token ids: given as a tensor, or drawn from texts as the run draws them."""
+    if calibration is None or isinstance(calibration, Tensor):
+        if calibration is not None and (calibration.ndim != 2 or calibration.dtype != torch.long):
+            raise ValueError("calibration: a tensor must be (N, T) int64 token ids.")
+        return calibration
+    from gblm.data.calibration import sample_windows
+
+    if tokenizer is None:
+        raise ValueError("calibration texts need the tokenizer: prune(model, tokenizer, ...).")
+    return sample_windows(tokenizer, list(calibration), nsamples, seqlen, seed)
+
+
+def prune(
+    model: nn.Module,
+    tokenizer: Any = None,
+    *,
+    method: str | Pruner = "gblm",
+    sparsity: float | str | Sparsity | Sequence[float] | SparsityPlan = 0.5,
+    calibration: Tensor | Sequence[str] | None = None,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+    options: Mapping[str, Any] | None = None,
+) -> PruneResult:
+    """Prune ``model`` in place with a registered method; returns the masks and statistics.
+
+    Args:
+        model: a causal LM (LLaMA, Mistral, Qwen2, OPT, ...), on the device it is to run on.
+        tokenizer: its tokenizer; needed when ``calibration`` is text.
+        method: a name from ``conf/method`` (``magnitude``, ``wanda``, ``sparsegpt``, ``gblm``,
+            ...) or a method object.
+        sparsity: a ratio (``0.5``), an N:M pattern (``"2:4"``), one ratio per decoder block, or a
+            :class:`gblm.methods.plans.SparsityPlan`.
+        calibration: texts (``nsamples`` windows of ``seqlen`` tokens are drawn with ``seed``) or
+            (N, T) token ids; not needed by magnitude.
+        device: where each block is computed; default the device of the model's embeddings.
+        batch_size: calibration windows per forward in the walk (same masks).
+        progress: tqdm bars.
+        options: the method's options, as in its yaml (``{"norm": "l2"}``); with a name only.
+
+    Returns:
+        :class:`PruneResult`.
+    """
+    if isinstance(method, str):
+        method = build_method(method, **dict(options or {}))
+    elif options:
+        raise ValueError("options: give them with a method name, not with a method object.")
+    plan = as_sparsity_plan(sparsity)
+    device = (
+        torch.device(device) if device is not None else model.get_input_embeddings().weight.device
+    )
+    windows = None
+    if method.needs_calibration or plan.needs_calibration:
+        windows = calibration_windows(calibration, tokenizer, nsamples, seqlen, seed)
+        if windows is None:
+            raise ValueError(f"{type(method).__name__} needs calibration: texts or token ids.")
+    dtype = next(model.parameters()).dtype
+    context = RunContext(device=device, model_dtype=dtype, progress=progress)
+    seconds: dict[str, float] = {}
+    for stage in (plan, method):  # their passes over the dense model (GBLM: gradients)
+        began = time.perf_counter()
+        stage.prepare(model, windows, context)
+        if stage.dense_pass is not None:
+            seconds[stage.dense_pass] = time.perf_counter() - began
+    began = time.perf_counter()
+    try:
+        masks = prune_model(model, method, plan, windows if method.needs_calibration else None,
+                            device=device, batch_size=batch_size, progress=progress)  # fmt: skip
+    finally:
+        method.release()
+    seconds["prune"] = time.perf_counter() - began
+    pattern = plan.sparsity if isinstance(plan, UniformPlan) else Sparsity(0.0)  # N:M check
+    per_linear, per_block, _, overall = model_mask_stats(masks, pattern.n, pattern.m)
+    log.info("pruned to %.4f sparsity in %.1f s", overall["sparsity"], sum(seconds.values()))
+    return PruneResult(masks, per_linear, per_block, overall, seconds)
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any = None,
+    data: Tensor | Sequence[str] | None = None,
+    *,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> float:
+    """Perplexity of ``model`` on ``data``: texts (joined with blank lines, as published) or
+    (1, numel) token ids, cut into windows of ``seqlen`` tokens."""
+    from gblm.data.evaluation import join_and_tokenize
+    from gblm.eval.perplexity import perplexity
+
+    if data is None:
+        raise ValueError("evaluate: give the evaluation texts or token ids as data.")
+    if isinstance(data, Tensor):
+        tokens = data.reshape(1, -1)
+    else:
+        if tokenizer is None:
+            raise ValueError(
+                "evaluation texts need the tokenizer: evaluate(model, tokenizer, ...)."
+            )
+        tokens = join_and_tokenize(tokenizer, list(data))
+    device = (
+        torch.device(device) if device is not None else model.get_input_embeddings().weight.device
+    )
+    return perplexity(model, tokens, seqlen, device=device, batch_size=batch_size,
+                      max_windows=max_windows, progress=progress)  # fmt: skip

@@ -1,0 +1,79 @@
+"""The Python API: gblm.prune and gblm.evaluate give what the stages they wrap give."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import gblm
+from gblm.calibration.sequential import prune_model
+from gblm.data.calibration import sample_windows
+from gblm.eval.perplexity import perplexity
+from gblm.methods.base import RunContext
+from gblm.methods.registry import build_method
+from gblm.models.tiny import build_tiny_model, tiny_config
+from gblm.pruning.sparsity import Sparsity
+
+WINDOWS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+
+
+def same_masks(a, b) -> bool:
+    return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "gblm"])
+def test_prune_gives_the_walks_masks(tiny_llama, method):
+    reference = copy.deepcopy(tiny_llama)
+    pruner = build_method(method)
+    pruner.prepare(reference, WINDOWS, RunContext(torch.device("cpu"), torch.float32))
+    expected = prune_model(reference, pruner, Sparsity(0.5), WINDOWS, device="cpu")
+    calibration = None if method == "magnitude" else WINDOWS
+    result = gblm.prune(tiny_llama, method=method, sparsity=0.5, calibration=calibration,
+                        progress=False)  # fmt: skip
+    assert same_masks(result.masks, expected)
+    assert all(torch.equal(a, b) for a, b in zip(tiny_llama.parameters(), reference.parameters()))
+    assert result.overall["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert len(result.per_linear) == len(expected) and "prune" in result.seconds
+    if method == "gblm":
+        assert "gradients" in result.seconds
+
+
+def test_calibration_texts_are_drawn_as_the_run_draws_them(tokenizer):
+    texts = [" ".join(f"word{i} of line {j}." for i in range(40)) for j in range(30)]
+    windows = sample_windows(tokenizer, texts, 4, 32, seed=3)
+    model = build_tiny_model(tiny_config("llama", vocab_size=len(tokenizer)), seed=0)
+    reference = copy.deepcopy(model)
+    expected = prune_model(reference, build_method("wanda"), Sparsity(0.5), windows, device="cpu")
+    result = gblm.prune(model, tokenizer, method="wanda", calibration=texts, nsamples=4,
+                        seqlen=32, seed=3, progress=False)  # fmt: skip
+    assert same_masks(result.masks, expected)
+
+
+def test_nm_pattern_per_block_ratios_and_options(tiny_llama):
+    nm = gblm.prune(copy.deepcopy(tiny_llama), method="wanda", sparsity="2:4",
+                    calibration=WINDOWS, progress=False)  # fmt: skip
+    assert all(row["nm_valid"] for row in nm.per_linear)
+    ratios = [0.3, 0.6]  # the tiny model has two decoder blocks
+    per_block = gblm.prune(copy.deepcopy(tiny_llama), method="magnitude", sparsity=ratios,
+                           options={"comparison_group": "row"}, progress=False)  # fmt: skip
+    assert [b["sparsity"] for b in per_block.per_block] == pytest.approx(ratios, abs=0.01)
+
+
+def test_bad_calls_say_what_is_missing(tiny_llama):
+    with pytest.raises(ValueError, match="needs calibration"):
+        gblm.prune(tiny_llama, method="wanda", progress=False)
+    with pytest.raises(ValueError, match="'N:M'"):
+        gblm.prune(tiny_llama, method="magnitude", sparsity="half", progress=False)
+    with pytest.raises(ValueError, match="need the tokenizer"):
+        gblm.prune(tiny_llama, method="wanda", calibration=["some text"], progress=False)
+    with pytest.raises(Exception, match="nrom"):
+        gblm.prune(tiny_llama, method="gblm", calibration=WINDOWS, options={"nrom": "l2"})
+
+
+def test_evaluate_is_the_runs_perplexity(tiny_llama):
+    tokens = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(2))
+    expected = perplexity(tiny_llama, tokens, 32, device=torch.device("cpu"), progress=False)
+    assert gblm.evaluate(tiny_llama, data=tokens, seqlen=32, progress=False) == expected
+    assert "gblm" in gblm.method_names()
