@@ -46,6 +46,7 @@ def make_run(
     seed: int = 0,
     dense_ppl: float = 20.0,
     images: bool = True,
+    settings: dict | None = None,
 ) -> Path:
     """Write one run folder the way gblm.run does: config, mask stats and images, metrics.json."""
     run_dir = sweep / folder
@@ -56,6 +57,8 @@ def make_run(
         "sparsity": sparsity,
         "seed": seed,
     }
+    for group, values in (settings or {}).items():  # e.g. {"calibration": {"nsamples": 8}}
+        config.setdefault(group, {}).update(values)
     (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     if status == "unfinished":
         return run_dir
@@ -237,3 +240,28 @@ def test_methods_follow_the_registry_order(report):
     shown = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
     shown = [m for m in shown if m not in ("method", "dense")]
     assert shown == [m for m in method_names() if m in shown]
+
+
+def test_swept_axes_get_their_own_tables_and_plots(tmp_path):
+    from gblm.analysis.report.axes import swept_axes
+
+    sweep = tmp_path / "ablation"
+    cal = lambda n: {"calibration": {"nsamples": n, "seqlen": 64}}  # noqa: E731
+    make_run(sweep, "0", "wanda", UNSTRUCTURED, 40.0, settings=cal(2))
+    make_run(sweep, "1", "wanda", UNSTRUCTURED, 30.0, settings=cal(8))
+    make_run(sweep, "2", "wanda", UNSTRUCTURED, 32.0, settings=cal(8), seed=1)  # a repeat
+    make_run(sweep, "3", "gblm", UNSTRUCTURED, 29.0, settings={**cal(8), "method": {"norm": "l1"}})
+    make_run(sweep, "4", "gblm", UNSTRUCTURED, 28.0, settings={**cal(8), "method": {"norm": "l2"}})
+    runs = find_runs(sweep)
+    assert swept_axes(runs) == ["calibration.nsamples", "method.norm"]  # seed is a repeat
+    out = build_report(sweep)
+    text = (out / "report.md").read_text()
+    assert "This sweep also varies calibration.nsamples, method.norm" in text
+    assert "### Ablation: calibration.nsamples" in text and "### Ablation: method.norm" in text
+    row = next(line for line in text.splitlines() if line.startswith("| wanda | 0.5 | 40.00"))
+    assert "31.00 (n=2)" in row  # nsamples=8: the two seeds averaged, nsamples=2 apart
+    assert "| gblm | 0.5 | 29.00 | 28.00 |" in text  # method.norm=l1, l2
+    nsamples_section = text.split("### Ablation: calibration.nsamples")[1].split("###")[0]
+    assert "| gblm |" not in nsamples_section  # gblm ran at one nsamples only
+    assert (out / "ppl_vs_tiny_llama_calibration.nsamples.png").exists()
+    assert (out / "ppl_vs_tiny_llama_method.norm.png").exists()

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gblm.analysis.report import plots, tables
+from gblm.analysis.report.axes import swept_axes
 from gblm.analysis.report.render import Section, render_html, render_markdown
 from gblm.analysis.report.runs import RunRecord, find_runs, is_baseline
 from gblm.utils import atomic_write_text
@@ -122,9 +123,43 @@ def _block_section(model: str, runs: Sequence[RunRecord], out_dir: Path) -> Sect
     return section if section.blocks else None
 
 
+def _axis_section(model: str, runs: Sequence[RunRecord], key: str, out_dir: Path) -> Section:
+    """One ablation axis: perplexity (and zero-shot accuracy) per (method, sparsity) x value."""
+    slug = f"{plots.slug(model)}_{plots.slug(key)}"
+    section = Section(f"Ablation: {key}", level=3)
+    section.blocks += [
+        f"Pruned perplexity for each value of {key} (rows: the method and sparsity pairs that "
+        "swept it; other settings as in their runs, seeds averaged):",
+        tables.axis_table(runs, key, lambda r: r.ppl_pruned, tables.fmt_ppl),
+        plots.plot_axis(
+            runs,
+            key,
+            lambda r: r.ppl_pruned,
+            "perplexity (log scale)",
+            f"{model}: perplexity vs {key}",
+            out_dir / f"ppl_vs_{slug}.png",
+            log_y=True,
+        ),  # fmt: skip
+    ]
+    if any(r.zeroshot is not None for r in runs):
+        section.blocks += [
+            f"Zero-shot mean accuracy (%) for each value of {key}:",
+            tables.axis_table(runs, key, lambda r: r.zeroshot, tables.fmt_acc),
+        ]
+    section.blocks = [b for b in section.blocks if b is not None]
+    return section
+
+
 def model_sections(model: str, runs: Sequence[RunRecord], out_dir: Path) -> list[Section]:
     """Tables and plots of one model's finished runs."""
     sections = [_headline_section(model, runs, out_dir)]
+    axes = swept_axes(runs)
+    if axes:
+        sections[0].blocks.insert(1, (
+            "This sweep also varies " + ", ".join(axes) + ": the cells above average over those "
+            "values; each has its own ablation table and plot below."
+        ))  # fmt: skip
+    sections += [_axis_section(model, runs, key, out_dir) for key in axes]
     per_task = tables.zeroshot_table(runs)
     if per_task is not None:
         sections.append(Section("Zero-shot accuracy per task (%)", level=3, blocks=[per_task]))

@@ -167,3 +167,53 @@ def plot_mask_comparison(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_axis(
+    runs: Sequence[RunRecord],
+    key: str,
+    value: Callable[[RunRecord], float | None],
+    ylabel: str,
+    title: str,
+    path: Path,
+    log_y: bool = False,
+) -> Path | None:
+    """``value`` against the values of ablation axis ``key``: one line per (method, sparsity),
+    a colour per method and a marker per sparsity; a numeric axis spanning 8x or more is log."""
+    from gblm.analysis.report.axes import axis_values, fmt_value
+
+    runs = [r for r in runs if key in r.settings and not is_baseline(r.method)]
+    values = axis_values(runs, key)
+    if len(values) < 2:
+        return None
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    x_of = {v: (v if numeric else i) for i, v in enumerate(values)}
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.5), dpi=100)
+    methods = sorted({r.method for r in runs}, key=method_key)
+    labels = sorted({r.label for r in runs})
+    for method in methods:
+        for label in labels:
+            xs, ys = [], []
+            for v in values:
+                got = [value(r) for r in runs if (r.method, r.label) == (method, label)
+                       and r.settings[key] == v and value(r) is not None]  # fmt: skip
+                if got:
+                    xs.append(x_of[v])
+                    ys.append(statistics.fmean(got))
+            if len(xs) > 1:
+                marker = "os^Dv"[labels.index(label) % 5]
+                ax.plot(xs, ys, marker + "-", color=f"C{methods.index(method)}",
+                        label=f"{method} {label}")  # fmt: skip
+    if not ax.lines:
+        plt.close(fig)
+        return None
+    if numeric and min(values) > 0 and max(values) >= 8 * min(values):
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(values if numeric else range(len(values)),
+                  [fmt_value(v) for v in values])  # fmt: skip
+    if log_y:
+        _log_axis(ax)
+    ax.set_xlabel(key)
+    ax.set_ylabel(ylabel)
+    return _save(fig, ax, title, path, legend_size=8, grid="both")

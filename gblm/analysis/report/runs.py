@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ class RunRecord:
     mask_images: dict[str, Path] = field(default_factory=dict)  # file name -> path
     mask_rows: list[dict] = field(default_factory=list)
     error: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # the run's config, flattened (a.b)
 
     @property
     def finished(self) -> bool:
@@ -84,6 +85,18 @@ def number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists become tuples (hashable values)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
 def _read_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -95,6 +108,7 @@ def _from_config(record: RunRecord, config: Any) -> None:
     """Fill method / model / sparsity from the resolved Hydra config (for runs without metrics)."""
     if not isinstance(config, dict):
         return
+    record.settings = flatten(config)
     method, model, sparsity = config.get("method"), config.get("model"), config.get("sparsity")
     if isinstance(method, dict) and method.get("name"):
         record.method = str(method["name"])
@@ -173,7 +187,10 @@ def read_run(run_dir: Path, sweep_dir: Path) -> RunRecord:
     record = RunRecord(
         path=run_dir, name=run_dir.relative_to(sweep_dir).as_posix() or ".", status="unfinished"
     )
-    _from_config(record, _read_yaml(run_dir / ".hydra" / "config.yaml"))
+    config = _read_yaml(run_dir / ".hydra" / "config.yaml")
+    if config is None:  # a run outside Hydra keeps its resolved config beside its metrics
+        config = _read_yaml(run_dir / "config_resolved.json")  # JSON is YAML
+    _from_config(record, config)
     metrics_path = run_dir / METRICS_FILE
     if metrics_path.exists():
         try:

@@ -246,3 +246,24 @@ def failed_table(runs: Sequence[RunRecord]) -> Table:
         for r in runs
     ]
     return Table(["run", "status", "method", "sparsity", "model", "error"], rows)
+
+
+def axis_table(
+    runs: Sequence[RunRecord],
+    key: str,
+    value: Callable[[RunRecord], float | None],
+    fmt: Callable[[float | None], str],
+) -> Table:
+    """(method, sparsity) rows x the values of ablation axis ``key`` (columns): mean of ``value``."""
+    from gblm.analysis.report.axes import axis_values, fmt_value
+
+    runs = [r for r in runs if key in r.settings and not is_baseline(r.method)]
+    columns = axis_values(runs, key)
+    rows = []
+    for method, label in _method_label_keys(runs):
+        group = [r for r in runs if (r.method, r.label) == (method, label)]
+        if len({r.settings[key] for r in group}) < 2:
+            continue  # this pair did not sweep the axis
+        cells = [_cell((value(r) for r in group if r.settings[key] == v), fmt) for v in columns]
+        rows.append([method, label, *cells])
+    return Table(["method", "sparsity", *[f"{key}={fmt_value(v)}" for v in columns]], rows)
