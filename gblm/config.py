@@ -99,6 +99,9 @@ class ZeroshotSettings:
     batch_size: int | str = 8  # an integer, or auto
     include_path: str | None = None  # a folder of extra lm-eval task YAMLs
     cloze_items: int = 100
+    log_samples: bool = (
+        False  # keep lm-eval's per-item log in the run dir (lm_eval_samples_*.jsonl)
+    )
 
 
 @dataclass

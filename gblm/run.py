@@ -206,7 +206,7 @@ def _execute(
             metrics["ppl"]["pruned"] = eval_ppl("pruned")
         local.write_metrics(metrics)
     if s.zeroshot.enabled:
-        _zeroshot_stage(s, model, tokenizer, device, metrics, timer)
+        _zeroshot_stage(s, model, tokenizer, device, metrics, timer, run_dir)
         local.write_metrics(metrics)
     if s.save_model:
         from gblm.models.saving import save_pruned_model
@@ -318,7 +318,8 @@ def _prune(s: RunSettings, method, plan, model, tokenizer, texts, device, dtype,
         method.release()
 
 
-def _zeroshot_stage(s: RunSettings, model, tokenizer, device, metrics, timer) -> None:
+def _zeroshot_stage(s: RunSettings, model, tokenizer, device, metrics, timer, run_dir) -> None:
+    """lm-eval on the model; its results JSON (and per-item log) kept in the run dir."""
     from gblm.eval.zeroshot import zeroshot_eval
 
     with timer.stage("zero-shot"):
@@ -329,7 +330,9 @@ def _zeroshot_stage(s: RunSettings, model, tokenizer, device, metrics, timer) ->
             limit=s.zeroshot.limit,
             batch_size=s.zeroshot.batch_size,
             device=_input_device(model, device),
-            include_path=_zeroshot_include_path(s, tokenizer),
+            include_path=_zeroshot_include_path(s, run_dir),
+            results_dir=run_dir,
+            log_samples=s.zeroshot.log_samples,
         )
 
 
@@ -362,12 +365,14 @@ def _record_mask_stats(
         ]
 
 
-def _zeroshot_include_path(s: RunSettings, tokenizer) -> str | None:
+def _zeroshot_include_path(s: RunSettings, run_dir: Path) -> str | None:
+    """The local task's folder, exported into ``<run dir>/lm_eval_tasks`` (data and YAML)."""
     if s.zeroshot.include_path or "austen_cloze" not in s.zeroshot.tasks:
         return s.zeroshot.include_path
-    from gblm.eval.cloze import ensure_austen_cloze_task
+    from gblm.eval.cloze import ensure_austen_cloze_task, export_task
 
-    return str(ensure_austen_cloze_task(cache_dir() / "tasks", n_items=s.zeroshot.cloze_items))
+    built = ensure_austen_cloze_task(cache_dir() / "tasks", n_items=s.zeroshot.cloze_items)
+    return str(export_task(built, run_dir / "lm_eval_tasks"))
 
 
 def _flat_metrics(metrics: dict) -> dict:

@@ -6,7 +6,6 @@ import json
 import random
 import re
 import textwrap
-import time
 
 import pytest
 
@@ -16,6 +15,7 @@ from gblm.eval.cloze import (
     TASK_NAME,
     build_austen_cloze,
     build_items,
+    export_task,
     prepare_austen_cloze,
     split_sentences,
     write_task_dir,
@@ -140,17 +140,26 @@ def test_zeroshot_eval_runs_a_tiny_model(tmp_path, tokenizer):
     from gblm.models.tiny import build_tiny_model, tiny_config
 
     model = build_tiny_model(tiny_config("llama", vocab_size=len(tokenizer)), seed=0)
-    task_dir = prepare_austen_cloze(fake_documents(), tmp_path, n_items=20)
-    start = time.perf_counter()
+    task_dir = prepare_austen_cloze(fake_documents(), tmp_path / "cache", n_items=20)
     result = zeroshot_eval(
-        model, tokenizer, [TASK_NAME], limit=5, include_path=task_dir, device="cpu"
-    )
-    assert time.perf_counter() - start < 60
+        model, tokenizer, [TASK_NAME], limit=5, include_path=task_dir, device="cpu",
+        results_dir=tmp_path / "run", log_samples=True,
+    )  # fmt: skip
     row = result[TASK_NAME]
     assert row["samples"] == 5
     assert 0.0 <= row["acc"] <= 1.0 and 0.0 <= row["acc_norm"] <= 1.0
+    assert row["acc_stderr"] > 0 and row["acc_norm_stderr"] > 0  # every metric and its stderr
     assert result["mean_acc"] == row["acc"] and result["mean_acc_norm"] == row["acc_norm"]
     assert not model.training
+    # lm-eval's own output is kept: the results JSON and the per-item log
+    kept = json.loads((tmp_path / "run" / "lm_eval_results.json").read_text())
+    assert kept["results"][TASK_NAME]["acc,none"] == row["acc"]
+    items = (tmp_path / "run" / f"lm_eval_samples_{TASK_NAME}.jsonl").read_text().splitlines()
+    assert len(items) == 5
+    # the exported task folder evaluates the same items, without the cache it came from
+    exported = export_task(task_dir, tmp_path / "run" / "lm_eval_tasks")
+    again = zeroshot_eval(model, tokenizer, [TASK_NAME], limit=5, include_path=exported)
+    assert again[TASK_NAME] == row
 
 
 def test_summarize_results_drops_groups_and_falls_back_to_acc():

@@ -280,6 +280,20 @@ def write_task_dir(out_dir: str | os.PathLike, jsonl_path: str | os.PathLike) ->
     return out
 
 
+def export_task(task_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Copy a built task (its JSONL) into ``out_dir`` with a YAML pointing at the copy.
+
+    The run keeps its task beside its results (``<run dir>/lm_eval_tasks``), so that
+    ``lm_eval --include_path <run dir>/lm_eval_tasks --tasks austen_cloze`` evaluates the same
+    items later, without gblm or its cache. Returns ``out_dir``.
+    """
+    out = Path(out_dir)
+    source = Path(task_dir) / f"{TASK_NAME}.jsonl"
+    jsonl = out / f"{TASK_NAME}.jsonl"
+    atomic_write_text(jsonl, source.read_text(encoding="utf-8"))
+    return write_task_dir(out, jsonl)
+
+
 def prepare_austen_cloze(
     documents: Sequence[str],
     cache_root: str | os.PathLike,

@@ -11,10 +11,12 @@ definitions). Local tasks (``austen_cloze``, see :mod:`gblm.eval.cloze`) come in
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,7 +95,9 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def summarize_results(results: dict) -> dict:
-    """lm-eval's ``results`` dict -> ``{task: {"acc", "acc_norm", "acc_stderr", "samples"}}`` + means.
+    """lm-eval's ``results`` dict -> ``{task: {"acc", "acc_norm", their stderrs, ..., "samples"}}``
+    and the means. Every numeric metric of a leaf task is kept under its name (a filter other than
+    ``none`` as ``name@filter``).
 
     Only leaf tasks are kept (group aggregates are dropped) and means are unweighted over them.
     A task without ``acc_norm`` reports its ``acc`` there (``acc_norm_is_acc: True``), so
@@ -105,15 +109,15 @@ def summarize_results(results: dict) -> dict:
     for task, metrics in results["results"].items():
         if task in groups or "acc,none" not in metrics:
             continue
-        acc = float(metrics["acc,none"])
-        row: dict[str, Any] = {"acc": acc}
-        if "acc_norm,none" in metrics:
-            row["acc_norm"] = float(metrics["acc_norm,none"])
-        else:
-            row["acc_norm"], row["acc_norm_is_acc"] = acc, True
-        stderr = metrics.get("acc_stderr,none")
-        if isinstance(stderr, (int, float)) and math.isfinite(stderr):
-            row["acc_stderr"] = float(stderr)
+        row: dict[str, Any] = {}
+        for key, value in metrics.items():  # every metric and stderr: "acc,none", "acc_stderr,none"
+            name, _, kind = key.partition(",")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if not math.isfinite(value):
+                    continue  # lm-eval writes "N/A" or nan for a stderr it could not compute
+                row[name if kind in ("", "none") else f"{name}@{kind}"] = float(value)
+        if "acc_norm" not in row:
+            row["acc_norm"], row["acc_norm_is_acc"] = row["acc"], True
         if task in samples:
             row["samples"] = int(samples[task].get("effective", 0))
         per_task[task] = row
@@ -144,6 +148,8 @@ def zeroshot_eval(
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     num_fewshot: int = 0,
     seed: int = 1234,
+    results_dir: str | os.PathLike | None = None,
+    log_samples: bool = False,
 ) -> dict:
     """Score ``model`` on lm-eval ``tasks`` and return accuracies.
 
@@ -159,6 +165,10 @@ def zeroshot_eval(
         include_path: folder(s) of local task YAMLs (see :func:`gblm.eval.cloze.write_task_dir`).
         num_fewshot: examples in context (0 for the published protocol).
         seed: lm-eval's python/numpy/torch seeds (lm-eval reseeds the global generators).
+        results_dir: where to keep lm-eval's own output: ``lm_eval_results.json`` (every metric
+            with its stderr, the task configs and versions) and, with ``log_samples``,
+            ``lm_eval_samples_<task>.jsonl`` (every item with its choices' log-likelihoods).
+        log_samples: keep the per-item log (needs ``results_dir``).
 
     Returns:
         ``{task: {"acc", "acc_norm", "acc_stderr", "samples"}, ..., "mean_acc", "mean_acc_norm"}``
@@ -181,7 +191,7 @@ def zeroshot_eval(
             num_fewshot=num_fewshot,
             limit=limit,
             task_manager=task_manager,
-            log_samples=False,
+            log_samples=log_samples and results_dir is not None,
             random_seed=seed,
             numpy_random_seed=seed,
             torch_random_seed=seed,
@@ -191,4 +201,21 @@ def zeroshot_eval(
         model.train(was_training)
     if out is None:  # only non-zero ranks get None; gblm runs one process
         raise RuntimeError("lm-eval returned no results (not rank 0?).")
+    if results_dir is not None:
+        write_lm_eval_output(out, Path(results_dir))
     return summarize_results(out)
+
+
+def write_lm_eval_output(out: dict, directory: Path) -> list[Path]:
+    """lm-eval's results (without the samples) as JSON, and each task's samples as JSON lines."""
+    from gblm.utils import atomic_write_text
+
+    samples = out.get("samples") or {}
+    results = {k: v for k, v in out.items() if k != "samples"}
+    written = [directory / "lm_eval_results.json"]
+    atomic_write_text(written[0], json.dumps(results, indent=1, default=str))
+    for task, items in samples.items():
+        path = directory / f"lm_eval_samples_{task}.jsonl"
+        atomic_write_text(path, "".join(json.dumps(i, default=str) + "\n" for i in items))
+        written.append(path)
+    return written
