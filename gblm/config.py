@@ -142,6 +142,9 @@ class RunConf:
     batch_size: int = 1  # calibration windows per forward in the layer walk
     offload_inputs: bool = False  # keep the walk's (N, T, hidden) block inputs on the CPU
     save_model: bool = False  # save_pretrained the pruned model with its masks into the run dir
+    # dtype of the saved weights: original (the checkpoint's) | float32 | float16 | bfloat16
+    save_dtype: str = "original"
+    push_to_hub: str | None = None  # a hub repo id: upload the saved model there (save_model=true)
     mask_images: list[str] = field(  # PNG masks of these Linears
         default_factory=lambda: ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
     )
@@ -204,6 +207,8 @@ class RunSettings:
     batch_size: int
     offload_inputs: bool
     save_model: bool
+    save_dtype: str
+    push_to_hub: str | None
     mask_images: list[str]
     progress: bool
     skip_finished: bool
@@ -214,6 +219,18 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(allowed)}.")
     return value
+
+
+def _push_target(repo_id: str | None, save_model: bool) -> str | None:
+    if repo_id is None:
+        return None
+    if not save_model:
+        raise ConfigError(
+            f"push_to_hub={repo_id!r} needs save_model=true (the saved model is pushed)."
+        )
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or " " in repo_id:
+        raise ConfigError(f"push_to_hub={repo_id!r}: give a hub repo id as owner/name.")
+    return repo_id
 
 
 def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
@@ -413,6 +430,8 @@ def validate(cfg: dict[str, Any]) -> RunSettings:
         batch_size=_positive_int("batch_size", conf.batch_size),
         offload_inputs=conf.offload_inputs,
         save_model=conf.save_model,
+        save_dtype=_choice("save_dtype", conf.save_dtype, ("original", *DTYPE_NAMES[1:])),
+        push_to_hub=_push_target(conf.push_to_hub, conf.save_model),
         mask_images=list(conf.mask_images),
         progress=conf.progress,
         skip_finished=conf.skip_finished,

@@ -209,13 +209,30 @@ def _execute(
         _zeroshot_stage(s, model, tokenizer, device, metrics, timer, run_dir)
         local.write_metrics(metrics)
     if s.save_model:
-        from gblm.models.saving import save_pruned_model
-
-        with timer.stage("save model"):
-            metrics["saved_model"] = str(
-                save_pruned_model(model, tokenizer, masks, run_dir / "model", metrics)
-            )
+        _save_stage(s, model, tokenizer, masks, metrics, timer, run_dir)
     metrics["peak_memory_bytes"] = devices.peak_memory_bytes(device)
+
+
+def _save_stage(s: RunSettings, model, tokenizer, masks, metrics, timer, run_dir: Path) -> None:
+    """The pruned model into ``<run dir>/model`` in ``save_dtype``; then to the hub if asked (a
+    failed push is a warning in the record: the saved model and the metrics stay)."""
+    from gblm.models.saving import HubPushError, push_saved_model, save_pruned_model
+
+    if s.save_dtype == "original":  # the checkpoint's dtype, as the loader recorded it
+        dtype = getattr(model, "gblm_source_dtype", None)
+    else:
+        dtype = devices.resolve_dtype(s.save_dtype, torch.device("cpu"))
+    with timer.stage("save model"):
+        saved = save_pruned_model(model, tokenizer, masks, run_dir / "model", metrics, dtype)
+    metrics["saved_model"] = str(saved)
+    metrics["saved_dtype"] = devices.dtype_name(dtype or next(model.parameters()).dtype)
+    if s.push_to_hub:
+        try:
+            with timer.stage("push to hub"):
+                metrics["pushed_to"] = push_saved_model(saved, s.push_to_hub)
+        except HubPushError as err:
+            log.warning("%s", err)
+            metrics["push_to_hub_error"] = str(err)
 
 
 def _check_model(method, plan, model) -> None:

@@ -186,6 +186,7 @@ def load_model_and_tokenizer(spec: ModelSpec, device: torch.device, dtype: torch
         if spec.device_map is not None:
             kwargs["device_map"] = spec.device_map
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model.gblm_source_dtype = _checkpoint_dtype(spec, dtype)  # save_dtype=original saves in it
     if spec.device_map is None:
         model.to(device)
     model.eval()
@@ -193,6 +194,24 @@ def load_model_and_tokenizer(spec: ModelSpec, device: torch.device, dtype: torch
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _checkpoint_dtype(spec: ModelSpec, loaded: torch.dtype) -> torch.dtype:
+    """The dtype the weights have in their checkpoint (``config.json``); ``loaded`` when it
+    says none (old checkpoints) or the model is built here (tiny)."""
+    if spec.kind == "tiny":
+        return loaded
+    from transformers import AutoConfig
+
+    source = spec.name_or_path if spec.kind == "hf" else smollm2_checkpoint()
+    config = AutoConfig.from_pretrained(
+        source, revision=spec.revision if spec.kind == "hf" else None,
+        trust_remote_code=spec.trust_remote_code,
+    )  # fmt: skip
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else loaded
 
 
 def model_seqlen_limit(model) -> int | None:

@@ -81,6 +81,23 @@ def mask_summary(masks: Mapping[str, Tensor]) -> dict[str, Any]:
     }
 
 
+def recipe(metrics: Mapping[str, Any], masks: Mapping[str, Tensor]) -> dict[str, Any]:
+    """How the model was pruned, for config.json: method, its settings, target and achieved."""
+    from gblm import __version__
+
+    summary = mask_summary(masks)
+    return {
+        "tool": f"gblm {__version__}",
+        "method": metrics.get("method"),
+        "method_settings": metrics.get("method_settings"),
+        "sparsity": metrics.get("sparsity"),
+        "calibration": metrics.get("calibration"),
+        "achieved_sparsity": summary["ratio"],
+        "pruned_linears": summary["linears"],
+        "masks_file": MASKS_FILE if masks else None,
+    }
+
+
 def _default_permissions(directory: Path) -> None:
     """Give the files under ``directory`` the mode its plain ``mkdir`` got under the umask.
 
@@ -92,18 +109,51 @@ def _default_permissions(directory: Path) -> None:
         path.chmod(dir_mode if path.is_dir() else dir_mode & 0o666)
 
 
-def _save_pretrained(model: torch.nn.Module, directory: Path) -> None:
+#: The config.json key that records how a saved model was pruned.
+RECIPE_KEY = "gblm_pruning"
+
+
+def _save_pretrained(
+    model: torch.nn.Module,
+    directory: Path,
+    dtype: torch.dtype | None = None,
+    recipe: Mapping[str, Any] | None = None,
+) -> None:
     """``model.save_pretrained`` with ``use_cache`` on (the walk turned it off; a saved model
-    should generate normally), restored afterwards."""
+    should generate normally), the weights in ``dtype`` (None: as they are) and the pruning
+    recipe under :data:`RECIPE_KEY` in config.json; the model and its config are left as found.
+
+    A cast goes through a cast copy of the state dict (one extra copy of the weights in
+    ``dtype``), never through the model itself, which may still be evaluated after saving.
+    """
     config = model.config
-    use_cache = getattr(config, "use_cache", None)
-    if use_cache is not None:
+    saved = {
+        "use_cache": getattr(config, "use_cache", None),
+        "dtype": getattr(config, "dtype", None),
+    }
+    state_dict = None
+    if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v
+                      for k, v in model.state_dict().items()}  # fmt: skip
+    if saved["use_cache"] is not None:
         config.use_cache = True
+    if dtype is not None:
+        config.dtype = dtype
+    if recipe is not None:
+        setattr(config, RECIPE_KEY, dict(recipe))
     try:
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, state_dict=state_dict)
+        if dtype is not None:  # save_pretrained writes the dtype of the model, not of the files
+            config_file = directory / "config.json"
+            written = json.loads(config_file.read_text())
+            written["dtype"] = str(dtype).removeprefix("torch.")
+            atomic_write_json(config_file, written)
     finally:
-        if use_cache is not None:
-            config.use_cache = use_cache
+        for key, value in saved.items():
+            if value is not None:
+                setattr(config, key, value)
+        if recipe is not None and hasattr(config, RECIPE_KEY):
+            delattr(config, RECIPE_KEY)
 
 
 def save_pruned_model(
@@ -112,6 +162,7 @@ def save_pruned_model(
     masks: Mapping[str, Tensor],
     out_dir: str | Path,
     metrics: Mapping[str, Any],
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Save the pruned ``model``, its ``tokenizer``, ``masks`` and ``metrics`` into ``out_dir``.
 
@@ -121,14 +172,16 @@ def save_pruned_model(
         masks: Linear name -> boolean mask (True = pruned), as the layer walk returns them; empty
             for a dense model.
         out_dir: the directory to create or replace.
-        metrics: the run's metrics so far, stored in ``pruning.json``.
+        metrics: the run's metrics so far, stored in ``pruning.json``; its method, sparsity
+            and achieved sparsity also go into config.json (:data:`RECIPE_KEY`).
+        dtype: the weights' dtype on disk (None: the model's own).
 
     Returns:
         ``out_dir``.
     """
 
     def fill(tmp: Path) -> None:
-        _save_pretrained(model, tmp)
+        _save_pretrained(model, tmp, dtype, recipe(metrics, masks))
         tokenizer.save_pretrained(tmp)
         if masks:
             save_masks(masks, tmp / MASKS_FILE)
@@ -143,3 +196,34 @@ def save_pruned_model(
         _default_permissions(tmp)
 
     return atomic_write(out_dir, fill, directory=True)
+
+
+class HubPushError(RuntimeError):
+    """The saved model could not be pushed (offline, no token, no permission, ...)."""
+
+
+def push_saved_model(directory: str | Path, repo_id: str, *, private: bool = True) -> str:
+    """Upload a saved model directory to the Hugging Face hub repo ``repo_id``; returns its URL.
+
+    The repo is created (private by default) when it does not exist. Raises
+    :class:`HubPushError` with the reason, e.g. when the hub libraries are offline
+    (``HF_HUB_OFFLINE=1``, which gblm sets on a machine without network) or the upload fails.
+    """
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise HubPushError(
+            f"push_to_hub={repo_id!r}: the Hugging Face hub is offline here (HF_HUB_OFFLINE is "
+            f"set; gblm sets it when the hub cannot be reached). The model is saved in "
+            f"{directory}: upload it later with `hf upload {repo_id} {directory}`."
+        )
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(folder_path=str(directory), repo_id=repo_id, repo_type="model",
+                          commit_message="gblm: pruned model")  # fmt: skip
+    except Exception as err:  # network, auth, permission: all end the push, never the run
+        raise HubPushError(f"push_to_hub={repo_id!r} failed: {type(err).__name__}: {err}") from err
+    return f"https://huggingface.co/{repo_id}"
