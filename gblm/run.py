@@ -49,10 +49,26 @@ def build_method(settings: RunSettings):
     return build(settings.method_name, settings.method_target, **settings.method_kwargs)
 
 
-def build_plan(settings: RunSettings):
-    """The sparsity plan: one ratio per block when ``sparsity.per_block`` is set, else uniform."""
+def build_plan(settings: RunSettings, method=None):
+    """The sparsity plan: OWL, one given ratio per block (``sparsity.per_block``), or uniform.
+
+    OWL's 0.01 floor for block ratios <= 0 follows the published code unless ``sparsity.clamp``
+    says otherwise: on for every method that calibrates, off for magnitude (the published
+    magnitude path has none).
+    """
     from gblm.methods.plans import PerBlockPlan, UniformPlan
 
+    allocator = settings.allocator
+    if allocator.name == "owl":
+        from gblm.methods.owl import OWLPlan
+
+        clamp = allocator.clamp
+        if clamp is None:
+            clamp = method is None or method.needs_calibration
+        try:
+            return OWLPlan(settings.sparsity, allocator.lmbda, allocator.outlier_m, clamp)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     if settings.sparsity_per_block:
         return PerBlockPlan(settings.sparsity_per_block)
     return UniformPlan(settings.sparsity)
@@ -112,7 +128,8 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
         from gblm.eval.zeroshot import validate_task_names
 
         validate_task_names(settings.zeroshot.tasks, settings.zeroshot.include_path)
-    method, plan = build_method(settings), build_plan(settings)
+    method = build_method(settings)
+    plan = build_plan(settings, method)
     metrics: dict[str, Any] = {
         "status": "running",
         "config_hash": digest,
@@ -200,6 +217,10 @@ def _execute(
     masks: dict[str, torch.Tensor] = {}
     if method is not None:
         masks = _prune(s, method, plan, model, tokenizer, texts, device, dtype, timer)
+        # a plan computed from the dense model (OWL) knows its targets only now
+        metrics["sparsity"]["per_block_target"] = plan.block_targets()
+        if getattr(plan, "outlier_ratios", None) is not None:
+            metrics["sparsity"]["outlier_ratios"] = plan.outlier_ratios
         with timer.stage("mask statistics"):
             _record_mask_stats(s, model, masks, metrics, local, run_dir)
         if eval_ppl is not None:
