@@ -194,13 +194,15 @@ def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="percdamp"):
         DSnoTPruner(initial="sparsegpt", initial_options={"blocksize": 64})
     assert build_method("dsnot").describe()["max_cycle"] == 50
+    assert DSnoTPruner(initial="magnitude").inner.comparison_group == "row"  # published
+    assert DSnoTPruner(initial="magnitude", comparison_group=None).inner.comparison_group == "layer"
 
 
 INITIALS = {
-    "magnitude": {"comparison_group": "row"},
+    "magnitude": {},
     "wanda": {},
-    "gblm": {},
-    "ria": {"comparison_group": "row"},
+    "gblm": {"norm": "l2"},
+    "ria": {"a": 1.0},
     "sparsegpt": {},
 }
 

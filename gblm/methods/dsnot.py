@@ -2,8 +2,9 @@
 
 ``method=dsnot method.initial=<method>`` wraps a registered score method (magnitude, wanda,
 gblm, ria, ...; options through ``method.initial_options``): that method scores and selects the
-initial mask as it always does, then :meth:`DSnoTPruner.refine` (the
-:meth:`gblm.methods.base.Pruner.refine` hook) swaps pruned and kept weights per row
+initial mask, per output row by default as DSnoT's published code does for every initial method
+(``comparison_group=row``; ``layer``, or null for the method's own group), then
+:meth:`DSnoTPruner.refine` (the :meth:`gblm.methods.base.Pruner.refine` hook) swaps pruned and kept weights per row
 (:mod:`gblm.pruning.dsnot`) before the weights are zeroed. No weight is updated.
 
 ``initial=sparsegpt`` is DSnoT's own SparseGPT variant: the initial score is SparseGPT's
@@ -42,18 +43,20 @@ class DSnoTPruner(ScorePruner):
         self,
         initial: str = "wanda",
         initial_options: dict[str, Any] | None = None,
+        comparison_group: str | None = "row",
         max_cycle: int = 50,
         threshold: float = 0.1,
         var_power: float = 1.0,
         layers: str = "attention",
     ) -> None:
-        super().__init__("row")
+        super().__init__(comparison_group or "row")
         if layers not in LAYERS:
             raise ValueError(f"method.layers={layers!r}: allowed values are {', '.join(LAYERS)}.")
         if max_cycle < 0:
             raise ValueError(f"method.max_cycle={max_cycle}: must be >= 0.")
         self.initial = initial
         self.initial_options = dict(initial_options or {})
+        self.initial_group = comparison_group
         self.max_cycle, self.threshold, self.var_power, self.layers = (
             max_cycle,
             threshold,
@@ -81,7 +84,10 @@ class DSnoTPruner(ScorePruner):
             return None
         if self.initial == "dsnot":
             raise ValueError("method.initial=dsnot: choose the method whose mask DSnoT refines.")
-        inner = build_method(self.initial, **self.initial_options)
+        options = dict(self.initial_options)
+        if self.initial_group is not None:
+            options.setdefault("comparison_group", self.initial_group)
+        inner = build_method(self.initial, **options)
         if not isinstance(inner, ScorePruner):
             raise ValueError(
                 f"method.initial={self.initial!r}: DSnoT refines the mask of a score method "
@@ -108,7 +114,8 @@ class DSnoTPruner(ScorePruner):
 
     def select(self, score: Tensor, target: Sparsity) -> Tensor:
         if self.inner is None:  # DSnoT's protocol for SparseGPT's score: per row, or N:M
-            return select_mask(score, target.ratio, target.n, target.m, "row")
+            group = self.initial_group or "row"
+            return select_mask(score, target.ratio, target.n, target.m, group)
         return self.inner.select(score, target)
 
     def refine(
@@ -131,6 +138,7 @@ class DSnoTPruner(ScorePruner):
         return {
             "initial": self.initial,
             "initial_options": self.initial_options,
+            "comparison_group": self.initial_group,
             "max_cycle": self.max_cycle,
             "threshold": self.threshold,
             "var_power": self.var_power,
