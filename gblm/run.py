@@ -74,6 +74,14 @@ def build_plan(settings: RunSettings, method=None):
     return UniformPlan(settings.sparsity)
 
 
+def method_label(s: RunSettings, method) -> str:
+    """The method as the report's tables name it: ``dsnot(wanda)``, ``wanda+owl``, ``gblm``."""
+    label = getattr(method, "label", None) or s.method_name
+    if method is not None and s.allocator.name != "uniform":
+        label += f"+{s.allocator.name}"
+    return label
+
+
 def _run_name(s: RunSettings) -> str:
     return f"{s.method_name}_{s.sparsity.label}_{s.model.name}".replace(":", "of")
 
@@ -135,6 +143,7 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
         "config_hash": digest,
         "run_name": _run_name(settings),
         "method": settings.method_name,
+        "method_label": method_label(settings, method),
         "method_settings": settings.method_kwargs,
         "model": settings.model.name,
         "sparsity": {

@@ -172,6 +172,7 @@ def test_run_records_owl_targets(tmp_path) -> None:
         "mask_images=[]",
     )
     metrics = run(cfg, run_dir=tmp_path)
+    assert (metrics["method"], metrics["method_label"]) == ("wanda", "wanda+owl")
     targets = metrics["sparsity"]["per_block_target"]
     assert len(targets) == len(metrics["sparsity"]["outlier_ratios"]) >= 2
     assert sum(targets) / len(targets) == pytest.approx(0.7)
@@ -187,3 +188,16 @@ def test_config_checks_the_allocator() -> None:
     for bad in ("sparsity.allocator=fancy", "sparsity.per_block=[0.5,0.5]", "sparsity.lmbda=-1"):
         with pytest.raises(ConfigError, match="sparsity"):
             validate(to_plain(compose_config("sparsity=owl", bad)))
+
+
+def test_report_orders_labels_by_their_registered_method() -> None:
+    from gblm.analysis.report.runs import method_key
+
+    labels = ["dsnot(wanda)", "wanda+owl", "gblm", "wanda", "magnitude+owl"]
+    assert sorted(labels, key=method_key) == [
+        "magnitude+owl",
+        "wanda",
+        "wanda+owl",
+        "gblm",
+        "dsnot(wanda)",
+    ]

@@ -95,6 +95,11 @@ class DSnoTPruner(ScorePruner):
             )
         return inner
 
+    @property
+    def label(self) -> str:
+        """The name of this run's method in the report's tables."""
+        return f"dsnot({self.initial})"
+
     def check_model(self, model: nn.Module) -> None:
         if self.inner is not None:
             self.inner.check_model(model)
