@@ -231,7 +231,7 @@ def _execute(
         if getattr(plan, "outlier_ratios", None) is not None:
             metrics["sparsity"]["outlier_ratios"] = plan.outlier_ratios
         with timer.stage("mask statistics"):
-            _record_mask_stats(s, model, masks, metrics, local, run_dir)
+            _record_mask_stats(s, model, masks, metrics, local, run_dir, _n_per_linear(plan, masks))
         if eval_ppl is not None:
             metrics["ppl"]["pruned"] = eval_ppl("pruned")
         local.write_metrics(metrics)
@@ -372,15 +372,33 @@ def _input_device(model, device: torch.device) -> torch.device:
     )
 
 
+def _n_per_linear(plan, masks) -> dict[str, int]:
+    """Each Linear's N where the plan gives blocks their own N:M (OWL), for the N:M check."""
+    from gblm.names import block_index
+
+    targets = getattr(plan, "targets", None)
+    if not targets or not targets[0].structured:
+        return {}
+    return {name: targets[block_index(name)].n for name in masks}
+
+
 def _record_mask_stats(
-    s: RunSettings, model, masks, metrics: dict, local: LocalLogger, run_dir: Path
+    s: RunSettings,
+    model,
+    masks,
+    metrics: dict,
+    local: LocalLogger,
+    run_dir: Path,
+    n_of: dict[str, int] | None = None,
 ) -> None:
     from gblm.analysis.plots import save_mask_images
     from gblm.analysis.records import write_mask_stats_blocks, write_mask_stats_csv
     from gblm.analysis.stats import model_mask_stats
     from gblm.models.zeros import weight_zero_share
 
-    per_linear, per_block, per_type, overall = model_mask_stats(masks, s.sparsity.n, s.sparsity.m)
+    per_linear, per_block, per_type, overall = model_mask_stats(
+        masks, s.sparsity.n, s.sparsity.m, n_of
+    )
     write_mask_stats_csv(per_linear, run_dir / "mask_stats.csv")
     write_mask_stats_blocks(per_block, per_type, run_dir / "mask_stats_blocks.json")
     metrics["mask_stats"] = overall

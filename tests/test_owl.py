@@ -201,3 +201,27 @@ def test_report_orders_labels_by_their_registered_method() -> None:
         "gblm",
         "dsnot(wanda)",
     ]
+
+
+def test_run_checks_owl_nm_against_each_blocks_n(tmp_path) -> None:
+    from gblm.run import run
+    from tests.conftest import compose_config
+
+    cfg = compose_config(
+        "model=tiny_llama",
+        "method=wanda",
+        "sparsity=owl",
+        "sparsity.n=4",
+        "sparsity.m=8",
+        "sparsity.lmbda=2",
+        "sparsity.outlier_m=3",
+        "calibration.nsamples=4",
+        "calibration.seqlen=32",
+        "eval.perplexity.max_windows=2",
+        "progress=false",
+        "mask_images=[]",
+    )
+    metrics = run(cfg, run_dir=tmp_path)
+    targets = metrics["sparsity"]["per_block_target"]
+    assert len(set(targets)) > 1 and all(t * 8 == int(t * 8) for t in targets)
+    assert metrics["mask_stats"]["nm_valid"] is True
