@@ -30,6 +30,7 @@ from gblm.models.loading import KINDS, ModelSpec
 from gblm.pruning.sparsity import Sparsity
 
 LOGGERS = ("local", "wandb")
+ALLOCATORS = ("uniform", "owl")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 SCHEMA_NAME = "schema"  # the ConfigStore entry at the head of conf/config.yaml's defaults list
 
@@ -59,6 +60,10 @@ class SparsityConf:
     n: int = 0
     m: int = 0
     per_block: list[float] | None = None  # one ratio per decoder block; None: ``ratio`` for all
+    allocator: str = "uniform"  # uniform | owl (per-block ratios from the dense model's outliers)
+    lmbda: float = 0.08  # OWL's Lambda: the block ratios span 2 * Lambda (N:M: N spans Lambda)
+    outlier_m: float = 5.0  # OWL's M: an outlier is a Wanda score > M * the block's mean
+    clamp: bool | None = None  # OWL: ratios <= 0 -> 0.01; None: as published (not for magnitude)
 
 
 @dataclass
@@ -189,6 +194,16 @@ class WandbSettings:
 
 
 @dataclass
+class AllocatorSettings:
+    """How the per-block targets are chosen: ``uniform`` (or ``per_block``) or OWL's options."""
+
+    name: str = "uniform"
+    lmbda: float = 0.08
+    outlier_m: float = 5.0
+    clamp: bool | None = None
+
+
+@dataclass
 class RunSettings:
     model: ModelSpec
     method_name: str
@@ -196,6 +211,7 @@ class RunSettings:
     method_kwargs: dict[str, Any]
     sparsity: Sparsity
     sparsity_per_block: list[float] | None  # one ratio per decoder block; None: uniform
+    allocator: AllocatorSettings
     calibration: CalibrationSettings
     perplexity: PerplexitySettings
     zeroshot: ZeroshotSettings
@@ -339,6 +355,21 @@ def _sparsity(sp: SparsityConf, method_name: str, pruning: bool) -> Sparsity:
     return sparsity
 
 
+def _allocator(sp: SparsityConf) -> AllocatorSettings:
+    name = _choice("sparsity.allocator", sp.allocator, ALLOCATORS)
+    if name == "owl":
+        if sp.per_block is not None:
+            raise ConfigError(
+                "sparsity.allocator=owl with sparsity.per_block: OWL computes the per-block "
+                "ratios itself; set sparsity.per_block=null."
+            )
+        if sp.lmbda < 0:
+            raise ConfigError(f"sparsity.lmbda={sp.lmbda}: must be >= 0.")
+        if sp.outlier_m <= 0:
+            raise ConfigError(f"sparsity.outlier_m={sp.outlier_m}: must be > 0.")
+    return AllocatorSettings(name, sp.lmbda, sp.outlier_m, sp.clamp)
+
+
 def _calibration(c: CalibrationSettings) -> CalibrationSettings:
     _choice("calibration.source", c.source, SOURCES)
     _choice("calibration.sampling", c.sampling, SAMPLINGS)
@@ -419,6 +450,7 @@ def validate(cfg: dict[str, Any]) -> RunSettings:
         method_kwargs=kwargs,
         sparsity=_sparsity(conf.sparsity, name, pruning=target is not None),
         sparsity_per_block=conf.sparsity.per_block,
+        allocator=_allocator(conf.sparsity),
         calibration=_calibration(conf.calibration),
         perplexity=_perplexity(conf.eval.perplexity),
         zeroshot=_zeroshot(conf.eval.zeroshot),

@@ -49,13 +49,37 @@ def build_method(settings: RunSettings):
     return build(settings.method_name, settings.method_target, **settings.method_kwargs)
 
 
-def build_plan(settings: RunSettings):
-    """The sparsity plan: one ratio per block when ``sparsity.per_block`` is set, else uniform."""
+def build_plan(settings: RunSettings, method=None):
+    """The sparsity plan: OWL, one given ratio per block (``sparsity.per_block``), or uniform.
+
+    OWL's 0.01 floor for block ratios <= 0 follows the published code unless ``sparsity.clamp``
+    says otherwise: on for every method that calibrates, off for magnitude (the published
+    magnitude path has none).
+    """
     from gblm.methods.plans import PerBlockPlan, UniformPlan
 
+    allocator = settings.allocator
+    if allocator.name == "owl":
+        from gblm.methods.owl import OWLPlan
+
+        clamp = allocator.clamp
+        if clamp is None:
+            clamp = method is None or method.needs_calibration
+        try:
+            return OWLPlan(settings.sparsity, allocator.lmbda, allocator.outlier_m, clamp)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     if settings.sparsity_per_block:
         return PerBlockPlan(settings.sparsity_per_block)
     return UniformPlan(settings.sparsity)
+
+
+def method_label(s: RunSettings, method) -> str:
+    """The method as the report's tables name it: ``dsnot(wanda)``, ``wanda+owl``, ``gblm``."""
+    label = getattr(method, "label", None) or s.method_name
+    if method is not None and s.allocator.name != "uniform":
+        label += f"+{s.allocator.name}"
+    return label
 
 
 def _run_name(s: RunSettings) -> str:
@@ -112,12 +136,14 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
         from gblm.eval.zeroshot import validate_task_names
 
         validate_task_names(settings.zeroshot.tasks, settings.zeroshot.include_path)
-    method, plan = build_method(settings), build_plan(settings)
+    method = build_method(settings)
+    plan = build_plan(settings, method)
     metrics: dict[str, Any] = {
         "status": "running",
         "config_hash": digest,
         "run_name": _run_name(settings),
         "method": settings.method_name,
+        "method_label": method_label(settings, method),
         "method_settings": settings.method_kwargs,
         "model": settings.model.name,
         "sparsity": {
@@ -200,8 +226,12 @@ def _execute(
     masks: dict[str, torch.Tensor] = {}
     if method is not None:
         masks = _prune(s, method, plan, model, tokenizer, texts, device, dtype, timer)
+        # a plan computed from the dense model (OWL) knows its targets only now
+        metrics["sparsity"]["per_block_target"] = plan.block_targets()
+        if getattr(plan, "outlier_ratios", None) is not None:
+            metrics["sparsity"]["outlier_ratios"] = plan.outlier_ratios
         with timer.stage("mask statistics"):
-            _record_mask_stats(s, model, masks, metrics, local, run_dir)
+            _record_mask_stats(s, model, masks, metrics, local, run_dir, _n_per_linear(plan, masks))
         if eval_ppl is not None:
             metrics["ppl"]["pruned"] = eval_ppl("pruned")
         local.write_metrics(metrics)
@@ -362,15 +392,33 @@ def _input_device(model, device: torch.device) -> torch.device:
     )
 
 
+def _n_per_linear(plan, masks) -> dict[str, int]:
+    """Each Linear's N where the plan gives blocks their own N:M (OWL), for the N:M check."""
+    from gblm.names import block_index
+
+    targets = getattr(plan, "targets", None)
+    if not targets or not targets[0].structured:
+        return {}
+    return {name: targets[block_index(name)].n for name in masks}
+
+
 def _record_mask_stats(
-    s: RunSettings, model, masks, metrics: dict, local: LocalLogger, run_dir: Path
+    s: RunSettings,
+    model,
+    masks,
+    metrics: dict,
+    local: LocalLogger,
+    run_dir: Path,
+    n_of: dict[str, int] | None = None,
 ) -> None:
     from gblm.analysis.plots import save_mask_images
     from gblm.analysis.records import write_mask_stats_blocks, write_mask_stats_csv
     from gblm.analysis.stats import model_mask_stats
     from gblm.models.zeros import weight_zero_share
 
-    per_linear, per_block, per_type, overall = model_mask_stats(masks, s.sparsity.n, s.sparsity.m)
+    per_linear, per_block, per_type, overall = model_mask_stats(
+        masks, s.sparsity.n, s.sparsity.m, n_of
+    )
     write_mask_stats_csv(per_linear, run_dir / "mask_stats.csv")
     write_mask_stats_blocks(per_block, per_type, run_dir / "mask_stats_blocks.json")
     metrics["mask_stats"] = overall

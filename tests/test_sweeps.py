@@ -43,6 +43,10 @@ EXPECTED_JOBS = {
     "ablation_group": 2,
     "ablation_nsamples": 3 * 8,
     "ablation_calibration": 2 * 4,
+    "ablation_owl": 6 * 4,  # Lambda x M
+    "owl_llama1_70": 4 * 2,  # methods x (uniform, OWL)
+    "dsnot_llama_60": 2 * 3,  # models x initial methods
+    "dsnot_baselines_60": 2 * 4,  # models x methods
     "demo_sweep": 5,
     "tiny_sweep": 4,
 }

@@ -184,13 +184,18 @@ def aggregate_mask_stats(per_linear: Sequence[dict]) -> tuple[list[dict], list[d
 
 
 def model_mask_stats(
-    masks: Mapping[str, Tensor], n: int = 0, m: int = 0
+    masks: Mapping[str, Tensor], n: int = 0, m: int = 0, n_of: Mapping[str, int] | None = None
 ) -> tuple[list[dict], list[dict], list[dict], dict]:
     """Statistics of every mask, by full Linear name: ``(per_linear, per_block, per_type, overall)``.
+
+    ``n_of`` gives a Linear its own N where a plan varies it per block (OWL's N:M).
 
     ``per_linear`` rows follow :data:`LINEAR_FIELDS`; block and type summaries hold pooled counts,
     the pooled sparsity and size-weighted structure measures (see :func:`aggregate_mask_stats`).
     """
-    per_linear = [linear_mask_stats(name, mask, n, m) for name, mask in masks.items()]
+    n_of = n_of or {}
+    per_linear = [
+        linear_mask_stats(name, mask, n_of.get(name, n), m) for name, mask in masks.items()
+    ]
     per_block, per_type, overall = aggregate_mask_stats(per_linear)
     return per_linear, per_block, per_type, overall

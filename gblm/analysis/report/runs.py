@@ -68,8 +68,13 @@ def is_baseline(method: str) -> bool:
 
 
 def method_key(method: str) -> tuple[int, str]:
-    """Table order of methods: the registry's (``gblm.methods.registry.method_order``)."""
-    return method_order(method)
+    """Table order of methods: the registry's (``gblm.methods.registry.method_order``).
+
+    A run's label such as ``dsnot(wanda)`` or ``wanda+owl`` sorts by its registered name, then
+    by the label (the plain method first).
+    """
+    base = method.split("+", 1)[0].split("(", 1)[0]
+    return (method_order(base)[0], method)
 
 
 def sparsity_key(run: RunRecord) -> tuple[int, float, int]:
@@ -157,7 +162,8 @@ def _mask_rows(path: Path) -> list[dict]:
 def _from_metrics(record: RunRecord, metrics: dict) -> None:
     """Fill ``record`` from a run's ``metrics.json``."""
     record.status = str(metrics.get("status", "unknown"))
-    record.method = str(metrics.get("method", record.method))
+    # the label tells apart runs of one method with another plan or initial method (OWL, DSnoT)
+    record.method = str(metrics.get("method_label") or metrics.get("method", record.method))
     record.model = str(metrics.get("model", record.model))
     if isinstance(metrics.get("sparsity"), dict):
         _set_sparsity(record, metrics["sparsity"])

@@ -1,0 +1,159 @@
+"""OWL, outlier-weighed layer-wise sparsity (Yin et al., ICML 2024), as a sparsity plan.
+
+OWL gives every decoder block its own ratio and works with every method:
+
+1. On the **dense** model (the layer walk with nothing pruned, so block b sees the dense outputs
+   of blocks 0..b-1), the Wanda score ``A = |W| * sqrt(row_sq)`` of all the block's Linears is
+   concatenated, and the block's outlier ratio is ``r_b = 100 * #{A > M * mean(A)} / numel``
+   (strict ``>``). The Wanda score is used whatever method prunes afterwards (published).
+2. ``n_b = (r_b - min r) / (max r - min r) * 2 * Lambda`` and ``s_b = s - (n_b - mean n)``: the
+   ratios span ``2 * Lambda`` around the target s, and blocks with more outliers are pruned less.
+   A ratio ``<= 0`` becomes 0.01 where the published code does that (its Wanda and SparseGPT
+   paths, not its magnitude path).
+3. N:M: ``n_b`` spans ``Lambda`` (no factor 2), ``c_b = round(n_b - mean n)`` (half to even, as
+   NumPy rounds) and block b is pruned ``(N - c_b):M``; the mean of the ``N_b`` need not be N.
+
+When every block has the same outlier ratio the published formula divides 0 by 0 (and the
+published code crashes); gblm then gives every block the target s (or N): our choice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gblm.calibration.stats import LinearStats
+from gblm.methods.base import Pruner, RunContext, require
+from gblm.methods.plans import SparsityPlan
+from gblm.names import block_index
+from gblm.pruning.sparsity import Sparsity
+from gblm.pruning.wanda import activation_term
+
+#: The published floor for a block ratio that the allocation drives to zero or below.
+CLAMPED_RATIO = 0.01
+
+
+def outlier_ratio(scores: list[Tensor], outlier_m: float) -> float:
+    """Percentage of entries above ``outlier_m`` times the mean, over all ``scores`` together."""
+    flat = torch.cat([s.flatten() for s in scores])
+    threshold = torch.mean(flat) * outlier_m
+    return float((flat > threshold).sum().item()) / flat.numel() * 100
+
+
+def _spread(ratios: list[float], width: float) -> np.ndarray | None:
+    """``(r - min r) / (max r - min r) * width`` minus its mean; None when all r are equal."""
+    r = np.asarray(ratios, dtype=np.float64)
+    if r.max() == r.min():
+        return None
+    n = (r - r.min()) * (1 / (r.max() - r.min()) * width)
+    return n - np.mean(n)
+
+
+def owl_block_ratios(
+    ratios: list[float], sparsity: float, lmbda: float, clamp: bool = True
+) -> list[float]:
+    """Unstructured OWL: one sparsity per block from the outlier ratios ``r_b`` (percent)."""
+    shift = _spread(ratios, lmbda * 2)
+    if shift is None:
+        return [sparsity] * len(ratios)
+    density = shift + (1 - sparsity)  # the published code works with the kept share
+    targets = [float(1 - d) for d in density]
+    return [CLAMPED_RATIO if clamp and t <= 0 else t for t in targets]
+
+
+def owl_block_n(ratios: list[float], n: int, lmbda: float) -> list[int]:
+    """N:M OWL: the N of every block, ``N - round(n_b - mean n)`` with ``n_b`` spanning Lambda."""
+    shift = _spread(ratios, lmbda)
+    if shift is None:
+        return [n] * len(ratios)
+    return [int(v) for v in n - np.round(shift)]
+
+
+class _OutlierProbe(Pruner):
+    """Prunes nothing: keeps each block's Wanda scores and turns them into its outlier ratio."""
+
+    stats = frozenset({"row_sq"})
+
+    def __init__(self, outlier_m: float) -> None:
+        self.outlier_m = outlier_m
+        self.ratios: list[float] = []
+        self._block: int | None = None
+        self._scores: list[Tensor] = []
+
+    def prune_linear(
+        self, name: str, linear: nn.Linear, stats: LinearStats, target: Sparsity
+    ) -> Tensor:
+        block = block_index(name)
+        if block != self._block:
+            self.finish_block()
+            self._block = block
+        score = activation_term(linear.weight.data, require(stats, "row_sq_norms", "OWL"))
+        self._scores.append(score.flatten().cpu())
+        return torch.zeros(0, dtype=torch.bool)  # nothing pruned; no full-size mask kept
+
+    def finish_block(self) -> None:
+        if self._scores:
+            self.ratios.append(outlier_ratio(self._scores, self.outlier_m))
+        self._scores = []
+
+
+class OWLPlan(SparsityPlan):
+    """One target per decoder block from the dense model's outlier ratios (``sparsity=owl``)."""
+
+    needs_calibration = True
+    dense_pass = "outlier ratios"
+
+    def __init__(
+        self, sparsity: Sparsity, lmbda: float = 0.08, outlier_m: float = 5.0, clamp: bool = True
+    ) -> None:
+        if lmbda < 0:
+            raise ValueError(f"sparsity.lmbda={lmbda}: must be >= 0.")
+        if outlier_m <= 0:
+            raise ValueError(f"sparsity.outlier_m={outlier_m}: must be > 0.")
+        self.sparsity = sparsity
+        self.lmbda = lmbda
+        self.outlier_m = outlier_m
+        self.clamp = clamp
+        self.outlier_ratios: list[float] | None = None
+        self.targets: list[Sparsity] | None = None
+
+    def prepare(self, model: nn.Module, windows: Tensor | None, context: RunContext) -> None:
+        """The dense walk: every block's outlier ratio, then every block's target."""
+        from gblm.calibration.sequential import prune_model
+
+        if windows is None:
+            raise ValueError("OWL's outlier ratios need calibration windows.")
+        probe = _OutlierProbe(self.outlier_m)
+        prune_model(model, probe, self.sparsity, windows, device=context.device, progress=False)
+        probe.finish_block()
+        self.set_outlier_ratios(probe.ratios)
+
+    def set_outlier_ratios(self, ratios: list[float]) -> None:
+        """The targets from given outlier ratios (percent, one per block)."""
+        self.outlier_ratios = list(ratios)
+        s = self.sparsity
+        if s.structured:
+            counts = owl_block_n(ratios, s.n, self.lmbda)
+            self.targets = [self._target(b, n / s.m, n, s.m) for b, n in enumerate(counts)]
+        else:
+            ratios_b = owl_block_ratios(ratios, s.ratio, self.lmbda, self.clamp)
+            self.targets = [self._target(b, r) for b, r in enumerate(ratios_b)]
+
+    def _target(self, block: int, ratio: float, n: int = 0, m: int = 0) -> Sparsity:
+        try:
+            return Sparsity(ratio, n, m)
+        except ValueError as err:
+            what = f"{n}:{m}" if m else f"the ratio {ratio:.4f}"
+            raise ValueError(
+                f"OWL gives block {block} {what}, which cannot be pruned ({err}); lower "
+                "sparsity.lmbda (or set sparsity.clamp=true for ratios below zero)."
+            ) from None
+
+    def target(self, block: int, name: str) -> Sparsity:
+        if self.targets is None:
+            raise ValueError("OWL's targets come from the dense model: run prepare first.")
+        return self.targets[block]
+
+    def block_targets(self) -> list[float] | None:
+        return None if self.targets is None else [t.ratio for t in self.targets]
