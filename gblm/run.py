@@ -83,7 +83,16 @@ def method_label(s: RunSettings, method) -> str:
 
 
 def _run_name(s: RunSettings) -> str:
-    return f"{s.method_name}_{s.sparsity.label}_{s.model.name}".replace(":", "of")
+    """``method_sparsity_model``, and in a sweep the job's other overrides (the swept values:
+    ``gblm_0.5_llama_7b_calibration.nsamples=32``), so ablation points have their own names."""
+    name = f"{s.method_name}_{s.sparsity.label}_{s.model.name}".replace(":", "of")
+    if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
+        overrides = [o for o in HydraConfig.get().job.override_dirname.split(",") if o]
+        shown = ("method=", "sparsity=", "sparsity.ratio=", "model=")
+        extra = [o for o in overrides if not o.startswith(shown)]
+        if extra:
+            name += "_" + ",".join(extra)
+    return name
 
 
 def _needs_calibration(method, plan) -> bool:
@@ -166,6 +175,7 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
     local.write_metrics(metrics)
     remote = _make_remote_logger(settings, run_dir)
     timer = StageTimer()
+    timer.listeners.append(_live_view(remote, metrics))
     started = time.perf_counter()
     try:
         remote.start(container)
@@ -182,6 +192,7 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
         if metrics["status"] == "finished":
             remote.log_metrics(_flat_metrics(metrics))
             _log_tables_and_images(remote, run_dir)
+            remote.log_artifact(f"run-{run_dir.name}", "run-record", _record_files(run_dir))
         remote.finish(exit_code=0 if metrics["status"] == "finished" else 1)
     return metrics
 
@@ -469,15 +480,42 @@ def _make_remote_logger(s: RunSettings, run_dir: Path):
     group = w.group
     if group is None and HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
         group = Path(HydraConfig.get().sweep.dir).name
+    tags = (s.method_name, f"sparsity={s.sparsity.label}", s.model.name, *w.tags)
     return WandbLogger(
         project=w.project,
         entity=w.entity,
-        group=group,
-        tags=w.tags,
+        group=group or f"single-{s.model.name}",  # single runs of a model side by side
+        tags=tuple(dict.fromkeys(tags)),
         name=w.name or _run_name(s),
+        job_type=s.method_name,
         mode=w.mode,
         dir=str(run_dir),
     )
+
+
+def _live_view(remote, metrics: dict):
+    """A stage listener: each stage's start and end to the remote logger as it happens, and the
+    perplexities as soon as they exist (the dense one long before the run ends)."""
+    sent: set[str] = set()
+
+    def tell(event: str, stage: str, seconds: float | None, done: int) -> None:
+        remote.log_stage(event, stage, seconds, done)
+        new = {k: v for k, v in metrics.get("ppl", {}).items() if k not in sent}
+        if new:
+            remote.log_metrics({"ppl": new})
+            sent.update(new)
+
+    return tell
+
+
+def _record_files(run_dir: Path) -> list[Path]:
+    """The run's record, for the remote logger's artifact: metrics, mask statistics, pictures,
+    lm-eval's results."""
+    names = ("metrics.json", "config_resolved.json", "mask_stats.csv", "mask_stats_blocks.json",
+             "lm_eval_results.json")  # fmt: skip
+    files = [run_dir / n for n in names]
+    files += sorted((run_dir / "masks").glob("*.png")) if (run_dir / "masks").is_dir() else []
+    return files + sorted(run_dir.glob("lm_eval_samples_*.jsonl"))
 
 
 def _log_tables_and_images(remote, run_dir: Path) -> None:

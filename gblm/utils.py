@@ -157,14 +157,29 @@ class StageTimer:
 
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
+        #: Called as ``listener(event, stage, seconds, done)`` at each stage's "start" (seconds
+        #: None) and "end"; ``done`` counts ended stages. A failing listener is logged, never
+        #: raised: listeners are live views (a dashboard), not the record.
+        self.listeners: list[Callable[[str, str, float | None, int], None]] = []
+        self.done = 0
+
+    def _tell(self, event: str, name: str, seconds: float | None) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event, name, seconds, self.done)
+            except Exception as error:  # a live view must never stop the run
+                log.warning("stage listener failed on %s %s: %s", event, name, error)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         log.info("stage %s: start", name)
+        self._tell("start", name, None)
         start = time.perf_counter()
         try:
             yield
         finally:
             seconds = time.perf_counter() - start
             self.timings[name] = self.timings.get(name, 0.0) + seconds
+            self.done += 1
             log.info("stage %s: %.1f s", name, seconds)
+            self._tell("end", name, seconds)

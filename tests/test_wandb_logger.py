@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -190,3 +191,44 @@ def test_flatten():
         "ppl/dense": 1.0,
         "n": 2,
     }
+
+
+def test_a_run_logs_live_with_job_type_tags_group_and_an_artifact(tmp_path, monkeypatch):
+    """Through ``run``: stages and the dense perplexity arrive while the run goes on (before the
+    final summary), the run is typed by its method, tagged and grouped, its record an artifact."""
+    import wandb
+
+    from gblm.run import run
+    from tests.conftest import compose_config
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_config(
+        "model=tiny_llama", "method=wanda", "logger=wandb", "logger.mode=offline",
+        "calibration.nsamples=2", "calibration.seqlen=32", "eval.perplexity.max_windows=2",
+        "progress=false", "mask_images=[model.layers.0.mlp.down_proj]",
+    )  # fmt: skip
+    metrics = run(cfg, run_dir=tmp_path)
+    assert metrics["status"] == "finished"
+    wandb.teardown()  # the service closes the run's file (see the test above)
+    (run_dir,) = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    (log_file,) = run_dir.glob("run-*.wandb")
+    records = read_wandb_records(log_file)
+    (started,) = [r.run for r in records if r.WhichOneof("record_type") == "run"][:1]
+    assert started.job_type == "wanda" and started.run_group == "single-tiny_llama"
+    assert {"wanda", "sparsity=0.5", "tiny_llama"} <= set(started.tags)
+    rows = []
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            rows.append(
+                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            )
+    stages = [row["stage"] for row in rows if "stage" in row]
+    assert stages[:2] == ["load data", "load data"] and "prune" in stages
+    first_dense = next(i for i, row in enumerate(rows) if "ppl/dense" in row)
+    prune_end = next(i for i, row in enumerate(rows) if "stage_s/prune" in row)
+    assert first_dense < prune_end  # live: the dense perplexity long before the run ends
+    assert rows[first_dense]["ppl/dense"] == metrics["ppl"]["dense"]
+    artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    (record,) = [a for a in artifacts if a.type == "run-record"]  # beside W&B's own table ones
+    names = {f.path for f in record.manifest.contents}
+    assert {"metrics.json", "mask_stats.csv", "model.layers.0.mlp.down_proj.png"} <= names

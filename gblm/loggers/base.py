@@ -28,6 +28,13 @@ class Logger(Protocol):
     def log_images(self, name: str, paths: Iterable[str | PathLike]) -> None:
         """Record image files under one name."""
 
+    def log_stage(self, event: str, stage: str, seconds: float | None, done: int) -> None:
+        """A stage of the run ``"start"``-ed or ``"end"``-ed (with its seconds), live; ``done``
+        counts the stages finished so far."""
+
+    def log_artifact(self, name: str, kind: str, paths: Iterable[str | PathLike]) -> None:
+        """Record files as one versioned artifact (``kind``: e.g. ``run-record``)."""
+
     def finish(self, exit_code: int = 0) -> None:
         """Close the run; ``exit_code != 0`` marks it failed."""
 
@@ -45,6 +52,12 @@ class NullLogger:
         pass
 
     def log_images(self, name: str, paths: Iterable[str | PathLike]) -> None:
+        pass
+
+    def log_stage(self, event: str, stage: str, seconds: float | None, done: int) -> None:
+        pass
+
+    def log_artifact(self, name: str, kind: str, paths: Iterable[str | PathLike]) -> None:
         pass
 
     def finish(self, exit_code: int = 0) -> None:

@@ -84,6 +84,7 @@ class WandbLogger:
         group: groups runs in the UI (e.g. one sweep).
         tags: free labels (e.g. the method and sparsity).
         name: run name; None lets W&B pick one.
+        job_type: what the run does (gblm: the method), to filter and group by in the UI.
         mode: ``auto``, ``online``, ``offline`` or ``disabled`` (see :func:`resolve_mode`).
         dir: where W&B writes its ``wandb/`` folder (the run directory, normally).
         settings: extra ``wandb.Settings`` fields.
@@ -96,6 +97,7 @@ class WandbLogger:
         group: str | None = None,
         tags: Sequence[str] = (),
         name: str | None = None,
+        job_type: str | None = None,
         mode: str = "auto",
         dir: str | os.PathLike | None = None,
         settings: Mapping[str, Any] | None = None,
@@ -105,6 +107,7 @@ class WandbLogger:
         self.group = group
         self.tags = [str(t) for t in tags]
         self.name = name
+        self.job_type = job_type
         self.mode = resolve_mode(mode)
         self.dir = Path(dir) if dir is not None else None
         self.settings = dict(settings or {})
@@ -132,6 +135,7 @@ class WandbLogger:
             group=self.group,
             tags=self.tags or None,
             name=self.name,
+            job_type=self.job_type,
             mode=mode,
             dir=str(self.dir) if self.dir is not None else None,
             config=dict(config),
@@ -182,6 +186,34 @@ class WandbLogger:
                 self.run.log({name: images})
 
         self._guard(f"log_images {name!r}", call)
+
+    def log_stage(self, event: str, stage: str, seconds: float | None, done: int) -> None:
+        """Live: ``stage`` (the one running, or just ended), ``stages_done``, and on its end
+        ``stage_s/<stage>`` (seconds), so a long run shows where it is while it runs."""
+        if self.run is None:
+            return
+        data: dict[str, Any] = {"stage": stage, "stages_done": done}
+        if event == "end" and seconds is not None:
+            data[f"stage_s/{stage}"] = seconds
+        self._guard("log_stage", lambda: self.run.log(data))
+
+    def log_artifact(self, name: str, kind: str, paths: Iterable[str | os.PathLike]) -> None:
+        """The files as one artifact ``name`` of type ``kind`` (missing files are skipped)."""
+        if self.run is None:
+            return
+        files = [Path(p) for p in paths if Path(p).is_file()]
+        if not files:
+            return
+
+        def call() -> None:
+            import wandb
+
+            artifact = wandb.Artifact(name, type=kind)
+            for path in files:
+                artifact.add_file(str(path), name=path.name)
+            self.run.log_artifact(artifact)
+
+        self._guard(f"log_artifact {name!r}", call)
 
     def finish(self, exit_code: int = 0) -> None:
         """Close the run (``exit_code != 0`` marks it failed in W&B). Safe to call twice."""
