@@ -381,6 +381,30 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_comparison(summary: dict[str, Any]) -> str:
+    """A compact table of the finished jobs, best pruned perplexity first: what each job varied,
+    dense and pruned perplexity. Empty when no job has a perplexity."""
+    rows = []
+    for job in summary["jobs"]:
+        ppl = job.get("ppl") or {}
+        if job["status"] in ("finished", "skipped") and ("pruned" in ppl or "dense" in ppl):
+            varied = " ".join(o for o in job["overrides"]  # locations make no column
+                              if not o.startswith("experiment=") and ".paths=" not in o)  # fmt: skip
+            rows.append((ppl.get("pruned", ppl.get("dense")), varied or job.get("run_name") or "-",
+                         ppl.get("dense"), ppl.get("pruned")))  # fmt: skip
+    if not rows:
+        return ""
+    rows.sort(key=lambda r: (r[0] is None, r[0] if r[0] is not None else 0.0))
+    width = max(len("job"), *(len(r[1]) for r in rows))
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else (f"{v:.2f}" if abs(v) < 1e4 else f"{v:.3g}")
+
+    lines = [f"  {'job':<{width}}  {'dense ppl':>10}  {'pruned ppl':>10}"]
+    lines += [f"  {r[1]:<{width}}  {fmt(r[2]):>10}  {fmt(r[3]):>10}" for r in rows]
+    return "\n".join(lines)
+
+
 class SweepCallback(Callback):
     """Preflight before a multirun, a status record per job, and ``sweep_summary.json``.
 
@@ -439,7 +463,8 @@ class SweepCallback(Callback):
         summary = write_summary(sweep_dir)
         self._reported = True
         text = format_summary(summary)
-        print(text, flush=True)
+        table = format_comparison(summary)
+        print(text + ("\n" + table if table else ""), flush=True)
         if summary["counts"]["failed"]:
             log.error(
                 "sweep: %d job(s) failed; relaunch the same command to redo them (finished ones "

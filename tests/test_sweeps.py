@@ -24,6 +24,7 @@ from gblm.sweep import (
     SUMMARY_FILE,
     SweepPreflightError,
     expand_sweep,
+    format_comparison,
     format_summary,
     preflight,
     summarize,
@@ -287,6 +288,13 @@ def test_relaunch_skips_finished_and_redoes_failed(crashed_then_resumed):
     ]  # not rewritten
     assert json.loads((magnitude / JOB_STATUS_FILE).read_text())["status"] == "skipped"
     assert "already finished with the same config: skipped" in (second.stdout + second.stderr)
+    assert "pruned ppl" in second.stdout  # the comparison table, both jobs in it
+    table = [line.split() for line in second.stdout.splitlines() if "calibration=local" in line]
+    table = [row for row in table if row[0].startswith(("method=", "calibration="))]
+    assert sorted(next(c for c in row if c.startswith("method=")) for row in table) == [
+        "method=magnitude",
+        "method=wanda",
+    ]
     # one metrics.json per job, every one finished
     job_dirs = sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
     assert [p.name for p in job_dirs] == [
@@ -339,3 +347,22 @@ def test_tiny_sweep_runs_every_method(tmp_path):
         metrics = _metrics(sweep_dir / f"method={method}")
         assert metrics["status"] == "finished" and metrics["method"] == method
         assert metrics["sparsity_check"]["overall"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_comparison_table_orders_finished_jobs_by_pruned_perplexity():
+    job = lambda status, ov, ppl: {"status": status, "overrides": ov, "ppl": ppl}  # noqa: E731
+    summary = {"jobs": [
+        job("finished", ["experiment=x", "method=wanda"], {"dense": 10.0, "pruned": 30.0}),
+        job("skipped", ["method=gblm"], {"dense": 10.0, "pruned": 20.0}),
+        job("failed", ["method=sparsegpt"], {}),
+        job("finished", ["method=dense"], {"dense": 10.0}),
+    ]}  # fmt: skip
+    lines = format_comparison(summary).splitlines()
+    assert lines[0].split() == ["job", "dense", "ppl", "pruned", "ppl"]
+    assert [line.split()[0] for line in lines[1:]] == [
+        "method=dense",
+        "method=gblm",
+        "method=wanda",
+    ]
+    assert lines[2].split()[1:] == ["10.00", "20.00"] and lines[1].split()[2] == "-"
+    assert format_comparison({"jobs": []}) == ""
