@@ -235,17 +235,35 @@ def _initial_metrics(settings: RunSettings, plan, digest: str) -> dict[str, Any]
     }
 
 
+# While the end of a run is written, a signal waits (in "pending") until the record is complete.
+_HOLD: dict[str, Any] = {"on": False, "pending": None}
+
+
+def _interrupt(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else RunInterrupted(signum)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if _HOLD["on"]:
+        _HOLD["pending"] = signum
+        return
+    raise _interrupt(signum)
+
+
 @contextlib.contextmanager
 def _interruptible() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise :class:`RunInterrupted` inside (main thread only)."""
+    """SIGTERM and SIGHUP raise :class:`RunInterrupted` inside, SIGINT KeyboardInterrupt.
+
+    Main thread only (Python runs signal handlers there). SIGINT is taken over only from
+    Python's default handler: an ignored SIGINT (a background job) stays ignored.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise RunInterrupted(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in _INTERRUPT_SIGNALS}
+    wanted = list(_INTERRUPT_SIGNALS)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        wanted.append(signal.SIGINT)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in wanted}
     try:
         yield
     finally:
@@ -255,16 +273,15 @@ def _interruptible() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold back SIGINT, SIGTERM and SIGHUP inside (a second Ctrl-C cannot cut the record)."""
-    held = {signal.SIGINT, *_INTERRUPT_SIGNALS}
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """A signal that comes inside waits until the end, then interrupts (the record is whole)."""
+    _HOLD.update(on=True, pending=None)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        pending = _HOLD["pending"]
+        _HOLD.update(on=False, pending=None)
+        if pending is not None:
+            raise _interrupt(pending)
 
 
 def _execute_and_record(s, method, plan, metrics, local, run_dir, container) -> None:

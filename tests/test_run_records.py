@@ -90,7 +90,7 @@ def _metrics(run_dir: Path) -> dict:
 )
 def test_a_signal_mid_run_records_interrupted(tmp_path, signum, exit_code):
     proc, run_dir = _start_paused(tmp_path)
-    assert _metrics(run_dir)["status"] == "running"
+    assert _metrics(run_dir)["status"] == "running" and (run_dir / HEARTBEAT_FILE).exists()
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == exit_code, err[-3000:]
@@ -100,6 +100,19 @@ def test_a_signal_mid_run_records_interrupted(tmp_path, signum, exit_code):
     assert {"load model", "perplexity dense"} <= set(metrics["timings"])  # paused there
     assert "Traceback" not in err and "recorded as interrupted" in out + err
     assert not (run_dir / HEARTBEAT_FILE).exists()
+
+
+def test_a_signal_while_the_end_is_written_waits_for_the_record():
+    from gblm.run import RunInterrupted, _interruptible, _on_signal, _signals_held
+
+    done = []
+    with _interruptible(), pytest.raises(RunInterrupted, match="SIGTERM"):
+        with _signals_held():
+            _on_signal(signal.SIGTERM, None)  # as Python calls it when the signal comes
+            done.append("record written")
+    assert done == ["record written"]
+    with pytest.raises(KeyboardInterrupt), _signals_held():
+        _on_signal(signal.SIGINT, None)
 
 
 def test_a_killed_run_is_incomplete_and_redone(tmp_path):
