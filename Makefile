@@ -9,7 +9,7 @@ TORCH_PIN := $(if $(wildcard $(TORCH_WHEEL_DIR)/torch-2.13.0*),torch==2.13.0,)
 UV_FLAGS := $(if $(wildcard $(TORCH_WHEEL_DIR)),--find-links $(TORCH_WHEEL_DIR),)
 ARGS ?=
 
-.PHONY: help setup corpus demo test test-slow test-gpu lint format bench bench-gpu report clean
+.PHONY: help setup corpus demo test test-slow test-slurm test-gpu lint format bench bench-gpu report clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -42,6 +42,10 @@ test: $(STAMP)  ## the default test suite (what CI runs)
 
 test-slow: $(STAMP)  ## the slow end-to-end checks too
 	$(PY) -m pytest -q -m 'not gpu' $(ARGS)
+
+test-slurm: $(STAMP)  ## a real job array on a one-node SLURM cluster (root; scripts/slurm_local.sh)
+	scripts/slurm_local.sh start
+	GBLM_TEST_SLURM=1 $(PY) -m pytest -q -m slow tests/test_slurm.py $(ARGS)
 
 test-gpu: $(STAMP)  ## the checks that need a CUDA device
 	$(PY) -m pytest -q -m gpu $(ARGS)

@@ -155,6 +155,7 @@ class RunConf:
     )
     progress: bool = True
     skip_finished: bool = True  # a run dir finished with the same config is not redone
+    overwrite: bool = False  # replace a run dir's finished run of another config (else refused)
 
 
 def _require(value: Any, key: str) -> Any:
@@ -228,6 +229,7 @@ class RunSettings:
     mask_images: list[str]
     progress: bool
     skip_finished: bool
+    overwrite: bool = False
 
 
 # Validation ---------------------------------------------------------------------------------------
@@ -467,4 +469,5 @@ def validate(cfg: dict[str, Any]) -> RunSettings:
         mask_images=list(conf.mask_images),
         progress=conf.progress,
         skip_finished=conf.skip_finished,
+        overwrite=conf.overwrite,
     )

@@ -12,8 +12,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import signal
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +27,29 @@ from omegaconf import DictConfig
 
 from gblm import devices
 from gblm.config import ConfigError, RunSettings, to_plain, validate
-from gblm.loggers.local import LocalLogger, read_metrics
+from gblm.loggers.base import GuardedLogger
+from gblm.loggers.local import LocalLogger, heartbeat, owner_alive, process_record, read_metrics
 from gblm.paths import PROJECT_ROOT, cache_dir, configure_offline
+from gblm.progress import OverallEstimate, planned_work
 from gblm.utils import StageTimer
 
 log = logging.getLogger("gblm")
 
 # Settings that do not change a run's results: a finished run with a different value is reused.
-_NON_RESULT_KEYS = ("logger", "progress", "skip_finished", "experiment", "hydra")
+_NON_RESULT_KEYS = ("logger", "progress", "skip_finished", "overwrite", "experiment", "hydra")
+# Signals that end a run as "interrupted" (SIGINT does already, as KeyboardInterrupt).
+_INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM or SIGHUP during a run, raised in the main thread as Ctrl-C raises KeyboardInterrupt.
+
+    A BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on the way eats it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
@@ -119,23 +137,20 @@ def _prepare_data(s: RunSettings, needs_calibration: bool) -> dict[str, list[str
 
 
 def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Prune and evaluate one configuration; returns the metrics written to ``metrics.json``."""
+    """Prune and evaluate one configuration; returns the metrics written to ``metrics.json``.
+
+    A finished run in ``run_dir`` with the same config is returned as it is; one with another
+    config is kept (a ConfigError) unless ``overwrite=true``; a live run there is refused. A
+    SIGTERM, SIGHUP or Ctrl-C ends the run as ``"status": "interrupted"`` and is re-raised.
+    """
     container = to_plain(cfg)
     settings = validate(container)
     if run_dir is None:
         run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else Path.cwd()
     run_dir = Path(run_dir)
-    local = LocalLogger(run_dir)
     digest = config_hash(container)
-
-    previous = read_metrics(run_dir)
-    if (
-        settings.skip_finished
-        and previous
-        and previous.get("status") == "finished"
-        and previous.get("config_hash") == digest
-    ):
-        log.info("run in %s already finished with the same config: skipped", run_dir)
+    previous = _previous_run(settings, run_dir, digest, container)
+    if previous is not None:
         return previous
 
     from gblm.models.loading import check_model_available
@@ -147,9 +162,92 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
         validate_task_names(settings.zeroshot.tasks, settings.zeroshot.include_path)
     method = build_method(settings)
     plan = build_plan(settings, method)
-    metrics: dict[str, Any] = {
+    metrics = _initial_metrics(settings, method, plan, digest)
+    local = LocalLogger(run_dir)
+    with _interruptible():
+        local.write_json("config_resolved.json", container)
+        local.write_metrics(metrics)
+        with heartbeat(run_dir):
+            _execute_and_record(settings, method, plan, metrics, local, run_dir, container)
+    return metrics
+
+
+def _previous_run(
+    s: RunSettings, run_dir: Path, digest: str, container: dict
+) -> dict[str, Any] | None:
+    """The finished record to return instead of running, or None to run.
+
+    Raises:
+        ConfigError: :func:`run_dir_refusal`'s reason not to run in ``run_dir``.
+    """
+    previous = read_metrics(run_dir)
+    reason = run_dir_refusal(s, run_dir, previous, digest, container)
+    if reason:
+        raise ConfigError(reason)
+    if not previous or previous.get("status") != "finished":
+        return None  # new, failed, interrupted or killed: (re)done
+    if previous.get("config_hash") == digest:
+        if not s.skip_finished:
+            return None
+        log.info("run in %s already finished with the same config: skipped", run_dir)
+        return previous
+    log.warning("run in %s finished with another config: replaced (overwrite=true)", run_dir)
+    return None
+
+
+def run_dir_refusal(
+    s: RunSettings, run_dir: Path, previous: dict | None, digest: str, container: dict
+) -> str | None:
+    """Why a run of this config must not start in ``run_dir``, or None.
+
+    A live process is writing it; or it holds a finished run of another config and
+    ``overwrite`` is false (a finished result is never replaced silently). ``previous`` is the
+    dir's ``metrics.json``; the sweep preflight asks this for every job before any starts.
+    """
+    if not previous:
+        return None
+    if previous.get("status") == "running" and owner_alive(run_dir, previous):
+        owner = previous.get("process") or {}
+        return (
+            f"{run_dir} is in use: process {owner.get('pid')} on {owner.get('host')} is running "
+            "there. Wait for it or stop it, or choose another run dir."
+        )
+    if previous.get("status") == "finished" and previous.get("config_hash") != digest:
+        return None if s.overwrite else _overwrite_refusal(run_dir, container)
+    return None
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested configs."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [prefix.rstrip(".") or "(config)"]
+    keys = sorted(set(old) | set(new), key=str)
+    return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+
+
+def _overwrite_refusal(run_dir: Path, container: dict) -> str:
+    try:
+        old = json.loads((run_dir / "config_resolved.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        old = None
+    relevant = [
+        key
+        for key in (_changed_keys(old, container) if isinstance(old, dict) else [])
+        if key.split(".")[0] not in _NON_RESULT_KEYS
+    ]
+    what = f" (changed: {', '.join(relevant[:8])}{', ...' if len(relevant) > 8 else ''})"
+    return (
+        f"{run_dir} holds a finished run of another config{what if relevant else ''}; it is "
+        "kept. Add overwrite=true to replace it, or choose another dir (hydra.run.dir=..., or "
+        "hydra.sweep.dir=... for a sweep)."
+    )
+
+
+def _initial_metrics(settings: RunSettings, method, plan, digest: str) -> dict[str, Any]:
+    return {
         "status": "running",
         "config_hash": digest,
+        "process": process_record(),
         "run_name": _run_name(settings),
         "method": settings.method_name,
         "method_label": method_label(settings, method),
@@ -171,16 +269,72 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
         "ppl": {},
         "timings": {},
     }
-    local.write_json("config_resolved.json", container)
-    local.write_metrics(metrics)
-    remote = _make_remote_logger(settings, run_dir)
+
+
+# While the end of a run is written, a signal waits (in "pending") until the record is complete.
+_HOLD: dict[str, Any] = {"on": False, "pending": None}
+
+
+def _interrupt(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else RunInterrupted(signum)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if _HOLD["on"]:
+        _HOLD["pending"] = signum
+        return
+    raise _interrupt(signum)
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`RunInterrupted` inside, SIGINT KeyboardInterrupt.
+
+    Main thread only (Python runs signal handlers there). SIGINT is taken over only from
+    Python's default handler: an ignored SIGINT (a background job) stays ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = list(_INTERRUPT_SIGNALS)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        wanted.append(signal.SIGINT)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in wanted}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """A signal that comes inside waits until the end, then interrupts (the record is whole)."""
+    _HOLD.update(on=True, pending=None)
+    try:
+        yield
+    finally:
+        pending = _HOLD["pending"]
+        _HOLD.update(on=False, pending=None)
+        if pending is not None:
+            raise _interrupt(pending)
+
+
+def _execute_and_record(s, method, plan, metrics, local, run_dir, container) -> None:
+    """Run the stages; record the end (finished | interrupted | failed) whatever happens."""
+    remote = GuardedLogger(lambda: _make_remote_logger(s, run_dir))
     timer = StageTimer()
     timer.listeners.append(_live_view(remote, metrics))
+    timer.listeners.append(OverallEstimate(planned_work(s, method, plan)))  # logged per stage
     started = time.perf_counter()
     try:
         remote.start(container)
-        _execute(settings, method, plan, metrics, timer, local, run_dir)
+        _execute(s, method, plan, metrics, timer, local, run_dir)
         metrics["status"] = "finished"
+    except (KeyboardInterrupt, RunInterrupted) as err:
+        metrics["status"] = "interrupted"
+        metrics["error"] = str(err) if isinstance(err, RunInterrupted) else "interrupted by SIGINT"
+        raise
     except BaseException as err:
         metrics["status"] = "failed"
         metrics["error"] = f"{type(err).__name__}: {err}"
@@ -188,13 +342,13 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
         raise
     finally:
         metrics["timings"] = {**timer.timings, "total": time.perf_counter() - started}
-        local.write_metrics(metrics)
+        with _signals_held():
+            local.write_metrics(metrics)
         if metrics["status"] == "finished":
             remote.log_metrics(_flat_metrics(metrics))
-            _log_tables_and_images(remote, run_dir)
+            remote.call("log tables and images", lambda: _log_tables_and_images(remote, run_dir))
             remote.log_artifact(f"run-{run_dir.name}", "run-record", _record_files(run_dir))
         remote.finish(exit_code=0 if metrics["status"] == "finished" else 1)
-    return metrics
 
 
 def _execute(
@@ -435,10 +589,16 @@ def _record_mask_stats(
     metrics["mask_stats"] = overall
     metrics["sparsity_check"] = weight_zero_share(model, list(masks))
     wanted = [n for n in s.mask_images if n in masks]
-    if wanted:
+    if not wanted:
+        return
+    try:
         metrics["mask_images"] = [
             str(p) for p in save_mask_images(masks, wanted, run_dir / "masks")
         ]
+    except Exception as err:  # pictures are optional: a full disk costs them, not the run
+        message = f"mask images not written: {type(err).__name__}: {err}"
+        log.warning("%s; the run goes on", message)
+        metrics.setdefault("warnings", []).append(message)
 
 
 def _zeroshot_include_path(s: RunSettings, run_dir: Path) -> str | None:
@@ -554,6 +714,10 @@ def main(cfg: DictConfig) -> float | None:
             raise  # the sweep records this job as failed and goes on
         log.error("configuration error: %s", err)
         raise SystemExit(2) from None
+    except (KeyboardInterrupt, RunInterrupted) as err:
+        signum = err.signum if isinstance(err, RunInterrupted) else signal.SIGINT
+        log.error("%s: the run is recorded as interrupted", err or "interrupted by SIGINT")
+        raise SystemExit(128 + int(signum)) from None
     _print_summary(metrics)
     return metrics.get("ppl", {}).get("pruned")
 

@@ -48,9 +48,11 @@ SUMMARY_FILE = "sweep_summary.json"
 JOB_STATUS_FILE = "job_status.json"
 METRICS_FILE = "metrics.json"
 # finished: ran to the end in this launch (or in an earlier one, when not relaunched since);
-# skipped: found finished with the same config, not redone; failed: raised; incomplete: a job dir
-# whose run never recorded an end (killed, or still running); pending: no job dir yet.
-STATUSES = ("finished", "skipped", "failed", "incomplete", "pending")
+# skipped: found finished with the same config, not redone; failed: raised; running: its process is
+# alive (or its heartbeat is fresh); incomplete: a job dir whose run ended without a result
+# (interrupted by a signal, or killed: "running" with no live process) or never started one;
+# pending: no job dir yet.
+STATUSES = ("finished", "skipped", "failed", "running", "incomplete", "pending")
 VALIDATE_MODES = ("all", "first", "none")
 # Overrides that can change the model of a job: one job per distinct combination is checked.
 _MODEL_KEYS = ("model", "experiment")
@@ -187,6 +189,45 @@ def _jobs_to_validate(jobs: list[list[str]], validate_jobs: str, check_models: b
     return sorted(indices)
 
 
+def _validate_jobs(
+    master: DictConfig,
+    jobs: list[list[str]],
+    subdirs: list[str],
+    indices: list[int],
+    errors: list[str],
+) -> dict[tuple, tuple[int, Any]]:
+    """Compose and validate the jobs ``indices``; append one line per problem to ``errors``.
+
+    A problem is a config that does not compose or validate, or a job dir the run would refuse
+    (:func:`gblm.run.run_dir_refusal`: a finished run of another config there, or a live one).
+    Returns the distinct models seen, ``key -> (job index, ModelSpec)``.
+    """
+    from gblm.config import to_plain, validate
+    from gblm.loggers.local import read_metrics
+    from gblm.run import build_method, config_hash, run_dir_refusal
+
+    sweep_dir = sweep_dir_of(master)
+    models: dict[tuple, tuple[int, Any]] = {}
+    for i in indices:
+        try:
+            container = to_plain(task_config(compose_job(master, jobs[i], i)))
+            settings = validate(container)
+            build_method(settings)
+            job_dir = sweep_dir / subdirs[i]
+            reason = run_dir_refusal(
+                settings, job_dir, read_metrics(job_dir), config_hash(container), container
+            )
+        except Exception as err:  # every kind of bad config: report them all, then stop
+            errors.append(f"job #{i} ({' '.join(jobs[i])}): {type(err).__name__}: {err}")
+            continue
+        if reason:
+            errors.append(f"job #{i} ({' '.join(jobs[i])}): {reason}")
+        spec = settings.model
+        key = (spec.kind, spec.name_or_path, spec.revision, json.dumps(spec.tiny, sort_keys=True))
+        models.setdefault(key, (i, spec))
+    return models
+
+
 def preflight(
     master: DictConfig, validate_jobs: str = "all", check_models: bool = True
 ) -> list[dict[str, Any]]:
@@ -204,11 +245,10 @@ def preflight(
 
     Raises:
         SweepPreflightError: with one line per problem: a config that does not compose or validate,
-            a model that cannot be loaded, two jobs that would share a job dir.
+            a model that cannot be loaded, two jobs that would share a job dir, a job dir that
+            holds a finished run of another config (without ``overwrite=true``) or a live run.
     """
-    from gblm.config import to_plain, validate
     from gblm.models.loading import check_model_available
-    from gblm.run import build_method
 
     if validate_jobs not in VALIDATE_MODES:
         raise SweepPreflightError(
@@ -220,17 +260,8 @@ def preflight(
         return []
     subdirs = job_subdirs(master, jobs)
     errors = _shared_dirs(jobs, subdirs)
-    models: dict[tuple, tuple[int, Any]] = {}
-    for i in _jobs_to_validate(jobs, validate_jobs, check_models):
-        try:
-            settings = validate(to_plain(task_config(compose_job(master, jobs[i], i))))
-            build_method(settings)
-        except Exception as err:  # every kind of bad config: report them all, then stop
-            errors.append(f"job #{i} ({' '.join(jobs[i])}): {type(err).__name__}: {err}")
-            continue
-        spec = settings.model
-        key = (spec.kind, spec.name_or_path, spec.revision, json.dumps(spec.tiny, sort_keys=True))
-        models.setdefault(key, (i, spec))
+    indices = _jobs_to_validate(jobs, validate_jobs, check_models)
+    models = _validate_jobs(master, jobs, subdirs, indices, errors)
     if check_models:
         for i, spec in models.values():
             try:
@@ -295,10 +326,8 @@ def _job_entry(
     metrics = _read_json(job_dir / METRICS_FILE) or {}
     if record and launch_id is not None and record.get("launch_id") == launch_id:
         entry.update(status=record["status"], this_launch=True, error=record.get("error"))
-    elif metrics.get("status") in ("finished", "failed"):
-        entry["status"] = metrics["status"]
     else:
-        entry["status"] = "incomplete"
+        entry.update(_status_from_metrics(job_dir, metrics))
     if entry["status"] == "failed" and not entry["error"]:
         entry["error"] = metrics.get("error") or (record or {}).get("error")
     for key in ("run_name", "ppl"):
@@ -307,13 +336,32 @@ def _job_entry(
     return entry
 
 
+def _status_from_metrics(job_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """A job's status from its ``metrics.json`` alone (no record of this launch)."""
+    from gblm.loggers.local import owner_alive
+
+    status = metrics.get("status")
+    if status in ("finished", "failed"):
+        return {"status": status}
+    if status == "running":
+        if owner_alive(job_dir, metrics):
+            return {"status": "running"}
+        owner = metrics.get("process") or {}
+        gone = f"killed: process {owner.get('pid')} on {owner.get('host')} is gone"
+        return {"status": "incomplete", "error": gone}
+    if status == "interrupted":
+        return {"status": "incomplete", "error": metrics.get("error") or "interrupted"}
+    return {"status": "incomplete"}
+
+
 def summarize(sweep_dir: str | Path) -> dict[str, Any]:
     """The state of every job of the sweep in ``sweep_dir``, from its plan and its job dirs.
 
     The jobs are those of the last launch's ``sweep_plan.json``, each in its planned dir (or,
-    without a plan, every job dir found). A job's status comes from its ``job_status.json`` when this launch wrote it, else from
-    its ``metrics.json`` (a finished or failed run of an earlier launch), else it is ``incomplete``
-    (a dir, no recorded end) or ``pending`` (no dir yet).
+    without a plan, every job dir found). A job's status comes from its ``job_status.json`` when
+    this launch wrote it, else from its ``metrics.json``: finished or failed (an earlier launch),
+    ``running`` (its process is alive), ``incomplete`` (interrupted, killed, or no recorded end);
+    ``pending`` when it has no dir yet.
     """
     sweep_dir = Path(sweep_dir).absolute()
     plan = _read_json(sweep_dir / PLAN_FILE)
@@ -346,7 +394,7 @@ def summarize(sweep_dir: str | Path) -> dict[str, Any]:
             status: [
                 job["dir"] or " ".join(job["overrides"]) for job in jobs if job["status"] == status
             ]
-            for status in ("finished", "skipped", "failed")
+            for status in ("finished", "skipped", "failed", "running", "incomplete")
         },
         "jobs": jobs,
     }

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -31,17 +32,20 @@ def _write_temp_file(path: Path, content: bytes | Callable[[Path], None]) -> Pat
     """A new temporary sibling of ``path`` holding the content.
 
     Created with mode 0666 less the umask, as a plain ``open`` would (``mkstemp``'s 0600 would
-    stay on the result and hide run records from the other readers of a shared folder).
+    stay on the result and hide run records from the other readers of a shared folder); the
+    mode is set again after a callback, which may have replaced the file with one of its own.
     """
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0666 less the umask
         if callable(content):
             os.close(fd)
             content(tmp)
         else:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(content)
+        os.chmod(tmp, mode)  # a callback that replaced the file (its own temp + rename) keeps it
         _fsync_file(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -23,3 +23,41 @@ def test_zeroshot_results_samples_and_task_are_kept_in_the_run_dir(tmp_path):
     task = tmp_path / "lm_eval_tasks"
     assert (task / "austen_cloze.yaml").exists() and (task / "austen_cloze.jsonl").exists()
     assert str(task / "austen_cloze.jsonl") in (task / "austen_cloze.yaml").read_text()
+
+
+def test_overall_estimate_prices_the_stages_left_at_the_measured_rate():
+    from gblm.progress import OverallEstimate
+
+    estimate = OverallEstimate({"perplexity dense": 100.0, "gradients": 300.0, "prune": 200.0})
+    estimate("start", "load model", None, 0)
+    estimate("end", "load model", 5.0, 1)  # weighs nothing: no rate yet
+    assert "left" not in estimate.lines[-1]
+    estimate("end", "perplexity dense", 2.0, 2)  # 100 units in 2 s: 500 units left -> 10 s
+    assert "17% of the work done, about 10 s left (gradients, prune)" in estimate.lines[-1]
+    estimate("end", "gradients", 10.0, 3)  # 400 units in 12 s: 200 left -> 6 s
+    assert "67% of the work done, about 6 s left (prune)" in estimate.lines[-1]
+
+
+def test_planned_work_follows_the_method_and_the_run(tmp_path, caplog):
+    import logging
+
+    from gblm.config import to_plain, validate
+    from gblm.methods.registry import build_method as build
+    from gblm.progress import planned_work
+    from gblm.run import build_plan
+
+    settings = validate(to_plain(compose_config("model=tiny_llama", "method=gblm", *SMALL)))
+    method = build(settings.method_name, settings.method_target, **settings.method_kwargs)
+    work = planned_work(settings, method, build_plan(settings, method))
+    n_t = settings.calibration.nsamples * settings.calibration.seqlen
+    assert work["gradients"] == 3 * n_t and work["prune"] == 2 * n_t
+    assert work["perplexity dense"] == work["perplexity pruned"] == 2 * settings.perplexity.seqlen
+    with caplog.at_level(logging.INFO, logger="gblm.progress"):
+        run(compose_config("model=tiny_llama", "method=magnitude", *SMALL), run_dir=tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "gblm.progress"]
+    assert lines and all(line.startswith("overall: ") for line in lines)
+    assert "100% of the work done" in lines[-1]
+
+
+SMALL = ("calibration.nsamples=2", "calibration.seqlen=32", "eval.perplexity.max_windows=2",
+         "progress=false", "mask_images=[]")  # fmt: skip

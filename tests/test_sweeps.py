@@ -23,11 +23,13 @@ from gblm.sweep import (
     PLAN_FILE,
     SUMMARY_FILE,
     SweepPreflightError,
+    compose_job,
     expand_sweep,
     format_comparison,
     format_summary,
     preflight,
     summarize,
+    task_config,
 )
 from tests.conftest import CONF, ROOT, compose_config
 
@@ -166,6 +168,25 @@ def test_preflight_first_mode_still_checks_every_model():
         preflight(cfg, validate_jobs="first")
 
 
+def test_preflight_refuses_a_finished_job_dir_of_another_config(tmp_path):
+    from gblm.run import config_hash
+
+    args = ("experiment=tiny_sweep", f"hydra.sweep.dir={tmp_path}", "method=magnitude,wanda")
+    with multirun_config(*args) as cfg:
+        job = task_config(compose_job(cfg, expand_sweep(cfg)[0], 0))
+        same = {"status": "finished", "config_hash": config_hash(to_plain(job))}
+        (tmp_path / "method=magnitude").mkdir()
+        (tmp_path / "method=magnitude" / "metrics.json").write_text(json.dumps(same))
+        preflight(cfg)  # the same config: the relaunch will skip it
+        other = {"status": "finished", "config_hash": "0" * 16}
+        (tmp_path / "method=wanda").mkdir()
+        (tmp_path / "method=wanda" / "metrics.json").write_text(json.dumps(other))
+        with pytest.raises(SweepPreflightError, match=r"job #1 .*finished run of another config"):
+            preflight(cfg)
+    with multirun_config(*args, "overwrite=true") as cfg:
+        assert [job["dir"] for job in preflight(cfg)] == ["method=magnitude", "method=wanda"]
+
+
 def test_summary_of_an_empty_or_missing_sweep_dir(tmp_path):
     summary = summarize(tmp_path / "nothing")
     assert summary["total"] == 0 and summary["counts"]["failed"] == 0
@@ -259,6 +280,7 @@ def test_crash_in_one_job_leaves_the_others_intact(crashed_then_resumed):
         "finished": 1,
         "skipped": 0,
         "failed": 1,
+        "running": 0,
         "incomplete": 0,
         "pending": 0,
     }

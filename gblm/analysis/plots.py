@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from gblm.utils import atomic_write
+
 MAX_IMAGE_PIXELS = 512  # mask images are block-averaged down to at most this many pixels a side
 
 
@@ -96,5 +98,7 @@ def _save_mask_image(plt, name: str, mask: Tensor, path: Path) -> None:
     ax.set_ylabel("output row")
     fig.colorbar(shown, ax=ax, label="share pruned")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:  # never a half-written picture (a full disk): through the atomic writer
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)

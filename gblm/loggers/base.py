@@ -7,9 +7,12 @@ costs a dashboard, not an experiment.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from os import PathLike
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+
+log = logging.getLogger("gblm")
 
 
 @runtime_checkable
@@ -62,3 +65,48 @@ class NullLogger:
 
     def finish(self, exit_code: int = 0) -> None:
         pass
+
+
+class GuardedLogger:
+    """A logger whose failures are warnings: remote logging is optional, the run's records are not.
+
+    Args:
+        factory: builds the logger; if that raises, a :class:`NullLogger` stands in.
+
+    Every call goes through :meth:`call`, which logs a warning (and remembers it in
+    ``warnings``) instead of raising.
+    """
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self.warnings: list[str] = []
+        self.inner: Any = self.call("logger setup", factory) or NullLogger()
+
+    def call(self, what: str, function: Callable[[], Any]) -> Any:
+        try:
+            return function()
+        except Exception as err:  # a logger must never break a run
+            message = f"logger: {what} failed ({type(err).__name__}: {err}); the run goes on"
+            log.warning(message)
+            self.warnings.append(message)
+            return None
+
+    def start(self, config: Mapping) -> None:
+        self.call("start", lambda: self.inner.start(config))
+
+    def log_metrics(self, metrics: Mapping) -> None:
+        self.call("log_metrics", lambda: self.inner.log_metrics(metrics))
+
+    def log_table(self, name: str, rows: Sequence[Mapping]) -> None:
+        self.call("log_table", lambda: self.inner.log_table(name, rows))
+
+    def log_images(self, name: str, paths: Iterable[str | PathLike]) -> None:
+        self.call("log_images", lambda: self.inner.log_images(name, paths))
+
+    def log_stage(self, event: str, stage: str, seconds: float | None, done: int) -> None:
+        self.call("log_stage", lambda: self.inner.log_stage(event, stage, seconds, done))
+
+    def log_artifact(self, name: str, kind: str, paths: Iterable[str | PathLike]) -> None:
+        self.call("log_artifact", lambda: self.inner.log_artifact(name, kind, paths))
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.call("finish", lambda: self.inner.finish(exit_code=exit_code))

@@ -1,0 +1,284 @@
+"""What a run leaves behind when it is stopped, relaunched, or its optional outputs fail."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from gblm.config import ConfigError
+from gblm.loggers.local import HEARTBEAT_FILE, STALE_SECONDS, owner_alive, process_record
+from gblm.run import run
+from gblm.sweep import PLAN_FILE, summarize
+from gblm.utils import atomic_write
+from tests.conftest import ROOT, compose_config
+
+SMALL = (
+    "model=tiny_llama",
+    "method=magnitude",
+    "calibration.nsamples=4",
+    "calibration.seqlen=32",
+    "eval.perplexity.max_windows=2",
+    "progress=false",
+    "mask_images=[model.layers.0.mlp.down_proj]",
+)
+
+# The CLI, with the perplexity (dense, the first) replaced by a wait: the run is then surely mid-way
+# when the test signals it (no timing involved). SIGINT gets Python's default handler even if the
+# test runner was started with SIGINT ignored.
+_PAUSED_CLI = """
+import signal, sys, time
+from pathlib import Path
+import gblm.eval.perplexity
+
+marker = Path(sys.argv[1])
+sys.argv = ["gblm", *sys.argv[2:]]
+
+def paused(*args, **kwargs):
+    marker.write_text("paused")
+    while True:
+        time.sleep(0.05)
+
+gblm.eval.perplexity.perplexity = paused
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from gblm.run import main
+main()
+"""
+
+
+def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Poll ``condition`` (generously: the machine may be loaded); fail if ``proc`` ends first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended early ({proc.returncode}):\n{out[-2000:]}\n{err[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the run did not reach the paused stage")
+        time.sleep(0.2)
+
+
+def _start_paused(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    run_dir, marker = tmp_path / "run", tmp_path / "paused"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PAUSED_CLI, str(marker), *SMALL, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(marker.exists, proc)
+    return proc, run_dir
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("signum", "exit_code"), [(signal.SIGTERM, 128 + 15), (signal.SIGINT, 128 + 2)]
+)
+def test_a_signal_mid_run_records_interrupted(tmp_path, signum, exit_code):
+    proc, run_dir = _start_paused(tmp_path)
+    assert _metrics(run_dir)["status"] == "running" and (run_dir / HEARTBEAT_FILE).exists()
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == exit_code, err[-3000:]
+    metrics = _metrics(run_dir)
+    assert metrics["status"] == "interrupted"
+    assert metrics["error"] == f"interrupted by {signal.Signals(signum).name}"
+    assert {"load model", "perplexity dense"} <= set(metrics["timings"])  # paused there
+    assert "Traceback" not in err and "recorded as interrupted" in out + err
+    assert not (run_dir / HEARTBEAT_FILE).exists()
+
+
+def test_a_signal_while_the_end_is_written_waits_for_the_record():
+    from gblm.run import RunInterrupted, _interruptible, _on_signal, _signals_held
+
+    done = []
+    with _interruptible(), pytest.raises(RunInterrupted, match="SIGTERM"):
+        with _signals_held():
+            _on_signal(signal.SIGTERM, None)  # as Python calls it when the signal comes
+            done.append("record written")
+    assert done == ["record written"]
+    with pytest.raises(KeyboardInterrupt), _signals_held():
+        _on_signal(signal.SIGINT, None)
+
+
+def test_a_killed_run_is_incomplete_and_redone(tmp_path):
+    proc, run_dir = _start_paused(tmp_path)
+    proc.kill()  # SIGKILL: no handler runs, metrics.json stays "running"
+    proc.communicate(timeout=600)
+    killed = _metrics(run_dir)
+    assert killed["status"] == "running" and killed["process"]["pid"] == proc.pid
+    assert not owner_alive(run_dir, killed)
+    sweep = tmp_path  # the run dir as the one job of a sweep
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    plan = {"launch_id": "later", "jobs": [{"num": 0, "overrides": ["a=1"], "dir": "run"}]}
+    (sweep / PLAN_FILE).write_text(json.dumps(plan))
+    job = summarize(sweep)["jobs"][0]
+    assert job["status"] == "incomplete" and f"process {proc.pid}" in job["error"]
+    redone = run(compose_config(*SMALL), run_dir=run_dir)  # the relaunch
+    assert redone["status"] == _metrics(run_dir)["status"] == "finished"
+    assert summarize(sweep)["jobs"][0]["status"] == "finished"
+
+
+def _running_record(run_dir: Path, **process) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    record = {"status": "running", "process": {**process_record(), **process}}
+    (run_dir / "metrics.json").write_text(json.dumps(record))
+
+
+def test_a_live_run_is_running_in_the_summary_and_not_run_over(tmp_path):
+    _running_record(tmp_path / "live")
+    _running_record(tmp_path / "reused_pid", start="-1")  # same pid, another process
+    _running_record(tmp_path / "elsewhere", host=socket.gethostname() + "-other")
+    (tmp_path / "elsewhere" / HEARTBEAT_FILE).touch()  # a fresh heartbeat from the other host
+    _running_record(tmp_path / "stale", host=socket.gethostname() + "-other")
+    (tmp_path / "stale" / HEARTBEAT_FILE).touch()
+    old = time.time() - 2 * STALE_SECONDS
+    os.utime(tmp_path / "stale" / HEARTBEAT_FILE, (old, old))
+    names = ["live", "reused_pid", "elsewhere", "stale"]
+    plan = {
+        "launch_id": "x",
+        "jobs": [{"num": i, "overrides": [], "dir": n} for i, n in enumerate(names)],
+    }
+    (tmp_path / PLAN_FILE).write_text(json.dumps(plan))
+    summary = summarize(tmp_path)
+    statuses = {job["dir"]: job["status"] for job in summary["jobs"]}
+    assert statuses == {
+        "live": "running",
+        "reused_pid": "incomplete",
+        "elsewhere": "running",
+        "stale": "incomplete",
+    }
+    assert summary["counts"]["running"] == 2 and summary["counts"]["pending"] == 0
+    with pytest.raises(ConfigError, match="is in use: process"):
+        run(compose_config(*SMALL), run_dir=tmp_path / "live")
+
+
+# A changed config in a finished run dir ---------------------------------------------------------
+def test_a_changed_config_does_not_replace_a_finished_run(tmp_path):
+    first = run(compose_config(*SMALL), run_dir=tmp_path)
+    before = (tmp_path / "metrics.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"changed: sparsity\.ratio\).*overwrite=true"):
+        run(compose_config(*SMALL, "sparsity.ratio=0.3"), run_dir=tmp_path)
+    assert (tmp_path / "metrics.json").read_bytes() == before  # kept as it was
+    again = run(compose_config(*SMALL, "overwrite=true"), run_dir=tmp_path)
+    assert again["timings"] == first["timings"]  # same config: skipped, overwrite or not
+    replaced = run(compose_config(*SMALL, "sparsity.ratio=0.3", "overwrite=true"), run_dir=tmp_path)
+    assert replaced["sparsity"]["ratio"] == _metrics(tmp_path)["sparsity"]["ratio"] == 0.3
+
+
+def test_the_cli_refuses_a_changed_config_with_exit_status_2(tmp_path):
+    run(compose_config(*SMALL), run_dir=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "gblm", *SMALL, "sparsity.ratio=0.3", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "overwrite=true" in out.stderr + out.stdout and "Traceback" not in out.stderr
+    assert _metrics(tmp_path)["sparsity"]["ratio"] == 0.5
+
+
+# Optional outputs ------------------------------------------------------------------------------
+def test_a_failing_mask_picture_is_a_warning(tmp_path, monkeypatch):
+    import gblm.analysis.plots as plots
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots, "_save_mask_image", full_disk)
+    metrics = run(compose_config(*SMALL), run_dir=tmp_path)
+    on_disk = _metrics(tmp_path)
+    assert on_disk["status"] == metrics["status"] == "finished"
+    assert on_disk["ppl"]["pruned"] > 1
+    assert "No space left on device" in on_disk["warnings"][0]
+
+
+def test_a_failing_picture_write_leaves_no_half_file(tmp_path, monkeypatch):
+    import matplotlib.figure
+    import torch
+
+    import gblm.analysis.plots as plots
+
+    def full_disk(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    with pytest.raises(OSError):
+        plots.save_mask_images({"a": torch.zeros(4, 4, dtype=torch.bool)}, ["a"], tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+class _BrokenLogger:
+    def __getattr__(self, name):
+        def broken(*args, **kwargs):
+            raise RuntimeError(f"remote {name} is down")
+
+        return broken
+
+
+@pytest.mark.parametrize("broken", ["calls", "setup"])
+def test_a_failing_remote_logger_is_a_warning(tmp_path, monkeypatch, broken, caplog):
+    import gblm.run
+
+    def make(s, run_dir):
+        if broken == "setup":
+            raise RuntimeError("remote setup is down")
+        return _BrokenLogger()
+
+    monkeypatch.setattr(gblm.run, "_make_remote_logger", make)
+    metrics = run(compose_config(*SMALL), run_dir=tmp_path)
+    assert metrics["status"] == _metrics(tmp_path)["status"] == "finished"
+    assert _metrics(tmp_path)["ppl"]["pruned"] > 1
+    assert f"remote {broken if broken == 'setup' else 'start'} is down" in caplog.text
+
+
+# File modes ------------------------------------------------------------------------------------
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_result_files_respect_the_umask(tmp_path, umask_022):
+    run(compose_config(*SMALL), run_dir=tmp_path)
+    for name in (
+        "metrics.json",
+        "config_resolved.json",
+        "mask_stats.csv",
+        "mask_stats_blocks.json",
+    ):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    (picture,) = (tmp_path / "masks").glob("*.png")
+    assert picture.stat().st_mode & 0o777 == 0o644
+
+
+def test_atomic_write_gives_the_umask_mode_even_to_a_replaced_temp_file(tmp_path, umask_022):
+    def replace_with_private_file(tmp: Path) -> None:
+        private = tmp.with_name("private")
+        private.write_bytes(b"data")
+        private.chmod(0o600)
+        os.replace(private, tmp)
+
+    atomic_write(tmp_path / "out.bin", replace_with_private_file)
+    atomic_write(tmp_path / "plain.bin", b"data")
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "plain.bin").stat().st_mode & 0o777 == 0o644
