@@ -261,24 +261,23 @@ def _perplexity_stage(s: RunSettings, model, tokenizer, texts, device, metrics, 
 
 def _calibration_windows(s: RunSettings, tokenizer, texts, timer: StageTimer) -> torch.Tensor:
     """The (N, T) calibration windows, from the cache when the same ones were drawn before."""
-    from gblm.data.calibration import cached_windows, sample_windows, windows_cache_key
+    from gblm.data import calibration as cal
 
     c = s.calibration
     with timer.stage("calibration windows"):
-        key = windows_cache_key(
-            s.model.model_id if s.model.kind != "tiny" else "smollm2-tokenizer",
-            c.source,
-            c.paths,
-            c.nsamples,
-            c.seqlen,
-            c.seed,
-            c.sampling,
-            len(tokenizer),
+        key = cal.windows_cache_key(
+            tokenizer_id=cal.tokenizer_digest(tokenizer),
+            documents_sha256=cal.documents_digest(texts["calibration"]),
+            nsamples=c.nsamples,
+            seqlen=c.seqlen,
+            seed=c.seed,
+            sampling=c.sampling,
+            vocab_size=len(tokenizer),
         )
-        return cached_windows(
+        return cal.cached_windows(
             cache_dir(),
             key,
-            lambda: sample_windows(
+            lambda: cal.sample_windows(
                 tokenizer, texts["calibration"], c.nsamples, c.seqlen, c.seed, c.sampling
             ),
         )
@@ -288,6 +287,7 @@ def _prune(s: RunSettings, method, plan, model, tokenizer, texts, device, dtype,
     """The method's dense-model pass, the plan's, then the layer walk; returns the masks."""
     from gblm.calibration.sequential import prune_model
     from gblm.methods.base import RunContext
+    from gblm.models.loading import weights_fingerprint
 
     windows = None
     if _needs_calibration(method, plan):
@@ -298,6 +298,7 @@ def _prune(s: RunSettings, method, plan, model, tokenizer, texts, device, dtype,
         model_id=s.model.model_id,
         cache_dir=cache_dir(),
         progress=s.progress,
+        fingerprint=lambda: weights_fingerprint(s.model),
     )
     for stage in (plan, method):  # their passes over the dense model, named as stages
         with timer.stage(stage.dense_pass) if stage.dense_pass else contextlib.nullcontext():

@@ -149,6 +149,47 @@ def check_model_available(spec: ModelSpec) -> None:
         )
 
 
+# The files a model's weights and architecture come from (tokenizer files only shape the windows,
+# which the gradient cache key holds by content).
+WEIGHT_FILES = ("config.json", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def model_directory(spec: ModelSpec) -> Path | None:
+    """The local folder the weights load from, or None (tiny models, a hub id not on disk)."""
+    if spec.kind == "tiny":
+        return None
+    if spec.kind == "smollm2":
+        return smollm2_checkpoint()
+    name = spec.name_or_path or ""
+    if _looks_like_path(name):
+        return Path(name).expanduser()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, revision=spec.revision, local_files_only=True))
+    except Exception:  # not in the local HF cache (it will be once loaded)
+        return None
+
+
+def weights_fingerprint(spec: ModelSpec) -> str:
+    """A content hash of the model's weights files (and config.json), for cache keys.
+
+    Each file's sha256 is computed once per (size, mtime, inode) and remembered under
+    ``<cache>/fingerprints``. Another model saved at the same path gives another fingerprint. A
+    tiny model is its seed and arguments (:attr:`ModelSpec.model_id`); a hub id with no local
+    files yet falls back to its id and revision.
+    """
+    from gblm.utils import content_hash, file_digest
+
+    directory = model_directory(spec)
+    if directory is None or not directory.is_dir():
+        return spec.model_id
+    memo = cache_dir() / "fingerprints"
+    files = sorted({p for pattern in WEIGHT_FILES for p in directory.glob(pattern) if p.is_file()})
+    digests = {p.name: [p.stat().st_size, file_digest(p, memo)] for p in files}
+    return "files:" + content_hash({"kind": spec.kind, "files": digests}, length=32)
+
+
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
