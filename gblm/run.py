@@ -12,10 +12,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 import torch
@@ -23,7 +24,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from gblm import devices
-from gblm.config import ConfigError, RunSettings, to_plain, validate
+from gblm.config import RunSettings, to_plain, validate
+from gblm.errors import ConfigError, UserError
 from gblm.loggers.local import LocalLogger, read_metrics
 from gblm.paths import PROJECT_ROOT, cache_dir, configure_offline
 from gblm.utils import StageTimer
@@ -148,7 +150,8 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
     except BaseException as err:
         metrics["status"] = "failed"
         metrics["error"] = f"{type(err).__name__}: {err}"
-        metrics["traceback"] = traceback.format_exc()
+        if not isinstance(err, UserError):  # an expected error is its message, not a traceback
+            metrics["traceback"] = traceback.format_exc()
         raise
     finally:
         metrics["timings"] = {**timer.timings, "total": time.perf_counter() - started}
@@ -437,16 +440,24 @@ def _print_summary(metrics: dict) -> None:
     print("gblm: " + " | ".join(parts), flush=True)
 
 
+def _refuse(err: UserError) -> NoReturn:
+    """An expected error as one paragraph on stderr (and in the log), exit status 2."""
+    kind = "configuration error" if isinstance(err, ConfigError) else "error"
+    message = " ".join(str(err).split())
+    log.info("%s: %s", kind, message)
+    print(f"gblm: {kind}: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
+
+
 @hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Compose, run, report. Errors are logged with the run dir; in a multirun the next job goes on."""
     try:
         metrics = run(cfg)
-    except ConfigError as err:
+    except UserError as err:
         if HydraConfig.get().mode.name == "MULTIRUN":
             raise  # the sweep records this job as failed and goes on
-        log.error("configuration error: %s", err)
-        raise SystemExit(2) from None
+        _refuse(err)
     _print_summary(metrics)
     return metrics.get("ppl", {}).get("pruned")
 

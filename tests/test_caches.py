@@ -20,7 +20,7 @@ from gblm.methods.registry import build_method
 from gblm.models.tiny import build_tiny_model, tiny_config
 from gblm.pruning.sparsity import Sparsity
 from gblm.run import run
-from tests.conftest import compose_config
+from tests.conftest import compose_config, save_tiny_model
 
 QUICK = (
     "calibration.nsamples=4",
@@ -63,21 +63,12 @@ def test_edited_data_file_gives_new_windows(cache, tmp_path):
     assert not torch.equal(first, edited)
 
 
-def _save_tiny(path, seed: int) -> None:
-    from gblm.models.loading import ModelSpec, load_tokenizer
-
-    tokenizer = load_tokenizer(ModelSpec(kind="tiny"))
-    model = build_tiny_model(tiny_config("llama", vocab_size=len(tokenizer)), seed=seed)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-
-
 def test_another_model_at_the_same_path_gets_new_gradients(cache, tmp_path):
     model_dir = tmp_path / "model"
     cfg = compose_config("model=hf", f"model.name_or_path={model_dir}", "method=gblm", *QUICK)
-    _save_tiny(model_dir, seed=0)
+    save_tiny_model(model_dir, seed=0)
     run(cfg, run_dir=tmp_path / "first")
-    _save_tiny(model_dir, seed=1)  # another model, the same path
+    save_tiny_model(model_dir, seed=1)  # another model, the same path
     run(cfg, run_dir=tmp_path / "second")
     entries = sorted((cache / "gradients").glob("grad_*.safetensors"))
     assert len(entries) == 2  # computed again, not the first model's norms

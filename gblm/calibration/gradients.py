@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from gblm.calibration.loss import lean_loss
 from gblm.devices import dtype_name
+from gblm.errors import NonFiniteError
 from gblm.models.layers import decoder_layers, prunable_linears
 from gblm.utils import (
     atomic_write,
@@ -119,7 +120,7 @@ class GradientSettings:
         return ACCUMULATOR_DTYPES[self.accumulator_dtype]
 
 
-class GradientError(RuntimeError):
+class GradientError(NonFiniteError, RuntimeError):
     """A non-finite loss or gradient in the gradient stage."""
 
 

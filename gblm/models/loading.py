@@ -229,11 +229,47 @@ def load_model_and_tokenizer(spec: ModelSpec, device: torch.device, dtype: torch
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if spec.device_map is None:
         model.to(device)
+    check_finite_weights(model, f"model {spec.name!r}")
     model.eval()
     model.config.use_cache = False
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _finite_flag(tensor: torch.Tensor) -> torch.Tensor:
+    """0-d bool on the tensor's device: every entry finite (in slices, to bound the temporary)."""
+    flat = tensor.detach().reshape(-1)
+    parts = [torch.isfinite(part).all() for part in flat.split(1 << 24)]
+    return torch.stack(parts).all() if parts else torch.ones((), dtype=torch.bool)
+
+
+def check_finite_weights(model, what: str = "the model") -> None:
+    """Refuse a model with a NaN or infinite parameter, naming the tensors (once, at load).
+
+    One ``isfinite(...).all()`` per parameter (parameters on the meta device, i.e. offloaded by
+    accelerate, are skipped). Raises :class:`gblm.errors.NonFiniteError`.
+    """
+    from gblm.errors import NonFiniteError
+
+    params = [
+        (name, p)
+        for name, p in model.named_parameters()
+        if p.is_floating_point() and p.device.type != "meta"
+    ]
+    flags = [_finite_flag(p) for _, p in params]
+    bad = [(name, p) for (name, p), ok in zip(params, flags) if not bool(ok)]
+    if not bad:
+        return
+    name, p = bad[0]
+    nan, inf = int(torch.isnan(p).sum()), int(torch.isinf(p).sum())
+    more = f" (and {len(bad) - 1} more tensors: {', '.join(n for n, _ in bad[1:4])})"
+    raise NonFiniteError(
+        f"{what} has non-finite weights: {name} holds {nan} NaN and {inf} infinite values of "
+        f"{p.numel()}{more if len(bad) > 1 else ''}. Pruning and evaluating it would give NaN "
+        "results; check model.name_or_path (a damaged checkpoint, or one saved after a "
+        "numeric overflow)."
+    )
 
 
 def model_seqlen_limit(model) -> int | None:
