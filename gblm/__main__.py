@@ -1,6 +1,6 @@
-"""``python -m gblm``: the Hydra app (see ``gblm.run``)."""
+"""``python -m gblm``: the Hydra app (see ``gblm.run``), its config checked first (``cli``)."""
 
-from gblm.run import main
+from gblm.run import cli
 
 if __name__ == "__main__":
-    main()
+    cli()

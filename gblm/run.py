@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -26,6 +27,7 @@ from omegaconf import DictConfig
 from gblm import devices
 from gblm.config import RunSettings, to_plain, validate
 from gblm.errors import ConfigError, UserError
+from gblm.loggers.base import NullLogger
 from gblm.loggers.local import LocalLogger, read_metrics
 from gblm.paths import PROJECT_ROOT, cache_dir, configure_offline
 from gblm.utils import StageTimer
@@ -88,34 +90,78 @@ def _prepare_data(s: RunSettings, needs_calibration: bool) -> dict[str, list[str
 
 
 def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Prune and evaluate one configuration; returns the metrics written to ``metrics.json``."""
-    container = to_plain(cfg)
-    settings = validate(container)
+    """Prune and evaluate one configuration; returns the metrics written to ``metrics.json``.
+
+    Every expected error (:class:`gblm.errors.UserError`: a config value, a data file, the model's
+    files, the device, the amount of text) is raised before the model loads, with the run dir
+    marked failed.
+    """
     if run_dir is None:
         run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else Path.cwd()
     run_dir = Path(run_dir)
+    container, digest = None, None
+    try:
+        container = to_plain(cfg)
+        settings = validate(container)
+        digest = config_hash(container)
+        previous = read_metrics(run_dir)
+        if settings.skip_finished and _finished(previous, digest):
+            log.info("run in %s already finished with the same config: skipped", run_dir)
+            return previous
+        method, plan = build_method(settings), build_plan(settings)
+    except UserError as err:
+        _record_refusal(run_dir, err, digest)
+        raise
     local = LocalLogger(run_dir)
-    digest = config_hash(container)
+    metrics = _initial_metrics(settings, plan, digest)
+    local.write_json("config_resolved.json", container)
+    local.write_metrics(metrics)
+    remote = NullLogger()
+    timer = StageTimer()
+    started = time.perf_counter()
+    try:
+        inputs = preflight(settings, method, plan, timer)  # nothing heavy before this passes
+        remote = _make_remote_logger(settings, run_dir)
+        remote.start(container)
+        _execute(settings, method, plan, inputs, metrics, timer, local, run_dir)
+        metrics["status"] = "finished"
+    except BaseException as err:
+        metrics["status"] = "failed"
+        metrics["error"] = f"{type(err).__name__}: {err}"
+        if not isinstance(err, UserError):  # an expected error is its message, not a traceback
+            metrics["traceback"] = traceback.format_exc()
+        raise
+    finally:
+        metrics["timings"] = {**timer.timings, "total": time.perf_counter() - started}
+        local.write_metrics(metrics)
+        if metrics["status"] == "finished":
+            remote.log_metrics(_flat_metrics(metrics))
+            _log_tables_and_images(remote, run_dir)
+        remote.finish(exit_code=0 if metrics["status"] == "finished" else 1)
+    return metrics
 
-    previous = read_metrics(run_dir)
-    if (
-        settings.skip_finished
-        and previous
-        and previous.get("status") == "finished"
-        and previous.get("config_hash") == digest
-    ):
-        log.info("run in %s already finished with the same config: skipped", run_dir)
-        return previous
 
-    from gblm.models.loading import check_model_available
+def _finished(previous: dict | None, digest: str) -> bool:
+    return bool(
+        previous and previous.get("status") == "finished" and previous.get("config_hash") == digest
+    )
 
-    check_model_available(settings.model)  # fail fast, before data or weights
-    if settings.zeroshot.enabled:
-        from gblm.eval.zeroshot import validate_task_names
 
-        validate_task_names(settings.zeroshot.tasks, settings.zeroshot.include_path)
-    method, plan = build_method(settings), build_plan(settings)
-    metrics: dict[str, Any] = {
+def _record_refusal(run_dir: Path, err: UserError, digest: str | None) -> None:
+    """Mark the run dir failed with the error, unless it holds a finished run (kept as it is)."""
+    try:
+        previous = read_metrics(run_dir)
+    except (OSError, ValueError):
+        previous = None
+    if previous and previous.get("status") == "finished":
+        log.warning("%s holds a finished run: its metrics.json is kept", run_dir)
+        return
+    failed = {"status": "failed", "error": f"{type(err).__name__}: {err}", "config_hash": digest}
+    LocalLogger(run_dir).write_metrics(failed)
+
+
+def _initial_metrics(settings: RunSettings, plan, digest: str) -> dict[str, Any]:
+    return {
         "status": "running",
         "config_hash": digest,
         "run_name": _run_name(settings),
@@ -138,53 +184,88 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
         "ppl": {},
         "timings": {},
     }
-    local.write_json("config_resolved.json", container)
-    local.write_metrics(metrics)
-    remote = _make_remote_logger(settings, run_dir)
-    timer = StageTimer()
-    started = time.perf_counter()
+
+
+@dataclass
+class Inputs:
+    """What the preflight loaded: the texts, the tokenizer, the device and the model dtype."""
+
+    texts: dict[str, list[str]]
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _device_and_dtype(s: RunSettings) -> tuple[torch.device, torch.dtype]:
     try:
-        remote.start(container)
-        _execute(settings, method, plan, metrics, timer, local, run_dir)
-        metrics["status"] = "finished"
-    except BaseException as err:
-        metrics["status"] = "failed"
-        metrics["error"] = f"{type(err).__name__}: {err}"
-        if not isinstance(err, UserError):  # an expected error is its message, not a traceback
-            metrics["traceback"] = traceback.format_exc()
-        raise
-    finally:
-        metrics["timings"] = {**timer.timings, "total": time.perf_counter() - started}
-        local.write_metrics(metrics)
-        if metrics["status"] == "finished":
-            remote.log_metrics(_flat_metrics(metrics))
-            _log_tables_and_images(remote, run_dir)
-        remote.finish(exit_code=0 if metrics["status"] == "finished" else 1)
-    return metrics
+        device = devices.resolve_device(s.device)
+        return device, devices.resolve_dtype(s.dtype, device)
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def _seqlens(s: RunSettings, needs_calibration: bool) -> dict[str, int]:
+    seqlens = {"calibration.seqlen": s.calibration.seqlen} if needs_calibration else {}
+    if s.perplexity.enabled:
+        seqlens["eval.perplexity.seqlen"] = s.perplexity.seqlen
+    return seqlens
+
+
+def preflight(
+    s: RunSettings, method, plan, timer: StageTimer | None = None, check_device: bool = True
+) -> Inputs:
+    """Every check that needs no weights, cheapest first; raises :class:`UserError`.
+
+    The model's files and config (its context length against the sequence lengths), the
+    device, the zero-shot task names, the data files, the tokenizer and whether the texts hold
+    enough tokens. The sweep preflight runs it too (:mod:`gblm.sweep`), without the device check
+    (``check_device=False``: the launching machine may lack the jobs' GPUs).
+    """
+    from gblm.data import checks
+    from gblm.models.loading import check_model_available, load_tokenizer, max_positions
+
+    timer = timer or StageTimer()
+    check_model_available(s.model)
+    device, dtype = _device_and_dtype(s) if check_device else (torch.device("cpu"), torch.float32)
+    needs_calibration = _needs_calibration(method, plan)
+    checks.check_context(max_positions(s.model), _seqlens(s, needs_calibration))
+    if s.zeroshot.enabled:
+        from gblm.eval.zeroshot import validate_task_names
+
+        try:
+            validate_task_names(s.zeroshot.tasks, s.zeroshot.include_path)
+        except ValueError as err:
+            raise ConfigError(f"eval.zeroshot.tasks: {err}") from None
+    configure_offline()
+    with timer.stage("load data"):
+        texts = _prepare_data(s, needs_calibration)
+    with timer.stage("load tokenizer"):
+        tokenizer = load_tokenizer(s.model)
+    if needs_calibration:
+        checks.check_calibration_text(tokenizer, texts["calibration"], s.calibration)
+    if s.perplexity.enabled:
+        checks.check_eval_text(tokenizer, texts["eval"], s.perplexity)
+    return Inputs(texts=texts, tokenizer=tokenizer, device=device, dtype=dtype)
 
 
 def _execute(
     s: RunSettings,
     method,
     plan,
+    inputs: Inputs,
     metrics: dict,
     timer: StageTimer,
     local: LocalLogger,
     run_dir: Path,
 ) -> None:
-    from gblm.models.loading import load_model_and_tokenizer
+    from gblm.models.loading import load_model
 
-    configure_offline()
-    device = devices.resolve_device(s.device)
-    dtype = devices.resolve_dtype(s.dtype, device)
+    device, dtype, texts, tokenizer = inputs.device, inputs.dtype, inputs.texts, inputs.tokenizer
     devices.reset_peak_memory(device)
     metrics["device"], metrics["dtype"] = str(device), devices.dtype_name(dtype)
     torch.manual_seed(s.seed)
-
-    with timer.stage("load data"):
-        texts = _prepare_data(s, _needs_calibration(method, plan))
     with timer.stage("load model"):
-        model, tokenizer = load_model_and_tokenizer(s.model, device, dtype)
+        model = load_model(s.model, device, dtype, tokenizer)
     log.info(
         "model %s: %s, %.1fM parameters, %s on %s",
         s.model.name,
@@ -393,8 +474,6 @@ def _flat_metrics(metrics: dict) -> dict:
 
 
 def _make_remote_logger(s: RunSettings, run_dir: Path):
-    from gblm.loggers.base import NullLogger
-
     if s.logger != "wandb" or s.wandb is None:
         return NullLogger()
     from gblm.loggers.wandb import WandbLogger
@@ -462,5 +541,65 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("ppl", {}).get("pruned")
 
 
-if __name__ == "__main__":
+_HYDRA_FLAGS = (
+    "--multirun",
+    "-m",
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--shell-completion",
+    "-sc",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--resolve",
+    "-p",
+    "--package",
+    "--run",
+    "-r",
+    "--experimental-rerun",
+    "--version",
+)
+
+
+def composition_problem(argv: list[str]) -> str | None:
+    """The paragraph for a command line whose config does not compose, or None.
+
+    Only plain runs are checked here (a multirun's jobs are checked by the sweep preflight, and
+    Hydra's own flags are left to Hydra); ``hydra.*`` overrides are left out of the check.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from gblm.config import composition_error_message
+
+    if any(arg.split("=", 1)[0] in _HYDRA_FLAGS for arg in argv):
+        return None
+    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra")]
+    try:
+        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+            compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        return composition_error_message(err, overrides)
+    return None
+
+
+def cli() -> None:
+    """``python -m gblm``: a config that does not compose is one paragraph and exit 2; then Hydra."""
+    problem = composition_problem(sys.argv[1:])
+    if problem is not None:
+        print(f"gblm: configuration error: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from gblm.errors import UserError
 from gblm.paths import cache_dir, configure_offline, hub_reachable
 from gblm.utils import file_lock
 
@@ -33,7 +34,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct-q4_1"
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(UserError, RuntimeError):
     """A model cannot be loaded; the message says how to supply it."""
 
 
@@ -191,22 +192,81 @@ def weights_fingerprint(spec: ModelSpec) -> str:
 
 
 def load_tokenizer(spec: ModelSpec):
+    """The model's tokenizer (SmolLM2's for the tiny models); unreadable files: a UserError."""
     from transformers import AutoTokenizer
 
-    if spec.kind == "hf":
-        configure_offline()
+    if spec.kind != "hf":
+        return AutoTokenizer.from_pretrained(smollm2_checkpoint())
+    configure_offline()
+    try:
         return AutoTokenizer.from_pretrained(
             spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
-    return AutoTokenizer.from_pretrained(smollm2_checkpoint())
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ModelUnavailableError(
+            f"{_where(spec)}: its tokenizer cannot be loaded ({type(err).__name__}: {reason})."
+        ) from None
+
+
+def _where(spec: ModelSpec) -> str:
+    return (
+        f"model.name_or_path={spec.name_or_path!r}" if spec.kind == "hf" else f"model={spec.name}"
+    )
+
+
+def model_config(spec: ModelSpec):
+    """The model's config, read before any weight (a tiny model's is built from its arguments).
+
+    Raises ModelUnavailableError naming ``model.name_or_path`` when config.json is unreadable.
+    """
+    if spec.kind == "tiny":
+        from gblm.models.tiny import tiny_config
+
+        args = {k: v for k, v in spec.tiny.items() if k != "seed"}
+        return tiny_config(**args, vocab_size=256)
+    from transformers import AutoConfig
+
+    source = spec.name_or_path if spec.kind == "hf" else smollm2_checkpoint()
+    if spec.kind == "hf":
+        configure_offline()
+    try:
+        return AutoConfig.from_pretrained(
+            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ModelUnavailableError(
+            f"{_where(spec)}: its config.json cannot be read ({type(err).__name__}: {reason}). "
+            "Point model.name_or_path at a folder written by save_pretrained, or repair the file."
+        ) from None
+
+
+def max_positions(spec: ModelSpec) -> int | None:
+    """The model's context length (``max_position_embeddings``) from its config, or None."""
+    config = model_config(spec)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def load_model_and_tokenizer(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     """The model in eval mode (on ``device`` unless ``device_map`` places it) and its tokenizer."""
-    from transformers import AutoModelForCausalLM
-
     check_model_available(spec)
     tokenizer = load_tokenizer(spec)
+    return load_model(spec, device, dtype, tokenizer), tokenizer
+
+
+def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, tokenizer):
+    """The model in eval mode (on ``device`` unless ``device_map`` places it), weights checked.
+
+    The tokenizer is loaded first (:func:`load_tokenizer`): a tiny model takes its vocabulary
+    size, and the pad token is set on it here.
+    """
+    from transformers import AutoModelForCausalLM
+
     if spec.kind == "tiny":
         from gblm.models.tiny import build_tiny_model, tiny_config
 
@@ -234,7 +294,7 @@ def load_model_and_tokenizer(spec: ModelSpec, device: torch.device, dtype: torch
     model.config.use_cache = False
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model
 
 
 def _finite_flag(tensor: torch.Tensor) -> torch.Tensor:
@@ -270,7 +330,3 @@ def check_finite_weights(model, what: str = "the model") -> None:
         "results; check model.name_or_path (a damaged checkpoint, or one saved after a "
         "numeric overflow)."
     )
-
-
-def model_seqlen_limit(model) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
