@@ -1,4 +1,5 @@
-"""``python -m gblm``: the Hydra app (see ``gblm.run``); ``--help`` prints gblm's own help."""
+"""``python -m gblm``: the Hydra app (see ``gblm.run``); ``--help`` prints gblm's own help, and a
+config that does not compose is refused before Hydra starts (:func:`gblm.run.cli`)."""
 
 import sys
 
@@ -9,9 +10,9 @@ def cli() -> None:
 
         sys.stdout.write(help_text())
         return
-    from gblm.run import main
+    from gblm.run import cli as run_cli
 
-    main()
+    run_cli()
 
 
 if __name__ == "__main__":

@@ -298,13 +298,29 @@ def to_plain(cfg: Any) -> dict[str, Any]:
     return plain
 
 
+def _unknown_schema_key(key: str) -> str:
+    """``key`` is in no schema node: name it with the keys its parent node has."""
+    node: Any = RunConf()
+    parent = key.rpartition(".")[0]
+    for part in parent.split(".") if parent else []:
+        node = getattr(node, part, None)
+    keys = list(vars(node)) if hasattr(node, "__dataclass_fields__") else []
+    listed = f": the keys of {parent or 'the top level'} are {', '.join(keys)}" if keys else ""
+    return f"{key}: not a key of the config{listed}. Check its spelling."
+
+
 def typed_config(cfg: dict[str, Any]) -> RunConf:
     """``cfg`` merged onto the schema: defaults filled in, every value of its declared type.
 
     A composed config is typed already; a plain dict from elsewhere gets the same checks here.
     Raises ConfigError naming the key of a value of the wrong type or of an unknown key.
     """
-    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+    from omegaconf.errors import (
+        ConfigAttributeError,
+        ConfigKeyError,
+        MissingMandatoryValue,
+        OmegaConfBaseException,
+    )
 
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConf), cfg))
@@ -312,6 +328,8 @@ def typed_config(cfg: dict[str, Any]) -> RunConf:
         raise ConfigError(f"{_missing_key(err)} must be set (it has no default).") from None
     except OmegaConfBaseException as err:
         reason = str(getattr(err, "msg", err)).splitlines()[0]
+        if isinstance(err, ConfigKeyError | ConfigAttributeError):
+            raise ConfigError(_unknown_schema_key(str(err.full_key))) from None
         raise ConfigError(f"{err.full_key}: {reason}") from None
 
 
@@ -471,3 +489,86 @@ def validate(cfg: dict[str, Any]) -> RunSettings:
         skip_finished=conf.skip_finished,
         overwrite=conf.overwrite,
     )
+
+
+# Composition errors ------------------------------------------------------------------------------
+_TYPE_HINTS = (
+    ("converted to Integer", "must be an integer"),
+    ("converted to Float", "must be a number"),
+    ("not a valid bool", "must be true or false"),
+    ("is not Optional", "must not be null"),
+)
+
+
+def _override_value(overrides: list[str], key: str) -> str | None:
+    """The value the command line gives ``key`` (the last override of it, as Hydra applies)."""
+    for item in reversed(overrides):
+        name, _, value = item.partition("=")
+        if name.lstrip("+~") == key:
+            return value
+    return None
+
+
+def _keys_of(node_key: str, overrides: list[str], dropped: str) -> list[str]:
+    """The keys of the node ``node_key`` ('' = the top level) composed without ``dropped``."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import DictConfig
+
+    from gblm.paths import PROJECT_ROOT
+
+    rest = [o for o in overrides if o.partition("=")[0].lstrip("+~") != dropped]
+    try:
+        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=rest)
+    except Exception:  # another override is bad too: list nothing rather than fail here
+        return []
+    node = OmegaConf.select(cfg, node_key) if node_key else cfg
+    if not isinstance(node, DictConfig):
+        return []
+    return [k for k in node if not str(k).startswith("_") and k not in ENTRY_KEYS]
+
+
+def _unknown_key_message(key: str, overrides: list[str]) -> str:
+    parent = key.rpartition(".")[0]
+    keys = _keys_of(parent, overrides, key)
+    where = f"{parent}" if parent else "the top level of the config"
+    listed = f": the keys of {where} are {', '.join(map(str, keys))}" if keys else ""
+    return f"{key}: not a key of the config{listed}. Check its spelling."
+
+
+def _parse_failure(overrides: list[str]) -> str | None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for item in overrides:
+        try:
+            parser.parse_overrides([item])
+        except Exception as err:
+            reason = str(err).splitlines()[0]
+            key = item.partition("=")[0].lstrip("+~")
+            return f"{key}: the override {item!r} cannot be parsed ({reason})."
+    return None
+
+
+def composition_error_message(err: BaseException, overrides: list[str]) -> str:
+    """One paragraph for an override that does not compose, naming the key and what is allowed."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    text = str(err)
+    missing = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    if isinstance(err, MissingConfigException) and missing:
+        group, option = missing.groups()
+        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
+        allowed = f": choose one of {', '.join(options)}" if options else ""
+        return f"{group}={option} is not an option of {group}{allowed}."
+    cause = err.__cause__
+    key = getattr(cause, "full_key", None) if cause is not None else None
+    if key and isinstance(cause, ConfigAttributeError | ConfigKeyError):
+        return _unknown_key_message(str(key), overrides)
+    if key:
+        reason = str(getattr(cause, "msg", cause)).splitlines()[0]
+        hint = next((h for needle, h in _TYPE_HINTS if needle in reason), reason)
+        return f"{key}={_override_value(overrides, str(key))}: {hint} ({reason})."
+    parsed = _parse_failure(overrides)
+    return parsed or " ".join(text.split())

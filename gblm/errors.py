@@ -1,5 +1,18 @@
-"""Errors that reach the user as a message, not a traceback."""
+"""Errors that reach the user as a message, not a traceback.
+
+Every :class:`UserError` is an expected failure of the user's input or setup (a config value, a
+data file, a model folder, the device, non-finite weights): the command line prints its message
+as one paragraph, marks the run dir failed and exits with status 2.
+"""
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """An expected error of the input or setup; the message says what to change."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration value is not allowed; the message names the key and the allowed values."""
+
+
+class NonFiniteError(UserError, ArithmeticError):
+    """A weight, loss or perplexity is NaN or infinite; the message names which."""

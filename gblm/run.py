@@ -13,12 +13,14 @@ import hashlib
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 import torch
@@ -26,8 +28,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from gblm import devices
-from gblm.config import ConfigError, RunSettings, to_plain, validate
-from gblm.loggers.base import GuardedLogger
+from gblm.config import RunSettings, to_plain, validate
+from gblm.errors import ConfigError, UserError
+from gblm.loggers.base import GuardedLogger, NullLogger
 from gblm.loggers.local import LocalLogger, heartbeat, owner_alive, process_record, read_metrics
 from gblm.paths import PROJECT_ROOT, cache_dir, configure_offline
 from gblm.progress import OverallEstimate, planned_work
@@ -142,26 +145,26 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
     A finished run in ``run_dir`` with the same config is returned as it is; one with another
     config is kept (a ConfigError) unless ``overwrite=true``; a live run there is refused. A
     SIGTERM, SIGHUP or Ctrl-C ends the run as ``"status": "interrupted"`` and is re-raised.
+    Every expected error (:class:`gblm.errors.UserError`: a config value, a data file, the
+    model's files, the device, the amount of text) is raised before the model loads, with the
+    run dir marked failed.
     """
-    container = to_plain(cfg)
-    settings = validate(container)
     if run_dir is None:
         run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else Path.cwd()
     run_dir = Path(run_dir)
-    digest = config_hash(container)
-    previous = _previous_run(settings, run_dir, digest, container)
-    if previous is not None:
-        return previous
-
-    from gblm.models.loading import check_model_available
-
-    check_model_available(settings.model)  # fail fast, before data or weights
-    if settings.zeroshot.enabled:
-        from gblm.eval.zeroshot import validate_task_names
-
-        validate_task_names(settings.zeroshot.tasks, settings.zeroshot.include_path)
-    method = build_method(settings)
-    plan = build_plan(settings, method)
+    container, digest = None, None
+    try:
+        container = to_plain(cfg)
+        settings = validate(container)
+        digest = config_hash(container)
+        previous = _previous_run(settings, run_dir, digest, container)
+        if previous is not None:
+            return previous
+        method = build_method(settings)
+        plan = build_plan(settings, method)
+    except UserError as err:
+        _record_refusal(run_dir, err, digest)
+        raise
     metrics = _initial_metrics(settings, method, plan, digest)
     local = LocalLogger(run_dir)
     with _interruptible():
@@ -243,6 +246,21 @@ def _overwrite_refusal(run_dir: Path, container: dict) -> str:
     )
 
 
+def _record_refusal(run_dir: Path, err: UserError, digest: str | None) -> None:
+    """Mark the run dir failed with the error, unless it holds a finished run (kept as it is)."""
+    try:
+        previous = read_metrics(run_dir)
+    except (OSError, ValueError):
+        previous = None
+    if previous and previous.get("status") == "finished":
+        log.warning("%s holds a finished run: its metrics.json is kept", run_dir)
+        return
+    if previous and previous.get("status") == "running" and owner_alive(run_dir, previous):
+        return  # another process's live run: its record is its own
+    failed = {"status": "failed", "error": f"{type(err).__name__}: {err}", "config_hash": digest}
+    LocalLogger(run_dir).write_metrics(failed)
+
+
 def _initial_metrics(settings: RunSettings, method, plan, digest: str) -> dict[str, Any]:
     return {
         "status": "running",
@@ -269,6 +287,68 @@ def _initial_metrics(settings: RunSettings, method, plan, digest: str) -> dict[s
         "ppl": {},
         "timings": {},
     }
+
+
+@dataclass
+class Inputs:
+    """What the preflight loaded: the texts, the tokenizer, the device and the model dtype."""
+
+    texts: dict[str, list[str]]
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _device_and_dtype(s: RunSettings) -> tuple[torch.device, torch.dtype]:
+    try:
+        device = devices.resolve_device(s.device)
+        return device, devices.resolve_dtype(s.dtype, device)
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def _seqlens(s: RunSettings, needs_calibration: bool) -> dict[str, int]:
+    seqlens = {"calibration.seqlen": s.calibration.seqlen} if needs_calibration else {}
+    if s.perplexity.enabled:
+        seqlens["eval.perplexity.seqlen"] = s.perplexity.seqlen
+    return seqlens
+
+
+def preflight(
+    s: RunSettings, method, plan, timer: StageTimer | None = None, check_device: bool = True
+) -> Inputs:
+    """Every check that needs no weights, cheapest first; raises :class:`UserError`.
+
+    The model's files and config (its context length against the sequence lengths), the
+    device, the zero-shot task names, the data files, the tokenizer and whether the texts hold
+    enough tokens. The sweep preflight runs it too (:mod:`gblm.sweep`), without the device check
+    (``check_device=False``: the launching machine may lack the jobs' GPUs).
+    """
+    from gblm.data import checks
+    from gblm.models.loading import check_model_available, load_tokenizer, max_positions
+
+    timer = timer or StageTimer()
+    check_model_available(s.model)
+    device, dtype = _device_and_dtype(s) if check_device else (torch.device("cpu"), torch.float32)
+    needs_calibration = _needs_calibration(method, plan)
+    checks.check_context(max_positions(s.model), _seqlens(s, needs_calibration))
+    if s.zeroshot.enabled:
+        from gblm.eval.zeroshot import validate_task_names
+
+        try:
+            validate_task_names(s.zeroshot.tasks, s.zeroshot.include_path)
+        except ValueError as err:
+            raise ConfigError(f"eval.zeroshot.tasks: {err}") from None
+    configure_offline()
+    with timer.stage("load data"):
+        texts = _prepare_data(s, needs_calibration)
+    with timer.stage("load tokenizer"):
+        tokenizer = load_tokenizer(s.model)
+    if needs_calibration:
+        checks.check_calibration_text(tokenizer, texts["calibration"], s.calibration)
+    if s.perplexity.enabled:
+        checks.check_eval_text(tokenizer, texts["eval"], s.perplexity)
+    return Inputs(texts=texts, tokenizer=tokenizer, device=device, dtype=dtype)
 
 
 # While the end of a run is written, a signal waits (in "pending") until the record is complete.
@@ -322,14 +402,16 @@ def _signals_held() -> Iterator[None]:
 
 def _execute_and_record(s, method, plan, metrics, local, run_dir, container) -> None:
     """Run the stages; record the end (finished | interrupted | failed) whatever happens."""
-    remote = GuardedLogger(lambda: _make_remote_logger(s, run_dir))
+    remote = GuardedLogger(NullLogger)  # the real one once the preflight has passed
     timer = StageTimer()
-    timer.listeners.append(_live_view(remote, metrics))
     timer.listeners.append(OverallEstimate(planned_work(s, method, plan)))  # logged per stage
     started = time.perf_counter()
     try:
+        inputs = preflight(s, method, plan, timer)  # nothing heavy before this passes
+        remote = GuardedLogger(lambda: _make_remote_logger(s, run_dir))
+        timer.listeners.append(_live_view(remote, metrics))
         remote.start(container)
-        _execute(s, method, plan, metrics, timer, local, run_dir)
+        _execute(s, method, plan, inputs, metrics, timer, local, run_dir)
         metrics["status"] = "finished"
     except (KeyboardInterrupt, RunInterrupted) as err:
         metrics["status"] = "interrupted"
@@ -338,7 +420,8 @@ def _execute_and_record(s, method, plan, metrics, local, run_dir, container) -> 
     except BaseException as err:
         metrics["status"] = "failed"
         metrics["error"] = f"{type(err).__name__}: {err}"
-        metrics["traceback"] = traceback.format_exc()
+        if not isinstance(err, UserError):  # an expected error is its message, not a traceback
+            metrics["traceback"] = traceback.format_exc()
         raise
     finally:
         metrics["timings"] = {**timer.timings, "total": time.perf_counter() - started}
@@ -355,24 +438,20 @@ def _execute(
     s: RunSettings,
     method,
     plan,
+    inputs: Inputs,
     metrics: dict,
     timer: StageTimer,
     local: LocalLogger,
     run_dir: Path,
 ) -> None:
-    from gblm.models.loading import load_model_and_tokenizer
+    from gblm.models.loading import load_model
 
-    configure_offline()
-    device = devices.resolve_device(s.device)
-    dtype = devices.resolve_dtype(s.dtype, device)
+    device, dtype, texts, tokenizer = inputs.device, inputs.dtype, inputs.texts, inputs.tokenizer
     devices.reset_peak_memory(device)
     metrics["device"], metrics["dtype"] = str(device), devices.dtype_name(dtype)
     torch.manual_seed(s.seed)
-
-    with timer.stage("load data"):
-        texts = _prepare_data(s, _needs_calibration(method, plan))
     with timer.stage("load model"):
-        model, tokenizer = load_model_and_tokenizer(s.model, device, dtype)
+        model = load_model(s.model, device, dtype, tokenizer)
     log.info(
         "model %s: %s, %.1fM parameters, %s on %s",
         s.model.name,
@@ -473,24 +552,23 @@ def _perplexity_stage(s: RunSettings, model, tokenizer, texts, device, metrics, 
 
 def _calibration_windows(s: RunSettings, tokenizer, texts, timer: StageTimer) -> torch.Tensor:
     """The (N, T) calibration windows, from the cache when the same ones were drawn before."""
-    from gblm.data.calibration import cached_windows, sample_windows, windows_cache_key
+    from gblm.data import calibration as cal
 
     c = s.calibration
     with timer.stage("calibration windows"):
-        key = windows_cache_key(
-            s.model.model_id if s.model.kind != "tiny" else "smollm2-tokenizer",
-            c.source,
-            c.paths,
-            c.nsamples,
-            c.seqlen,
-            c.seed,
-            c.sampling,
-            len(tokenizer),
+        key = cal.windows_cache_key(
+            tokenizer_id=cal.tokenizer_digest(tokenizer),
+            documents_sha256=cal.documents_digest(texts["calibration"]),
+            nsamples=c.nsamples,
+            seqlen=c.seqlen,
+            seed=c.seed,
+            sampling=c.sampling,
+            vocab_size=len(tokenizer),
         )
-        return cached_windows(
+        return cal.cached_windows(
             cache_dir(),
             key,
-            lambda: sample_windows(
+            lambda: cal.sample_windows(
                 tokenizer, texts["calibration"], c.nsamples, c.seqlen, c.seed, c.sampling
             ),
         )
@@ -500,6 +578,7 @@ def _prune(s: RunSettings, method, plan, model, tokenizer, texts, device, dtype,
     """The method's dense-model pass, the plan's, then the layer walk; returns the masks."""
     from gblm.calibration.sequential import prune_model
     from gblm.methods.base import RunContext
+    from gblm.models.loading import weights_fingerprint
 
     windows = None
     if _needs_calibration(method, plan):
@@ -510,6 +589,7 @@ def _prune(s: RunSettings, method, plan, model, tokenizer, texts, device, dtype,
         model_id=s.model.model_id,
         cache_dir=cache_dir(),
         progress=s.progress,
+        fingerprint=lambda: weights_fingerprint(s.model),
     )
     for stage in (plan, method):  # their passes over the dense model, named as stages
         with timer.stage(stage.dense_pass) if stage.dense_pass else contextlib.nullcontext():
@@ -630,8 +710,6 @@ def _flat_metrics(metrics: dict) -> dict:
 
 
 def _make_remote_logger(s: RunSettings, run_dir: Path):
-    from gblm.loggers.base import NullLogger
-
     if s.logger != "wandb" or s.wandb is None:
         return NullLogger()
     from gblm.loggers.wandb import WandbLogger
@@ -704,16 +782,24 @@ def _print_summary(metrics: dict) -> None:
     print("gblm: " + " | ".join(parts), flush=True)
 
 
+def _refuse(err: UserError) -> NoReturn:
+    """An expected error as one paragraph on stderr (and in the log), exit status 2."""
+    kind = "configuration error" if isinstance(err, ConfigError) else "error"
+    message = " ".join(str(err).split())
+    log.info("%s: %s", kind, message)
+    print(f"gblm: {kind}: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
+
+
 @hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Compose, run, report. Errors are logged with the run dir; in a multirun the next job goes on."""
     try:
         metrics = run(cfg)
-    except ConfigError as err:
+    except UserError as err:
         if HydraConfig.get().mode.name == "MULTIRUN":
             raise  # the sweep records this job as failed and goes on
-        log.error("configuration error: %s", err)
-        raise SystemExit(2) from None
+        _refuse(err)
     except (KeyboardInterrupt, RunInterrupted) as err:
         signum = err.signum if isinstance(err, RunInterrupted) else signal.SIGINT
         log.error("%s: the run is recorded as interrupted", err or "interrupted by SIGINT")
@@ -722,5 +808,65 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("ppl", {}).get("pruned")
 
 
-if __name__ == "__main__":
+_HYDRA_FLAGS = (
+    "--multirun",
+    "-m",
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--shell-completion",
+    "-sc",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--resolve",
+    "-p",
+    "--package",
+    "--run",
+    "-r",
+    "--experimental-rerun",
+    "--version",
+)
+
+
+def composition_problem(argv: list[str]) -> str | None:
+    """The paragraph for a command line whose config does not compose, or None.
+
+    Only plain runs are checked here (a multirun's jobs are checked by the sweep preflight, and
+    Hydra's own flags are left to Hydra); ``hydra.*`` overrides are left out of the check.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from gblm.config import composition_error_message
+
+    if any(arg.split("=", 1)[0] in _HYDRA_FLAGS for arg in argv):
+        return None
+    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra")]
+    try:
+        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+            compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        return composition_error_message(err, overrides)
+    return None
+
+
+def cli() -> None:
+    """``python -m gblm``: a config that does not compose is one paragraph and exit 2; then Hydra."""
+    problem = composition_problem(sys.argv[1:])
+    if problem is not None:
+        print(f"gblm: configuration error: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -195,12 +195,13 @@ def _validate_jobs(
     subdirs: list[str],
     indices: list[int],
     errors: list[str],
-) -> dict[tuple, tuple[int, Any]]:
+) -> tuple[dict[tuple, tuple[int, Any]], dict[tuple, tuple[int, Any]]]:
     """Compose and validate the jobs ``indices``; append one line per problem to ``errors``.
 
     A problem is a config that does not compose or validate, or a job dir the run would refuse
     (:func:`gblm.run.run_dir_refusal`: a finished run of another config there, or a live one).
-    Returns the distinct models seen, ``key -> (job index, ModelSpec)``.
+    Returns the distinct models seen, ``key -> (job index, ModelSpec)``, and the distinct job
+    inputs (for the run's own preflight), ``key -> (job index, RunSettings)``.
     """
     from gblm.config import to_plain, validate
     from gblm.loggers.local import read_metrics
@@ -208,6 +209,7 @@ def _validate_jobs(
 
     sweep_dir = sweep_dir_of(master)
     models: dict[tuple, tuple[int, Any]] = {}
+    inputs: dict[tuple, tuple[int, Any]] = {}
     for i in indices:
         try:
             container = to_plain(task_config(compose_job(master, jobs[i], i)))
@@ -225,11 +227,39 @@ def _validate_jobs(
         spec = settings.model
         key = (spec.kind, spec.name_or_path, spec.revision, json.dumps(spec.tiny, sort_keys=True))
         models.setdefault(key, (i, spec))
-    return models
+        inputs.setdefault((key, *_inputs_key(settings)), (i, settings))
+    return models, inputs
+
+
+def _inputs_key(settings) -> tuple[str, ...]:
+    """What the run's own preflight checks beyond the model: data, lengths, method, tasks."""
+    parts = (settings.calibration, settings.perplexity, settings.zeroshot, settings.method_name)
+    return tuple(repr(p) for p in parts) + (repr(settings.sparsity_per_block),)
+
+
+def _check_inputs(jobs: list[tuple[int, Any]]) -> list[str]:
+    """The run's preflight (data files, enough tokens, context length) once per distinct input.
+
+    The device is not checked: the launching machine may have no GPU that the jobs will have.
+    """
+    from gblm.run import build_method, build_plan
+    from gblm.run import preflight as run_preflight
+
+    errors = []
+    for i, settings in jobs:
+        try:
+            method = build_method(settings)
+            run_preflight(settings, method, build_plan(settings, method), check_device=False)
+        except Exception as err:  # report every job's reason, then stop
+            errors.append(f"job #{i}: {type(err).__name__}: {' '.join(str(err).split())}")
+    return errors
 
 
 def preflight(
-    master: DictConfig, validate_jobs: str = "all", check_models: bool = True
+    master: DictConfig,
+    validate_jobs: str = "all",
+    check_models: bool = True,
+    check_data: bool = True,
 ) -> list[dict[str, Any]]:
     """Compose and validate the sweep's jobs and check its models; raise before anything runs.
 
@@ -238,6 +268,8 @@ def preflight(
         validate_jobs: ``all`` jobs, the ``first`` one, or ``none`` (beyond one job per model,
             which ``check_models`` composes to learn the model).
         check_models: check that every distinct model can be loaded here (offline-aware).
+        check_data: with ``check_models``, run every distinct job input through the run's own
+            preflight (:func:`gblm.run.preflight`: data files, enough tokens, context length).
 
     Returns:
         The sweep's jobs in launch order, each ``{"num", "overrides", "dir"}`` (``dir``: its job
@@ -261,13 +293,17 @@ def preflight(
     subdirs = job_subdirs(master, jobs)
     errors = _shared_dirs(jobs, subdirs)
     indices = _jobs_to_validate(jobs, validate_jobs, check_models)
-    models = _validate_jobs(master, jobs, subdirs, indices, errors)
+    models, inputs = _validate_jobs(master, jobs, subdirs, indices, errors)
     if check_models:
-        for i, spec in models.values():
+        bad_models = set()
+        for key, (i, spec) in models.items():
             try:
                 check_model_available(spec)
             except Exception as err:
+                bad_models.add(key)
                 errors.append(f"model {spec.name} (job #{i}): {type(err).__name__}: {err}")
+        if check_data:
+            errors += _check_inputs([v for k, v in inputs.items() if k[0] not in bad_models])
     if errors:
         listed = errors[:_MAX_LISTED_ERRORS]
         more = len(errors) - len(listed)
@@ -460,15 +496,20 @@ class SweepCallback(Callback):
         validate_jobs: ``all`` | ``first`` | ``none``: which jobs are composed and validated
             before the sweep starts (``all`` costs about one config composition per job).
         check_models: check every distinct model of the sweep with ``check_model_available``.
+        check_data: also run each distinct job input through the run's preflight (data files,
+            enough tokens for nsamples x seqlen, the model's context length).
     """
 
-    def __init__(self, validate_jobs: str = "all", check_models: bool = True) -> None:
+    def __init__(
+        self, validate_jobs: str = "all", check_models: bool = True, check_data: bool = True
+    ) -> None:
         if validate_jobs not in VALIDATE_MODES:
             raise ValueError(
                 f"validate_jobs={validate_jobs!r}: choose one of {', '.join(VALIDATE_MODES)}."
             )
         self.validate_jobs = validate_jobs
         self.check_models = check_models
+        self.check_data = check_data
         self._sweep_dir: Path | None = None
         self._reported = False
         self._before: dict[str, tuple[str | None, int] | None] = {}
@@ -478,7 +519,7 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         tic = time.perf_counter()
         try:
-            jobs = preflight(config, self.validate_jobs, self.check_models)
+            jobs = preflight(config, self.validate_jobs, self.check_models, self.check_data)
         except SweepPreflightError as err:
             # Hydra turns an Exception raised by a callback into a warning and starts the sweep
             # anyway; SystemExit is not an Exception, so it stops the sweep here.

@@ -1,4 +1,5 @@
-"""Small shared helpers: the one atomic writer, the one content hash, file locks, stage timing."""
+"""Small shared helpers: the one atomic writer, the one content hash (and its tensor and file
+forms), file locks, stage timing."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,49 @@ def content_hash(obj: Any = None, *, data: Iterable[bytes] = (), length: int | N
         digest.update(chunk)
     hexdigest = digest.hexdigest()
     return hexdigest if length is None else hexdigest[:length]
+
+
+def tensors_checksum(tensors: Mapping[str, Any]) -> str:
+    """:func:`content_hash` of named tensors: names, shapes, dtypes, then the raw bytes in name order.
+
+    The checksum stored beside a cache entry of tensors and checked when it is read back; any
+    flipped byte of any tensor changes it. Works for every dtype (bf16 too: bytes via uint8).
+    """
+    import torch
+
+    names = sorted(tensors)
+    layout = {n: [list(tensors[n].shape), str(tensors[n].dtype)] for n in names}
+
+    def chunks() -> Iterator[memoryview]:
+        for name in names:
+            flat = tensors[name].detach().to("cpu").contiguous().reshape(-1)
+            yield flat.view(torch.uint8).numpy().data
+
+    return content_hash(layout, data=chunks())
+
+
+def file_digest(path: str | os.PathLike, memo_dir: str | os.PathLike | None = None) -> str:
+    """sha256 of a file's bytes; with ``memo_dir``, computed once per (size, mtime, inode).
+
+    The memo (one small JSON per file under ``memo_dir``) spares hashing a model's weights on
+    every run; a file rewritten in place (new mtime, size or inode) is hashed again.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+    memo = Path(memo_dir) / f"{content_hash(str(path), length=24)}.json" if memo_dir else None
+    if memo is not None and memo.exists():
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            seen = json.loads(memo.read_text())
+            if {k: seen[k] for k in stamp} == stamp and len(seen["sha256"]) == 64:
+                return seen["sha256"]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    if memo is not None:
+        atomic_write_json(memo, {**stamp, "sha256": digest.hexdigest()})
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- locks and timing

@@ -38,3 +38,21 @@ def tiny_llama():
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def save_tiny_model(path: Path, seed: int = 0, edit=None) -> Path:
+    """A tiny llama with SmolLM2's tokenizer saved as a Hugging Face folder (``model=hf``).
+
+    ``edit(model)`` may change the weights first (a NaN, an overflow).
+    """
+    from gblm.models.loading import ModelSpec, load_tokenizer
+    from gblm.models.tiny import build_tiny_model, tiny_config
+
+    tokenizer = load_tokenizer(ModelSpec(kind="tiny"))
+    model = build_tiny_model(tiny_config("llama", vocab_size=len(tokenizer)), seed=seed)
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -131,8 +131,7 @@ def test_content_hash_and_windows_cache_key():
     assert content_hash({"shape": [2]}, data=[b"ab"]) != content_hash({"shape": [2]}, data=[b"ba"])
     base = dict(
         tokenizer_id="tok",
-        source="austen",
-        paths=None,
+        documents_sha256="docs",
         nsamples=4,
         seqlen=64,
         seed=0,
@@ -143,8 +142,7 @@ def test_content_hash_and_windows_cache_key():
     assert len(key) == 16 and key == windows_cache_key(**base)
     changes = dict(
         tokenizer_id="other",
-        source="c4",
-        paths=["a.txt"],
+        documents_sha256="edited",
         nsamples=8,
         seqlen=128,
         seed=1,

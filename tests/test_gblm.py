@@ -59,28 +59,74 @@ def linear_with(weight: Tensor) -> nn.Linear:
 
 
 def naive_score(weight: Tensor, stats: _Stats, score: str = "combined") -> Tensor:
-    """Entry by entry: fp32 activation term + (|W| * G in G's dtype) cast to fp32."""
+    """Entry by entry: fp32 activation term + (|W| * G in the promoted dtype) cast to fp32."""
     G = stats.grad_norm
     out = torch.zeros(weight.shape, dtype=torch.float32)
+    product_dtype = torch.promote_types(weight.dtype, G.dtype) if G is not None else None
     for i in range(weight.shape[0]):
         for j in range(weight.shape[1]):
             w = weight[i, j].abs()
             act = w.float() * stats.row_sq_norms[j].float().sqrt()
-            grad = (w.to(G.dtype) * G[i, j]).float() if G is not None else None
+            grad = None
+            if G is not None:
+                grad = (w.to(product_dtype) * G[i, j].to(product_dtype)).float()
             out[i, j] = {"combined": act + grad, "activation": act, "gradient": grad}[score]
     return out
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("grad_dtype", [torch.float16, torch.float32, torch.bfloat16])
-def test_combined_score_matches_naive_loop(grad_dtype: torch.dtype) -> None:
+def test_combined_score_matches_naive_loop(
+    grad_dtype: torch.dtype, weight_dtype: torch.dtype
+) -> None:
     weight, stats = layer_stats(grad_dtype=grad_dtype)
+    weight = weight.to(weight_dtype)
     score = scored(GBLMPruner(), weight, stats)
     assert score.dtype == torch.float32
     assert torch.equal(score, naive_score(weight, stats))
-    if grad_dtype == torch.float16:
-        # The second product really is formed in fp16, as published, not promoted to fp32.
-        promoted = weight.abs() * stats.row_sq_norms.sqrt() + weight.abs() * stats.grad_norm.float()
-        assert not torch.equal(score, promoted)
+
+
+def test_fp16_model_with_fp16_accumulators_keeps_the_fp16_product() -> None:
+    """Both factors fp16 (the published fp16 model): the product is rounded to fp16."""
+    weight, stats = layer_stats(grad_dtype=torch.float16)
+    weight = weight.half()
+    score = scored(GBLMPruner(score="gradient"), weight, stats)
+    fp16_product = (weight.abs() * stats.grad_norm).float()
+    assert torch.equal(score, fp16_product)
+    assert not torch.equal(score, weight.abs().float() * stats.grad_norm.float())
+
+
+def _published_mask(weight: Tensor, row_sq: Tensor, grad: Tensor, ratio: float) -> Tensor:
+    """The published GBLM-Pruner selection, written out independently of gblm.pruning.
+
+    ``W_metric = |W| * sqrt(scaler_row) + |W| * grad`` with torch's type promotion, then per row
+    the ``int(d_in * ratio)`` lowest entries of a stable sort are pruned (True = pruned).
+    """
+    metric = torch.abs(weight) * torch.sqrt(row_sq.reshape((1, -1)))
+    metric = metric + torch.abs(weight) * grad
+    order = torch.sort(metric, dim=-1, stable=True)[1]
+    mask = torch.zeros_like(metric, dtype=torch.bool)
+    mask.scatter_(1, order[:, : int(metric.shape[1] * ratio)], True)
+    return mask
+
+
+def test_fp32_model_with_fp16_accumulators_gives_the_published_mask() -> None:
+    """The fp32 weight is not rounded to fp16 before ``|W| * G``: near-ties keep their order."""
+    gen = torch.Generator().manual_seed(3)
+    d_out, d_in = 64, 128
+    weight = torch.randn(d_out, d_in, generator=gen)  # fp32 model
+    row_sq = torch.full((d_in,), 1e-12)  # a negligible activation term: the gradient term decides
+    grad = (torch.rand(d_out, d_in, generator=gen) * 10.0).half()  # fp16 accumulators
+    expected = _published_mask(weight, row_sq, grad, 0.5)
+    stats = _Stats(row_sq_norms=row_sq, grad_norm=grad, nsamples=4)
+    linear = linear_with(weight)
+    mask = pruned(GBLMPruner(), linear, stats, Sparsity(0.5))
+    assert torch.equal(mask, expected)
+    # The old rounding of |W| to fp16 before the product flips near-tie entries here.
+    rounded = (weight.abs().half() * grad).float() + weight.abs() * row_sq.sqrt()
+    old_order = torch.sort(rounded, dim=-1, stable=True)[1]
+    old = torch.zeros_like(mask).scatter_(1, old_order[:, : d_in // 2], True)
+    assert not torch.equal(old, expected)
 
 
 @pytest.mark.parametrize("kind", ["gradient", "activation"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -20,6 +19,7 @@ from gblm.calibration.gradients import (
 )
 from gblm.models.layers import decoder_layers
 from gblm.models.tiny import build_tiny_model, tiny_config
+from gblm.utils import content_hash
 
 VOCAB, NSAMPLES, SEQLEN, SCALE = 256, 3, 16, 100.0
 
@@ -377,8 +377,7 @@ def test_cache_computes_once_and_keys_separate_files(tmp_path) -> None:
     assert calls["n"] == 2
     assert not torch.equal(other["model.layers.0.mlp.up_proj"], first["model.layers.0.mlp.up_proj"])
     files = sorted(p.name for p in tmp_path.glob("grad_*.safetensors"))
-    digest = hashlib.sha256(json.dumps(key_l1, sort_keys=True).encode()).hexdigest()[:16]
-    assert len(files) == 2 and f"grad_{digest}.safetensors" in files
+    assert len(files) == 2 and f"grad_{content_hash(key_l1, length=16)}.safetensors" in files
     keys = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("grad_*.json"))]
     assert sorted(k["norm"] for k in keys) == ["l1", "l2"]
     assert not list(tmp_path.glob("*.tmp"))

@@ -75,10 +75,20 @@ def test_unavailable_data_fails_before_the_model_loads_and_is_recorded(tmp_path,
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
 
 
-def test_config_errors_come_before_any_file_is_written(tmp_path):
+def test_config_errors_mark_the_run_dir_failed_and_write_nothing_else(tmp_path):
     with pytest.raises(ConfigError):
         run(compose_config("model=tiny_llama", "sparsity.ratio=1.5"), run_dir=tmp_path / "run")
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "sparsity.ratio=1.5" in metrics["error"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.json"]
+
+
+def test_a_refusal_keeps_a_finished_run(tmp_path):
+    cfg = compose_config("model=tiny_llama", "method=magnitude", *SMALL)
+    first = run(cfg, run_dir=tmp_path)
+    with pytest.raises(ConfigError):
+        run(compose_config("model=tiny_llama", "sparsity.ratio=1.5"), run_dir=tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == first
 
 
 def test_gblm_scale_zero_equals_wanda_end_to_end(tmp_path):

@@ -246,8 +246,9 @@ def _metrics(job_dir: Path) -> dict:
 def crashed_then_resumed(tmp_path_factory):
     """tiny_sweep with magnitude and wanda on a local calibration file that is missing at first.
 
-    Magnitude needs no calibration data and finishes; Wanda fails. Then the file appears and the
-    same command is launched again: magnitude is skipped, wanda redone.
+    Magnitude needs no calibration data and finishes; Wanda fails (the sweep preflight's data
+    check is off, or it would stop the sweep). Then the file appears and the same command is
+    launched again: magnitude is skipped, wanda redone.
     """
     tmp = tmp_path_factory.mktemp("sweep")
     sweep_dir, text = tmp / "sweep", tmp / "calibration.txt"
@@ -257,6 +258,8 @@ def crashed_then_resumed(tmp_path_factory):
         "method=magnitude,wanda",
         "calibration=local",
         f"calibration.paths=[{text}]",
+        # the preflight would refuse the missing file: let the job fail at run time instead
+        "hydra.callbacks.sweep.check_data=false",
     ]
     first = _gblm(*args)
     state = {

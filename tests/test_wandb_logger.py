@@ -223,7 +223,8 @@ def test_a_run_logs_live_with_job_type_tags_group_and_an_artifact(tmp_path, monk
                 {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
             )
     stages = [row["stage"] for row in rows if "stage" in row]
-    assert stages[:2] == ["load data", "load data"] and "prune" in stages
+    # data and tokenizer load in the preflight, before any remote logger starts
+    assert stages[:2] == ["load model", "load model"] and "prune" in stages
     first_dense = next(i for i, row in enumerate(rows) if "ppl/dense" in row)
     prune_end = next(i for i, row in enumerate(rows) if "stage_s/prune" in row)
     assert first_dense < prune_end  # live: the dense perplexity long before the run ends

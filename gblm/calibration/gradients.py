@@ -23,7 +23,8 @@ host accumulators. The loss is the model's own (``model(ids, labels=ids).loss``)
 backward holds no more (T, vocab) buffers than the forward did.
 
 :func:`cached_gradient_norms` keeps the result on disk (safetensors), keyed by a hash of what
-produced it (:func:`gradient_cache_key`), written atomically under a file lock.
+produced it (:func:`gradient_cache_key`: the weights by content, the windows, the settings),
+written atomically under a file lock, with a checksum of the tensors verified on every load.
 """
 
 from __future__ import annotations
@@ -33,15 +34,13 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from filelock import FileLock
-from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -49,8 +48,16 @@ from tqdm.auto import tqdm
 
 from gblm.calibration.loss import lean_loss
 from gblm.devices import dtype_name
+from gblm.errors import NonFiniteError
 from gblm.models.layers import decoder_layers, prunable_linears
-from gblm.utils import atomic_write_text
+from gblm.utils import (
+    atomic_write,
+    atomic_write_text,
+    canonical_json,
+    content_hash,
+    file_lock,
+    tensors_checksum,
+)
 
 logger = logging.getLogger("gblm.gradients")
 
@@ -60,7 +67,7 @@ ACCUMULATOR_DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
 }
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: the model keyed by its weights' content; a checksum per entry
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,7 @@ class GradientSettings:
         return ACCUMULATOR_DTYPES[self.accumulator_dtype]
 
 
-class GradientError(RuntimeError):
+class GradientError(NonFiniteError, RuntimeError):
     """A non-finite loss or gradient in the gradient stage."""
 
 
@@ -482,7 +489,11 @@ def windows_digest(windows: Tensor) -> str:
 def gradient_cache_key(
     model_id: str, windows: Tensor, settings: GradientSettings, model_dtype: torch.dtype | str
 ) -> dict:
-    """Everything the gradient norms depend on, as a JSON-able dict for :func:`cached_gradient_norms`."""
+    """Everything the gradient norms depend on, as a JSON-able dict for :func:`cached_gradient_norms`.
+
+    ``model_id`` identifies the weights by content (:func:`gblm.models.loading.weights_fingerprint`,
+    through :meth:`gblm.methods.base.RunContext.model_key`), not by their path.
+    """
     key = {
         "kind": "gblm-gradient-norms",
         "version": CACHE_FORMAT_VERSION,
@@ -503,9 +514,29 @@ def gradient_cache_key(
 
 
 def gradient_cache_path(cache_dir: Path, key: dict) -> Path:
-    """``cache_dir / grad_<first 16 hex of sha256(key JSON)>.safetensors``."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cache_dir) / f"grad_{digest}.safetensors"
+    """``cache_dir / grad_<first 16 hex of content_hash(key)>.safetensors``."""
+    return Path(cache_dir) / f"grad_{content_hash(key, length=16)}.safetensors"
+
+
+def _load_verified(path: Path) -> dict[str, Tensor] | None:
+    """The norms stored at ``path`` if the file is whole and its checksum holds, else None.
+
+    The checksum (:func:`gblm.utils.tensors_checksum`, in the file's metadata) covers every byte
+    of tensor data, so bytes damaged behind an intact header are caught too.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            expected = (handle.metadata() or {}).get("checksum")
+        norms = load_file(path)
+        ok = expected is not None and expected == tensors_checksum(norms)
+    except Exception as err:  # truncated or garbled: any reader error means recompute
+        logger.warning("damaged gradient cache %s (%s): recomputing it", path, err)
+        return None
+    if not ok:
+        logger.warning("damaged gradient cache %s (checksum mismatch): recomputing it", path)
+        return None
+    logger.info("gradient norms loaded from %s", path)
+    return norms
 
 
 def cached_gradient_norms(
@@ -513,33 +544,25 @@ def cached_gradient_norms(
 ) -> dict[str, Tensor]:
     """Load the gradient norms for ``key`` from ``cache_dir``, or compute and store them.
 
-    The file is written to a temporary name and moved into place (``os.replace``), under a file
-    lock, so concurrent sweep jobs with the same key compute once: the others wait for the lock
-    and then load. The key is saved beside it as ``grad_<hash>.json``. Loaded tensors are on CPU.
+    The file is written atomically (:func:`gblm.utils.atomic_write`) under a file lock, so
+    concurrent sweep jobs with the same key compute once: the others wait for the lock and then
+    load. Its metadata holds the key and a checksum of the tensors, verified on every load: a
+    damaged or truncated entry is recomputed with a warning naming the file. The key is saved
+    beside it as ``grad_<hash>.json``. Loaded tensors are on CPU.
     """
     path = gradient_cache_path(cache_dir, key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    key_json = json.dumps(key, sort_keys=True, indent=2)
-    with FileLock(str(path) + ".lock"):
+    with file_lock(path):
         if path.exists():
-            try:
-                norms = load_file(path)
-            except (SafetensorError, OSError) as err:
-                logger.warning("unreadable gradient cache %s (%s); recomputing", path, err)
-            else:
-                logger.info("gradient norms loaded from %s", path)
+            norms = _load_verified(path)
+            if norms is not None:
                 return norms
         norms = compute()
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(
-                {name: g.contiguous() for name, g in norms.items()},
-                str(tmp),
-                metadata={"key": json.dumps(key, sort_keys=True)},
-            )
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        atomic_write_text(path.with_suffix(".json"), key_json + "\n")
+        tensors = {name: g.contiguous() for name, g in norms.items()}
+        metadata = {"key": canonical_json(key), "checksum": tensors_checksum(tensors)}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        atomic_write_text(
+            path.with_suffix(".json"), json.dumps(key, sort_keys=True, indent=2) + "\n"
+        )
         logger.info("gradient norms cached at %s", path)
     return norms

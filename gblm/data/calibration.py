@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from gblm.data.sources import SAMPLINGS
-from gblm.utils import atomic_write, content_hash, file_lock
+from gblm.utils import atomic_write, content_hash, file_lock, tensors_checksum
 
 log = logging.getLogger("gblm.data")
 
@@ -71,21 +71,51 @@ def sample_windows(
     return windows
 
 
+WINDOWS_CACHE_VERSION = 2  # 2: keyed by the documents' and the tokenizer's content, checksummed
+
+
+def documents_digest(documents: Sequence[str]) -> str:
+    """sha256 of the documents' text (each length-prefixed): the content the windows come from.
+
+    An edited data file gives new documents, hence a new digest and new windows, whatever its
+    path; the same text under another path shares the cache entry.
+    """
+
+    def chunks():
+        for doc in documents:
+            raw = doc.encode("utf-8")
+            yield len(raw).to_bytes(8, "little")
+            yield raw
+
+    return content_hash({"documents": len(documents)}, data=chunks())
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """A hash of what the tokenizer does: a fast tokenizer's full definition, else its vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    return content_hash({"class": type(tokenizer).__name__, "tokenizer": spec}, length=32)
+
+
 def windows_cache_key(
+    *,
     tokenizer_id: str,
-    source: str,
-    paths: Sequence[str] | None,
+    documents_sha256: str,
     nsamples: int,
     seqlen: int,
     seed: int,
     sampling: str,
     vocab_size: int,
 ) -> str:
-    """16 hex digits of :func:`gblm.utils.content_hash` over everything the windows depend on."""
+    """16 hex digits of :func:`gblm.utils.content_hash` over everything the windows depend on.
+
+    ``tokenizer_id`` is :func:`tokenizer_digest`, ``documents_sha256`` :func:`documents_digest`:
+    the key follows the content, not the names of the files or of the model.
+    """
     key = dict(
+        version=WINDOWS_CACHE_VERSION,
         tokenizer=tokenizer_id,
-        source=source,
-        paths=[str(p) for p in (paths or [])],
+        documents=documents_sha256,
         nsamples=nsamples,
         seqlen=seqlen,
         seed=seed,
@@ -95,14 +125,35 @@ def windows_cache_key(
     return content_hash(key, length=16)
 
 
+def _load_windows(path: Path) -> Tensor | None:
+    """The windows stored at ``path`` if the entry is whole and its checksum holds, else None."""
+    try:
+        entry = torch.load(path, weights_only=True)
+        windows = entry["windows"]
+        ok = entry.get("checksum") == tensors_checksum({"windows": windows})
+    except Exception as err:  # truncated or garbled: any reader error means rebuild
+        log.warning("damaged calibration-window cache %s (%s): rebuilding it", path, err)
+        return None
+    if not ok:
+        log.warning("damaged calibration-window cache %s (checksum mismatch): rebuilding it", path)
+        return None
+    log.info("calibration windows from cache %s", path.name)
+    return windows
+
+
 def cached_windows(cache_root: Path, key: str, make) -> Tensor:
-    """Load the windows stored under ``key`` or make and store them (atomic, locked)."""
+    """Load the windows stored under ``key`` or make and store them (atomic, locked, checksummed).
+
+    A damaged or truncated entry is rebuilt with a warning that names the file.
+    """
     path = cache_root / "calibration" / f"windows_{key}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(path):
         if path.exists():
-            log.info("calibration windows from cache %s", path.name)
-            return torch.load(path)
+            windows = _load_windows(path)
+            if windows is not None:
+                return windows
         windows = make()
-        atomic_write(path, lambda tmp: torch.save(windows, tmp))
+        entry = {"windows": windows, "checksum": tensors_checksum({"windows": windows})}
+        atomic_write(path, lambda tmp: torch.save(entry, tmp))
         return windows

@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from gblm.errors import UserError
 from gblm.paths import cache_dir
 from gblm.utils import atomic_write_text
 
@@ -31,10 +32,11 @@ AUSTEN_BOOKS = {
     "persuasion": "test",
 }
 SPLITS = ("train", "validation", "test")
+SOURCES = ("austen", "kjv")  # the embedded corpora
 _CHAPTER = re.compile(r"^(CHAPTER|Chapter)\b")
 
 
-class CorpusUnavailableError(RuntimeError):
+class CorpusUnavailableError(UserError, RuntimeError):
     """An embedded corpus cannot be exported on this machine."""
 
 

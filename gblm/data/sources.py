@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gblm.data import corpus
+from gblm.errors import ConfigError, UserError
 from gblm.paths import configure_offline
 
 SOURCES = ("austen", "kjv", "wikitext2", "c4", "local")
@@ -34,8 +35,19 @@ C4_SHARDS = {
 }
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(UserError, RuntimeError):
     """A dataset cannot be had (offline, missing files); the message says how to supply it."""
+
+
+def _splits(source: str) -> tuple[str, ...] | None:
+    """The splits a source has, when known without loading it."""
+    if source in ("austen", "kjv"):
+        return corpus.SPLITS
+    if source == "c4":
+        return tuple(C4_SHARDS)
+    if source == "wikitext2":
+        return ("train", "validation", "test")
+    return None
 
 
 def _offline_help(source: str, key: str) -> str:
@@ -48,32 +60,52 @@ def _offline_help(source: str, key: str) -> str:
     )
 
 
-def _load_files(paths: Sequence[str | Path], split: str) -> list[str]:
-    """Documents from local files; a ``.txt`` file is one document."""
+def _read_text(path: Path, key: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataUnavailableError(
+            f"{key}: local data file {str(path)!r} cannot be read as UTF-8 text "
+            f"({type(err).__name__}: {err})."
+        ) from None
+
+
+def _load_files(
+    paths: Sequence[str | Path], split: str, key: str = "calibration.paths"
+) -> list[str]:
+    """Documents from local files; a ``.txt`` file is one document. ``key`` names the paths."""
     import datasets
 
     docs: list[str] = []
     tabular: dict[str, list[str]] = {}
     for raw in paths:
         path = Path(raw).expanduser()
-        if not path.exists():
-            raise DataUnavailableError(f"Local data file {str(path)!r} does not exist.")
+        if not path.is_file():
+            what = "is not a file" if path.exists() else "does not exist"
+            raise DataUnavailableError(f"{key}: local data file {str(path)!r} {what}.")
         name = path.name.lower()
         if name.endswith(".txt"):
-            docs.append(path.read_text(encoding="utf-8"))
+            docs.append(_read_text(path, key))
         elif name.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")):
             tabular.setdefault("json", []).append(str(path))
         elif name.endswith(".parquet"):
             tabular.setdefault("parquet", []).append(str(path))
         else:
             raise DataUnavailableError(
-                f"Local data file {str(path)!r}: allowed kinds are .txt, .json, .jsonl(.gz), .parquet."
+                f"{key}: local data file {str(path)!r}: allowed kinds are .txt, .json, "
+                ".jsonl(.gz), .parquet."
             )
     for builder, files in tabular.items():
-        ds = datasets.load_dataset(builder, data_files={split: files}, split=split)
+        try:
+            ds = datasets.load_dataset(builder, data_files={split: files}, split=split)
+        except Exception as err:  # datasets' parse errors have many types
+            reason = " ".join(str(err).split())[:300]
+            raise DataUnavailableError(
+                f"{key}: files {files} cannot be read as {builder} ({type(err).__name__}: {reason})."
+            ) from None
         if "text" not in ds.column_names:
             raise DataUnavailableError(
-                f"Files {files} have no 'text' column (columns: {ds.column_names})."
+                f"{key}: files {files} have no 'text' column (columns: {ds.column_names})."
             )
         docs.extend(ds["text"])
     return docs
@@ -88,12 +120,19 @@ def load_documents(
     """The documents of ``source`` / ``split``; ``paths`` replaces the hub for wikitext2, c4, local."""
     if source not in SOURCES:
         raise ValueError(f"{key}={source!r}: allowed values are {', '.join(SOURCES)}.")
+    group = key.rsplit(".", 1)[0]
+    allowed = _splits(source)
+    if allowed is not None and split not in allowed and (source in corpus.SOURCES or not paths):
+        raise ConfigError(
+            f"{group}.split={split!r} is not a split of {key}={source}: allowed values are "
+            f"{', '.join(allowed)}."
+        )
     if source == "austen":
         return corpus.austen_documents(split)
     if source == "kjv":
         return corpus.kjv_documents(split)
     if paths:
-        return _load_files(paths, split)
+        return _load_files(paths, split, key=f"{group}.paths")
     if source == "local":
         raise DataUnavailableError(
             f"{key}=local needs files: set {key.rsplit('.', 1)[0]}.paths=[a.txt, b.jsonl, ...]."

@@ -8,10 +8,14 @@ mismatch is the published protocol's and is kept so numbers compare with the pap
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from gblm.errors import NonFiniteError
 
 CHUNK_TOKENS = 256  # positions per cross-entropy call: bounds the fp32 copy of the logits
 
@@ -65,4 +69,48 @@ def perplexity(
         logits = model(batch, use_cache=False).logits  # (b, T, vocab)
         loss = token_losses(logits, batch)  # (b, T-1)
         nll_sum += (loss.mean(dim=1).double() * seqlen).sum()
-    return float(torch.exp(nll_sum / (nseg * seqlen)).item())
+    value = float(torch.exp(nll_sum / (nseg * seqlen)).item())
+    if not math.isfinite(value):
+        raise NonFiniteError(_non_finite_message(model, windows, device, desc, value))
+    return value
+
+
+@torch.no_grad()
+def first_non_finite_output(model, batch: Tensor) -> str | None:
+    """The first module, in the order they finish, whose output on ``batch`` has NaN or inf."""
+    names = {module: name for name, module in model.named_modules()}
+    found: list[str] = []
+
+    def hook(module, inputs, output) -> None:
+        out = output[0] if isinstance(output, tuple) else getattr(output, "logits", output)
+        if found or not isinstance(out, Tensor) or not out.is_floating_point():
+            return
+        if not bool(torch.isfinite(out).all()):
+            found.append(names[module] or type(module).__name__)
+
+    handles = [module.register_forward_hook(hook) for module in model.modules()]
+    try:
+        model(batch, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
+
+
+@torch.no_grad()
+def _non_finite_message(model, windows: Tensor, device, desc: str, value: float) -> str:
+    """Which window's loss is not finite, and the first module whose output is not."""
+    where = ""
+    for n in range(windows.shape[0]):
+        batch = windows[n : n + 1].to(device)
+        if bool(torch.isfinite(token_losses(model(batch, use_cache=False).logits, batch)).all()):
+            continue
+        module = first_non_finite_output(model, batch)
+        where = f" The loss of window {n} is not finite" + (
+            f"; the first non-finite output is {module}'s." if module else "."
+        )
+        break
+    return (
+        f"{desc}: the perplexity is {value}, not a finite number.{where} The model's forward "
+        "pass overflows or has NaN/inf values; with an fp16 model try dtype=bfloat16 or float32."
+    )

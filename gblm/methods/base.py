@@ -19,6 +19,7 @@ A new score method is one subclass of :class:`ScorePruner` with its ``score``, o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +37,17 @@ class RunContext:
 
     device: torch.device  # the compute device
     model_dtype: torch.dtype
-    model_id: str | None = None  # what identifies the model's weights in cache keys; None: no cache
+    model_id: str | None = None  # names the model in cache keys; None: no cache
     cache_dir: Path | None = None  # where passes may cache their results; None: no cache
     progress: bool = True
+    # the content hash of the model's weights files, computed only when a pass asks for it
+    fingerprint: Callable[[], str] | None = None
+
+    def model_key(self) -> str | None:
+        """What identifies the model's weights in cache keys: their content when known."""
+        if self.model_id is None:
+            return None
+        return self.fingerprint() if self.fingerprint is not None else self.model_id
 
 
 class Pruner(ABC):

@@ -69,10 +69,11 @@ class GBLMPruner(ScorePruner):
                 model, windows, self.gradients, device=context.device, progress=context.progress
             )
 
-        if context.cache_dir is None or context.model_id is None:
+        model_key = context.model_key()
+        if context.cache_dir is None or model_key is None:
             self._grad_norms = compute()
             return
-        key = gradient_cache_key(context.model_id, windows, self.gradients, context.model_dtype)
+        key = gradient_cache_key(model_key, windows, self.gradients, context.model_dtype)
         self._grad_norms = cached_gradient_norms(context.cache_dir / "gradients", key, compute)
 
     def set_gradient_norms(self, grad_norms: dict[str, Tensor]) -> None:

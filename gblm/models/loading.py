@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from gblm.errors import UserError
 from gblm.paths import cache_dir, configure_offline, hub_reachable
 from gblm.utils import file_lock
 
@@ -33,7 +34,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct-q4_1"
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(UserError, RuntimeError):
     """A model cannot be loaded; the message says how to supply it."""
 
 
@@ -149,23 +150,123 @@ def check_model_available(spec: ModelSpec) -> None:
         )
 
 
+# The files a model's weights and architecture come from (tokenizer files only shape the windows,
+# which the gradient cache key holds by content).
+WEIGHT_FILES = ("config.json", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def model_directory(spec: ModelSpec) -> Path | None:
+    """The local folder the weights load from, or None (tiny models, a hub id not on disk)."""
+    if spec.kind == "tiny":
+        return None
+    if spec.kind == "smollm2":
+        return smollm2_checkpoint()
+    name = spec.name_or_path or ""
+    if _looks_like_path(name):
+        return Path(name).expanduser()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, revision=spec.revision, local_files_only=True))
+    except Exception:  # not in the local HF cache (it will be once loaded)
+        return None
+
+
+def weights_fingerprint(spec: ModelSpec) -> str:
+    """A content hash of the model's weights files (and config.json), for cache keys.
+
+    Each file's sha256 is computed once per (size, mtime, inode) and remembered under
+    ``<cache>/fingerprints``. Another model saved at the same path gives another fingerprint. A
+    tiny model is its seed and arguments (:attr:`ModelSpec.model_id`); a hub id with no local
+    files yet falls back to its id and revision.
+    """
+    from gblm.utils import content_hash, file_digest
+
+    directory = model_directory(spec)
+    if directory is None or not directory.is_dir():
+        return spec.model_id
+    memo = cache_dir() / "fingerprints"
+    files = sorted({p for pattern in WEIGHT_FILES for p in directory.glob(pattern) if p.is_file()})
+    digests = {p.name: [p.stat().st_size, file_digest(p, memo)] for p in files}
+    return "files:" + content_hash({"kind": spec.kind, "files": digests}, length=32)
+
+
 def load_tokenizer(spec: ModelSpec):
+    """The model's tokenizer (SmolLM2's for the tiny models); unreadable files: a UserError."""
     from transformers import AutoTokenizer
 
-    if spec.kind == "hf":
-        configure_offline()
+    if spec.kind != "hf":
+        return AutoTokenizer.from_pretrained(smollm2_checkpoint())
+    configure_offline()
+    try:
         return AutoTokenizer.from_pretrained(
             spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
-    return AutoTokenizer.from_pretrained(smollm2_checkpoint())
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ModelUnavailableError(
+            f"{_where(spec)}: its tokenizer cannot be loaded ({type(err).__name__}: {reason})."
+        ) from None
+
+
+def _where(spec: ModelSpec) -> str:
+    return (
+        f"model.name_or_path={spec.name_or_path!r}" if spec.kind == "hf" else f"model={spec.name}"
+    )
+
+
+def model_config(spec: ModelSpec):
+    """The model's config, read before any weight (a tiny model's is built from its arguments).
+
+    Raises ModelUnavailableError naming ``model.name_or_path`` when config.json is unreadable.
+    """
+    if spec.kind == "tiny":
+        from gblm.models.tiny import tiny_config
+
+        args = {k: v for k, v in spec.tiny.items() if k != "seed"}
+        return tiny_config(**args, vocab_size=256)
+    from transformers import AutoConfig
+
+    source = spec.name_or_path if spec.kind == "hf" else smollm2_checkpoint()
+    if spec.kind == "hf":
+        configure_offline()
+    try:
+        return AutoConfig.from_pretrained(
+            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ModelUnavailableError(
+            f"{_where(spec)}: its config.json cannot be read ({type(err).__name__}: {reason}). "
+            "Point model.name_or_path at a folder written by save_pretrained, or repair the file."
+        ) from None
+
+
+def max_positions(spec: ModelSpec) -> int | None:
+    """The model's context length (``max_position_embeddings``) from its config, or None."""
+    config = model_config(spec)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def load_model_and_tokenizer(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     """The model in eval mode (on ``device`` unless ``device_map`` places it) and its tokenizer."""
-    from transformers import AutoModelForCausalLM
-
     check_model_available(spec)
     tokenizer = load_tokenizer(spec)
+    return load_model(spec, device, dtype, tokenizer), tokenizer
+
+
+def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, tokenizer):
+    """The model in eval mode (on ``device`` unless ``device_map`` places it), weights checked.
+
+    The tokenizer is loaded first (:func:`load_tokenizer`): a tiny model takes its vocabulary
+    size, and the pad token is set on it here.
+    """
+    from transformers import AutoModelForCausalLM
+
     if spec.kind == "tiny":
         from gblm.models.tiny import build_tiny_model, tiny_config
 
@@ -189,11 +290,12 @@ def load_model_and_tokenizer(spec: ModelSpec, device: torch.device, dtype: torch
     model.gblm_source_dtype = _checkpoint_dtype(spec, dtype)  # save_dtype=original saves in it
     if spec.device_map is None:
         model.to(device)
+    check_finite_weights(model, f"model {spec.name!r}")
     model.eval()
     model.config.use_cache = False
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model
 
 
 def _checkpoint_dtype(spec: ModelSpec, loaded: torch.dtype) -> torch.dtype:
@@ -216,3 +318,38 @@ def _checkpoint_dtype(spec: ModelSpec, loaded: torch.dtype) -> torch.dtype:
 
 def model_seqlen_limit(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
+
+
+def _finite_flag(tensor: torch.Tensor) -> torch.Tensor:
+    """0-d bool on the tensor's device: every entry finite (in slices, to bound the temporary)."""
+    flat = tensor.detach().reshape(-1)
+    parts = [torch.isfinite(part).all() for part in flat.split(1 << 24)]
+    return torch.stack(parts).all() if parts else torch.ones((), dtype=torch.bool)
+
+
+def check_finite_weights(model, what: str = "the model") -> None:
+    """Refuse a model with a NaN or infinite parameter, naming the tensors (once, at load).
+
+    One ``isfinite(...).all()`` per parameter (parameters on the meta device, i.e. offloaded by
+    accelerate, are skipped). Raises :class:`gblm.errors.NonFiniteError`.
+    """
+    from gblm.errors import NonFiniteError
+
+    params = [
+        (name, p)
+        for name, p in model.named_parameters()
+        if p.is_floating_point() and p.device.type != "meta"
+    ]
+    flags = [_finite_flag(p) for _, p in params]
+    bad = [(name, p) for (name, p), ok in zip(params, flags) if not bool(ok)]
+    if not bad:
+        return
+    name, p = bad[0]
+    nan, inf = int(torch.isnan(p).sum()), int(torch.isinf(p).sum())
+    more = f" (and {len(bad) - 1} more tensors: {', '.join(n for n, _ in bad[1:4])})"
+    raise NonFiniteError(
+        f"{what} has non-finite weights: {name} holds {nan} NaN and {inf} infinite values of "
+        f"{p.numel()}{more if len(bad) > 1 else ''}. Pruning and evaluating it would give NaN "
+        "results; check model.name_or_path (a damaged checkpoint, or one saved after a "
+        "numeric overflow)."
+    )

@@ -8,8 +8,11 @@ lowest
 computed as the published code does: ``S = |W| * sqrt(row_sq) + |W| * G_p``, where ``row_sq`` is
 the walk's running mean of squared inputs (so ``sqrt(row_sq) = ||X_j||_2 / sqrt(N)``) and
 ``G_p`` the dense model's per-sample gradient norm with alpha already folded in
-(computed by the gradient stage, :mod:`gblm.calibration.gradients`). The first term is formed in fp32; the second in the dtype
-``G_p`` was accumulated in (published: fp16) and then cast to fp32 for the sum.
+(computed by the gradient stage, :mod:`gblm.calibration.gradients`). The first term is formed in
+fp32; the second, ``|W| * G_p``, with torch's type promotion, as the published code does: in
+fp32 for an fp32 or bf16 model with fp16 accumulators (``promote_types(bf16, fp16)`` is fp32), in
+fp16 only when both the weight and ``G_p`` are fp16 (the published fp16 model). It is then
+widened to fp32 for the sum.
 
 Ablations: ``score="gradient"`` keeps only ``|W| * G_p``; ``score="activation"`` only
 ``|W| * sqrt(row_sq)``, which is Wanda. ``scale=0`` also gives Wanda's mask exactly.
@@ -25,13 +28,13 @@ SCORES = ("combined", "gradient", "activation")
 
 
 def gradient_term(weight: Tensor, grad_norm: Tensor) -> Tensor:
-    """``|W| * G_p`` formed in ``G_p``'s dtype (published: fp16), shape (d_out, d_in).
+    """``|W| * G_p`` with torch's type promotion, as published, shape (d_out, d_in).
 
-    The product is rounded to ``G_p``'s dtype, as published; callers widen it to fp32.
+    Neither factor is rounded to the other's dtype: the product is in
+    ``torch.promote_types(weight.dtype, grad_norm.dtype)`` (fp32 for an fp32 or bf16 weight and
+    fp16 accumulators; fp16 for an fp16 weight and fp16 accumulators). Callers widen it to fp32.
     """
-    grad_norm = grad_norm.to(weight.device)
-    # abs() makes a fresh tensor (so does the cast when dtypes differ): the in-place product is safe
-    return weight.abs().to(grad_norm.dtype).mul_(grad_norm)
+    return weight.abs() * grad_norm.to(weight.device)
 
 
 def gblm_score(
@@ -69,5 +72,5 @@ def gblm_score(
         return activation_term(weight, row_sq_norms)
     if score == "gradient":
         return gradient_term(weight, grad_norm).float()
-    # fp32 + the fp16 product: the same sum as with the product widened first, without the copy
+    # fp32 + the promoted product: the same sum as with the product widened first, without a copy
     return activation_term(weight, row_sq_norms).add_(gradient_term(weight, grad_norm))

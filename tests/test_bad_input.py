@@ -1,0 +1,265 @@
+"""A battery of bad inputs: each refused before the model loads, as one paragraph, exit status 2.
+
+Each case runs the command line in-process (``gblm.run.cli`` with ``sys.argv`` set, the way
+``python -m gblm`` runs it) with the model loader replaced by one that records the call; a few run
+as real subprocesses to prove the exit status and that the log never reaches ``load model``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = (
+    "model=tiny_llama",
+    "calibration.nsamples=4",
+    "calibration.seqlen=64",
+    "eval.perplexity.max_windows=4",
+    "progress=false",
+    "mask_images=[]",
+)
+
+# (case id, overrides ({tmp} is the test's folder), text the message must hold, run dir marked)
+# "composed": refused before Hydra starts the run (no run dir); "run": the run dir is marked failed.
+CASES = [
+    ("seed_abc", ["seed=abc"], ["seed=abc", "integer"], "composed"),
+    ("calibration_seed_abc", ["calibration.seed=abc"], ["calibration.seed", "integer"], "composed"),
+    ("ratio_null", ["sparsity.ratio=null"], ["sparsity.ratio", "null"], "composed"),
+    ("nsamples_abc", ["calibration.nsamples=abc"], ["calibration.nsamples=abc"], "composed"),
+    ("save_model_maybe", ["save_model=maybe"], ["save_model", "true or false"], "composed"),
+    (
+        "ppl_enabled_perhaps",
+        ["eval.perplexity.enabled=perhaps"],
+        ["eval.perplexity.enabled"],
+        "composed",
+    ),
+    ("method_key_typo", ["method.nrom=l2"], ["method.nrom", "norm"], "composed"),
+    (
+        "calibration_key_typo",
+        ["calibration.nsampels=4"],
+        ["calibration.nsampels", "nsamples"],
+        "composed",
+    ),
+    ("top_key_typo", ["sed=1"], ["sed", "seed"], "composed"),
+    ("method_option", ["method=pruneall"], ["method=pruneall", "gblm", "wanda"], "composed"),
+    ("calibration_option", ["calibration=tran"], ["calibration=tran", "austen"], "composed"),
+    ("paths_unparsable", ["calibration.paths=[a"], ["calibration.paths"], "composed"),
+    ("plus_method_key_typo", ["+method.nrom=l2"], ["method.nrom", "norm, scale"], "run"),
+    (
+        "plus_calibration_key_typo",
+        ["+calibration.nsampels=4"],
+        ["calibration.nsampels", "nsamples, seqlen"],
+        "run",
+    ),
+    ("ratio_too_big", ["sparsity.ratio=1.5"], ["sparsity.ratio=1.5", "[0, 1)"], "run"),
+    ("ratio_negative", ["sparsity.ratio=-0.1"], ["sparsity.ratio", "[0, 1)"], "run"),
+    ("nm_ratio", ["sparsity=nm_2_4", "sparsity.ratio=0.7"], ["sparsity.ratio", "N/M"], "run"),
+    ("per_block", ["sparsity.per_block=[0.5,1.0]"], ["sparsity.per_block[1]"], "run"),
+    ("nsamples_zero", ["calibration.nsamples=0"], ["calibration.nsamples=0", ">= 1"], "run"),
+    ("seqlen_one", ["calibration.seqlen=1"], ["calibration.seqlen=1", ">= 2"], "run"),
+    ("batch_size_zero", ["batch_size=0"], ["batch_size=0"], "run"),
+    ("source", ["calibration.source=imagenet"], ["calibration.source", "austen"], "run"),
+    ("sampling", ["calibration.sampling=random"], ["calibration.sampling", "stream"], "run"),
+    ("ppl_dataset", ["eval.perplexity.dataset=ptb"], ["eval.perplexity.dataset", "austen"], "run"),
+    ("device_name", ["device=tpu"], ["device='tpu'", "cuda:N"], "run"),
+    ("dtype", ["dtype=float8"], ["model.dtype", "bfloat16"], "run"),
+    ("method_norm", ["method=gblm", "method.norm=l3"], ["method.norm", "l1, l2"], "run"),
+    ("calibration_split", ["calibration.split=tran"], ["calibration.split='tran'", "train"], "run"),
+    ("ppl_split", ["eval.perplexity.split=tst"], ["eval.perplexity.split='tst'", "test"], "run"),
+    (
+        "nsamples_huge",
+        ["calibration.nsamples=1000000000"],
+        ["calibration.nsamples=1000000000"],
+        "run",
+    ),
+    (
+        "seqlen_past_context",
+        ["calibration.seqlen=4096", "calibration.nsamples=1"],
+        ["calibration.seqlen=4096", "max_position_embeddings=2048"],
+        "run",
+    ),
+    (
+        "ppl_seqlen_past_context",
+        ["eval.perplexity.seqlen=4096"],
+        ["eval.perplexity.seqlen=4096", "max_position_embeddings"],
+        "run",
+    ),
+    (
+        "opt_past_context",
+        ["model=tiny_opt", "calibration.seqlen=4096", "calibration.nsamples=1"],
+        ["calibration.seqlen=4096"],
+        "run",
+    ),
+    (
+        "calibration_empty_file",
+        ["calibration=local", "calibration.paths=[{tmp}/empty.txt]"],
+        ["calibration.paths", "empty"],
+        "run",
+    ),
+    (
+        "calibration_short_file",
+        ["calibration=local", "calibration.paths=[{tmp}/short.txt]"],
+        ["calibration.paths", "calibration.nsamples=4 x calibration.seqlen=64"],
+        "run",
+    ),
+    (
+        "calibration_missing_file",
+        ["calibration=local", "calibration.paths=[{tmp}/missing.txt]"],
+        ["calibration.paths", "does not exist"],
+        "run",
+    ),
+    (
+        "calibration_folder",
+        ["calibration=local", "calibration.paths=[{tmp}]"],
+        ["calibration.paths", "is not a file"],
+        "run",
+    ),
+    (
+        "calibration_kind",
+        ["calibration=local", "calibration.paths=[{tmp}/short.csv]"],
+        ["calibration.paths", ".parquet"],
+        "run",
+    ),
+    ("calibration_no_paths", ["calibration=local"], ["calibration.paths"], "run"),
+    (
+        "eval_empty_file",
+        ["eval.perplexity.dataset=local", "eval.perplexity.paths=[{tmp}/empty.txt]"],
+        ["eval.perplexity.paths", "empty"],
+        "run",
+    ),
+    (
+        "eval_missing_file",
+        ["eval.perplexity.dataset=local", "eval.perplexity.paths=[{tmp}/missing.txt]"],
+        ["eval.perplexity.paths", "does not exist"],
+        "run",
+    ),
+    (
+        "model_missing",
+        ["model=hf", "model.name_or_path={tmp}/no_model"],
+        ["model.name_or_path", "no_model"],
+        "run",
+    ),
+    (
+        "model_corrupt_config",
+        ["model=hf", "model.name_or_path={tmp}/corrupt_model"],
+        ["model.name_or_path", "config.json"],
+        "run",
+    ),
+    ("model_no_path", ["model=hf"], ["model.name_or_path"], "run"),
+]
+if not torch.cuda.is_available():
+    CASES.append(("cuda_missing", ["device=cuda"], ["device='cuda'", "CUDA"], "run"))
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("Too short to calibrate on.")
+    (tmp_path / "short.csv").write_text("text\nhello\n")
+    corrupt = tmp_path / "corrupt_model"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    return tmp_path
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Replace the model loader: every call is recorded (and fails the case)."""
+    import gblm.models.loading as loading
+
+    calls = []
+
+    def must_not_load(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_model", must_not_load)
+    return calls
+
+
+def _cli(argv: list[str], monkeypatch) -> int:
+    from gblm.run import cli
+
+    monkeypatch.setattr(sys, "argv", ["gblm", *argv])
+    GlobalHydra.instance().clear()
+    try:
+        cli()
+    except SystemExit as done:
+        return done.code
+    finally:
+        GlobalHydra.instance().clear()
+    return 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needles", "marked"),
+    [pytest.param(o, n, m, id=i) for i, o, n, m in CASES],
+)
+def test_bad_input_is_refused_before_the_model_loads(
+    overrides, needles, marked, inputs, no_model_load, monkeypatch, capsys
+):
+    run_dir = inputs / "run"
+    argv = [*BASE, *(o.format(tmp=inputs) for o in overrides), f"hydra.run.dir={run_dir}"]
+    status = _cli(argv, monkeypatch)
+    out = capsys.readouterr()
+    assert status == 2, out.err[-2000:]
+    assert "Traceback" not in out.err and "Traceback" not in out.out
+    message = [line for line in out.err.splitlines() if line.startswith("gblm: ")]
+    assert len(message) == 1, out.err[-2000:]  # one paragraph
+    for needle in needles:
+        assert needle.format(tmp=inputs) in message[0], message[0]
+    assert no_model_load == []
+    if marked == "run":
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["status"] == "failed" and "traceback" not in metrics
+        assert needles[0].format(tmp=inputs) in metrics["error"]
+
+
+def test_at_least_thirty_cases():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["seed=abc"], "seed=abc"),
+        (["sparsity.ratio=1.5"], "sparsity.ratio=1.5"),
+        (["calibration.nsamples=1000000000"], "calibration.nsamples=1000000000"),
+    ],
+)
+def test_the_real_command_exits_2_before_loading_the_model(tmp_path, overrides, needle):
+    out = subprocess.run(
+        [sys.executable, "-m", "gblm", *BASE, *overrides, f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text[-2000:]
+    assert "Traceback" not in text and needle in out.stderr
+    assert "stage load model" not in text  # the run's log never reached the model
+
+
+def test_the_sweep_preflight_refuses_too_many_samples():
+    from gblm.sweep import SweepPreflightError, preflight
+    from tests.test_sweeps import multirun_config
+
+    with (
+        multirun_config(
+            "experiment=tiny_sweep", "method=wanda", "calibration.nsamples=4,1000000000"
+        ) as cfg,
+        pytest.raises(SweepPreflightError) as err,
+    ):
+        preflight(cfg)
+    assert "calibration.nsamples=1000000000" in str(err.value)
+    assert "no job was started" in str(err.value)
