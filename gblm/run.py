@@ -298,6 +298,7 @@ def _prune(s: RunSettings, method, plan, model, tokenizer, texts, device, dtype,
         model_id=s.model.model_id,
         cache_dir=cache_dir(),
         progress=s.progress,
+        onload=s.model.onload,
     )
     for stage in (plan, method):  # their passes over the dense model, named as stages
         with timer.stage(stage.dense_pass) if stage.dense_pass else contextlib.nullcontext():
@@ -313,6 +314,7 @@ def _prune(s: RunSettings, method, plan, model, tokenizer, texts, device, dtype,
                 batch_size=s.batch_size,
                 progress=s.progress,
                 offload_inputs=s.offload_inputs,
+                onload=s.model.onload,
             )
     finally:
         method.release()
@@ -334,12 +336,11 @@ def _zeroshot_stage(s: RunSettings, model, tokenizer, device, metrics, timer) ->
 
 
 def _input_device(model, device: torch.device) -> torch.device:
-    """Where token ids go: the embedding's device when a device_map placed the model."""
-    return (
-        model.get_input_embeddings().weight.device
-        if getattr(model, "hf_device_map", None)
-        else device
-    )
+    """Where token ids go: the embedding's device when a device_map placed the model or
+    ``model.onload`` kept the weights on the CPU (evaluation then runs where the weights are)."""
+    embeddings = model.get_input_embeddings().weight.device
+    placed = getattr(model, "hf_device_map", None) or embeddings.type != device.type
+    return embeddings if placed else device
 
 
 def _record_mask_stats(

@@ -515,6 +515,8 @@ def gradient_cache_key(
     }
     if settings.loss_chunk_tokens:  # its norms may differ from the default's in the last bits
         key["loss_chunk_tokens"] = settings.loss_chunk_tokens
+    # Not in the key: checkpointing, blockwise and group_size, which give the same norms bit for
+    # bit (tests/test_gradients.py, tests/test_blockwise.py), so one cache serves them all.
     return key
 
 

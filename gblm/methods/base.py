@@ -39,6 +39,7 @@ class RunContext:
     model_id: str | None = None  # what identifies the model's weights in cache keys; None: no cache
     cache_dir: Path | None = None  # where passes may cache their results; None: no cache
     progress: bool = True
+    onload: bool = False  # weights live on the CPU: dense passes move one block at a time
 
 
 class Pruner(ABC):

@@ -47,6 +47,9 @@ class ModelSpec:
     revision: str | None = None
     dtype: str = "auto"
     device_map: Any = None  # None: whole model on the run's device; "auto"/"cpu"/dict: accelerate
+    onload: bool = (
+        False  # weights stay on the CPU; the walk moves one block at a time to the device
+    )
     trust_remote_code: bool = False
     tiny: dict = field(default_factory=dict)  # kind=tiny: arguments of tiny_config + seed
 
@@ -161,7 +164,11 @@ def load_tokenizer(spec: ModelSpec):
 
 
 def load_model_and_tokenizer(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
-    """The model in eval mode (on ``device`` unless ``device_map`` places it) and its tokenizer."""
+    """The model in eval mode and its tokenizer.
+
+    The model is on ``device``, unless ``device_map`` places it or ``onload`` keeps it on the CPU
+    (as loaded: safetensors weights memory-mapped where transformers maps them).
+    """
     from transformers import AutoModelForCausalLM
 
     check_model_available(spec)
@@ -186,7 +193,7 @@ def load_model_and_tokenizer(spec: ModelSpec, device: torch.device, dtype: torch
         if spec.device_map is not None:
             kwargs["device_map"] = spec.device_map
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if spec.device_map is None:
+    if spec.device_map is None and not spec.onload:
         model.to(device)
     model.eval()
     model.config.use_cache = False
