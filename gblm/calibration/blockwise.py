@@ -142,6 +142,15 @@ def _block_linear_names(model: nn.Module) -> list[list[str]]:
     ]
 
 
+def _linears_by_name(blocks: list[nn.Module], names: list[list[str]]) -> dict[str, nn.Linear]:
+    """Every block's Linears by full name, block after block (the full-model stage's order)."""
+    return {
+        name: linear
+        for block, block_names in zip(blocks, names)
+        for name, linear in zip(block_names, prunable_linears(block).values())
+    }
+
+
 def _first(out: Any) -> Tensor:
     # transformers >= 5 returns a Tensor, older versions a tuple whose first entry is the states.
     return out[0] if isinstance(out, tuple | list) else out
@@ -198,12 +207,15 @@ def _forward_blocks(
 def _head_backward(model: nn.Module, group: _Group, compute, chunk: int, first: int) -> list:
     """Loss and its backward for each window; returns the last hidden states' gradients."""
     grads = []
-    for i, last in enumerate(group.inputs[-1]):
-        leaf = last.to(compute).detach().requires_grad_()  # (1, T, H)
-        out = (leaf,) if group.tuple_outputs else leaf
-        with skeleton(model, lambda *_, out=out: out), visiting(model, compute):
+    current: list[Any] = [None]  # what every stand-in returns: the current window's leaf
+    # embeddings and head moved once for the group
+    with skeleton(model, lambda *_: current[0]), visiting(model, compute):
+        for i, last in enumerate(group.inputs[-1]):
+            leaf = last.to(compute).detach().requires_grad_()  # (1, T, H)
+            current[0] = (leaf,) if group.tuple_outputs else leaf
             _backward_sample(model, group.ids[i : i + 1].to(compute), chunk, first + i)
-        grads.append(leaf.grad)
+            grads.append(leaf.grad)
+            current[0] = None
     group.inputs[-1] = []
     return grads
 
@@ -253,8 +265,9 @@ def blockwise_gradient_norms(
 
     Args: as :func:`gblm.calibration.gradients.gradient_norms`; ``device`` is the compute device
         (default: that of the input embeddings), where each block, the embeddings and the head
-        are moved for their work; ``settings.group_size`` windows go through the blocks together
-        (their inputs kept on the CPU).
+        are moved for their work; ``accumulate_on`` is where the accumulators live between
+        uses (default: each weight's device); ``settings.group_size`` windows go through the
+        blocks together (their block inputs kept on the CPU).
 
     Returns:
         The same ``{full Linear name: (d_out, d_in) tensor}``, bit for bit.
@@ -268,12 +281,7 @@ def blockwise_gradient_norms(
     host = torch.device("cpu")
     blocks = list(decoder_layers(model))
     block_names = _block_linear_names(model)
-    linears = dict(
-        zip(
-            [n for names in block_names for n in names],
-            [lin for block in blocks for lin in prunable_linears(block).values()],
-        )
-    )
+    linears = _linears_by_name(blocks, block_names)
     folder = _Folder(
         linears,
         settings.norm,
