@@ -139,6 +139,13 @@ def test_nonfinite_gradient_names_the_layer_and_sample() -> None:
         blockwise_gradient_norms(model, ids, blockwise("l1", 2), progress=False)
 
 
+def test_refuses_a_model_placed_by_accelerate() -> None:
+    model = tiny("llama")
+    decoder_layers(model)[0]._hf_hook = object()  # what accelerate's dispatch leaves on a module
+    with pytest.raises(NotImplementedError, match="device_map"):
+        blockwise_gradient_norms(model, windows(), blockwise("l1", 2), progress=False)
+
+
 @pytest.mark.parametrize("value", [0, -1, 1.5, True])
 def test_group_size_is_checked(value) -> None:
     with pytest.raises(ValueError, match="gradient_group_size"):

@@ -151,6 +151,15 @@ def _linears_by_name(blocks: list[nn.Module], names: list[list[str]]) -> dict[st
     }
 
 
+def _refuse_accelerate(model: nn.Module) -> None:
+    if any(hasattr(module, "_hf_hook") for module in model.modules()):
+        raise NotImplementedError(
+            "the block-by-block gradient stage moves blocks itself and cannot run on a model "
+            "placed by accelerate (model.device_map); load it without a device map "
+            "(model.onload=true) or set method.gradient_blockwise=false."
+        )
+
+
 def _first(out: Any) -> Tensor:
     # transformers >= 5 returns a Tensor, older versions a tuple whose first entry is the states.
     return out[0] if isinstance(out, tuple | list) else out
@@ -279,6 +288,7 @@ def blockwise_gradient_norms(
         check_chunkable(model)
     compute = torch.device(device) if device is not None else _input_device(model)
     host = torch.device("cpu")
+    _refuse_accelerate(model)
     blocks = list(decoder_layers(model))
     block_names = _block_linear_names(model)
     linears = _linears_by_name(blocks, block_names)
