@@ -91,6 +91,7 @@ def prune(
     batch_size: int = 1,
     progress: bool = True,
     options: Mapping[str, Any] | None = None,
+    onload: bool = False,
 ) -> PruneResult:
     """Prune ``model`` in place with a registered method; returns the masks and statistics.
 
@@ -107,6 +108,9 @@ def prune(
         batch_size: calibration windows per forward in the walk (same masks).
         progress: tqdm bars.
         options: the method's options, as in its yaml (``{"norm": "l2"}``); with a name only.
+        onload: the model's weights stay where they are (e.g. the CPU) and each decoder block is
+            moved to ``device`` for its work, GBLM's gradient stage included (block by block;
+            the same masks as with the model on ``device``; ``docs/onload.md``).
 
     Returns:
         :class:`PruneResult`.
@@ -125,7 +129,7 @@ def prune(
         if windows is None:
             raise ValueError(f"{type(method).__name__} needs calibration: texts or token ids.")
     dtype = next(model.parameters()).dtype
-    context = RunContext(device=device, model_dtype=dtype, progress=progress)
+    context = RunContext(device=device, model_dtype=dtype, progress=progress, onload=onload)
     seconds: dict[str, float] = {}
     for stage in (plan, method):  # their passes over the dense model (GBLM: gradients)
         began = time.perf_counter()
@@ -135,7 +139,8 @@ def prune(
     began = time.perf_counter()
     try:
         masks = prune_model(model, method, plan, windows if method.needs_calibration else None,
-                            device=device, batch_size=batch_size, progress=progress)  # fmt: skip
+                            device=device, batch_size=batch_size, progress=progress,
+                            onload=onload)  # fmt: skip
     finally:
         method.release()
     seconds["prune"] = time.perf_counter() - began

@@ -47,6 +47,8 @@ class ModelConf:
     revision: str | None = None
     dtype: str = II("dtype")
     device_map: Any = None  # auto: spread over GPUs / offload to CPU with accelerate
+    # weights stay on the CPU (or memory-mapped); each block is moved to the device for its work
+    onload: bool = False
     trust_remote_code: bool = False
     tiny: dict[str, Any] = field(default_factory=dict)  # kind=tiny: tiny_config arguments + seed
     run_dir: str | None = None  # model=saved: the run dir whose model/ a run saved (required)
@@ -432,9 +434,17 @@ def _model(m: ModelConf) -> ModelSpec:
         revision=m.revision,
         dtype=_choice("model.dtype", m.dtype, DTYPE_NAMES),
         device_map=m.device_map,
+        onload=m.onload,
         trust_remote_code=m.trust_remote_code,
         tiny=dict(m.tiny),
     )
+    if not isinstance(spec.onload, bool):
+        raise ConfigError(f"model.onload={spec.onload!r}: allowed values are true, false.")
+    if spec.onload and spec.device_map is not None:
+        raise ConfigError(
+            "model.onload=true keeps the weights on the CPU itself; it cannot be combined with "
+            f"model.device_map={spec.device_map!r} (set model.device_map=null)."
+        )
     if spec.kind == "hf" and not spec.name_or_path:
         raise ConfigError(
             "model.name_or_path is required with model.kind=hf (hub id or local directory)."

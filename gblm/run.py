@@ -590,6 +590,7 @@ def _prune(s: RunSettings, method, plan, model, tokenizer, texts, device, dtype,
         cache_dir=cache_dir(),
         progress=s.progress,
         fingerprint=lambda: weights_fingerprint(s.model),
+        onload=s.model.onload,
     )
     for stage in (plan, method):  # their passes over the dense model, named as stages
         with timer.stage(stage.dense_pass) if stage.dense_pass else contextlib.nullcontext():
@@ -605,6 +606,7 @@ def _prune(s: RunSettings, method, plan, model, tokenizer, texts, device, dtype,
                 batch_size=s.batch_size,
                 progress=s.progress,
                 offload_inputs=s.offload_inputs,
+                onload=s.model.onload,
             )
     finally:
         method.release()
@@ -629,12 +631,11 @@ def _zeroshot_stage(s: RunSettings, model, tokenizer, device, metrics, timer, ru
 
 
 def _input_device(model, device: torch.device) -> torch.device:
-    """Where token ids go: the embedding's device when a device_map placed the model."""
-    return (
-        model.get_input_embeddings().weight.device
-        if getattr(model, "hf_device_map", None)
-        else device
-    )
+    """Where token ids go: the embedding's device when a device_map placed the model or
+    ``model.onload`` kept the weights on the CPU (evaluation then runs where the weights are)."""
+    embeddings = model.get_input_embeddings().weight.device
+    placed = getattr(model, "hf_device_map", None) or embeddings.type != device.type
+    return embeddings if placed else device
 
 
 def _n_per_linear(plan, masks) -> dict[str, int]:

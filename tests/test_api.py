@@ -77,3 +77,11 @@ def test_evaluate_is_the_runs_perplexity(tiny_llama):
     expected = perplexity(tiny_llama, tokens, 32, device=torch.device("cpu"), progress=False)
     assert gblm.evaluate(tiny_llama, data=tokens, seqlen=32, progress=False) == expected
     assert "gblm" in gblm.method_names()
+
+
+def test_prune_onloaded_gives_the_same_masks(tiny_llama):
+    reference = copy.deepcopy(tiny_llama)
+    expected = gblm.prune(reference, calibration=WINDOWS, progress=False)
+    result = gblm.prune(tiny_llama, calibration=WINDOWS, progress=False, onload=True)
+    assert same_masks(result.masks, expected.masks)
+    assert all(torch.equal(a, b) for a, b in zip(tiny_llama.parameters(), reference.parameters()))

@@ -285,5 +285,7 @@ def test_gradient_stage_settings_are_held_once() -> None:
         "accumulator_dtype": "float32",
         "gradient_checkpointing": False,
         "loss_chunk_tokens": 64,
+        "gradient_blockwise": False,
+        "gradient_group_size": 8,
     }
     json.dumps(described)

@@ -85,6 +85,12 @@ class GradientSettings:
         loss_chunk_tokens: 0 (default): the model's own loss over the full (T, vocab) logits, as
             published. > 0: the LM head and loss this many positions at a time
             (:func:`_chunked_loss_backward`); gradients may differ in the last float bits.
+        blockwise: Compute the norms block by block
+            (:func:`gblm.calibration.blockwise.blockwise_gradient_norms`): one decoder block on
+            the compute device at a time, for models larger than it. Bit for bit the same norms.
+        group_size: With ``blockwise``, the windows that go through the blocks together (S):
+            each block is moved to the device twice per group; their block inputs stay on the
+            host. No effect on the norms.
     """
 
     norm: str = "l1"
@@ -92,6 +98,8 @@ class GradientSettings:
     accumulator_dtype: str = "float16"
     checkpointing: bool = False
     loss_chunk_tokens: int = 0
+    blockwise: bool = False
+    group_size: int = 8
 
     def __post_init__(self) -> None:
         if isinstance(self.accumulator_dtype, torch.dtype):
@@ -114,6 +122,13 @@ class GradientSettings:
             raise ValueError(
                 f"method.loss_chunk_tokens={chunk!r}: must be an integer >= 0 (0 = off)."
             )
+        if not isinstance(self.blockwise, bool):
+            raise ValueError(
+                f"method.gradient_blockwise={self.blockwise!r}: allowed values are true, false."
+            )
+        size = self.group_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"method.gradient_group_size={size!r}: must be an integer >= 1.")
 
     @property
     def torch_accumulator_dtype(self) -> torch.dtype:
@@ -230,10 +245,11 @@ class _Folder:
         self.checks: dict[str, Tensor] = {}
 
     def hook(self, name: str) -> Callable[[Tensor], None]:
-        acc = self.accumulators[name]
-
         @torch.no_grad()
         def fold(weight: Tensor) -> None:
+            # Looked up per call: the block-by-block stage moves a block's accumulators to the
+            # compute device for its backward and back afterwards.
+            acc = self.accumulators[name]
             # The published step: grad -> fp32, times scale, abs (l1) or square (l2), cast to the
             # accumulator dtype, add. For an fp32 .grad, .float() is the tensor itself: modifying
             # it in place is fine because it is freed right below.
@@ -510,6 +526,8 @@ def gradient_cache_key(
     }
     if settings.loss_chunk_tokens:  # its norms may differ from the default's in the last bits
         key["loss_chunk_tokens"] = settings.loss_chunk_tokens
+    # Not in the key: checkpointing, blockwise and group_size, which give the same norms bit for
+    # bit (tests/test_gradients.py, tests/test_blockwise.py), so one cache serves them all.
     return key
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from gblm.calibration.blockwise import skeleton, visiting
 from gblm.calibration.capture import BlockInputs, capture_block_inputs
 from gblm.calibration.hooks import attached_hooks
 from gblm.calibration.stats import LinearStats
@@ -104,6 +105,13 @@ def _on_device(block: nn.Module, device: torch.device) -> Iterator[torch.device]
     finally:
         if moved:
             block.to(home.pop())
+
+
+@contextlib.contextmanager
+def _embeddings_on(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Everything but the decoder blocks on ``device`` (read only), the blocks where they are."""
+    with skeleton(model, lambda _index, hidden, _args, _kwargs: hidden), visiting(model, device):
+        yield
 
 
 def _run_block(
@@ -258,6 +266,7 @@ def prune_model(
     batch_size: int = 1,
     progress: bool = True,
     offload_inputs: bool = False,
+    onload: bool = False,
 ) -> PackedMasks:
     """Prune every Linear inside the decoder blocks of ``model``, in place, block by block.
 
@@ -273,6 +282,11 @@ def prune_model(
         batch_size: windows per forward call.
         progress: show a tqdm bar.
         offload_inputs: keep the (N, T, hidden) block inputs on the CPU instead of ``device``.
+        onload: the weights live off ``device`` (CPU memory, memory-mapped files): block 0's
+            inputs are captured with only the embeddings (and whatever else is not a decoder
+            block) moved to ``device``, so masks, rotary tables and hidden states are computed
+            there as in the in-memory run. Each block is moved to ``device`` for its work and
+            back in any case (:func:`_on_device`).
 
     Returns:
         The boolean masks (True = pruned), on the CPU, keyed by the full module name as in
@@ -291,9 +305,10 @@ def prune_model(
         inputs = None
         if method.needs_calibration:
             storage = torch.device("cpu") if offload_inputs else device
-            inputs = capture_block_inputs(
-                model, _as_ids(windows), batch_size=batch_size, storage_device=storage
-            )
+            with _embeddings_on(model, device) if onload else contextlib.nullcontext():
+                inputs = capture_block_inputs(
+                    model, _as_ids(windows), batch_size=batch_size, storage_device=storage
+                )
         _walk_blocks(blocks, prefix, method, plan, inputs, device, masks, progress)
     finally:
         model.train(was_training)

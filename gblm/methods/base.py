@@ -40,6 +40,7 @@ class RunContext:
     model_id: str | None = None  # names the model in cache keys; None: no cache
     cache_dir: Path | None = None  # where passes may cache their results; None: no cache
     progress: bool = True
+    onload: bool = False  # weights live on the CPU: dense passes move one block at a time
     # the content hash of the model's weights files, computed only when a pass asks for it
     fingerprint: Callable[[], str] | None = None
 

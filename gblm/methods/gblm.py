@@ -8,8 +8,11 @@ of :mod:`gblm.calibration.gradients`, cached on disk) and the per-Linear score
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import Tensor, nn
 
+from gblm.calibration.blockwise import blockwise_gradient_norms
 from gblm.calibration.gradients import (
     GradientSettings,
     cached_gradient_norms,
@@ -34,6 +37,8 @@ class GBLMPruner(ScorePruner):
         accumulator_dtype: str = "float16",
         gradient_checkpointing: bool = False,
         loss_chunk_tokens: int = 0,
+        gradient_blockwise: bool = False,
+        gradient_group_size: int = 8,
     ) -> None:
         super().__init__(comparison_group)
         if score not in SCORES:
@@ -45,6 +50,8 @@ class GBLMPruner(ScorePruner):
             accumulator_dtype=accumulator_dtype,
             checkpointing=gradient_checkpointing,
             loss_chunk_tokens=loss_chunk_tokens,
+            blockwise=gradient_blockwise,
+            group_size=gradient_group_size,
         )
         # A gradient-only score needs no activation statistic; an activation-only one (Wanda)
         # no gradient stage.
@@ -64,10 +71,12 @@ class GBLMPruner(ScorePruner):
         if windows is None:
             raise ValueError("GBLM-Pruner's gradient stage needs calibration windows.")
 
+        # An onloaded model (weights on the CPU) always goes block by block: the same norms.
+        settings = replace(self.gradients, blockwise=self.gradients.blockwise or context.onload)
+        stage = blockwise_gradient_norms if settings.blockwise else gradient_norms
+
         def compute() -> dict[str, Tensor]:
-            return gradient_norms(
-                model, windows, self.gradients, device=context.device, progress=context.progress
-            )
+            return stage(model, windows, settings, device=context.device, progress=context.progress)
 
         model_key = context.model_key()
         if context.cache_dir is None or model_key is None:
@@ -103,4 +112,6 @@ class GBLMPruner(ScorePruner):
             "accumulator_dtype": self.gradients.accumulator_dtype,
             "gradient_checkpointing": self.gradients.checkpointing,
             "loss_chunk_tokens": self.gradients.loss_chunk_tokens,
+            "gradient_blockwise": self.gradients.blockwise,
+            "gradient_group_size": self.gradients.group_size,
         }

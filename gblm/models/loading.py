@@ -48,6 +48,9 @@ class ModelSpec:
     revision: str | None = None
     dtype: str = "auto"
     device_map: Any = None  # None: whole model on the run's device; "auto"/"cpu"/dict: accelerate
+    onload: bool = (
+        False  # weights stay on the CPU; the walk moves one block at a time to the device
+    )
     trust_remote_code: bool = False
     tiny: dict = field(default_factory=dict)  # kind=tiny: arguments of tiny_config + seed
 
@@ -253,7 +256,11 @@ def max_positions(spec: ModelSpec) -> int | None:
 
 
 def load_model_and_tokenizer(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
-    """The model in eval mode (on ``device`` unless ``device_map`` places it) and its tokenizer."""
+    """The model in eval mode and its tokenizer.
+
+    The model is on ``device``, unless ``device_map`` places it or ``onload`` keeps it on the CPU
+    (as loaded: safetensors weights memory-mapped where transformers maps them).
+    """
     check_model_available(spec)
     tokenizer = load_tokenizer(spec)
     return load_model(spec, device, dtype, tokenizer), tokenizer
@@ -288,7 +295,7 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, tokeni
             kwargs["device_map"] = spec.device_map
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.gblm_source_dtype = _checkpoint_dtype(spec, dtype)  # save_dtype=original saves in it
-    if spec.device_map is None:
+    if spec.device_map is None and not spec.onload:
         model.to(device)
     check_finite_weights(model, f"model {spec.name!r}")
     model.eval()

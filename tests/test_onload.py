@@ -1,0 +1,134 @@
+"""``model.onload``: weights on the host, one block at a time on the compute device.
+
+Without a GPU the compute device is the host itself, so these CPU tests check what can be checked
+soundly there: the onloaded walk and gradient stage give the in-memory masks and weights bit for
+bit for every method, leave every block on the host, and the run and config accept the option.
+The tests that move blocks to a real device are marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import Tensor
+
+from gblm.calibration.sequential import prune_model
+from gblm.config import ConfigError
+from gblm.methods.base import RunContext
+from gblm.methods.gblm import GBLMPruner
+from gblm.methods.magnitude import MagnitudePruner
+from gblm.methods.sparsegpt import SparseGPTPruner
+from gblm.methods.wanda import WandaPruner
+from gblm.models.layers import decoder_layers
+from gblm.models.tiny import build_tiny_model, tiny_config
+from gblm.pruning.sparsity import Sparsity
+from gblm.run import run
+from tests.conftest import compose_config
+from tests.test_run import SMALL
+
+VOCAB = 256
+METHODS = {
+    "magnitude": MagnitudePruner,
+    "wanda": WandaPruner,
+    "sparsegpt": SparseGPTPruner,
+    "gblm": GBLMPruner,
+}
+
+
+def _windows() -> Tensor:
+    return torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _prune(arch: str, method: str, device: str, onload: bool, home: str = "cpu"):
+    model = build_tiny_model(tiny_config(arch, vocab_size=VOCAB), seed=0).to(home)
+    pruner = METHODS[method]()
+    ids = _windows()
+    context = RunContext(device=torch.device(device), model_dtype=torch.float32, onload=onload)
+    pruner.prepare(model, ids, context)
+    masks = prune_model(
+        model, pruner, Sparsity(0.5), ids, device=device, progress=False, onload=onload
+    )
+    return model, {name: masks[name] for name in masks}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_onloaded_walk_gives_the_in_memory_masks_and_weights(arch: str, method: str) -> None:
+    memory, memory_masks = _prune(arch, method, "cpu", onload=False)
+    onloaded, onload_masks = _prune(arch, method, "cpu", onload=True)
+    assert list(onload_masks) == list(memory_masks)
+    for name, mask in memory_masks.items():
+        assert torch.equal(onload_masks[name], mask), name
+    weights = memory.state_dict()
+    for name, value in onloaded.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    assert all(p.device.type == "cpu" for p in onloaded.parameters())
+
+
+def test_onloaded_capture_never_calls_a_real_block() -> None:
+    model = build_tiny_model(tiny_config("llama", vocab_size=VOCAB), seed=0)
+    calls = []
+    for block in decoder_layers(model):
+        block.register_forward_pre_hook(lambda module, args: calls.append(module))
+    # magnitude needs no data; a method with data runs each block once for statistics and once
+    # for the re-forward: capture adds no call of its own
+    prune_model(model, WandaPruner(), Sparsity(0.5), _windows(), device="cpu", onload=True)
+    assert len(calls) == 2 * 4 * len(decoder_layers(model))  # 2 passes x 4 windows x blocks
+
+
+def test_run_with_onload_gives_the_in_memory_masks(tmp_path, monkeypatch) -> None:
+    import gblm.methods.gblm as gblm_method
+
+    # the norms are computed, not loaded: the cache key is the same for all three on purpose
+    monkeypatch.setattr(gblm_method, "cached_gradient_norms", lambda _dir, _key, compute: compute())
+    blockwise_calls = []
+    original = gblm_method.blockwise_gradient_norms
+
+    def spy(model, windows, settings, **kwargs):
+        blockwise_calls.append(settings.group_size)
+        return original(model, windows, settings, **kwargs)
+
+    monkeypatch.setattr(gblm_method, "blockwise_gradient_norms", spy)
+    base = ("model=tiny_llama", "method=gblm", *SMALL)
+    memory = run(compose_config(*base), run_dir=tmp_path / "m")
+    onloaded = run(compose_config(*base, "model.onload=true"), run_dir=tmp_path / "o")
+    grouped = run(
+        compose_config(*base, "method.gradient_blockwise=true", "method.gradient_group_size=3"),
+        run_dir=tmp_path / "g",
+    )
+    assert onloaded["status"] == grouped["status"] == "finished"
+    assert blockwise_calls == [8, 3]  # model.onload alone turns the block-by-block stage on
+    assert onloaded["mask_stats"] == memory["mask_stats"] == grouped["mask_stats"]
+    assert onloaded["ppl"]["pruned"] == memory["ppl"]["pruned"]
+    recorded = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert recorded["status"] == "finished"
+
+
+def test_onload_config_is_checked(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="model.device_map"):
+        run(
+            compose_config("model=tiny_llama", "model.onload=true", "model.device_map=auto"),
+            run_dir=tmp_path / "a",
+        )
+    with pytest.raises(ConfigError, match="gradient_group_size"):
+        run(
+            compose_config("model=tiny_llama", "method=gblm", "method.gradient_group_size=0"),
+            run_dir=tmp_path / "b",
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+def test_onloaded_to_the_gpu_equals_the_model_on_the_gpu(arch: str, method: str) -> None:
+    memory, memory_masks = _prune(arch, method, "cuda", onload=False, home="cuda")
+    onloaded, onload_masks = _prune(arch, method, "cuda", onload=True, home="cpu")
+    assert all(p.device.type == "cpu" for p in onloaded.parameters())
+    assert all(b.device.type == "cpu" for b in onloaded.buffers())
+    for name, mask in memory_masks.items():
+        assert torch.equal(onload_masks[name], mask), name
+    weights = memory.state_dict()
+    for name, value in onloaded.state_dict().items():
+        assert torch.equal(value, weights[name].cpu()), name
