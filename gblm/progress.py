@@ -5,7 +5,7 @@ in forward-pass equivalents (a backward costs about two forwards): a perplexity 
 windows x T tokens, GBLM's gradient stage 3 x N x T, the layer walk 2 x N x T (the capture and
 the re-forward of every block; its statistics and solves ride on them), a zero-shot pass its
 items x choices x context tokens. The rate measured on the stages done so far prices the ones
-left. Loading and bookkeeping stages weigh nothing; the estimate is a guide, printed in the log
+left. Loading, bookkeeping and magnitude's masking (no forward pass) weigh nothing; the estimate is a guide, printed in the log
 after every stage.
 """
 
@@ -40,7 +40,8 @@ def planned_work(settings: Any, method: Any, plan: Any) -> dict[str, float]:
             work[plan.dense_pass] = 2 * calibration
         if method.dense_pass:
             work[method.dense_pass] = 3 * calibration
-        work["prune"] = max(2 * calibration, 1.0)
+        if calibration:  # magnitude's walk runs no forward pass: it is not weighed
+            work["prune"] = 2 * calibration
     if settings.zeroshot.enabled:
         work["zero-shot"] = settings.zeroshot.cloze_items * ZEROSHOT_TOKENS_PER_ITEM
     return work

@@ -61,3 +61,15 @@ def test_planned_work_follows_the_method_and_the_run(tmp_path, caplog):
 
 SMALL = ("calibration.nsamples=2", "calibration.seqlen=32", "eval.perplexity.max_windows=2",
          "progress=false", "mask_images=[]")  # fmt: skip
+
+
+def test_a_walk_without_calibration_is_not_weighed():
+    from gblm.config import to_plain, validate
+    from gblm.methods.registry import build_method as build
+    from gblm.progress import planned_work
+    from gblm.run import build_plan
+
+    settings = validate(to_plain(compose_config("model=tiny_llama", "method=magnitude", *SMALL)))
+    method = build(settings.method_name, settings.method_target, **settings.method_kwargs)
+    work = planned_work(settings, method, build_plan(settings, method))
+    assert set(work) == {"perplexity dense", "perplexity pruned"}  # the rate comes from them

@@ -52,6 +52,7 @@ from gblm.calibration.gradients import (
     _input_device,
     _only_weights_require_grad,
     check_chunkable,
+    folding_hooks,
 )
 from gblm.calibration.loss import lean_loss
 from gblm.models.layers import decoder_layers, prunable_linears
@@ -303,16 +304,14 @@ def blockwise_gradient_norms(
     start = time.perf_counter()
     ngroups = -(-nsamples // size)
     bar = tqdm(total=2 * ngroups * len(blocks), desc="gradients", disable=not progress)
-    handles = []
     try:
         with (
             _eval_mode(model),
             _only_weights_require_grad(model, [lin.weight for lin in linears.values()]),
             lean_loss(model) if not chunk else contextlib.nullcontext(False),
             torch.enable_grad(),
+            folding_hooks(linears, folder),
         ):
-            for name, linear in linears.items():
-                handles.append(linear.weight.register_post_accumulate_grad_hook(folder.hook(name)))
             for first in range(0, nsamples, size):
                 group = _Group(windows[first : first + size], len(blocks))
                 _skeleton_pass(model, group, compute, host)
@@ -325,16 +324,9 @@ def blockwise_gradient_norms(
                     bar.update()
     finally:
         bar.close()
-        for handle in handles:
-            handle.remove()
     norms = _finish(model, versions, folder, settings)
     logger.info(
         "block-by-block gradient norms (%s, groups of %d) of %d Linears over %d x %d: %.1f s",
-        settings.norm,
-        size,
-        len(norms),
-        nsamples,
-        seqlen,
-        time.perf_counter() - start,
-    )
+        settings.norm, size, len(norms), nsamples, seqlen, time.perf_counter() - start,
+    )  # fmt: skip
     return norms

@@ -422,40 +422,40 @@ def gradient_norms(
     # (no optimizer, hooks under no_grad) left every parameter untouched.
     versions = {name: p._version for name, p in model.named_parameters()}
     start = time.perf_counter()
-    handles = []
-    try:
-        with (
-            _eval_mode(model),
-            _only_weights_require_grad(model, weights),
-            _checkpointed_blocks(model, settings.checkpointing),
-            lean_loss(model) if not chunk else contextlib.nullcontext(False) as lean,
-            torch.enable_grad(),
-        ):
-            if not chunk and not lean:
-                logger.info(
-                    "the model's own loss function is not ForCausalLMLoss: it is used as is"
-                )
-            for name, linear in linears.items():
-                handles.append(linear.weight.register_post_accumulate_grad_hook(folder.hook(name)))
-            for n in tqdm(range(nsamples), desc="gradients", disable=not progress):
-                _backward_sample(model, windows[n : n + 1].to(input_device), chunk, n)
-                folder.check_sample(n)
-    finally:
-        for handle in handles:
-            handle.remove()
-
+    with (
+        _eval_mode(model),
+        _only_weights_require_grad(model, weights),
+        _checkpointed_blocks(model, settings.checkpointing),
+        lean_loss(model) if not chunk else contextlib.nullcontext(False) as lean,
+        torch.enable_grad(),
+        folding_hooks(linears, folder),
+    ):
+        if not chunk and not lean:
+            logger.info("the model's own loss function is not ForCausalLMLoss: it is used as is")
+        for n in tqdm(range(nsamples), desc="gradients", disable=not progress):
+            _backward_sample(model, windows[n : n + 1].to(input_device), chunk, n)
+            folder.check_sample(n)
     norms = _finish(model, versions, folder, settings)
     logger.info(
         "gradient norms (%s, scale %g, %s) of %d Linears over %d windows x %d tokens: %.1f s",
-        norm,
-        scale,
-        settings.accumulator_dtype,
-        len(norms),
-        nsamples,
-        seqlen,
+        norm, scale, settings.accumulator_dtype, len(norms), nsamples, seqlen,
         time.perf_counter() - start,
-    )
+    )  # fmt: skip
     return norms
+
+
+@contextlib.contextmanager
+def folding_hooks(linears: dict[str, nn.Linear], folder: _Folder) -> Iterator[None]:
+    """Each Linear's weight gradient folded into its accumulator as soon as it is complete."""
+    handles = [
+        linear.weight.register_post_accumulate_grad_hook(folder.hook(name))
+        for name, linear in linears.items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _finish(
