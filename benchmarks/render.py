@@ -253,6 +253,26 @@ def _reference(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _flop_floor(r: dict[str, Any]) -> list[str]:
+    rows = [
+        [name, f"{x['flops'] / 1e9:.1f}", _s(x["floor_s"]), _s(x["controlled_cpu_s"]),
+         _x(x["ratio"]), _s(x["product_wall_s"]), _x(x["product_ratio"])]
+        for name, x in (r.get("flop_floor") or {}).items()
+    ]  # fmt: skip
+    if not rows:
+        return []
+    header = ["pass", "GFLOP", "floor s", "controlled CPU s", "ratio", "as run wall s",
+              "ratio (default threads)"]  # fmt: skip
+    return [
+        "Against the FLOP floor: each pass's FLOPs at the fp32 matmul rate measured in this run "
+        "(the suite's threads for the controlled runs, torch's default threads for the product's "
+        "path).",
+        "",
+        *_table(header, rows),
+        "",
+    ]
+
+
 def _product_path(r: dict[str, Any]) -> list[str]:
     runs = r.get("product_path")
     if not runs:
@@ -423,7 +443,10 @@ def render(report: dict[str, Any]) -> str:
         f"{m['cpu']}, {m['cores']} cores (bf16 instructions: "
         f"{', '.join(m['cpu_bf16_instructions']) or 'none'}), torch {m['torch']}, "
         f"{m['threads']} intra-op thread(s); "
-        f"load average at start {m['load_average_at_start']}; sparsity {s['sparsity']}; "
+        f"load average at start {m['load_average_at_start']}; fp32 matmul "
+        f"{m.get('matmul_gflops', {}).get('suite_threads', float('nan')):.0f} GFLOP/s "
+        f"({m.get('matmul_gflops', {}).get('default_threads', float('nan')):.0f} at torch's "
+        f"default threads); sparsity {s['sparsity']}; "
         f"{report['seconds']:.0f} s in all.",
         "",
         METHOD_NOTES.format(threads=m["threads"]),
@@ -433,6 +456,6 @@ def render(report: dict[str, Any]) -> str:
     for r in report["models"]:
         lines += [_model_title(r), ""]
         lines += _floors(r) + _stages(r) + _composites(r) + _memory(r)
-        lines += _reference(r) + _product_path(r) + _extras(r)
+        lines += _reference(r) + _flop_floor(r) + _product_path(r) + _extras(r)
     lines += _scaling(report)
     return "\n".join(lines).rstrip() + "\n"

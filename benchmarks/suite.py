@@ -510,6 +510,48 @@ def merge_memory(result: dict[str, Any], memory: dict[str, Any]) -> None:
         extras["checkpointing"]["plain_peak_bytes"] = stage_peak
 
 
+def matmul_rate(threads: int, n: int = 1024, repeats: int = 5) -> float:
+    """This CPU's fp32 matmul rate in FLOP/s at ``threads`` threads: best of ``repeats`` (n x n) @
+    (n x n) products, 2 n^3 FLOPs each. The floor every calibration pass is priced at."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)  # warm up
+        best = float("inf")
+        for _ in range(repeats):
+            began = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - began)
+    finally:
+        torch.set_num_threads(saved)
+    return 2 * n**3 / best
+
+
+def flop_floor(result: dict[str, Any], rate: float, product_rate: float) -> dict[str, Any]:
+    """Each calibration pass against its FLOPs at the measured matmul rate: the controlled runs at
+    the suite's threads (``rate``) and the product's path at torch's own threads."""
+    f, methods = result["flops"], result["methods"]
+    rows: dict[str, Any] = {}
+
+    def add(name: str, flops_: float, controlled: float | None, product: float | None) -> None:
+        floor, product_floor = flops_ / rate, flops_ / product_rate
+        rows[name] = {
+            "flops": flops_, "floor_s": floor, "controlled_cpu_s": controlled,
+            "ratio": controlled / floor if controlled else None,
+            "product_wall_s": product, "product_floor_s": product_floor,
+            "product_ratio": product / product_floor if product else None,
+        }  # fmt: skip
+
+    product = result.get("product_path", {})
+    gblm = methods["gblm"]
+    add("gradient stage (GBLM)", f["gradient_floor"], gblm["stages"][GRADIENT_STAGE].get("cpu_s"),
+        product.get("gblm", {}).get("dense_pass", {}).get("wall_s"))  # fmt: skip
+    add("walk (Wanda)", f["walk_floor"], methods["wanda"].get("walk", {}).get("cpu_s"),
+        product.get("wanda", {}).get("walk", {}).get("wall_s"))  # fmt: skip
+    return rows
+
+
 def machine_info(settings: Settings) -> dict[str, Any]:
     """The CPU, its bf16 instructions, the torch version and threads, the load at the start."""
     cpu, flags = platform.processor() or "unknown", set()
@@ -542,6 +584,8 @@ def run_suite(settings: Settings, progress: Callable[[str], None] | None = None)
     began = time.perf_counter()
     try:
         info = machine_info(settings)
+        rate, product_rate = matmul_rate(settings.threads), matmul_rate(DEFAULT_THREADS)
+        info["matmul_gflops"] = {"suite_threads": rate / 1e9, "default_threads": product_rate / 1e9}
         prepared: list[Prepared] = []
         memory: dict[str, dict[str, Any]] = {}
         # Memory first, while the heap has no large free chunks: every tensor of 64 KiB or more
@@ -560,6 +604,7 @@ def run_suite(settings: Settings, progress: Callable[[str], None] | None = None)
                 item = prepared.pop(0)
                 say(f"timing {item.case.name} ...")
                 results.append(bench_model(item, settings))
+                results[-1]["flop_floor"] = flop_floor(results[-1], rate, product_rate)
                 if item.case.name in memory:
                     merge_memory(results[-1], memory[item.case.name])
                 del item

@@ -92,6 +92,21 @@ def test_product_path_is_timed_beside_the_controlled_runs(report: tuple[dict, st
     assert "As a user runs it" in text
 
 
+def test_passes_are_priced_at_the_measured_matmul_rate(report: tuple[dict, str]) -> None:
+    data, text = report
+    rates = data["machine"]["matmul_gflops"]
+    assert _positive(rates["suite_threads"]) and _positive(rates["default_threads"])
+    for model in data["models"]:
+        rows = model["flop_floor"]
+        assert set(rows) == {"gradient stage (GBLM)", "walk (Wanda)"}
+        for row in rows.values():
+            assert row["floor_s"] == pytest.approx(row["flops"] / (rates["suite_threads"] * 1e9))
+            assert _positive(row["ratio"])
+    probe = next(m for m in data["models"] if "product_path" in m)
+    assert all(_positive(r["product_ratio"]) for r in probe["flop_floor"].values())
+    assert "Against the FLOP floor" in text
+
+
 def test_gpu_benchmark_runs_its_code_path_on_the_cpu(tmp_path) -> None:
     """The GPU benchmark's CPU fallback: the tiny shape through every stage, a full report."""
     from benchmarks.gpu import GOALS
