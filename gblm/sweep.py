@@ -68,6 +68,17 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _produced_by(status: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Which launch ran the job whose metrics a skip keeps: from its last ``job_status.json``."""
+    if not status:
+        return None
+    if status.get("status") == "skipped":
+        return status.get("produced_by")
+    if status.get("status") != "finished":
+        return None
+    return {key: status.get(key) for key in ("launch_id", "ended", "seconds")}
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -514,6 +525,7 @@ class SweepCallback(Callback):
         self._reported = False
         self._before: dict[str, tuple[str | None, int] | None] = {}
         self._started: dict[str, float] = {}
+        self._produced: dict[str, dict[str, Any] | None] = {}
 
     # launching machine ------------------------------------------------------------------------
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -580,6 +592,7 @@ class SweepCallback(Callback):
             (previous or {}).get("status"),
             path.stat().st_mtime_ns if previous else None,
         )
+        self._produced[out] = _produced_by(_read_json(Path(out) / JOB_STATUS_FILE))
         self._started[out] = time.time()
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
@@ -614,6 +627,9 @@ class SweepCallback(Callback):
             "ended": _now(),
             "seconds": round(time.time() - self._started.pop(str(out), time.time()), 3),
         }
+        produced = self._produced.pop(str(out), None)
+        if status == "skipped" and produced:
+            record["produced_by"] = produced  # the launch whose run the metrics come from
         atomic_write_json(out / JOB_STATUS_FILE, record)
         if status == "failed":
             log.error("sweep job #%s failed: %s (log: %s)", record["num"], error, out / "run.log")

@@ -269,6 +269,9 @@ def crashed_then_resumed(tmp_path_factory):
         "magnitude_mtime": (sweep_dir / "calibration=local,method=magnitude" / "metrics.json")
         .stat()
         .st_mtime_ns,
+        "magnitude_status": json.loads(
+            (sweep_dir / "calibration=local,method=magnitude" / JOB_STATUS_FILE).read_text()
+        ),
     }
     text.write_text(" ".join(f"word{i % 97} and more words, said she." for i in range(4000)))
     state["second"] = _gblm(*args)
@@ -312,7 +315,11 @@ def test_relaunch_skips_finished_and_redoes_failed(crashed_then_resumed):
     assert (magnitude / "metrics.json").stat().st_mtime_ns == state[
         "magnitude_mtime"
     ]  # not rewritten
-    assert json.loads((magnitude / JOB_STATUS_FILE).read_text())["status"] == "skipped"
+    status, first_run = json.loads((magnitude / JOB_STATUS_FILE).read_text()), state["magnitude_status"]
+    assert status["status"] == "skipped" and first_run["status"] == "finished"
+    # the skip keeps which launch produced the metrics, and how long that run took
+    assert status["produced_by"] == {k: first_run[k] for k in ("launch_id", "ended", "seconds")}
+    assert status["launch_id"] != first_run["launch_id"]
     assert "already finished with the same config: skipped" in (second.stdout + second.stderr)
     assert "pruned ppl" in second.stdout  # the comparison table, both jobs in it
     table = [line.split() for line in second.stdout.splitlines() if "calibration=local" in line]
