@@ -315,7 +315,10 @@ def test_relaunch_skips_finished_and_redoes_failed(crashed_then_resumed):
     assert (magnitude / "metrics.json").stat().st_mtime_ns == state[
         "magnitude_mtime"
     ]  # not rewritten
-    status, first_run = json.loads((magnitude / JOB_STATUS_FILE).read_text()), state["magnitude_status"]
+    status, first_run = (
+        json.loads((magnitude / JOB_STATUS_FILE).read_text()),
+        state["magnitude_status"],
+    )
     assert status["status"] == "skipped" and first_run["status"] == "finished"
     # the skip keeps which launch produced the metrics, and how long that run took
     assert status["produced_by"] == {k: first_run[k] for k in ("launch_id", "ended", "seconds")}
