@@ -1,4 +1,4 @@
-"""The sequential layer walk (Wanda, GBLM-Pruner, SparseGPT; ALGORITHMS.md).
+"""The sequential layer walk (Wanda, GBLM-Pruner, SparseGPT; docs/methods.md).
 
 1. Capture the inputs of decoder block 0 (hidden states and every keyword argument) for all N
    calibration windows.
