@@ -55,11 +55,19 @@ def _log_axis(ax) -> None:
     ax.yaxis.set_minor_formatter(plain)
 
 
+LEGEND_INSIDE = 6  # a legend of more entries goes beside the axes
+
+
 def _save(fig, ax, title: str, path: Path, legend_size: int, grid: str = "major") -> Path:
     """Title, grid and legend of a line plot, then the PNG; the figure is closed."""
     ax.set_title(title)
     ax.grid(True, which=grid, alpha=0.3)
-    ax.legend(fontsize=legend_size)
+    if len(ax.get_legend_handles_labels()[1]) > LEGEND_INSIDE:  # beside the plot, not over it
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(width + 3.2, height)
+        ax.legend(fontsize=legend_size, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path)
     pyplot().close(fig)
@@ -120,7 +128,7 @@ def plot_block_sparsity(runs: Sequence[RunRecord], title: str, path: Path) -> Pa
     for i, r in enumerate(sorted(runs, key=lambda r: method_key(r.method))):
         style = "os^Dv"[i % 5] + "-"
         line = ax.plot(
-            range(len(r.per_block)), r.per_block, style, markersize=4, label=run_title(r)
+            range(len(r.per_block)), r.per_block, style, markersize=4, label=run_title(r, runs)
         )
         if r.per_block_target:
             ax.plot(
@@ -130,7 +138,7 @@ def plot_block_sparsity(runs: Sequence[RunRecord], title: str, path: Path) -> Pa
                 color=line[0].get_color(),
                 linewidth=1,
                 markersize=5,
-                label=f"{run_title(r)} target",
+                label=f"{run_title(r, runs)} target",
             )
     uniform = sorted({r.ratio for r in runs if not r.per_block_target and not math.isnan(r.ratio)})
     for target in uniform:
@@ -157,10 +165,7 @@ def plot_mask_comparison(
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), dpi=100, squeeze=False)
     for ax, r in zip(axes[0], runs):
         ax.imshow(mpimg.imread(r.mask_images[image_name]))
-        ax.set_title(
-            r.method if sum(x.method == r.method for x in runs) == 1 else run_title(r),
-            fontsize=10,
-        )
+        ax.set_title(run_title(r, runs), fontsize=10)
         ax.axis("off")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()

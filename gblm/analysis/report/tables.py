@@ -177,8 +177,11 @@ def structure_table(runs: Sequence[RunRecord]) -> Table | None:
     return Table(["method", "sparsity", "run", "all", *types], rows)
 
 
-def run_title(run: RunRecord) -> str:
-    """How plots and tables name one run among several: ``method (folder)``."""
+def run_title(run: RunRecord, among: Sequence[RunRecord] = ()) -> str:
+    """How plots and tables name one run among several: its method, or ``method (folder)``
+    when another run of ``among`` has the same method."""
+    if among and sum(other.method == run.method for other in among) == 1:
+        return run.method
     return f"{run.method} ({run.name})"
 
 
@@ -193,10 +196,10 @@ def block_sparsity_table(runs: Sequence[RunRecord]) -> Table | None:
         return None
     headers, columns = ["block"], []
     for r in runs:
-        headers.append(run_title(r))
+        headers.append(run_title(r, runs))
         columns.append(r.per_block)
         if r.per_block_target:
-            headers.append(f"{run_title(r)} target")
+            headers.append(f"{run_title(r, runs)} target")
             columns.append(r.per_block_target)
     blocks = max(len(c) for c in columns)
     rows = [
