@@ -88,7 +88,7 @@ def prune(
     seqlen: int = 2048,
     seed: int = 0,
     device: str | torch.device | None = None,
-    batch_size: int = 1,
+    batch_size: int | str = "auto",
     progress: bool = True,
     options: Mapping[str, Any] | None = None,
     onload: bool = False,
@@ -105,7 +105,9 @@ def prune(
         calibration: texts (``nsamples`` windows of ``seqlen`` tokens are drawn with ``seed``) or
             (N, T) token ids; not needed by magnitude.
         device: where each block is computed; default the device of the model's embeddings.
-        batch_size: calibration windows per forward in the walk (same masks).
+        batch_size: calibration windows per forward in the walk and GBLM's gradient stage, or
+            ``auto`` (batches that fill the matmuls on the CPU, one window on a GPU; the same
+            masks bit for bit).
         progress: tqdm bars.
         options: the method's options, as in its yaml (``{"norm": "l2"}``); with a name only.
         onload: the model's weights stay where they are (e.g. the CPU) and each decoder block is
@@ -129,7 +131,9 @@ def prune(
         if windows is None:
             raise ValueError(f"{type(method).__name__} needs calibration: texts or token ids.")
     dtype = next(model.parameters()).dtype
-    context = RunContext(device=device, model_dtype=dtype, progress=progress, onload=onload)
+    context = RunContext(
+        device=device, model_dtype=dtype, progress=progress, onload=onload, batch_size=batch_size
+    )
     seconds: dict[str, float] = {}
     for stage in (plan, method):  # their passes over the dense model (GBLM: gradients)
         began = time.perf_counter()

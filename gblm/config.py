@@ -146,7 +146,9 @@ class RunConf:
     device: str = "auto"  # auto (first CUDA device, else CPU) | cpu | cuda | cuda:N
     # model dtype: auto (float16 on CUDA as published, float32 on CPU) | float32 | float16 | bfloat16
     dtype: str = "auto"
-    batch_size: int = 1  # calibration windows per forward in the layer walk
+    # calibration windows per forward in the layer walk (and GBLM's gradient stage): auto (CPU:
+    # 2048 rows per matmul, bit for bit the same results; GPU: 1, as published) | an integer
+    batch_size: int | str = "auto"
     offload_inputs: bool = False  # keep the walk's (N, T, hidden) block inputs on the CPU
     save_model: bool = False  # save_pretrained the pruned model with its masks into the run dir
     # dtype of the saved weights: original (the checkpoint's) | float32 | float16 | bfloat16
@@ -223,7 +225,7 @@ class RunSettings:
     device: str
     dtype: str
     seed: int
-    batch_size: int
+    batch_size: int | str
     offload_inputs: bool
     save_model: bool
     save_dtype: str
@@ -256,6 +258,14 @@ def _push_target(repo_id: str | None, save_model: bool) -> str | None:
 def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}.")
+    return value
+
+
+def _auto_or_positive_int(key: str, value: Any) -> int | str:
+    if value == "auto":
+        return value
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key}={value!r}: allowed values are auto or an integer >= 1.")
     return value
 
 
@@ -489,7 +499,7 @@ def validate(cfg: dict[str, Any]) -> RunSettings:
         device=device,
         dtype=model.dtype,
         seed=conf.seed,
-        batch_size=_positive_int("batch_size", conf.batch_size),
+        batch_size=_auto_or_positive_int("batch_size", conf.batch_size),
         offload_inputs=conf.offload_inputs,
         save_model=conf.save_model,
         save_dtype=_choice("save_dtype", conf.save_dtype, ("original", *DTYPE_NAMES[1:])),

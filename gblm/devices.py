@@ -50,6 +50,29 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+#: ``auto`` calibration batches on the CPU: windows enough for this many rows per matmul. At
+#: SmolLM2's width a (256 x 576) @ (576 x 576) product runs at about a sixth of the rate of a
+#: (2048 x 576) one; past 2048 rows the rate no longer grows.
+CPU_ROWS_PER_BATCH = 2048
+
+
+def calibration_batch(batch_size: int | str, device: torch.device, seqlen: int) -> int:
+    """Windows per forward call of a calibration pass: ``batch_size`` itself, or for ``auto``
+    ``max(1, 2048 // seqlen)`` on the CPU and 1 elsewhere.
+
+    On the CPU the batched forward computes every window's rows with the same kernels and the
+    same summation order as a batch of one, so the results are identical bit for bit
+    (tests/test_batching.py checks the walk's masks and weights and GBLM's gradient norms on every
+    architecture); on a GPU the kernel choice depends on the batch, so ``auto`` keeps the
+    published batch of one, which fills a GPU at the published 2048 tokens anyway.
+    """
+    if batch_size == "auto":
+        return max(1, CPU_ROWS_PER_BATCH // seqlen) if torch.device(device).type == "cpu" else 1
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: allowed values are auto or an integer >= 1.")
+    return batch_size
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -591,6 +591,7 @@ def _prune(s: RunSettings, method, plan, model, tokenizer, texts, device, dtype,
         progress=s.progress,
         fingerprint=lambda: weights_fingerprint(s.model),
         onload=s.model.onload,
+        batch_size=s.batch_size,
     )
     for stage in (plan, method):  # their passes over the dense model, named as stages
         with timer.stage(stage.dense_pass) if stage.dense_pass else contextlib.nullcontext():

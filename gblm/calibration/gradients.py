@@ -46,6 +46,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from gblm.calibration.batching import exact_batch
+from gblm.calibration.hooks import attached_hooks
 from gblm.calibration.loss import lean_loss
 from gblm.devices import dtype_name
 from gblm.errors import NonFiniteError
@@ -67,6 +69,10 @@ ACCUMULATOR_DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
 }
+#: Per-sample weight gradients formed at once by the batched stage, at most (bytes).
+FOLD_BYTES = 64 * 2**20
+#: ``batch_size=auto`` keeps a batch's fp32 logits (b, T, vocab) within this many bytes.
+LOGITS_BYTES = 512 * 2**20
 CACHE_FORMAT_VERSION = 2  # 2: the model keyed by its weights' content; a checksum per entry
 
 
@@ -240,43 +246,75 @@ class _Folder:
         }
         self.samples_seen = dict.fromkeys(self.names, 0)
         # One 0-d fp32 check value per Linear per sample: the sum of the folded term, finite iff
-        # every entry was (barring an overflow of the sum itself). Checked once per sample so the
-        # hooks never synchronize with the device.
-        self.checks: dict[str, Tensor] = {}
+        # every entry was (barring an overflow of the sum itself). Checked once per sample (or
+        # batch) so the hooks never synchronize with the device.
+        self.checks: list[tuple[str, Tensor]] = []
+
+    @torch.no_grad()
+    def fold(self, name: str, grad: Tensor) -> None:
+        """Fold one sample's weight gradient (d_out, d_in) into ``name``'s accumulator.
+
+        The published step: grad -> fp32, times scale, abs (l1) or square (l2), cast to the
+        accumulator dtype, add. For an fp32 gradient ``.float()`` is the tensor itself, modified
+        in place: callers hand over a gradient they no longer need.
+        """
+        # Looked up per call: the block-by-block stage moves a block's accumulators to the
+        # compute device for its backward and back afterwards.
+        acc = self.accumulators[name]
+        term = grad.float().mul_(self.scale)  # (d_out, d_in) fp32
+        term = term.abs_() if self.norm == "l1" else term.square_()
+        self.checks.append((name, term.sum()))
+        acc.add_(term.to(device=acc.device, dtype=acc.dtype))
+        self.samples_seen[name] += 1
 
     def hook(self, name: str) -> Callable[[Tensor], None]:
-        @torch.no_grad()
-        def fold(weight: Tensor) -> None:
-            # Looked up per call: the block-by-block stage moves a block's accumulators to the
-            # compute device for its backward and back afterwards.
-            acc = self.accumulators[name]
-            # The published step: grad -> fp32, times scale, abs (l1) or square (l2), cast to the
-            # accumulator dtype, add. For an fp32 .grad, .float() is the tensor itself: modifying
-            # it in place is fine because it is freed right below.
-            term = weight.grad.float().mul_(self.scale)  # (d_out, d_in) fp32
-            term = term.abs_() if self.norm == "l1" else term.square_()
-            self.checks[name] = term.sum()
-            acc.add_(term.to(device=acc.device, dtype=acc.dtype))
+        """A post-accumulate-grad hook: fold the weight's ``.grad`` (one sample's) and free it."""
+
+        def fold_grad(weight: Tensor) -> None:
+            self.fold(name, weight.grad)
             weight.grad = None
-            self.samples_seen[name] += 1
 
-        return fold
+        return fold_grad
 
-    def check_sample(self, sample: int) -> None:
-        """Raise :class:`GradientError` naming the Linears whose gradient was not finite."""
+    @torch.no_grad()
+    def fold_batch(self, name: str, inputs: Tensor, output_grad: Tensor, batch: int) -> None:
+        """Fold the per-sample weight gradients of a batch, sample after sample.
+
+        Sample s's gradient is ``output_grad[s]^T @ inputs[s]`` (d_out, d_in): the product
+        autograd forms for a batch of one, with the same operands. The batched product computes
+        each sample's matrix alone, so the results are the same bits (tests/test_batching.py).
+        At most ``FOLD_BYTES`` of per-sample gradients exist at a time.
+
+        Args:
+            inputs: the Linear's input, (b, T, d_in) or (b * T, d_in) (OPT flattens tokens).
+            output_grad: the gradient of its output, (b, T, d_out) or (b * T, d_out).
+            batch: b.
+        """
+        x = inputs.reshape(batch, -1, inputs.shape[-1])  # (b, T, d_in)
+        g = output_grad.reshape(batch, -1, output_grad.shape[-1])  # (b, T, d_out)
+        step = max(1, FOLD_BYTES // (g.shape[-1] * x.shape[-1] * g.element_size()))
+        for start in range(0, batch, step):
+            part = slice(start, start + step)
+            per_sample = torch.bmm(g[part].transpose(1, 2), x[part])  # (s, d_out, d_in)
+            for grad in per_sample:
+                self.fold(name, grad)
+
+    def check_sample(self, sample: int, last: int | None = None) -> None:
+        """Raise :class:`GradientError` naming the Linears whose gradient was not finite in
+        sample ``sample`` (or samples ``sample..last``) since the previous check."""
         if not self.checks:
             return
-        names = list(self.checks)
-        values = [self.checks[n] for n in names]
-        device = values[0].device
-        finite = torch.isfinite(torch.stack([v.to(device) for v in values]))
-        self.checks = {}
+        names = [name for name, _ in self.checks]
+        device = self.checks[0][1].device
+        finite = torch.isfinite(torch.stack([v.to(device) for _, v in self.checks]))
+        self.checks = []
         if bool(finite.all()):
             return
-        bad = [n for n, ok in zip(names, finite.tolist()) if not ok]
+        bad = list(dict.fromkeys(n for n, ok in zip(names, finite.tolist()) if not ok))
         more = f" (and {len(bad) - 1} more Linears)" if len(bad) > 1 else ""
+        where = f"sample {sample}" if last in (None, sample) else f"samples {sample}-{last}"
         raise GradientError(
-            f"non-finite gradient in {bad[0]} (sample {sample}){more}: the loss was finite, so "
+            f"non-finite gradient in {bad[0]} ({where}){more}: the loss was finite, so "
             "the backward pass overflowed or produced NaN. With an fp16 model, load it in "
             "bfloat16 or float32 for the gradient stage."
         )
@@ -382,6 +420,7 @@ def gradient_norms(
     device: str | torch.device | None = None,
     accumulate_on: str | torch.device | None = None,
     progress: bool = True,
+    batch_size: int | str = "auto",
 ) -> dict[str, Tensor]:
     """GBLM-Pruner's accumulated per-sample gradient norm of every decoder-block Linear.
 
@@ -394,6 +433,11 @@ def gradient_norms(
         accumulate_on: Device of the accumulators; default the device of each Linear's weight.
             ``"cpu"`` keeps them in host memory, as the published code does.
         progress: Show a tqdm bar labelled ``gradients``.
+        batch_size: Windows per forward and backward, or ``auto``: on the CPU enough to fill the
+            matmuls where that gives each window's numbers bit for bit
+            (:func:`gblm.calibration.batching.exact_batch`), one on a GPU. Each window still has
+            its own gradient, folded in order. Batches are used with the model's own loss and
+            no checkpointing; otherwise windows go one at a time.
 
     Returns:
         ``{full Linear name: (d_out, d_in) tensor}``, e.g. ``model.layers.0.self_attn.q_proj``.
@@ -417,24 +461,25 @@ def gradient_norms(
         accumulator_dtype,
         torch.device(accumulate_on) if accumulate_on is not None else None,
     )
-    weights = [linear.weight for linear in linears.values()]
     # Every in-place write to a tensor bumps its version counter: a free check that the stage
     # (no optimizer, hooks under no_grad) left every parameter untouched.
     versions = {name: p._version for name, p in model.named_parameters()}
     start = time.perf_counter()
     with (
         _eval_mode(model),
-        _only_weights_require_grad(model, weights),
-        _checkpointed_blocks(model, settings.checkpointing),
         lean_loss(model) if not chunk else contextlib.nullcontext(False) as lean,
         torch.enable_grad(),
-        folding_hooks(linears, folder),
     ):
         if not chunk and not lean:
             logger.info("the model's own loss function is not ForCausalLMLoss: it is used as is")
-        for n in tqdm(range(nsamples), desc="gradients", disable=not progress):
-            _backward_sample(model, windows[n : n + 1].to(input_device), chunk, n)
-            folder.check_sample(n)
+        # Batches need the model's own mean loss (lean) and a plain backward.
+        batch = 1
+        if lean and not settings.checkpointing:
+            batch = _gradient_batch(model, linears, batch_size, windows, input_device)
+        if batch > 1:
+            _batched_passes(model, windows, linears, folder, batch, input_device, progress)
+        else:
+            _per_sample_passes(model, windows, linears, folder, settings, input_device, progress)
     norms = _finish(model, versions, folder, settings)
     logger.info(
         "gradient norms (%s, scale %g, %s) of %d Linears over %d windows x %d tokens: %.1f s",
@@ -442,6 +487,127 @@ def gradient_norms(
         time.perf_counter() - start,
     )  # fmt: skip
     return norms
+
+
+def _gradient_batch(
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    batch_size: int | str,
+    windows: Tensor,
+    device: torch.device,
+) -> int:
+    """Windows per forward and backward (:func:`gblm.calibration.batching.exact_batch`), with
+    ``auto`` at most as many as keep the fp32 logits of a batch within ``LOGITS_BYTES``."""
+    nsamples, seqlen = windows.shape
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    shapes = list(linears.values())
+    limit = None
+    if isinstance(head, nn.Linear):
+        shapes.append(head)
+        limit = max(1, LOGITS_BYTES // (seqlen * head.out_features * 4))
+    return exact_batch(batch_size, nsamples, seqlen, device, shapes, backward=True, limit=limit)
+
+
+def _per_sample_passes(
+    model: nn.Module,
+    windows: Tensor,
+    linears: dict[str, nn.Linear],
+    folder: _Folder,
+    settings: GradientSettings,
+    input_device: torch.device,
+    progress: bool,
+) -> None:
+    """One forward and backward per window; autograd forms each weight gradient (the published
+    computation), folded by a post-accumulate-grad hook."""
+    weights = [linear.weight for linear in linears.values()]
+    chunk = settings.loss_chunk_tokens
+    with (
+        _only_weights_require_grad(model, weights),
+        _checkpointed_blocks(model, settings.checkpointing),
+        folding_hooks(linears, folder),
+    ):
+        for n in tqdm(range(windows.shape[0]), desc="gradients", disable=not progress):
+            _backward_sample(model, windows[n : n + 1].to(input_device), chunk, n)
+            folder.check_sample(n)
+
+
+def _batched_passes(
+    model: nn.Module,
+    windows: Tensor,
+    linears: dict[str, nn.Linear],
+    folder: _Folder,
+    batch: int,
+    input_device: torch.device,
+    progress: bool,
+) -> None:
+    """``batch`` windows per forward and backward; per-sample weight gradients formed in hooks.
+
+    No weight requires grad, so autograd computes only the activation gradients (the input
+    embeddings' output is made to require grad to start the graph). Each Linear's forward hook
+    keeps its input and hooks its output's gradient, from which :meth:`_Folder.fold_batch` forms
+    every sample's weight gradient. The loss is the model's own mean over the batch's
+    ``b * (T - 1)`` predictions; its backward is seeded with ``b``, so each window's gradient is
+    the one a batch of one gets: ``b / (b * (T - 1))`` rounds to the same float as ``1 / (T - 1)``,
+    and the rest of the backward acts on each window's rows alone.
+    """
+    nsamples = windows.shape[0]
+    bar = tqdm(total=nsamples, desc="gradients", disable=not progress)
+    with (
+        _only_weights_require_grad(model, []),
+        attached_hooks([(model.get_input_embeddings(), _start_graph)]),
+        _per_sample_gradient_hooks(linears, folder) as set_batch,
+        bar,
+    ):
+        for start in range(0, nsamples, batch):
+            ids = windows[start : start + batch].to(input_device)  # (b, T)
+            set_batch(ids.shape[0])
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            last = start + ids.shape[0] - 1
+            if not bool(torch.isfinite(loss.detach())):
+                raise GradientError(
+                    f"non-finite loss ({loss.item()}) on samples {start}-{last}: the dense "
+                    "model's forward pass overflows or has NaN/inf weights, so no gradient is "
+                    "usable."
+                )
+            loss.backward(torch.tensor(float(ids.shape[0]), device=loss.device))
+            folder.check_sample(start, last)
+            bar.update(ids.shape[0])
+
+
+def _start_graph(_module: nn.Module, _args: tuple, output: Tensor) -> Tensor:
+    return output.requires_grad_()  # the embeddings' output: a leaf, as no weight needs grad
+
+
+@contextlib.contextmanager
+def _per_sample_gradient_hooks(
+    linears: dict[str, nn.Linear], folder: _Folder
+) -> Iterator[Callable[[int], None]]:
+    """Forward hooks that fold each Linear's per-sample weight gradients during backward.
+
+    Yields:
+        A setter for the number of windows in the current forward call.
+    """
+    batch = 1
+
+    def set_batch(size: int) -> None:
+        nonlocal batch
+        batch = size
+
+    def hook_for(name: str) -> Callable:
+        def hook(_module: nn.Module, args: tuple, output: Tensor) -> None:
+            if not output.requires_grad:
+                return
+            inputs, size = args[0].detach(), batch  # kept for backward, as autograd would
+
+            def on_grad(grad: Tensor) -> None:
+                folder.fold_batch(name, inputs, grad, size)
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    with attached_hooks([(linear, hook_for(name)) for name, linear in linears.items()]):
+        yield set_batch
 
 
 @contextlib.contextmanager

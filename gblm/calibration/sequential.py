@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from gblm.calibration.batching import exact_batch
 from gblm.calibration.blockwise import skeleton, visiting
 from gblm.calibration.capture import BlockInputs, capture_block_inputs
 from gblm.calibration.hooks import attached_hooks
@@ -263,7 +264,7 @@ def prune_model(
     windows: Tensor | Sequence[Tensor] | None = None,
     *,
     device: torch.device | str,
-    batch_size: int = 1,
+    batch_size: int | str = "auto",
     progress: bool = True,
     offload_inputs: bool = False,
     onload: bool = False,
@@ -279,7 +280,10 @@ def prune_model(
         windows: (N, T) calibration token ids (or N tensors of T ids); not used by methods that
             need no calibration (magnitude).
         device: the compute device; blocks living elsewhere are moved there for their work.
-        batch_size: windows per forward call.
+        batch_size: windows per forward call, or ``auto``
+            (:func:`gblm.calibration.batching.exact_batch`: batches that fill the CPU's
+            matmuls where they give each window's numbers bit for bit, else one window; one
+            window on a GPU).
         progress: show a tqdm bar.
         offload_inputs: keep the (N, T, hidden) block inputs on the CPU instead of ``device``.
         onload: the weights live off ``device`` (CPU memory, memory-mapped files): block 0's
@@ -304,11 +308,12 @@ def prune_model(
     try:
         inputs = None
         if method.needs_calibration:
+            ids = _as_ids(windows)
             storage = torch.device("cpu") if offload_inputs else device
+            linears = [lin for block in blocks for lin in prunable_linears(block).values()]
+            batch = exact_batch(batch_size, *ids.shape, device, linears)
             with _embeddings_on(model, device) if onload else contextlib.nullcontext():
-                inputs = capture_block_inputs(
-                    model, _as_ids(windows), batch_size=batch_size, storage_device=storage
-                )
+                inputs = capture_block_inputs(model, ids, batch_size=batch, storage_device=storage)
         _walk_blocks(blocks, prefix, method, plan, inputs, device, masks, progress)
     finally:
         model.train(was_training)

@@ -41,6 +41,7 @@ class RunContext:
     cache_dir: Path | None = None  # where passes may cache their results; None: no cache
     progress: bool = True
     onload: bool = False  # weights live on the CPU: dense passes move one block at a time
+    batch_size: int | str = "auto"  # windows per forward call (gblm.calibration.batching)
     # the content hash of the model's weights files, computed only when a pass asks for it
     fingerprint: Callable[[], str] | None = None
 

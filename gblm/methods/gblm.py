@@ -73,10 +73,14 @@ class GBLMPruner(ScorePruner):
 
         # An onloaded model (weights on the CPU) always goes block by block: the same norms.
         settings = replace(self.gradients, blockwise=self.gradients.blockwise or context.onload)
-        stage = blockwise_gradient_norms if settings.blockwise else gradient_norms
 
         def compute() -> dict[str, Tensor]:
-            return stage(model, windows, settings, device=context.device, progress=context.progress)
+            if settings.blockwise:
+                return blockwise_gradient_norms(
+                    model, windows, settings, device=context.device, progress=context.progress
+                )
+            return gradient_norms(model, windows, settings, device=context.device,
+                                  progress=context.progress, batch_size=context.batch_size)  # fmt: skip
 
         model_key = context.model_key()
         if context.cache_dir is None or model_key is None:

@@ -125,7 +125,8 @@ class OWLPlan(SparsityPlan):
         if windows is None:
             raise ValueError("OWL's outlier ratios need calibration windows.")
         probe = _OutlierProbe(self.outlier_m)
-        prune_model(model, probe, self.sparsity, windows, device=context.device, progress=False)
+        prune_model(model, probe, self.sparsity, windows, device=context.device,
+                    batch_size=context.batch_size, progress=False)  # fmt: skip
         probe.finish_block()
         self.set_outlier_ratios(probe.ratios)
 

@@ -1,0 +1,174 @@
+"""Calibration batches (``batch_size=auto``): the masks, weights and gradient norms of windows
+one at a time, bit for bit, wherever batches are used; one window at a time where the machine's
+kernels would change the bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from gblm.calibration import batching
+from gblm.calibration.batching import batch_is_exact, exact_batch
+from gblm.calibration.gradients import GradientError, GradientSettings, gradient_norms
+from gblm.calibration.sequential import prune_model
+from gblm.devices import calibration_batch
+from gblm.methods.registry import build_method
+from gblm.models.layers import decoder_layers
+from gblm.models.tiny import ARCHITECTURES, build_tiny_model, tiny_config
+from gblm.pruning.sparsity import Sparsity
+
+VOCAB, N, T = 256, 7, 32
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(arch: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    return build_tiny_model(tiny_config(arch, vocab_size=VOCAB), seed=0, dtype=dtype)
+
+
+def _windows(n: int = N, seqlen: int = T, vocab: int = VOCAB) -> Tensor:
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(3))
+
+
+def _count_block_calls(model: nn.Module) -> tuple[list[int], object]:
+    calls: list[int] = []
+    handle = decoder_layers(model)[0].register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+def test_auto_batch_size_rule() -> None:
+    assert calibration_batch("auto", CPU, 256) == 8
+    assert calibration_batch("auto", CPU, 4096) == 1
+    assert calibration_batch("auto", torch.device("cuda"), 256) == 1  # published: one window
+    assert calibration_batch(3, torch.device("cuda"), 256) == 3
+    for bad in (0, -1, 1.5, True, "big"):
+        with pytest.raises(ValueError, match="batch_size"):
+            calibration_batch(bad, CPU, 256)
+    linears = [nn.Linear(16, 8)]
+    assert exact_batch("auto", 5, 1024, CPU, linears) == 2  # 2048 rows, capped by nothing
+    assert exact_batch("auto", 1, 64, CPU, linears) == 1  # never more than the windows
+    assert exact_batch("auto", 40, 64, CPU, linears, limit=4) == 4
+    assert exact_batch(6, 40, 64, CPU, linears) == 6  # an integer is taken as given
+
+
+@pytest.mark.parametrize("d_in, d_out, seqlen", [(64, 176, 32), (576, 1536, 16), (96, 64, 8)])
+def test_probe_verdict_holds_for_other_values(d_in: int, d_out: int, seqlen: int) -> None:
+    """The probe's verdict is about kernels, not values: new operands get the same verdict."""
+    exact = batch_is_exact([nn.Linear(d_in, d_out)], 4, seqlen, CPU, backward=True)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4, seqlen, d_in, generator=gen) * 3
+    w = torch.randn(d_out, d_in, generator=gen)
+    batched, single = F.linear(x, w), torch.cat([F.linear(x[i : i + 1], w) for i in range(4)])
+    if exact:
+        assert torch.equal(batched, single)
+    else:  # the probe found a product whose bits depend on the batch: this one may differ too
+        torch.testing.assert_close(batched, single)
+
+
+def test_inexact_kernels_send_windows_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batching, "batch_is_exact", lambda *a, **k: False)
+    model = _model("llama")
+    calls, handle = _count_block_calls(model)
+    prune_model(model, build_method("wanda"), Sparsity(0.5), _windows(), device="cpu",
+                progress=False)  # fmt: skip
+    handle.remove()
+    assert len(calls) == 2 * N  # statistics and re-forward, one window each
+    assert exact_batch("auto", N, T, CPU, [nn.Linear(4, 4)]) == 1
+
+
+def _walk(arch: str, method: str, batch_size: int | str) -> tuple[dict, dict, int]:
+    model = _model(arch)
+    pruner = build_method(method)
+    if method == "gblm":
+        pruner.set_gradient_norms(gradient_norms(model, _windows(), progress=False, batch_size=1))
+    calls, handle = _count_block_calls(model)
+    masks = prune_model(model, pruner, Sparsity(0.5), _windows(), device="cpu",
+                        batch_size=batch_size, progress=False)  # fmt: skip
+    handle.remove()
+    return {k: masks[k] for k in masks}, model.state_dict(), len(calls)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "gblm"])
+def test_auto_batches_give_the_masks_and_weights_of_one_window(arch: str, method: str) -> None:
+    masks_1, weights_1, calls_1 = _walk(arch, method, 1)
+    masks_a, weights_a, calls_a = _walk(arch, method, "auto")
+    assert calls_1 == 2 * N
+    assert masks_a.keys() == masks_1.keys()
+    for name, mask in masks_1.items():
+        assert torch.equal(masks_a[name], mask), name
+    for name, value in weights_1.items():
+        assert torch.equal(weights_a[name], value), name
+    model = _model(arch)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if exact_batch("auto", N, T, CPU, linears) > 1:  # batches were used: fewer, larger calls
+        assert calls_a < calls_1
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_batched_gradient_norms_are_those_of_one_window(arch: str, norm: str) -> None:
+    model, ids = _model(arch), _windows()
+    settings = GradientSettings(norm=norm)
+    ref = gradient_norms(model, ids, settings, progress=False, batch_size=1)
+    for batch_size in ("auto", 2, 3, 7):  # integers: taken as given, exact here (tiny shapes)
+        if batch_size != "auto" and not batch_is_exact(
+            [m for m in model.modules() if isinstance(m, nn.Linear)], batch_size, T, CPU,
+            backward=True,
+        ):  # fmt: skip
+            continue
+        got = gradient_norms(model, ids, settings, progress=False, batch_size=batch_size)
+        assert list(got) == list(ref)
+        for name, value in ref.items():
+            assert bool(value.abs().sum() > 0), name
+            assert torch.equal(got[name], value), (batch_size, name)
+
+
+def test_batched_gradient_norms_in_bfloat16() -> None:
+    model, ids = _model("llama", torch.bfloat16), _windows()
+    ref = gradient_norms(model, ids, progress=False, batch_size=1)
+    got = gradient_norms(model, ids, progress=False, batch_size="auto")
+    assert all(torch.equal(got[name], value) for name, value in ref.items())
+
+
+def test_batched_gradients_on_smollm2() -> None:
+    from gblm.models.loading import ModelSpec, load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(ModelSpec(), CPU, torch.float32)
+    ids = _windows(n=3, seqlen=256, vocab=model.config.vocab_size)
+    ref = gradient_norms(model, ids, progress=False, batch_size=1)
+    got = gradient_norms(model, ids, progress=False, batch_size="auto")
+    for name, value in ref.items():
+        assert torch.equal(got[name], value), name
+
+
+def test_batched_nonfinite_gradient_names_the_layer_and_samples() -> None:
+    model, ids = _model("llama"), _windows(n=4)
+    down = model.model.layers[1].mlp.down_proj
+
+    def poison(_module: nn.Module, _args: tuple, output: Tensor) -> None:
+        def nan_in_sample_2(grad: Tensor) -> Tensor:
+            grad = grad.clone()
+            grad[2 % grad.shape[0]] = float("nan")
+            return grad
+
+        output.register_hook(nan_in_sample_2)  # runs before the stage's own output hook
+
+    handle = down.register_forward_hook(poison)
+    try:
+        with pytest.raises(GradientError, match=r"layers\.1\.mlp\.down_proj \(samples 0-3\)"):
+            gradient_norms(model, ids, progress=False, batch_size=4)
+    finally:
+        handle.remove()
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    gradient_norms(model, ids, progress=False, batch_size=4)  # no hook left behind
