@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from gblm.calibration import batching
-from gblm.calibration.batching import batch_is_exact, exact_batch
+from gblm.calibration.batching import WEIGHT_GRADIENT, batch_is_exact, exact_batch
 from gblm.calibration.gradients import GradientError, GradientSettings, gradient_norms
 from gblm.calibration.sequential import prune_model
 from gblm.devices import calibration_batch
@@ -64,7 +64,7 @@ def test_auto_batch_size_rule() -> None:
 @pytest.mark.parametrize("d_in, d_out, seqlen", [(64, 176, 32), (576, 1536, 16), (96, 64, 8)])
 def test_probe_verdict_holds_for_other_values(d_in: int, d_out: int, seqlen: int) -> None:
     """The probe's verdict is about kernels, not values: new operands get the same verdict."""
-    exact = batch_is_exact([nn.Linear(d_in, d_out)], 4, seqlen, CPU, backward=True)
+    exact = batch_is_exact([nn.Linear(d_in, d_out)], 4, seqlen, CPU, check=WEIGHT_GRADIENT)
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(4, seqlen, d_in, generator=gen) * 3
     w = torch.randn(d_out, d_in, generator=gen)
@@ -124,7 +124,7 @@ def test_batched_gradient_norms_are_those_of_one_window(arch: str, norm: str) ->
     for batch_size in ("auto", 2, 3, 7):  # integers: taken as given, exact here (tiny shapes)
         if batch_size != "auto" and not batch_is_exact(
             [m for m in model.modules() if isinstance(m, nn.Linear)], batch_size, T, CPU,
-            backward=True,
+            check=WEIGHT_GRADIENT,
         ):  # fmt: skip
             continue
         got = gradient_norms(model, ids, settings, progress=False, batch_size=batch_size)
@@ -172,3 +172,38 @@ def test_batched_nonfinite_gradient_names_the_layer_and_samples() -> None:
         handle.remove()
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
     gradient_norms(model, ids, progress=False, batch_size=4)  # no hook left behind
+
+
+def test_probe_verdicts_are_remembered_by_what_they_depend_on(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GBLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(batching, "_verdicts", {})
+    probed: list[tuple] = []
+    real = batching._linear_is_exact
+
+    def counting(*args):
+        probed.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(batching, "_linear_is_exact", counting)
+    linears, head = [nn.Linear(32, 48), nn.Linear(48, 32)], nn.Linear(32, 100)
+    assert batch_is_exact(linears, 3, 16, CPU, check=WEIGHT_GRADIENT, head=head)
+    assert sorted(a[:2] + (a[-1],) for a in probed) == [
+        (32, 48, WEIGHT_GRADIENT), (32, 100, batching.INPUT_GRADIENT), (48, 32, WEIGHT_GRADIENT)
+    ]  # fmt: skip
+    assert len(list((tmp_path / "batch_probes").glob("*.json"))) == 3
+    batch_is_exact(linears, 3, 16, CPU, check=WEIGHT_GRADIENT, head=head)
+    assert len(probed) == 3  # remembered in the process
+    monkeypatch.setattr(batching, "_verdicts", {})
+    batch_is_exact(linears, 3, 16, CPU, check=WEIGHT_GRADIENT, head=head)
+    assert len(probed) == 3  # and on disk
+    for path in (tmp_path / "batch_probes").glob("*.json"):
+        path.write_text("{damaged")
+    monkeypatch.setattr(batching, "_verdicts", {})
+    batch_is_exact(linears, 3, 16, CPU, check=WEIGHT_GRADIENT, head=head)
+    assert len(probed) == 6  # a damaged entry is probed again
+    batch_is_exact(linears, 3, 17, CPU, check=WEIGHT_GRADIENT, head=head)
+    assert len(probed) == 9  # another length is another key
+    with pytest.raises(ValueError, match="check="):
+        batch_is_exact(linears, 3, 16, CPU, check="everything")

@@ -20,45 +20,108 @@ one, bit for bit (tests/test_batching.py).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import platform
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from gblm.devices import calibration_batch
+from gblm.devices import calibration_batch, dtype_name
+from gblm.paths import cache_dir
+from gblm.utils import atomic_write_text, content_hash
 
 logger = logging.getLogger("gblm.batching")
 
 
-def _one_by_one(x: Tensor, op: Callable[[Tensor], Tensor]) -> Tensor:
-    return torch.cat([op(x[i : i + 1]) for i in range(x.shape[0])])
+def _windows_alone(x: Tensor, op: Callable[[Tensor], Tensor], batched: Tensor) -> bool:
+    """Whether ``op`` on the first and on the last window alone gives their rows of ``batched``.
+
+    Two windows suffice: the kernel path is chosen once for the batched product, so a summation
+    order that differs from a window's own shows in every window's rows.
+    """
+    last = x.shape[0] - 1
+    return all(torch.equal(op(x[i : i + 1]), batched[i : i + 1]) for i in (0, last))
 
 
 def _linear_is_exact(
     d_in: int, d_out: int, dtype: torch.dtype, device: torch.device, batch: int, seqlen: int,
-    backward: bool,
+    check: str,
 ) -> bool:  # fmt: skip
     gen = torch.Generator().manual_seed(d_in * 131 + d_out)
     x = torch.randn(batch, seqlen, d_in, generator=gen).to(device, dtype)  # (b, T, d_in)
     w = torch.randn(d_out, d_in, generator=gen).to(device, dtype)  # (d_out, d_in)
-    if not torch.equal(F.linear(x, w), _one_by_one(x, lambda xi: F.linear(xi, w))):
+    if not _windows_alone(x, lambda xi: F.linear(xi, w), F.linear(x, w)):
         return False
-    if not backward:
+    if check == FORWARD:
         return True
     g = torch.randn(batch, seqlen, d_out, generator=gen).to(device, dtype)  # (b, T, d_out)
-    if not torch.equal(g @ w, _one_by_one(g, lambda gi: gi @ w)):  # the input gradient
+    if not _windows_alone(g, lambda gi: gi @ w, g @ w):  # the input gradient
         return False
+    if check == INPUT_GRADIENT:
+        return True
     batched = torch.bmm(g.transpose(1, 2), x)  # (b, d_out, d_in): the per-sample fold's product
     leaf = w.detach().requires_grad_()
     with torch.enable_grad():
-        for i in range(batch):  # autograd's weight gradient for a batch of one
+        for i in (0, batch - 1):  # autograd's weight gradient for a batch of one
             leaf.grad = None
             F.linear(x[i : i + 1], leaf).backward(g[i : i + 1])
             if not torch.equal(leaf.grad, batched[i]):
                 return False
     return True
+
+
+#: What a probe compares: the forward product; also the input gradient; also the per-sample
+#: weight gradient.
+FORWARD, INPUT_GRADIENT, WEIGHT_GRADIENT = "forward", "input_gradient", "weight_gradient"
+_CHECKS = (FORWARD, INPUT_GRADIENT, WEIGHT_GRADIENT)
+_verdicts: dict[str, bool] = {}  # this process's probes, by key
+
+
+def _machine() -> dict:
+    """What the kernel choice depends on besides the shapes: software, threads, CPU."""
+    cpu = ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next((ln for ln in info.splitlines() if ln.startswith("model name")), "")
+        cpu += next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        cpu = platform.processor()
+    return {
+        "torch": torch.__version__,
+        "config": content_hash(torch.__config__.show()),
+        "threads": torch.get_num_threads(),
+        "cpu": content_hash(cpu + platform.machine()),
+    }
+
+
+def _probe(shape: tuple[int, int, torch.dtype, str], batch: int, seqlen: int,
+           device: torch.device) -> bool:  # fmt: skip
+    """One shape's verdict, remembered in this process and, for the CPU, on disk (the cache
+    dir's ``batch_probes/``), keyed by everything the kernel choice depends on."""
+    d_in, d_out, dtype, check = shape
+    key_fields = {"shape": [d_in, d_out, dtype_name(dtype)], "check": check, "batch": batch,
+                  "seqlen": seqlen, "device": str(device), **_machine()}  # fmt: skip
+    key = content_hash(key_fields, length=24)
+    if key in _verdicts:
+        return _verdicts[key]
+    path = cache_dir() / "batch_probes" / f"{key}.json"
+    verdict = None
+    if device.type == "cpu" and path.exists():
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            verdict = bool(json.loads(path.read_text())["exact"])
+    if verdict is None:
+        verdict = _linear_is_exact(d_in, d_out, dtype, device, batch, seqlen, check)
+        if device.type == "cpu":
+            with contextlib.suppress(OSError):  # a cache that cannot be written costs a probe
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(path, json.dumps({**key_fields, "exact": verdict}) + "\n")
+    _verdicts[key] = verdict
+    return verdict
 
 
 @torch.no_grad()
@@ -68,23 +131,35 @@ def batch_is_exact(
     seqlen: int,
     device: torch.device,
     *,
-    backward: bool = False,
+    check: str = FORWARD,
+    head: nn.Linear | None = None,
 ) -> bool:
     """Whether ``batch`` windows of ``seqlen`` tokens per call on ``device`` give, for every
-    Linear shape in ``linears``, the bits that windows one at a time give: the forward product,
-    and with ``backward`` the input gradient and the per-sample weight gradient too.
+    Linear shape in ``linears``, the bits that windows one at a time give.
 
-    Costs the products of one batch per distinct shape (with ``backward``, three times that).
+    Args:
+        check: what is compared for ``linears``: the forward product (:data:`FORWARD`), also
+            the input gradient, also the per-sample weight gradient (:data:`WEIGHT_GRADIENT`).
+        head: a Linear checked for its forward product and input gradient only (an LM head,
+            whose weight gradient is not formed).
+
+    Costs the products of one batch per distinct shape, and two windows alone; verdicts are
+    remembered (:func:`_probe`).
     """
+    if check not in _CHECKS:
+        raise ValueError(f"check={check!r}: allowed values are {', '.join(_CHECKS)}.")
     if batch <= 1:
         return True
-    shapes = {(lin.in_features, lin.out_features, lin.weight.dtype) for lin in linears}
-    for d_in, d_out, dtype in sorted(shapes, key=str):
-        if not _linear_is_exact(d_in, d_out, dtype, device, batch, seqlen, backward):
+    shapes = {(lin.in_features, lin.out_features, lin.weight.dtype, check) for lin in linears}
+    if head is not None:
+        shapes.add((head.in_features, head.out_features, head.weight.dtype, INPUT_GRADIENT))
+    for shape in sorted(shapes, key=str):
+        if not _probe(shape, batch, seqlen, torch.device(device)):
+            d_in, d_out, dtype, what = shape
             logger.info(
                 "a batch of %d windows of %d tokens changes the bits of a %d -> %d %s product "
-                "here: windows go one at a time",
-                batch, seqlen, d_in, d_out, str(dtype).removeprefix("torch."),
+                "(%s) here: windows go one at a time",
+                batch, seqlen, d_in, d_out, dtype_name(dtype), what,
             )  # fmt: skip
             return False
     return True
@@ -97,7 +172,8 @@ def exact_batch(
     device: torch.device,
     linears: Iterable[nn.Linear],
     *,
-    backward: bool = False,
+    check: str = FORWARD,
+    head: nn.Linear | None = None,
     limit: int | None = None,
 ) -> int:
     """Windows per call for a pass over ``nsamples`` windows: an integer ``batch_size`` as given;
@@ -109,6 +185,6 @@ def exact_batch(
     batch = min(batch, limit or batch)
     linears = list(linears)
     sizes = {batch, nsamples % batch} - {0, 1}
-    if all(batch_is_exact(linears, size, seqlen, device, backward=backward) for size in sizes):
+    if all(batch_is_exact(linears, size, seqlen, device, check=check, head=head) for size in sizes):
         return batch
     return 1

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from gblm.calibration.batching import exact_batch
+from gblm.calibration.batching import WEIGHT_GRADIENT, exact_batch
 from gblm.calibration.hooks import attached_hooks
 from gblm.calibration.loss import lean_loss
 from gblm.devices import dtype_name
@@ -500,12 +500,10 @@ def _gradient_batch(
     ``auto`` at most as many as keep the fp32 logits of a batch within ``LOGITS_BYTES``."""
     nsamples, seqlen = windows.shape
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    shapes = list(linears.values())
-    limit = None
-    if isinstance(head, nn.Linear):
-        shapes.append(head)
-        limit = max(1, LOGITS_BYTES // (seqlen * head.out_features * 4))
-    return exact_batch(batch_size, nsamples, seqlen, device, shapes, backward=True, limit=limit)
+    head = head if isinstance(head, nn.Linear) else None
+    limit = max(1, LOGITS_BYTES // (seqlen * head.out_features * 4)) if head else None
+    return exact_batch(batch_size, nsamples, seqlen, device, linears.values(),
+                       check=WEIGHT_GRADIENT, head=head, limit=limit)  # fmt: skip
 
 
 def _per_sample_passes(
