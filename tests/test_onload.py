@@ -112,6 +112,16 @@ def test_onload_config_is_checked(tmp_path) -> None:
             compose_config("model=tiny_llama", "model.onload=true", "model.device_map=auto"),
             run_dir=tmp_path / "a",
         )
+    with pytest.raises(ConfigError, match="model.offload_folder"):
+        run(
+            compose_config("model=tiny_llama", "+model.device_map={model.layers.0: disk}"),
+            run_dir=tmp_path / "c",
+        )
+    with pytest.raises(ConfigError, match="model.offload_folder"):
+        run(
+            compose_config("model=tiny_llama", f"model.offload_folder={tmp_path / 'off'}"),
+            run_dir=tmp_path / "d",
+        )
     with pytest.raises(ConfigError, match="gradient_group_size"):
         run(
             compose_config("model=tiny_llama", "method=gblm", "method.gradient_group_size=0"),

@@ -43,6 +43,7 @@ from gblm.models.layers import (
     sequential_groups,
 )
 from gblm.models.memory import private_file_mappings, privatize_parameters
+from gblm.models.offload import execution_devices, materialized
 from gblm.pruning.sparsity import Sparsity
 from gblm.pruning.storage import PackedMasks
 
@@ -79,20 +80,26 @@ def _as_ids(windows: Tensor | Sequence[Tensor]) -> Tensor:
 def _on_device(block: nn.Module, device: torch.device) -> Iterator[torch.device]:
     """Run a block's work on ``device``: move it there and back, unless accelerate places it.
 
+    A block accelerate places computes on its execution device; its offloaded weights (meta
+    tensors) are read from their hooks' stores onto that device for the work and the pruned
+    values written back there afterwards (:func:`gblm.models.offload.materialized`), so that
+    evaluation and saving see them.
+
     Yields:
         The device the block computes on (accelerate's execution device for a dispatched block).
     """
-    params = list(block.parameters())
-    if any(p.device.type == "meta" for p in params):
+    placed = execution_devices(block)
+    if len(placed) > 1:
         raise NotImplementedError(
-            "A decoder block has weights offloaded by accelerate (meta tensors); the walk prunes "
-            "weights in place and needs them materialised. Load the model on the CPU instead."
+            f"accelerate runs parts of a decoder block on {sorted(map(str, placed))}; "
+            "give the whole block one device in the device map."
         )
-    execution_device = getattr(getattr(block, "_hf_hook", None), "execution_device", None)
-    if execution_device is not None:  # accelerate moves inputs to where the weights already are
-        yield torch.device(execution_device)
+    if placed:
+        execution_device = placed.pop()
+        with materialized(block, execution_device, write=True):
+            yield execution_device
         return
-    home = {p.device for p in params}
+    home = {p.device for p in block.parameters()}
     moved = home != {device}
     if moved:
         if len(home) > 1:

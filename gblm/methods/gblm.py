@@ -22,6 +22,7 @@ from gblm.calibration.gradients import (
 )
 from gblm.calibration.stats import LinearStats
 from gblm.methods.base import RunContext, ScorePruner
+from gblm.models.offload import has_offloaded
 from gblm.pruning.gblm import SCORES, gblm_score
 
 
@@ -71,8 +72,10 @@ class GBLMPruner(ScorePruner):
         if windows is None:
             raise ValueError("GBLM-Pruner's gradient stage needs calibration windows.")
 
-        # An onloaded model (weights on the CPU) always goes block by block: the same norms.
-        settings = replace(self.gradients, blockwise=self.gradients.blockwise or context.onload)
+        # An onloaded model (weights on the CPU), or one whose weights accelerate offloads, always
+        # goes block by block: the same norms.
+        blockwise = self.gradients.blockwise or context.onload or has_offloaded(model)
+        settings = replace(self.gradients, blockwise=blockwise)
         stage = blockwise_gradient_norms if settings.blockwise else gradient_norms
 
         def compute() -> dict[str, Tensor]:
