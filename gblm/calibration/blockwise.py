@@ -36,6 +36,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,6 +57,7 @@ from gblm.calibration.gradients import (
 )
 from gblm.calibration.loss import lean_loss
 from gblm.models.layers import decoder_layers, prunable_linears
+from gblm.models.memory import file_backed_zeros
 from gblm.models.offload import Offloaded, execution_devices, held_hooks, placeholders
 
 logger = logging.getLogger("gblm.gradients")
@@ -285,6 +287,8 @@ def blockwise_gradient_norms(
     device: str | torch.device | None = None,
     accumulate_on: str | torch.device | None = None,
     progress: bool = True,
+    file_backed: bool = False,
+    scratch_dir: Path | None = None,
 ) -> dict[str, Tensor]:
     """:func:`gblm.calibration.gradients.gradient_norms`, one decoder block on the device at a time.
 
@@ -293,7 +297,11 @@ def blockwise_gradient_norms(
         block, the embeddings and the head are moved for their work; ``accumulate_on`` is where
         the accumulators live between uses (default: each weight's device, the CPU for a weight
         accelerate offloads); ``settings.group_size`` windows go through the blocks together
-        (their block inputs kept on the CPU).
+        (their block inputs kept on the CPU); with ``file_backed``, the accumulators live in
+        file-backed mappings, one file per block in ``scratch_dir`` (default: the system's
+        temporary folder), so their bytes are never anonymous memory
+        (:func:`gblm.models.memory.file_backed_zeros`; ``accumulate_on`` must then be the CPU or
+        None). With ``norm="l2"`` the finished norms (the square roots) are ordinary memory.
 
     A model dispatched by accelerate (a device map, offloaded blocks included) runs with its hooks
     held (:func:`gblm.models.offload.held_hooks`: inputs go to ``device``, no weights are loaded
@@ -308,9 +316,12 @@ def blockwise_gradient_norms(
     if settings.loss_chunk_tokens:
         check_chunkable(model)
     compute = _compute_device(model, device)
+    on = torch.device(accumulate_on) if accumulate_on is not None else None
+    if file_backed and on not in (None, torch.device("cpu")):
+        raise ValueError(f"file-backed accumulators live on the CPU, not accumulate_on={on}.")
+    files = (scratch_dir,) if file_backed else None
     with placeholders(model) as sources, held_hooks(model, compute):
-        on = torch.device(accumulate_on) if accumulate_on is not None else None
-        return _blockwise(model, windows, settings, compute, on, progress, sources)
+        return _blockwise(model, windows, settings, compute, on, progress, sources, files)
 
 
 def _blockwise(
@@ -321,8 +332,10 @@ def _blockwise(
     accumulate_on: torch.device | None,
     progress: bool,
     sources: Sources,
+    files: tuple[Path | None] | None,
 ) -> dict[str, Tensor]:
-    """The stage itself (:func:`blockwise_gradient_norms`), its arguments checked."""
+    """The stage itself (:func:`blockwise_gradient_norms`), its arguments checked; ``files``:
+    ``(scratch_dir,)`` for file-backed accumulators."""
     nsamples, seqlen = windows.shape
     chunk, size = settings.loss_chunk_tokens, settings.group_size
     host = torch.device("cpu")
@@ -330,7 +343,13 @@ def _blockwise(
     block_names = _block_linear_names(model)
     linears = _linears_by_name(blocks, block_names)
     acc_dtype = settings.torch_accumulator_dtype
-    folder = _Folder(linears, settings.norm, settings.scale, acc_dtype, accumulate_on)
+    if files is None:
+        folder = _Folder(linears, settings.norm, settings.scale, acc_dtype, accumulate_on)
+    else:  # no storage until each block's file is made
+        folder = _Folder(linears, settings.norm, settings.scale, acc_dtype, torch.device("meta"))
+        for names in block_names:
+            specs = [(folder.accumulators[n].shape, folder.accumulators[n].dtype) for n in names]
+            folder.accumulators.update(zip(names, file_backed_zeros(specs, files[0])))
     versions = {name: p._version for name, p in model.named_parameters()}
     start = time.perf_counter()
     bar = tqdm(total=2 * -(-nsamples // size) * len(blocks), desc="gradients", disable=not progress)

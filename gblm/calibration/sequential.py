@@ -26,6 +26,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -42,7 +43,12 @@ from gblm.models.layers import (
     prunable_linears,
     sequential_groups,
 )
-from gblm.models.memory import private_file_mappings, privatize_parameters
+from gblm.models.memory import (
+    in_file_mappings,
+    map_parameters_to_file,
+    private_file_mappings,
+    privatize_parameters,
+)
 from gblm.models.offload import execution_devices, materialized
 from gblm.pruning.sparsity import Sparsity
 from gblm.pruning.storage import PackedMasks
@@ -245,8 +251,16 @@ def _walk_blocks(
     device: torch.device,
     masks: PackedMasks,
     progress: bool,
+    spill: bool = False,
+    scratch_dir: Path | None = None,
 ) -> None:
-    """Prune the blocks in order; with calibration inputs, each pruned block feeds the next."""
+    """Prune the blocks in order; with calibration inputs, each pruned block feeds the next.
+
+    With ``spill``, a block whose weights were the pages of a memory-mapped checkpoint goes into
+    a file-backed mapping of its own once pruned (in ``scratch_dir``; the system's temporary folder
+    by default; :func:`gblm.models.memory.map_parameters_to_file`), so the pruned model does not
+    pile up in anonymous memory.
+    """
     hidden = outputs = None
     if inputs is not None:
         hidden = inputs.hidden  # (N, T, hidden): inputs of the current block
@@ -254,12 +268,15 @@ def _walk_blocks(
     mapped = private_file_mappings()  # weights still in the checkpoint's pages (mmap)
     for b, block in enumerate(tqdm(blocks, desc="prune blocks", disable=not progress)):
         block_began = time.perf_counter()
+        to_file = spill and in_file_mappings(block, mapped)
         with _on_device(block, device) as block_device:
             privatize_parameters(block, mapped)  # no copy-on-write faults as the masks land
             _prune_block(block, b, prefix, method, plan, inputs, hidden, block_device, masks)
             if inputs is not None:
                 reforward_block(block, inputs, hidden, outputs, block_device)
                 hidden, outputs = outputs, hidden
+        if to_file:
+            map_parameters_to_file(block, scratch_dir)
         logger.debug("block %d pruned in %.2f s", b, time.perf_counter() - block_began)
 
 
@@ -274,6 +291,7 @@ def prune_model(
     progress: bool = True,
     offload_inputs: bool = False,
     onload: bool = False,
+    scratch_dir: Path | None = None,
 ) -> PackedMasks:
     """Prune every Linear inside the decoder blocks of ``model``, in place, block by block.
 
@@ -293,7 +311,10 @@ def prune_model(
             inputs are captured with only the embeddings (and whatever else is not a decoder
             block) moved to ``device``, so masks, rotary tables and hidden states are computed
             there as in the in-memory run. Each block is moved to ``device`` for its work and
-            back in any case (:func:`_on_device`).
+            back in any case (:func:`_on_device`). Weights that were a memory-mapped checkpoint's
+            pages leave it for a file-backed mapping of their own, block by block, once pruned.
+        scratch_dir: with ``onload``, where those files go (unlinked at once); None: the
+            system's temporary folder.
 
     Returns:
         The boolean masks (True = pruned), on the CPU, keyed by the full module name as in
@@ -316,7 +337,9 @@ def prune_model(
                 inputs = capture_block_inputs(
                     model, _as_ids(windows), batch_size=batch_size, storage_device=storage
                 )
-        _walk_blocks(blocks, prefix, method, plan, inputs, device, masks, progress)
+        _walk_blocks(
+            blocks, prefix, method, plan, inputs, device, masks, progress, onload, scratch_dir
+        )
     finally:
         model.train(was_training)
     logger.info(

@@ -76,10 +76,17 @@ class GBLMPruner(ScorePruner):
         # goes block by block: the same norms.
         blockwise = self.gradients.blockwise or context.onload or has_offloaded(model)
         settings = replace(self.gradients, blockwise=blockwise)
-        stage = blockwise_gradient_norms if settings.blockwise else gradient_norms
 
         def compute() -> dict[str, Tensor]:
-            return stage(model, windows, settings, device=context.device, progress=context.progress)
+            if not settings.blockwise:
+                return gradient_norms(
+                    model, windows, settings, device=context.device, progress=context.progress
+                )
+            # onloaded: the accumulators in file-backed mappings, not anonymous memory
+            return blockwise_gradient_norms(
+                model, windows, settings, device=context.device, progress=context.progress,
+                file_backed=context.onload, scratch_dir=context.scratch_dir,
+            )  # fmt: skip
 
         model_key = context.model_key()
         if context.cache_dir is None or model_key is None:
