@@ -17,6 +17,7 @@ and the allowed values. Everything below takes these typed values.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,9 @@ class ModelConf:
     revision: str | None = None
     dtype: str = II("dtype")
     device_map: Any = None  # auto: spread over GPUs / offload to CPU with accelerate
+    # device_map with "disk" entries: the folder accelerate offloads to, and where the walk writes
+    # those blocks' pruned weights (one per run; required then)
+    offload_folder: str | None = None
     # weights stay on the CPU (or memory-mapped); each block is moved to the device for its work
     onload: bool = False
     trust_remote_code: bool = False
@@ -436,6 +440,21 @@ def _zeroshot(z: ZeroshotSettings) -> ZeroshotSettings:
     return z
 
 
+def _check_offload_folder(spec: ModelSpec) -> None:
+    """``model.offload_folder`` goes with a device map, and one with disk entries needs it."""
+    if spec.offload_folder is not None and spec.device_map is None:
+        raise ConfigError(
+            f"model.offload_folder={spec.offload_folder!r} needs a model.device_map that places "
+            "some modules on 'disk' (set model.offload_folder=null otherwise)."
+        )
+    placed = spec.device_map.values() if isinstance(spec.device_map, Mapping) else ()
+    if "disk" in placed and spec.offload_folder is None:
+        raise ConfigError(
+            "model.device_map puts modules on 'disk': set model.offload_folder to a folder for "
+            "accelerate's offloaded weights (the pruned ones of those modules are written there)."
+        )
+
+
 def _model(m: ModelConf) -> ModelSpec:
     spec = ModelSpec(
         kind=_choice("model.kind", m.kind, KINDS),
@@ -443,7 +462,12 @@ def _model(m: ModelConf) -> ModelSpec:
         name_or_path=m.name_or_path,
         revision=m.revision,
         dtype=_choice("model.dtype", m.dtype, DTYPE_NAMES),
-        device_map=m.device_map,
+        device_map=(
+            OmegaConf.to_container(m.device_map)
+            if OmegaConf.is_config(m.device_map)
+            else m.device_map
+        ),
+        offload_folder=m.offload_folder,
         onload=m.onload,
         trust_remote_code=m.trust_remote_code,
         tiny=dict(m.tiny),
@@ -455,6 +479,7 @@ def _model(m: ModelConf) -> ModelSpec:
             "model.onload=true keeps the weights on the CPU itself; it cannot be combined with "
             f"model.device_map={spec.device_map!r} (set model.device_map=null)."
         )
+    _check_offload_folder(spec)
     if spec.kind == "hf" and not spec.name_or_path:
         raise ConfigError(
             "model.name_or_path is required with model.kind=hf (hub id or local directory)."

@@ -139,10 +139,10 @@ def test_nonfinite_gradient_names_the_layer_and_sample() -> None:
         blockwise_gradient_norms(model, ids, blockwise("l1", 2), progress=False)
 
 
-def test_refuses_a_model_placed_by_accelerate() -> None:
-    model = tiny("llama")
-    decoder_layers(model)[0]._hf_hook = object()  # what accelerate's dispatch leaves on a module
-    with pytest.raises(NotImplementedError, match="device_map"):
+def test_refuses_a_hook_other_than_a_device_maps() -> None:
+    model = tiny("llama")  # offloaded device maps: tests/test_offload.py
+    decoder_layers(model)[0]._hf_hook = object()  # not an AlignDevicesHook
+    with pytest.raises(NotImplementedError, match="device maps"):
         blockwise_gradient_norms(model, windows(), blockwise("l1", 2), progress=False)
 
 

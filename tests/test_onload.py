@@ -9,6 +9,7 @@ The tests that move blocks to a real device are marked ``gpu``.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,7 +75,8 @@ def test_onloaded_capture_never_calls_a_real_block() -> None:
         block.register_forward_pre_hook(lambda module, args: calls.append(module))
     # magnitude needs no data; a method with data runs each block once for statistics and once
     # for the re-forward: capture adds no call of its own
-    prune_model(model, WandaPruner(), Sparsity(0.5), _windows(), device="cpu", onload=True)
+    prune_model(model, WandaPruner(), Sparsity(0.5), _windows(), device="cpu", onload=True,
+                batch_size=1)  # fmt: skip
     assert len(calls) == 2 * 4 * len(decoder_layers(model))  # 2 passes x 4 windows x blocks
 
 
@@ -112,6 +114,16 @@ def test_onload_config_is_checked(tmp_path) -> None:
             compose_config("model=tiny_llama", "model.onload=true", "model.device_map=auto"),
             run_dir=tmp_path / "a",
         )
+    with pytest.raises(ConfigError, match="model.offload_folder"):
+        run(
+            compose_config("model=tiny_llama", "+model.device_map={model.layers.0: disk}"),
+            run_dir=tmp_path / "c",
+        )
+    with pytest.raises(ConfigError, match="model.offload_folder"):
+        run(
+            compose_config("model=tiny_llama", f"model.offload_folder={tmp_path / 'off'}"),
+            run_dir=tmp_path / "d",
+        )
     with pytest.raises(ConfigError, match="gradient_group_size"):
         run(
             compose_config("model=tiny_llama", "method=gblm", "method.gradient_group_size=0"),
@@ -132,3 +144,46 @@ def test_onloaded_to_the_gpu_equals_the_model_on_the_gpu(arch: str, method: str)
     weights = memory.state_dict()
     for name, value in onloaded.state_dict().items():
         assert torch.equal(value, weights[name].cpu()), name
+
+
+def _in_shared_file_mapping(tensor: Tensor) -> bool:
+    """Whether ``tensor``'s storage lies in a shared mapping of a file (file-backed pages)."""
+    address = tensor.untyped_storage().data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(a, 16) for a in fields[0].split("-"))
+        if start <= address < end:
+            return fields[1][3] == "s" and len(fields) == 6 and fields[5].startswith("/")
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="Linux only")
+@pytest.mark.parametrize("method", ["wanda", "gblm"])
+def test_onloaded_checkpoint_leaves_anonymous_memory_block_by_block(method: str, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from gblm.models.memory import in_file_mappings, private_file_mappings
+
+    memory, memory_masks = _prune("llama", method, "cpu", onload=False)
+    build_tiny_model(tiny_config("llama", vocab_size=VOCAB), seed=0).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert in_file_mappings(model, private_file_mappings())  # the checkpoint's pages
+    pruner, ids = METHODS[method](), _windows()
+    context = RunContext(
+        device=torch.device("cpu"), model_dtype=torch.float32, onload=True, scratch_dir=tmp_path
+    )
+    pruner.prepare(model, ids, context)
+    if method == "gblm":  # l1: the norms are the accumulators themselves, file-backed
+        assert all(_in_shared_file_mapping(g) for g in pruner._grad_norms.values())
+    masks = prune_model(
+        model, pruner, Sparsity(0.5), ids, device="cpu", progress=False, onload=True,
+        scratch_dir=tmp_path,
+    )  # fmt: skip
+    for name, mask in memory_masks.items():
+        assert torch.equal(masks[name], mask), name
+    weights = memory.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    for block in decoder_layers(model):
+        assert all(_in_shared_file_mapping(p) for p in block.parameters())
+    assert not list(tmp_path.glob(".gblm-*"))  # unlinked at once

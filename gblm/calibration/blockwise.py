@@ -35,7 +35,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,10 +57,13 @@ from gblm.calibration.gradients import (
 )
 from gblm.calibration.loss import lean_loss
 from gblm.models.layers import decoder_layers, prunable_linears
+from gblm.models.memory import file_backed_zeros
+from gblm.models.offload import Offloaded, execution_devices, held_hooks, placeholders
 
 logger = logging.getLogger("gblm.gradients")
 
 Call = tuple[tuple, dict[str, Any]]  # a block's extra positional and keyword arguments
+Sources = Mapping[int, Offloaded]  # stand-ins of weights accelerate offloads (by id)
 
 
 class _Stop(Exception):
@@ -107,25 +111,34 @@ def skeleton(model: nn.Module, on_call: Callable) -> Iterator[list[nn.Module]]:
 
 
 @contextlib.contextmanager
-def visiting(module: nn.Module, device: torch.device) -> Iterator[None]:
+def visiting(
+    module: nn.Module, device: torch.device, sources: Mapping[int, Offloaded] | None = None
+) -> Iterator[None]:
     """``module``'s parameters and buffers on ``device`` within the block, for read-only work.
 
     Each tensor elsewhere gets a device copy as its ``.data``; afterwards the very same original
     tensor is put back (nothing is copied back: the work must not write the weights). A no-op for
-    tensors already on ``device``.
+    tensors already on ``device``. A stand-in for a weight accelerate offloads (``sources``, from
+    :func:`gblm.models.offload.placeholders`, by ``id``) gets the value its hook stores.
     """
-    params = [(p, p.data) for p in module.parameters() if p.device != device]
+    sources = sources or {}
+
+    def value(tensor: Tensor) -> Tensor:
+        entry = sources.get(id(tensor))
+        return (entry.read() if entry is not None else tensor).to(device)
+
+    params = [(p, p.data) for p in module.parameters() if p.device != device or id(p) in sources]
     buffers = [
         (m, key, b)
         for m in module.modules()
         for key, b in m._buffers.items()
-        if b is not None and b.device != device
+        if b is not None and (b.device != device or id(b) in sources)
     ]
     try:
-        for p, data in params:
-            p.data = data.to(device)
+        for p, _ in params:
+            p.data = value(p)
         for m, key, b in buffers:
-            m._buffers[key] = b.to(device)
+            m._buffers[key] = value(b)
         yield
     finally:
         for p, data in params:
@@ -152,15 +165,6 @@ def _linears_by_name(blocks: list[nn.Module], names: list[list[str]]) -> dict[st
     }
 
 
-def _refuse_accelerate(model: nn.Module) -> None:
-    if any(hasattr(module, "_hf_hook") for module in model.modules()):
-        raise NotImplementedError(
-            "the block-by-block gradient stage moves blocks itself and cannot run on a model "
-            "placed by accelerate (model.device_map); load it without a device map "
-            "(model.onload=true) or set method.gradient_blockwise=false."
-        )
-
-
 def _first(out: Any) -> Tensor:
     # transformers >= 5 returns a Tensor, older versions a tuple whose first entry is the states.
     return out[0] if isinstance(out, tuple | list) else out
@@ -176,7 +180,9 @@ class _Group:
         self.tuple_outputs = False
 
 
-def _skeleton_pass(model: nn.Module, group: _Group, compute: torch.device, host) -> None:
+def _skeleton_pass(
+    model: nn.Module, group: _Group, compute: torch.device, host, sources: Sources
+) -> None:
     """Block 0's input and every block's call arguments, for each window of the group."""
     nblocks = len(group.inputs) - 1
 
@@ -188,7 +194,7 @@ def _skeleton_pass(model: nn.Module, group: _Group, compute: torch.device, host)
             raise _Stop
         return hidden
 
-    with skeleton(model, record), visiting(model, compute), torch.no_grad():
+    with skeleton(model, record), visiting(model, compute, sources), torch.no_grad():
         for i in range(group.ids.shape[0]):
             calls: list[Call] = []
             try:
@@ -201,11 +207,11 @@ def _skeleton_pass(model: nn.Module, group: _Group, compute: torch.device, host)
 
 @torch.no_grad()
 def _forward_blocks(
-    blocks: list[nn.Module], group: _Group, compute: torch.device, host, bar: tqdm
+    blocks: list[nn.Module], group: _Group, compute: torch.device, host, bar: tqdm, sources: Sources
 ) -> None:
     """Run the blocks in order on every window of the group, keeping each block's input."""
     for b, block in enumerate(blocks):
-        with visiting(block, compute):
+        with visiting(block, compute, sources):
             for i, hidden in enumerate(group.inputs[b]):
                 args, kwargs = group.calls[i][b]
                 out = block(hidden.to(compute), *args, **kwargs)
@@ -214,12 +220,14 @@ def _forward_blocks(
         bar.update()
 
 
-def _head_backward(model: nn.Module, group: _Group, compute, chunk: int, first: int) -> list:
+def _head_backward(
+    model: nn.Module, group: _Group, compute, chunk: int, first: int, sources: Sources
+) -> list:
     """Loss and its backward for each window; returns the last hidden states' gradients."""
     grads = []
     current: list[Any] = [None]  # what every stand-in returns: the current window's leaf
     # embeddings and head moved once for the group
-    with skeleton(model, lambda *_: current[0]), visiting(model, compute):
+    with skeleton(model, lambda *_: current[0]), visiting(model, compute, sources):
         for i, last in enumerate(group.inputs[-1]):
             leaf = last.to(compute).detach().requires_grad_()  # (1, T, H)
             current[0] = (leaf,) if group.tuple_outputs else leaf
@@ -239,13 +247,14 @@ def _backward_block(
     names: list[str],
     compute: torch.device,
     first: int,
+    sources: Sources,
 ) -> list[Tensor | None]:
     """Recompute block ``b`` from its kept inputs and backpropagate ``grads`` (one per window)."""
     homes = {name: folder.accumulators[name] for name in names}
     for name, acc in homes.items():
         folder.accumulators[name] = acc.to(compute)
     passed: list[Tensor | None] = []
-    with visiting(block, compute):
+    with visiting(block, compute, sources):
         for i, hidden in enumerate(group.inputs[b]):
             # Block 0's input does not require grad in the full model either (embeddings frozen).
             x = hidden.to(compute).detach().requires_grad_(b > 0)  # (1, T, H)
@@ -262,6 +271,14 @@ def _backward_block(
     return passed
 
 
+def _compute_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """``device``; else accelerate's one execution device, else that of the input embeddings."""
+    if device is not None:
+        return torch.device(device)
+    placed = execution_devices(model)
+    return placed.pop() if len(placed) == 1 else _input_device(model)
+
+
 def blockwise_gradient_norms(
     model: nn.Module,
     windows: Tensor,
@@ -270,40 +287,72 @@ def blockwise_gradient_norms(
     device: str | torch.device | None = None,
     accumulate_on: str | torch.device | None = None,
     progress: bool = True,
+    file_backed: bool = False,
+    scratch_dir: Path | None = None,
 ) -> dict[str, Tensor]:
     """:func:`gblm.calibration.gradients.gradient_norms`, one decoder block on the device at a time.
 
     Args: as :func:`gblm.calibration.gradients.gradient_norms`; ``device`` is the compute device
-        (default: that of the input embeddings), where each block, the embeddings and the head
-        are moved for their work; ``accumulate_on`` is where the accumulators live between
-        uses (default: each weight's device); ``settings.group_size`` windows go through the
-        blocks together (their block inputs kept on the CPU).
+        (default: accelerate's execution device, else that of the input embeddings), where each
+        block, the embeddings and the head are moved for their work; ``accumulate_on`` is where
+        the accumulators live between uses (default: each weight's device, the CPU for a weight
+        accelerate offloads); ``settings.group_size`` windows go through the blocks together
+        (their block inputs kept on the CPU); with ``file_backed``, the accumulators live in
+        file-backed mappings, one file per block in ``scratch_dir`` (default: the system's
+        temporary folder), so their bytes are never anonymous memory
+        (:func:`gblm.models.memory.file_backed_zeros`; ``accumulate_on`` must then be the CPU or
+        None). With ``norm="l2"`` the finished norms (the square roots) are ordinary memory.
+
+    A model dispatched by accelerate (a device map, offloaded blocks included) runs with its hooks
+    held (:func:`gblm.models.offload.held_hooks`: inputs go to ``device``, no weights are loaded
+    or dropped by them) and its offloaded weights read from their hooks' stores one block at a
+    time (:func:`gblm.models.offload.placeholders`).
 
     Returns:
         The same ``{full Linear name: (d_out, d_in) tensor}``, bit for bit.
     """
     settings = settings or GradientSettings()
-    nsamples, seqlen = _check_windows(windows)
-    chunk, size = settings.loss_chunk_tokens, settings.group_size
-    if chunk:
+    _check_windows(windows)
+    if settings.loss_chunk_tokens:
         check_chunkable(model)
-    compute = torch.device(device) if device is not None else _input_device(model)
+    compute = _compute_device(model, device)
+    on = torch.device(accumulate_on) if accumulate_on is not None else None
+    if file_backed and on not in (None, torch.device("cpu")):
+        raise ValueError(f"file-backed accumulators live on the CPU, not accumulate_on={on}.")
+    files = (scratch_dir,) if file_backed else None
+    with placeholders(model) as sources, held_hooks(model, compute):
+        return _blockwise(model, windows, settings, compute, on, progress, sources, files)
+
+
+def _blockwise(
+    model: nn.Module,
+    windows: Tensor,
+    settings: GradientSettings,
+    compute: torch.device,
+    accumulate_on: torch.device | None,
+    progress: bool,
+    sources: Sources,
+    files: tuple[Path | None] | None,
+) -> dict[str, Tensor]:
+    """The stage itself (:func:`blockwise_gradient_norms`), its arguments checked; ``files``:
+    ``(scratch_dir,)`` for file-backed accumulators."""
+    nsamples, seqlen = windows.shape
+    chunk, size = settings.loss_chunk_tokens, settings.group_size
     host = torch.device("cpu")
-    _refuse_accelerate(model)
     blocks = list(decoder_layers(model))
     block_names = _block_linear_names(model)
     linears = _linears_by_name(blocks, block_names)
-    folder = _Folder(
-        linears,
-        settings.norm,
-        settings.scale,
-        settings.torch_accumulator_dtype,
-        torch.device(accumulate_on) if accumulate_on is not None else None,
-    )
+    acc_dtype = settings.torch_accumulator_dtype
+    if files is None:
+        folder = _Folder(linears, settings.norm, settings.scale, acc_dtype, accumulate_on)
+    else:  # no storage until each block's file is made
+        folder = _Folder(linears, settings.norm, settings.scale, acc_dtype, torch.device("meta"))
+        for names in block_names:
+            specs = [(folder.accumulators[n].shape, folder.accumulators[n].dtype) for n in names]
+            folder.accumulators.update(zip(names, file_backed_zeros(specs, files[0])))
     versions = {name: p._version for name, p in model.named_parameters()}
     start = time.perf_counter()
-    ngroups = -(-nsamples // size)
-    bar = tqdm(total=2 * ngroups * len(blocks), desc="gradients", disable=not progress)
+    bar = tqdm(total=2 * -(-nsamples // size) * len(blocks), desc="gradients", disable=not progress)
     try:
         with (
             _eval_mode(model),
@@ -314,12 +363,12 @@ def blockwise_gradient_norms(
         ):
             for first in range(0, nsamples, size):
                 group = _Group(windows[first : first + size], len(blocks))
-                _skeleton_pass(model, group, compute, host)
-                _forward_blocks(blocks, group, compute, host, bar)
-                grads = _head_backward(model, group, compute, chunk, first)
+                _skeleton_pass(model, group, compute, host, sources)
+                _forward_blocks(blocks, group, compute, host, bar, sources)
+                grads = _head_backward(model, group, compute, chunk, first, sources)
                 for b in reversed(range(len(blocks))):
                     grads = _backward_block(
-                        blocks[b], b, group, grads, folder, block_names[b], compute, first
+                        blocks[b], b, group, grads, folder, block_names[b], compute, first, sources
                     )
                     bar.update()
     finally:

@@ -52,6 +52,7 @@ from gblm.calibration.loss import lean_loss
 from gblm.devices import dtype_name
 from gblm.errors import NonFiniteError
 from gblm.models.layers import decoder_layers, prunable_linears
+from gblm.models.offload import has_offloaded
 from gblm.utils import (
     atomic_write,
     atomic_write_text,
@@ -451,6 +452,12 @@ def gradient_norms(
     nsamples, seqlen = _check_windows(windows)
     if chunk:
         check_chunkable(model)
+    if has_offloaded(model):  # its hooks would replace the Parameters the folding hooks are on
+        raise NotImplementedError(
+            "accelerate offloads some of this model's weights (meta tensors): compute the "
+            "gradient norms with gblm.calibration.blockwise.blockwise_gradient_norms "
+            "(GBLM-Pruner's method does so by itself)."
+        )
 
     linears = decoder_linear_names(model)
     input_device = torch.device(device) if device is not None else _input_device(model)

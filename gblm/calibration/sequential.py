@@ -26,6 +26,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -43,7 +44,13 @@ from gblm.models.layers import (
     prunable_linears,
     sequential_groups,
 )
-from gblm.models.memory import private_file_mappings, privatize_parameters
+from gblm.models.memory import (
+    in_file_mappings,
+    map_parameters_to_file,
+    private_file_mappings,
+    privatize_parameters,
+)
+from gblm.models.offload import execution_devices, materialized
 from gblm.pruning.sparsity import Sparsity
 from gblm.pruning.storage import PackedMasks
 
@@ -80,20 +87,26 @@ def _as_ids(windows: Tensor | Sequence[Tensor]) -> Tensor:
 def _on_device(block: nn.Module, device: torch.device) -> Iterator[torch.device]:
     """Run a block's work on ``device``: move it there and back, unless accelerate places it.
 
+    A block accelerate places computes on its execution device; its offloaded weights (meta
+    tensors) are read from their hooks' stores onto that device for the work and the pruned
+    values written back there afterwards (:func:`gblm.models.offload.materialized`), so that
+    evaluation and saving see them.
+
     Yields:
         The device the block computes on (accelerate's execution device for a dispatched block).
     """
-    params = list(block.parameters())
-    if any(p.device.type == "meta" for p in params):
+    placed = execution_devices(block)
+    if len(placed) > 1:
         raise NotImplementedError(
-            "A decoder block has weights offloaded by accelerate (meta tensors); the walk prunes "
-            "weights in place and needs them materialised. Load the model on the CPU instead."
+            f"accelerate runs parts of a decoder block on {sorted(map(str, placed))}; "
+            "give the whole block one device in the device map."
         )
-    execution_device = getattr(getattr(block, "_hf_hook", None), "execution_device", None)
-    if execution_device is not None:  # accelerate moves inputs to where the weights already are
-        yield torch.device(execution_device)
+    if placed:
+        execution_device = placed.pop()
+        with materialized(block, execution_device, write=True):
+            yield execution_device
         return
-    home = {p.device for p in params}
+    home = {p.device for p in block.parameters()}
     moved = home != {device}
     if moved:
         if len(home) > 1:
@@ -239,8 +252,16 @@ def _walk_blocks(
     device: torch.device,
     masks: PackedMasks,
     progress: bool,
+    spill: bool = False,
+    scratch_dir: Path | None = None,
 ) -> None:
-    """Prune the blocks in order; with calibration inputs, each pruned block feeds the next."""
+    """Prune the blocks in order; with calibration inputs, each pruned block feeds the next.
+
+    With ``spill``, a block whose weights were the pages of a memory-mapped checkpoint goes into
+    a file-backed mapping of its own once pruned (in ``scratch_dir``; the system's temporary folder
+    by default; :func:`gblm.models.memory.map_parameters_to_file`), so the pruned model does not
+    pile up in anonymous memory.
+    """
     hidden = outputs = None
     if inputs is not None:
         hidden = inputs.hidden  # (N, T, hidden): inputs of the current block
@@ -248,12 +269,15 @@ def _walk_blocks(
     mapped = private_file_mappings()  # weights still in the checkpoint's pages (mmap)
     for b, block in enumerate(tqdm(blocks, desc="prune blocks", disable=not progress)):
         block_began = time.perf_counter()
+        to_file = spill and in_file_mappings(block, mapped)
         with _on_device(block, device) as block_device:
             privatize_parameters(block, mapped)  # no copy-on-write faults as the masks land
             _prune_block(block, b, prefix, method, plan, inputs, hidden, block_device, masks)
             if inputs is not None:
                 reforward_block(block, inputs, hidden, outputs, block_device)
                 hidden, outputs = outputs, hidden
+        if to_file:
+            map_parameters_to_file(block, scratch_dir)
         logger.debug("block %d pruned in %.2f s", b, time.perf_counter() - block_began)
 
 
@@ -268,6 +292,7 @@ def prune_model(
     progress: bool = True,
     offload_inputs: bool = False,
     onload: bool = False,
+    scratch_dir: Path | None = None,
 ) -> PackedMasks:
     """Prune every Linear inside the decoder blocks of ``model``, in place, block by block.
 
@@ -290,7 +315,10 @@ def prune_model(
             inputs are captured with only the embeddings (and whatever else is not a decoder
             block) moved to ``device``, so masks, rotary tables and hidden states are computed
             there as in the in-memory run. Each block is moved to ``device`` for its work and
-            back in any case (:func:`_on_device`).
+            back in any case (:func:`_on_device`). Weights that were a memory-mapped checkpoint's
+            pages leave it for a file-backed mapping of their own, block by block, once pruned.
+        scratch_dir: with ``onload``, where those files go (unlinked at once); None: the
+            system's temporary folder.
 
     Returns:
         The boolean masks (True = pruned), on the CPU, keyed by the full module name as in
@@ -314,7 +342,9 @@ def prune_model(
             batch = exact_batch(batch_size, *ids.shape, device, linears)
             with _embeddings_on(model, device) if onload else contextlib.nullcontext():
                 inputs = capture_block_inputs(model, ids, batch_size=batch, storage_device=storage)
-        _walk_blocks(blocks, prefix, method, plan, inputs, device, masks, progress)
+        _walk_blocks(
+            blocks, prefix, method, plan, inputs, device, masks, progress, onload, scratch_dir
+        )
     finally:
         model.train(was_training)
     logger.info(

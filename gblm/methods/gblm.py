@@ -22,6 +22,7 @@ from gblm.calibration.gradients import (
 )
 from gblm.calibration.stats import LinearStats
 from gblm.methods.base import RunContext, ScorePruner
+from gblm.models.offload import has_offloaded
 from gblm.pruning.gblm import SCORES, gblm_score
 
 
@@ -71,16 +72,20 @@ class GBLMPruner(ScorePruner):
         if windows is None:
             raise ValueError("GBLM-Pruner's gradient stage needs calibration windows.")
 
-        # An onloaded model (weights on the CPU) always goes block by block: the same norms.
-        settings = replace(self.gradients, blockwise=self.gradients.blockwise or context.onload)
+        # An onloaded model (weights on the CPU), or one whose weights accelerate offloads, always
+        # goes block by block: the same norms.
+        blockwise = self.gradients.blockwise or context.onload or has_offloaded(model)
+        settings = replace(self.gradients, blockwise=blockwise)
 
         def compute() -> dict[str, Tensor]:
-            if settings.blockwise:
-                return blockwise_gradient_norms(
-                    model, windows, settings, device=context.device, progress=context.progress
-                )
-            return gradient_norms(model, windows, settings, device=context.device,
-                                  progress=context.progress, batch_size=context.batch_size)  # fmt: skip
+            if not settings.blockwise:
+                return gradient_norms(model, windows, settings, device=context.device,
+                                      progress=context.progress, batch_size=context.batch_size)  # fmt: skip
+            # onloaded: the accumulators in file-backed mappings, not anonymous memory
+            return blockwise_gradient_norms(
+                model, windows, settings, device=context.device, progress=context.progress,
+                file_backed=context.onload, scratch_dir=context.scratch_dir,
+            )  # fmt: skip
 
         model_key = context.model_key()
         if context.cache_dir is None or model_key is None:

@@ -48,6 +48,7 @@ class ModelSpec:
     revision: str | None = None
     dtype: str = "auto"
     device_map: Any = None  # None: whole model on the run's device; "auto"/"cpu"/dict: accelerate
+    offload_folder: str | None = None  # device_map with "disk" entries: accelerate's folder
     onload: bool = (
         False  # weights stay on the CPU; the walk moves one block at a time to the device
     )
@@ -293,6 +294,8 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, tokeni
         )
         if spec.device_map is not None:
             kwargs["device_map"] = spec.device_map
+        if spec.offload_folder is not None:
+            kwargs["offload_folder"] = spec.offload_folder
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.gblm_source_dtype = _checkpoint_dtype(spec, dtype)  # save_dtype=original saves in it
     if spec.device_map is None and not spec.onload:

@@ -9,14 +9,22 @@ of their own just before the walk prunes it costs one memcpy of the block, and t
 is the same as with the faults (the faults copy every written page too).
 
 Only Linux tells where a tensor lives (``/proc/self/maps``); elsewhere nothing is copied.
+
+Once pruned, an onloaded block need not stay in that private memory either:
+:func:`map_parameters_to_file` moves it into a shared mapping of a file of its own (unlinked at
+once, so nothing is left behind), whose pages are file-backed: the kernel writes them out and may
+drop them, and they never count as anonymous memory. :func:`file_backed_zeros` gives GBLM's
+gradient accumulators the same home.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 MAPS = Path("/proc/self/maps")
 
@@ -48,6 +56,11 @@ def _mapped(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
     return any(start <= address < end for start, end in ranges)
 
 
+def in_file_mappings(module: nn.Module, ranges: list[tuple[int, int]]) -> bool:
+    """Whether some CPU parameter of ``module`` lies in one of ``ranges`` (a file's pages)."""
+    return any(p.device.type == "cpu" and _mapped(p, ranges) for p in module.parameters())
+
+
 @torch.no_grad()
 def privatize_parameters(module: nn.Module, ranges: list[tuple[int, int]] | None = None) -> int:
     """Copy each CPU parameter of ``module`` that lies in a file mapping into its own memory.
@@ -72,3 +85,51 @@ def privatize_parameters(module: nn.Module, ranges: list[tuple[int, int]] | None
             param.data = param.data.clone()
             copied += param.numel() * param.element_size()
     return copied
+
+
+ALIGN = 64  # bytes: every tensor of a mapping starts on a cache line
+
+
+def file_backed_zeros(
+    specs: list[tuple[torch.Size, torch.dtype]], directory: Path | str | None = None
+) -> list[Tensor]:
+    """Zero CPU tensors of the given (shape, dtype) in one shared mapping of a new file.
+
+    The file (in ``directory``, default the system's temporary folder; it must not be a tmpfs, or
+    the pages are shared memory) is unlinked right after it is mapped: it lives as long as a
+    tensor does, and its pages are file-backed, never anonymous. A new file reads as zeros.
+    """
+    offsets, total = [], 0
+    for shape, dtype in specs:
+        offsets.append(total)
+        nbytes = shape.numel() * dtype.itemsize
+        total += -(-nbytes // ALIGN) * ALIGN
+    fd, path = tempfile.mkstemp(prefix=".gblm-", suffix=".bin", dir=directory)
+    try:
+        os.ftruncate(fd, max(total, 1))
+        mapped = torch.from_file(path, shared=True, size=max(total, 1), dtype=torch.uint8)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return [
+        mapped[offset : offset + shape.numel() * dtype.itemsize].view(dtype).view(shape)
+        for (shape, dtype), offset in zip(specs, offsets)
+    ]
+
+
+@torch.no_grad()
+def map_parameters_to_file(module: nn.Module, directory: Path | str | None = None) -> int:
+    """Move every CPU parameter of ``module`` into one file-backed mapping (bit for bit).
+
+    As :func:`privatize_parameters`, only each Parameter's ``data`` changes. For an onloaded block
+    the walk has pruned: its weights then leave anonymous memory (:func:`file_backed_zeros`).
+
+    Returns:
+        The number of bytes moved.
+    """
+    params = [p for p in module.parameters() if p.device.type == "cpu"]
+    homes = file_backed_zeros([(p.shape, p.dtype) for p in params], directory)
+    for param, home in zip(params, homes):
+        home.copy_(param.data)
+        param.data = home
+    return sum(p.numel() * p.element_size() for p in params)

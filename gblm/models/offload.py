@@ -1,0 +1,228 @@
+"""Weights that accelerate keeps off their modules (offloaded device maps): read, visit, write.
+
+A model dispatched by accelerate with blocks on ``"cpu"`` or ``"disk"`` (``device_map`` with an
+``offload_folder``, ``dispatch_model``, ``cpu_offload``) carries an ``AlignDevicesHook`` with
+``offload=True`` on those modules: their parameters sit on the meta device, and before each
+forward the hook builds fresh Parameters on its execution device from its ``weights_map`` (CPU
+tensors, or files on disk), dropping them to meta again afterwards. Three things follow for gblm:
+
+- Work that needs the weights (the walk, the gradient stage) holds the hooks
+  (:func:`held_hooks`: no onloading of their own) and puts the values from the ``weights_map``
+  into the modules itself, one block at a time (:func:`materialized`, :func:`placeholders`).
+- A Parameter replaced by the hook loses what was registered on it (GBLM's gradient hooks), so
+  the gradient stage gives each offloaded Parameter a storage-free CPU stand-in for its whole
+  duration (:func:`placeholders`) whose ``.data`` it swaps, as for any host weight.
+- Pruned weights must be written where the hook reads them, or evaluation and saving would see
+  the dense ones: :func:`write_back` copies into a CPU ``weights_map`` tensor in place, and writes
+  a tensor on disk as accelerate's own ``.dat`` file in the offload folder, pointing the index at
+  it (never into the checkpoint the model was loaded from).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Offloaded:
+    """One tensor that an offloading hook keeps in its ``weights_map``.
+
+    Attributes:
+        owner: the module whose ``_parameters`` / ``_buffers`` hold the (meta) tensor.
+        name: its name there (``weight``).
+        hook: the ``AlignDevicesHook`` that loads it.
+        key: its key in ``hook.weights_map`` (relative to the hooked module).
+        buffer: a buffer, not a parameter.
+    """
+
+    owner: nn.Module
+    name: str
+    hook: Any
+    key: str
+    buffer: bool
+
+    def current(self) -> Tensor:
+        store = self.owner._buffers if self.buffer else self.owner._parameters
+        return store[self.name]
+
+    def read(self) -> Tensor:
+        """The stored value (a CPU tensor; read from disk for a disk-offloaded one)."""
+        return self.hook.weights_map[self.key]
+
+
+def align_hooks(module: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """``(module, AlignDevicesHook)`` for every such hook in ``module``'s tree (also inside a
+    ``SequentialHook``). Raises NotImplementedError for a hook of another kind."""
+    try:
+        from accelerate.hooks import AlignDevicesHook, SequentialHook
+    except ImportError:  # no accelerate: nothing is dispatched
+        return []
+    found = []
+    for name, sub in module.named_modules():
+        hook = getattr(sub, "_hf_hook", None)
+        hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook] if hook else []
+        for h in hooks:
+            if not isinstance(h, AlignDevicesHook):
+                raise NotImplementedError(
+                    f"module {name or 'model'} carries an accelerate hook of kind "
+                    f"{type(h).__name__}; gblm works with device maps (AlignDevicesHook) only."
+                )
+            found.append((sub, h))
+    return found
+
+
+def offloaded_tensors(module: nn.Module) -> list[Offloaded]:
+    """Every tensor in ``module``'s tree that an offloading hook keeps off the module (on meta)."""
+    from accelerate.utils import named_module_tensors
+
+    found = []
+    for hooked, hook in align_hooks(module):
+        if not hook.offload:
+            continue
+        tensors = named_module_tensors(
+            hooked, include_buffers=hook.offload_buffers, recurse=hook.place_submodules,
+            remove_non_persistent=True,
+        )  # fmt: skip
+        for key, tensor in tensors:
+            if tensor.device.type != "meta":
+                continue
+            path, _, name = key.rpartition(".")
+            owner = hooked.get_submodule(path) if path else hooked
+            found.append(Offloaded(owner, name, hook, key, name in owner._buffers))
+    return found
+
+
+def has_offloaded(module: nn.Module) -> bool:
+    """Whether accelerate keeps some of ``module``'s weights off it (meta tensors)."""
+    return bool(offloaded_tensors(module))
+
+
+def execution_devices(module: nn.Module) -> set[torch.device]:
+    """The execution devices accelerate's hooks in ``module``'s tree compute on (may be empty)."""
+    return {
+        torch.device(hook.execution_device)
+        for _, hook in align_hooks(module)
+        if hook.execution_device is not None
+    }
+
+
+@contextlib.contextmanager
+def held_hooks(module: nn.Module, execution_device: torch.device | None = None) -> Iterator[None]:
+    """Within, accelerate's hooks in ``module`` load and drop no weights (``offload=False``), and
+    with ``execution_device`` they send inputs there; both restored afterwards."""
+    hooks = [hook for _, hook in align_hooks(module)]
+    saved = [(hook.offload, hook.execution_device) for hook in hooks]
+    try:
+        for hook in hooks:
+            hook.offload = False
+            if execution_device is not None:
+                hook.execution_device = execution_device
+        yield
+    finally:
+        for hook, (offload, device) in zip(hooks, saved):
+            hook.offload, hook.execution_device = offload, device
+
+
+def _put(entry: Offloaded, value: Tensor) -> None:
+    if entry.buffer:
+        entry.owner._buffers[entry.name] = value
+    else:
+        old = entry.owner._parameters[entry.name]
+        entry.owner._parameters[entry.name] = nn.Parameter(value, old.requires_grad)
+
+
+def _storage(entry: Offloaded) -> tuple[Mapping, str]:
+    """The mapping under ``entry.hook.weights_map``'s prefixes, and the full key there."""
+    from accelerate.utils import PrefixedDataset
+
+    store, key = entry.hook.weights_map, entry.key
+    while isinstance(store, PrefixedDataset):
+        store, key = store.dataset, store.prefix + key
+    return store, key
+
+
+def check_writable(entries: list[Offloaded]) -> None:
+    """Raise NotImplementedError, before any pruning, for a store :func:`write_back` cannot write."""
+    from accelerate.utils import OffloadedWeightsLoader
+
+    for entry in entries:
+        store, key = _storage(entry)
+        if isinstance(store, OffloadedWeightsLoader):
+            if key in store.state_dict or store.save_folder is not None:
+                continue
+        elif isinstance(store, MutableMapping) and isinstance(store.get(key), Tensor):
+            continue
+        raise NotImplementedError(
+            f"{key}: accelerate keeps it in a {type(store).__name__} that gblm cannot write the "
+            "pruned weights into; give the device map an offload_folder, or load the model with "
+            "model.onload=true instead of a device map."
+        )
+
+
+@torch.no_grad()
+def write_back(entry: Offloaded, value: Tensor) -> None:
+    """Store ``value`` where the hook will read ``entry`` from, bit for bit."""
+    from accelerate.utils import OffloadedWeightsLoader, offload_weight
+
+    store, key = _storage(entry)
+    value = value.detach().cpu()
+    if isinstance(store, OffloadedWeightsLoader) and key not in store.state_dict:
+        # on disk: accelerate's own file in its offload folder, never the source checkpoint
+        offload_weight(value, key, store.save_folder, index=store.index)
+        return
+    target = store.state_dict[key] if isinstance(store, OffloadedWeightsLoader) else store[key]
+    target.copy_(value)
+
+
+@contextlib.contextmanager
+def materialized(module: nn.Module, device: torch.device, write: bool) -> Iterator[None]:
+    """Within, ``module``'s offloaded tensors are real ones on ``device`` (new Parameters, read
+    from the ``weights_map``) and the hooks hold still; with ``write`` their values are written
+    back (:func:`write_back`) before the meta tensors return. One block's weights at a time."""
+    entries = offloaded_tensors(module)
+    if write:
+        check_writable(entries)
+    originals = [entry.current() for entry in entries]
+    with held_hooks(module):
+        try:
+            for entry in entries:
+                _put(entry, entry.read().to(device))
+            yield
+            if write:
+                for entry in entries:
+                    write_back(entry, entry.current())
+        finally:
+            _restore(entries, originals)
+
+
+def _restore(entries: list[Offloaded], originals: list[Tensor]) -> None:
+    for entry, original in zip(entries, originals):
+        store = entry.owner._buffers if entry.buffer else entry.owner._parameters
+        store[entry.name] = original
+
+
+@contextlib.contextmanager
+def placeholders(model: nn.Module) -> Iterator[dict[int, Offloaded]]:
+    """Within, every offloaded tensor of ``model`` is a CPU tensor without storage of its own (a
+    broadcast zero of its shape and dtype; a Parameter for a parameter), so that hooks registered
+    on it and ``.data`` swaps work as for a host weight; the meta tensors return afterwards.
+
+    Yields:
+        ``id(stand-in) -> Offloaded``: where :meth:`Offloaded.read` finds each one's value.
+    """
+    entries = offloaded_tensors(model)
+    originals = [entry.current() for entry in entries]
+    sources: dict[int, Offloaded] = {}
+    try:
+        for entry, original in zip(entries, originals):
+            _put(entry, torch.zeros((), dtype=original.dtype).expand(original.shape))
+            sources[id(entry.current())] = entry
+        yield sources
+    finally:
+        _restore(entries, originals)
