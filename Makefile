@@ -58,8 +58,12 @@ format: $(STAMP)  ## ruff fix and format
 	$(VENV)/bin/ruff check --fix gblm tests benchmarks
 	$(VENV)/bin/ruff format gblm tests benchmarks
 
-bench: $(STAMP)  ## benchmarks: time, memory and ratio to floor per method and stage
+bench: $(STAMP)  ## benchmarks: time, memory and ratio to floor per method and stage; the product's passes against their FLOP floor
 	$(PY) -m benchmarks.run $(ARGS)
+	$(PY) -m benchmarks.floor
+
+bench-floor: $(STAMP)  ## the product's gradient stage and walk on SmolLM2 against their FLOP floor, and the walk's parts
+	$(PY) -m benchmarks.floor $(ARGS)
 
 bench-onload: $(STAMP)  ## onload from disk-backed weights vs in memory: peak anon memory, time (1.55B LLaMA shape)
 	$(PY) -m benchmarks.onload $(ARGS)

@@ -175,3 +175,34 @@ def test_timed_walk_times_each_stage_once_and_restores_the_walk() -> None:
     finally:
         sequential.gather_statistics = originals["gather_statistics"]
     assert sequential.reforward_block is originals["reforward_block"]
+
+
+def test_floor_benchmark_prices_the_product_path_and_breaks_the_walk_down(tmp_path) -> None:
+    import gblm.calibration.sequential as sequential
+    from benchmarks import floor
+    from gblm.calibration.stats import LinearStats
+
+    originals = (sequential.gather_statistics, sequential.privatize_parameters, LinearStats.fold)
+    assert floor.main(["--smoke", "--out", str(tmp_path)]) == 0
+    assert (sequential.gather_statistics, sequential.privatize_parameters,
+            LinearStats.fold) == originals  # fmt: skip
+    (path,) = tmp_path.glob("floor-*.json")
+    report = json.loads(path.read_text())
+    assert report["matmul_gflops"] > 0
+    (size,) = report["sizes"]
+    for name, target in (("gradient stage", 1.3), ("walk", 2.0)):
+        stage = size["stages"][name]
+        assert stage["seconds"] > 0 and stage["floor_s"] > 0
+        assert stage["ratio"] == pytest.approx(stage["seconds"] / stage["floor_s"])
+        assert stage["target"] == target and stage["met"] == (stage["ratio"] <= target)
+    breakdown = size["breakdown"]
+    parts = breakdown["parts"]
+    assert breakdown["linears"] == 14 and breakdown["blocks"] == 2  # tiny LLaMA: 2 x 7 Linears
+    for part in ("per-Linear step", "scoring", "mask selection", "zeroing", "packing masks"):
+        assert parts[part]["calls"] == 14, part
+    assert parts["statistics (hooked forwards)"]["calls"] >= 2  # one per block at least
+    assert parts["statistics folds (in hooks)"]["calls"] >= 2 * 2 * 4  # windows x blocks x inputs
+    outer = [p for p in parts if p not in floor._NESTED]
+    assert sum(parts[p]["seconds"] for p in outer) == pytest.approx(breakdown["total_s"], rel=1e-6)
+    text = (path.with_suffix(".md")).read_text()
+    assert "| 2 x 32 | walk |" in text and "mask selection" in text
