@@ -9,7 +9,7 @@ TORCH_PIN := $(if $(wildcard $(TORCH_WHEEL_DIR)/torch-2.13.0*),torch==2.13.0,)
 UV_FLAGS := $(if $(wildcard $(TORCH_WHEEL_DIR)),--find-links $(TORCH_WHEEL_DIR),)
 ARGS ?=
 
-.PHONY: help setup corpus demo test test-slow test-slurm test-gpu lint format bench bench-onload bench-gpu report clean
+.PHONY: help setup corpus demo test test-slow test-slurm test-gpu lint format bench bench-floor bench-onload bench-gpu report clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
