@@ -252,21 +252,28 @@ class _Folder:
         self.checks: list[tuple[str, Tensor]] = []
 
     @torch.no_grad()
-    def fold(self, name: str, grad: Tensor) -> None:
-        """Fold one sample's weight gradient (d_out, d_in) into ``name``'s accumulator.
+    def fold(self, name: str, grads: Tensor) -> None:
+        """Fold weight gradients into ``name``'s accumulator, sample after sample.
 
-        The published step: grad -> fp32, times scale, abs (l1) or square (l2), cast to the
-        accumulator dtype, add. For an fp32 gradient ``.float()`` is the tensor itself, modified
-        in place: callers hand over a gradient they no longer need.
+        The published step for each sample: grad -> fp32, times scale, abs (l1) or square
+        (l2), cast to the accumulator dtype, add. The elementwise steps act on all samples of
+        ``grads`` at once (the same bits per entry); the additions go one sample at a time, in
+        order, as the rounding of a low-precision sum needs. For fp32 gradients ``.float()`` is
+        the tensor itself, modified in place: callers hand over gradients they no longer need.
+
+        Args:
+            grads: one sample's (d_out, d_in) gradient, or (s, d_out, d_in) for s samples.
         """
         # Looked up per call: the block-by-block stage moves a block's accumulators to the
         # compute device for its backward and back afterwards.
         acc = self.accumulators[name]
-        term = grad.float().mul_(self.scale)  # (d_out, d_in) fp32
-        term = term.abs_() if self.norm == "l1" else term.square_()
-        self.checks.append((name, term.sum()))
-        acc.add_(term.to(device=acc.device, dtype=acc.dtype))
-        self.samples_seen[name] += 1
+        terms = grads.reshape(-1, *acc.shape).float().mul_(self.scale)  # (s, d_out, d_in) fp32
+        terms = terms.abs_() if self.norm == "l1" else terms.square_()
+        sums = terms.sum(dim=(1, 2))  # (s,) one finiteness check per sample
+        for i, term in enumerate(terms.to(device=acc.device, dtype=acc.dtype)):
+            self.checks.append((name, sums[i]))
+            acc.add_(term)
+        self.samples_seen[name] += terms.shape[0]
 
     def hook(self, name: str) -> Callable[[Tensor], None]:
         """A post-accumulate-grad hook: fold the weight's ``.grad`` (one sample's) and free it."""
@@ -296,9 +303,7 @@ class _Folder:
         step = max(1, FOLD_BYTES // (g.shape[-1] * x.shape[-1] * g.element_size()))
         for start in range(0, batch, step):
             part = slice(start, start + step)
-            per_sample = torch.bmm(g[part].transpose(1, 2), x[part])  # (s, d_out, d_in)
-            for grad in per_sample:
-                self.fold(name, grad)
+            self.fold(name, torch.bmm(g[part].transpose(1, 2), x[part]))  # (s, d_out, d_in)
 
     def check_sample(self, sample: int, last: int | None = None) -> None:
         """Raise :class:`GradientError` naming the Linears whose gradient was not finite in
