@@ -56,8 +56,14 @@ class RunInterrupted(BaseException):
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
-    """Hash of the settings that determine a run's results (for resume)."""
+    """Hash of the settings that determine a run's results (for resume).
+
+    ``batch_size=auto`` gives one window's results bit for bit (gblm/calibration/batching.py), so
+    it hashes as ``batch_size=1``, the default it replaced: runs finished before stay valid.
+    """
     relevant = {k: v for k, v in cfg.items() if k not in _NON_RESULT_KEYS}
+    if relevant.get("batch_size") == "auto":
+        relevant["batch_size"] = 1
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[
         :16
     ]

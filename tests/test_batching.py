@@ -207,3 +207,11 @@ def test_probe_verdicts_are_remembered_by_what_they_depend_on(
     assert len(probed) == 9  # another length is another key
     with pytest.raises(ValueError, match="check="):
         batch_is_exact(linears, 3, 16, CPU, check="everything")
+
+
+def test_auto_batches_resume_runs_finished_with_one_window() -> None:
+    from gblm.run import config_hash
+
+    base = {"method": {"name": "wanda"}, "seed": 0}
+    assert config_hash({**base, "batch_size": "auto"}) == config_hash({**base, "batch_size": 1})
+    assert config_hash({**base, "batch_size": 4}) != config_hash({**base, "batch_size": 1})
