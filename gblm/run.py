@@ -195,7 +195,7 @@ def _previous_run(
         raise ConfigError(reason)
     if not previous or previous.get("status") != "finished":
         return None  # new, failed, interrupted or killed: (re)done
-    if previous.get("config_hash") == digest:
+    if _same_config(previous, digest, run_dir, container):
         if not s.skip_finished:
             return None
         log.info("run in %s already finished with the same config: skipped", run_dir)
@@ -221,9 +221,37 @@ def run_dir_refusal(
             f"{run_dir} is in use: process {owner.get('pid')} on {owner.get('host')} is running "
             "there. Wait for it or stop it, or choose another run dir."
         )
-    if previous.get("status") == "finished" and previous.get("config_hash") != digest:
+    if previous.get("status") == "finished" and not _same_config(
+        previous, digest, run_dir, container
+    ):
         return None if s.overwrite else _overwrite_refusal(run_dir, container)
     return None
+
+
+def _same_config(previous: dict, digest: str, run_dir: Path, container: dict) -> bool:
+    """Whether the finished run in ``run_dir`` had this config's results: the same hash, or a
+    saved config (``config_resolved.json``) that differs in no key that changes results.
+
+    The second test keeps runs finished under an older version valid when a key was added since
+    with None as its "off" value (e.g. ``model.offload_folder``; None and absent compare equal)."""
+    if previous.get("config_hash") == digest:
+        return True
+    return _result_changes(run_dir, container) == []
+
+
+def _result_changes(run_dir: Path, container: dict) -> list[str] | None:
+    """Keys that change results between the saved config and ``container``; None if unreadable."""
+    try:
+        old = json.loads((run_dir / "config_resolved.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(old, dict):
+        return None
+    old, new = dict(old), dict(container)
+    for config in (old, new):  # batch_size=auto gives batch_size=1's results bit for bit
+        if config.get("batch_size") == "auto":
+            config["batch_size"] = 1
+    return [key for key in _changed_keys(old, new) if key.split(".")[0] not in _NON_RESULT_KEYS]
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -235,15 +263,7 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _overwrite_refusal(run_dir: Path, container: dict) -> str:
-    try:
-        old = json.loads((run_dir / "config_resolved.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        old = None
-    relevant = [
-        key
-        for key in (_changed_keys(old, container) if isinstance(old, dict) else [])
-        if key.split(".")[0] not in _NON_RESULT_KEYS
-    ]
+    relevant = _result_changes(run_dir, container) or []
     what = f" (changed: {', '.join(relevant[:8])}{', ...' if len(relevant) > 8 else ''})"
     return (
         f"{run_dir} holds a finished run of another config{what if relevant else ''}; it is "

@@ -215,3 +215,19 @@ def test_auto_batches_resume_runs_finished_with_one_window() -> None:
     base = {"method": {"name": "wanda"}, "seed": 0}
     assert config_hash({**base, "batch_size": "auto"}) == config_hash({**base, "batch_size": 1})
     assert config_hash({**base, "batch_size": 4}) != config_hash({**base, "batch_size": 1})
+
+
+def test_runs_finished_under_older_defaults_are_the_same_config(tmp_path) -> None:
+    import json
+
+    from gblm.run import _same_config, config_hash
+
+    saved = {"method": {"name": "wanda"}, "model": {"name": "x"}, "batch_size": 1, "seed": 0}
+    (tmp_path / "config_resolved.json").write_text(json.dumps(saved))
+    previous = {"status": "finished", "config_hash": "f" * 16}  # an older version's hash
+    # since then: batch_size=auto (same results) and a key whose off value is None
+    now = {**saved, "batch_size": "auto", "model": {"name": "x", "offload_folder": None}}
+    assert _same_config(previous, config_hash(now), tmp_path, now)
+    assert not _same_config(previous, config_hash(now), tmp_path, {**now, "seed": 1})
+    assert not _same_config(previous, config_hash(now), tmp_path, {**now, "batch_size": 4})
+    assert not _same_config(previous, "0" * 16, tmp_path / "missing", now)  # no saved config
