@@ -34,6 +34,16 @@ def tiny_llama():
     return build_tiny_model(tiny_config("llama", vocab_size=256), seed=0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: tiny models gain nothing from more, and on a busy 2-core
+    machine extra threads thrash (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

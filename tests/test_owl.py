@@ -20,12 +20,7 @@ VOCAB, N, T, BLOCKS = 256, 4, 16, 4
 CPU = RunContext(device=torch.device("cpu"), model_dtype=torch.float32, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model() -> nn.Module:
