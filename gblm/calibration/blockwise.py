@@ -9,8 +9,9 @@ the compute device. For each group of S calibration windows:
    attention mask, rotary ``position_embeddings``, ...; per block, so per-layer masks such as
    Qwen2's sliding layers are right); the last stand-in stops the pass. Embeddings, masks and
    rotary tables are the model's own code, on the compute device.
-2. **Forward.** Block after block, each onloaded once, runs on the S windows (batch 1 each, as
-   the full model runs them); each block's input is kept on the host.
+2. **Forward.** Block after block, each onloaded once, runs on the S windows in the batches the
+   full-model stage uses (``batch_size``; one window at a time where it uses none); each
+   block's input is kept on the host.
 3. **Head.** The model runs again with stand-ins that return the last block's output as a leaf
    that requires grad: final norm, LM head and the model's loss are its own code; the loss's
    backward leaves the gradient of the last hidden states on the leaf.
