@@ -45,6 +45,29 @@ def test_bit_equal_to_the_full_model_on_every_architecture(arch: str, norm: str)
         assert_bit_equal(ref, got)
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_batches_of_a_group_give_the_norms_of_windows_one_at_a_time(arch, monkeypatch) -> None:
+    import gblm.calibration.blockwise as blockwise_module
+
+    model, ids = tiny(arch), windows(n=5)
+    batches = []
+    batch_backward = blockwise_module._backward_batch
+
+    def counted(model, ids, first):
+        batches.append((first, ids.shape[0]))
+        return batch_backward(model, ids, first)
+
+    monkeypatch.setattr(blockwise_module, "_backward_batch", counted)
+    for norm in ("l1", "l2"):
+        settings = blockwise(norm, 3)  # groups of 3 and 2 windows
+        ref = blockwise_gradient_norms(model, ids, settings, progress=False, batch_size=1)
+        assert not batches  # one at a time: autograd's weight gradients
+        got = blockwise_gradient_norms(model, ids, settings, progress=False)
+        assert batches == [(0, 3), (3, 2)]  # one batch per group (batch_size=auto)
+        assert_bit_equal(ref, got)
+        batches.clear()
+
+
 def test_bit_equal_in_bfloat16_with_fp32_accumulators_and_chunked_loss() -> None:
     model, ids = tiny("qwen2", num_layers=3).to(torch.bfloat16), windows()
     for extra in ({"accumulator_dtype": "float32"}, {"loss_chunk_tokens": 5}):

@@ -175,6 +175,15 @@ def test_onloaded_checkpoint_leaves_anonymous_memory_block_by_block(method: str,
     pruner.prepare(model, ids, context)
     if method == "gblm":  # l1: the norms are the accumulators themselves, file-backed
         assert all(_in_shared_file_mapping(g) for g in pruner._grad_norms.values())
+    # On the CPU each block is pruned in its file-backed home: never copied into anonymous memory
+    homes = []
+    prune_linear = pruner.prune_linear
+
+    def pruned_where(name, linear, stats, target):
+        homes.append(_in_shared_file_mapping(linear.weight))
+        return prune_linear(name, linear, stats, target)
+
+    pruner.prune_linear = pruned_where
     masks = prune_model(
         model, pruner, Sparsity(0.5), ids, device="cpu", progress=False, onload=True,
         scratch_dir=tmp_path,
@@ -186,4 +195,5 @@ def test_onloaded_checkpoint_leaves_anonymous_memory_block_by_block(method: str,
         assert torch.equal(value, weights[name]), name
     for block in decoder_layers(model):
         assert all(_in_shared_file_mapping(p) for p in block.parameters())
+    assert homes and all(homes)
     assert not list(tmp_path.glob(".gblm-*"))  # unlinked at once

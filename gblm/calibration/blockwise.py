@@ -9,8 +9,9 @@ the compute device. For each group of S calibration windows:
    attention mask, rotary ``position_embeddings``, ...; per block, so per-layer masks such as
    Qwen2's sliding layers are right); the last stand-in stops the pass. Embeddings, masks and
    rotary tables are the model's own code, on the compute device.
-2. **Forward.** Block after block, each onloaded once, runs on the S windows (batch 1 each, as
-   the full model runs them); each block's input is kept on the host.
+2. **Forward.** Block after block, each onloaded once, runs on the S windows in the batches the
+   full-model stage uses (``batch_size``; one window at a time where it uses none); each
+   block's input is kept on the host.
 3. **Head.** The model runs again with stand-ins that return the last block's output as a leaf
    that requires grad: final norm, LM head and the model's loss are its own code; the loss's
    backward leaves the gradient of the last hidden states on the leaf.
@@ -45,13 +46,16 @@ from tqdm.auto import tqdm
 
 from gblm.calibration.gradients import (
     GradientSettings,
+    _backward_batch,
     _backward_sample,
     _check_windows,
     _eval_mode,
     _finish,
     _Folder,
+    _gradient_batch,
     _input_device,
     _only_weights_require_grad,
+    _per_sample_gradient_hooks,
     check_chunkable,
     folding_hooks,
 )
@@ -171,19 +175,29 @@ def _first(out: Any) -> Tensor:
 
 
 class _Group:
-    """The forward state of one group of windows: kept block inputs and every block's call."""
+    """The forward state of one group of windows: kept block inputs and every block's call.
 
-    def __init__(self, ids: Tensor, nblocks: int) -> None:
+    The group's S windows go through each block in batches of ``batch`` windows (the last one
+    may be shorter); batch ``j`` is windows ``spans[j]`` of the group.
+    """
+
+    def __init__(self, ids: Tensor, nblocks: int, batch: int) -> None:
         self.ids = ids  # (S, T)
-        self.inputs: list[list[Tensor]] = [[] for _ in range(nblocks + 1)]  # [b][i]: (1, T, H)
-        self.calls: list[list[Call]] = []  # [i][b]
+        self.spans = [(s, min(s + batch, len(ids))) for s in range(0, len(ids), batch)]
+        self.inputs: list[list[Tensor]] = [[] for _ in range(nblocks + 1)]  # [b][j]: (bj, T, H)
+        self.calls: list[list[Call]] = []  # [j][b]
         self.tuple_outputs = False
+
+    def batch_ids(self, j: int) -> Tensor:
+        """Token ids of batch ``j``: (bj, T)."""
+        start, end = self.spans[j]
+        return self.ids[start:end]
 
 
 def _skeleton_pass(
     model: nn.Module, group: _Group, compute: torch.device, host, sources: Sources
 ) -> None:
-    """Block 0's input and every block's call arguments, for each window of the group."""
+    """Block 0's input and every block's call arguments, for each batch of the group."""
     nblocks = len(group.inputs) - 1
 
     def record(index: int, hidden: Tensor, args: tuple, kwargs: dict) -> Tensor:
@@ -195,10 +209,10 @@ def _skeleton_pass(
         return hidden
 
     with skeleton(model, record), visiting(model, compute, sources), torch.no_grad():
-        for i in range(group.ids.shape[0]):
+        for j in range(len(group.spans)):
             calls: list[Call] = []
             try:
-                model(input_ids=group.ids[i : i + 1].to(compute), use_cache=False)
+                model(input_ids=group.batch_ids(j).to(compute), use_cache=False)
             except _Stop:
                 group.calls.append(calls)
                 continue
@@ -209,11 +223,11 @@ def _skeleton_pass(
 def _forward_blocks(
     blocks: list[nn.Module], group: _Group, compute: torch.device, host, bar: tqdm, sources: Sources
 ) -> None:
-    """Run the blocks in order on every window of the group, keeping each block's input."""
+    """Run the blocks in order on every batch of the group, keeping each block's input."""
     for b, block in enumerate(blocks):
         with visiting(block, compute, sources):
-            for i, hidden in enumerate(group.inputs[b]):
-                args, kwargs = group.calls[i][b]
+            for j, hidden in enumerate(group.inputs[b]):
+                args, kwargs = group.calls[j][b]
                 out = block(hidden.to(compute), *args, **kwargs)
                 group.tuple_outputs = isinstance(out, tuple | list)
                 group.inputs[b + 1].append(_first(out).to(host))
@@ -223,15 +237,24 @@ def _forward_blocks(
 def _head_backward(
     model: nn.Module, group: _Group, compute, chunk: int, first: int, sources: Sources
 ) -> list:
-    """Loss and its backward for each window; returns the last hidden states' gradients."""
+    """Loss and its backward for each batch; returns the last hidden states' gradients.
+
+    A batch of one: :func:`gblm.calibration.gradients._backward_sample` (the chunked loss too);
+    more windows: the model's own mean loss seeded with the batch size, as the full-model stage's
+    batches (:func:`gblm.calibration.gradients._backward_batch`).
+    """
     grads = []
-    current: list[Any] = [None]  # what every stand-in returns: the current window's leaf
+    current: list[Any] = [None]  # what every stand-in returns: the current batch's leaf
     # embeddings and head moved once for the group
     with skeleton(model, lambda *_: current[0]), visiting(model, compute, sources):
-        for i, last in enumerate(group.inputs[-1]):
-            leaf = last.to(compute).detach().requires_grad_()  # (1, T, H)
+        for j, last in enumerate(group.inputs[-1]):
+            leaf = last.to(compute).detach().requires_grad_()  # (bj, T, H)
             current[0] = (leaf,) if group.tuple_outputs else leaf
-            _backward_sample(model, group.ids[i : i + 1].to(compute), chunk, first + i)
+            ids, start = group.batch_ids(j).to(compute), first + group.spans[j][0]
+            if ids.shape[0] == 1:
+                _backward_sample(model, ids, chunk, start)
+            else:
+                _backward_batch(model, ids, start)
             grads.append(leaf.grad)
             current[0] = None
     group.inputs[-1] = []
@@ -248,20 +271,29 @@ def _backward_block(
     compute: torch.device,
     first: int,
     sources: Sources,
+    set_batch: Callable[[int], None] | None,
 ) -> list[Tensor | None]:
-    """Recompute block ``b`` from its kept inputs and backpropagate ``grads`` (one per window)."""
+    """Recompute block ``b`` from its kept inputs and backpropagate ``grads`` (one per batch).
+
+    ``set_batch``: None when windows go one at a time (autograd forms each weight gradient);
+    else the per-sample gradient hooks' batch setter, and every block's input requires grad, as
+    the embeddings' output does in the full-model stage's batches (no weight does).
+    """
     homes = {name: folder.accumulators[name] for name in names}
     for name, acc in homes.items():
         folder.accumulators[name] = acc.to(compute)
     passed: list[Tensor | None] = []
     with visiting(block, compute, sources):
-        for i, hidden in enumerate(group.inputs[b]):
+        for j, hidden in enumerate(group.inputs[b]):
             # Block 0's input does not require grad in the full model either (embeddings frozen).
-            x = hidden.to(compute).detach().requires_grad_(b > 0)  # (1, T, H)
-            args, kwargs = group.calls[i][b]
-            _first(block(x, *args, **kwargs)).backward(grads[i])
-            grads[i] = None
-            folder.check_sample(first + i)
+            x = hidden.to(compute).detach().requires_grad_(b > 0 or set_batch is not None)
+            args, kwargs = group.calls[j][b]
+            start, end = group.spans[j]
+            if set_batch is not None:
+                set_batch(end - start)
+            _first(block(x, *args, **kwargs)).backward(grads[j])  # x: (bj, T, H)
+            grads[j] = None
+            folder.check_sample(first + start, first + end - 1)
             passed.append(x.grad)
     for name, acc in homes.items():
         if folder.accumulators[name] is not acc:
@@ -269,6 +301,30 @@ def _backward_block(
             folder.accumulators[name] = acc
     group.inputs[b] = []
     return passed
+
+
+@contextlib.contextmanager
+def _gradient_hooks(
+    model: nn.Module, linears: dict[str, nn.Linear], folder: _Folder, batched: bool
+) -> Iterator[Callable[[int], None] | None]:
+    """How weight gradients reach ``folder``: as in the full-model stage.
+
+    ``batched``: no weight requires grad, and each Linear's hooks form every window's weight
+    gradient from its input and output gradient
+    (:func:`gblm.calibration.gradients._per_sample_gradient_hooks`); yields their batch setter.
+    Otherwise the weights require grad and autograd's gradient of each window is folded as it
+    completes (:func:`gblm.calibration.gradients.folding_hooks`); yields None.
+    """
+    if batched:
+        with (
+            _only_weights_require_grad(model, []),
+            _per_sample_gradient_hooks(linears, folder) as set_batch,
+        ):
+            yield set_batch
+    else:
+        weights = [lin.weight for lin in linears.values()]
+        with _only_weights_require_grad(model, weights), folding_hooks(linears, folder):
+            yield None
 
 
 def _compute_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -289,6 +345,7 @@ def blockwise_gradient_norms(
     progress: bool = True,
     file_backed: bool = False,
     scratch_dir: Path | None = None,
+    batch_size: int | str = "auto",
 ) -> dict[str, Tensor]:
     """:func:`gblm.calibration.gradients.gradient_norms`, one decoder block on the device at a time.
 
@@ -302,6 +359,9 @@ def blockwise_gradient_norms(
         temporary folder), so their bytes are never anonymous memory
         (:func:`gblm.models.memory.file_backed_zeros`; ``accumulate_on`` must then be the CPU or
         None). With ``norm="l2"`` the finished norms (the square roots) are ordinary memory.
+        ``batch_size``: windows of a group per block call, as the full-model stage's (``auto``:
+        where the batched products give each window's bits, with the model's own loss; else
+        one), so each block runs on the CPU with the matmul shapes of the in-memory stage.
 
     A model dispatched by accelerate (a device map, offloaded blocks included) runs with its hooks
     held (:func:`gblm.models.offload.held_hooks`: inputs go to ``device``, no weights are loaded
@@ -321,7 +381,9 @@ def blockwise_gradient_norms(
         raise ValueError(f"file-backed accumulators live on the CPU, not accumulate_on={on}.")
     files = (scratch_dir,) if file_backed else None
     with placeholders(model) as sources, held_hooks(model, compute):
-        return _blockwise(model, windows, settings, compute, on, progress, sources, files)
+        return _blockwise(
+            model, windows, settings, compute, on, progress, sources, files, batch_size
+        )
 
 
 def _blockwise(
@@ -333,6 +395,7 @@ def _blockwise(
     progress: bool,
     sources: Sources,
     files: tuple[Path | None] | None,
+    batch_size: int | str,
 ) -> dict[str, Tensor]:
     """The stage itself (:func:`blockwise_gradient_norms`), its arguments checked; ``files``:
     ``(scratch_dir,)`` for file-backed accumulators."""
@@ -356,21 +419,28 @@ def _blockwise(
     try:
         with (
             _eval_mode(model),
-            _only_weights_require_grad(model, [lin.weight for lin in linears.values()]),
-            lean_loss(model) if not chunk else contextlib.nullcontext(False),
+            lean_loss(model) if not chunk else contextlib.nullcontext(False) as lean,
             torch.enable_grad(),
-            folding_hooks(linears, folder),
         ):
-            for first in range(0, nsamples, size):
-                group = _Group(windows[first : first + size], len(blocks))
-                _skeleton_pass(model, group, compute, host, sources)
-                _forward_blocks(blocks, group, compute, host, bar, sources)
-                grads = _head_backward(model, group, compute, chunk, first, sources)
-                for b in reversed(range(len(blocks))):
-                    grads = _backward_block(
-                        blocks[b], b, group, grads, folder, block_names[b], compute, first, sources
-                    )
-                    bar.update()
+            # Batches need the model's own mean loss (lean), as in the full-model stage.
+            batch = (
+                _gradient_batch(model, linears, batch_size, windows[:size], compute) if lean else 1
+            )
+            with _gradient_hooks(model, linears, folder, batch > 1) as set_batch:
+                for first in range(0, nsamples, size):
+                    ids = windows[first : first + size]  # (S, T)
+                    if batch > 1 and len(ids) < size:  # a short last group: its sizes probed
+                        batch = _gradient_batch(model, linears, batch_size, ids, compute)
+                    group = _Group(ids, len(blocks), batch)
+                    _skeleton_pass(model, group, compute, host, sources)
+                    _forward_blocks(blocks, group, compute, host, bar, sources)
+                    grads = _head_backward(model, group, compute, chunk, first, sources)
+                    for b in reversed(range(len(blocks))):
+                        grads = _backward_block(
+                            blocks[b], b, group, grads, folder, block_names[b], compute, first,
+                            sources, set_batch,
+                        )  # fmt: skip
+                        bar.update()
     finally:
         bar.close()
     norms = _finish(model, versions, folder, settings)

@@ -575,17 +575,23 @@ def _batched_passes(
         for start in range(0, nsamples, batch):
             ids = windows[start : start + batch].to(input_device)  # (b, T)
             set_batch(ids.shape[0])
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            last = start + ids.shape[0] - 1
-            if not bool(torch.isfinite(loss.detach())):
-                raise GradientError(
-                    f"non-finite loss ({loss.item()}) on samples {start}-{last}: the dense "
-                    "model's forward pass overflows or has NaN/inf weights, so no gradient is "
-                    "usable."
-                )
-            loss.backward(torch.tensor(float(ids.shape[0]), device=loss.device))
-            folder.check_sample(start, last)
+            _backward_batch(model, ids, start)
+            folder.check_sample(start, start + ids.shape[0] - 1)
             bar.update(ids.shape[0])
+
+
+def _backward_batch(model: nn.Module, ids: Tensor, first: int) -> None:
+    """The model's own mean loss over a batch of windows ``ids`` (b, T), and its backward seeded
+    with ``b``: each window then gets the gradient a batch of one gets (:func:`_batched_passes`).
+    ``first``: the first window's index, for the error message."""
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    if not bool(torch.isfinite(loss.detach())):
+        raise GradientError(
+            f"non-finite loss ({loss.item()}) on samples {first}-{first + ids.shape[0] - 1}: the "
+            "dense model's forward pass overflows or has NaN/inf weights, so no gradient is "
+            "usable."
+        )
+    loss.backward(torch.tensor(float(ids.shape[0]), device=loss.device))
 
 
 def _start_graph(_module: nn.Module, _args: tuple, output: Tensor) -> Tensor:

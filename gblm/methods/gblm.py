@@ -85,6 +85,7 @@ class GBLMPruner(ScorePruner):
             return blockwise_gradient_norms(
                 model, windows, settings, device=context.device, progress=context.progress,
                 file_backed=context.onload, scratch_dir=context.scratch_dir,
+                batch_size=context.batch_size,
             )  # fmt: skip
 
         model_key = context.model_key()
