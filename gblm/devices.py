@@ -51,8 +51,8 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
 
 
 #: ``auto`` calibration batches on the CPU: windows enough for this many rows per matmul. At
-#: SmolLM2's width a (256 x 576) @ (576 x 576) product runs at about a sixth of the rate of a
-#: (2048 x 576) one; past 2048 rows the rate no longer grows.
+#: SmolLM2's width a (256 x 576) @ (576 x 576) product runs at about half the rate of a
+#: (2048 x 576) one on two threads; past 2048 rows the rate no longer grows.
 CPU_ROWS_PER_BATCH = 2048
 
 
@@ -60,11 +60,10 @@ def calibration_batch(batch_size: int | str, device: torch.device, seqlen: int) 
     """Windows per forward call of a calibration pass: ``batch_size`` itself, or for ``auto``
     ``max(1, 2048 // seqlen)`` on the CPU and 1 elsewhere.
 
-    On the CPU the batched forward computes every window's rows with the same kernels and the
-    same summation order as a batch of one, so the results are identical bit for bit
-    (tests/test_batching.py checks the walk's masks and weights and GBLM's gradient norms on every
-    architecture); on a GPU the kernel choice depends on the batch, so ``auto`` keeps the
-    published batch of one, which fills a GPU at the published 2048 tokens anyway.
+    This is the size asked for; :func:`gblm.calibration.batching.exact_batch` uses it only where
+    a probe finds the batched products giving each window the bits it gets alone (some CPU
+    shapes do not). On a GPU ``auto`` keeps the published batch of one, which fills a GPU at the
+    published 2048 tokens anyway.
     """
     if batch_size == "auto":
         return max(1, CPU_ROWS_PER_BATCH // seqlen) if torch.device(device).type == "cpu" else 1

@@ -225,3 +225,27 @@ def test_runs_finished_under_older_defaults_are_the_same_config(tmp_path) -> Non
     assert not _same_config(previous, config_hash(now), tmp_path, {**now, "seed": 1})
     assert not _same_config(previous, config_hash(now), tmp_path, {**now, "batch_size": 4})
     assert not _same_config(previous, "0" * 16, tmp_path / "missing", now)  # no saved config
+
+
+def test_a_batch_of_one_window_is_probed_for_the_fold(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batched pass folds a last batch of one window through the batched product too."""
+    probed: list[int] = []
+    real = batching.batch_is_exact
+
+    def recording(linears, batch, *args, **kwargs):
+        probed.append(batch)
+        return real(linears, batch, *args, **kwargs)
+
+    monkeypatch.setattr(batching, "batch_is_exact", recording)
+    linears = [nn.Linear(16, 8)]
+    assert exact_batch("auto", 7, 1024, CPU, linears, check=WEIGHT_GRADIENT) == 2
+    assert sorted(probed) == [1, 2]  # 7 windows: batches of 2 and a last one of 1
+    probed.clear()
+    exact_batch("auto", 7, 1024, CPU, linears)  # forward only: one window is its own
+    assert probed == [2]
+    monkeypatch.setattr(batching, "_linear_is_exact", lambda *a: a[4] != 1)  # batch of 1 differs
+    monkeypatch.setattr(batching, "_verdicts", {})
+    monkeypatch.setenv("GBLM_CACHE_DIR", str(tmp_path))  # no verdict from an earlier probe
+    assert exact_batch("auto", 8, 1024, CPU, linears, check=WEIGHT_GRADIENT) == 1

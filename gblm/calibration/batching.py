@@ -148,10 +148,10 @@ def batch_is_exact(
     """
     if check not in _CHECKS:
         raise ValueError(f"check={check!r}: allowed values are {', '.join(_CHECKS)}.")
-    if batch <= 1:
-        return True
+    if batch <= 1 and check != WEIGHT_GRADIENT:
+        return True  # one window's products are its own; only the fold's product may differ
     shapes = {(lin.in_features, lin.out_features, lin.weight.dtype, check) for lin in linears}
-    if head is not None:
+    if head is not None and batch > 1:
         shapes.add((head.in_features, head.out_features, head.weight.dtype, INPUT_GRADIENT))
     for shape in sorted(shapes, key=str):
         if not _probe(shape, batch, seqlen, torch.device(device)):
@@ -178,13 +178,19 @@ def exact_batch(
 ) -> int:
     """Windows per call for a pass over ``nsamples`` windows: an integer ``batch_size`` as given;
     ``auto`` (:func:`gblm.devices.calibration_batch`, at most ``limit``) only where
-    :func:`batch_is_exact` holds for the full batches and for the last, shorter one; else 1."""
+    :func:`batch_is_exact` holds for the full batches and for the last, shorter one; else 1.
+
+    With :data:`WEIGHT_GRADIENT` a batch of one window is probed too: a batched pass folds every
+    window through the batched weight-gradient product, also a last batch (or, block by block, a
+    last group) that holds one window."""
     batch = min(calibration_batch(batch_size, device, seqlen), nsamples)
     if batch_size != "auto" or batch <= 1:
         return batch
     batch = min(batch, limit or batch)
     linears = list(linears)
     sizes = {batch, nsamples % batch} - {0, 1}
+    if check == WEIGHT_GRADIENT and batch > 1:
+        sizes.add(1)
     if all(batch_is_exact(linears, size, seqlen, device, check=check, head=head) for size in sizes):
         return batch
     return 1
