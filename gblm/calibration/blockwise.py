@@ -46,14 +46,13 @@ from tqdm.auto import tqdm
 
 from gblm.calibration.gradients import (
     GradientSettings,
-    _backward_batch,
-    _backward_sample,
     _check_windows,
     _eval_mode,
     _finish,
     _Folder,
     _gradient_batch,
     _input_device,
+    _loss_backward,
     _only_weights_require_grad,
     _per_sample_gradient_hooks,
     check_chunkable,
@@ -239,9 +238,9 @@ def _head_backward(
 ) -> list:
     """Loss and its backward for each batch; returns the last hidden states' gradients.
 
-    A batch of one: :func:`gblm.calibration.gradients._backward_sample` (the chunked loss too);
-    more windows: the model's own mean loss seeded with the batch size, as the full-model stage's
-    batches (:func:`gblm.calibration.gradients._backward_batch`).
+    As in the full-model stage (:func:`gblm.calibration.gradients._loss_backward`): the model's
+    own mean loss, seeded with the batch size for a batch of several windows; one window may use
+    the chunked loss.
     """
     grads = []
     current: list[Any] = [None]  # what every stand-in returns: the current batch's leaf
@@ -251,10 +250,7 @@ def _head_backward(
             leaf = last.to(compute).detach().requires_grad_()  # (bj, T, H)
             current[0] = (leaf,) if group.tuple_outputs else leaf
             ids, start = group.batch_ids(j).to(compute), first + group.spans[j][0]
-            if ids.shape[0] == 1:
-                _backward_sample(model, ids, chunk, start)
-            else:
-                _backward_batch(model, ids, start)
+            _loss_backward(model, ids, chunk, start)
             grads.append(leaf.grad)
             current[0] = None
     group.inputs[-1] = []

@@ -407,19 +407,33 @@ def _check_windows(windows: Tensor) -> tuple[int, int]:
     return nsamples, seqlen
 
 
-def _backward_sample(model: nn.Module, input_ids: Tensor, chunk: int, n: int) -> None:
-    """One sample's loss (mean over its T-1 predictions) and its backward pass."""
+def _loss_backward(model: nn.Module, input_ids: Tensor, chunk: int, first: int) -> None:
+    """The loss of b windows ``input_ids`` (b, T) and its backward pass.
+
+    The loss is the model's own mean over the b (T - 1) predictions; for b > 1 its backward is
+    seeded with b, so each window gets the gradient a batch of one gets (:func:`_batched_passes`).
+    One window may use the chunked loss (``chunk`` > 0). ``first``: the first window's index, for
+    the error message.
+    """
+    batch = input_ids.shape[0]
+    if chunk and batch > 1:
+        raise ValueError("the chunked loss (method.loss_chunk_tokens) takes one window at a time")
     if chunk:
         loss = _chunked_loss_backward(model, input_ids, chunk)  # backward done chunk by chunk
     else:
         loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
     if not bool(torch.isfinite(loss.detach())):
+        where = f"sample {first}" if batch == 1 else f"samples {first}-{first + batch - 1}"
         raise GradientError(
-            f"non-finite loss ({loss.item()}) on sample {n}: the dense model's forward pass "
+            f"non-finite loss ({loss.item()}) on {where}: the dense model's forward pass "
             "overflows or has NaN/inf weights, so no gradient is usable."
         )
-    if not chunk:
+    if chunk:
+        return
+    if batch == 1:
         loss.backward()
+    else:
+        loss.backward(torch.tensor(float(batch), device=loss.device))
 
 
 def gradient_norms(
@@ -541,7 +555,7 @@ def _per_sample_passes(
         folding_hooks(linears, folder),
     ):
         for n in tqdm(range(windows.shape[0]), desc="gradients", disable=not progress):
-            _backward_sample(model, windows[n : n + 1].to(input_device), chunk, n)
+            _loss_backward(model, windows[n : n + 1].to(input_device), chunk, n)
             folder.check_sample(n)
 
 
@@ -575,23 +589,9 @@ def _batched_passes(
         for start in range(0, nsamples, batch):
             ids = windows[start : start + batch].to(input_device)  # (b, T)
             set_batch(ids.shape[0])
-            _backward_batch(model, ids, start)
+            _loss_backward(model, ids, 0, start)
             folder.check_sample(start, start + ids.shape[0] - 1)
             bar.update(ids.shape[0])
-
-
-def _backward_batch(model: nn.Module, ids: Tensor, first: int) -> None:
-    """The model's own mean loss over a batch of windows ``ids`` (b, T), and its backward seeded
-    with ``b``: each window then gets the gradient a batch of one gets (:func:`_batched_passes`).
-    ``first``: the first window's index, for the error message."""
-    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    if not bool(torch.isfinite(loss.detach())):
-        raise GradientError(
-            f"non-finite loss ({loss.item()}) on samples {first}-{first + ids.shape[0] - 1}: the "
-            "dense model's forward pass overflows or has NaN/inf weights, so no gradient is "
-            "usable."
-        )
-    loss.backward(torch.tensor(float(ids.shape[0]), device=loss.device))
 
 
 def _start_graph(_module: nn.Module, _args: tuple, output: Tensor) -> Tensor:
