@@ -56,17 +56,21 @@ class RunInterrupted(BaseException):
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
-    """Hash of the settings that determine a run's results (for resume).
-
-    ``batch_size=auto`` gives one window's results bit for bit (gblm/calibration/batching.py), so
-    it hashes as ``batch_size=1``, the default it replaced: runs finished before stay valid.
-    """
-    relevant = {k: v for k, v in cfg.items() if k not in _NON_RESULT_KEYS}
-    if relevant.get("batch_size") == "auto":
-        relevant["batch_size"] = 1
+    """Hash of the settings that determine a run's results (for resume)."""
+    relevant = _result_settings(cfg)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[
         :16
     ]
+
+
+def _result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The top-level settings that determine a run's results, ``batch_size=auto`` as 1: it gives
+    one window's results bit for bit (gblm/calibration/batching.py) and replaced that default,
+    so runs finished before stay valid."""
+    relevant = {k: v for k, v in cfg.items() if k not in _NON_RESULT_KEYS}
+    if relevant.get("batch_size") == "auto":
+        relevant["batch_size"] = 1
+    return relevant
 
 
 def build_method(settings: RunSettings):
@@ -247,11 +251,7 @@ def _result_changes(run_dir: Path, container: dict) -> list[str] | None:
         return None
     if not isinstance(old, dict):
         return None
-    old, new = dict(old), dict(container)
-    for config in (old, new):  # batch_size=auto gives batch_size=1's results bit for bit
-        if config.get("batch_size") == "auto":
-            config["batch_size"] = 1
-    return [key for key in _changed_keys(old, new) if key.split(".")[0] not in _NON_RESULT_KEYS]
+    return _changed_keys(_result_settings(old), _result_settings(container))
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
