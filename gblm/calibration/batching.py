@@ -21,6 +21,7 @@ one, bit for bit (tests/test_batching.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import platform
@@ -82,8 +83,9 @@ _CHECKS = (FORWARD, INPUT_GRADIENT, WEIGHT_GRADIENT)
 _verdicts: dict[str, bool] = {}  # this process's probes, by key
 
 
-def _machine() -> dict:
-    """What the kernel choice depends on besides the shapes: software, threads, CPU."""
+@functools.cache
+def _software_and_cpu() -> dict:
+    """The torch build and the CPU, read once per process."""
     cpu = ""
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -94,9 +96,13 @@ def _machine() -> dict:
     return {
         "torch": torch.__version__,
         "config": content_hash(torch.__config__.show()),
-        "threads": torch.get_num_threads(),
         "cpu": content_hash(cpu + platform.machine()),
     }
+
+
+def _machine() -> dict:
+    """What the kernel choice depends on besides the shapes: software, threads, CPU."""
+    return {**_software_and_cpu(), "threads": torch.get_num_threads()}
 
 
 def _probe(shape: tuple[int, int, torch.dtype, str], batch: int, seqlen: int,
