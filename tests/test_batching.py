@@ -4,12 +4,14 @@ kernels would change the bits."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from gblm.calibration import batching
+from gblm.calibration import batching, gradients
 from gblm.calibration.batching import WEIGHT_GRADIENT, batch_is_exact, exact_batch
 from gblm.calibration.gradients import GradientError, GradientSettings, gradient_norms
 from gblm.calibration.sequential import prune_model
@@ -32,6 +34,15 @@ def _model(arch: str, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 def _windows(n: int = N, seqlen: int = T, vocab: int = VOCAB) -> Tensor:
     return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(3))
+
+
+def _by_autograd(
+    model: nn.Module, ids: Tensor, settings: GradientSettings | None = None
+) -> dict[str, Tensor]:
+    """The norms with autograd forming each window's weight gradient, one window at a time: the
+    published computation, which batches and the hooks' products must reproduce bit for bit."""
+    with mock.patch.object(gradients, "_products_in_hooks", lambda *_: False):
+        return gradient_norms(model, ids, settings, progress=False, batch_size=1)
 
 
 def _count_block_calls(model: nn.Module) -> tuple[list[int], object]:
@@ -114,7 +125,7 @@ def test_auto_batches_give_the_masks_and_weights_of_one_window(arch: str, method
 def test_batched_gradient_norms_are_those_of_one_window(arch: str, norm: str) -> None:
     model, ids = _model(arch), _windows()
     settings = GradientSettings(norm=norm)
-    ref = gradient_norms(model, ids, settings, progress=False, batch_size=1)
+    ref = _by_autograd(model, ids, settings)
     for batch_size in ("auto", 2, 3, 7):  # integers: taken as given, exact here (tiny shapes)
         if batch_size != "auto" and not batch_is_exact(
             [m for m in model.modules() if isinstance(m, nn.Linear)], batch_size, T, CPU,
@@ -130,7 +141,7 @@ def test_batched_gradient_norms_are_those_of_one_window(arch: str, norm: str) ->
 
 def test_batched_gradient_norms_in_bfloat16() -> None:
     model, ids = _model("llama", torch.bfloat16), _windows()
-    ref = gradient_norms(model, ids, progress=False, batch_size=1)
+    ref = _by_autograd(model, ids)
     got = gradient_norms(model, ids, progress=False, batch_size="auto")
     assert all(torch.equal(got[name], value) for name, value in ref.items())
 
@@ -140,32 +151,39 @@ def test_batched_gradients_on_smollm2() -> None:
 
     model, _ = load_model_and_tokenizer(ModelSpec(), CPU, torch.float32)
     ids = _windows(n=3, seqlen=256, vocab=model.config.vocab_size)
-    ref = gradient_norms(model, ids, progress=False, batch_size=1)
+    ref = _by_autograd(model, ids)
     got = gradient_norms(model, ids, progress=False, batch_size="auto")
     for name, value in ref.items():
         assert torch.equal(got[name], value), name
 
 
-def test_batched_nonfinite_gradient_names_the_layer_and_samples() -> None:
+@pytest.mark.parametrize(("batch", "where"), [(4, "samples 0-3"), (1, "sample 2")])
+def test_hooked_nonfinite_gradient_names_the_layer_and_samples(batch: int, where: str) -> None:
     model, ids = _model("llama"), _windows(n=4)
     down = model.model.layers[1].mlp.down_proj
 
+    seen = [0]  # windows through down_proj so far
+
     def poison(_module: nn.Module, _args: tuple, output: Tensor) -> None:
+        first, seen[0] = seen[0], seen[0] + output.shape[0]
+        if not first <= 2 < seen[0]:
+            return
+
         def nan_in_sample_2(grad: Tensor) -> Tensor:
             grad = grad.clone()
-            grad[2 % grad.shape[0]] = float("nan")
+            grad[2 - first] = float("nan")
             return grad
 
         output.register_hook(nan_in_sample_2)  # runs before the stage's own output hook
 
     handle = down.register_forward_hook(poison)
     try:
-        with pytest.raises(GradientError, match=r"layers\.1\.mlp\.down_proj \(samples 0-3\)"):
-            gradient_norms(model, ids, progress=False, batch_size=4)
+        with pytest.raises(GradientError, match=rf"layers\.1\.mlp\.down_proj \({where}\)"):
+            gradient_norms(model, ids, progress=False, batch_size=batch)
     finally:
         handle.remove()
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
-    gradient_norms(model, ids, progress=False, batch_size=4)  # no hook left behind
+    gradient_norms(model, ids, progress=False, batch_size=batch)  # no hook left behind
 
 
 def test_probe_verdicts_are_remembered_by_what_they_depend_on(

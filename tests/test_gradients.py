@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from gblm.calibration import gradients
 from gblm.calibration.gradients import (
     GradientError,
     GradientSettings,
@@ -186,7 +187,7 @@ def test_a_weight_written_during_the_stage_is_caught() -> None:
     handle.remove()
 
 
-def test_gradients_freed_as_produced() -> None:
+def test_gradients_freed_as_produced(autograd_products: None) -> None:
     """When a late weight's gradient arrives, every earlier one has been folded and freed."""
     model, ids = tiny(), windows()
     params = dict(model.named_parameters())
@@ -198,13 +199,37 @@ def test_gradients_freed_as_produced() -> None:
 
     handle = params[target].register_post_accumulate_grad_hook(spy)
     try:
-        gradient_norms(model, ids, progress=False, batch_size=1)  # autograd's weight gradients
+        gradient_norms(model, ids, progress=False, batch_size=1)
     finally:
         handle.remove()
     assert seen == [[target]] * NSAMPLES
 
 
-def test_nonfinite_gradient_names_the_layer_and_sample() -> None:
+def test_one_window_at_a_time_forms_weight_gradients_in_hooks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With one window per pass the hooks form each weight gradient (autograd makes no
+    ``.grad`` at all), and the norms are autograd's bit for bit."""
+    model, ids = tiny(), windows()
+    produced: list[str] = []
+    handles = [
+        p.register_post_accumulate_grad_hook(lambda _p, n=name: produced.append(n))
+        for name, p in model.named_parameters()
+    ]
+    try:
+        hooked = gradient_norms(model, ids, progress=False, batch_size=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert produced == []
+    monkeypatch.setattr(gradients, "_products_in_hooks", lambda *_: False)
+    by_autograd = gradient_norms(model, ids, progress=False, batch_size=1)
+    assert hooked.keys() == by_autograd.keys()
+    for name in hooked:
+        assert torch.equal(hooked[name], by_autograd[name]), name
+
+
+def test_nonfinite_gradient_names_the_layer_and_sample(autograd_products: None) -> None:
     model, ids = tiny(), windows()
     weight = model.model.layers[1].mlp.down_proj.weight
     calls = {"n": 0}

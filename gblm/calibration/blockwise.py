@@ -55,6 +55,7 @@ from gblm.calibration.gradients import (
     _loss_backward,
     _only_weights_require_grad,
     _per_sample_gradient_hooks,
+    _products_in_hooks,
     check_chunkable,
     folding_hooks,
 )
@@ -301,17 +302,18 @@ def _backward_block(
 
 @contextlib.contextmanager
 def _gradient_hooks(
-    model: nn.Module, linears: dict[str, nn.Linear], folder: _Folder, batched: bool
+    model: nn.Module, linears: dict[str, nn.Linear], folder: _Folder, in_hooks: bool
 ) -> Iterator[Callable[[int], None] | None]:
     """How weight gradients reach ``folder``: as in the full-model stage.
 
-    ``batched``: no weight requires grad, and each Linear's hooks form every window's weight
-    gradient from its input and output gradient
+    ``in_hooks`` (:func:`gblm.calibration.gradients._products_in_hooks`): no weight requires
+    grad, and each Linear's hooks form every window's weight gradient from its input and output
+    gradient
     (:func:`gblm.calibration.gradients._per_sample_gradient_hooks`); yields their batch setter.
     Otherwise the weights require grad and autograd's gradient of each window is folded as it
     completes (:func:`gblm.calibration.gradients.folding_hooks`); yields None.
     """
-    if batched:
+    if in_hooks:
         with (
             _only_weights_require_grad(model, []),
             _per_sample_gradient_hooks(linears, folder) as set_batch,
@@ -419,10 +421,11 @@ def _blockwise(
             torch.enable_grad(),
         ):
             # Batches need the model's own mean loss (lean), as in the full-model stage.
-            batch = (
-                _gradient_batch(model, linears, batch_size, windows[:size], compute) if lean else 1
-            )
-            with _gradient_hooks(model, linears, folder, batch > 1) as set_batch:
+            batch, hooked = 1, False
+            if lean:
+                batch = _gradient_batch(model, linears, batch_size, windows[:size], compute)
+                hooked = _products_in_hooks(linears, batch, seqlen, compute)
+            with _gradient_hooks(model, linears, folder, hooked) as set_batch:
                 for first in range(0, nsamples, size):
                     ids = windows[first : first + size]  # (S, T)
                     if batch > 1 and len(ids) < size:  # a short last group: its sizes probed

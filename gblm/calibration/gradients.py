@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from gblm.calibration.batching import WEIGHT_GRADIENT, exact_batch
+from gblm.calibration.batching import WEIGHT_GRADIENT, batch_is_exact, exact_batch
 from gblm.calibration.hooks import attached_hooks
 from gblm.calibration.loss import lean_loss
 from gblm.devices import dtype_name
@@ -250,10 +250,27 @@ class _Folder:
             for name, linear in linears.items()
         }
         self.samples_seen = dict.fromkeys(self.names, 0)
+        # The fold's working memory, by role, dtype and device (:meth:`_scratch`).
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
         # One 0-d fp32 check value per Linear per sample: the sum of the folded term, finite iff
         # every entry was (barring an overflow of the sum itself). Checked once per sample (or
         # batch) so the hooks never synchronize with the device.
         self.checks: list[tuple[str, Tensor]] = []
+
+    def _scratch(self, role: str, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> Tensor:  # fmt: skip
+        """A reusable buffer viewed as ``shape``, one per role, dtype and device, grown as needed.
+
+        The fold's per-sample tensors are large (the whole weight) and short-lived; allocated
+        afresh, each would be mapped and zero-filled by the OS (page faults) every time before
+        it is written. Reused, it costs that once per stage.
+        """
+        key = (role, dtype, torch.device(device))
+        numel = math.prod(shape)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
 
     @torch.no_grad()
     def fold(self, name: str, grads: Tensor) -> None:
@@ -262,8 +279,9 @@ class _Folder:
         The published step for each sample: grad -> fp32, times scale, abs (l1) or square
         (l2), cast to the accumulator dtype, add. The elementwise steps act on all samples of
         ``grads`` at once (the same bits per entry); the additions go one sample at a time, in
-        order, as the rounding of a low-precision sum needs. For fp32 gradients ``.float()`` is
-        the tensor itself, modified in place: callers hand over gradients they no longer need.
+        order, as the rounding of a low-precision sum needs. fp32 gradients are modified in
+        place: callers hand over gradients they no longer need. The fp32 copy of other dtypes
+        and the cast go to reusable buffers (:meth:`_scratch`).
 
         Args:
             grads: one sample's (d_out, d_in) gradient, or (s, d_out, d_in) for s samples.
@@ -271,10 +289,15 @@ class _Folder:
         # Looked up per call: the block-by-block stage moves a block's accumulators to the
         # compute device for its backward and back afterwards.
         acc = self.accumulators[name]
-        terms = grads.reshape(-1, *acc.shape).float().mul_(self.scale)  # (s, d_out, d_in) fp32
+        terms = grads.reshape(-1, *acc.shape)  # (s, d_out, d_in)
+        if terms.dtype != torch.float32:
+            terms = self._scratch("fp32", terms.shape, torch.float32, terms.device).copy_(terms)
+        terms.mul_(self.scale)
         terms = terms.abs_() if self.norm == "l1" else terms.square_()
         sums = terms.sum(dim=(1, 2))  # (s,) one finiteness check per sample
-        for i, term in enumerate(terms.to(device=acc.device, dtype=acc.dtype)):
+        if terms.dtype != acc.dtype or terms.device != acc.device:
+            terms = self._scratch("cast", terms.shape, acc.dtype, acc.device).copy_(terms)
+        for i, term in enumerate(terms):
             self.checks.append((name, sums[i]))
             acc.add_(term)
         self.samples_seen[name] += terms.shape[0]
@@ -307,7 +330,9 @@ class _Folder:
         step = max(1, FOLD_BYTES // (g.shape[-1] * x.shape[-1] * g.element_size()))
         for start in range(0, batch, step):
             part = slice(start, start + step)
-            self.fold(name, torch.bmm(g[part].transpose(1, 2), x[part]))  # (s, d_out, d_in)
+            size = len(range(batch)[part])
+            product = self._scratch("product", (size, g.shape[-1], x.shape[-1]), g.dtype, g.device)
+            self.fold(name, torch.bmm(g[part].transpose(1, 2), x[part], out=product))
 
     def check_sample(self, sample: int, last: int | None = None) -> None:
         """Raise :class:`GradientError` naming the Linears whose gradient was not finite in
@@ -330,6 +355,7 @@ class _Folder:
         )
 
     def finish(self, accumulator_dtype: torch.dtype) -> dict[str, Tensor]:
+        self._buffers.clear()
         if self.norm == "l2":
             return {n: acc.sqrt_().to(accumulator_dtype) for n, acc in self.accumulators.items()}
         return self.accumulators
@@ -502,11 +528,13 @@ def gradient_norms(
     ):
         if not chunk and not lean:
             logger.info("the model's own loss function is not ForCausalLMLoss: it is used as is")
-        # Batches need the model's own mean loss (lean) and a plain backward.
-        batch = 1
+        # Batches and the hooks' products need the model's own mean loss (lean) and a plain
+        # backward (checkpointing would run the forward hooks twice).
+        batch, hooked = 1, False
         if lean and not settings.checkpointing:
             batch = _gradient_batch(model, linears, batch_size, windows, input_device)
-        if batch > 1:
+            hooked = _products_in_hooks(linears, batch, seqlen, input_device)
+        if hooked:
             _batched_passes(model, windows, linears, folder, batch, input_device, progress)
         else:
             _per_sample_passes(model, windows, linears, folder, settings, input_device, progress)
@@ -534,6 +562,20 @@ def _gradient_batch(
     limit = max(1, LOGITS_BYTES // (seqlen * head.out_features * 4)) if head else None
     return exact_batch(batch_size, nsamples, seqlen, device, linears.values(),
                        check=WEIGHT_GRADIENT, head=head, limit=limit)  # fmt: skip
+
+
+def _products_in_hooks(
+    linears: dict[str, nn.Linear], batch: int, seqlen: int, device: torch.device
+) -> bool:
+    """Whether the Linears' hooks form each window's weight gradient (:func:`_batched_passes`)
+    rather than autograd (:func:`_per_sample_passes`): always for batches of several windows;
+    for one window at a time where the probe finds the hooks' product giving autograd's bits
+    for every shape. The hooks write it into a buffer the stage reuses, where autograd makes a
+    fresh ``.grad`` for every weight and window (on a 2-core CPU and a 2048-wide model, ~10%
+    of the stage went to the page faults of those fresh tensors)."""
+    if batch > 1:
+        return True
+    return batch_is_exact(linears.values(), 1, seqlen, device, check=WEIGHT_GRADIENT)
 
 
 def _per_sample_passes(
@@ -568,7 +610,8 @@ def _batched_passes(
     input_device: torch.device,
     progress: bool,
 ) -> None:
-    """``batch`` windows per forward and backward; per-sample weight gradients formed in hooks.
+    """``batch`` windows (one or more) per forward and backward; per-sample weight gradients
+    formed in hooks.
 
     No weight requires grad, so autograd computes only the activation gradients (the input
     embeddings' output is made to require grad to start the graph). Each Linear's forward hook
