@@ -8,6 +8,14 @@ analytic FLOPs (:mod:`benchmarks.flops`) at the fp32 matmul rate measured in the
 same threads (best of five 1024 x 1024 products). Targets: the walk within 2x of its floor, the
 gradient stage within 1.3x.
 
+Beside each stage, its matrix products alone (:func:`matmul_replay`): every product the stage
+forms, at the batch it uses, replayed on random operands into preallocated outputs. The stage over
+its floor then splits into the products' own shortfall (replay / floor) and everything else
+(stage / replay: elementwise work, attention, the loss, the fold, memory, Python).
+
+A wider model follows SmolLM2 (``--wide``, default a LLaMA shape 2048 wide, 4 blocks, vocab
+32000, 8 x 256): where batching is not exact, as there, every pass goes one window at a time.
+
 A second, instrumented walk on a fresh copy breaks the walk down into its parts, each timed by
 wrapping the function that does it (the walk has no timing parameters): block-0 capture, the
 hooked forwards (``statistics``; the hooks' folding of the statistics is timed apart), scoring,
@@ -29,14 +37,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import gblm.calibration.sequential as sequential
 import gblm.methods.base as method_base
 from benchmarks import flops
 from benchmarks.cases import SMOLLM2, ModelCase, llama_case, random_ids
 from benchmarks.suite import machine_info, matmul_rate
-from gblm.calibration.gradients import gradient_norms
+from gblm.calibration.batching import exact_batch
+from gblm.calibration.gradients import (
+    _gradient_batch,
+    _products_in_hooks,
+    decoder_linear_names,
+    gradient_norms,
+)
+from gblm.calibration.loss import lean_loss
 from gblm.calibration.sequential import prune_model
 from gblm.calibration.stats import LinearStats
 from gblm.methods.registry import build_method
@@ -141,8 +156,85 @@ def walk_breakdown(case: ModelCase, windows: torch.Tensor) -> dict[str, Any]:
     return {"total_s": total, "blocks": counts.blocks, "linears": linears, "parts": rows}
 
 
-def measure_size(case: ModelCase, nsamples: int, seqlen: int, rate: float) -> dict[str, Any]:
-    """Gradient stage and walk as a user runs them, against their floors, and the breakdown."""
+def _best_of(fn: Callable[[], Any], repeats: int = 3) -> float:
+    fn()  # warm: operands and output touched, kernels chosen
+    return min(_timed(fn) for _ in range(repeats))
+
+
+def _product_seconds(kind: str, batch: int, seqlen: int, d_in: int, d_out: int) -> float:
+    """One product of a Linear (d_in -> d_out) over ``batch`` windows, best of 3: ``forward``
+    (x W^T), ``input_grad`` (g W), ``weight_grad_hooked`` (the hooks' batched g^T x) or
+    ``weight_grad`` (autograd's g^T x, window by window)."""
+    gen = torch.Generator().manual_seed(d_in + d_out)
+    rows = batch * seqlen
+    w = torch.randn(d_out, d_in, generator=gen)
+    x = torch.randn(batch, seqlen, d_in, generator=gen)
+    g = torch.randn(batch, seqlen, d_out, generator=gen)
+    if kind == "forward":
+        out = torch.empty(rows, d_out)
+        return _best_of(lambda: torch.mm(x.view(rows, d_in), w.t(), out=out))
+    if kind == "input_grad":
+        out = torch.empty(rows, d_in)
+        return _best_of(lambda: torch.mm(g.view(rows, d_out), w, out=out))
+    out3 = torch.empty(batch, d_out, d_in)
+    if kind == "weight_grad_hooked":
+        return _best_of(lambda: torch.bmm(g.transpose(1, 2), x, out=out3))
+    return _best_of(lambda: [torch.mm(g[i].t(), x[i], out=out3[i]) for i in range(batch)])
+
+
+def _batch_sizes(nsamples: int, batch: int) -> dict[int, int]:
+    """{windows per call: calls} for ``nsamples`` windows in batches of ``batch``."""
+    sizes = {batch: nsamples // batch, nsamples % batch: 1}
+    return {size: calls for size, calls in sizes.items() if size and calls}
+
+
+def matmul_replay(model: nn.Module, windows: Tensor, stage: str) -> dict[str, Any]:
+    """Seconds the stage's matrix products alone take, at the batch the stage uses.
+
+    Gradient stage: every decoder Linear's forward, input-gradient and per-window weight-gradient
+    product (the hooks' batched one or autograd's, as the stage forms them), and the LM head's
+    forward and input gradient. Walk: every decoder Linear's forward, twice (the hooked forward
+    and the re-forward). Each distinct product is timed once, best of 3, on random operands into
+    a preallocated output, and counted as often as the stage forms it. Attention's products are
+    not replayed (the floor prices them; they are a few percent).
+    """
+    nsamples, seqlen = windows.shape
+    cpu = torch.device("cpu")
+    linears = decoder_linear_names(model)
+    shapes: dict[tuple[int, int], int] = defaultdict(int)
+    for linear in linears.values():
+        shapes[(linear.in_features, linear.out_features)] += 1
+    if stage == "walk":
+        batch = exact_batch("auto", nsamples, seqlen, cpu, linears.values())
+        kinds = {"forward": 2}
+        head_kinds: dict[str, int] = {}
+    else:
+        with lean_loss(model) as lean:
+            batch = _gradient_batch(model, linears, "auto", windows, cpu) if lean else 1
+            hooked = lean and _products_in_hooks(linears, batch, seqlen, cpu)
+        kinds = {"forward": 1, "input_grad": 1,
+                 "weight_grad_hooked" if hooked else "weight_grad": 1}  # fmt: skip
+        head_kinds = {"forward": 1, "input_grad": 1}
+    head = model.get_output_embeddings()
+    seconds = 0.0
+    for size, calls in _batch_sizes(nsamples, batch).items():
+        for (d_in, d_out), count in shapes.items():
+            for kind, times in kinds.items():
+                seconds += calls * count * times * _product_seconds(kind, size, seqlen, d_in, d_out)
+        for kind, times in head_kinds.items():
+            seconds += (
+                calls
+                * times
+                * _product_seconds(kind, size, seqlen, head.in_features, head.out_features)
+            )
+    return {"seconds": seconds, "batch": batch}
+
+
+def measure_size(
+    case: ModelCase, nsamples: int, seqlen: int, rate: float, breakdown: bool = True
+) -> dict[str, Any]:
+    """Gradient stage and walk as a user runs them, against their floors and their products
+    alone (:func:`matmul_replay`), and the walk's breakdown."""
     model = case.build()
     counts = flops.model_counts(model)
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -158,16 +250,21 @@ def measure_size(case: ModelCase, nsamples: int, seqlen: int, rate: float) -> di
         "gradient stage": flops.forward_backward_flops(counts, nsamples, seqlen) / rate,
         "walk": 2 * flops.block_forward_flops(counts, nsamples, seqlen) / rate,
     }
+    model = case.build()
+    replays = {name: matmul_replay(model, windows, name) for name in floors}
+    del model
     stages = {
         name: {"seconds": seconds, "floor_s": floors[name], "ratio": seconds / floors[name],
-               "target": TARGETS[name], "met": seconds / floors[name] <= TARGETS[name]}
+               "target": TARGETS[name], "met": seconds / floors[name] <= TARGETS[name],
+               "matmuls_s": replays[name]["seconds"], "batch": replays[name]["batch"]}
         for name, seconds in (("gradient stage", gradient), ("walk", walk))
     }  # fmt: skip
     return {
+        "model": case.name,
         "nsamples": nsamples,
         "seqlen": seqlen,
         "stages": stages,
-        "breakdown": walk_breakdown(case, windows),
+        "breakdown": walk_breakdown(case, windows) if breakdown else None,
     }
 
 
@@ -181,18 +278,29 @@ def render(report: dict[str, Any]) -> str:
         f"{report['matmul_gflops']:.0f} GFLOP/s; load average at start "
         f"{info.get('load_average_at_start', '?')}; {report['seconds']:.0f} s in all.",
         "",
-        "| windows x tokens | stage | seconds | FLOP floor (s) | ratio | target | verdict |",
-        "|---|---|---|---|---|---|---|",
+        "Ratio: seconds over the FLOP floor. Matmuls alone: the stage's matrix products replayed "
+        "at the batch it uses (windows per call), on random operands into preallocated outputs; "
+        "the stage over its floor is their shortfall (matmuls / floor) times everything else "
+        "(stage / matmuls).",
+        "",
+        "| model | windows x tokens | stage | batch | seconds | FLOP floor (s) | ratio | target "
+        "| verdict | matmuls alone (s) | matmuls / floor | stage / matmuls |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for size in report["sizes"]:
         for name, s in size["stages"].items():
             lines.append(
-                f"| {size['nsamples']} x {size['seqlen']} | {name} | {s['seconds']:.1f} | "
-                f"{s['floor_s']:.1f} | {s['ratio']:.2f}x | {s['target']:.1f}x | "
-                f"{'MET' if s['met'] else 'missed'} |"
+                f"| {size.get('model', report['model'])} | {size['nsamples']} x {size['seqlen']} "
+                f"| {name} | {s.get('batch', '?')} | {s['seconds']:.1f} | {s['floor_s']:.1f} | "
+                f"{s['ratio']:.2f}x | {s['target']:.1f}x | {'MET' if s['met'] else 'missed'} | "
+                f"{s.get('matmuls_s', float('nan')):.1f} | "
+                f"{s.get('matmuls_s', float('nan')) / s['floor_s']:.2f}x | "
+                f"{s['seconds'] / s.get('matmuls_s', float('nan')):.2f}x |"
             )
     for size in report["sizes"]:
         b = size["breakdown"]
+        if b is None:
+            continue
         lines += [
             "",
             f"## The walk's parts at {size['nsamples']} x {size['seqlen']} "
@@ -217,6 +325,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sizes", default="32x256,128x256",
         help="windows x tokens, comma-separated (default: the demo's 32x256 and 128 windows)",
     )  # fmt: skip
+    parser.add_argument(
+        "--wide", default="2048x4@8x256",
+        help="a random LLaMA shape, WIDTHxBLOCKS@WINDOWSxTOKENS (vocab 32000), after SmolLM2; "
+        "'' for none",
+    )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a tiny LLaMA, seconds (tests)")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "outputs" / "bench")
     return parser.parse_args(argv)
@@ -240,6 +353,14 @@ def main(argv: list[str] | None = None) -> int:
     for nsamples, seqlen in sizes:
         print(f"floor: {case.name} {nsamples} x {seqlen} ...", file=sys.stderr, flush=True)
         report["sizes"].append(measure_size(case, nsamples, seqlen, rate))
+    if args.wide and not args.smoke:
+        shape, size = args.wide.split("@")
+        (width, blocks), (nsamples, seqlen) = (
+            [int(v) for v in part.split("x")] for part in (shape, size)
+        )
+        wide = llama_case(width, blocks, (), vocab=32000)
+        print(f"floor: {wide.name} {nsamples} x {seqlen} ...", file=sys.stderr, flush=True)
+        report["sizes"].append(measure_size(wide, nsamples, seqlen, rate, breakdown=False))
     report["seconds"] = time.perf_counter() - began
     text = render(report)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -195,6 +195,7 @@ def test_floor_benchmark_prices_the_product_path_and_breaks_the_walk_down(tmp_pa
         assert stage["seconds"] > 0 and stage["floor_s"] > 0
         assert stage["ratio"] == pytest.approx(stage["seconds"] / stage["floor_s"])
         assert stage["target"] == target and stage["met"] == (stage["ratio"] <= target)
+        assert stage["matmuls_s"] > 0 and stage["batch"] >= 1
     breakdown = size["breakdown"]
     parts = breakdown["parts"]
     assert breakdown["linears"] == 14 and breakdown["blocks"] == 2  # tiny LLaMA: 2 x 7 Linears
@@ -206,3 +207,12 @@ def test_floor_benchmark_prices_the_product_path_and_breaks_the_walk_down(tmp_pa
     assert sum(parts[p]["seconds"] for p in outer) == pytest.approx(breakdown["total_s"], rel=1e-6)
     text = (path.with_suffix(".md")).read_text()
     assert "| 2 x 32 | walk |" in text and "mask selection" in text
+
+
+def test_floor_replay_counts_every_call_of_a_batch_size() -> None:
+    from benchmarks.floor import _batch_sizes
+
+    assert _batch_sizes(10, 4) == {4: 2, 2: 1}
+    assert _batch_sizes(8, 4) == {4: 2}
+    assert _batch_sizes(3, 1) == {1: 3}
+    assert _batch_sizes(2, 8) == {2: 1}
