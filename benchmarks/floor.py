@@ -271,7 +271,8 @@ def measure_size(
 def render(report: dict[str, Any]) -> str:
     info = report["machine"]
     lines = [
-        f"# The CPU passes against their FLOP floor ({report['model']})",
+        "# The CPU passes against their FLOP floor "
+        f"({', '.join(dict.fromkeys(z.get('model', report['model']) for z in report['sizes']))})",
         "",
         f"{info.get('cpu', '?')}, torch {info.get('torch', '?')}, {report['threads']} threads "
         f"(torch's default); fp32 matmul rate measured in this run: "
