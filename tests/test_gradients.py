@@ -205,27 +205,36 @@ def test_gradients_freed_as_produced(autograd_products: None) -> None:
     assert seen == [[target]] * NSAMPLES
 
 
+@pytest.mark.parametrize(
+    ("arch", "dtype", "norm"),
+    [("llama", torch.float32, "l1"), ("opt", torch.float32, "l2"), ("llama", torch.bfloat16, "l1")],
+)
 def test_one_window_at_a_time_forms_weight_gradients_in_hooks(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, arch: str, dtype: torch.dtype, norm: str
 ) -> None:
-    """With one window per pass the hooks form each weight gradient (autograd makes no
-    ``.grad`` at all), and the norms are autograd's bit for bit."""
-    model, ids = tiny(), windows()
+    """With one window per pass the hooks form each weight gradient where the probe allows
+    (autograd then makes no ``.grad`` at all), and the norms are autograd's bit for bit."""
+    model = build_tiny_model(tiny_config(arch, vocab_size=VOCAB), seed=0, dtype=dtype)
+    ids, settings = windows(), GradientSettings(norm=norm)
+    in_hooks = gradients._products_in_hooks(
+        gradients.decoder_linear_names(model), 1, SEQLEN, torch.device("cpu")
+    )
     produced: list[str] = []
     handles = [
         p.register_post_accumulate_grad_hook(lambda _p, n=name: produced.append(n))
         for name, p in model.named_parameters()
     ]
     try:
-        hooked = gradient_norms(model, ids, progress=False, batch_size=1)
+        hooked = gradient_norms(model, ids, settings, progress=False, batch_size=1)
     finally:
         for handle in handles:
             handle.remove()
-    assert produced == []
+    assert (produced == []) == in_hooks
     monkeypatch.setattr(gradients, "_products_in_hooks", lambda *_: False)
-    by_autograd = gradient_norms(model, ids, progress=False, batch_size=1)
+    by_autograd = gradient_norms(model, ids, settings, progress=False, batch_size=1)
     assert hooked.keys() == by_autograd.keys()
     for name in hooked:
+        assert bool(hooked[name].abs().sum() > 0), name
         assert torch.equal(hooked[name], by_autograd[name]), name
 
 
