@@ -571,8 +571,8 @@ def _products_in_hooks(
     rather than autograd (:func:`_per_sample_passes`): always for batches of several windows;
     for one window at a time where the probe finds the hooks' product giving autograd's bits
     for every shape. The hooks write it into a buffer the stage reuses, where autograd makes a
-    fresh ``.grad`` for every weight and window (on a 2-core CPU and a 2048-wide model, ~10%
-    of the stage went to the page faults of those fresh tensors)."""
+    fresh ``.grad`` for every weight and window (on a 2-core CPU and a 2048-wide model, the
+    page faults of those fresh tensors cost a tenth to a quarter of the stage)."""
     if batch > 1:
         return True
     return batch_is_exact(linears.values(), 1, seqlen, device, check=WEIGHT_GRADIENT)
