@@ -61,8 +61,13 @@ def test_batches_of_a_group_give_the_norms_of_windows_one_at_a_time(arch, monkey
     monkeypatch.setattr(blockwise_module, "_loss_backward", counted)
     for norm in ("l1", "l2"):
         settings = blockwise(norm, 3)  # groups of 3 and 2 windows
-        ref = blockwise_gradient_norms(model, ids, settings, progress=False, batch_size=1)
-        assert not batches  # one at a time: autograd's weight gradients
+        with monkeypatch.context() as patch:  # one at a time, autograd's weight gradients
+            patch.setattr(blockwise_module, "_products_in_hooks", lambda *_: False)
+            ref = blockwise_gradient_norms(model, ids, settings, progress=False, batch_size=1)
+        assert not batches
+        one = blockwise_gradient_norms(model, ids, settings, progress=False, batch_size=1)
+        assert not batches  # one at a time, the weight gradients in the hooks
+        assert_bit_equal(ref, one)
         got = blockwise_gradient_norms(model, ids, settings, progress=False)
         assert batches == [(0, 3), (3, 2)]  # one batch per group (batch_size=auto)
         assert_bit_equal(ref, got)
