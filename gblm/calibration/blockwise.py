@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from gblm.calibration.capture import _input_device
 from gblm.calibration.gradients import (
     GradientSettings,
     _check_windows,
@@ -51,7 +52,6 @@ from gblm.calibration.gradients import (
     _finish,
     _Folder,
     _gradient_batch,
-    _input_device,
     _loss_backward,
     _only_weights_require_grad,
     _per_sample_gradient_hooks,

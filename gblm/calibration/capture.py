@@ -77,7 +77,7 @@ class BlockInputs:
 def _input_device(model: nn.Module) -> torch.device:
     """Where token ids go: the embeddings' device; for embeddings accelerate offloads (meta), the
     CPU, from where its hooks send them to their execution device."""
-    embeddings = model.get_input_embeddings()
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     device = embeddings.weight.device if embeddings is not None else next(model.parameters()).device
     return torch.device("cpu") if device.type == "meta" else device
 

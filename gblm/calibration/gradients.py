@@ -47,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from gblm.calibration.batching import WEIGHT_GRADIENT, batch_is_exact, exact_batch
+from gblm.calibration.capture import _input_device
 from gblm.calibration.hooks import attached_hooks
 from gblm.calibration.loss import lean_loss
 from gblm.devices import dtype_name
@@ -329,10 +330,10 @@ class _Folder:
         g = output_grad.reshape(batch, -1, output_grad.shape[-1])  # (b, T, d_out)
         step = max(1, FOLD_BYTES // (g.shape[-1] * x.shape[-1] * g.element_size()))
         for start in range(0, batch, step):
-            part = slice(start, start + step)
-            size = len(range(batch)[part])
-            product = self._scratch("product", (size, g.shape[-1], x.shape[-1]), g.dtype, g.device)
-            self.fold(name, torch.bmm(g[part].transpose(1, 2), x[part], out=product))
+            gs, xs = g[start : start + step], x[start : start + step]  # s windows
+            shape = (gs.shape[0], gs.shape[-1], xs.shape[-1])  # (s, d_out, d_in)
+            product = self._scratch("product", shape, g.dtype, g.device)
+            self.fold(name, torch.bmm(gs.transpose(1, 2), xs, out=product))
 
     def check_sample(self, sample: int, last: int | None = None) -> None:
         """Raise :class:`GradientError` naming the Linears whose gradient was not finite in
@@ -714,13 +715,6 @@ def _finish(
             overflowed[0],
         )
     return norms
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None:
-        return embeddings.weight.device
-    return next(model.parameters()).device
 
 
 def windows_digest(windows: Tensor) -> str:
