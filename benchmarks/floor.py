@@ -272,7 +272,7 @@ def render(report: dict[str, Any]) -> str:
     info = report["machine"]
     lines = [
         "# The CPU passes against their FLOP floor "
-        f"({', '.join(dict.fromkeys(z.get('model', report['model']) for z in report['sizes']))})",
+        f"({', '.join(dict.fromkeys(size['model'] for size in report['sizes']))})",
         "",
         f"{info.get('cpu', '?')}, torch {info.get('torch', '?')}, {report['threads']} threads "
         f"(torch's default); fp32 matmul rate measured in this run: "
@@ -291,12 +291,11 @@ def render(report: dict[str, Any]) -> str:
     for size in report["sizes"]:
         for name, s in size["stages"].items():
             lines.append(
-                f"| {size.get('model', report['model'])} | {size['nsamples']} x {size['seqlen']} "
-                f"| {name} | {s.get('batch', '?')} | {s['seconds']:.1f} | {s['floor_s']:.1f} | "
-                f"{s['ratio']:.2f}x | {s['target']:.1f}x | {'MET' if s['met'] else 'missed'} | "
-                f"{s.get('matmuls_s', float('nan')):.1f} | "
-                f"{s.get('matmuls_s', float('nan')) / s['floor_s']:.2f}x | "
-                f"{s['seconds'] / s.get('matmuls_s', float('nan')):.2f}x |"
+                f"| {size['model']} | {size['nsamples']} x {size['seqlen']} | {name} | "
+                f"{s['batch']} | {s['seconds']:.1f} | {s['floor_s']:.1f} | {s['ratio']:.2f}x | "
+                f"{s['target']:.1f}x | {'MET' if s['met'] else 'missed'} | "
+                f"{s['matmuls_s']:.1f} | {s['matmuls_s'] / s['floor_s']:.2f}x | "
+                f"{s['seconds'] / s['matmuls_s']:.2f}x |"
             )
     for size in report["sizes"]:
         b = size["breakdown"]
