@@ -76,14 +76,21 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def input_device(model: torch.nn.Module, device: torch.device | str | None = None) -> torch.device:
+    """Where a model's token ids go: the one rule for every stage.
 
-
-def empty_cache() -> None:
-    if cuda_available():
-        torch.cuda.empty_cache()
+    ``device`` (the compute device) when the model sits there whole; the input embeddings' device
+    when a device map placed the model or its weights live elsewhere (``model.onload`` keeps them
+    on the CPU); the CPU for embeddings that accelerate offloads (meta), from where its hooks send
+    the ids on to their execution device.
+    """
+    embeddings = model.get_input_embeddings().weight.device
+    if embeddings.type == "meta":
+        return torch.device("cpu")
+    if device is None or getattr(model, "hf_device_map", None):
+        return embeddings
+    device = torch.device(device)
+    return device if embeddings.type == device.type else embeddings
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -564,7 +564,7 @@ def _perplexity_stage(s: RunSettings, model, tokenizer, texts, device, metrics, 
                 model,
                 eval_tokens,
                 s.perplexity.seqlen,
-                device=_input_device(model, device),
+                device=devices.input_device(model, device),
                 batch_size=s.perplexity.batch_size,
                 max_windows=s.perplexity.max_windows,
                 progress=s.progress,
@@ -650,19 +650,11 @@ def _zeroshot_stage(s: RunSettings, model, tokenizer, device, metrics, timer, ru
             s.zeroshot.tasks,
             limit=s.zeroshot.limit,
             batch_size=s.zeroshot.batch_size,
-            device=_input_device(model, device),
+            device=devices.input_device(model, device),
             include_path=_zeroshot_include_path(s, run_dir),
             results_dir=run_dir,
             log_samples=s.zeroshot.log_samples,
         )
-
-
-def _input_device(model, device: torch.device) -> torch.device:
-    """Where token ids go: the embedding's device when a device_map placed the model or
-    ``model.onload`` kept the weights on the CPU (evaluation then runs where the weights are)."""
-    embeddings = model.get_input_embeddings().weight.device
-    placed = getattr(model, "hf_device_map", None) or embeddings.type != device.type
-    return embeddings if placed else device
 
 
 def _n_per_linear(plan, masks) -> dict[str, int]:

@@ -44,7 +44,6 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from gblm.calibration.capture import _input_device
 from gblm.calibration.gradients import (
     GradientSettings,
     _check_windows,
@@ -60,6 +59,7 @@ from gblm.calibration.gradients import (
     folding_hooks,
 )
 from gblm.calibration.loss import lean_loss
+from gblm.devices import input_device
 from gblm.models.layers import decoder_layers, prunable_linears
 from gblm.models.memory import file_backed_zeros
 from gblm.models.offload import Offloaded, execution_devices, held_hooks, placeholders
@@ -330,7 +330,7 @@ def _compute_device(model: nn.Module, device: str | torch.device | None) -> torc
     if device is not None:
         return torch.device(device)
     placed = execution_devices(model)
-    return placed.pop() if len(placed) == 1 else _input_device(model)
+    return placed.pop() if len(placed) == 1 else input_device(model)
 
 
 def blockwise_gradient_norms(

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gblm import devices
 from gblm.calibration.hooks import attached_hooks
 from gblm.models.layers import decoder_layers
 
@@ -74,14 +75,6 @@ class BlockInputs:
         return self._moved[key]
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    """Where token ids go: the embeddings' device; for embeddings accelerate offloads (meta), the
-    CPU, from where its hooks send them to their execution device."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    device = embeddings.weight.device if embeddings is not None else next(model.parameters()).device
-    return torch.device("cpu") if device.type == "meta" else device
-
-
 @torch.no_grad()
 @contextlib.contextmanager
 def _cache_off(model: nn.Module) -> Iterator[None]:
@@ -120,7 +113,7 @@ def capture_block_inputs(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1.")
     block = decoder_layers(model)[0]
-    input_device = _input_device(model)
+    input_device = devices.input_device(model)
     nsamples = windows.shape[0]
     hidden: Tensor | None = None
     calls: dict[int, tuple[tuple, dict[str, Any]]] = {}

@@ -46,8 +46,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from gblm import devices
 from gblm.calibration.batching import WEIGHT_GRADIENT, batch_is_exact, exact_batch
-from gblm.calibration.capture import _input_device
 from gblm.calibration.hooks import attached_hooks
 from gblm.calibration.loss import lean_loss
 from gblm.devices import dtype_name
@@ -510,7 +510,7 @@ def gradient_norms(
         )
 
     linears = decoder_linear_names(model)
-    input_device = torch.device(device) if device is not None else _input_device(model)
+    input_device = torch.device(device) if device is not None else devices.input_device(model)
     folder = _Folder(
         linears,
         norm,

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gblm.devices import input_device
+
 log = logging.getLogger(__name__)
 
 # The GBLM-Pruner / Wanda zero-shot suite.
@@ -90,10 +92,6 @@ def validate_task_names(
         check_tasks(others, _task_manager(include_path, others))
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def summarize_results(results: dict) -> dict:
     """lm-eval's ``results`` dict -> ``{task: {"acc", "acc_norm", their stderrs, ..., "samples"}}``
     and the means. Every numeric metric of a leaf task is kept under its name (a filter other than
@@ -133,7 +131,7 @@ def _place(model: nn.Module, device: torch.device | str | None) -> None:
     """Move a model not dispatched by accelerate to ``device`` (None: leave it where it is)."""
     if device is not None and getattr(model, "hf_device_map", None) is None:
         device = torch.device(device)
-        if _model_device(model) != device:
+        if input_device(model) != device:
             model.to(device)
 
 
