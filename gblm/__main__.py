@@ -1,5 +1,5 @@
 """``python -m gblm``: the Hydra app (see ``gblm.run``); ``--help`` prints gblm's own help, and a
-config that does not compose is refused before Hydra starts (:func:`gblm.run.cli`)."""
+config that does not compose is refused before Hydra starts (:func:`gblm.cli.cli`)."""
 
 import sys
 
@@ -10,7 +10,7 @@ def cli() -> None:
 
         sys.stdout.write(help_text())
         return
-    from gblm.run import cli as run_cli
+    from gblm.cli import cli as run_cli
 
     run_cli()
 

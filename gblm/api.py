@@ -5,14 +5,14 @@
 ...                     calibration=texts, nsamples=32, seqlen=256)
 >>> result.overall["sparsity"], gblm.evaluate(model, tokenizer, eval_texts, seqlen=256)
 
-It runs the same stages as ``python -m gblm``: the plan's and the method's dense-model passes
-(GBLM's gradients), then the layer walk; only the files, the caches and the loggers are left out.
+It runs the pipeline's own pruning stages (:func:`gblm.pipeline.prune`: the plan's and the
+method's dense-model passes, then the layer walk) and its perplexity; only the files, the caches
+and the loggers of ``python -m gblm`` are left out.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gblm.analysis.stats import model_mask_stats
-from gblm.calibration.sequential import prune_model
+from gblm import pipeline
 from gblm.methods.base import Pruner, RunContext
 from gblm.methods.plans import PerBlockPlan, SparsityPlan, UniformPlan
 from gblm.methods.registry import build_method
 from gblm.pruning.sparsity import Sparsity
 from gblm.pruning.storage import PackedMasks
+from gblm.utils import StageTimer
 
 log = logging.getLogger("gblm.api")
 
@@ -55,7 +55,7 @@ def as_sparsity_plan(sparsity: float | str | Sparsity | Sequence[float] | Sparsi
         return UniformPlan(Sparsity(int(n) / int(m), int(n), int(m)))
     if isinstance(sparsity, (int, float)):
         return UniformPlan(Sparsity(float(sparsity)))
-    return PerBlockPlan([float(r) for r in sparsity])
+    return PerBlockPlan(Sparsity(0.0), [float(r) for r in sparsity])
 
 
 def calibration_windows(
@@ -126,32 +126,27 @@ def prune(
         torch.device(device) if device is not None else model.get_input_embeddings().weight.device
     )
     windows = None
-    if method.needs_calibration or plan.needs_calibration:
+    if pipeline.needs_calibration(method, plan):
         windows = calibration_windows(calibration, tokenizer, nsamples, seqlen, seed)
         if windows is None:
             raise ValueError(f"{type(method).__name__} needs calibration: texts or token ids.")
-    dtype = next(model.parameters()).dtype
+    method.check_model(model)
+    plan.check_model(model)
     context = RunContext(
-        device=device, model_dtype=dtype, progress=progress, onload=onload, batch_size=batch_size
+        device=device,
+        model_dtype=next(model.parameters()).dtype,
+        progress=progress,
+        onload=onload,
+        batch_size=batch_size,
+        method_calibrates=method.needs_calibration,
     )
-    seconds: dict[str, float] = {}
-    for stage in (plan, method):  # their passes over the dense model (GBLM: gradients)
-        began = time.perf_counter()
-        stage.prepare(model, windows, context)
-        if stage.dense_pass is not None:
-            seconds[stage.dense_pass] = time.perf_counter() - began
-    began = time.perf_counter()
-    try:
-        masks = prune_model(model, method, plan, windows if method.needs_calibration else None,
-                            device=device, batch_size=batch_size, progress=progress,
-                            onload=onload)  # fmt: skip
-    finally:
-        method.release()
-    seconds["prune"] = time.perf_counter() - began
-    pattern = plan.sparsity if isinstance(plan, UniformPlan) else Sparsity(0.0)  # N:M check
-    per_linear, per_block, _, overall = model_mask_stats(masks, pattern.n, pattern.m)
-    log.info("pruned to %.4f sparsity in %.1f s", overall["sparsity"], sum(seconds.values()))
-    return PruneResult(masks, per_linear, per_block, overall, seconds)
+    timer = StageTimer()
+    masks = pipeline.prune(model, method, plan, windows, context, timer)
+    stats = pipeline.mask_statistics(masks, plan)
+    log.info(
+        "pruned to %.4f sparsity in %.1f s", stats.overall["sparsity"], sum(timer.timings.values())
+    )
+    return PruneResult(masks, stats.per_linear, stats.per_block, stats.overall, timer.timings)
 
 
 def evaluate(
@@ -168,6 +163,7 @@ def evaluate(
     """Perplexity of ``model`` on ``data``: texts (joined with blank lines, as published) or
     (1, numel) token ids, cut into windows of ``seqlen`` tokens."""
     from gblm.data.evaluation import join_and_tokenize
+    from gblm.devices import input_device
     from gblm.eval.perplexity import perplexity
 
     if data is None:
@@ -180,8 +176,6 @@ def evaluate(
                 "evaluation texts need the tokenizer: evaluate(model, tokenizer, ...)."
             )
         tokens = join_and_tokenize(tokenizer, list(data))
-    device = (
-        torch.device(device) if device is not None else model.get_input_embeddings().weight.device
-    )
+    device = input_device(model, device)
     return perplexity(model, tokens, seqlen, device=device, batch_size=batch_size,
                       max_windows=max_windows, progress=progress)  # fmt: skip

@@ -186,7 +186,7 @@ def no_model_load(monkeypatch):
 
 
 def _cli(argv: list[str], monkeypatch) -> int:
-    from gblm.run import cli
+    from gblm.cli import cli
 
     monkeypatch.setattr(sys, "argv", ["gblm", *argv])
     GlobalHydra.instance().clear()

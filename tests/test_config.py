@@ -21,7 +21,7 @@ def _options(group: str) -> list[str]:
 @pytest.mark.parametrize("method", _options("method"))
 @pytest.mark.parametrize("sparsity", _options("sparsity"))
 def test_every_method_and_sparsity_composes_and_instantiates(method, sparsity):
-    from gblm.run import build_method
+    from gblm.config import build_method
 
     s = _settings(f"method={method}", f"sparsity={sparsity}")
     assert s.method_name == method
@@ -146,7 +146,7 @@ def test_per_block_schedule_reaches_the_settings():
 
 def test_method_options_are_the_method_class_keywords():
     from gblm.methods.registry import ENTRY_KEYS
-    from gblm.run import build_method
+    from gblm.config import build_method
 
     s = _settings("method=gblm", "method.loss_chunk_tokens=-4")
     assert s.method_kwargs["loss_chunk_tokens"] == -4
@@ -180,7 +180,7 @@ def test_group_files_hold_only_what_differs_from_the_schema(group):
 
 
 def test_bad_method_option_is_a_config_error():
-    from gblm.run import build_method
+    from gblm.config import build_method
 
     s = _settings("method=wanda", "+method.colour=blue")
     with pytest.raises(ConfigError, match="method=wanda"):

@@ -41,17 +41,15 @@ def test_overall_estimate_prices_the_stages_left_at_the_measured_rate():
 def test_planned_work_follows_the_method_and_the_run(tmp_path, caplog):
     import logging
 
-    from gblm.config import to_plain, validate
-    from gblm.methods.registry import build_method as build
-    from gblm.progress import planned_work
-    from gblm.run import build_plan
+    from gblm.config import build_method, build_plan, to_plain, validate
+    from gblm.pipeline import planned_stages
 
-    settings = validate(to_plain(compose_config("model=tiny_llama", "method=gblm", *SMALL)))
-    method = build(settings.method_name, settings.method_target, **settings.method_kwargs)
-    work = planned_work(settings, method, build_plan(settings, method))
-    n_t = settings.calibration.nsamples * settings.calibration.seqlen
+    conf = validate(to_plain(compose_config("model=tiny_llama", "method=gblm", *SMALL)))
+    work = planned_stages(conf, build_method(conf), build_plan(conf))
+    n_t = conf.calibration.nsamples * conf.calibration.seqlen
+    assert list(work) == ["perplexity dense", "gradients", "prune", "perplexity pruned"]
     assert work["gradients"] == 3 * n_t and work["prune"] == 2 * n_t
-    assert work["perplexity dense"] == work["perplexity pruned"] == 2 * settings.perplexity.seqlen
+    assert work["perplexity dense"] == work["perplexity pruned"] == 2 * conf.eval.perplexity.seqlen
     with caplog.at_level(logging.INFO, logger="gblm.progress"):
         run(compose_config("model=tiny_llama", "method=magnitude", *SMALL), run_dir=tmp_path)
     lines = [r.getMessage() for r in caplog.records if r.name == "gblm.progress"]
@@ -64,12 +62,9 @@ SMALL = ("calibration.nsamples=2", "calibration.seqlen=32", "eval.perplexity.max
 
 
 def test_a_walk_without_calibration_is_not_weighed():
-    from gblm.config import to_plain, validate
-    from gblm.methods.registry import build_method as build
-    from gblm.progress import planned_work
-    from gblm.run import build_plan
+    from gblm.config import build_method, build_plan, to_plain, validate
+    from gblm.pipeline import planned_stages
 
-    settings = validate(to_plain(compose_config("model=tiny_llama", "method=magnitude", *SMALL)))
-    method = build(settings.method_name, settings.method_target, **settings.method_kwargs)
-    work = planned_work(settings, method, build_plan(settings, method))
+    conf = validate(to_plain(compose_config("model=tiny_llama", "method=magnitude", *SMALL)))
+    work = planned_stages(conf, build_method(conf), build_plan(conf))
     assert set(work) == {"perplexity dense", "perplexity pruned"}  # the rate comes from them

@@ -74,7 +74,7 @@ def test_every_sweep_experiment_is_listed():
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_validates(name):
-    from gblm.run import build_method
+    from gblm.config import build_method
 
     settings = validate(to_plain(compose_config(f"experiment={name}")))
     build_method(settings)

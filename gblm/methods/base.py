@@ -46,6 +46,8 @@ class RunContext:
     scratch_dir: Path | None = None
     # the content hash of the model's weights files, computed only when a pass asks for it
     fingerprint: Callable[[], str] | None = None
+    # whether the method itself calibrates (OWL's published clamp is off for magnitude only)
+    method_calibrates: bool = True
 
     def model_key(self) -> str | None:
         """What identifies the model's weights in cache keys: their content when known."""
@@ -66,6 +68,8 @@ class Pruner(ABC):
     true_sequential: bool = False
     #: Name of the method's dense-model pass (a stage of the run), or None when it has none.
     dense_pass: str | None = None
+    #: The method's name in tables where it is not the registry's (DSnoT: ``dsnot(wanda)``).
+    label: str | None = None
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ``ValueError`` when the method cannot prune ``model`` (before any heavy work)."""

@@ -99,24 +99,36 @@ class _OutlierProbe(Pruner):
 
 
 class OWLPlan(SparsityPlan):
-    """One target per decoder block from the dense model's outlier ratios (``sparsity=owl``)."""
+    """One target per decoder block from the dense model's outlier ratios (``sparsity=owl``).
+
+    Args:
+        sparsity: the mean target (unstructured), or the N:M pattern whose N varies per block.
+        lmbda: OWL's Lambda: the block ratios span 2 * Lambda (N:M: N spans Lambda).
+        outlier_m: OWL's M: an outlier is a Wanda score above M times the block's mean.
+        clamp: block ratios <= 0 become 0.01; None: as published, on for every method that
+            calibrates and off for magnitude (the published magnitude path has none).
+    """
 
     needs_calibration = True
     dense_pass = "outlier ratios"
+    label = "owl"
 
     def __init__(
-        self, sparsity: Sparsity, lmbda: float = 0.08, outlier_m: float = 5.0, clamp: bool = True
+        self,
+        sparsity: Sparsity,
+        lmbda: float = 0.08,
+        outlier_m: float = 5.0,
+        clamp: bool | None = None,
     ) -> None:
+        super().__init__(sparsity)
         if lmbda < 0:
             raise ValueError(f"sparsity.lmbda={lmbda}: must be >= 0.")
         if outlier_m <= 0:
             raise ValueError(f"sparsity.outlier_m={outlier_m}: must be > 0.")
-        self.sparsity = sparsity
         self.lmbda = lmbda
         self.outlier_m = outlier_m
         self.clamp = clamp
         self.outlier_ratios: list[float] | None = None
-        self.targets: list[Sparsity] | None = None
 
     def prepare(self, model: nn.Module, windows: Tensor | None, context: RunContext) -> None:
         """The dense walk: every block's outlier ratio, then every block's target."""
@@ -124,6 +136,8 @@ class OWLPlan(SparsityPlan):
 
         if windows is None:
             raise ValueError("OWL's outlier ratios need calibration windows.")
+        if self.clamp is None:
+            self.clamp = context.method_calibrates
         probe = _OutlierProbe(self.outlier_m)
         prune_model(model, probe, self.sparsity, windows, device=context.device,
                     batch_size=context.batch_size, progress=False)  # fmt: skip
@@ -138,7 +152,8 @@ class OWLPlan(SparsityPlan):
             counts = owl_block_n(ratios, s.n, self.lmbda)
             self.targets = [self._target(b, n / s.m, n, s.m) for b, n in enumerate(counts)]
         else:
-            ratios_b = owl_block_ratios(ratios, s.ratio, self.lmbda, self.clamp)
+            clamp = True if self.clamp is None else self.clamp
+            ratios_b = owl_block_ratios(ratios, s.ratio, self.lmbda, clamp)
             self.targets = [self._target(b, r) for b, r in enumerate(ratios_b)]
 
     def _target(self, block: int, ratio: float, n: int = 0, m: int = 0) -> Sparsity:
@@ -156,5 +171,7 @@ class OWLPlan(SparsityPlan):
             raise ValueError("OWL's targets come from the dense model: run prepare first.")
         return self.targets[block]
 
-    def block_targets(self) -> list[float] | None:
-        return None if self.targets is None else [t.ratio for t in self.targets]
+    def record(self) -> dict:
+        if self.outlier_ratios is None:
+            return super().record()
+        return {**super().record(), "outlier_ratios": self.outlier_ratios}

@@ -1,14 +1,16 @@
 """Sparsity plans: what each Linear must reach. Uniform by default.
 
-The walk asks the plan for every Linear's target (:meth:`SparsityPlan.target`), so sparsity can
-differ per block and per Linear. A plan that depends on the dense model (a layer-wise allocator
-such as OWL) computes its targets in :meth:`SparsityPlan.prepare`, before the walk.
+A plan is a plug-in like a method: one class, one ``conf/sparsity/<name>.yaml`` naming it
+(``allocator: <name>`` and ``_target_``), one test. Its options are the keyword arguments of the
+class after the target ``sparsity``; their annotated types and defaults are the config schema's
+(``sparsity.<option>``). :class:`SparsityPlan` is everything the run may ask of a plan: the
+target of every Linear, a check of the loaded model, an optional pass over the dense model
+before the walk, and what goes into the run record.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -17,60 +19,73 @@ from gblm.models.layers import decoder_layers
 from gblm.pruning.sparsity import Sparsity
 
 
-class SparsityPlan(ABC):
-    """The target sparsity of every prunable Linear."""
+class SparsityPlan:
+    """The target sparsity of every prunable Linear: ``sparsity`` everywhere by default.
+
+    Subclasses give blocks their own targets by filling :attr:`targets` (one per decoder block),
+    at construction or in :meth:`prepare`.
+    """
 
     #: True when :meth:`prepare` runs the dense model on the calibration windows.
     needs_calibration: bool = False
     #: Name of that pass (a stage of the run), or None when there is none.
     dense_pass: str | None = None
+    #: Appended to the method's label in tables (``wanda+owl``); None for the uniform plan.
+    label: str | None = None
+
+    def __init__(self, sparsity: Sparsity) -> None:
+        self.sparsity = sparsity
+        self.targets: list[Sparsity] | None = None  # one per block, once known
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` when the plan cannot apply to ``model`` (right after loading)."""
 
     def prepare(self, model: nn.Module, windows: Tensor | None, context: RunContext) -> None:
         """Compute the targets from the dense model, before the walk (nothing by default)."""
 
-    @abstractmethod
     def target(self, block: int, name: str) -> Sparsity:
         """The target of Linear ``name`` (its name inside the block, e.g. ``self_attn.q_proj``)."""
+        if self.targets is None:
+            return self.sparsity
+        return self.targets[block]
 
     def block_targets(self) -> list[float] | None:
         """One target ratio per block when they differ, for the run record; None when uniform."""
-        return None
+        return None if self.targets is None else [t.ratio for t in self.targets]
+
+    def record(self) -> dict[str, Any]:
+        """What the run record keeps of the plan (``metrics.json`` ``sparsity``)."""
+        return {"per_block_target": self.block_targets()}
 
 
 class UniformPlan(SparsityPlan):
-    """Every Linear gets the same target."""
-
-    def __init__(self, sparsity: Sparsity) -> None:
-        self.sparsity = sparsity
-
-    def target(self, block: int, name: str) -> Sparsity:
-        return self.sparsity
+    """Every Linear gets the same target (``sparsity.allocator=uniform``)."""
 
 
 class PerBlockPlan(SparsityPlan):
-    """A given unstructured ratio per decoder block (``sparsity.per_block=[...]``)."""
+    """A given unstructured ratio per decoder block (``sparsity.per_block=[r_0, r_1, ...]``)."""
 
-    def __init__(self, ratios: Sequence[float]) -> None:
-        self.targets = [Sparsity(float(r)) for r in ratios]
+    def __init__(self, sparsity: Sparsity, per_block: list[float] | None = None) -> None:
+        super().__init__(sparsity)
+        if not per_block:
+            raise ValueError(
+                f"sparsity.per_block={per_block!r}: give one ratio per decoder block, e.g. "
+                "sparsity.per_block=[0.4,0.5,0.6]."
+            )
+        if sparsity.structured:
+            raise ValueError(
+                f"sparsity.per_block with N:M {sparsity.label}: a per-block schedule is for "
+                "unstructured sparsity only; set sparsity=unstructured."
+            )
+        for i, ratio in enumerate(per_block):
+            if not 0.0 <= ratio < 1.0:
+                raise ValueError(f"sparsity.per_block[{i}]={ratio}: each ratio must lie in [0, 1).")
+        self.targets = [Sparsity(float(r)) for r in per_block]
 
-    def prepare(self, model: nn.Module, windows: Tensor | None, context: RunContext) -> None:
-        self.check_blocks(len(decoder_layers(model)))
-
-    def check_blocks(self, count: int) -> None:
-        """Raise ValueError unless there is one ratio per decoder block."""
+    def check_model(self, model: nn.Module) -> None:
+        count = len(decoder_layers(model))
         if len(self.targets) != count:
             raise ValueError(
                 f"sparsity.per_block has {len(self.targets)} ratios, but the model has {count} "
                 "decoder blocks: give one ratio per block."
             )
-
-    def target(self, block: int, name: str) -> Sparsity:
-        return self.targets[block]
-
-    def block_targets(self) -> list[float]:
-        return [t.ratio for t in self.targets]
-
-
-def as_plan(plan: SparsityPlan | Sparsity) -> SparsityPlan:
-    """A plan from a plan or a single target (uniform)."""
-    return plan if isinstance(plan, SparsityPlan) else UniformPlan(plan)

@@ -1,26 +1,34 @@
-"""The registry of methods is the config-group folder ``conf/method/``.
+"""The registries of plug-ins are config-group folders: ``conf/method/`` and ``conf/sparsity/``.
 
 Each ``conf/method/<name>.yaml`` names its class (``_target_``, null for the dense baseline), an
 ``order`` (where the method stands in tables: baselines first) and the method's options, which
-are the keyword arguments of the class. Nothing else in the code lists method names.
+are the keyword arguments of the class. Each ``conf/sparsity/<file>.yaml`` that names a
+``_target_`` is a sparsity allocator, registered under its ``allocator`` key (``uniform``,
+``owl``, ...); the other files of that folder are patterns (``nm_2_4``) that any allocator takes.
+An allocator's options are the keyword arguments of its class after the target ``sparsity``.
+Nothing else in the code lists method or allocator names.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 from gblm.paths import PROJECT_ROOT
 
 METHOD_DIR = PROJECT_ROOT / "conf" / "method"
+SPARSITY_DIR = PROJECT_ROOT / "conf" / "sparsity"
 #: Keys of a method file that describe the entry, not the class's options.
 ENTRY_KEYS = ("name", "_target_", "order")
+#: Keys of a sparsity node that every allocator shares: its name, its class and the target.
+SPARSITY_KEYS = ("allocator", "_target_", "ratio", "n", "m")
 
 
 @dataclass(frozen=True)
 class MethodEntry:
-    """One method of the registry."""
+    """One plug-in of a registry: a method or a sparsity allocator."""
 
     name: str
     target: str | None  # dotted class path; None: no pruning (the dense baseline)
@@ -28,13 +36,17 @@ class MethodEntry:
     options: dict[str, Any] = field(default_factory=dict)  # the file's defaults of the options
 
 
-@functools.lru_cache(maxsize=1)
-def _entries() -> tuple[MethodEntry, ...]:
+def _read(path) -> dict[str, Any]:
     import yaml
 
+    return yaml.safe_load(path.read_text()) or {}
+
+
+@functools.lru_cache(maxsize=1)
+def _entries() -> tuple[MethodEntry, ...]:
     entries = []
     for path in sorted(METHOD_DIR.glob("*.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _read(path)
         entries.append(
             MethodEntry(
                 name=path.stem,
@@ -44,6 +56,22 @@ def _entries() -> tuple[MethodEntry, ...]:
             )
         )
     return tuple(sorted(entries, key=lambda e: (e.order, e.name)))
+
+
+@functools.lru_cache(maxsize=1)
+def allocator_entries() -> tuple[MethodEntry, ...]:
+    """The sparsity allocators: the files of ``conf/sparsity/`` with a ``_target_``, by name."""
+    entries = []
+    for path in sorted(SPARSITY_DIR.glob("*.yaml")):
+        data = _read(path)
+        if data.get("_target_"):
+            options = {k: v for k, v in data.items() if k not in SPARSITY_KEYS}
+            entries.append(MethodEntry(data["allocator"], data["_target_"], 0, options))
+    return tuple(sorted(entries, key=lambda e: e.name))
+
+
+def allocator_names() -> tuple[str, ...]:
+    return tuple(e.name for e in allocator_entries())
 
 
 def method_names() -> tuple[str, ...]:
@@ -65,6 +93,33 @@ def method_order(name: str) -> tuple[int, str]:
     return (names.index(name), name) if name in names else (len(names), name)
 
 
+def options_of(target: str, skip: tuple[str, ...] = ()) -> dict[str, inspect.Parameter]:
+    """The keyword arguments of the class ``target`` (less ``skip``), by name, in order."""
+    from hydra.utils import get_class
+
+    parameters = inspect.signature(get_class(target)).parameters
+    return {name: p for name, p in parameters.items() if name not in ("self", *skip)}
+
+
+def _construct(key: str, what: str, target: str, options: dict[str, Any], *args: Any):
+    """``target(*args, **options)``; an unknown option or a refused value is a ConfigError."""
+    from hydra.utils import get_class
+
+    from gblm.errors import ConfigError
+
+    allowed = list(options_of(target, skip=("sparsity",) if args else ()))
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"{key}.{unknown[0]} is not an option of {what}: its options are "
+            f"{', '.join(allowed) or 'none'}."
+        )
+    try:
+        return get_class(target)(*args, **options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{what}: {err}") from err
+
+
 def build_method(name: str, target: str | None = None, **options: Any):
     """The method ``name`` with its registered defaults updated by ``options``; None for dense.
 
@@ -76,10 +131,6 @@ def build_method(name: str, target: str | None = None, **options: Any):
     Raises:
         ConfigError: unknown method or option, or a value the class refuses.
     """
-    import inspect
-
-    from hydra.utils import get_class
-
     from gblm.errors import ConfigError
 
     try:
@@ -91,15 +142,22 @@ def build_method(name: str, target: str | None = None, **options: Any):
     target = target or entry.target
     if target is None:
         return None
-    cls = get_class(target)
-    allowed = [p for p in inspect.signature(cls).parameters if p != "self"]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
+    return _construct("method", f"method={name}", target, {**entry.options, **options})
+
+
+def build_allocator(name: str, sparsity: Any, **options: Any):
+    """The sparsity plan of allocator ``name`` for the target ``sparsity`` (a ``Sparsity``).
+
+    Raises:
+        ConfigError: unknown allocator or option, or a value the class refuses.
+    """
+    from gblm.errors import ConfigError
+
+    entry = next((e for e in allocator_entries() if e.name == name), None)
+    if entry is None:
         raise ConfigError(
-            f"method.{unknown[0]} is not an option of method={name}: its options are "
-            f"{', '.join(allowed) or 'none'}."
+            f"sparsity.allocator={name!r} is not allowed: choose one of "
+            f"{', '.join(allocator_names())}."
         )
-    try:
-        return cls(**{**entry.options, **options})
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"method={name}: {err}") from err
+    options = {**entry.options, **options}
+    return _construct("sparsity", f"sparsity.allocator={name}", entry.target, options, sparsity)

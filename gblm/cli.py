@@ -1,0 +1,135 @@
+"""``python -m gblm``: a command line whose config does not compose is refused in one paragraph.
+
+Hydra's own message for a bad override is a stack of its internals; before Hydra starts, the
+command line is composed once here and a failure becomes the standard refusal (the key, the
+allowed values, exit status 2). Then :func:`gblm.run.main` runs.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from omegaconf import OmegaConf
+
+from gblm.methods.registry import ENTRY_KEYS
+from gblm.paths import PROJECT_ROOT
+
+_HYDRA_FLAGS = ("--multirun", "-m", "--help", "-h", "--hydra-help", "--cfg", "-c", "--info",
+                "-i", "--shell-completion", "-sc", "--config-path", "-cp", "--config-name",
+                "-cn", "--config-dir", "-cd", "--resolve", "-p", "--package", "--run", "-r",
+                "--experimental-rerun", "--version")  # fmt: skip
+
+
+_TYPE_HINTS = (
+    ("converted to Integer", "must be an integer"),
+    ("converted to Float", "must be a number"),
+    ("not a valid bool", "must be true or false"),
+    ("is not Optional", "must not be null"),
+)
+
+
+def _override_value(overrides: list[str], key: str) -> str | None:
+    """The value the command line gives ``key`` (the last override of it, as Hydra applies)."""
+    for item in reversed(overrides):
+        name, _, value = item.partition("=")
+        if name.lstrip("+~") == key:
+            return value
+    return None
+
+
+def _keys_of(node_key: str, overrides: list[str], dropped: str) -> list[str]:
+    """The keys of the node ``node_key`` ('' = the top level) composed without ``dropped``."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import DictConfig
+
+    rest = [o for o in overrides if o.partition("=")[0].lstrip("+~") != dropped]
+    try:
+        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=rest)
+    except Exception:  # another override is bad too: list nothing rather than fail here
+        return []
+    node = OmegaConf.select(cfg, node_key) if node_key else cfg
+    if not isinstance(node, DictConfig):
+        return []
+    return [k for k in node if not str(k).startswith("_") and k not in ENTRY_KEYS]
+
+
+def _unknown_key_message(key: str, overrides: list[str]) -> str:
+    parent = key.rpartition(".")[0]
+    keys = _keys_of(parent, overrides, key)
+    where = f"{parent}" if parent else "the top level of the config"
+    listed = f": the keys of {where} are {', '.join(map(str, keys))}" if keys else ""
+    return f"{key}: not a key of the config{listed}. Check its spelling."
+
+
+def _parse_failure(overrides: list[str]) -> str | None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for item in overrides:
+        try:
+            parser.parse_overrides([item])
+        except Exception as err:
+            reason = str(err).splitlines()[0]
+            key = item.partition("=")[0].lstrip("+~")
+            return f"{key}: the override {item!r} cannot be parsed ({reason})."
+    return None
+
+
+def composition_error_message(err: BaseException, overrides: list[str]) -> str:
+    """One paragraph for an override that does not compose, naming the key and what is allowed."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    text = str(err)
+    missing = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    if isinstance(err, MissingConfigException) and missing:
+        group, option = missing.groups()
+        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
+        allowed = f": choose one of {', '.join(options)}" if options else ""
+        return f"{group}={option} is not an option of {group}{allowed}."
+    cause = err.__cause__
+    key = getattr(cause, "full_key", None) if cause is not None else None
+    if key and isinstance(cause, ConfigAttributeError | ConfigKeyError):
+        return _unknown_key_message(str(key), overrides)
+    if key:
+        reason = str(getattr(cause, "msg", cause)).splitlines()[0]
+        hint = next((h for needle, h in _TYPE_HINTS if needle in reason), reason)
+        return f"{key}={_override_value(overrides, str(key))}: {hint} ({reason})."
+    parsed = _parse_failure(overrides)
+    return parsed or " ".join(text.split())
+
+
+def composition_problem(argv: list[str]) -> str | None:
+    """The paragraph for a command line whose config does not compose, or None.
+
+    Only plain runs are checked here (a multirun's jobs are checked by the sweep preflight, and
+    Hydra's own flags are left to Hydra); ``hydra.*`` overrides are left out of the check.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    import gblm.config  # noqa: F401  (the schema in Hydra's ConfigStore)
+
+    if any(arg.split("=", 1)[0] in _HYDRA_FLAGS for arg in argv):
+        return None
+    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra")]
+    try:
+        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+            compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        return composition_error_message(err, overrides)
+    return None
+
+
+def cli() -> None:
+    """``python -m gblm``: a config that does not compose is one paragraph and exit 2; then Hydra."""
+    problem = composition_problem(sys.argv[1:])
+    if problem is not None:
+        print(f"gblm: configuration error: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    from gblm.run import main
+
+    main()

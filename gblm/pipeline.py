@@ -1,0 +1,398 @@
+"""One pruning run, stage by stage: the path that ``python -m gblm``, ``gblm.prune`` and the
+benchmarks share.
+
+    inputs          checks that need no weights, the texts and the tokenizer   (:func:`inputs`)
+    load model      the model in its dtype on its device                       (:func:`execute`)
+    perplexity dense
+    calibration windows                    (N, T) token ids, cached by content
+    <plan pass>     the plan's pass over the dense model (OWL's outlier ratios)   (:func:`prune`)
+    <method pass>   the method's pass over the dense model (GBLM's gradients)
+    prune           the layer walk: per block, statistics -> per Linear: score -> mask -> zero
+    mask statistics
+    perplexity pruned
+    zero-shot       lm-eval on the live model
+    save model
+
+Which of them a run needs is decided once, by :func:`planned_stages`; the progress estimate reads
+the same list. Every stage is timed under its name by a :class:`gblm.utils.StageTimer`. The
+result is a typed :class:`Result`, filled as the stages end; ``on_update`` sees it after every
+stage that adds a number, so a caller can write its record as the run goes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gblm import devices
+from gblm.config import RunConf
+from gblm.errors import ConfigError
+from gblm.methods.base import Pruner, RunContext
+from gblm.methods.plans import SparsityPlan
+from gblm.names import block_index
+from gblm.paths import cache_dir, configure_offline
+from gblm.pruning.storage import PackedMasks
+from gblm.utils import StageTimer
+
+log = logging.getLogger("gblm")
+
+PRUNE = "prune"
+#: Tokens per zero-shot item: choices x a typical context (the cloze passages are ~160 tokens).
+ZEROSHOT_TOKENS_PER_ITEM = 4 * 160
+MASK_STATISTICS = "mask statistics"
+ZEROSHOT = "zero-shot"
+
+
+def perplexity_stage(tag: str) -> str:
+    return f"perplexity {tag}"
+
+
+@dataclass
+class MaskStats:
+    """The masks' statistics (:func:`gblm.analysis.stats.model_mask_stats`)."""
+
+    per_linear: list[dict]
+    per_block: list[dict]
+    per_type: list[dict]
+    overall: dict
+
+
+@dataclass
+class Result:
+    """What a run produced; each field is filled by the stage that makes it."""
+
+    device: str = ""
+    dtype: str = ""
+    ppl: dict[str, float] = field(default_factory=dict)
+    eval_tokens: int | None = None
+    masks: PackedMasks | None = None
+    mask_stats: MaskStats | None = None
+    plan: dict[str, Any] = field(default_factory=dict)  # SparsityPlan.record()
+    sparsity_check: dict | None = None  # the zeros found in the weights
+    zeroshot: dict | None = None
+    saved_model: str | None = None
+    saved_dtype: str | None = None
+    pushed_to: str | None = None
+    push_to_hub_error: str | None = None
+    peak_memory_bytes: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def needs_calibration(method: Pruner | None, plan: SparsityPlan) -> bool:
+    """Whether the run draws calibration windows: the method or the plan runs the model."""
+    return method is not None and (method.needs_calibration or plan.needs_calibration)
+
+
+def planned_stages(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> dict[str, float]:
+    """The stages of this run that push tokens through the model, in order, each with its work
+    in forward-pass equivalents (tokens; a backward costs about two forwards).
+
+    A perplexity pass is its windows x T tokens (every window of the text: known only later,
+    weighed as 64); the walk 2 x N x T (the capture and the re-forward of every block; its
+    statistics and solves ride on them); the plan's dense walk the same; the method's dense pass
+    (GBLM's gradients) 3 x N x T; a zero-shot pass its items x choices x context tokens.
+    Loading, bookkeeping and magnitude's masking (no forward pass) weigh nothing.
+    """
+    c, p = conf.calibration, conf.eval.perplexity
+    calibration = c.nsamples * c.seqlen if needs_calibration(method, plan) else 0
+    evaluation = (p.max_windows or 64) * p.seqlen
+    stages: dict[str, float] = {}
+    if p.enabled and (p.dense or method is None):
+        stages[perplexity_stage("dense")] = evaluation
+    if method is not None:
+        for stage, passes in ((plan, 2), (method, 3)):
+            if stage.dense_pass and calibration:
+                stages[stage.dense_pass] = passes * calibration
+        if calibration:
+            stages[PRUNE] = 2 * calibration
+        if p.enabled:
+            stages[perplexity_stage("pruned")] = evaluation
+    if conf.eval.zeroshot.enabled:
+        stages[ZEROSHOT] = conf.eval.zeroshot.cloze_items * ZEROSHOT_TOKENS_PER_ITEM
+    return stages
+
+
+# Inputs: everything that needs no weights -------------------------------------------------------
+@dataclass
+class Inputs:
+    """What :func:`inputs` checked and loaded: texts by use, the tokenizer, device and dtype."""
+
+    texts: dict[str, list[str]]
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+
+
+def device_and_dtype(conf: RunConf) -> tuple[torch.device, torch.dtype]:
+    try:
+        device = devices.resolve_device(conf.device)
+        return device, devices.resolve_dtype(conf.model.dtype, device)
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def inputs(
+    conf: RunConf,
+    method: Pruner | None,
+    plan: SparsityPlan,
+    timer: StageTimer | None = None,
+    check_device: bool = True,
+) -> Inputs:
+    """Every check that needs no weights, cheapest first; raises :class:`gblm.errors.UserError`.
+
+    The model's files and config (its context length against the sequence lengths), the
+    device, the zero-shot task names, the data files, the tokenizer and whether the texts hold
+    enough tokens. A sweep's preflight runs it for every job without the device check (the
+    launching machine may lack the jobs' GPUs).
+    """
+    from gblm.data import checks
+    from gblm.data.sources import load_documents
+    from gblm.models.loading import check_model_available, load_tokenizer, max_positions
+
+    timer = timer or StageTimer()
+    c, p, z = conf.calibration, conf.eval.perplexity, conf.eval.zeroshot
+    check_model_available(conf.model)
+    device, dtype = device_and_dtype(conf) if check_device else (torch.device("cpu"), torch.float32)
+    calibrating = needs_calibration(method, plan)
+    seqlens = {"calibration.seqlen": c.seqlen} if calibrating else {}
+    seqlens.update({"eval.perplexity.seqlen": p.seqlen} if p.enabled else {})
+    checks.check_context(max_positions(conf.model), seqlens)
+    if z.enabled:
+        from gblm.eval.zeroshot import validate_task_names
+
+        try:
+            validate_task_names(z.tasks, z.include_path)
+        except ValueError as err:
+            raise ConfigError(f"eval.zeroshot.tasks: {err}") from None
+    configure_offline()
+    texts: dict[str, list[str]] = {}
+    with timer.stage("load data"):  # an unavailable dataset fails before the model loads
+        if calibrating:
+            texts["calibration"] = load_documents(c.source, c.split, c.paths)
+        if p.enabled:
+            texts["eval"] = load_documents(
+                p.dataset, p.split, p.paths, key="eval.perplexity.dataset"
+            )
+    with timer.stage("load tokenizer"):
+        tokenizer = load_tokenizer(conf.model)
+    if calibrating:
+        checks.check_calibration_text(tokenizer, texts["calibration"], c)
+    if p.enabled:
+        checks.check_eval_text(tokenizer, texts["eval"], p)
+    return Inputs(texts=texts, tokenizer=tokenizer, device=device, dtype=dtype)
+
+
+# The pruning stages, shared with the API -----------------------------------------------------------
+def prune(
+    model: nn.Module,
+    method: Pruner,
+    plan: SparsityPlan,
+    windows: Tensor | None,
+    context: RunContext,
+    timer: StageTimer,
+    offload_inputs: bool = False,
+) -> PackedMasks:
+    """The plan's and the method's passes over the dense model, then the layer walk; the masks."""
+    from gblm.calibration.sequential import prune_model
+
+    for stage in (plan, method):
+        if stage.dense_pass is None:
+            stage.prepare(model, windows, context)
+            continue
+        with timer.stage(stage.dense_pass):
+            stage.prepare(model, windows, context)
+    try:
+        with timer.stage(PRUNE):
+            return prune_model(
+                model,
+                method,
+                plan,
+                windows if method.needs_calibration else None,
+                device=context.device,
+                batch_size=context.batch_size,
+                progress=context.progress,
+                offload_inputs=offload_inputs,
+                onload=context.onload,
+            )
+    finally:
+        method.release()
+
+
+def mask_statistics(masks: PackedMasks, plan: SparsityPlan) -> MaskStats:
+    """Every mask's statistics, each Linear checked against its own target's N:M."""
+    from gblm.analysis.stats import model_mask_stats
+
+    targets = {
+        name: plan.target(block_index(name), ".".join(name.split(".")[-2:])) for name in masks
+    }
+    n_of = {name: t.n for name, t in targets.items()}
+    m = next((t.m for t in targets.values() if t.structured), 0)
+    return MaskStats(*model_mask_stats(masks, 0, m, n_of))
+
+
+# The whole run --------------------------------------------------------------------------------------
+def calibration_windows(
+    conf: RunConf, tokenizer: Any, texts: list[str], timer: StageTimer
+) -> Tensor:
+    """The (N, T) calibration windows, from the cache when the same ones were drawn before."""
+    from gblm.data import calibration as cal
+
+    c = conf.calibration
+    with timer.stage("calibration windows"):
+        key = cal.windows_cache_key(
+            tokenizer_id=cal.tokenizer_digest(tokenizer),
+            documents_sha256=cal.documents_digest(texts),
+            nsamples=c.nsamples,
+            seqlen=c.seqlen,
+            seed=c.seed,
+            sampling=c.sampling,
+            vocab_size=len(tokenizer),
+        )
+        return cal.cached_windows(
+            cache_dir(),
+            key,
+            lambda: cal.sample_windows(tokenizer, texts, c.nsamples, c.seqlen, c.seed, c.sampling),
+        )
+
+
+def execute(
+    conf: RunConf,
+    method: Pruner | None,
+    plan: SparsityPlan,
+    given: Inputs,
+    timer: StageTimer,
+    out_dir: Path,
+    on_update: Callable[[Result], Mapping[str, Any]] = lambda result: {},
+) -> Result:
+    """Load the model, then run every stage :func:`planned_stages` names; returns the result.
+
+    ``out_dir`` receives what lm-eval and the saved model write; ``on_update`` is called with the
+    result after each stage that adds to it and returns the run's record as it then stands
+    (saved with the model).
+    """
+    from gblm.models.loading import load_model, weights_fingerprint
+
+    device, dtype = given.device, given.dtype
+    result = Result(device=str(device), dtype=devices.dtype_name(dtype))
+    devices.reset_peak_memory(device)
+    torch.manual_seed(conf.seed)
+    with timer.stage("load model"):
+        model = load_model(conf.model, device, dtype, given.tokenizer)
+    log.info("model %s: %s, %.1fM parameters, %s on %s", conf.model.name, type(model).__name__,
+             sum(p.numel() for p in model.parameters()) / 1e6, result.dtype, device)  # fmt: skip
+    if method is not None:  # the method's and the plan's checks, before any evaluation
+        try:
+            method.check_model(model)
+            plan.check_model(model)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+    stages = planned_stages(conf, method, plan)
+    evaluate = _perplexity(conf, model, given, result, timer)
+    if perplexity_stage("dense") in stages:
+        evaluate("dense")
+        on_update(result)
+    if method is not None:
+        windows = None
+        if needs_calibration(method, plan):
+            windows = calibration_windows(conf, given.tokenizer, given.texts["calibration"], timer)
+        context = RunContext(
+            device=device,
+            model_dtype=dtype,
+            model_id=conf.model.model_id,
+            cache_dir=cache_dir(),
+            progress=conf.progress,
+            fingerprint=lambda: weights_fingerprint(conf.model),
+            onload=conf.model.onload,
+            batch_size=conf.batch_size,
+            method_calibrates=method.needs_calibration,
+        )
+        result.masks = prune(model, method, plan, windows, context, timer, conf.offload_inputs)
+        result.plan = plan.record()  # a plan computed from the dense model knows it only now
+        with timer.stage(MASK_STATISTICS):
+            from gblm.models.zeros import weight_zero_share
+
+            result.mask_stats = mask_statistics(result.masks, plan)
+            result.sparsity_check = weight_zero_share(model, list(result.masks))
+        if perplexity_stage("pruned") in stages:
+            evaluate("pruned")
+        on_update(result)
+    if ZEROSHOT in stages:
+        _zeroshot(conf, model, given, result, timer, out_dir)
+        on_update(result)
+    if conf.save_model:
+        _save(conf, model, given.tokenizer, result, timer, out_dir, on_update(result))
+    result.peak_memory_bytes = devices.peak_memory_bytes(device)
+    return result
+
+
+def _perplexity(conf: RunConf, model, given: Inputs, result: Result, timer: StageTimer):
+    """A function ``tag -> None`` that evaluates the model as it is then into ``result.ppl``."""
+    p = conf.eval.perplexity
+    tokens: list[Tensor] = []
+
+    def evaluate(tag: str) -> None:
+        from gblm.data.evaluation import join_and_tokenize
+        from gblm.eval.perplexity import perplexity
+
+        if not tokens:
+            with timer.stage("tokenize eval"):
+                tokens.append(join_and_tokenize(given.tokenizer, given.texts["eval"]))
+            result.eval_tokens = int(tokens[0].numel())
+        with timer.stage(perplexity_stage(tag)):
+            result.ppl[tag] = perplexity(
+                model, tokens[0], p.seqlen, device=devices.input_device(model, given.device),
+                batch_size=p.batch_size, max_windows=p.max_windows, progress=conf.progress,
+                desc=f"perplexity ({tag})",
+            )  # fmt: skip
+        log.info("perplexity %s: %.3f", tag, result.ppl[tag])
+
+    return evaluate
+
+
+def _zeroshot(conf: RunConf, model, given: Inputs, result: Result, timer, out_dir: Path) -> None:
+    """lm-eval on the live model; its results JSON (and per-item log) kept in ``out_dir``."""
+    from gblm.eval.zeroshot import zeroshot_eval
+
+    z = conf.eval.zeroshot
+    include_path = z.include_path
+    if include_path is None and "austen_cloze" in z.tasks:  # the local task, exported with data
+        from gblm.eval.cloze import ensure_austen_cloze_task, export_task
+
+        built = ensure_austen_cloze_task(cache_dir() / "tasks", n_items=z.cloze_items)
+        include_path = str(export_task(built, out_dir / "lm_eval_tasks"))
+    with timer.stage(ZEROSHOT):
+        result.zeroshot = zeroshot_eval(
+            model, given.tokenizer, z.tasks, limit=z.limit, batch_size=z.batch_size,
+            device=devices.input_device(model, given.device), include_path=include_path,
+            results_dir=out_dir, log_samples=z.log_samples,
+        )  # fmt: skip
+
+
+def _save(conf: RunConf, model, tokenizer, result: Result, timer, out_dir: Path, record) -> None:
+    """The pruned model into ``<out_dir>/model`` in ``save_dtype``; then to the hub if asked (a
+    failed push is kept in the result: the saved model and the numbers stay)."""
+    from gblm.models.saving import HubPushError, push_saved_model, save_pruned_model
+
+    if conf.save_dtype == "original":  # the checkpoint's dtype, as the loader recorded it
+        dtype = getattr(model, "gblm_source_dtype", None)
+    else:
+        dtype = devices.resolve_dtype(conf.save_dtype, torch.device("cpu"))
+    with timer.stage("save model"):
+        saved = save_pruned_model(
+            model, tokenizer, result.masks or {}, out_dir / "model", record, dtype
+        )
+    result.saved_model = str(saved)
+    result.saved_dtype = devices.dtype_name(dtype or next(model.parameters()).dtype)
+    if conf.push_to_hub:
+        try:
+            with timer.stage("push to hub"):
+                result.pushed_to = push_saved_model(saved, conf.push_to_hub)
+        except HubPushError as err:
+            log.warning("%s", err)
+            result.push_to_hub_error = str(err)

@@ -1,0 +1,203 @@
+"""The run record: ``metrics.json`` and its companion files, written from the pipeline's result.
+
+``metrics.json`` starts as the run's identity (method, target, calibration) with ``"status":
+"running"`` and grows as the stages end (:func:`update`); the mask statistics go to
+``mask_stats.csv`` and ``mask_stats_blocks.json``, a few masks to PNGs (optional: a failure is a
+warning in the record). Everything here is written locally and atomically; the remote logger
+(:func:`remote_logger`) only ever sees what is already on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+
+from gblm.config import RunConf
+from gblm.loggers.base import NullLogger
+from gblm.pipeline import Result
+
+log = logging.getLogger("gblm")
+
+RECORD_FILES = ("metrics.json", "config_resolved.json", "mask_stats.csv",
+                "mask_stats_blocks.json", "lm_eval_results.json")  # fmt: skip
+
+
+def _sweep() -> Any:
+    """Hydra's config when this run is a job of a multirun, else None."""
+    if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
+        return HydraConfig.get()
+    return None
+
+
+def run_name(conf: RunConf) -> str:
+    """``method_sparsity_model``, and in a sweep the job's other overrides (the swept values:
+    ``gblm_0.5_llama_7b_calibration.nsamples=32``), so ablation points have their own names."""
+    target = conf.sparsity.target()
+    name = f"{conf.method_name}_{target.label}_{conf.model.name}".replace(":", "of")
+    hydra = _sweep()
+    if hydra is not None:
+        shown = ("method=", "sparsity=", "sparsity.ratio=", "model=")
+        extra = [o for o in hydra.job.override_dirname.split(",") if o and not o.startswith(shown)]
+        name += "_" + ",".join(extra) if extra else ""
+    return name
+
+
+def method_label(conf: RunConf, method, plan) -> str:
+    """The method as the report's tables name it: ``dsnot(wanda)``, ``wanda+owl``, ``gblm``."""
+    label = (method.label if method is not None else None) or conf.method_name
+    return label + (f"+{plan.label}" if method is not None and plan.label else "")
+
+
+def initial(conf: RunConf, method, plan, digest: str, process: dict) -> dict[str, Any]:
+    """The record of a run that starts: who runs what, to which target, on which data."""
+    target, c = conf.sparsity.target(), conf.calibration
+    return {
+        "status": "running",
+        "config_hash": digest,
+        "process": process,
+        "run_name": run_name(conf),
+        "method": conf.method_name,
+        "method_label": method_label(conf, method, plan),
+        "method_settings": {
+            k: v for k, v in conf.method.items() if k not in ("name", "_target_", "order")
+        },
+        "model": conf.model.name,
+        "sparsity": {
+            "ratio": target.ratio,
+            "n": target.n,
+            "m": target.m,
+            "label": target.label,
+            **plan.record(),
+        },  # fmt: skip
+        "calibration": {
+            "source": c.source,
+            "nsamples": c.nsamples,
+            "seqlen": c.seqlen,
+            "seed": c.seed,
+        },
+        "ppl": {},
+        "timings": {},
+    }
+
+
+def update(metrics: dict[str, Any], result: Result, conf: RunConf, run_dir: Path) -> dict:
+    """``metrics`` with what ``result`` holds now; the mask statistics' files written once."""
+    from gblm.analysis.records import write_mask_stats_blocks, write_mask_stats_csv
+
+    metrics.update(device=result.device, dtype=result.dtype, ppl=dict(result.ppl))
+    metrics["sparsity"].update(result.plan)
+    optional = ("eval_tokens", "sparsity_check", "zeroshot", "saved_model", "saved_dtype",
+                "pushed_to", "push_to_hub_error", "peak_memory_bytes")  # fmt: skip
+    metrics.update({k: getattr(result, k) for k in optional if getattr(result, k) is not None})
+    stats = result.mask_stats
+    if stats is not None and "mask_stats" not in metrics:
+        write_mask_stats_csv(stats.per_linear, run_dir / "mask_stats.csv")
+        write_mask_stats_blocks(stats.per_block, stats.per_type, run_dir / "mask_stats_blocks.json")
+        metrics["mask_stats"] = stats.overall
+        _mask_images(conf, result, metrics, run_dir)
+    return metrics
+
+
+def _mask_images(conf: RunConf, result: Result, metrics: dict, run_dir: Path) -> None:
+    """PNGs of the masks of ``mask_images``: optional, so a failure is a warning in the record."""
+    from gblm.analysis.plots import save_mask_images
+
+    wanted = [n for n in conf.mask_images if n in result.masks]
+    if not wanted:
+        return
+    try:
+        paths = save_mask_images(result.masks, wanted, run_dir / "masks")
+        metrics["mask_images"] = [str(p) for p in paths]
+    except Exception as err:  # pictures are optional: a full disk costs them, not the run
+        message = f"mask images not written: {type(err).__name__}: {err}"
+        log.warning("%s; the run goes on", message)
+        metrics.setdefault("warnings", []).append(message)
+
+
+def flat(metrics: dict) -> dict:
+    """The record's numbers as flat ``group/key`` names, for dashboards."""
+    out: dict[str, Any] = {}
+    for key in ("ppl", "timings", "mask_stats", "zeroshot"):
+        for k, v in (metrics.get(key) or {}).items():
+            if isinstance(v, int | float):
+                out[f"{key}/{k}"] = v
+            elif isinstance(v, dict):
+                out.update({f"{key}/{k}/{kk}": vv for kk, vv in v.items() if isinstance(vv, int | float)})  # fmt: skip
+    out["sparsity/ratio"] = metrics["sparsity"]["ratio"]
+    if "sparsity_check" in metrics:
+        out["sparsity/achieved"] = metrics["sparsity_check"].get("overall")
+    if "peak_memory_bytes" in metrics:
+        out["peak_memory_gb"] = metrics["peak_memory_bytes"] / 2**30
+    return out
+
+
+def remote_logger(conf: RunConf, run_dir: Path):
+    """The W&B logger of ``logger=wandb`` (a :class:`NullLogger` otherwise)."""
+    if conf.logger.name != "wandb":
+        return NullLogger()
+    from gblm.loggers.wandb import WandbLogger
+
+    w, hydra = conf.logger, _sweep()
+    group = w.group or (Path(hydra.sweep.dir).name if hydra is not None else None)
+    tags = (conf.method_name, f"sparsity={conf.sparsity.target().label}", conf.model.name, *w.tags)
+    return WandbLogger(
+        project=w.project,
+        entity=w.entity,
+        group=group or f"single-{conf.model.name}",  # single runs of a model side by side
+        tags=tuple(dict.fromkeys(tags)),
+        name=w.run_name or run_name(conf),
+        job_type=conf.method_name,
+        mode=w.mode,
+        dir=str(run_dir),
+    )
+
+
+def live_view(remote, metrics: dict):
+    """A stage listener: each stage's start and end to the remote logger as it happens, and the
+    perplexities as soon as they exist (the dense one long before the run ends)."""
+    sent: set[str] = set()
+
+    def tell(event: str, stage: str, seconds: float | None, done: int) -> None:
+        remote.log_stage(event, stage, seconds, done)
+        new = {k: v for k, v in metrics.get("ppl", {}).items() if k not in sent}
+        if new:
+            remote.log_metrics({"ppl": new})
+            sent.update(new)
+
+    return tell
+
+
+def publish(remote, metrics: dict, run_dir: Path) -> None:
+    """A finished run's record to the remote logger: numbers, the mask table, pictures, files."""
+    from gblm.analysis.records import read_mask_stats_csv
+
+    remote.log_metrics(flat(metrics))
+    masks = sorted((run_dir / "masks").glob("*.png")) if (run_dir / "masks").is_dir() else []
+
+    def tables_and_images() -> None:
+        if (run_dir / "mask_stats.csv").exists():
+            remote.log_table("mask_stats", read_mask_stats_csv(run_dir / "mask_stats.csv"))
+        if masks:
+            remote.log_images("masks", masks)
+
+    remote.call("log tables and images", tables_and_images)
+    files = [run_dir / n for n in RECORD_FILES] + masks
+    remote.log_artifact(
+        f"run-{run_dir.name}", "run-record", files + sorted(run_dir.glob("lm_eval_samples_*.jsonl"))
+    )
+
+
+def summary_line(metrics: dict) -> str:
+    """The line a finished run prints: what ran, the perplexities, the sparsity, the time."""
+    ppl = metrics.get("ppl", {})
+    parts = [f"{metrics['method']} {metrics['sparsity']['label']} on {metrics['model']}"]
+    parts += [f"{tag} ppl {ppl[tag]:.2f}" for tag in ("dense", "pruned") if tag in ppl]
+    if "sparsity_check" in metrics:
+        parts.append(f"sparsity {metrics['sparsity_check']['overall']:.4f}")
+    if "zeroshot" in metrics:
+        parts.append(f"zero-shot mean acc {metrics['zeroshot'].get('mean_acc', float('nan')):.4f}")
+    parts.append(f"{metrics['timings'].get('total', 0):.0f} s")
+    return "gblm: " + " | ".join(parts)
