@@ -142,18 +142,30 @@ class _SparsityBase:
             ) from None
 
     def options(self) -> dict[str, Any]:
-        """The chosen allocator's options (the others' keys are not its business)."""
+        """The chosen allocator's options.
+
+        Another allocator's option set away from its default is refused where it has no default
+        (it is that allocator's own input, e.g. ``per_block``), and otherwise warned about and
+        ignored, so that a sweep over allocators can share a tuning option (``lmbda``).
+        """
         choice("sparsity.allocator", self.allocator, registry.allocator_names())
         entries = {e.name: e for e in registry.allocator_entries()}
         mine = registry.options_of(entries[self.allocator].target, ("sparsity",))
         for entry in entries.values():
             for name, param in registry.options_of(entry.target, ("sparsity",)).items():
                 value, default = getattr(self, name), entry.options.get(name, param.default)
-                if name not in mine and value != default:
-                    log.warning(
-                        "sparsity.%s=%r is an option of sparsity.allocator=%s, not of %s: ignored",
-                        name, value, entry.name, self.allocator,
-                    )  # fmt: skip
+                if name in mine or value == default:
+                    continue
+                if param.default is inspect.Parameter.empty or param.default is None:
+                    raise ConfigError(
+                        f"sparsity.{name} is an option of sparsity.allocator={entry.name}, not of "
+                        f"{self.allocator}: add sparsity={entry.name} (or sparsity.allocator="
+                        f"{entry.name})."
+                    )
+                log.warning(
+                    "sparsity.%s=%r is an option of sparsity.allocator=%s, not of %s: ignored",
+                    name, value, entry.name, self.allocator,
+                )  # fmt: skip
         return {k: getattr(self, k) for k in mine}
 
 
@@ -297,6 +309,7 @@ class RunConf:
         self.eval.zeroshot.check()
         self.logger.check()
         self.sparsity.target()
+        choice("sparsity.allocator", self.sparsity.allocator, registry.allocator_names())
         choice("method.name", self.method.get("name"), registry.method_names())
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(

@@ -214,9 +214,9 @@ def _validate_jobs(
     Returns the distinct models seen, ``key -> (job index, ModelSpec)``, and the distinct job
     inputs (for the run's own preflight), ``key -> (job index, RunSettings)``.
     """
-    from gblm.config import to_plain, validate
+    from gblm.config import build_method, build_plan, to_plain, validate
     from gblm.loggers.local import read_metrics
-    from gblm.run import build_method, config_hash, run_dir_refusal
+    from gblm.run import config_hash, run_dir_refusal
 
     sweep_dir = sweep_dir_of(master)
     models: dict[tuple, tuple[int, Any]] = {}
@@ -225,7 +225,7 @@ def _validate_jobs(
         try:
             container = to_plain(task_config(compose_job(master, jobs[i], i)))
             settings = validate(container)
-            build_method(settings)
+            build_method(settings), build_plan(settings)
             job_dir = sweep_dir / subdirs[i]
             reason = run_dir_refusal(
                 settings, job_dir, read_metrics(job_dir), config_hash(container), container
@@ -244,8 +244,8 @@ def _validate_jobs(
 
 def _inputs_key(settings) -> tuple[str, ...]:
     """What the run's own preflight checks beyond the model: data, lengths, method, tasks."""
-    parts = (settings.calibration, settings.perplexity, settings.zeroshot, settings.method_name)
-    return tuple(repr(p) for p in parts) + (repr(settings.sparsity_per_block),)
+    parts = (settings.calibration, settings.eval, settings.method_name, settings.sparsity)
+    return tuple(repr(p) for p in parts)
 
 
 def _check_inputs(jobs: list[tuple[int, Any]]) -> list[str]:
@@ -253,14 +253,13 @@ def _check_inputs(jobs: list[tuple[int, Any]]) -> list[str]:
 
     The device is not checked: the launching machine may have no GPU that the jobs will have.
     """
-    from gblm.run import build_method, build_plan
-    from gblm.run import preflight as run_preflight
+    from gblm.config import build_method, build_plan
+    from gblm.pipeline import inputs
 
     errors = []
     for i, settings in jobs:
         try:
-            method = build_method(settings)
-            run_preflight(settings, method, build_plan(settings, method), check_device=False)
+            inputs(settings, build_method(settings), build_plan(settings), check_device=False)
         except Exception as err:  # report every job's reason, then stop
             errors.append(f"job #{i}: {type(err).__name__}: {' '.join(str(err).split())}")
     return errors

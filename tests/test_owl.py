@@ -175,14 +175,16 @@ def test_run_records_owl_targets(tmp_path) -> None:
 
 
 def test_config_checks_the_allocator() -> None:
-    from gblm.config import ConfigError, to_plain, validate
+    from gblm.config import ConfigError, build_plan, to_plain, validate
+    from gblm.methods.owl import OWLPlan
     from tests.conftest import compose_config
 
     s = validate(to_plain(compose_config("sparsity=owl", "sparsity.lmbda=0.1")))
-    assert (s.allocator.name, s.allocator.lmbda, s.allocator.outlier_m) == ("owl", 0.1, 5.0)
-    for bad in ("sparsity.allocator=fancy", "sparsity.per_block=[0.5,0.5]", "sparsity.lmbda=-1"):
+    plan = build_plan(s)
+    assert isinstance(plan, OWLPlan) and (plan.lmbda, plan.outlier_m, plan.clamp) == (0.1, 5.0, None)
+    for bad in ("sparsity.allocator=fancy", "sparsity.lmbda=-1", "sparsity.outlier_m=0"):
         with pytest.raises(ConfigError, match="sparsity"):
-            validate(to_plain(compose_config("sparsity=owl", bad)))
+            build_plan(validate(to_plain(compose_config("sparsity=owl", bad))))
 
 
 def test_report_orders_labels_by_their_registered_method() -> None:

@@ -236,14 +236,14 @@ class _BrokenLogger:
 
 @pytest.mark.parametrize("broken", ["calls", "setup"])
 def test_a_failing_remote_logger_is_a_warning(tmp_path, monkeypatch, broken, caplog):
-    import gblm.run
+    import gblm.record
 
     def make(s, run_dir):
         if broken == "setup":
             raise RuntimeError("remote setup is down")
         return _BrokenLogger()
 
-    monkeypatch.setattr(gblm.run, "_make_remote_logger", make)
+    monkeypatch.setattr(gblm.record, "remote_logger", make)
     metrics = run(compose_config(*SMALL), run_dir=tmp_path)
     assert metrics["status"] == _metrics(tmp_path)["status"] == "finished"
     assert _metrics(tmp_path)["ppl"]["pruned"] > 1

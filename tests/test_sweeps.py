@@ -126,12 +126,12 @@ def _with_task_overrides(cfg: DictConfig, extra: list[str]) -> DictConfig:
 def test_paper_protocol_settings():
     s = validate(to_plain(compose_config("experiment=paper_main_llama1")))
     assert (s.calibration.source, s.calibration.nsamples, s.calibration.seqlen) == ("c4", 128, 2048)
-    assert (s.perplexity.dataset, s.perplexity.seqlen, s.perplexity.max_windows) == (
+    assert (s.eval.perplexity.dataset, s.eval.perplexity.seqlen, s.eval.perplexity.max_windows) == (
         "wikitext2",
         2048,
         None,
     )
-    assert (s.method_kwargs["norm"], s.method_kwargs["scale"]) == ("l1", 100.0)
+    assert (s.method["norm"], s.method["scale"]) == ("l1", 100.0)
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,6 @@ def test_every_grid_point_is_a_valid_gblm_run():
     for command in commands:
         assert command[1:4] == ["python", "-m", "gblm"]
         settings = validate(to_plain(compose_config(*command[4:])))
-        assert settings.logger == "wandb" and settings.method_name in ("wanda", "gblm")
+        assert settings.logger.name == "wandb" and settings.method_name in ("wanda", "gblm")
     point = commands[-1][4:]
     assert "method=gblm" in point and "sparsity.ratio=0.6" in point
