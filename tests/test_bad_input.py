@@ -62,7 +62,12 @@ CASES = [
     ("ratio_too_big", ["sparsity.ratio=1.5"], ["sparsity.ratio=1.5", "[0, 1)"], "run"),
     ("ratio_negative", ["sparsity.ratio=-0.1"], ["sparsity.ratio", "[0, 1)"], "run"),
     ("nm_ratio", ["sparsity=nm_2_4", "sparsity.ratio=0.7"], ["sparsity.ratio", "N/M"], "run"),
-    ("per_block", ["sparsity=per_block", "sparsity.per_block=[0.5,1.0]"], ["sparsity.per_block[1]"], "run"),
+    (
+        "per_block",
+        ["sparsity=per_block", "sparsity.per_block=[0.5,1.0]"],
+        ["sparsity.per_block[1]"],
+        "run",
+    ),
     ("per_block_uniform", ["sparsity.per_block=[0.5,0.5]"], ["sparsity=per_block"], "run"),
     ("nsamples_zero", ["calibration.nsamples=0"], ["calibration.nsamples=0", ">= 1"], "run"),
     ("seqlen_one", ["calibration.seqlen=1"], ["calibration.seqlen=1", ">= 2"], "run"),

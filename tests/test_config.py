@@ -45,7 +45,9 @@ def test_experiment_demo_is_small():
     s = _settings("experiment=demo")
     assert (s.method_name, s.calibration.nsamples, s.calibration.seqlen) == ("gblm", 32, 256)
     assert (
-        s.eval.perplexity.seqlen == 256 and s.eval.zeroshot.enabled and s.eval.zeroshot.tasks == ["austen_cloze"]
+        s.eval.perplexity.seqlen == 256
+        and s.eval.zeroshot.enabled
+        and s.eval.zeroshot.tasks == ["austen_cloze"]
     )
 
 
@@ -78,8 +80,10 @@ def test_unknown_group_option_lists_the_allowed_ones():
         (["sparsity=per_block", "sparsity.per_block=[0.5,1.0]"], "sparsity.per_block[1]=1.0"),
         (["sparsity=per_block", "sparsity.per_block=[-0.1]"], "[0, 1)"),
         (["sparsity=per_block", "sparsity.per_block=[]"], "sparsity.per_block=[]"),
-        (["sparsity=per_block", "sparsity.n=2", "sparsity.m=4", "sparsity.per_block=[0.5,0.5]"],
-         "sparsity.per_block with N:M 2:4"),  # fmt: skip
+        (
+            ["sparsity=per_block", "sparsity.n=2", "sparsity.m=4", "sparsity.per_block=[0.5,0.5]"],
+            "sparsity.per_block with N:M 2:4",
+        ),  # fmt: skip
         (["method=wanda", "sparsity=per_block", "sparsity.per_block=[0,0]"], "method=dense"),
         (["sparsity.allocator=fancy"], "sparsity.allocator='fancy' is not allowed: choose one of"),
     ],
@@ -149,7 +153,9 @@ def test_per_block_schedule_reaches_the_plan():
     s = _settings("method=wanda", "sparsity=per_block", "sparsity.per_block=[0.25,0.5]")
     assert s.sparsity.per_block == [0.25, 0.5] and s.sparsity.ratio == 0.5
     assert build_plan(s).block_targets() == [0.25, 0.5]
-    assert _settings().sparsity.per_block is None and build_plan(_settings()).block_targets() is None
+    assert (
+        _settings().sparsity.per_block is None and build_plan(_settings()).block_targets() is None
+    )
 
 
 def test_method_options_are_the_method_class_keywords():

@@ -181,7 +181,11 @@ def test_config_checks_the_allocator() -> None:
 
     s = validate(to_plain(compose_config("sparsity=owl", "sparsity.lmbda=0.1")))
     plan = build_plan(s)
-    assert isinstance(plan, OWLPlan) and (plan.lmbda, plan.outlier_m, plan.clamp) == (0.1, 5.0, None)
+    assert isinstance(plan, OWLPlan) and (plan.lmbda, plan.outlier_m, plan.clamp) == (
+        0.1,
+        5.0,
+        None,
+    )
     for bad in ("sparsity.allocator=fancy", "sparsity.lmbda=-1", "sparsity.outlier_m=0"):
         with pytest.raises(ConfigError, match="sparsity"):
             build_plan(validate(to_plain(compose_config("sparsity=owl", bad))))

@@ -80,7 +80,9 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_saved_folder(tmp_path, mon
                 )
             )
 
-    monkeypatch.setattr("gblm.pipeline.configure_offline", lambda: None)  # as on a networked machine
+    monkeypatch.setattr(
+        "gblm.pipeline.configure_offline", lambda: None
+    )  # as on a networked machine
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     metrics = run(
