@@ -326,10 +326,6 @@ def _checkpoint_dtype(spec: ModelSpec, loaded: torch.dtype) -> torch.dtype:
     return stored if isinstance(stored, torch.dtype) else loaded
 
 
-def model_seqlen_limit(model) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
-
-
 def _finite_flag(tensor: torch.Tensor) -> torch.Tensor:
     """0-d bool on the tensor's device: every entry finite (in slices, to bound the temporary)."""
     flat = tensor.detach().reshape(-1)
