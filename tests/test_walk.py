@@ -299,7 +299,12 @@ def test_each_linear_gets_the_target_of_its_plan() -> None:
     recorder = _Recorder(WandaPruner(), model)
     ratios = [0.25, 0.75]
     masks = prune_model(
-        model, recorder, PerBlockPlan(ratios), _windows(), device="cpu", progress=False
+        model,
+        recorder,
+        PerBlockPlan(Sparsity(0.5), ratios),
+        _windows(),
+        device="cpu",
+        progress=False,
     )
     for name, mask in masks.items():
         block = int(name.split(".")[2])
@@ -314,7 +319,9 @@ def test_a_plan_may_give_each_linear_its_own_target() -> None:
             return Sparsity(0.25) if name.endswith("q_proj") else Sparsity(0.5, 2, 4)
 
     model = _model()
-    masks = prune_model(model, MagnitudePruner(), ByType(), device="cpu", progress=False)
+    masks = prune_model(
+        model, MagnitudePruner(), ByType(Sparsity(0.5)), device="cpu", progress=False
+    )
     for name, mask in masks.items():
         if name.endswith("q_proj"):
             assert mask.sum().item() == int(mask.numel() * 0.25) + 1  # magnitude's '<=' rule
