@@ -48,8 +48,8 @@ SUMMARY_FILE = "sweep_summary.json"
 JOB_STATUS_FILE = "job_status.json"
 METRICS_FILE = "metrics.json"
 # finished: ran to the end in this launch (or in an earlier one, when not relaunched since);
-# skipped: found finished with the same config, not redone; failed: raised; running: its process is
-# alive (or its heartbeat is fresh); incomplete: a job dir whose run ended without a result
+# skipped: found finished with the same config, not redone; failed: raised; running: its process
+# holds the run lock; incomplete: a job dir whose run ended without a result
 # (interrupted by a signal, or killed: "running" with no live process) or never started one;
 # pending: no job dir yet.
 STATUSES = ("finished", "skipped", "failed", "running", "incomplete", "pending")
@@ -385,13 +385,13 @@ def _job_entry(
 
 def _status_from_metrics(job_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     """A job's status from its ``metrics.json`` alone (no record of this launch)."""
-    from gblm.loggers.local import owner_alive
+    from gblm.loggers.local import run_alive
 
     status = metrics.get("status")
     if status in ("finished", "failed"):
         return {"status": status}
     if status == "running":
-        if owner_alive(job_dir, metrics):
+        if run_alive(job_dir):
             return {"status": "running"}
         owner = metrics.get("process") or {}
         gone = f"killed: process {owner.get('pid')} on {owner.get('host')} is gone"
