@@ -108,20 +108,13 @@ def job_dirs(master: DictConfig, jobs: Sequence[Sequence[str]]) -> list[str]:
     return dirs
 
 
-def compose_job(master: DictConfig, overrides: Sequence[str], num: int) -> DictConfig:
-    """A job's full config (with ``hydra``), composed as the launcher composes it."""
+def job_config(master: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """The config a job's task function receives (no ``hydra`` node), composed as the launcher
+    composes it."""
     cfg = GlobalHydra.instance().config_loader().load_sweep_config(master, list(overrides))
-    with open_dict(cfg.hydra.job):
-        cfg.hydra.job.num = num
+    with read_write(cfg), open_dict(cfg):
+        cfg.pop("hydra")
     return cfg
-
-
-def task_config(cfg: DictConfig) -> DictConfig:
-    """The config the task function receives: the job config without its ``hydra`` node."""
-    task = cfg.copy()
-    with read_write(task), open_dict(task):
-        task.pop("hydra", None)
-    return task
 
 
 def sweep_dir_of(config: DictConfig) -> Path:
@@ -131,8 +124,11 @@ def sweep_dir_of(config: DictConfig) -> Path:
 
 # Preflight -------------------------------------------------------------------------------------
 def preflight(
-    master: DictConfig, validate_jobs: str = "all", check_models: bool = True, check_data: bool = True
-) -> list[dict[str, Any]]:  # fmt: skip
+    master: DictConfig,
+    validate_jobs: str = "all",
+    check_models: bool = True,
+    check_data: bool = True,
+) -> list[dict[str, Any]]:
     """Check every job of the sweep before any starts.
 
     Args:
@@ -153,9 +149,7 @@ def preflight(
             a finished run of another config (without ``overwrite=true``) or a live run.
     """
     if validate_jobs not in VALIDATE_MODES:
-        raise SweepPreflightError(
-            f"validate_jobs={validate_jobs!r}: choose one of {VALIDATE_MODES}"
-        )
+        raise SweepPreflightError(f"validate_jobs={validate_jobs!r}: choose all, first or none")
     jobs = expand_sweep(master)
     if jobs is None:
         log.warning("sweep preflight: only Hydra's basic sweeper is expanded; jobs not checked")
@@ -163,9 +157,7 @@ def preflight(
     dirs = job_dirs(master, jobs)
     errors = _shared_dirs(jobs, dirs)
     indices = _jobs_to_check(jobs, validate_jobs, check_models)
-    settings = _compose_and_validate(master, jobs, dirs, indices, errors)
-    if check_models:
-        errors += _check_models_and_data(settings, check_data)
+    errors += _check_jobs(master, jobs, dirs, indices, check_models, check_data)
     if errors:
         more = len(errors) - _MAX_LISTED_ERRORS
         raise SweepPreflightError(
@@ -204,69 +196,61 @@ def _jobs_to_check(jobs: list[list[str]], validate_jobs: str, per_model: bool) -
     return sorted(chosen | set(models.values()))
 
 
-def _compose_and_validate(
-    master: DictConfig, jobs: list[list[str]], dirs: list[str], indices: list[int], errors: list
-) -> dict[int, Any]:
-    """The valid jobs of ``indices``, ``index -> RunSettings``; one line per problem to ``errors``.
+def _check_jobs(
+    master: DictConfig,
+    jobs: list[list[str]],
+    dirs: list[str],
+    indices: list[int],
+    check_models: bool,
+    check_data: bool,
+) -> list[str]:
+    """One line per problem of the jobs ``indices``.
 
-    A problem is a config that does not compose or validate, or a job dir the run would refuse
-    (:func:`gblm.run.run_dir_refusal`: a finished run of another config there, or a live one).
+    A problem is a config that does not compose or validate, a job dir the run would refuse
+    (:func:`gblm.run.run_dir_refusal`: a finished run of another config, or a live run), and with
+    ``check_models`` a model that cannot be loaded (each checked once) and with ``check_data`` an
+    input the run's preflight refuses (each distinct input once: data files, tokens, context; not
+    the device, which the launching machine may lack).
     """
     from gblm.config import to_plain, validate
     from gblm.loggers.local import read_metrics
-    from gblm.run import build_method, config_hash, run_dir_refusal
-
-    valid = {}
-    for i in indices:
-        job = f"job #{i} ({' '.join(jobs[i])})"
-        try:
-            container = to_plain(task_config(compose_job(master, jobs[i], i)))
-            settings = validate(container)
-            build_method(settings)
-            job_dir = sweep_dir_of(master) / dirs[i]
-            previous, digest = read_metrics(job_dir), config_hash(container)
-            reason = run_dir_refusal(settings, job_dir, previous, digest, container)
-        except Exception as err:  # every kind of bad config: report them all, then stop
-            errors.append(f"{job}: {type(err).__name__}: {err}")
-            continue
-        if reason:
-            errors.append(f"{job}: {reason}")
-        valid[i] = settings
-    return valid
-
-
-def _check_models_and_data(jobs: dict[int, Any], check_data: bool) -> list[str]:
-    """One line per problem: each distinct model checked once, and with ``check_data`` each
-    distinct job input once through the run's preflight (data files, tokens, context length).
-
-    The device is not checked: the launching machine may have no GPU that the jobs will have.
-    """
     from gblm.models.loading import check_model_available
-    from gblm.run import build_method, build_plan
+    from gblm.run import build_method, build_plan, config_hash, run_dir_refusal
     from gblm.run import preflight as run_preflight
 
     errors: list[str] = []
-    available: dict[tuple, bool] = {}
+    available: dict[tuple, bool] = {}  # model -> loadable here
     inputs: set[tuple] = set()
-    for i, s in jobs.items():
+    for i in indices:
+        job = f"job #{i} ({' '.join(jobs[i])})"
+        try:
+            container = to_plain(job_config(master, jobs[i]))
+            s = validate(container)
+            method = build_method(s)
+            job_dir = sweep_dir_of(master) / dirs[i]
+            previous, digest = read_metrics(job_dir), config_hash(container)
+            reason = run_dir_refusal(s, job_dir, previous, digest, container)
+        except Exception as err:  # every kind of bad config: report them all, then stop
+            errors.append(f"{job}: {type(err).__name__}: {err}")
+            continue
+        errors += [f"{job}: {reason}"] if reason else []
         spec = s.model
         model = (spec.kind, spec.name_or_path, spec.revision, json.dumps(spec.tiny, sort_keys=True))
-        if model not in available:
+        if check_models and model not in available:
             try:
                 check_model_available(spec)
                 available[model] = True
-            except Exception as err:  # report every model's reason, then stop
+            except Exception as err:
                 available[model] = False
                 errors.append(f"model {spec.name} (job #{i}): {type(err).__name__}: {err}")
         data = (s.calibration, s.perplexity, s.zeroshot, s.method_name, s.sparsity_per_block)
         key = (model, *map(repr, data))
-        if not check_data or not available[model] or key in inputs:
+        if not (check_models and check_data and available[model]) or key in inputs:
             continue
         inputs.add(key)
         try:
-            method = build_method(s)
             run_preflight(s, method, build_plan(s, method), check_device=False)
-        except Exception as err:  # report every job's reason, then stop
+        except Exception as err:
             errors.append(f"job #{i}: {type(err).__name__}: {' '.join(str(err).split())}")
     return errors
 
@@ -430,8 +414,9 @@ class SweepCallback(Callback):
             plan = {"launch_id": launch_id, "started": _now(), "sweep_dir": str(self._sweep_dir),
                     "validate_jobs": self.checks[0], "jobs": jobs}  # fmt: skip
             atomic_write_json(self._sweep_dir / PLAN_FILE, plan)
+        took = time.perf_counter() - tic
         log.info("sweep preflight: %d job(s) checked (validate_jobs=%s, check_models=%s, "
-                 "check_data=%s) in %.1f s", len(jobs), *self.checks, time.perf_counter() - tic)  # fmt: skip
+                 "check_data=%s) in %.1f s", len(jobs), *self.checks, took)  # fmt: skip
         atexit.register(self._report)  # a failed job skips on_multirun_end
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

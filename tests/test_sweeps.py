@@ -23,14 +23,13 @@ from gblm.sweep import (
     PLAN_FILE,
     SUMMARY_FILE,
     SweepPreflightError,
-    compose_job,
     expand_sweep,
     format_comparison,
     format_summary,
+    job_config,
     override_dirname,
     preflight,
     summarize,
-    task_config,
 )
 from tests.conftest import CONF, ROOT, compose_config
 
@@ -175,7 +174,7 @@ def test_preflight_refuses_a_finished_job_dir_of_another_config(tmp_path):
 
     args = ("experiment=tiny_sweep", f"hydra.sweep.dir={tmp_path}", "method=magnitude,wanda")
     with multirun_config(*args) as cfg:
-        job = task_config(compose_job(cfg, expand_sweep(cfg)[0], 0))
+        job = job_config(cfg, expand_sweep(cfg)[0])
         same = {"status": "finished", "config_hash": config_hash(to_plain(job))}
         (tmp_path / "method=magnitude").mkdir()
         (tmp_path / "method=magnitude" / "metrics.json").write_text(json.dumps(same))

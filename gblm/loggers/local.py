@@ -108,7 +108,7 @@ def run_alive(run_dir: str | Path) -> bool:
 
 
 def _flock(fd: int, operation: int) -> bool | None:
-    """``flock(fd, operation)`` without waiting: True taken, False held by another, None no locks."""
+    """``flock`` without waiting: True taken, False held by another, None no locks here."""
     try:
         fcntl.flock(fd, operation | fcntl.LOCK_NB)
     except OSError as err:
