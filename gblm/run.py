@@ -29,7 +29,7 @@ from gblm import pipeline, record
 from gblm.config import RunConf, build_method, build_plan, to_plain, validate
 from gblm.errors import ConfigError, UserError
 from gblm.loggers.base import GuardedLogger, NullLogger
-from gblm.loggers.local import LocalLogger, heartbeat, owner_alive, process_record, read_metrics
+from gblm.loggers.local import LocalLogger, process_record, read_metrics, run_alive, run_lock
 from gblm.methods.registry import allocator_entries, options_of
 from gblm.paths import PROJECT_ROOT
 from gblm.progress import OverallEstimate
@@ -114,7 +114,7 @@ def run_dir_refusal(
     """
     if not previous:
         return None
-    if previous.get("status") == "running" and owner_alive(run_dir, previous):
+    if previous.get("status") == "running" and run_alive(run_dir):
         owner = previous.get("process") or {}
         return (
             f"{run_dir} is in use: process {owner.get('pid')} on {owner.get('host')} is running "
@@ -159,7 +159,7 @@ def _record_refusal(run_dir: Path, err: UserError, digest: str | None) -> None:
     if previous and previous.get("status") == "finished":
         log.warning("%s holds a finished run: its metrics.json is kept", run_dir)
         return
-    if previous and previous.get("status") == "running" and owner_alive(run_dir, previous):
+    if previous and previous.get("status") == "running" and run_alive(run_dir):
         return  # another process's live run: its record is its own
     failed = {"status": "failed", "error": f"{type(err).__name__}: {err}", "config_hash": digest}
     LocalLogger(run_dir).write_metrics(failed)
@@ -192,11 +192,10 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
         raise
     metrics = record.initial(conf, method, plan, digest, process_record())
     local = LocalLogger(run_dir)
-    with _interruptible():
+    with run_lock(run_dir), _interruptible():
         local.write_json("config_resolved.json", container)
         local.write_metrics(metrics)
-        with heartbeat(run_dir):
-            _execute_and_record(conf, method, plan, metrics, local, run_dir, container)
+        _execute_and_record(conf, method, plan, metrics, local, run_dir, container)
     return metrics
 
 

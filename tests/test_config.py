@@ -159,8 +159,8 @@ def test_per_block_schedule_reaches_the_plan():
 
 
 def test_method_options_are_the_method_class_keywords():
-    from gblm.methods.registry import ENTRY_KEYS
     from gblm.config import build_method
+    from gblm.methods.registry import ENTRY_KEYS
 
     s = _settings("method=gblm", "method.loss_chunk_tokens=-4")
     assert s.method["loss_chunk_tokens"] == -4 and s.method["name"] == "gblm"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gblm.config import ConfigError
-from gblm.loggers.local import HEARTBEAT_FILE, STALE_SECONDS, owner_alive, process_record
+from gblm.loggers.local import LOCK_FILE, LocalLogger, process_record, run_alive, run_lock
 from gblm.run import run
 from gblm.sweep import PLAN_FILE, summarize
 from gblm.utils import atomic_write
@@ -90,7 +89,7 @@ def _metrics(run_dir: Path) -> dict:
 )
 def test_a_signal_mid_run_records_interrupted(tmp_path, signum, exit_code):
     proc, run_dir = _start_paused(tmp_path)
-    assert _metrics(run_dir)["status"] == "running" and (run_dir / HEARTBEAT_FILE).exists()
+    assert _metrics(run_dir)["status"] == "running" and run_alive(run_dir)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == exit_code, err[-3000:]
@@ -99,7 +98,7 @@ def test_a_signal_mid_run_records_interrupted(tmp_path, signum, exit_code):
     assert metrics["error"] == f"interrupted by {signal.Signals(signum).name}"
     assert {"load model", "perplexity dense"} <= set(metrics["timings"])  # paused there
     assert "Traceback" not in err and "recorded as interrupted" in out + err
-    assert not (run_dir / HEARTBEAT_FILE).exists()
+    assert not run_alive(run_dir)  # the lock went with the process
 
 
 def test_a_signal_while_the_end_is_written_waits_for_the_record():
@@ -115,57 +114,83 @@ def test_a_signal_while_the_end_is_written_waits_for_the_record():
         _on_signal(signal.SIGINT, None)
 
 
-def test_a_killed_run_is_incomplete_and_redone(tmp_path):
+def _as_one_job_sweep(sweep: Path, run_dir: Path) -> None:
+    """Make ``run_dir`` the one planned job of the sweep dir ``sweep``."""
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    plan = {"launch_id": "later", "jobs": [{"num": 0, "overrides": ["a=1"], "dir": run_dir.name}]}
+    (sweep / PLAN_FILE).write_text(json.dumps(plan))
+
+
+def test_a_live_run_is_refused_and_a_killed_one_is_incomplete_and_redone(tmp_path):
     proc, run_dir = _start_paused(tmp_path)
-    proc.kill()  # SIGKILL: no handler runs, metrics.json stays "running"
+    _as_one_job_sweep(tmp_path, run_dir)
+    live = _metrics(run_dir)
+    assert run_alive(run_dir) and summarize(tmp_path)["jobs"][0]["status"] == "running"
+    with pytest.raises(ConfigError, match=f"is in use: process {proc.pid} "):
+        run(compose_config(*SMALL), run_dir=run_dir)  # another process, same dir
+    assert _metrics(run_dir) == live  # the live run's record is its own
+    proc.kill()  # SIGKILL: no handler runs, metrics.json stays "running"; the kernel frees the lock
     proc.communicate(timeout=600)
     killed = _metrics(run_dir)
     assert killed["status"] == "running" and killed["process"]["pid"] == proc.pid
-    assert not owner_alive(run_dir, killed)
-    sweep = tmp_path  # the run dir as the one job of a sweep
-    (run_dir / ".hydra").mkdir(exist_ok=True)
-    plan = {"launch_id": "later", "jobs": [{"num": 0, "overrides": ["a=1"], "dir": "run"}]}
-    (sweep / PLAN_FILE).write_text(json.dumps(plan))
-    job = summarize(sweep)["jobs"][0]
+    assert not run_alive(run_dir)
+    job = summarize(tmp_path)["jobs"][0]
     assert job["status"] == "incomplete" and f"process {proc.pid}" in job["error"]
     redone = run(compose_config(*SMALL), run_dir=run_dir)  # the relaunch
     assert redone["status"] == _metrics(run_dir)["status"] == "finished"
-    assert summarize(sweep)["jobs"][0]["status"] == "finished"
+    assert summarize(tmp_path)["jobs"][0]["status"] == "finished"
 
 
-def _running_record(run_dir: Path, **process) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / ".hydra").mkdir(exist_ok=True)
-    record = {"status": "running", "process": {**process_record(), **process}}
+def test_every_record_of_a_run_is_written_under_its_lock(tmp_path, monkeypatch):
+    written = []
+    write_metrics = LocalLogger.write_metrics
+
+    def spy(self, metrics):
+        written.append((metrics["status"], run_alive(self.run_dir)))
+        return write_metrics(self, metrics)
+
+    monkeypatch.setattr(LocalLogger, "write_metrics", spy)
+    run(compose_config(*SMALL), run_dir=tmp_path)
+    assert written[0] == ("running", True) and written[-1] == ("finished", True)
+    assert all(alive for _, alive in written) and not run_alive(tmp_path)
+
+
+def _record(run_dir: Path, status: str) -> None:
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    record = {"status": status, "process": process_record()}
     (run_dir / "metrics.json").write_text(json.dumps(record))
 
 
-def test_a_live_run_is_running_in_the_summary_and_not_run_over(tmp_path):
-    _running_record(tmp_path / "live")
-    _running_record(tmp_path / "reused_pid", start="-1")  # same pid, another process
-    _running_record(tmp_path / "elsewhere", host=socket.gethostname() + "-other")
-    (tmp_path / "elsewhere" / HEARTBEAT_FILE).touch()  # a fresh heartbeat from the other host
-    _running_record(tmp_path / "stale", host=socket.gethostname() + "-other")
-    (tmp_path / "stale" / HEARTBEAT_FILE).touch()
-    old = time.time() - 2 * STALE_SECONDS
-    os.utime(tmp_path / "stale" / HEARTBEAT_FILE, (old, old))
-    names = ["live", "reused_pid", "elsewhere", "stale"]
+def test_the_run_lock_decides_running_or_incomplete_and_refuses_a_second_run(tmp_path):
+    for name in ("live", "killed", "unlocked"):
+        _record(tmp_path / name, "running")
+    with run_lock(tmp_path / "killed"):  # held, then freed as a dead process's lock is
+        pass
+    assert (tmp_path / "killed" / LOCK_FILE).exists() and not run_alive(tmp_path / "killed")
+    assert not run_alive(tmp_path / "unlocked") and not run_alive(tmp_path / "nowhere")
+    assert not (tmp_path / "unlocked" / LOCK_FILE).exists()  # asking creates nothing
+    names = ["live", "killed", "unlocked"]
     plan = {
         "launch_id": "x",
         "jobs": [{"num": i, "overrides": [], "dir": n} for i, n in enumerate(names)],
     }
     (tmp_path / PLAN_FILE).write_text(json.dumps(plan))
-    summary = summarize(tmp_path)
+    with run_lock(tmp_path / "live"):
+        assert run_alive(tmp_path / "live")
+        summary = summarize(tmp_path)
+        with pytest.raises(ConfigError, match=f"is in use: process {os.getpid()} "):
+            run(compose_config(*SMALL), run_dir=tmp_path / "live")
+        with pytest.raises(ConfigError, match="is in use"):  # the lock itself refuses too
+            with run_lock(tmp_path / "live"):
+                pytest.fail("a held run lock was taken twice")
+        _record(tmp_path / "live", "failed")  # a record that does not say "running" yet
+        with pytest.raises(ConfigError, match="is in use"):
+            run(compose_config(*SMALL), run_dir=tmp_path / "live")
+        assert _metrics(tmp_path / "live")["status"] == "failed"  # not written over
+    assert not run_alive(tmp_path / "live")
     statuses = {job["dir"]: job["status"] for job in summary["jobs"]}
-    assert statuses == {
-        "live": "running",
-        "reused_pid": "incomplete",
-        "elsewhere": "running",
-        "stale": "incomplete",
-    }
-    assert summary["counts"]["running"] == 2 and summary["counts"]["pending"] == 0
-    with pytest.raises(ConfigError, match="is in use: process"):
-        run(compose_config(*SMALL), run_dir=tmp_path / "live")
+    assert statuses == {"live": "running", "killed": "incomplete", "unlocked": "incomplete"}
+    assert summary["counts"]["running"] == 1 and summary["counts"]["incomplete"] == 2
 
 
 # A changed config in a finished run dir ---------------------------------------------------------

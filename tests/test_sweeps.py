@@ -23,13 +23,13 @@ from gblm.sweep import (
     PLAN_FILE,
     SUMMARY_FILE,
     SweepPreflightError,
-    compose_job,
     expand_sweep,
     format_comparison,
     format_summary,
+    job_config,
+    override_dirname,
     preflight,
     summarize,
-    task_config,
 )
 from tests.conftest import CONF, ROOT, compose_config
 
@@ -174,7 +174,7 @@ def test_preflight_refuses_a_finished_job_dir_of_another_config(tmp_path):
 
     args = ("experiment=tiny_sweep", f"hydra.sweep.dir={tmp_path}", "method=magnitude,wanda")
     with multirun_config(*args) as cfg:
-        job = task_config(compose_job(cfg, expand_sweep(cfg)[0], 0))
+        job = job_config(cfg, expand_sweep(cfg)[0])
         same = {"status": "finished", "config_hash": config_hash(to_plain(job))}
         (tmp_path / "method=magnitude").mkdir()
         (tmp_path / "method=magnitude" / "metrics.json").write_text(json.dumps(same))
@@ -339,6 +339,46 @@ def test_relaunch_skips_finished_and_redoes_failed(crashed_then_resumed):
     ]
     assert all(_metrics(p)["status"] == "finished" for p in job_dirs)
     assert _metrics(job_dirs[1])["sparsity_check"]["overall"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_job_dirs_are_where_hydra_puts_them(tmp_path):
+    """A real multirun with non-default dir naming: the planned dirs are Hydra's own job dirs.
+
+    The job number in the dir, another kv_sep and item_sep, an excluded key, a sweep axis from
+    the experiment replaced on the command line, a range sweep, a new key (+) whose quoted value
+    holds "=". Every job fails fast (the new key is not in the schema), once Hydra has made its dir.
+    """
+    sweep_dir = tmp_path / "sweep"
+    result = _gblm(
+        "experiment=tiny_sweep",
+        f"hydra.sweep.dir={sweep_dir}",
+        "hydra.sweep.subdir=${hydra.job.num}_${hydra.job.override_dirname}",
+        "hydra.job.config.override_dirname.kv_sep=-",
+        "hydra.job.config.override_dirname.item_sep=__",
+        "hydra.callbacks.sweep.validate_jobs=none",  # let the bad jobs start
+        "hydra.callbacks.sweep.check_models=false",
+        "method=wanda,magnitude",
+        "calibration.seed=range(1,3)",
+        "+tag='a=b'",
+        "progress=false",  # an excluded key
+    )
+    assert "not a key of the config" in result.stdout + result.stderr, result.stderr[-3000:]
+    plan = json.loads((sweep_dir / PLAN_FILE).read_text())["jobs"]
+    hydra_dirs = sorted(
+        p.parent.relative_to(sweep_dir).as_posix() for p in sweep_dir.glob("*/.hydra")
+    )
+    assert sorted(job["dir"] for job in plan) == hydra_dirs and len(plan) == 4
+    assert plan[1]["dir"] == "1_+tag-'a-b'__calibration.seed-2__method-wanda"
+    for job in plan:
+        saved = OmegaConf.load(sweep_dir / job["dir"] / ".hydra" / "hydra.yaml").hydra
+        assert list(saved.overrides.task) == job["overrides"] and saved.job.num == job["num"]
+        naming = saved.job.config.override_dirname
+        ours = override_dirname(
+            job["overrides"], naming.kv_sep, naming.item_sep, naming.exclude_keys
+        )
+        assert ours == saved.job.override_dirname
+    summary = json.loads((sweep_dir / SUMMARY_FILE).read_text())
+    assert summary["counts"]["failed"] == 4 and summary["failed"] == [job["dir"] for job in plan]
 
 
 @pytest.mark.slow

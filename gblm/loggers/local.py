@@ -1,31 +1,39 @@
-"""Local run records: written first, atomically, so no remote logger failure can lose them.
+"""Local run records, and the lock that tells a live run dir from one left by a dead run.
 
-A run being written is ``"status": "running"`` in ``metrics.json`` with the ``process`` that owns
-it (host, pid and the process's start time, so a reused pid is not mistaken for it), and a
-``.heartbeat`` file in the run dir touched every :data:`HEARTBEAT_SECONDS`. A record left
-``running`` by a process that is gone (``kill -9``, a lost node) is told apart from a live run by
-:func:`owner_alive`: on the owner's host by its pid, elsewhere by the heartbeat's age.
+The records are written first, atomically, so no remote logger failure can lose them. A run holds
+an exclusive ``flock`` on ``.run.lock`` in its run dir from before ``metrics.json`` says
+``"running"`` until after its final record is written (:func:`run_lock`). The kernel releases it
+when the process ends in any way (``kill -9`` included), so "is this run alive?" is "is that lock
+held?" (:func:`run_alive`): a record left ``running`` with the lock free was killed.
+
+Over NFS, Linux emulates ``flock`` with POSIX locks that hold across clients (``local_lock``
+mounts and Lustre ``localflock`` keep them per node; a lost client's lock lasts until its lease
+ends). Where the filesystem has no locks at all, the run warns and runs without one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
+import logging
 import os
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from gblm.errors import ConfigError
 from gblm.utils import atomic_write_json
 
+log = logging.getLogger("gblm.loggers.local")
+
 METRICS_FILE = "metrics.json"
-HEARTBEAT_FILE = ".heartbeat"
-HEARTBEAT_SECONDS = 30.0
-# A heartbeat older than this means its run is gone (seen from another host than the run's).
-STALE_SECONDS = 20 * HEARTBEAT_SECONDS
+LOCK_FILE = ".run.lock"
+# flock's errors: the lock is held by another process; the filesystem has no locks.
+_HELD = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)
+_NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 class LocalLogger:
@@ -53,70 +61,67 @@ def read_metrics(run_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
-def _process_start(pid: int) -> str | None:
-    """The start time of process ``pid`` in clock ticks since boot (Linux), None if unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
-
-
 def process_record() -> dict[str, Any]:
-    """Who writes this run: ``{"host", "pid", "start"}`` of the current process."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
-
-
-def _pid_alive(pid: int, start: str | None) -> bool:
-    now = _process_start(pid)
-    if now is not None:
-        return start is None or now == start
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not Path("/proc/self/stat").exists()  # with /proc, no stat file means no process
-
-
-def owner_alive(run_dir: str | Path, metrics: dict[str, Any] | None) -> bool:
-    """Whether the process that left ``metrics`` ``running`` in ``run_dir`` still runs.
-
-    On the owner's host the pid (and its start time) decides; from another host, a heartbeat
-    younger than :data:`STALE_SECONDS`. A record that is not ``running`` has no live owner.
-    """
-    if not metrics or metrics.get("status") != "running":
-        return False
-    owner = metrics.get("process") or {}
-    if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
-        return _pid_alive(owner["pid"], owner.get("start"))
-    try:
-        age = time.time() - (Path(run_dir) / HEARTBEAT_FILE).stat().st_mtime
-    except OSError:
-        return False
-    return age < STALE_SECONDS
+    """Who writes this run, ``{"host", "pid"}``: named when another process is refused its dir."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
 @contextlib.contextmanager
-def heartbeat(run_dir: str | Path, every: float = HEARTBEAT_SECONDS) -> Iterator[None]:
-    """Touch ``run_dir/.heartbeat`` every ``every`` seconds (a daemon thread) while inside."""
-    path = Path(run_dir) / HEARTBEAT_FILE
-    stop = threading.Event()
+def run_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold ``run_dir``'s run lock while inside (the run dir is created if needed).
 
-    def beat() -> None:
-        while True:
-            with contextlib.suppress(OSError):
-                path.touch()
-            if stop.wait(every):
-                return
-
-    thread = threading.Thread(target=beat, name="gblm-heartbeat", daemon=True)
-    thread.start()
+    Raises:
+        ConfigError: another process holds it: a live run is writing ``run_dir``.
+    """
+    path = Path(run_dir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # not inherited by exec'd children
     try:
+        taken = _flock(fd, fcntl.LOCK_EX)
+        if taken is False:
+            owner = (_read_quietly(Path(run_dir)) or {}).get("process") or {}
+            raise ConfigError(
+                f"{run_dir} is in use: process {owner.get('pid')} on {owner.get('host')} is "
+                "running there. Wait for it or stop it, or choose another run dir."
+            )
+        if taken is None:
+            log.warning("%s: no file locks on this filesystem; the run is not locked", run_dir)
         yield
     finally:
-        stop.set()
-        thread.join(timeout=5)
-        with contextlib.suppress(OSError):
-            path.unlink()
+        os.close(fd)  # releases the lock
+
+
+def run_alive(run_dir: str | Path) -> bool:
+    """Whether a live process holds ``run_dir``'s run lock (see :func:`run_lock`).
+
+    The probe is a shared, non-blocking lock on a read-only descriptor: it needs no write access
+    and creates nothing, so any reader of the run dir can ask.
+    """
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file: no run has held this dir's lock
+        return False
+    try:
+        return _flock(fd, fcntl.LOCK_SH) is False
+    finally:
+        os.close(fd)
+
+
+def _flock(fd: int, operation: int) -> bool | None:
+    """``flock`` without waiting: True taken, False held by another, None no locks here."""
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in _HELD:
+            return False
+        if err.errno in _NO_LOCKS:
+            return None
+        raise
+    return True
+
+
+def _read_quietly(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return read_metrics(run_dir)
+    except (OSError, ValueError):
+        return None
