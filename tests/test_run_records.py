@@ -16,7 +16,7 @@ import pytest
 from gblm.config import ConfigError
 from gblm.loggers.local import LOCK_FILE, LocalLogger, process_record, run_alive, run_lock
 from gblm.run import run
-from gblm.sweep import PLAN_FILE, summarize
+from gblm.sweep_status import PLAN_FILE, summarize
 from gblm.utils import atomic_write
 from tests.conftest import ROOT, compose_config
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from gblm.sweep import SUMMARY_FILE
+from gblm.sweep_status import SUMMARY_FILE
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow

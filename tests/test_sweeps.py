@@ -18,17 +18,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from gblm.config import to_plain, validate
-from gblm.sweep import (
+from gblm.sweep import SweepPreflightError, expand_sweep, job_config, override_dirname, preflight
+from gblm.sweep_status import (
     JOB_STATUS_FILE,
     PLAN_FILE,
     SUMMARY_FILE,
-    SweepPreflightError,
-    expand_sweep,
     format_comparison,
     format_summary,
-    job_config,
-    override_dirname,
-    preflight,
     summarize,
 )
 from tests.conftest import CONF, ROOT, compose_config

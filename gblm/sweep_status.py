@@ -1,0 +1,151 @@
+"""A sweep's state: each job's status from its dir, and ``sweep_summary.json``.
+
+A job's status comes from what its dir holds: ``job_status.json`` (written by the sweep callback
+when the job ends), the run's ``metrics.json`` and its run lock (held while the run's process
+lives). The summary is rewritten after every job, so it is current even if the sweep is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from gblm.loggers.local import run_alive
+from gblm.utils import atomic_write_json, file_lock
+
+PLAN_FILE = "sweep_plan.json"
+SUMMARY_FILE = "sweep_summary.json"
+JOB_STATUS_FILE = "job_status.json"
+METRICS_FILE = "metrics.json"
+# finished: ran to the end (in this launch, or an earlier one not relaunched since); skipped: found
+# finished with the same config; failed: raised; running: its process holds the run lock;
+# incomplete: its run ended without a result (interrupted, killed) or never began; pending: no dir.
+STATUSES = ("finished", "skipped", "failed", "running", "incomplete", "pending")
+
+
+def job_entry(
+    num: int | None, overrides: Sequence[str], job_dir: Path, sweep_dir: Path, launch_id: str | None
+) -> dict[str, Any]:
+    """One job of the summary: its overrides, dir, status and error (and its run name and ppl).
+
+    Its status is its ``job_status.json``'s when the launch ``launch_id`` wrote it; else its run's:
+    ``running`` while a process holds the run lock, ``finished`` or ``failed`` as ``metrics.json``
+    says, else ``incomplete`` (interrupted, killed, or never begun); ``pending`` with no job dir.
+    """
+    entry = {"num": num, "overrides": list(overrides), "dir": None, "status": "pending",
+             "this_launch": False, "error": None}  # fmt: skip
+    if not ((job_dir / ".hydra").is_dir() or (job_dir / METRICS_FILE).exists()):
+        return entry
+    record = read_json(job_dir / JOB_STATUS_FILE) or {}
+    metrics = read_json(job_dir / METRICS_FILE) or {}
+    this_launch = launch_id is not None and record.get("launch_id") == launch_id
+    status, error = metrics.get("status"), None
+    if this_launch:
+        status, error = record["status"], record.get("error")
+    elif run_alive(job_dir):
+        status = "running"
+    elif status == "running":  # the record of a run whose process is gone
+        owner = metrics.get("process") or {}
+        error = f"killed: process {owner.get('pid')} on {owner.get('host')} is gone"
+        status = "incomplete"
+    elif status not in ("finished", "failed"):
+        status, error = "incomplete", metrics.get("error") or status
+    if status == "failed":
+        error = error or metrics.get("error") or record.get("error")
+    entry.update(dir=os.path.relpath(job_dir, sweep_dir), status=status, error=error)
+    entry.update(
+        this_launch=this_launch, **{k: metrics[k] for k in ("run_name", "ppl") if k in metrics}
+    )
+    return entry
+
+
+def summarize(sweep_dir: str | Path) -> dict[str, Any]:
+    """The state of every job of the sweep in ``sweep_dir`` (see :func:`job_entry`).
+
+    The jobs are those of the last launch's ``sweep_plan.json``, each in its planned dir; without
+    a plan (another sweeper), every job dir found (one that holds ``.hydra/overrides.yaml``).
+    """
+    sweep_dir = Path(sweep_dir).absolute()
+    plan = read_json(sweep_dir / PLAN_FILE)
+    launch_id = plan.get("launch_id") if plan else None
+    if plan:
+        planned = [(job["num"], job["overrides"], sweep_dir / job["dir"]) for job in plan["jobs"]]
+    else:
+        found = sorted(p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml"))
+        planned = [(None, OmegaConf.load(d / ".hydra/overrides.yaml"), d) for d in found]
+    jobs = [job_entry(n, [str(o) for o in ov], d, sweep_dir, launch_id) for n, ov, d in planned]
+    return {
+        "sweep_dir": str(sweep_dir),
+        "launch_id": launch_id,
+        "updated": now(),
+        "total": len(jobs),
+        "counts": {status: sum(job["status"] == status for job in jobs) for status in STATUSES},
+        **{s: [job["dir"] for job in jobs if job["status"] == s] for s in STATUSES[:-1]},
+        "jobs": jobs,
+    }
+
+
+def write_summary(sweep_dir: str | Path) -> dict[str, Any]:
+    """Summarize the sweep and write ``sweep_summary.json`` atomically (jobs may end at once)."""
+    sweep_dir = Path(sweep_dir).absolute()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(sweep_dir / ".sweep_summary"):  # hidden: <sweep dir>/.sweep_summary.lock
+        summary = summarize(sweep_dir)
+        atomic_write_json(sweep_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A few lines for the console: counts, then every failed job with its error and log."""
+    counts = summary["counts"]
+    parts = [f"{counts[s]} {s}" for s in STATUSES if counts[s] or s in ("finished", "failed")]
+    lines = [f"sweep {summary['sweep_dir']}: {summary['total']} job(s): " + ", ".join(parts)]
+    for job in summary["jobs"]:
+        if job["status"] in ("failed", "incomplete"):
+            log_file = Path(summary["sweep_dir"]) / job["dir"] / "run.log"
+            label = " ".join(o for o in job["overrides"] if not o.startswith("experiment="))
+            error = job["error"] or "-"
+            lines.append(f"  {job['status']} #{job['num']} {label}: {error} ({log_file})")
+    lines.append(f"summary: {Path(summary['sweep_dir']) / SUMMARY_FILE}")
+    return "\n".join(lines)
+
+
+def format_comparison(summary: dict[str, Any]) -> str:
+    """A compact table of the finished jobs, best pruned perplexity first: what each job varied,
+    dense and pruned perplexity. Empty when no job has a perplexity."""
+    rows = []
+    for job in summary["jobs"]:
+        ppl = job.get("ppl") or {}
+        if job["status"] in ("finished", "skipped") and ("pruned" in ppl or "dense" in ppl):
+            varied = " ".join(o for o in job["overrides"]  # locations make no column
+                              if not o.startswith("experiment=") and ".paths=" not in o)  # fmt: skip
+            rows.append((ppl.get("pruned", ppl.get("dense")), varied or job.get("run_name") or "-",
+                         ppl.get("dense"), ppl.get("pruned")))  # fmt: skip
+    if not rows:
+        return ""
+    rows.sort(key=lambda r: (r[0] is None, r[0] if r[0] is not None else 0.0))
+    width = max(len("job"), *(len(r[1]) for r in rows))
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else (f"{v:.2f}" if abs(v) < 1e4 else f"{v:.3g}")
+
+    lines = [f"  {'job':<{width}}  {'dense ppl':>10}  {'pruned ppl':>10}"]
+    lines += [f"  {r[1]:<{width}}  {fmt(r[2]):>10}  {fmt(r[3]):>10}" for r in rows]
+    return "\n".join(lines)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
