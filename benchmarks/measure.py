@@ -108,7 +108,7 @@ class StageMemory:
         self.device = device
         self.peaks: dict[str, int] = {}
         self.synced: dict[str, float] = {}
-        self.process_peak = status_bytes("VmHWM") or 0
+        self.process_peak = 0 if self.cuda else status_bytes("VmHWM") or 0
         self.resettable = True
         self._began = 0.0
 
@@ -270,6 +270,7 @@ def run(config: Config) -> dict[str, Any]:
     timer, memory = StageTimer(), StageMemory(device)
     timer.listeners.append(memory)
     masks = pipeline.prune(model, method, plan, windows, context, timer)
+    peak_anon = sampler.stop() if sampler else None
     ppl = None
     if config.eval_windows:
         tokens = torch.randint(0, vocab, (1, config.eval_windows * config.seqlen),
@@ -290,7 +291,7 @@ def run(config: Config) -> dict[str, Any]:
         "stage_peak_bytes": memory.peaks,
         "peak_bytes": memory.process_peak,
         "baseline_bytes": baseline["rss"] if device.type == "cpu" else 0,
-        "peak_anon_bytes": sampler.stop() if sampler else None,
+        "peak_anon_bytes": peak_anon,
         "baseline_anon_bytes": baseline["anon"],
         "floors": floors,
         "memory_floor": memory_floor,
