@@ -34,9 +34,11 @@ from typing import Any
 
 import torch
 
+from gblm.pipeline import perplexity_stage
+
 STATUS = Path("/proc/self/status")
 #: The stage the benchmark times itself, in the same timer: the pruned model's perplexity.
-EVALUATION = "perplexity pruned"  # gblm.pipeline.perplexity_stage("pruned")
+EVALUATION = perplexity_stage("pruned")
 
 
 @dataclass(frozen=True)

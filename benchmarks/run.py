@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.measure import Config, machine, measure
+from benchmarks.measure import EVALUATION, Config, machine, measure
 from gblm.paths import PROJECT_ROOT
 from gblm.pipeline import PRUNE
 from gblm.utils import atomic_write_text
@@ -67,7 +67,7 @@ def judged(result: dict[str, Any]) -> dict[str, Any]:
         stages[stage] = {"seconds": seconds, "floor_s": floor_s, "ratio": seconds / floor_s,
                          "flops": floor["flops"], "bytes": floor["bytes"],
                          "peak_bytes": result["stage_peak_bytes"].get(stage)}  # fmt: skip
-    pipeline_stages = [s for s in stages.values() if s is not stages.get("perplexity pruned")]
+    pipeline_stages = [s for name, s in stages.items() if name != EVALUATION]
     seconds = sum(s["seconds"] for s in pipeline_stages)
     floor_s = sum(s["floor_s"] for s in pipeline_stages)
     held = result["peak_bytes"] - result["baseline_bytes"]
