@@ -80,7 +80,7 @@ def judged(result: dict[str, Any]) -> dict[str, Any]:
             "held_bytes": held,
             "floor": result["memory_floor"],
             "ratio": held / result["memory_floor"]["total"],
-        },  # fmt: skip
+        },
         "sparsity": result["sparsity"],
         "ppl": result["ppl"],
         "masks_sha256": result["masks_sha256"],
