@@ -7,9 +7,10 @@ of the configuration (:mod:`benchmarks.flops`), the matmul rate and copy bandwid
 same process just before the run, and a digest of the masks.
 
 Memory. On the CPU the stage peak is the resident set's high-water mark (``VmHWM``), reset at
-the stage's start through ``/proc/self/clear_refs`` by a listener on the stage timer; the process
-peak is the largest of them and of the mark before the first reset (where the kernel refuses the
-reset, ``ru_maxrss`` of the process). ``baseline_rss`` is the resident set after the imports,
+the stage's start through ``/proc/self/clear_refs`` by a listener on the stage timer;
+``build_peak_bytes`` is the mark before the first stage (the model built, the windows drawn) and
+the process peak the largest of all (where the kernel refuses the reset, ``ru_maxrss`` of the
+process, and no stage peaks). ``baseline_rss`` is the resident set after the imports,
 before the model exists: the peak above it is what the run itself held. With ``sample_anon`` a
 thread also samples ``RssAnon`` every 10 ms (anonymous memory: what a disk-backed model must not
 grow). On CUDA the peaks are ``torch.cuda.max_memory_allocated``, reset at every stage's start,
@@ -111,6 +112,7 @@ class StageMemory:
         self.peaks: dict[str, int] = {}
         self.synced: dict[str, float] = {}
         self.process_peak = 0 if self.cuda else status_bytes("VmHWM") or 0
+        self.build_peak: int | None = None  # the peak before the first stage: load, windows
         self.resettable = True
         self._began = 0.0
 
@@ -119,10 +121,14 @@ class StageMemory:
             torch.cuda.synchronize(self.device)
         if event == "start":
             if self.cuda:
+                before = torch.cuda.max_memory_allocated(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
             else:
-                self.process_peak = max(self.process_peak, status_bytes("VmHWM") or 0)
+                before = status_bytes("VmHWM") or 0
                 self.resettable = self.resettable and reset_high_water_mark()
+            self.process_peak = max(self.process_peak, before)
+            if self.build_peak is None:
+                self.build_peak = before
             self._began = time.perf_counter()
             return
         self.synced[stage] = self.synced.get(stage, 0.0) + time.perf_counter() - self._began
@@ -284,7 +290,7 @@ def run(config: Config) -> dict[str, Any]:
             flops.model_counts(model), config.eval_windows, config.seqlen), "bytes": 0}  # fmt: skip
     digest, sparsity = masks_digest(masks)
     if not memory.resettable and device.type == "cpu":  # the high-water marks were not reset
-        memory.peaks = {}
+        memory.peaks, memory.build_peak = {}, None
         memory.process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "config": asdict(config),
@@ -292,6 +298,7 @@ def run(config: Config) -> dict[str, Any]:
         "synced_seconds": memory.synced if device.type == "cuda" else None,
         "stage_peak_bytes": memory.peaks,
         "peak_bytes": memory.process_peak,
+        "build_peak_bytes": memory.build_peak,
         "baseline_bytes": baseline["rss"] if device.type == "cpu" else 0,
         "peak_anon_bytes": peak_anon,
         "baseline_anon_bytes": baseline["anon"],
