@@ -1,288 +1,325 @@
-"""Time and memory of one piece of work: wall and CPU seconds, and the peak resident memory.
+"""One measurement: a configuration pruned through :func:`gblm.pipeline.prune` in a fresh process.
 
-Time. ``time.perf_counter`` (wall) and ``time.process_time`` (CPU seconds of the whole process,
-all threads). On a shared machine the wall time grows with whatever else runs; the CPU time of
-single-threaded work does not, so ratios are taken on CPU time and wall ratios are shown beside
-them. Every measurement is repeated and the minimum kept (the least disturbed run).
+:func:`measure` runs ``python -m benchmarks.measure '<config as JSON>'`` and returns what the
+child printed: the seconds of every stage as the pipeline's own :class:`gblm.utils.StageTimer`
+timed them, the peak memory of each stage and of the whole process, the FLOP and memory floors
+of the configuration (:mod:`benchmarks.flops`), the matmul rate and copy bandwidth measured in the
+same process just before the run, and a digest of the masks.
 
-Memory. ``tracemalloc`` does not see torch's allocations and the CPU has no allocator statistics
-like CUDA's, so the peak is read from the kernel: before the work the resident set ``VmRSS`` is
-read and its high-water mark ``VmHWM`` reset (``echo 5 > /proc/self/clear_refs``); after it, the
-peak is ``VmHWM - VmRSS(before)``, the most memory the work held at once beyond what was already
-resident. This counts tensors only if freeing one gives its pages back and allocating one takes
-new pages, which glibc does for allocations above its mmap threshold when its heap has no large
-free chunk to reuse; :func:`benchmarks.suite.run_suite` arranges both (it fixes the threshold at
-64 KiB and measures memory first, in a fresh heap). Where the high-water mark cannot be reset the
-peak is reported as unknown rather than guessed.
+Memory. On the CPU the stage peak is the resident set's high-water mark (``VmHWM``), reset at
+the stage's start through ``/proc/self/clear_refs`` by a listener on the stage timer;
+``build_peak_bytes`` is the mark before the first stage (the model built, the windows drawn) and
+the process peak the largest of all (where the kernel refuses the reset, ``ru_maxrss`` of the
+process, and no stage peaks). ``baseline_rss`` is the resident set after the imports,
+before the model exists: the peak above it is what the run itself held. With ``sample_anon`` a
+thread also samples ``RssAnon`` every 10 ms (anonymous memory: what a disk-backed model must not
+grow). On CUDA the peaks are ``torch.cuda.max_memory_allocated``, reset at every stage's start,
+and the listener synchronises the device at each stage's start and end, so ``synced`` holds the
+seconds between synchronisations beside the timer's own.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
+import hashlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-_STATUS = "/proc/self/status"
-_CLEAR_REFS = "/proc/self/clear_refs"
+import torch
+
+from gblm.pipeline import perplexity_stage
+
+STATUS = Path("/proc/self/status")
+#: The stage the benchmark times itself, in the same timer: the pruned model's perplexity.
+EVALUATION = perplexity_stage("pruned")
 
 
-def _libc() -> ctypes.CDLL | None:
-    """The C library (for glibc's ``mallopt``), or None where it cannot be loaded."""
-    name = ctypes.util.find_library("c")
+@dataclass(frozen=True)
+class Config:
+    """What one measurement runs.
+
+    ``model``: ``{"smollm2": True}`` (the embedded SmolLM2-135M as the loader maps it),
+    ``{"llama": {LlamaConfig arguments}}`` (seeded random init, built on ``device``) or
+    ``{"checkpoint": path, "private": bool}`` (a safetensors folder, memory-mapped; ``private``
+    copies every weight into ordinary memory, as a model that fits).
+    """
+
+    model: dict[str, Any]
+    method: str = "wanda"
+    options: dict[str, Any] = field(default_factory=dict)  # the method's, as in its yaml
+    allocator: str = "uniform"  # conf/sparsity's allocator: uniform, owl, ...
+    sparsity: float = 0.5
+    nsamples: int = 32
+    seqlen: int = 256
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int | str = "auto"
+    onload: bool = False
+    threads: int | None = None  # torch's intra-op threads; None: torch's default
+    eval_windows: int = 0  # perplexity of the pruned model on this many random windows
+    eval_batch_size: int = 1
+    sample_anon: bool = False
+
+
+def measure(config: Config, fresh: bool = True, timeout: float | None = None) -> dict[str, Any]:
+    """Run ``config`` in a fresh Python process (``fresh=False``: in this one, for the smoke
+    tests: the peaks are then this process's); its result (see the module docstring)."""
+    if not fresh:
+        return json.loads(json.dumps(run(config)))
+    command = [sys.executable, "-m", "benchmarks.measure", json.dumps(asdict(config))]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{config.method} on {config.model} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# Memory ------------------------------------------------------------------------------------------
+def status_bytes(key: str) -> int | None:
+    """A ``kB`` line of ``/proc/self/status`` in bytes (None off Linux)."""
     try:
-        return ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
-def _status_kib(key: str) -> int | None:
-    try:
-        with open(_STATUS, encoding="ascii") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
+        for line in STATUS.read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
 
 
-def rss_bytes() -> int | None:
-    """The process's resident set now, in bytes (None where /proc is missing)."""
-    kib = _status_kib("VmRSS")
-    return None if kib is None else kib * 1024
-
-
-def hwm_bytes() -> int | None:
-    """The resident set's high-water mark since the last reset, in bytes."""
-    kib = _status_kib("VmHWM")
-    return None if kib is None else kib * 1024
-
-
-def reset_peak() -> bool:
-    """Reset ``VmHWM`` to the current RSS; False where the kernel does not allow it."""
+def reset_high_water_mark() -> bool:
+    """Set ``VmHWM`` to the resident set now; False where the kernel does not allow it."""
     try:
-        with open(_CLEAR_REFS, "w", encoding="ascii") as f:
-            f.write("5")
+        Path("/proc/self/clear_refs").write_text("5")
         return True
     except OSError:
         return False
 
 
-@dataclass
-class Measurement:
-    """The best (minimum) of repeated runs: seconds of wall and CPU time, peak extra bytes."""
+class StageMemory:
+    """A :class:`gblm.utils.StageTimer` listener: each stage's peak memory (and, on CUDA, its
+    seconds between device synchronisations)."""
 
-    wall_s: float
-    cpu_s: float
-    peak_bytes: int | None = None
-    repeats: int = 1
-    wall_all: list[float] = field(default_factory=list)
-    cpu_all: list[float] = field(default_factory=list)
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.peaks: dict[str, int] = {}
+        self.synced: dict[str, float] = {}
+        self.process_peak = 0 if self.cuda else status_bytes("VmHWM") or 0
+        self.build_peak: int | None = None  # the peak before the first stage: load, windows
+        self.resettable = True
+        self._began = 0.0
 
-    @property
-    def spread(self) -> float:
-        """max / min of the CPU times over the repeats (1.0 = perfectly repeatable)."""
-        return max(self.cpu_all) / min(self.cpu_all) if self.cpu_all and min(self.cpu_all) else 1.0
-
-    def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["spread"] = self.spread
-        return data
-
-
-class PeakWatch:
-    """Peak resident bytes of a stretch of work above the resident set at its start."""
-
-    def __init__(self) -> None:
-        self.start: int | None = None
-        self.resettable = False
-
-    def begin(self) -> None:
-        self.start = rss_bytes()
-        self.resettable = reset_peak()
-
-    def peak(self) -> int | None:
-        high = hwm_bytes()
-        if not self.resettable or high is None or self.start is None:
-            return None
-        return max(0, high - self.start)
-
-
-def measure(
-    work: Callable[[], Any],
-    repeats: int = 1,
-    setup: Callable[[], Any] | None = None,
-    memory: bool = False,
-) -> tuple[Measurement, Any]:
-    """Run ``work`` ``repeats`` times; keep the minimum times (and peak memory).
-
-    Args:
-        work: the timed work; called with the value of ``setup()`` when ``setup`` is given.
-        repeats: how many runs.
-        setup: untimed preparation before every run (e.g. a fresh copy of the model).
-        memory: also read the peak resident memory of each run (``peak_bytes``).
-
-    Returns:
-        The measurement and the value the last run of ``work`` returned.
-    """
-    walls: list[float] = []
-    cpus: list[float] = []
-    peaks: list[int] = []
-    result = None
-    for _ in range(max(1, repeats)):
-        prepared = setup() if setup is not None else None
-        watch = PeakWatch()
-        if memory:
-            watch.begin()
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = work(prepared) if setup is not None else work()
-        cpus.append(time.process_time() - cpu)
-        walls.append(time.perf_counter() - wall)
-        peak = watch.peak() if memory else None
-        if peak is not None:
-            peaks.append(peak)
-        del prepared
-    return (
-        Measurement(
-            wall_s=min(walls),
-            cpu_s=min(cpus),
-            peak_bytes=min(peaks) if peaks else None,
-            repeats=len(walls),
-            wall_all=walls,
-            cpu_all=cpus,
-        ),
-        result,
-    )
+    def __call__(self, event: str, stage: str, seconds: float | None, done: int) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        if event == "start":
+            if self.cuda:
+                before = torch.cuda.max_memory_allocated(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+            else:
+                before = status_bytes("VmHWM") or 0
+                self.resettable = self.resettable and reset_high_water_mark()
+            self.process_peak = max(self.process_peak, before)
+            if self.build_peak is None:
+                self.build_peak = before
+            self._began = time.perf_counter()
+            return
+        self.synced[stage] = self.synced.get(stage, 0.0) + time.perf_counter() - self._began
+        peak = (
+            torch.cuda.max_memory_allocated(self.device)
+            if self.cuda
+            else status_bytes("VmHWM") or 0
+        )
+        self.peaks[stage] = max(self.peaks.get(stage, 0), peak)
+        self.process_peak = max(self.process_peak, peak)
 
 
-@dataclass
-class _StageTotals:
-    wall_s: float = 0.0
-    cpu_s: float = 0.0
-    peak_bytes: int | None = None
-    entries: int = 0
+class AnonSampler:
+    """The highest ``RssAnon`` seen by a thread that samples it every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.peak = status_bytes("RssAnon") or 0
+        self._stop, self._interval = threading.Event(), interval
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, status_bytes("RssAnon") or 0)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, status_bytes("RssAnon") or 0)
 
 
-class StageClock:
-    """Per-stage wall, CPU and peak memory, summed over the times a stage is entered.
-
-    It has the ``stage(name)`` context manager that ``gblm.calibration.sequential.prune_model``
-    accepts as ``timer``; the walk enters its stages once per block. The peak of a stage is the
-    largest high-water mark above the resident set at any of its entries (the high-water mark is
-    reset at each entry). Memory is read only when ``memory`` is set.
-    """
-
-    def __init__(self, memory: bool = False) -> None:
-        self.totals: dict[str, _StageTotals] = {}
-        self.memory = memory
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        totals = self.totals.setdefault(name, _StageTotals())
-        watch = PeakWatch()
-        if self.memory:
-            watch.begin()
-        wall, cpu = time.perf_counter(), time.process_time()
-        try:
-            yield
-        finally:
-            totals.cpu_s += time.process_time() - cpu
-            totals.wall_s += time.perf_counter() - wall
-            totals.entries += 1
-            peak = watch.peak() if self.memory else None
-            if peak is not None:
-                totals.peak_bytes = max(totals.peak_bytes or 0, peak)
-
-    def as_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: asdict(t) for name, t in self.totals.items()}
+# Rates ---------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def best_stages(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Per stage, the minimum wall and CPU time and peak over repeated runs of the same work."""
-    merged: dict[str, dict[str, Any]] = {}
-    for run in runs:
-        for name, t in run.items():
-            entry = merged.setdefault(
-                name, {"wall_s": [], "cpu_s": [], "peak_bytes": [], "entries": t["entries"]}
-            )
-            entry["wall_s"].append(t["wall_s"])
-            entry["cpu_s"].append(t["cpu_s"])
-            if t["peak_bytes"] is not None:
-                entry["peak_bytes"].append(t["peak_bytes"])
+def _best_seconds(work, device: torch.device, repeats: int = 5) -> float:
+    work()  # warm up: kernels chosen, pages touched
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        began = time.perf_counter()
+        work()
+        _sync(device)
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a square matmul in ``dtype`` (n = 1024 on the CPU, 8192 on a GPU), best of 5."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n**3 / _best_seconds(lambda: torch.mm(a, b), device)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s read plus written by a copy of 32 MiB (256 MiB on a GPU), best of 5."""
+    n = (256 if device.type == "cuda" else 32) << 18  # fp32 elements
+    src, dst = torch.ones(n, device=device), torch.empty(n, device=device)
+    return 2 * 4 * n / _best_seconds(lambda: dst.copy_(src), device)
+
+
+def machine() -> dict[str, Any]:
+    """The CPU, its cores, torch and its threads, the load average now."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
+
+
+# The child ---------------------------------------------------------------------------------------
+def build_model(config: Config, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The model of ``config.model`` (see :class:`Config`), in eval mode."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    spec = config.model
+    if spec.get("smollm2"):
+        from gblm.models.loading import ModelSpec, load_model_and_tokenizer
+
+        return load_model_and_tokenizer(ModelSpec(), device, dtype)[0]
+    if "llama" in spec:
+        torch.manual_seed(0)
+        llama = LlamaConfig(**spec["llama"], tie_word_embeddings=False)
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(llama, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(spec["checkpoint"], dtype=dtype).eval()
+    if spec.get("private"):  # every weight in ordinary (anonymous) memory
+        for p in model.parameters():
+            p.data = p.data.clone()
+    return model if config.onload else model.to(device)
+
+
+def masks_digest(masks) -> tuple[str, float]:
+    """sha256 over every mask's name and bits (equal digests, equal masks), and the share of
+    entries pruned."""
+    digest, pruned, total = hashlib.sha256(), 0, 0
+    for name in masks:
+        mask = masks[name].cpu()
+        digest.update(name.encode())
+        digest.update(mask.numpy().tobytes())
+        pruned, total = pruned + int(mask.sum()), total + mask.numel()
+    return digest.hexdigest(), pruned / max(total, 1)
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Build, prune through the pipeline, evaluate if asked; in this process."""
+    from transformers import LlamaForCausalLM  # noqa: F401 (imported before the baseline)
+
+    from benchmarks import flops
+    from gblm import api, pipeline
+    from gblm.devices import resolve_dtype
+    from gblm.methods.base import RunContext
+    from gblm.methods.registry import build_allocator, build_method
+    from gblm.pruning.sparsity import Sparsity
+    from gblm.utils import StageTimer
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    rates = {"matmul_flops": matmul_rate(device, dtype), "copy_bytes": copy_bandwidth(device)}
+    reset_high_water_mark()  # the rates' operands are gone: the peaks count the run alone
+    baseline = {"rss": status_bytes("VmRSS") or 0, "anon": status_bytes("RssAnon") or 0}
+    sampler = AnonSampler() if config.sample_anon else None
+    model = build_model(config, device, dtype)
+    method = build_method(config.method, **config.options)
+    plan = build_allocator(config.allocator, Sparsity(config.sparsity))
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    windows = None
+    if pipeline.needs_calibration(method, plan):
+        windows = torch.randint(0, vocab, (config.nsamples, config.seqlen), generator=generator)
+        windows = windows.to(device)
+    context = RunContext(device=device, model_dtype=dtype, progress=False, onload=config.onload,
+                         batch_size=config.batch_size,
+                         method_calibrates=method.needs_calibration)  # fmt: skip
+    floors = flops.stage_floors(model, method, plan, config.nsamples, config.seqlen)
+    memory_floor = flops.memory_floor(model, method, config.nsamples, config.seqlen)
+    timer, memory = StageTimer(), StageMemory(device)
+    timer.listeners.append(memory)
+    masks = pipeline.prune(model, method, plan, windows, context, timer)
+    peak_anon = sampler.stop() if sampler else None
+    ppl = None
+    if config.eval_windows:
+        tokens = torch.randint(0, vocab, (1, config.eval_windows * config.seqlen),
+                               generator=generator)  # fmt: skip
+        with timer.stage(EVALUATION):
+            ppl = api.evaluate(model, data=tokens, seqlen=config.seqlen, progress=False,
+                               batch_size=config.eval_batch_size, device=device)  # fmt: skip
+        floors[EVALUATION] = {"flops": flops.model_forward_flops(
+            flops.model_counts(model), config.eval_windows, config.seqlen), "bytes": 0}  # fmt: skip
+    digest, sparsity = masks_digest(masks)
+    if not memory.resettable and device.type == "cpu":  # the high-water marks were not reset
+        memory.peaks, memory.build_peak = {}, None
+        memory.process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
-        name: {
-            "wall_s": min(e["wall_s"]),
-            "cpu_s": min(e["cpu_s"]),
-            "peak_bytes": min(e["peak_bytes"]) if e["peak_bytes"] else None,
-            "entries": e["entries"],
-            "cpu_all": e["cpu_s"],
-        }
-        for name, e in merged.items()
+        "config": asdict(config),
+        "seconds": timer.timings,
+        "synced_seconds": memory.synced if device.type == "cuda" else None,
+        "stage_peak_bytes": memory.peaks,
+        "peak_bytes": memory.process_peak,
+        "build_peak_bytes": memory.build_peak,
+        "baseline_bytes": baseline["rss"] if device.type == "cpu" else 0,
+        "peak_anon_bytes": peak_anon,
+        "baseline_anon_bytes": baseline["anon"],
+        "floors": floors,
+        "memory_floor": memory_floor,
+        "counts": flops.model_counts(model).as_dict(),
+        "rates": rates,
+        "masks_sha256": digest,
+        "sparsity": sparsity,
+        "ppl": ppl,
+        "machine": machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
 
 
-_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
-_M_MMAP_THRESHOLD = -3
-_M_MMAP_MAX = -4
-_MEMORY_PASS_MMAP_THRESHOLD = 64 * 1024
-_GLIBC_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
-_KEEP_TRIM_THRESHOLD = 1 << 30
-_GLIBC_MMAP_MAX = 65536  # glibc's defaults
-_GLIBC_TRIM_THRESHOLD = 128 * 1024
+def main(argv: list[str] | None = None) -> int:
+    (text,) = sys.argv[1:] if argv is None else argv
+    result = run(Config(**json.loads(text)))
+    print(json.dumps(result))
+    return 0
 
 
-def _mallopt() -> Callable[[int, int], int] | None:
-    """glibc's ``mallopt(param, value)``, or None where the C library has none."""
-    mallopt = getattr(_LIBC, "mallopt", None) if _LIBC is not None else None
-    if mallopt is not None:
-        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return mallopt
-
-
-@contextlib.contextmanager
-def mmap_every_tensor(enabled: bool = True) -> Iterator[bool]:
-    """glibc: serve every allocation >= 64 KiB by its own mmap, unmapped on free (see module doc).
-
-    Only new heap growth obeys the threshold (free heap chunks are reused first), so this is set
-    before the measured work fills the heap. glibc offers no way back to its dynamic threshold;
-    afterwards it is set to that threshold's ceiling (32 MiB), where a long run settles anyway.
-    """
-    mallopt = _mallopt()
-    if mallopt is None or not enabled:
-        yield False
-        return
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, _MEMORY_PASS_MMAP_THRESHOLD))
-    try:
-        yield ok
-    finally:
-        mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
-
-
-@contextlib.contextmanager
-def keep_freed_memory() -> Iterator[bool]:
-    """glibc: within the block serve every allocation from the heap and hand nothing back on free.
-
-    The timings use it. Each benchmarked run copies the model and frees it after; with glibc's
-    defaults the freed pages go back to the kernel, and the next run's tensors fault them in
-    again. On a virtual machine that can cost a host-side fault per page (seen here: SmolLM2's
-    Wanda masking stage took 0.52 s in a run with no minor faults and 0.77 s in one with 220k),
-    which a real run, copying nothing, pays once. Kept, the pages are reused, as in a long run.
-    Yields False where glibc's ``mallopt`` is not there. Afterwards glibc's defaults are back.
-    """
-    mallopt = _mallopt()
-    if mallopt is None:
-        yield False
-        return
-    ok = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD))
-    try:
-        yield ok
-    finally:
-        mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
-        mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD)
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,22 +3,23 @@
 A random-init LLaMA-shaped model (fp32, the CPU's compute dtype) is written once as sharded
 safetensors under ``outputs/bench_onload/<config hash>/`` (one shard per block, so writing it
 never holds more than a block). Each depth's model is then pruned with Wanda and with GBLM (l1,
-fp16 accumulators), each case in a fresh subprocess:
+fp16 accumulators), each case in a fresh process through the pipeline
+(:func:`benchmarks.measure.measure`):
 
 - ``memory``: the model loaded and copied into ordinary (anonymous) memory, as a model that fits;
   GBLM's full-model gradient stage.
 - ``disk``: the memory-mapped checkpoint with ``model.onload=true``: block by block, the gradient
   stage too, the pruned blocks and the accumulators in file-backed mappings.
 
-Reported per case: the time of the method's passes and the walk (loading excluded), the peak
-anonymous memory above the process's own after its imports (``RssAnon`` of ``/proc/self/status``,
+Reported per case: the time of the method's passes and the walk (loading excluded) as the
+pipeline's stage timer gave them, the peak anonymous memory above the process's own after its imports (``RssAnon`` of ``/proc/self/status``,
 sampled every 10 ms), and a digest of the masks (the two modes must agree). The floor of the disk
 case: the largest block, embeddings and head, the kept activations (two (N, T, H) buffers), and
 for GBLM one block's fp16 accumulators. Targets: peak within 1.3x the floor, time within 1.5x
 the in-memory run's.
 
     python -m benchmarks.onload                 # depths 8 and 28 (28: 1.55 B parameters)
-    python -m benchmarks.onload --smoke         # a tiny shape, seconds
+    python -m benchmarks.onload --smoke         # a tiny shape in this process, seconds
 """
 
 from __future__ import annotations
@@ -26,9 +27,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -98,67 +96,6 @@ def write_checkpoint(shape: dict, layers: int, cache: Path) -> Path:
     return folder
 
 
-def _rss_anon() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
-
-
-class PeakAnon:
-    """The highest ``RssAnon`` seen by a thread sampling every ``interval`` seconds."""
-
-    def __init__(self, interval: float = 0.01) -> None:
-        self.peak, self._stop, self._interval = _rss_anon(), threading.Event(), interval
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.peak = max(self.peak, _rss_anon())
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return max(self.peak, _rss_anon())
-
-
-def run_case(checkpoint: Path, method: str, mode: str, windows: int, seqlen: int) -> dict:
-    """One case, in this process: load, prune, measure (see the module docstring)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401 (imported now)
-
-    from gblm.calibration.sequential import prune_model
-    from gblm.methods.base import RunContext
-    from gblm.methods.gblm import GBLMPruner
-    from gblm.methods.wanda import WandaPruner
-    from gblm.pruning.sparsity import Sparsity
-
-    base = _rss_anon()
-    sampler = PeakAnon()
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    if mode == "memory":  # a model that fits: every weight in ordinary memory
-        for p in model.parameters():
-            p.data = p.data.clone()
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (windows, seqlen), generator=gen)
-    pruner = GBLMPruner() if method == "gblm" else WandaPruner()
-    onload = mode == "disk"
-    began = time.perf_counter()
-    context = RunContext(torch.device("cpu"), torch.float32, progress=False, onload=onload)
-    pruner.prepare(model, ids, context)
-    masks = prune_model(
-        model, pruner, Sparsity(0.5), ids, device="cpu", progress=False, onload=onload
-    )
-    seconds = time.perf_counter() - began
-    peak = sampler.stop()
-    digest = hashlib.sha256()
-    for name in masks:
-        digest.update(name.encode())
-        digest.update(masks[name].numpy().tobytes())
-    return {"seconds": seconds, "peak_anon": peak - base, "masks_sha256": digest.hexdigest()}
-
-
 def floor_bytes(shape: dict, layers: int, method: str) -> dict:
     """The disk case's floor: largest block, embeddings + head, kept activations, (GBLM) one
     block's fp16 accumulators; fp32 weights."""
@@ -175,23 +112,32 @@ def floor_bytes(shape: dict, layers: int, method: str) -> dict:
     return parts
 
 
-def _subprocess_case(checkpoint: Path, method: str, mode: str, shape: dict) -> dict:
-    command = [sys.executable, "-m", "benchmarks.onload", "--case", method, mode, str(checkpoint),
-               "--windows", str(shape["windows"]), "--seqlen", str(shape["seqlen"])]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{method}/{mode} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def run_case(checkpoint: Path, method: str, mode: str, shape: dict, fresh: bool = True) -> dict:
+    """One case in a fresh process (:func:`benchmarks.measure.measure`; ``fresh=False``: in this
+    one, for the smoke test): the seconds of the method's dense pass and the walk as the
+    pipeline's timer gave them, the peak anonymous memory above the process's own after its
+    imports, the masks' digest."""
+    from benchmarks.measure import Config, measure
+
+    config = Config(
+        model={"checkpoint": str(checkpoint), "private": mode == "memory"}, method=method,
+        nsamples=shape["windows"], seqlen=shape["seqlen"], onload=mode == "disk",
+        sample_anon=True,
+    )  # fmt: skip
+    result = measure(config, fresh=fresh)
+    return {"seconds": sum(result["seconds"].values()), "stages": result["seconds"],
+            "peak_anon": max(0, result["peak_anon_bytes"] - result["baseline_anon_bytes"]),
+            "masks_sha256": result["masks_sha256"]}  # fmt: skip
 
 
-def measure(shape: dict, cache: Path) -> dict:
+def measure(shape: dict, cache: Path, fresh: bool = True) -> dict:
     """Every depth, method and mode; ratios to the floor and to the in-memory time."""
     report = {"shape": shape, "targets": TARGETS, "depths": {}}
     for layers in shape["depths"]:
         checkpoint = write_checkpoint(shape, layers, cache)
         entry = report["depths"][str(layers)] = {}
         for method in METHODS:
-            cases = {mode: _subprocess_case(checkpoint, method, mode, shape) for mode in MODES}
+            cases = {mode: run_case(checkpoint, method, mode, shape, fresh) for mode in MODES}
             floor = floor_bytes(shape, layers, method)
             disk, memory = cases["disk"], cases["memory"]
             entry[method] = {
@@ -233,24 +179,18 @@ def render(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="a tiny shape, for the tests")
+    parser.add_argument("--smoke", action="store_true", help="a tiny shape in-process (tests)")
     parser.add_argument("--depths", type=int, nargs="+", help="numbers of blocks to run")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_onload"))
     parser.add_argument("--cache", type=Path, default=Path("outputs/bench_onload/models"))
-    parser.add_argument("--case", nargs=3, metavar=("METHOD", "MODE", "CHECKPOINT"))
     parser.add_argument("--windows", type=int, help="calibration windows (default 4)")
     parser.add_argument("--seqlen", type=int, help="tokens per window (default 128)")
     args = parser.parse_args(argv)
-    if args.case:
-        method, mode, checkpoint = args.case
-        windows, seqlen = args.windows or FULL["windows"], args.seqlen or FULL["seqlen"]
-        print(json.dumps(run_case(Path(checkpoint), method, mode, windows, seqlen)))
-        return 0
     shape = dict(SMOKE if args.smoke else FULL)
     for key in ("depths", "windows", "seqlen"):
         if getattr(args, key):
             shape[key] = getattr(args, key)
-    report = measure(shape, args.cache)
+    report = measure(shape, args.cache, fresh=not args.smoke)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d_%H%M%S")
     (args.out / f"onload_{stamp}.json").write_text(json.dumps(report, indent=1) + "\n")

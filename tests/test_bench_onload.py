@@ -20,8 +20,11 @@ def test_smoke_report_has_equal_masks_and_every_measure(tmp_path: Path) -> None:
         entry = depth[method]
         assert entry["masks_equal"], method
         for mode in MODES:
-            assert entry[mode]["seconds"] > 0 and entry[mode]["peak_anon"] >= 0, (method, mode)
+            case = entry[mode]
+            assert case["seconds"] > 0 and case["peak_anon"] >= 0, (method, mode)
+            assert case["seconds"] == sum(case["stages"].values())
+            assert ("gradients" in case["stages"]) == (method == "gblm")
         assert entry["floor"]["total"] > entry["floor"]["block"] > 0
         assert entry["time_disk_over_memory"] > 0
-    assert (entry["floor"]["accumulators"] > 0) == (method == "gblm")
+        assert (entry["floor"]["accumulators"] > 0) == (method == "gblm")
     assert "| 2 |" in next(out.glob("*.md")).read_text()
