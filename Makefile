@@ -62,7 +62,7 @@ bench: $(STAMP)  ## benchmarks: time, memory and ratio to floor per method and s
 	$(PY) -m benchmarks.run $(ARGS)
 	$(PY) -m benchmarks.floor
 
-bench-floor: $(STAMP)  ## the product's gradient stage and walk on SmolLM2 against their FLOP floor, and the walk's parts
+bench-floor: $(STAMP)  ## the gradient stage and the walk on SmolLM2 (and a 2048-wide LLaMA) against their FLOP floor
 	$(PY) -m benchmarks.floor $(ARGS)
 
 bench-onload: $(STAMP)  ## onload from disk-backed weights vs in memory: peak anon memory, time (1.55B LLaMA shape)
