@@ -118,18 +118,13 @@ def _masking_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _memory_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
-    """The gradient stage's peak against its budget, with the published loss and chunked."""
+    """The gradient stage's peak against its budget."""
     memory = r.get("gradient_memory")
     if memory is None:
         return []
     case, limit = r["case"]["name"], TARGETS["gradient_memory_vs_budget"]
     target = "gradient stage peak / (weights + accumulators + 1 sample activations)"
-    rows = [_row(case, target, memory["ratio"], limit,
-                 "method.loss_chunk_tokens=0 (default, the published loss)")]  # fmt: skip
-    if memory.get("chunked_ratio") is not None:
-        note = f"method.loss_chunk_tokens={memory['chunked_loss_tokens']}"
-        rows.append(_row(case, target, memory["chunked_ratio"], limit, note))
-    return rows
+    return [_row(case, target, memory["ratio"], limit, "the published loss")]
 
 
 def verdicts(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

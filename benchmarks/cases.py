@@ -63,7 +63,7 @@ class Settings:
     seqlen: int
     eval_windows: int
     repeats: int
-    probe: str | None  # the case that gets the extras (batching, bf16, checkpointing, reference)
+    probe: str | None  # the case that gets the extras (batching, bf16, block by block, reference)
     threads: int = 1
     sparsity: float = 0.5
     memory: bool = True
@@ -71,7 +71,6 @@ class Settings:
     # magnitude's and Wanda's scoring and masking, replayed on the walk's own inputs, best of
     # these many: a few percent of the passes, it is easily moved by the machine's memory noise
     replays: int = 5
-    loss_chunk_tokens: int = 64  # the gradient stage's chunked-loss option, measured beside it
 
 
 def preset(mode: str, *, smollm2: bool = False, threads: int = 1) -> Settings:

@@ -45,13 +45,7 @@ from benchmarks import flops
 from benchmarks.cases import SMOLLM2, ModelCase, llama_case, random_ids
 from benchmarks.suite import machine_info, matmul_rate
 from gblm.calibration.batching import exact_batch
-from gblm.calibration.gradients import (
-    _gradient_batch,
-    _products_in_hooks,
-    decoder_linear_names,
-    gradient_norms,
-)
-from gblm.calibration.loss import lean_loss
+from gblm.calibration.gradients import decoder_linear_names, gradient_norms
 from gblm.calibration.sequential import prune_model
 from gblm.calibration.stats import LinearStats
 from gblm.methods.registry import build_method
@@ -163,8 +157,7 @@ def _best_of(fn: Callable[[], Any], repeats: int = 3) -> float:
 
 def _product_seconds(kind: str, batch: int, seqlen: int, d_in: int, d_out: int) -> float:
     """One product of a Linear (d_in -> d_out) over ``batch`` windows, best of 3: ``forward``
-    (x W^T), ``input_grad`` (g W), ``weight_grad_hooked`` (the hooks' batched g^T x) or
-    ``weight_grad`` (autograd's g^T x, window by window)."""
+    (x W^T), ``input_grad`` (g W) or ``weight_grad`` (autograd's g^T x, window by window)."""
     gen = torch.Generator().manual_seed(d_in + d_out)
     rows = batch * seqlen
     w = torch.randn(d_out, d_in, generator=gen)
@@ -177,8 +170,6 @@ def _product_seconds(kind: str, batch: int, seqlen: int, d_in: int, d_out: int) 
         out = torch.empty(rows, d_in)
         return _best_of(lambda: torch.mm(g.view(rows, d_out), w, out=out))
     out3 = torch.empty(batch, d_out, d_in)
-    if kind == "weight_grad_hooked":
-        return _best_of(lambda: torch.bmm(g.transpose(1, 2), x, out=out3))
     return _best_of(lambda: [torch.mm(g[i].t(), x[i], out=out3[i]) for i in range(batch)])
 
 
@@ -192,7 +183,7 @@ def matmul_replay(model: nn.Module, windows: Tensor, stage: str) -> dict[str, An
     """Seconds the stage's matrix products alone take, at the batch the stage uses.
 
     Gradient stage: every decoder Linear's forward, input-gradient and per-window weight-gradient
-    product (the hooks' batched one or autograd's, as the stage forms them), and the LM head's
+    product (autograd's, one window at a time), and the LM head's
     forward and input gradient. Walk: every decoder Linear's forward, twice (the hooked forward
     and the re-forward). Each distinct product is timed once, best of 3, on random operands into
     a preallocated output, and counted as often as the stage forms it. Attention's products are
@@ -208,12 +199,9 @@ def matmul_replay(model: nn.Module, windows: Tensor, stage: str) -> dict[str, An
         batch = exact_batch("auto", nsamples, seqlen, cpu, linears.values())
         kinds = {"forward": 2}
         head_kinds: dict[str, int] = {}
-    else:
-        with lean_loss(model) as lean:
-            batch = _gradient_batch(model, linears, "auto", windows, cpu) if lean else 1
-            hooked = lean and _products_in_hooks(linears, batch, seqlen, cpu)
-        kinds = {"forward": 1, "input_grad": 1,
-                 "weight_grad_hooked" if hooked else "weight_grad": 1}  # fmt: skip
+    else:  # one window at a time, autograd's products
+        batch = 1
+        kinds = {"forward": 1, "input_grad": 1, "weight_grad": 1}
         head_kinds = {"forward": 1, "input_grad": 1}
     head = model.get_output_embeddings()
     seconds = 0.0

@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         del inputs
         say("floors done")
 
-    method = build_method("gblm", gradient_checkpointing=args.checkpointing)
+    method = build_method("gblm", gradient_blockwise=args.checkpointing)
     with clock.stage("gradient stage"):  # GBLM's dense-model pass, as its prepare runs it
         norms = gradient_norms(model, windows, method.gradients, progress=args.verbose)
     if args.norms_on_cpu:  # the walk moves each Linear's norms to the device as it prunes it
@@ -274,7 +274,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward in the walk")
     p.add_argument("--eval-batch-size", type=int, default=8)
-    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    p.add_argument(
+        "--checkpointing", action="store_true", help="the gradient stage block by block (recompute)"
+    )
     p.add_argument("--norms-on-cpu", action="store_true", help="keep gradient norms on the host")
     p.add_argument("--floors", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=True)

@@ -214,17 +214,7 @@ def _memory(r: dict[str, Any]) -> list[str]:
         f" The published layout (fp16 .grad for every parameter + ~6 B per Linear weight of host"
         f" accumulators) would add {_mib(m['published_layout_bytes'])} MiB here.",
         "",
-    ] + (
-        [
-            f"With method.loss_chunk_tokens={m['chunked_loss_tokens']} (LM head and loss"
-            f" {m['chunked_loss_tokens']} positions at a time): peak"
-            f" {_mib(m['chunked_stage_peak_bytes'])} MiB (weights +"
-            f" {_mib(m['chunked_stage_extra_bytes'])} MiB) = {_x(m['chunked_ratio'])} the budget.",
-            "",
-        ]
-        if m.get("chunked_ratio") is not None
-        else []
-    )
+    ]
 
 
 def _reference(r: dict[str, Any]) -> list[str]:
@@ -319,21 +309,12 @@ def _extras(r: dict[str, Any]) -> list[str]:
     lines += _table(["method", "walk CPU s, batch 1", "batch 4", "speedup", "masks"], rows)
     c = x["checkpointing"]
     lines += [
-        f"Gradient checkpointing: {_s(c['checkpointed_cpu_s'])} CPU s against "
+        f"Gradient stage block by block: {_s(c['checkpointed_cpu_s'])} CPU s against "
         f"{_s(c['plain_cpu_s'])} ({_x(c['time_ratio'])} the time), peak "
         f"{_mib(c['peak_bytes'])} MiB against {_mib(c['plain_peak_bytes'])} MiB; gradient norms "
         f"{'identical' if c['norms_identical'] else 'DIFFERENT'}.",
         "",
     ]
-    cl = x.get("chunked_loss")
-    if cl is not None:
-        lines += [
-            f"Chunked LM-head loss (method.loss_chunk_tokens={cl['tokens']}): gradient stage "
-            f"{_s(cl['chunked_cpu_s'])} CPU s against {_s(cl['plain_cpu_s'])} "
-            f"({_x(cl['time_ratio'])} the time); gradient norms "
-            f"{'identical' if cl['norms_identical'] else 'differ in the last bits'}.",
-            "",
-        ]
     bf = x["bfloat16"]
     rows = [
         [f"floor: {name}", _s(v["fp32_cpu_s"]), _s(v["bf16_cpu_s"]), _x(v["speedup"])]

@@ -322,36 +322,17 @@ def _gradient_options(
     runs: dict[str, MethodRun],
     result: dict[str, Any],
 ) -> dict[str, Any]:
-    """GBLM's gradient stage with checkpointing and with the chunked loss, against plain."""
+    """GBLM's gradient stage block by block (each block recomputed in backward), against plain."""
     repeats = settings.repeats
     extras: dict[str, Any] = {}
-    log.info("probe extras: gradient checkpointing")
+    log.info("probe extras: gradient stage block by block")
     plain = result["methods"]["gblm"]["stages"][GRADIENT_STAGE]
     gradients = runs["gblm"].method.gradients  # GBLM's registered gradient settings
     plain_norms = gradient_norms(model, windows, gradients, progress=False)  # untimed, to compare
     ckpt, ckpt_norms = measure(
-        lambda: gradient_norms(
-            model, windows, replace(gradients, checkpointing=True), progress=False
-        ),
+        lambda: gradient_norms(model, windows, replace(gradients, blockwise=True), progress=False),
         repeats,
     )
-    log.info("probe extras: chunked LM-head loss")
-    chunk = settings.loss_chunk_tokens
-    chunked, chunked_norms = measure(
-        lambda: gradient_norms(
-            model, windows, replace(gradients, loss_chunk_tokens=chunk), progress=False
-        ),
-        repeats,
-    )
-    extras["chunked_loss"] = {
-        "tokens": chunk,
-        "plain_cpu_s": plain["cpu_s"],
-        "chunked_cpu_s": chunked.cpu_s,
-        "time_ratio": chunked.cpu_s / plain["cpu_s"],
-        "norms_identical": all(
-            torch.equal(chunked_norms[k], plain_norms[k]) for k in chunked_norms
-        ),
-    }
     extras["checkpointing"] = {
         "plain_cpu_s": plain["cpu_s"],
         "checkpointed_cpu_s": ckpt.cpu_s,
@@ -446,20 +427,11 @@ def memory_pass(prepared: Prepared, settings: Settings) -> dict[str, Any]:
     for method in METHODS:
         run = run_method(model, method, windows, eval_tokens, settings, memory=True)
         memory["stages"][method] = {k: v["peak_bytes"] for k, v in run.stages.items()}
-    chunk = settings.loss_chunk_tokens
     gradients = build_method("gblm").gradients  # GBLM's registered gradient settings
-    chunked, _ = measure(
-        lambda: gradient_norms(
-            model, windows, replace(gradients, loss_chunk_tokens=chunk), progress=False
-        ),
-        memory=True,
-    )
-    memory["chunked_loss"] = chunked.peak_bytes
-    memory["chunked_loss_tokens"] = chunk
     if prepared.case.name == settings.probe:
         ckpt, _ = measure(
             lambda: gradient_norms(
-                model, windows, replace(gradients, checkpointing=True), progress=False
+                model, windows, replace(gradients, blockwise=True), progress=False
             ),
             memory=True,
         )
@@ -496,14 +468,6 @@ def merge_memory(result: dict[str, Any], memory: dict[str, Any]) -> None:
         # the size of one (T, vocab) fp32 buffer (logits, log-probabilities or their gradient)
         "logits_gradient_bytes": result["seqlen"] * result["vocab"] * 4,
     }
-    chunked = memory.get("chunked_loss")
-    if chunked is not None and known:
-        result["gradient_memory"].update(
-            chunked_loss_tokens=memory.get("chunked_loss_tokens"),
-            chunked_stage_extra_bytes=chunked,
-            chunked_stage_peak_bytes=counts["param_bytes"] + chunked,
-            chunked_ratio=(counts["param_bytes"] + chunked) / budget,
-        )
     extras = result.get("extras")
     if extras is not None and "checkpointing" in memory:
         extras["checkpointing"]["peak_bytes"] = memory["checkpointing"]

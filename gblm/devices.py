@@ -57,7 +57,7 @@ CPU_ROWS_PER_BATCH = 2048
 
 
 def calibration_batch(batch_size: int | str, device: torch.device, seqlen: int) -> int:
-    """Windows per forward call of a calibration pass: ``batch_size`` itself, or for ``auto``
+    """Windows per forward call of the layer walk: ``batch_size`` itself, or for ``auto``
     ``max(1, 2048 // seqlen)`` on the CPU and 1 elsewhere.
 
     This is the size asked for; :func:`gblm.calibration.batching.exact_batch` uses it only where

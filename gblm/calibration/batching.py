@@ -1,4 +1,5 @@
-"""Calibration windows in batches only where a batch computes each window's numbers exactly.
+"""The layer walk's calibration windows in batches, only where a batch computes each window's
+numbers exactly.
 
 A forward or backward pass over b windows at once fills the matmuls better than b passes of one
 window (on a 2-core CPU a (256 x 576) @ (576 x 576) product runs at half the rate of a
@@ -9,13 +10,12 @@ are summed: the same rows then come out different in the last bits (seen on this
 for 8-128 rows of width 576 -> 1536 with two threads, never at 256 rows or more).
 
 :func:`batch_is_exact` asks the machine: for every distinct Linear shape of the pass it runs the
-products a batch needs, once batched and once window by window (the weight gradient through
-autograd, as a batch of one gets it), on seeded random numbers, and compares the bits. The
-kernel path depends on the shapes, the dtype, the device and the thread count, not on the
-values, and random operands make any difference in summation order show in almost every entry,
-so bit-equal results on them mean the same kernels. ``batch_size=auto`` batches only when the
-probe says so; with it the walk's masks and GBLM-Pruner's gradient norms are those of a batch of
-one, bit for bit (tests/test_batching.py).
+forward product once batched and once window by window, on seeded random numbers, and compares
+the bits. The kernel path depends on the shapes, the dtype, the device and the thread count, not
+on the values, and random operands make any difference in summation order show in almost every
+entry, so bit-equal results on them mean the same kernels. ``batch_size=auto`` batches only when
+the probe says so; with it the walk's masks are those of a batch of one, bit for bit
+(tests/test_batching.py). GBLM's gradient stage always takes one window at a time.
 """
 
 from __future__ import annotations
@@ -50,36 +50,14 @@ def _windows_alone(x: Tensor, op: Callable[[Tensor], Tensor], batched: Tensor) -
 
 
 def _linear_is_exact(
-    d_in: int, d_out: int, dtype: torch.dtype, device: torch.device, batch: int, seqlen: int,
-    check: str,
-) -> bool:  # fmt: skip
+    d_in: int, d_out: int, dtype: torch.dtype, device: torch.device, batch: int, seqlen: int
+) -> bool:
     gen = torch.Generator().manual_seed(d_in * 131 + d_out)
     x = torch.randn(batch, seqlen, d_in, generator=gen).to(device, dtype)  # (b, T, d_in)
     w = torch.randn(d_out, d_in, generator=gen).to(device, dtype)  # (d_out, d_in)
-    if not _windows_alone(x, lambda xi: F.linear(xi, w), F.linear(x, w)):
-        return False
-    if check == FORWARD:
-        return True
-    g = torch.randn(batch, seqlen, d_out, generator=gen).to(device, dtype)  # (b, T, d_out)
-    if not _windows_alone(g, lambda gi: gi @ w, g @ w):  # the input gradient
-        return False
-    if check == INPUT_GRADIENT:
-        return True
-    batched = torch.bmm(g.transpose(1, 2), x)  # (b, d_out, d_in): the per-sample fold's product
-    leaf = w.detach().requires_grad_()
-    with torch.enable_grad():
-        for i in (0, batch - 1):  # autograd's weight gradient for a batch of one
-            leaf.grad = None
-            F.linear(x[i : i + 1], leaf).backward(g[i : i + 1])
-            if not torch.equal(leaf.grad, batched[i]):
-                return False
-    return True
+    return _windows_alone(x, lambda xi: F.linear(xi, w), F.linear(x, w))
 
 
-#: What a probe compares: the forward product; also the input gradient; also the per-sample
-#: weight gradient.
-FORWARD, INPUT_GRADIENT, WEIGHT_GRADIENT = "forward", "input_gradient", "weight_gradient"
-_CHECKS = (FORWARD, INPUT_GRADIENT, WEIGHT_GRADIENT)
 _verdicts: dict[str, bool] = {}  # this process's probes, by key
 
 
@@ -105,12 +83,12 @@ def _machine() -> dict:
     return {**_software_and_cpu(), "threads": torch.get_num_threads()}
 
 
-def _probe(shape: tuple[int, int, torch.dtype, str], batch: int, seqlen: int,
+def _probe(shape: tuple[int, int, torch.dtype], batch: int, seqlen: int,
            device: torch.device) -> bool:  # fmt: skip
     """One shape's verdict, remembered in this process and, for the CPU, on disk (the cache
     dir's ``batch_probes/``), keyed by everything the kernel choice depends on."""
-    d_in, d_out, dtype, check = shape
-    key_fields = {"shape": [d_in, d_out, dtype_name(dtype)], "check": check, "batch": batch,
+    d_in, d_out, dtype = shape
+    key_fields = {"shape": [d_in, d_out, dtype_name(dtype)], "check": "forward", "batch": batch,
                   "seqlen": seqlen, "device": str(device), **_machine()}  # fmt: skip
     key = content_hash(key_fields, length=24)
     if key in _verdicts:
@@ -121,7 +99,7 @@ def _probe(shape: tuple[int, int, torch.dtype, str], batch: int, seqlen: int,
         with contextlib.suppress(OSError, ValueError, KeyError):
             verdict = bool(json.loads(path.read_text())["exact"])
     if verdict is None:
-        verdict = _linear_is_exact(d_in, d_out, dtype, device, batch, seqlen, check)
+        verdict = _linear_is_exact(d_in, d_out, dtype, device, batch, seqlen)
         if device.type == "cpu":
             with contextlib.suppress(OSError):  # a cache that cannot be written costs a probe
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,40 +110,24 @@ def _probe(shape: tuple[int, int, torch.dtype, str], batch: int, seqlen: int,
 
 @torch.no_grad()
 def batch_is_exact(
-    linears: Iterable[nn.Linear],
-    batch: int,
-    seqlen: int,
-    device: torch.device,
-    *,
-    check: str = FORWARD,
-    head: nn.Linear | None = None,
+    linears: Iterable[nn.Linear], batch: int, seqlen: int, device: torch.device
 ) -> bool:
     """Whether ``batch`` windows of ``seqlen`` tokens per call on ``device`` give, for every
-    Linear shape in ``linears``, the bits that windows one at a time give.
-
-    Args:
-        check: what is compared for ``linears``: the forward product (:data:`FORWARD`), also
-            the input gradient, also the per-sample weight gradient (:data:`WEIGHT_GRADIENT`).
-        head: a Linear checked for its forward product and input gradient only (an LM head,
-            whose weight gradient is not formed).
+    Linear shape in ``linears``, the forward products that windows one at a time give.
 
     Costs the products of one batch per distinct shape, and two windows alone; verdicts are
     remembered (:func:`_probe`).
     """
-    if check not in _CHECKS:
-        raise ValueError(f"check={check!r}: allowed values are {', '.join(_CHECKS)}.")
-    if batch <= 1 and check != WEIGHT_GRADIENT:
-        return True  # one window's products are its own; only the fold's product may differ
-    shapes = {(lin.in_features, lin.out_features, lin.weight.dtype, check) for lin in linears}
-    if head is not None and batch > 1:
-        shapes.add((head.in_features, head.out_features, head.weight.dtype, INPUT_GRADIENT))
+    if batch <= 1:
+        return True  # one window's products are its own
+    shapes = {(lin.in_features, lin.out_features, lin.weight.dtype) for lin in linears}
     for shape in sorted(shapes, key=str):
         if not _probe(shape, batch, seqlen, torch.device(device)):
-            d_in, d_out, dtype, what = shape
+            d_in, d_out, dtype = shape
             logger.info(
                 "a batch of %d windows of %d tokens changes the bits of a %d -> %d %s product "
-                "(%s) here: windows go one at a time",
-                batch, seqlen, d_in, d_out, dtype_name(dtype), what,
+                "here: windows go one at a time",
+                batch, seqlen, d_in, d_out, dtype_name(dtype),
             )  # fmt: skip
             return False
     return True
@@ -177,26 +139,15 @@ def exact_batch(
     seqlen: int,
     device: torch.device,
     linears: Iterable[nn.Linear],
-    *,
-    check: str = FORWARD,
-    head: nn.Linear | None = None,
-    limit: int | None = None,
 ) -> int:
     """Windows per call for a pass over ``nsamples`` windows: an integer ``batch_size`` as given;
-    ``auto`` (:func:`gblm.devices.calibration_batch`, at most ``limit``) only where
-    :func:`batch_is_exact` holds for the full batches and for the last, shorter one; else 1.
-
-    With :data:`WEIGHT_GRADIENT` a batch of one window is probed too: a batched pass folds every
-    window through the batched weight-gradient product, also a last batch (or, block by block, a
-    last group) that holds one window."""
+    ``auto`` (:func:`gblm.devices.calibration_batch`) only where :func:`batch_is_exact` holds for
+    the full batches and for the last, shorter one; else 1."""
     batch = min(calibration_batch(batch_size, device, seqlen), nsamples)
     if batch_size != "auto" or batch <= 1:
         return batch
-    batch = min(batch, limit or batch)
     linears = list(linears)
     sizes = {batch, nsamples % batch} - {0, 1}
-    if check == WEIGHT_GRADIENT and batch > 1:
-        sizes.add(1)
-    if all(batch_is_exact(linears, size, seqlen, device, check=check, head=head) for size in sizes):
+    if all(batch_is_exact(linears, size, seqlen, device) for size in sizes):
         return batch
     return 1

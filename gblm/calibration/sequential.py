@@ -34,7 +34,6 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from gblm.calibration.batching import exact_batch
-from gblm.calibration.blockwise import skeleton, visiting
 from gblm.calibration.capture import BlockInputs, capture_block_inputs
 from gblm.calibration.hooks import attached_hooks
 from gblm.calibration.stats import LinearStats
@@ -52,6 +51,7 @@ from gblm.models.memory import (
     release_free_heap,
 )
 from gblm.models.offload import execution_devices, materialized
+from gblm.models.onloading import skeleton, visiting
 from gblm.pruning.sparsity import Sparsity
 from gblm.pruning.storage import PackedMasks
 
