@@ -14,7 +14,7 @@ its floor then splits into the products' own shortfall (replay / floor) and ever
 (stage / replay: elementwise work, attention, the loss, the fold, memory, Python).
 
 A wider model follows SmolLM2 (``--wide``, default a LLaMA shape 2048 wide, 4 blocks, vocab
-32000, 8 x 256): where batching is not exact, as there, every pass goes one window at a time.
+32000, 8 x 256). Every pass goes one window at a time (``batch_size=auto``).
 
 A second, instrumented walk on a fresh copy breaks the walk down into its parts, each timed by
 wrapping the function that does it (the walk has no timing parameters): block-0 capture, the
@@ -44,7 +44,6 @@ import gblm.methods.base as method_base
 from benchmarks import flops
 from benchmarks.cases import SMOLLM2, ModelCase, llama_case, random_ids
 from benchmarks.suite import machine_info, matmul_rate
-from gblm.calibration.batching import exact_batch
 from gblm.calibration.gradients import decoder_linear_names, gradient_norms
 from gblm.calibration.sequential import prune_model
 from gblm.calibration.stats import LinearStats
@@ -190,13 +189,12 @@ def matmul_replay(model: nn.Module, windows: Tensor, stage: str) -> dict[str, An
     not replayed (the floor prices them; they are a few percent).
     """
     nsamples, seqlen = windows.shape
-    cpu = torch.device("cpu")
     linears = decoder_linear_names(model)
     shapes: dict[tuple[int, int], int] = defaultdict(int)
     for linear in linears.values():
         shapes[(linear.in_features, linear.out_features)] += 1
     if stage == "walk":
-        batch = exact_batch("auto", nsamples, seqlen, cpu, linears.values())
+        batch = 1  # batch_size=auto: one window
         kinds = {"forward": 2}
         head_kinds: dict[str, int] = {}
     else:  # one window at a time, autograd's products
