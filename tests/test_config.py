@@ -148,10 +148,10 @@ def test_method_options_are_the_method_class_keywords():
     from gblm.methods.registry import ENTRY_KEYS
     from gblm.run import build_method
 
-    s = _settings("method=gblm", "method.loss_chunk_tokens=-4")
-    assert s.method_kwargs["loss_chunk_tokens"] == -4
+    s = _settings("method=gblm", "method.gradient_group_size=-4")
+    assert s.method_kwargs["gradient_group_size"] == -4
     assert not set(ENTRY_KEYS) & set(s.method_kwargs)
-    with pytest.raises(ConfigError, match="method.loss_chunk_tokens=-4"):
+    with pytest.raises(ConfigError, match="method.gradient_group_size=-4"):
         build_method(s)
 
 

@@ -1,9 +1,9 @@
 """GBLM-Pruner (Das et al., arXiv 2311.04902): ``|W| * sqrt(row_sq) + |W| * G_p``, per output row.
 
 The method owns two stages: its dense-model pass (:meth:`GBLMPruner.prepare`, the gradient stage
-of :mod:`gblm.calibration.gradients`, cached on disk by :mod:`gblm.calibration.gradient_cache`) and the per-Linear score
-(:func:`gblm.pruning.gblm.gblm_score`). Every option of the gradient stage is checked once, by
-:class:`gblm.calibration.gradients.GradientSettings`.
+of :mod:`gblm.calibration.gradients`, cached on disk by :mod:`gblm.calibration.gradient_cache`)
+and the per-Linear score (:func:`gblm.pruning.gblm.gblm_score`). Every option of the gradient
+stage is checked once, by :class:`gblm.calibration.fold.GradientSettings`.
 """
 
 from __future__ import annotations
