@@ -103,7 +103,7 @@ class Folder:
         files: tuple[Path | None] | None,
     ) -> None:
         """Zero accumulators, (d_out, d_in) each, on ``accumulate_on`` (default: the weight's
-        device); with ``files``, one file-backed mapping per block in ``files[0]``
+        device, the CPU for one accelerate offloads); with ``files``, one file-backed mapping per block in ``files[0]``
         (:func:`gblm.models.memory.file_backed_zeros`)."""
         self.norm, self.scale = settings.norm, settings.scale
         # l2 sums squares in fp32 whatever the stored dtype (published: fp32, then sqrt -> fp16).
@@ -116,6 +116,8 @@ class Folder:
                 continue
             for name, lin in linears.items():
                 where = accumulate_on or lin.weight.device
+                if where.type == "meta":  # a weight accelerate offloads: its home is the host
+                    where = torch.device("cpu")
                 self.accumulators[name] = torch.zeros(lin.weight.shape, dtype=dtype, device=where)
         self.samples_seen = dict.fromkeys(self.accumulators, 0)
         # One 0-d fp32 check value per Linear per sample: the sum of the folded term, finite iff
