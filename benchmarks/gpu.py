@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """The measurement and its verdicts against :data:`GOALS`."""
     config = Config(
         model={"llama": SHAPES[args.shape]}, method="gblm",
-        options={"gradient_checkpointing": args.checkpointing}, sparsity=args.sparsity,
+        options={"gradient_blockwise": args.checkpointing}, sparsity=args.sparsity,
         nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, dtype=args.dtype,
         batch_size=args.batch_size, eval_windows=args.eval_windows,
         eval_batch_size=args.eval_batch_size,
@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     p.add_argument("--eval-batch-size", type=int, default=8)
-    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    p.add_argument("--checkpointing", action="store_true", help="the gradient stage block by block")
     p.add_argument("--in-process", action="store_true", help="no fresh process (tests)")
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "outputs" / "bench")
     args = p.parse_args(argv)

@@ -105,9 +105,7 @@ def prune(
         calibration: texts (``nsamples`` windows of ``seqlen`` tokens are drawn with ``seed``) or
             (N, T) token ids; not needed by magnitude.
         device: where each block is computed; default the device of the model's embeddings.
-        batch_size: calibration windows per forward in the walk and GBLM's gradient stage, or
-            ``auto`` (batches that fill the matmuls on the CPU, one window on a GPU; the same
-            masks bit for bit).
+        batch_size: calibration windows per forward in the walk; ``auto`` is one, as published.
         progress: tqdm bars.
         options: the method's options, as in its yaml (``{"norm": "l2"}``); with a name only.
         onload: the model's weights stay where they are (e.g. the CPU) and each decoder block is

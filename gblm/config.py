@@ -282,8 +282,8 @@ class RunConf:
     device: str = "auto"  # auto (first CUDA device, else CPU) | cpu | cuda | cuda:N
     # model dtype: auto (float16 on CUDA as published, float32 on CPU) | float32 | float16 | bfloat16
     dtype: str = "auto"
-    # calibration windows per forward in the layer walk (and GBLM's gradient stage): auto (CPU:
-    # 2048 rows per matmul, bit for bit the same results; GPU: 1, as published) | an integer
+    # calibration windows per forward in the layer walk: auto (one, as published) | an integer
+    # (faster on a CPU, but a batched product may change the last bits of some shapes)
     batch_size: int | str = "auto"
     offload_inputs: bool = False  # keep the walk's (N, T, hidden) block inputs on the CPU
     save_model: bool = False  # save_pretrained the pruned model with its masks into the run dir

@@ -50,23 +50,12 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-#: ``auto`` calibration batches on the CPU: windows enough for this many rows per matmul. At
-#: SmolLM2's width a (256 x 576) @ (576 x 576) product runs at about half the rate of a
-#: (2048 x 576) one on two threads; past 2048 rows the rate no longer grows.
-CPU_ROWS_PER_BATCH = 2048
-
-
-def calibration_batch(batch_size: int | str, device: torch.device, seqlen: int) -> int:
-    """Windows per forward call of a calibration pass: ``batch_size`` itself, or for ``auto``
-    ``max(1, 2048 // seqlen)`` on the CPU and 1 elsewhere.
-
-    This is the size asked for; :func:`gblm.calibration.batching.exact_batch` uses it only where
-    a probe finds the batched products giving each window the bits it gets alone (some CPU
-    shapes do not). On a GPU ``auto`` keeps the published batch of one, which fills a GPU at the
-    published 2048 tokens anyway.
-    """
+def calibration_batch(batch_size: int | str) -> int:
+    """Windows per forward call of the layer walk: ``auto`` is one window, as published (batches
+    of the CPU's bit-exact size saved less than a quarter of the walk's time, docs/performance.md);
+    an integer is taken as given (a batch may change the last bits of some products)."""
     if batch_size == "auto":
-        return max(1, CPU_ROWS_PER_BATCH // seqlen) if torch.device(device).type == "cpu" else 1
+        return 1
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: allowed values are auto or an integer >= 1.")
     return batch_size

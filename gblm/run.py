@@ -57,7 +57,7 @@ class RunInterrupted(BaseException):
 def result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """The settings that determine a run's results, normalised so that equal runs compare equal.
 
-    ``batch_size=auto`` counts as 1 (it gives one window's results bit for bit); the sparsity node
+    ``batch_size=auto`` counts as 1 (it is one window); the sparsity node
     keeps the target and its own allocator's options only (the others' keys change nothing), and
     a ``per_block`` schedule recorded before allocators were plug-ins counts as ``per_block``.
     """

@@ -44,15 +44,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def autograd_products(monkeypatch: pytest.MonkeyPatch) -> None:
-    """GBLM's gradient stage with autograd forming every weight gradient (the published
-    computation), instead of the Linears' hooks, which it uses wherever a probe allows."""
-    from gblm.calibration import gradients
-
-    monkeypatch.setattr(gradients, "_products_in_hooks", lambda *_: False)
-
-
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -1,224 +1,39 @@
-"""Calibration batches (``batch_size=auto``): the masks, weights and gradient norms of windows
-one at a time, bit for bit, wherever batches are used; one window at a time where the machine's
-kernels would change the bits."""
+"""``batch_size``: ``auto`` is one window at a time (the published computation), an integer is
+taken as given; runs finished with one window are the same config as ``auto`` runs."""
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
 
-from gblm.calibration import batching, gradients
-from gblm.calibration.batching import WEIGHT_GRADIENT, batch_is_exact, exact_batch
-from gblm.calibration.gradients import GradientError, GradientSettings, gradient_norms
 from gblm.calibration.sequential import prune_model
 from gblm.devices import calibration_batch
 from gblm.methods.registry import build_method
 from gblm.models.layers import decoder_layers
-from gblm.models.tiny import ARCHITECTURES, build_tiny_model, tiny_config
+from gblm.models.tiny import build_tiny_model, tiny_config
 from gblm.pruning.sparsity import Sparsity
 
 VOCAB, N, T = 256, 7, 32
-CPU = torch.device("cpu")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _model(arch: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    return build_tiny_model(tiny_config(arch, vocab_size=VOCAB), seed=0, dtype=dtype)
-
-
-def _windows(n: int = N, seqlen: int = T, vocab: int = VOCAB) -> Tensor:
-    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(3))
-
-
-def _by_autograd(
-    model: nn.Module, ids: Tensor, settings: GradientSettings | None = None
-) -> dict[str, Tensor]:
-    """The norms with autograd forming each window's weight gradient, one window at a time: the
-    published computation, which batches and the hooks' products must reproduce bit for bit."""
-    with mock.patch.object(gradients, "_products_in_hooks", lambda *_: False):
-        return gradient_norms(model, ids, settings, progress=False, batch_size=1)
-
-
-def _count_block_calls(model: nn.Module) -> tuple[list[int], object]:
-    calls: list[int] = []
-    handle = decoder_layers(model)[0].register_forward_hook(lambda *_: calls.append(1))
-    return calls, handle
-
-
-def test_auto_batch_size_rule() -> None:
-    assert calibration_batch("auto", CPU, 256) == 8
-    assert calibration_batch("auto", CPU, 4096) == 1
-    assert calibration_batch("auto", torch.device("cuda"), 256) == 1  # published: one window
-    assert calibration_batch(3, torch.device("cuda"), 256) == 3
+def test_auto_is_one_window_and_integers_are_taken_as_given() -> None:
+    assert calibration_batch("auto") == 1
+    assert calibration_batch(3) == 3
     for bad in (0, -1, 1.5, True, "big"):
         with pytest.raises(ValueError, match="batch_size"):
-            calibration_batch(bad, CPU, 256)
-    linears = [nn.Linear(16, 8)]
-    assert exact_batch("auto", 5, 1024, CPU, linears) == 2  # 2048 rows, capped by nothing
-    assert exact_batch("auto", 1, 64, CPU, linears) == 1  # never more than the windows
-    assert exact_batch("auto", 40, 64, CPU, linears, limit=4) == 4
-    assert exact_batch(6, 40, 64, CPU, linears) == 6  # an integer is taken as given
-
-
-@pytest.mark.parametrize("d_in, d_out, seqlen", [(64, 176, 32), (576, 1536, 16), (96, 64, 8)])
-def test_probe_verdict_holds_for_other_values(d_in: int, d_out: int, seqlen: int) -> None:
-    """The probe's verdict is about kernels, not values: new operands get the same verdict."""
-    exact = batch_is_exact([nn.Linear(d_in, d_out)], 4, seqlen, CPU, check=WEIGHT_GRADIENT)
-    gen = torch.Generator().manual_seed(11)
-    x = torch.randn(4, seqlen, d_in, generator=gen) * 3
-    w = torch.randn(d_out, d_in, generator=gen)
-    batched, single = F.linear(x, w), torch.cat([F.linear(x[i : i + 1], w) for i in range(4)])
-    if exact:
-        assert torch.equal(batched, single)
-    else:  # the probe found a product whose bits depend on the batch: this one may differ too
-        torch.testing.assert_close(batched, single)
-
-
-def test_inexact_kernels_send_windows_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(batching, "batch_is_exact", lambda *a, **k: False)
-    model = _model("llama")
-    calls, handle = _count_block_calls(model)
-    prune_model(model, build_method("wanda"), Sparsity(0.5), _windows(), device="cpu",
-                progress=False)  # fmt: skip
-    handle.remove()
-    assert len(calls) == 2 * N  # statistics and re-forward, one window each
-    assert exact_batch("auto", N, T, CPU, [nn.Linear(4, 4)]) == 1
-
-
-def _walk(arch: str, method: str, batch_size: int | str) -> tuple[dict, dict, int]:
-    model = _model(arch)
-    pruner = build_method(method)
-    if method == "gblm":
-        pruner.set_gradient_norms(gradient_norms(model, _windows(), progress=False, batch_size=1))
-    calls, handle = _count_block_calls(model)
-    masks = prune_model(model, pruner, Sparsity(0.5), _windows(), device="cpu",
-                        batch_size=batch_size, progress=False)  # fmt: skip
-    handle.remove()
-    return {k: masks[k] for k in masks}, model.state_dict(), len(calls)
-
-
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "gblm"])
-def test_auto_batches_give_the_masks_and_weights_of_one_window(arch: str, method: str) -> None:
-    masks_1, weights_1, calls_1 = _walk(arch, method, 1)
-    masks_a, weights_a, calls_a = _walk(arch, method, "auto")
-    assert calls_1 == 2 * N
-    assert masks_a.keys() == masks_1.keys()
-    for name, mask in masks_1.items():
-        assert torch.equal(masks_a[name], mask), name
-    for name, value in weights_1.items():
-        assert torch.equal(weights_a[name], value), name
-    model = _model(arch)
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if exact_batch("auto", N, T, CPU, linears) > 1:  # batches were used: fewer, larger calls
-        assert calls_a < calls_1
-
-
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("norm", ["l1", "l2"])
-def test_batched_gradient_norms_are_those_of_one_window(arch: str, norm: str) -> None:
-    model, ids = _model(arch), _windows()
-    settings = GradientSettings(norm=norm)
-    ref = _by_autograd(model, ids, settings)
-    for batch_size in ("auto", 2, 3, 7):  # integers: taken as given, exact here (tiny shapes)
-        if batch_size != "auto" and not batch_is_exact(
-            [m for m in model.modules() if isinstance(m, nn.Linear)], batch_size, T, CPU,
-            check=WEIGHT_GRADIENT,
-        ):  # fmt: skip
-            continue
-        got = gradient_norms(model, ids, settings, progress=False, batch_size=batch_size)
-        assert list(got) == list(ref)
-        for name, value in ref.items():
-            assert bool(value.abs().sum() > 0), name
-            assert torch.equal(got[name], value), (batch_size, name)
-
-
-def test_batched_gradient_norms_in_bfloat16() -> None:
-    model, ids = _model("llama", torch.bfloat16), _windows()
-    ref = _by_autograd(model, ids)
-    got = gradient_norms(model, ids, progress=False, batch_size="auto")
-    assert all(torch.equal(got[name], value) for name, value in ref.items())
-
-
-def test_batched_gradients_on_smollm2() -> None:
-    from gblm.models.loading import ModelSpec, load_model_and_tokenizer
-
-    model, _ = load_model_and_tokenizer(ModelSpec(), CPU, torch.float32)
-    ids = _windows(n=3, seqlen=256, vocab=model.config.vocab_size)
-    ref = _by_autograd(model, ids)
-    got = gradient_norms(model, ids, progress=False, batch_size="auto")
-    for name, value in ref.items():
-        assert torch.equal(got[name], value), name
-
-
-@pytest.mark.parametrize(("batch", "where"), [(4, "samples 0-3"), (1, "sample 2")])
-def test_hooked_nonfinite_gradient_names_the_layer_and_samples(batch: int, where: str) -> None:
-    model, ids = _model("llama"), _windows(n=4)
-    down = model.model.layers[1].mlp.down_proj
-
-    seen = [0]  # windows through down_proj so far
-
-    def poison(_module: nn.Module, _args: tuple, output: Tensor) -> None:
-        first, seen[0] = seen[0], seen[0] + output.shape[0]
-        if not first <= 2 < seen[0]:
-            return
-
-        def nan_in_sample_2(grad: Tensor) -> Tensor:
-            grad = grad.clone()
-            grad[2 - first] = float("nan")
-            return grad
-
-        output.register_hook(nan_in_sample_2)  # runs before the stage's own output hook
-
-    handle = down.register_forward_hook(poison)
-    try:
-        with pytest.raises(GradientError, match=rf"layers\.1\.mlp\.down_proj \({where}\)"):
-            gradient_norms(model, ids, progress=False, batch_size=batch)
-    finally:
+            calibration_batch(bad)
+    model = build_tiny_model(tiny_config("llama", vocab_size=VOCAB), seed=0)
+    ids = torch.randint(0, VOCAB, (N, T), generator=torch.Generator().manual_seed(3))
+    # statistics and re-forward: two calls per batch; 3 gives batches of 3, 3 and 1
+    for batch_size, calls in (("auto", 2 * N), (3, 2 * 3), (N + 5, 2)):
+        windows_per_call: list[int] = []
+        handle = decoder_layers(model)[0].register_forward_hook(
+            lambda _m, args, _out, seen=windows_per_call: seen.append(args[0].shape[0])
+        )
+        prune_model(model, build_method("wanda"), Sparsity(0.5), ids, device="cpu",
+                    batch_size=batch_size, progress=False)  # fmt: skip
         handle.remove()
-    assert all(p.grad is None and p.requires_grad for p in model.parameters())
-    gradient_norms(model, ids, progress=False, batch_size=batch)  # no hook left behind
-
-
-def test_probe_verdicts_are_remembered_by_what_they_depend_on(
-    tmp_path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("GBLM_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(batching, "_verdicts", {})
-    probed: list[tuple] = []
-    real = batching._linear_is_exact
-
-    def counting(*args):
-        probed.append(args)
-        return real(*args)
-
-    monkeypatch.setattr(batching, "_linear_is_exact", counting)
-    linears, head = [nn.Linear(32, 48), nn.Linear(48, 32)], nn.Linear(32, 100)
-    assert batch_is_exact(linears, 3, 16, CPU, check=WEIGHT_GRADIENT, head=head)
-    assert sorted(a[:2] + (a[-1],) for a in probed) == [
-        (32, 48, WEIGHT_GRADIENT), (32, 100, batching.INPUT_GRADIENT), (48, 32, WEIGHT_GRADIENT)
-    ]  # fmt: skip
-    assert len(list((tmp_path / "batch_probes").glob("*.json"))) == 3
-    batch_is_exact(linears, 3, 16, CPU, check=WEIGHT_GRADIENT, head=head)
-    assert len(probed) == 3  # remembered in the process
-    monkeypatch.setattr(batching, "_verdicts", {})
-    batch_is_exact(linears, 3, 16, CPU, check=WEIGHT_GRADIENT, head=head)
-    assert len(probed) == 3  # and on disk
-    for path in (tmp_path / "batch_probes").glob("*.json"):
-        path.write_text("{damaged")
-    monkeypatch.setattr(batching, "_verdicts", {})
-    batch_is_exact(linears, 3, 16, CPU, check=WEIGHT_GRADIENT, head=head)
-    assert len(probed) == 6  # a damaged entry is probed again
-    batch_is_exact(linears, 3, 17, CPU, check=WEIGHT_GRADIENT, head=head)
-    assert len(probed) == 9  # another length is another key
-    with pytest.raises(ValueError, match="check="):
-        batch_is_exact(linears, 3, 16, CPU, check="everything")
+        assert len(windows_per_call) == calls and sum(windows_per_call) == 2 * N
 
 
 def test_auto_batches_resume_runs_finished_with_one_window() -> None:
@@ -243,27 +58,3 @@ def test_runs_finished_under_older_defaults_are_the_same_config(tmp_path) -> Non
     assert not _same_config(previous, config_hash(now), tmp_path, {**now, "seed": 1})
     assert not _same_config(previous, config_hash(now), tmp_path, {**now, "batch_size": 4})
     assert not _same_config(previous, "0" * 16, tmp_path / "missing", now)  # no saved config
-
-
-def test_a_batch_of_one_window_is_probed_for_the_fold(
-    tmp_path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A batched pass folds a last batch of one window through the batched product too."""
-    probed: list[int] = []
-    real = batching.batch_is_exact
-
-    def recording(linears, batch, *args, **kwargs):
-        probed.append(batch)
-        return real(linears, batch, *args, **kwargs)
-
-    monkeypatch.setattr(batching, "batch_is_exact", recording)
-    linears = [nn.Linear(16, 8)]
-    assert exact_batch("auto", 7, 1024, CPU, linears, check=WEIGHT_GRADIENT) == 2
-    assert sorted(probed) == [1, 2]  # 7 windows: batches of 2 and a last one of 1
-    probed.clear()
-    exact_batch("auto", 7, 1024, CPU, linears)  # forward only: one window is its own
-    assert probed == [2]
-    monkeypatch.setattr(batching, "_linear_is_exact", lambda *a: a[4] != 1)  # batch of 1 differs
-    monkeypatch.setattr(batching, "_verdicts", {})
-    monkeypatch.setenv("GBLM_CACHE_DIR", str(tmp_path))  # no verdict from an earlier probe
-    assert exact_batch("auto", 8, 1024, CPU, linears, check=WEIGHT_GRADIENT) == 1

@@ -1,4 +1,5 @@
-"""The block-by-block gradient stage against the full-model one: equal bit for bit (torch.equal)."""
+"""The gradient stage block by block against the full model: equal bit for bit (torch.equal);
+and the onloading helpers it runs on (gblm.models.onloading)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from gblm.calibration.blockwise import blockwise_gradient_norms, skeleton, visiting
 from gblm.calibration.gradients import GradientError, GradientSettings, gradient_norms
 from gblm.models.layers import decoder_layers
+from gblm.models.onloading import skeleton, visiting
 from gblm.models.tiny import ARCHITECTURES, build_tiny_model, tiny_config
 
 VOCAB = 256
@@ -41,53 +42,32 @@ def test_bit_equal_to_the_full_model_on_every_architecture(arch: str, norm: str)
     model, ids = tiny(arch), windows()
     ref = gradient_norms(model, ids, GradientSettings(norm=norm), progress=False)
     for size in (1, 2, 3):  # 2: a short last group
-        got = blockwise_gradient_norms(model, ids, blockwise(norm, size), progress=False)
+        got = gradient_norms(model, ids, blockwise(norm, size), progress=False)
         assert_bit_equal(ref, got)
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_batches_of_a_group_give_the_norms_of_windows_one_at_a_time(arch, monkeypatch) -> None:
-    import gblm.calibration.blockwise as blockwise_module
-
-    model, ids = tiny(arch), windows(n=5)
-    batches = []
-    loss_backward = blockwise_module._loss_backward
-
-    def counted(model, ids, chunk, first):
-        if ids.shape[0] > 1:  # batches of several windows
-            batches.append((first, ids.shape[0]))
-        return loss_backward(model, ids, chunk, first)
-
-    monkeypatch.setattr(blockwise_module, "_loss_backward", counted)
-    for norm in ("l1", "l2"):
-        settings = blockwise(norm, 3)  # groups of 3 and 2 windows
-        with monkeypatch.context() as patch:  # one at a time, autograd's weight gradients
-            patch.setattr(blockwise_module, "_products_in_hooks", lambda *_: False)
-            ref = blockwise_gradient_norms(model, ids, settings, progress=False, batch_size=1)
-        assert not batches
-        one = blockwise_gradient_norms(model, ids, settings, progress=False, batch_size=1)
-        assert not batches  # one at a time, the weight gradients in the hooks
-        assert_bit_equal(ref, one)
-        got = blockwise_gradient_norms(model, ids, settings, progress=False)
-        assert batches == [(0, 3), (3, 2)]  # one batch per group (batch_size=auto)
-        assert_bit_equal(ref, got)
-        batches.clear()
-
-
-def test_bit_equal_in_bfloat16_with_fp32_accumulators_and_chunked_loss() -> None:
+def test_bit_equal_in_bfloat16_with_fp32_accumulators() -> None:
     model, ids = tiny("qwen2", num_layers=3).to(torch.bfloat16), windows()
-    for extra in ({"accumulator_dtype": "float32"}, {"loss_chunk_tokens": 5}):
+    for extra in ({"accumulator_dtype": "float32"}, {}):
         ref = gradient_norms(model, ids, GradientSettings(**extra), progress=False)
-        got = blockwise_gradient_norms(model, ids, blockwise("l1", 2, **extra), progress=False)
+        got = gradient_norms(model, ids, blockwise("l1", 2, **extra), progress=False)
         assert_bit_equal(ref, got)
 
 
-def test_accumulate_on_and_checkpointing_setting_change_nothing() -> None:
+def test_accumulate_on_and_file_backed_accumulators_change_nothing(tmp_path) -> None:
     model, ids = tiny("llama"), windows()
-    ref = gradient_norms(model, ids, GradientSettings(), progress=False)
-    settings = blockwise("l1", 2, checkpointing=True)
-    got = blockwise_gradient_norms(model, ids, settings, accumulate_on="cpu", progress=False)
-    assert_bit_equal(ref, got)
+    for norm in ("l1", "l2"):
+        ref = gradient_norms(model, ids, GradientSettings(norm=norm), progress=False)
+        settings = blockwise(norm, 2)
+        got = gradient_norms(model, ids, settings, accumulate_on="cpu", progress=False)
+        assert_bit_equal(ref, got)
+        got = gradient_norms(
+            model, ids, settings, file_backed=True, scratch_dir=tmp_path, progress=False
+        )
+        assert_bit_equal(ref, got)
+        assert not list(tmp_path.iterdir())  # the files are unlinked at once
+    with pytest.raises(ValueError, match="file-backed"):
+        gradient_norms(model, ids, GradientSettings(), file_backed=True, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +84,7 @@ def test_bit_equal_on_smollm2(smollm2: nn.Module, norm: str) -> None:
     ids = windows(n=2, seqlen=8, vocab=smollm2.config.vocab_size)
     ref = gradient_norms(smollm2, ids, GradientSettings(norm=norm), progress=False)
     for size in (1, 2):
-        got = blockwise_gradient_norms(smollm2, ids, blockwise(norm, size), progress=False)
+        got = gradient_norms(smollm2, ids, blockwise(norm, size), progress=False)
         assert_bit_equal(ref, got)
 
 
@@ -114,7 +94,7 @@ def test_model_left_exactly_as_found() -> None:
     layers = list(decoder_layers(model))
     data = {name: p.data_ptr() for name, p in model.named_parameters()}
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    blockwise_gradient_norms(model, ids, blockwise("l1", 2), progress=False)
+    gradient_norms(model, ids, blockwise("l1", 2), progress=False)
     assert list(decoder_layers(model)) == layers
     assert model.training
     for name, p in model.named_parameters():
@@ -165,14 +145,14 @@ def test_nonfinite_gradient_names_the_layer_and_sample() -> None:
     with torch.no_grad():
         block.mlp.down_proj.weight[0, 0] = float("inf")
     with pytest.raises(GradientError):
-        blockwise_gradient_norms(model, ids, blockwise("l1", 2), progress=False)
+        gradient_norms(model, ids, blockwise("l1", 2), progress=False)
 
 
 def test_refuses_a_hook_other_than_a_device_maps() -> None:
     model = tiny("llama")  # offloaded device maps: tests/test_offload.py
     decoder_layers(model)[0]._hf_hook = object()  # not an AlignDevicesHook
     with pytest.raises(NotImplementedError, match="device maps"):
-        blockwise_gradient_norms(model, windows(), blockwise("l1", 2), progress=False)
+        gradient_norms(model, windows(), blockwise("l1", 2), progress=False)
 
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, True])
@@ -191,7 +171,7 @@ def test_onloaded_from_the_host_equals_the_model_on_the_gpu(arch: str) -> None:
     on_gpu = tiny(arch).cuda()
     for norm in ("l1", "l2"):
         ref = gradient_norms(on_gpu, ids, GradientSettings(norm=norm), progress=False)
-        got = blockwise_gradient_norms(
+        got = gradient_norms(
             model, ids, blockwise(norm, 2), device="cuda", accumulate_on="cuda", progress=False
         )
         assert all(p.device.type == "cpu" for p in model.parameters())

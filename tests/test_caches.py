@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gblm.calibration.gradients import _load_verified
+from gblm.calibration.gradient_cache import load_verified
 from gblm.calibration.sequential import prune_model
 from gblm.data.calibration import cached_windows
 from gblm.methods.base import RunContext
@@ -114,7 +114,7 @@ def test_damaged_gradient_cache_is_rebuilt_with_a_warning(tmp_path, caplog):
     assert str(path) in caplog.text and "checksum mismatch" in caplog.text
     assert set(rebuilt) == set(fresh)
     assert all(torch.equal(rebuilt[n], fresh[n]) for n in fresh)
-    assert _load_verified(path) is not None  # whole again
+    assert load_verified(path) is not None  # whole again
 
 
 def test_truncated_gradient_cache_is_rebuilt(tmp_path, caplog):

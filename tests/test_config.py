@@ -162,10 +162,10 @@ def test_method_options_are_the_method_class_keywords():
     from gblm.config import build_method
     from gblm.methods.registry import ENTRY_KEYS
 
-    s = _settings("method=gblm", "method.loss_chunk_tokens=-4")
-    assert s.method["loss_chunk_tokens"] == -4 and s.method["name"] == "gblm"
+    s = _settings("method=gblm", "method.gradient_group_size=-4")
+    assert s.method["gradient_group_size"] == -4 and s.method["name"] == "gblm"
     assert set(ENTRY_KEYS) <= set(s.method)
-    with pytest.raises(ConfigError, match="method.loss_chunk_tokens=-4"):
+    with pytest.raises(ConfigError, match="method.gradient_group_size=-4"):
         build_method(s)
 
 

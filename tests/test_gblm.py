@@ -248,7 +248,7 @@ def test_l1_and_l2_give_different_masks(tiny_model_norms) -> None:
         ({"scale": -1.0}, "method.scale"),
         ({"scale": float("nan")}, "method.scale"),
         ({"scale": "100"}, "method.scale"),
-        ({"loss_chunk_tokens": -1}, "method.loss_chunk_tokens"),
+        ({"gradient_group_size": 0}, "method.gradient_group_size"),
     ],
 )
 def test_invalid_options_raise(kwargs: dict, key: str) -> None:
@@ -273,8 +273,8 @@ def test_missing_or_mismatched_statistics_raise() -> None:
 
 
 def test_gradient_stage_settings_are_held_once() -> None:
-    pruner = GBLMPruner(norm="l2", scale=10, accumulator_dtype="float32", loss_chunk_tokens=64)
-    assert pruner.gradients == GradientSettings("l2", 10.0, "float32", False, 64)
+    pruner = GBLMPruner(norm="l2", scale=10, accumulator_dtype="float32", gradient_group_size=4)
+    assert pruner.gradients == GradientSettings("l2", 10.0, "float32", False, 4)
     assert pruner.gradients.torch_accumulator_dtype == torch.float32
     described = pruner.describe()
     assert described == {
@@ -283,9 +283,7 @@ def test_gradient_stage_settings_are_held_once() -> None:
         "score": "combined",
         "comparison_group": "row",
         "accumulator_dtype": "float32",
-        "gradient_checkpointing": False,
-        "loss_chunk_tokens": 64,
         "gradient_blockwise": False,
-        "gradient_group_size": 8,
+        "gradient_group_size": 4,
     }
     json.dumps(described)

@@ -10,14 +10,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from gblm.calibration import gradients
-from gblm.calibration.gradients import (
-    GradientError,
-    GradientSettings,
-    cached_gradient_norms,
-    gradient_cache_key,
-    gradient_norms,
-)
+from gblm.calibration.gradient_cache import cached_gradient_norms, gradient_cache_key
+from gblm.calibration.gradients import GradientError, GradientSettings, gradient_norms
 from gblm.models.layers import decoder_layers
 from gblm.models.tiny import build_tiny_model, tiny_config
 from gblm.utils import content_hash
@@ -187,7 +181,7 @@ def test_a_weight_written_during_the_stage_is_caught() -> None:
     handle.remove()
 
 
-def test_gradients_freed_as_produced(autograd_products: None) -> None:
+def test_gradients_freed_as_produced() -> None:
     """When a late weight's gradient arrives, every earlier one has been folded and freed."""
     model, ids = tiny(), windows()
     params = dict(model.named_parameters())
@@ -199,46 +193,13 @@ def test_gradients_freed_as_produced(autograd_products: None) -> None:
 
     handle = params[target].register_post_accumulate_grad_hook(spy)
     try:
-        gradient_norms(model, ids, progress=False, batch_size=1)
+        gradient_norms(model, ids, progress=False)
     finally:
         handle.remove()
     assert seen == [[target]] * NSAMPLES
 
 
-@pytest.mark.parametrize(
-    ("arch", "dtype", "norm"),
-    [("llama", torch.float32, "l1"), ("opt", torch.float32, "l2"), ("llama", torch.bfloat16, "l1")],
-)
-def test_one_window_at_a_time_forms_weight_gradients_in_hooks(
-    monkeypatch: pytest.MonkeyPatch, arch: str, dtype: torch.dtype, norm: str
-) -> None:
-    """With one window per pass the hooks form each weight gradient where the probe allows
-    (autograd then makes no ``.grad`` at all), and the norms are autograd's bit for bit."""
-    model = build_tiny_model(tiny_config(arch, vocab_size=VOCAB), seed=0, dtype=dtype)
-    ids, settings = windows(), GradientSettings(norm=norm)
-    in_hooks = gradients._products_in_hooks(
-        gradients.decoder_linear_names(model), 1, SEQLEN, torch.device("cpu")
-    )
-    produced: list[str] = []
-    handles = [
-        p.register_post_accumulate_grad_hook(lambda _p, n=name: produced.append(n))
-        for name, p in model.named_parameters()
-    ]
-    try:
-        hooked = gradient_norms(model, ids, settings, progress=False, batch_size=1)
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert (produced == []) == in_hooks
-    monkeypatch.setattr(gradients, "_products_in_hooks", lambda *_: False)
-    by_autograd = gradient_norms(model, ids, settings, progress=False, batch_size=1)
-    assert hooked.keys() == by_autograd.keys()
-    for name in hooked:
-        assert bool(hooked[name].abs().sum() > 0), name
-        assert torch.equal(hooked[name], by_autograd[name]), name
-
-
-def test_nonfinite_gradient_names_the_layer_and_sample(autograd_products: None) -> None:
+def test_nonfinite_gradient_names_the_layer_and_sample() -> None:
     model, ids = tiny(), windows()
     weight = model.model.layers[1].mlp.down_proj.weight
     calls = {"n": 0}
@@ -249,7 +210,7 @@ def test_nonfinite_gradient_names_the_layer_and_sample(autograd_products: None) 
 
     handle = weight.register_hook(poison)
     with pytest.raises(GradientError, match=r"model\.layers\.1\.mlp\.down_proj \(sample 1\)"):
-        gradient_norms(model, ids, progress=False, batch_size=1)  # batches: tests/test_batching
+        gradient_norms(model, ids, progress=False)
     handle.remove()
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())
@@ -265,106 +226,27 @@ def test_nan_weight_gives_a_clear_loss_error() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_checkpointing_gives_the_same_norms(llama_case: Case) -> None:
+def test_block_by_block_recomputes_every_block_but_the_last(llama_case: Case) -> None:
+    """Blocks 0 .. L-2 run forward once and again in their backward; the last block and the
+    head run once per window, as in the full model. The norms: tests/test_blockwise.py."""
     model, ids, _ = llama_case
-    calls = {"n": 0}
-
-    def count(*_: object) -> None:
-        calls["n"] += 1
-
-    handle = model.model.layers[0].self_attn.q_proj.register_forward_hook(count)
-    plain = gradient_norms(
-        model, ids, GradientSettings(accumulator_dtype=torch.float32), progress=False,
-        batch_size=1,
-    )  # fmt: skip
-    assert calls["n"] == NSAMPLES
-    checkpointed = gradient_norms(
-        model,
-        ids,
-        GradientSettings(accumulator_dtype=torch.float32, checkpointing=True),
-        progress=False,
-    )
-    handle.remove()
-    assert calls["n"] == NSAMPLES + 2 * NSAMPLES  # recomputed in backward
-    assert all("forward" not in vars(block) for block in decoder_layers(model))
-    for name in plain:
-        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-6, atol=0.0)
-
-
-@pytest.mark.parametrize("arch", ["llama", "opt"])
-@pytest.mark.parametrize("norm", ["l1", "l2"])
-@pytest.mark.parametrize("chunk", [1, 5, SEQLEN + 3])
-def test_chunked_loss_matches_per_sample_gradients(request, arch, norm, chunk) -> None:
-    model, ids, grads = request.getfixturevalue(f"{arch}_case")
-    expected = reference(grads, norm)
-    head_rows: list[int] = []
-    handle = model.get_output_embeddings().register_forward_hook(
-        lambda _m, _i, out: head_rows.append(out.shape[1])
-    )
+    blocks = decoder_layers(model)
+    calls = [0] * len(blocks)
+    handles = [
+        block.self_attn.q_proj.register_forward_hook(
+            lambda *_, b=b: calls.__setitem__(b, calls[b] + 1)
+        )
+        for b, block in enumerate(blocks)
+    ]
     try:
-        got = gradient_norms(
-            model,
-            ids,
-            GradientSettings(norm=norm, accumulator_dtype=torch.float32, loss_chunk_tokens=chunk),
-            progress=False,
-        )
+        gradient_norms(model, ids, progress=False)
+        assert calls == [NSAMPLES] * len(blocks)
+        calls[:] = [0] * len(blocks)
+        gradient_norms(model, ids, GradientSettings(blockwise=True, group_size=2), progress=False)
     finally:
-        handle.remove()
-    plain = gradient_norms(
-        model, ids, GradientSettings(norm=norm, accumulator_dtype=torch.float32), progress=False
-    )
-    # the logits never exist whole: at most `chunk` positions per LM-head call, the last
-    # position (no next token) never
-    assert max(head_rows) == min(chunk, SEQLEN - 1)
-    assert sum(head_rows) == NSAMPLES * (SEQLEN - 1)
-    for name, g in got.items():
-        torch.testing.assert_close(
-            g.double(), expected[name], rtol=1e-5, atol=1e-6 * expected[name].abs().max().item()
-        )
-        # the LM head's input gradient is summed in chunks: equal up to float rounding
-        torch.testing.assert_close(g, plain[name], rtol=1e-5, atol=1e-6 * g.abs().max().item())
-
-
-def test_chunked_loss_with_checkpointing(llama_case: Case) -> None:
-    model, ids, grads = llama_case
-    expected = reference(grads, "l1")
-    got = gradient_norms(
-        model,
-        ids,
-        GradientSettings(accumulator_dtype=torch.float32, checkpointing=True, loss_chunk_tokens=4),
-        progress=False,
-    )
-    for name, g in got.items():
-        torch.testing.assert_close(
-            g.double(), expected[name], rtol=1e-5, atol=1e-6 * expected[name].abs().max().item()
-        )
-
-
-def test_chunked_loss_refuses_transformed_logits_and_bad_values() -> None:
-    model, ids = tiny(), windows()
-    with pytest.raises(ValueError, match="loss_chunk_tokens=-1"):
-        gradient_norms(model, ids, GradientSettings(loss_chunk_tokens=-1), progress=False)
-    model.config.final_logit_softcapping = 30.0  # as Gemma-2 has: lm_head alone is not the logits
-    with pytest.raises(ValueError, match="final_logit_softcapping.*loss_chunk_tokens=0"):
-        gradient_norms(model, ids, GradientSettings(loss_chunk_tokens=8), progress=False)
-    gradient_norms(model, ids, progress=False)  # the model's own loss is fine
-
-
-def test_checkpointing_keeps_an_instance_forward() -> None:
-    """accelerate's device-map hooks set ``block.forward`` on the instance; it is put back."""
-    model, ids = tiny(), windows()
-    block = model.model.layers[0]
-    original = block.forward
-    calls = {"n": 0}
-
-    def hooked(*args: object, **kwargs: object) -> object:
-        calls["n"] += 1
-        return original(*args, **kwargs)
-
-    block.forward = hooked
-    gradient_norms(model, ids, GradientSettings(checkpointing=True), progress=False)
-    assert vars(block)["forward"] is hooked
-    assert calls["n"] == 2 * NSAMPLES  # forward, then the recompute in backward
+        for handle in handles:
+            handle.remove()
+    assert calls == [2 * NSAMPLES] * (len(blocks) - 1) + [NSAMPLES]
 
 
 def test_accumulate_on_cpu_and_bad_arguments(llama_case: Case) -> None:

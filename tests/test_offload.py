@@ -15,7 +15,6 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from gblm.calibration.blockwise import blockwise_gradient_norms
 from gblm.calibration.gradients import GradientSettings, gradient_norms
 from gblm.calibration.sequential import prune_model
 from gblm.methods.base import RunContext
@@ -138,21 +137,17 @@ def test_save_after_pruning_an_offloaded_model_saves_the_pruned_weights(tmp_path
 
 
 @pytest.mark.parametrize("norm", ["l1", "l2"])
-def test_blockwise_gradients_of_offloaded_models_equal_the_full_model_ones(
+def test_gradients_of_offloaded_models_go_block_by_block_and_equal_the_in_memory_ones(
     norm: str, tmp_path: Path
 ) -> None:
     ids = _windows()
     ref = gradient_norms(_dense("llama"), ids, GradientSettings(norm=norm), progress=False)
-    settings = GradientSettings(norm=norm, blockwise=True, group_size=3)
+    # block by block by itself: the setting asks for the full model
+    settings = GradientSettings(norm=norm, group_size=3)
     for model in (_disk_offloaded("llama", tmp_path), _cpu_offloaded("llama")):
-        got = blockwise_gradient_norms(model, ids, settings, progress=False)
+        got = gradient_norms(model, ids, settings, progress=False)
         assert list(got) == list(ref)
         for name, value in ref.items():
             assert bool(value.abs().sum() > 0) and torch.equal(got[name], value), name
         assert has_offloaded(model)  # the meta weights are back
         assert all(p.grad is None for p in model.parameters())
-
-
-def test_full_model_gradient_stage_refuses_offloaded_weights() -> None:
-    with pytest.raises(NotImplementedError, match="blockwise_gradient_norms"):
-        gradient_norms(_cpu_offloaded("llama"), _windows(), progress=False)

@@ -86,13 +86,14 @@ def test_run_with_onload_gives_the_in_memory_masks(tmp_path, monkeypatch) -> Non
     # the norms are computed, not loaded: the cache key is the same for all three on purpose
     monkeypatch.setattr(gblm_method, "cached_gradient_norms", lambda _dir, _key, compute: compute())
     blockwise_calls = []
-    original = gblm_method.blockwise_gradient_norms
+    original = gblm_method.gradient_norms
 
     def spy(model, windows, settings, **kwargs):
-        blockwise_calls.append(settings.group_size)
+        if settings.blockwise:
+            blockwise_calls.append(settings.group_size)
         return original(model, windows, settings, **kwargs)
 
-    monkeypatch.setattr(gblm_method, "blockwise_gradient_norms", spy)
+    monkeypatch.setattr(gblm_method, "gradient_norms", spy)
     base = ("model=tiny_llama", "method=gblm", *SMALL)
     memory = run(compose_config(*base), run_dir=tmp_path / "m")
     onloaded = run(compose_config(*base, "model.onload=true"), run_dir=tmp_path / "o")

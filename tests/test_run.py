@@ -104,21 +104,6 @@ def test_gblm_scale_zero_equals_wanda_end_to_end(tmp_path):
     assert wanda["mask_stats"] == gblm0["mask_stats"]  # the same masks, statistic for statistic
 
 
-def test_gblm_chunked_loss_gives_the_default_masks_end_to_end(tmp_path):
-    from gblm.paths import cache_dir
-
-    plain = run(compose_config("model=tiny_llama", "method=gblm", *SMALL), run_dir=tmp_path / "p")
-    chunked = run(
-        compose_config("model=tiny_llama", "method=gblm", "method.loss_chunk_tokens=8", *SMALL),
-        run_dir=tmp_path / "c",
-    )
-    # its own gradient cache entry (computed, not loaded from the default's), the same masks
-    keys = [json.loads(p.read_text()) for p in (cache_dir() / "gradients").glob("grad_*.json")]
-    assert any(key.get("loss_chunk_tokens") == 8 for key in keys)
-    assert chunked["mask_stats"] == plain["mask_stats"]
-    assert chunked["ppl"]["pruned"] == pytest.approx(plain["ppl"]["pruned"], rel=1e-5)
-
-
 def test_cli_prints_a_summary(tmp_path):
     import subprocess
     import sys

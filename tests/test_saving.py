@@ -179,23 +179,6 @@ def test_device_map_runs_the_walk_and_gradient_stage(
 _REFERENCE: dict[str, float] = {}  # the first device_map case's perplexity (all run on the CPU)
 
 
-def test_device_map_with_chunked_loss(tmp_path, saved_tiny, small_local_data):
-    """The chunked LM-head loss on a per-module device map: the same pruned model as without."""
-    common = ("model=hf", f"model.name_or_path={saved_tiny}", "method=gblm", "device=cpu")
-    plain = _run(tmp_path / "a", "run", *common, *small_local_data, device_map=PER_MODULE)
-    chunked = _run(
-        tmp_path / "b",
-        "run",
-        *common,
-        "method.loss_chunk_tokens=5",
-        *small_local_data,
-        device_map=PER_MODULE,
-    )
-    assert chunked["status"] == "finished"
-    assert chunked["mask_stats"] == plain["mask_stats"]
-    assert chunked["ppl"]["pruned"] == pytest.approx(plain["ppl"]["pruned"], rel=1e-5)
-
-
 def _cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 

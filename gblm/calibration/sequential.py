@@ -33,11 +33,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from gblm.calibration.batching import exact_batch
-from gblm.calibration.blockwise import skeleton, visiting
 from gblm.calibration.capture import BlockInputs, capture_block_inputs
 from gblm.calibration.hooks import attached_hooks
 from gblm.calibration.stats import LinearStats
+from gblm.devices import calibration_batch
 from gblm.models.layers import (
     decoder_layers,
     decoder_layers_path,
@@ -52,6 +51,7 @@ from gblm.models.memory import (
     release_free_heap,
 )
 from gblm.models.offload import execution_devices, materialized
+from gblm.models.onloading import skeleton, visiting
 from gblm.pruning.sparsity import Sparsity
 from gblm.pruning.storage import PackedMasks
 
@@ -319,10 +319,8 @@ def prune_model(
         windows: (N, T) calibration token ids (or N tensors of T ids); not used by methods that
             need no calibration (magnitude).
         device: the compute device; blocks living elsewhere are moved there for their work.
-        batch_size: windows per forward call, or ``auto``
-            (:func:`gblm.calibration.batching.exact_batch`: batches that fill the CPU's
-            matmuls where they give each window's numbers bit for bit, else one window; one
-            window on a GPU).
+        batch_size: windows per forward call, or ``auto`` (one window, as published;
+            :func:`gblm.devices.calibration_batch`).
         progress: show a tqdm bar.
         offload_inputs: keep the (N, T, hidden) block inputs on the CPU instead of ``device``.
         onload: the weights live off ``device`` (CPU memory, memory-mapped files): block 0's
@@ -352,8 +350,7 @@ def prune_model(
         if method.needs_calibration:
             ids = _as_ids(windows)
             storage = torch.device("cpu") if offload_inputs else device
-            linears = [lin for block in blocks for lin in prunable_linears(block).values()]
-            batch = exact_batch(batch_size, *ids.shape, device, linears)
+            batch = min(calibration_batch(batch_size), ids.shape[0])
             with _embeddings_on(model, device) if onload else contextlib.nullcontext():
                 inputs = capture_block_inputs(model, ids, batch_size=batch, storage_device=storage)
         _walk_blocks(

@@ -41,7 +41,7 @@ class RunContext:
     cache_dir: Path | None = None  # where passes may cache their results; None: no cache
     progress: bool = True
     onload: bool = False  # weights live on the CPU: dense passes move one block at a time
-    batch_size: int | str = "auto"  # windows per forward call (gblm.calibration.batching)
+    batch_size: int | str = "auto"  # windows per forward call of the walk (auto: one)
     # with onload: where file-backed host tensors go (GBLM's accumulators); None: the temp folder
     scratch_dir: Path | None = None
     # the content hash of the model's weights files, computed only when a pass asks for it

@@ -1,9 +1,9 @@
 """GBLM-Pruner (Das et al., arXiv 2311.04902): ``|W| * sqrt(row_sq) + |W| * G_p``, per output row.
 
 The method owns two stages: its dense-model pass (:meth:`GBLMPruner.prepare`, the gradient stage
-of :mod:`gblm.calibration.gradients`, cached on disk) and the per-Linear score
-(:func:`gblm.pruning.gblm.gblm_score`). Every option of the gradient stage is checked once, by
-:class:`gblm.calibration.gradients.GradientSettings`.
+of :mod:`gblm.calibration.gradients`, cached on disk by :mod:`gblm.calibration.gradient_cache`)
+and the per-Linear score (:func:`gblm.pruning.gblm.gblm_score`). Every option of the gradient
+stage is checked once, by :class:`gblm.calibration.fold.GradientSettings`.
 """
 
 from __future__ import annotations
@@ -12,17 +12,10 @@ from dataclasses import replace
 
 from torch import Tensor, nn
 
-from gblm.calibration.blockwise import blockwise_gradient_norms
-from gblm.calibration.gradients import (
-    GradientSettings,
-    cached_gradient_norms,
-    check_chunkable,
-    gradient_cache_key,
-    gradient_norms,
-)
+from gblm.calibration.gradient_cache import cached_gradient_norms, gradient_cache_key
+from gblm.calibration.gradients import GradientSettings, gradient_norms
 from gblm.calibration.stats import LinearStats
 from gblm.methods.base import RunContext, ScorePruner
-from gblm.models.offload import has_offloaded
 from gblm.pruning.gblm import SCORES, gblm_score
 
 
@@ -36,8 +29,6 @@ class GBLMPruner(ScorePruner):
         score: str = "combined",
         comparison_group: str = "row",
         accumulator_dtype: str = "float16",
-        gradient_checkpointing: bool = False,
-        loss_chunk_tokens: int = 0,
         gradient_blockwise: bool = False,
         gradient_group_size: int = 8,
     ) -> None:
@@ -49,8 +40,6 @@ class GBLMPruner(ScorePruner):
             norm=norm,
             scale=scale,
             accumulator_dtype=accumulator_dtype,
-            checkpointing=gradient_checkpointing,
-            loss_chunk_tokens=loss_chunk_tokens,
             blockwise=gradient_blockwise,
             group_size=gradient_group_size,
         )
@@ -61,10 +50,6 @@ class GBLMPruner(ScorePruner):
         self.dense_pass = "gradients" if self.uses_gradients else None
         self._grad_norms: dict[str, Tensor] | None = None
 
-    def check_model(self, model: nn.Module) -> None:
-        if self.uses_gradients and self.gradients.loss_chunk_tokens:
-            check_chunkable(model)
-
     def prepare(self, model: nn.Module, windows: Tensor | None, context: RunContext) -> None:
         """The gradient stage on the dense model, or its cached result."""
         if not self.uses_gradients:
@@ -72,20 +57,14 @@ class GBLMPruner(ScorePruner):
         if windows is None:
             raise ValueError("GBLM-Pruner's gradient stage needs calibration windows.")
 
-        # An onloaded model (weights on the CPU), or one whose weights accelerate offloads, always
-        # goes block by block: the same norms.
-        blockwise = self.gradients.blockwise or context.onload or has_offloaded(model)
-        settings = replace(self.gradients, blockwise=blockwise)
+        # An onloaded model (weights on the CPU) goes block by block (so does one whose weights
+        # accelerate offloads): the same norms, the accumulators in file-backed mappings.
+        settings = replace(self.gradients, blockwise=self.gradients.blockwise or context.onload)
 
         def compute() -> dict[str, Tensor]:
-            if not settings.blockwise:
-                return gradient_norms(model, windows, settings, device=context.device,
-                                      progress=context.progress, batch_size=context.batch_size)  # fmt: skip
-            # onloaded: the accumulators in file-backed mappings, not anonymous memory
-            return blockwise_gradient_norms(
+            return gradient_norms(
                 model, windows, settings, device=context.device, progress=context.progress,
                 file_backed=context.onload, scratch_dir=context.scratch_dir,
-                batch_size=context.batch_size,
             )  # fmt: skip
 
         model_key = context.model_key()
@@ -120,8 +99,6 @@ class GBLMPruner(ScorePruner):
             "score": self.score_kind,
             "comparison_group": self.comparison_group,
             "accumulator_dtype": self.gradients.accumulator_dtype,
-            "gradient_checkpointing": self.gradients.checkpointing,
-            "loss_chunk_tokens": self.gradients.loss_chunk_tokens,
             "gradient_blockwise": self.gradients.blockwise,
             "gradient_group_size": self.gradients.group_size,
         }

@@ -1,0 +1,202 @@
+"""GBLM-Pruner's fold: each sample's weight gradient into its accumulator, as published.
+
+- ``l1``: ``G1 = sum_n |scale * g_n|``, accumulated in ``accumulator_dtype`` (published: fp16);
+- ``l2``: ``G2 = sqrt(sum_n (scale * g_n)^2)``, accumulated in fp32, stored in ``accumulator_dtype``.
+
+Per sample: the gradient to fp32, times scale, abs (l1) or square (l2), cast to the accumulator's
+dtype, add; no division by N. :class:`Folder` does it from a post-accumulate-grad hook the moment
+autograd completes a weight's gradient, then frees that gradient, so at most one weight gradient
+exists beside the accumulators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from gblm.devices import dtype_name
+from gblm.errors import NonFiniteError
+from gblm.models.memory import file_backed_zeros
+
+NORMS = ("l1", "l2")
+ACCUMULATOR_DTYPES = {
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class GradientSettings:
+    """Every setting of the gradient stage, checked once, here (keys of ``method.*``).
+
+    Attributes:
+        norm: ``l1`` (``sum_n |scale * g_n|``, the paper's headline) or ``l2``
+            (``sqrt(sum_n (scale * g_n)^2)``).
+        scale: The paper's alpha, applied to each gradient before the norm (published: 100).
+        accumulator_dtype: dtype name of the l1 running sum and of the result (published:
+            ``float16``); l2 always sums in fp32 and only the result is cast. A ``torch.dtype``
+            is accepted and stored by name.
+        blockwise: One decoder block on the compute device at a time, each recomputed in its
+            backward (models larger than the device; also less activation memory). The same
+            norms bit for bit.
+        group_size: With ``blockwise``, the windows that go through the blocks together (S):
+            each block is moved to the device twice per group; their block inputs stay on the
+            host. No effect on the norms.
+    """
+
+    norm: str = "l1"
+    scale: float = 100.0
+    accumulator_dtype: str = "float16"
+    blockwise: bool = False
+    group_size: int = 8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.accumulator_dtype, torch.dtype):
+            object.__setattr__(self, "accumulator_dtype", dtype_name(self.accumulator_dtype))
+        if self.norm not in NORMS:
+            raise ValueError(f"method.norm={self.norm!r}: allowed values are {', '.join(NORMS)}.")
+        if self.accumulator_dtype not in ACCUMULATOR_DTYPES:
+            raise ValueError(
+                f"method.accumulator_dtype={self.accumulator_dtype!r}: allowed values are "
+                f"{', '.join(ACCUMULATOR_DTYPES)}."
+            )
+        scale = self.scale
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, int | float)
+            or not (math.isfinite(scale) and scale >= 0)
+        ):
+            raise ValueError(f"method.scale={scale!r}: must be a finite number >= 0.")
+        object.__setattr__(self, "scale", float(scale))
+        if not isinstance(self.blockwise, bool):
+            raise ValueError(
+                f"method.gradient_blockwise={self.blockwise!r}: allowed values are true, false."
+            )
+        size = self.group_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"method.gradient_group_size={size!r}: must be an integer >= 1.")
+
+    @property
+    def torch_accumulator_dtype(self) -> torch.dtype:
+        return ACCUMULATOR_DTYPES[self.accumulator_dtype]
+
+
+class GradientError(NonFiniteError, RuntimeError):
+    """A non-finite loss or gradient in the gradient stage."""
+
+
+class Folder:
+    """Folds each weight's per-sample gradient into its accumulator as backward produces it."""
+
+    def __init__(
+        self,
+        blocks: list[dict[str, nn.Linear]],
+        settings: GradientSettings,
+        accumulate_on: torch.device | None,
+        files: tuple[Path | None] | None,
+    ) -> None:
+        """Zero accumulators, (d_out, d_in) each, on ``accumulate_on`` (default: the weight's
+        device, the CPU for one accelerate offloads); with ``files``, one file-backed mapping per block in ``files[0]``
+        (:func:`gblm.models.memory.file_backed_zeros`)."""
+        self.norm, self.scale = settings.norm, settings.scale
+        # l2 sums squares in fp32 whatever the stored dtype (published: fp32, then sqrt -> fp16).
+        dtype = settings.torch_accumulator_dtype if self.norm == "l1" else torch.float32
+        self.accumulators: dict[str, Tensor] = {}
+        for linears in blocks:
+            if files is not None:
+                specs = [(lin.weight.shape, dtype) for lin in linears.values()]
+                self.accumulators.update(zip(linears, file_backed_zeros(specs, files[0])))
+                continue
+            for name, lin in linears.items():
+                where = accumulate_on or lin.weight.device
+                if where.type == "meta":  # a weight accelerate offloads: its home is the host
+                    where = torch.device("cpu")
+                self.accumulators[name] = torch.zeros(lin.weight.shape, dtype=dtype, device=where)
+        self.samples_seen = dict.fromkeys(self.accumulators, 0)
+        # One 0-d fp32 check value per Linear per sample: the sum of the folded term, finite iff
+        # every entry was (barring an overflow of the sum itself). Checked once per sample so
+        # the hooks never synchronize with the device.
+        self.checks: list[tuple[str, Tensor]] = []
+
+    @torch.no_grad()
+    def fold(self, name: str, grad: Tensor) -> None:
+        """Fold one sample's (d_out, d_in) weight gradient into ``name``'s accumulator.
+
+        The published step: grad -> fp32, times scale, abs (l1) or square (l2), cast to the
+        accumulator's dtype, add. An fp32 gradient is modified in place (its owner frees it).
+        """
+        acc = self.accumulators[name]  # looked up per call: onloading moves it
+        term = grad if grad.dtype == torch.float32 else grad.float()
+        term.mul_(self.scale)
+        term = term.abs_() if self.norm == "l1" else term.square_()
+        self.checks.append((name, term.sum()))
+        acc.add_(term.to(device=acc.device, dtype=acc.dtype))
+        self.samples_seen[name] += 1
+
+    @contextlib.contextmanager
+    def hooks(self, linears: Mapping[str, nn.Linear]) -> Iterator[None]:
+        """Each weight's gradient folded by a post-accumulate-grad hook as soon as it is
+        complete, then freed: at most one weight gradient exists beside the accumulators."""
+
+        def hook_for(name: str) -> Callable[[Tensor], None]:
+            def fold_grad(weight: Tensor) -> None:
+                self.fold(name, weight.grad)
+                weight.grad = None
+
+            return fold_grad
+
+        handles = [
+            lin.weight.register_post_accumulate_grad_hook(hook_for(name))
+            for name, lin in linears.items()
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def on(self, names: list[str], device: torch.device | None) -> Iterator[None]:
+        """Within, the accumulators of ``names`` on ``device`` (None: where they are); copied
+        back into their home tensors afterwards."""
+        homes = {name: self.accumulators[name] for name in names}
+        if device is not None:
+            self.accumulators.update({name: acc.to(device) for name, acc in homes.items()})
+        try:
+            yield
+        finally:
+            for name, home in homes.items():
+                if self.accumulators[name] is not home:
+                    home.copy_(self.accumulators[name])
+                    self.accumulators[name] = home
+
+    def check_sample(self, sample: int) -> None:
+        """Raise :class:`GradientError` naming the Linears whose gradient was not finite in
+        ``sample`` since the previous check."""
+        if not self.checks:
+            return
+        names = [name for name, _ in self.checks]
+        device = self.checks[0][1].device
+        finite = torch.isfinite(torch.stack([v.to(device) for _, v in self.checks]))
+        self.checks = []
+        if bool(finite.all()):
+            return
+        bad = list(dict.fromkeys(n for n, ok in zip(names, finite.tolist()) if not ok))
+        more = f" (and {len(bad) - 1} more Linears)" if len(bad) > 1 else ""
+        raise GradientError(
+            f"non-finite gradient in {bad[0]} (sample {sample}){more}: the loss was finite, so "
+            "the backward pass overflowed or produced NaN. With an fp16 model, load it in "
+            "bfloat16 or float32 for the gradient stage."
+        )
+
+    def finish(self, dtype: torch.dtype) -> dict[str, Tensor]:
+        if self.norm == "l2":
+            return {n: acc.sqrt_().to(dtype) for n, acc in self.accumulators.items()}
+        return self.accumulators
