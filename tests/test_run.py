@@ -126,8 +126,15 @@ def test_cli_prints_a_summary(tmp_path):
     assert "gblm: wanda 0.5 on tiny_llama" in out.stdout
     assert (tmp_path / ".hydra" / "config.yaml").exists() and (tmp_path / "run.log").exists()
     bad = subprocess.run(
-        [sys.executable, "-m", "gblm", "method=wanda", "sparsity=nm_2_4", "sparsity.ratio=0.7",
-         f"hydra.run.dir={tmp_path / 'refused'}"],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "gblm",
+            "method=wanda",
+            "sparsity=nm_2_4",
+            "sparsity.ratio=0.7",
+            f"hydra.run.dir={tmp_path / 'refused'}",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=600,
