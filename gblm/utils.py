@@ -192,6 +192,38 @@ def file_digest(path: str | os.PathLike, memo_dir: str | os.PathLike | None = No
     return digest.hexdigest()
 
 
+def cached_tensors(path: Path, compute: Callable[[], Mapping[str, Any]], what: str) -> dict:
+    """The named tensors stored at ``path``, or those ``compute`` returns, stored there first.
+
+    The one cache writer of the project. The entry is a safetensors file written atomically under
+    a file lock (concurrent sweep jobs compute once: the others wait, then load), with the
+    :func:`tensors_checksum` of its tensors in its metadata, verified on every load: a damaged or
+    truncated entry is computed again with a warning that names the file. Loaded on the CPU.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(path):
+        if path.exists():
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    expected = (handle.metadata() or {}).get("checksum")
+                tensors = load_file(str(path))
+                problem = None if expected == tensors_checksum(tensors) else "checksum mismatch"
+            except Exception as err:  # truncated or garbled: any reader error means recompute
+                problem = str(err)
+            if problem is None:
+                log.info("%s loaded from %s", what, path)
+                return tensors
+            log.warning("damaged %s cache %s (%s): computing it again", what, path, problem)
+        tensors = {name: t.contiguous() for name, t in compute().items()}
+        metadata = {"checksum": tensors_checksum(tensors)}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        log.info("%s cached at %s", what, path)
+    return tensors
+
+
 # ----------------------------------------------------------------------------- locks and timing
 
 

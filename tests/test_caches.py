@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gblm.calibration.gradient_cache import load_verified
 from gblm.calibration.sequential import prune_model
 from gblm.data.calibration import cached_windows
 from gblm.methods.base import RunContext
@@ -45,7 +44,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def _windows_files(cache) -> list:
-    return sorted((cache / "calibration").glob("windows_*.pt"))
+    return sorted((cache / "calibration").glob("windows_*.safetensors"))
 
 
 def test_edited_data_file_gives_new_windows(cache, tmp_path):
@@ -114,7 +113,7 @@ def test_damaged_gradient_cache_is_rebuilt_with_a_warning(tmp_path, caplog):
     assert str(path) in caplog.text and "checksum mismatch" in caplog.text
     assert set(rebuilt) == set(fresh)
     assert all(torch.equal(rebuilt[n], fresh[n]) for n in fresh)
-    assert load_verified(path) is not None  # whole again
+    assert _gblm_masks(tmp_path, windows).keys() == fresh.keys()  # whole again: loaded
 
 
 def test_truncated_gradient_cache_is_rebuilt(tmp_path, caplog):
@@ -137,16 +136,15 @@ def test_damaged_windows_cache_is_rebuilt(tmp_path, caplog, damage):
         return torch.arange(4096, dtype=torch.long).reshape(64, 64)
 
     first = cached_windows(tmp_path, "key", make)
-    path = tmp_path / "calibration" / "windows_key.pt"
+    path = tmp_path / "calibration" / "windows_key.safetensors"
     raw = path.read_bytes()
     if damage == "truncated":
         path.write_bytes(raw[: len(raw) // 2])
-    else:  # the tensor's bytes, inside the zip archive: the file still loads
-        at = raw.index((1000).to_bytes(8, "little"))
-        path.write_bytes(raw[:at] + (999).to_bytes(8, "little") + raw[at + 8 :])
+    else:  # the tensor's bytes behind an intact header: the file still loads
+        _flip_tensor_bytes(path)
     with caplog.at_level(logging.WARNING, logger="gblm"):
         again = cached_windows(tmp_path, "key", make)
     assert len(calls) == 2 and torch.equal(again, first)
-    assert str(path) in caplog.text and "rebuilding" in caplog.text
+    assert str(path) in caplog.text and "computing it again" in caplog.text
     cached_windows(tmp_path, "key", make)
     assert len(calls) == 2  # the rebuilt entry is whole: loaded, not made again

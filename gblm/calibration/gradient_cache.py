@@ -1,9 +1,9 @@
 """GBLM's gradient norms on disk: keyed by what produced them, checked on every load.
 
 :func:`cached_gradient_norms` keeps the result of :func:`gblm.calibration.gradients.gradient_norms`
-as safetensors, keyed by a hash of what produced it (:func:`gradient_cache_key`: the weights by
-content, the windows, the settings), written atomically under a file lock, with a checksum of the
-tensors verified on every load.
+as safetensors (:func:`gblm.utils.cached_tensors`: atomic, locked, checksummed), keyed by a hash
+of what produced it (:func:`gradient_cache_key`: the weights by content, the windows, the
+settings).
 """
 
 from __future__ import annotations
@@ -15,20 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from gblm.calibration.fold import GradientSettings
 from gblm.devices import dtype_name
-from gblm.utils import (
-    atomic_write,
-    atomic_write_text,
-    canonical_json,
-    content_hash,
-    file_lock,
-    tensors_checksum,
-)
+from gblm.utils import atomic_write_text, cached_tensors, content_hash
 
 logger = logging.getLogger("gblm.gradients")
 
@@ -75,51 +66,15 @@ def gradient_cache_path(cache_dir: Path, key: dict) -> Path:
     return Path(cache_dir) / f"grad_{content_hash(key, length=16)}.safetensors"
 
 
-def load_verified(path: Path) -> dict[str, Tensor] | None:
-    """The norms stored at ``path`` if the file is whole and its checksum holds, else None.
-
-    The checksum (:func:`gblm.utils.tensors_checksum`, in the file's metadata) covers every byte
-    of tensor data, so bytes damaged behind an intact header are caught too.
-    """
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            expected = (handle.metadata() or {}).get("checksum")
-        norms = load_file(path)
-        ok = expected is not None and expected == tensors_checksum(norms)
-    except Exception as err:  # truncated or garbled: any reader error means recompute
-        logger.warning("damaged gradient cache %s (%s): recomputing it", path, err)
-        return None
-    if not ok:
-        logger.warning("damaged gradient cache %s (checksum mismatch): recomputing it", path)
-        return None
-    logger.info("gradient norms loaded from %s", path)
-    return norms
-
-
 def cached_gradient_norms(
     cache_dir: Path, key: dict, compute: Callable[[], dict[str, Tensor]]
 ) -> dict[str, Tensor]:
-    """Load the gradient norms for ``key`` from ``cache_dir``, or compute and store them.
-
-    The file is written atomically (:func:`gblm.utils.atomic_write`) under a file lock, so
-    concurrent sweep jobs with the same key compute once: the others wait for the lock and then
-    load. Its metadata holds the key and a checksum of the tensors, verified on every load: a
-    damaged or truncated entry is recomputed with a warning naming the file. The key is saved
-    beside it as ``grad_<hash>.json``. Loaded tensors are on CPU.
-    """
+    """The gradient norms for ``key`` from ``cache_dir``, or computed and stored there
+    (:func:`gblm.utils.cached_tensors`); the key is saved beside them as ``grad_<hash>.json``."""
     path = gradient_cache_path(cache_dir, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(path):
-        if path.exists():
-            norms = load_verified(path)
-            if norms is not None:
-                return norms
-        norms = compute()
-        tensors = {name: g.contiguous() for name, g in norms.items()}
-        metadata = {"key": canonical_json(key), "checksum": tensors_checksum(tensors)}
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    norms = cached_tensors(path, compute, "gradient norms")
+    if not path.with_suffix(".json").exists():
         atomic_write_text(
             path.with_suffix(".json"), json.dumps(key, sort_keys=True, indent=2) + "\n"
         )
-        logger.info("gradient norms cached at %s", path)
     return norms

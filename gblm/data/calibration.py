@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from gblm.data.sources import SAMPLINGS
-from gblm.utils import atomic_write, content_hash, file_lock, tensors_checksum
+from gblm.utils import cached_tensors, content_hash
 
 log = logging.getLogger("gblm.data")
 
@@ -125,35 +125,7 @@ def windows_cache_key(
     return content_hash(key, length=16)
 
 
-def _load_windows(path: Path) -> Tensor | None:
-    """The windows stored at ``path`` if the entry is whole and its checksum holds, else None."""
-    try:
-        entry = torch.load(path, weights_only=True)
-        windows = entry["windows"]
-        ok = entry.get("checksum") == tensors_checksum({"windows": windows})
-    except Exception as err:  # truncated or garbled: any reader error means rebuild
-        log.warning("damaged calibration-window cache %s (%s): rebuilding it", path, err)
-        return None
-    if not ok:
-        log.warning("damaged calibration-window cache %s (checksum mismatch): rebuilding it", path)
-        return None
-    log.info("calibration windows from cache %s", path.name)
-    return windows
-
-
 def cached_windows(cache_root: Path, key: str, make) -> Tensor:
-    """Load the windows stored under ``key`` or make and store them (atomic, locked, checksummed).
-
-    A damaged or truncated entry is rebuilt with a warning that names the file.
-    """
-    path = cache_root / "calibration" / f"windows_{key}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(path):
-        if path.exists():
-            windows = _load_windows(path)
-            if windows is not None:
-                return windows
-        windows = make()
-        entry = {"windows": windows, "checksum": tensors_checksum({"windows": windows})}
-        atomic_write(path, lambda tmp: torch.save(entry, tmp))
-        return windows
+    """The windows stored under ``key``, or made and stored (:func:`gblm.utils.cached_tensors`)."""
+    path = cache_root / "calibration" / f"windows_{key}.safetensors"
+    return cached_tensors(path, lambda: {"windows": make()}, "calibration windows")["windows"]
