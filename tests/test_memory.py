@@ -14,7 +14,7 @@ from gblm.calibration.sequential import prune_model
 from gblm.methods.registry import build_method
 from gblm.models.layers import decoder_layers
 from gblm.models.memory import (
-    _malloc_trim,
+    _libc_function,
     private_file_mappings,
     privatize_parameters,
 )
@@ -64,6 +64,33 @@ def test_loaded_weights_are_mapped_and_privatized_bit_for_bit(mapped_model):
     assert privatize_parameters(block) == 0  # nothing left to copy
 
 
+def _rss_file_kib() -> int:
+    """The file-backed part of this process's resident set (``RssFile``), in KiB."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+def test_privatized_weights_leave_the_file_pages(tmp_path):
+    """A weight is never resident twice: its file pages leave the resident set as it is copied."""
+    from safetensors.torch import load_file, save_file
+
+    weight = torch.randn(4096, 1024, generator=torch.Generator().manual_seed(0))  # 16 MiB
+    save_file({"weight": weight, "other": torch.ones(1024)}, str(tmp_path / "w.safetensors"))
+    loaded = load_file(str(tmp_path / "w.safetensors"))  # "other" keeps the file mapped
+    layer = torch.nn.Linear(1024, 4096, bias=False)
+    layer.weight.data = loaded.pop("weight")
+    if not in_mapping(layer.weight):
+        pytest.skip("this safetensors build copies files into memory (nothing mapped)")
+    assert torch.equal(layer.weight, weight)  # every page read: resident
+    touched = _rss_file_kib()
+    assert privatize_parameters(layer) == weight.numel() * 4
+    assert _rss_file_kib() <= touched - 15 * 1024  # the 16 MiB of file pages left (a page slack)
+    assert torch.equal(layer.weight, weight) and not in_mapping(layer.weight)
+    assert in_mapping(loaded["other"]) and torch.equal(loaded["other"], torch.ones(1024))
+
+
 def test_in_memory_model_is_not_copied():
     model = build_tiny_model(tiny_config("llama", vocab_size=256), seed=0)
     assert privatize_parameters(model) == 0
@@ -111,7 +138,7 @@ assert all(int(p.sum()) == 1 << 16 for p in pins)  # what was kept is intact
 """
 
 
-@pytest.mark.skipif(_malloc_trim() is None, reason="glibc's malloc_trim")
+@pytest.mark.skipif(_libc_function("malloc_trim") is None, reason="glibc's malloc_trim")
 def test_freed_heap_pages_go_back_to_the_kernel():
     # In a fresh process: where glibc places the pieces depends on the heap's history, which a
     # test process that ran other tests does not control.

@@ -91,9 +91,30 @@ def privatize_parameters(module: nn.Module, ranges: list[tuple[int, int]] | None
     copied = 0
     for param in module.parameters():
         if param.device.type == "cpu" and _mapped(param, ranges):
-            param.data = param.data.clone()
+            mapped, param.data = param.data, param.data.clone()
+            _release_pages(mapped)
             copied += param.numel() * param.element_size()
     return copied
+
+
+def _release_pages(tensor: Tensor) -> None:
+    """Drop the file's pages under ``tensor`` from this process's resident set.
+
+    ``madvise(MADV_DONTNEED)`` on the whole pages of a private file mapping that nothing wrote:
+    a later read maps the same bytes from the file again, so nothing is lost, and the weights are
+    never resident twice (the file's pages beside their copy).
+    """
+    madvise = _libc_function("madvise")
+    if madvise is None:
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    begin = tensor.data_ptr()
+    start, end = (
+        -(-begin // page) * page,
+        (begin + tensor.numel() * tensor.element_size()) // page * page,
+    )
+    if end > start:
+        madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
 
 ALIGN = 64  # bytes: every tensor of a mapping starts on a cache line
@@ -144,12 +165,16 @@ def map_parameters_to_file(module: nn.Module, directory: Path | str | None = Non
     return sum(p.numel() * p.element_size() for p in params)
 
 
+MADV_DONTNEED = 4  # Linux
+
+
 @functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS, Windows)."""
-    name = ctypes.util.find_library("c")
+def _libc_function(name: str):
+    """The C library's function ``name`` (``malloc_trim``, ``madvise``), or None where it has
+    none (musl, macOS, Windows)."""
+    library = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
+        return getattr(ctypes.CDLL(library), name) if library else None
     except (OSError, AttributeError):
         return None
 
@@ -165,5 +190,5 @@ def release_free_heap() -> bool:
     Returns:
         Whether anything was given back (False where there is no ``malloc_trim``).
     """
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim")
     return bool(trim(0)) if trim is not None else False
