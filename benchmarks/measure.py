@@ -179,10 +179,14 @@ def _best_seconds(work, device: torch.device, repeats: int = 5) -> float:
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a square matmul in ``dtype`` (n = 1024 on the CPU, 8192 on a GPU), best of 5."""
-    n = 8192 if device.type == "cuda" else 1024
+    """FLOP/s of a square matmul in ``dtype`` (n = 2048 on the CPU, 8192 on a GPU), best of 20.
+
+    A best of 5 products of n = 1024 (a few ms each) read anywhere from 100 to 360 GFLOP/s on two
+    cores from one fresh process to the next, which made floors of the same FLOPs differ 2x.
+    """
+    n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    return 2 * n**3 / _best_seconds(lambda: torch.mm(a, b), device)
+    return 2 * n**3 / _best_seconds(lambda: torch.mm(a, b), device, repeats=20)
 
 
 def copy_bandwidth(device: torch.device) -> float:
