@@ -135,7 +135,12 @@ def run_dir_refusal(
 
 def _previous_run(conf: RunConf, run_dir: Path, digest: str, container: dict) -> dict | None:
     """The finished record to return instead of running, or None to run (raises the refusal)."""
-    previous = read_metrics(run_dir)
+    try:
+        previous = read_metrics(run_dir)
+    except ConfigError:
+        if not conf.overwrite:
+            raise
+        previous = None  # a damaged record, replaced as asked
     reason = run_dir_refusal(conf, run_dir, previous, digest, container)
     if reason:
         raise ConfigError(reason)
@@ -154,8 +159,8 @@ def _record_refusal(run_dir: Path, err: UserError, digest: str | None) -> None:
     """Mark the run dir failed with the error, unless it holds a finished or a live run."""
     try:
         previous = read_metrics(run_dir)
-    except (OSError, ValueError):
-        previous = None
+    except ConfigError:
+        return  # a damaged record stays as it is until overwrite=true replaces it
     if previous and previous.get("status") == "finished":
         log.warning("%s holds a finished run: its metrics.json is kept", run_dir)
         return

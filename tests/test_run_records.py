@@ -307,3 +307,21 @@ def test_atomic_write_gives_the_umask_mode_even_to_a_replaced_temp_file(tmp_path
     atomic_write(tmp_path / "plain.bin", b"data")
     assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "plain.bin").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("content", ["", '{"status": "finis', "[1, 2]", "\xff\xfe"])
+def test_an_unreadable_record_is_a_clean_refusal(tmp_path, content):
+    """An empty, truncated or foreign metrics.json is refused naming the file, and kept;
+    overwrite=true runs there again."""
+    cfg = compose_config("model=tiny_llama", "method=magnitude", "eval.perplexity.enabled=false",
+                         "progress=false", "mask_images=[]")  # fmt: skip
+    record = tmp_path / "metrics.json"
+    record.write_bytes(content.encode("latin-1"))
+    with pytest.raises(ConfigError, match="overwrite=true") as err:
+        run(cfg, run_dir=tmp_path)
+    assert str(record) in str(err.value)
+    assert record.read_bytes() == content.encode("latin-1")  # kept for the user to look at
+    again = run(compose_config("model=tiny_llama", "method=magnitude", "overwrite=true",
+                               "eval.perplexity.enabled=false", "progress=false",
+                               "mask_images=[]"), run_dir=tmp_path)  # fmt: skip
+    assert again["status"] == "finished" and json.loads(record.read_text())["status"] == "finished"

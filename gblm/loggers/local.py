@@ -55,10 +55,27 @@ class LocalLogger:
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run record in ``run_dir``, or None when there is none.
+
+    Raises:
+        ConfigError: the record exists but cannot be read (empty, truncated, not a JSON object:
+            a full disk or a partial copy); the message names the file and what to do.
+    """
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        record, reason = None, f"{type(err).__name__}: {err}"
+    else:
+        reason = None if isinstance(record, dict) else "not a JSON object"
+    if reason is not None:
+        raise ConfigError(
+            f"{path} cannot be read ({reason}): the run record is damaged. Add overwrite=true to "
+            "run there again (the damaged record is replaced), or move the folder away."
+        )
+    return record
 
 
 def process_record() -> dict[str, Any]:
