@@ -82,6 +82,23 @@ def input_device(model: torch.nn.Module, device: torch.device | str | None = Non
     return device if embeddings.type == device.type else embeddings
 
 
+def device_name(device: torch.device) -> str:
+    """What computes: the GPU's name, or the CPU's model name (``/proc/cpuinfo``) and cores."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import os
+    import platform
+    from pathlib import Path
+
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name} ({os.cpu_count()} cores)"
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -83,6 +83,41 @@ def initial(conf: RunConf, method, plan, digest: str, process: dict) -> dict[str
     }
 
 
+def provenance(device: str) -> dict[str, Any]:
+    """What produced the numbers beyond the config: floating-point results move with the code,
+    the libraries, the device and the thread count."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    from gblm import __version__, devices
+    from gblm.paths import PROJECT_ROOT
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    def package(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "gblm": __version__,
+        "git_commit": commit,
+        "git_dirty": None if status is None else bool(status),
+        **{name: package(name) for name in ("torch", "transformers", "lm_eval", "accelerate")},
+        "device": devices.device_name(torch.device(device)),
+        "threads": torch.get_num_threads(),
+    }
+
+
 def update(metrics: dict[str, Any], result: Result, conf: RunConf, run_dir: Path) -> dict:
     """``metrics`` with what ``result`` holds now; the mask statistics' files written once."""
     from gblm.analysis.records import write_mask_stats_blocks, write_mask_stats_csv

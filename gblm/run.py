@@ -219,7 +219,8 @@ def _execute_and_record(conf: RunConf, method, plan, metrics, local, run_dir, co
         given = pipeline.inputs(conf, method, plan, timer)  # nothing heavy before this passes
         remote = GuardedLogger(lambda: record.remote_logger(conf, run_dir))
         timer.listeners.append(record.live_view(remote, metrics))
-        remote.start(container)
+        metrics["provenance"] = record.provenance(str(given.device))
+        remote.start({**container, "provenance": metrics["provenance"]})
         result = pipeline.execute(conf, method, plan, given, timer, run_dir, on_update)
         record.update(metrics, result, conf, run_dir)
         metrics["status"] = "finished"

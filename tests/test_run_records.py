@@ -325,3 +325,16 @@ def test_an_unreadable_record_is_a_clean_refusal(tmp_path, content):
                                "eval.perplexity.enabled=false", "progress=false",
                                "mask_images=[]"), run_dir=tmp_path)  # fmt: skip
     assert again["status"] == "finished" and json.loads(record.read_text())["status"] == "finished"
+
+
+def test_the_record_says_what_produced_it(tmp_path):
+    """Provenance: the code's version and commit, the libraries, the device and the threads."""
+    import torch
+
+    cfg = compose_config("model=tiny_llama", "method=magnitude", "eval.perplexity.enabled=false",
+                         "progress=false", "mask_images=[]")  # fmt: skip
+    record = run(cfg, run_dir=tmp_path)["provenance"]
+    assert record["torch"] == torch.__version__ and record["threads"] == torch.get_num_threads()
+    assert all(record[name] for name in ("gblm", "transformers", "lm_eval", "accelerate", "device"))
+    assert record["git_commit"] is None or len(record["git_commit"]) == 40
+    assert json.loads((tmp_path / "metrics.json").read_text())["provenance"] == record
