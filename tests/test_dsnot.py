@@ -111,7 +111,8 @@ def test_per_row_sparsity_is_unchanged() -> None:
     assert torch.equal(refined.sum(dim=1), mask.sum(dim=1))
 
 
-def _naive_nm_row(pruned, D, initial, var, m, cycles, thr, p):
+def _naive_nm_row(pruned, D, initial, var, m, cycles, thr, p, ties=None):
+    ties = [] if ties is None else ties
     d, pruned = len(D), list(pruned)
     e = sum(D[j] for j in range(d) if pruned[j])
     sign = (e > 0) - (e < 0)
@@ -125,7 +126,9 @@ def _naive_nm_row(pruned, D, initial, var, m, cycles, thr, p):
         else:
             r, gf = grow[gf], gf + 1
         start = r - r % m
-        q = min(range(start, start + m), key=lambda j: score[j])
+        group = torch.tensor(score[start : start + m]).reshape(1, -1)
+        q = start + int(torch.topk(group, 1, dim=1, largest=False).indices)  # published tie rule
+        ties.append(group.isinf().all().item())
         after = e + D[q] - D[r]
         active = active and sign == ((after > 0) - (after < 0)) and abs(e) > thr
         score[q] = float("inf")
@@ -163,6 +166,24 @@ def test_nm_matches_a_naive_row_loop_and_stays_nm() -> None:
     W, D, wanda, var = _random(10, 256, 8)
     got = dsnot_nm(nm_mask(wanda, 2, 4), D, wanda, var, 4, 50, 0.1, 1.0)
     assert (got.reshape(10, -1, 4).sum(dim=-1) == 2).all()
+
+
+def test_nm_group_with_every_score_used_is_broken_as_published() -> None:
+    """A narrow row runs out of pruned weights of one sign: the grow pointer walks into groups
+    whose kept entries are all used (+inf), and the pick among them is topk's, not the first."""
+    W, D, wanda, var = _random(6, 8, 3)
+    mask = nm_mask(wanda, 2, 4)
+    got = dsnot_nm(mask, D, wanda, var, 4, 8, -1.0, 1.0)  # threshold < 0: rows never settle
+    ties: list[bool] = []
+    naive = [
+        _naive_nm_row(mask[i].tolist(), D[i].tolist(), wanda[i].tolist(), var.tolist(), 4, 8,
+                      -1.0, 1, ties)[0]
+        for i in range(6)
+    ]  # fmt: skip
+    assert any(ties)  # the case occurred
+    assert got.tolist() == naive
+    group = torch.full((1, 4), float("inf"))
+    assert int(torch.topk(group, 1, dim=1, largest=False).indices) != int(group.argmin())
 
 
 def test_mlp_keeps_the_initial_mask_unless_all_layers() -> None:

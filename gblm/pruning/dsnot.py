@@ -18,8 +18,9 @@ Unstructured (:func:`dsnot_unstructured`), every row at once:
   error before the swap); while it is active the swap is made and ``e += D_prune - D_grow``.
 
 N:M (:func:`dsnot_nm`): the weight to grow back is chosen as above; the one to prune is the kept
-entry of the same group of M with the lowest initial score (used entries are set to +inf), and a
-row also stops when the swap would flip the sign of its initial error.
+entry of the same group of M with the lowest initial score (used entries are set to +inf; ties,
+such as a group whose entries are all used, go as ``torch.topk(..., largest=False)`` breaks them,
+as published), and a row also stops when the swap would flip the sign of its initial error.
 
 Rows run together: a row that has stopped keeps moving its pointers while others go on, and its
 entries are written back (q kept, r pruned), which changes nothing unless a pointer has reached
@@ -166,7 +167,8 @@ def dsnot_nm(
             break
         r, r_ok = _take(grow, grow_ptr, (error > 0).long(), full)
         start = r - r % m
-        q = start + torch.argmin(score.gather(1, start + offsets), dim=1, keepdim=True)
+        # topk, not argmin: ties (all +inf once a group's kept entries are used) go as published
+        q = start + torch.topk(score.gather(1, start + offsets), 1, dim=1, largest=False).indices
         after = error + D.gather(1, q) - D.gather(1, r)
         active &= (sign == torch.sign(after)) & (error.abs() > threshold) & r_ok
         score.scatter_(1, q, float("inf"))
