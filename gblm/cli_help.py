@@ -13,12 +13,12 @@ import inspect
 import re
 from pathlib import Path
 
+from gblm.methods.registry import ENTRY_KEYS
 from gblm.paths import PROJECT_ROOT
 
 CONF = PROJECT_ROOT / "conf"
 GROUPS = ("model", "sparsity", "calibration", "eval", "logger", "experiment")
 _OPTION = re.compile(r"^([A-Za-z_][\w]*):\s*(.*?)\s*(?:#\s*(.*))?$")
-_REGISTRY_KEYS = ("name", "_target_", "order")
 
 
 def _description(path: Path) -> str:
@@ -36,7 +36,7 @@ def _method_lines(path: Path) -> list[str]:
     lines = [f"  {path.stem:<12} {_description(path)}"]
     for raw in path.read_text().splitlines():
         match = _OPTION.match(raw)  # top-level keys only (no indentation)
-        if match and match.group(1) not in _REGISTRY_KEYS:
+        if match and match.group(1) not in ENTRY_KEYS:
             key, value, comment = match.groups()
             text = f"method.{key}={value}"
             lines.append(f"      {text:<36} {comment or ''}".rstrip())

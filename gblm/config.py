@@ -107,7 +107,7 @@ def _allocator_fields() -> list[tuple[str, Any, Any]]:
     fields: dict[str, tuple[str, Any, Any]] = {}
     for entry in registry.allocator_entries():
         hints = typing.get_type_hints(get_class(entry.target).__init__)
-        for name, param in registry.options_of(entry.target, skip=("sparsity",)).items():
+        for name, param in registry.allocator_options(entry).items():
             default = entry.options.get(name, param.default)
             if default is inspect.Parameter.empty:
                 default = None
@@ -149,10 +149,9 @@ class _SparsityBase:
         ignored, so that a sweep over allocators can share a tuning option (``lmbda``).
         """
         choice("sparsity.allocator", self.allocator, registry.allocator_names())
-        entries = {e.name: e for e in registry.allocator_entries()}
-        mine = registry.options_of(entries[self.allocator].target, ("sparsity",))
-        for entry in entries.values():
-            for name, param in registry.options_of(entry.target, ("sparsity",)).items():
+        mine = registry.allocator_options(registry.allocator_entry(self.allocator))
+        for entry in registry.allocator_entries():
+            for name, param in registry.allocator_options(entry).items():
                 value, default = getattr(self, name), entry.options.get(name, param.default)
                 if name in mine or value == default:
                     continue
@@ -301,6 +300,11 @@ class RunConf:
     def method_name(self) -> str:
         return self.method.get("name")
 
+    @property
+    def method_options(self) -> dict[str, Any]:
+        """The method node less the registry's keys: the class's keyword arguments."""
+        return {k: v for k, v in self.method.items() if k not in registry.ENTRY_KEYS}
+
     def check(self) -> None:
         """Every node's checks, then those across nodes."""
         self.model.check()
@@ -425,8 +429,9 @@ def validate(cfg: dict[str, Any]) -> RunConf:
 
 def build_method(conf: RunConf):
     """The configured method (None for the dense baseline); bad options are a ConfigError."""
-    options = {k: v for k, v in conf.method.items() if k not in registry.ENTRY_KEYS}
-    return registry.build_method(conf.method_name, conf.method.get("_target_"), **options)
+    return registry.build_method(
+        conf.method_name, conf.method.get("_target_"), **conf.method_options
+    )
 
 
 def build_plan(conf: RunConf):

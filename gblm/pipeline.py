@@ -21,6 +21,7 @@ stage that adds a number, so a caller can write its record as the run goes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -81,7 +82,6 @@ class Result:
     pushed_to: str | None = None
     push_to_hub_error: str | None = None
     peak_memory_bytes: int | None = None
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def needs_calibration(method: Pruner | None, plan: SparsityPlan) -> bool:
@@ -129,7 +129,7 @@ class Inputs:
     dtype: torch.dtype
 
 
-def device_and_dtype(conf: RunConf) -> tuple[torch.device, torch.dtype]:
+def _device_and_dtype(conf: RunConf) -> tuple[torch.device, torch.dtype]:
     try:
         device = devices.resolve_device(conf.device)
         return device, devices.resolve_dtype(conf.model.dtype, device)
@@ -158,7 +158,9 @@ def inputs(
     timer = timer or StageTimer()
     c, p, z = conf.calibration, conf.eval.perplexity, conf.eval.zeroshot
     check_model_available(conf.model)
-    device, dtype = device_and_dtype(conf) if check_device else (torch.device("cpu"), torch.float32)
+    device, dtype = (
+        _device_and_dtype(conf) if check_device else (torch.device("cpu"), torch.float32)
+    )
     calibrating = needs_calibration(method, plan)
     seqlens = {"calibration.seqlen": c.seqlen} if calibrating else {}
     seqlens.update({"eval.perplexity.seqlen": p.seqlen} if p.enabled else {})
@@ -201,11 +203,8 @@ def prune(
     """The plan's and the method's passes over the dense model, then the layer walk; the masks."""
     from gblm.calibration.sequential import prune_model
 
-    for stage in (plan, method):
-        if stage.dense_pass is None:
-            stage.prepare(model, windows, context)
-            continue
-        with timer.stage(stage.dense_pass):
+    for stage in (plan, method):  # a pass over the dense model is a stage of its own
+        with timer.stage(stage.dense_pass) if stage.dense_pass else contextlib.nullcontext():
             stage.prepare(model, windows, context)
     try:
         with timer.stage(PRUNE):

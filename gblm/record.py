@@ -61,9 +61,7 @@ def initial(conf: RunConf, method, plan, digest: str, process: dict) -> dict[str
         "run_name": run_name(conf),
         "method": conf.method_name,
         "method_label": method_label(conf, method, plan),
-        "method_settings": {
-            k: v for k, v in conf.method.items() if k not in ("name", "_target_", "order")
-        },
+        "method_settings": conf.method_options,
         "model": conf.model.name,
         "sparsity": {
             "ratio": target.ratio,

@@ -30,7 +30,7 @@ from gblm.config import RunConf, build_method, build_plan, to_plain, validate
 from gblm.errors import ConfigError, UserError
 from gblm.loggers.base import GuardedLogger, NullLogger
 from gblm.loggers.local import LocalLogger, process_record, read_metrics, run_alive, run_lock
-from gblm.methods.registry import allocator_entries, options_of
+from gblm.methods.registry import allocator_entry, allocator_options
 from gblm.paths import PROJECT_ROOT
 from gblm.progress import OverallEstimate
 from gblm.utils import StageTimer, content_hash
@@ -67,8 +67,8 @@ def result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     sparsity = dict(relevant.get("sparsity") or {})
     if sparsity.get("per_block") is not None and sparsity.get("allocator") == "uniform":
         sparsity["allocator"] = "per_block"
-    own = [options_of(e.target, ("sparsity",)) for e in allocator_entries() if e.name == sparsity.get("allocator")]  # fmt: skip
-    kept = ("allocator", "ratio", "n", "m", *(own[0] if own else ()))
+    entry = allocator_entry(sparsity.get("allocator"))
+    kept = ("allocator", "ratio", "n", "m", *(allocator_options(entry) if entry else ()))
     relevant["sparsity"] = {k: v for k, v in sparsity.items() if k in kept}
     return relevant
 

@@ -74,6 +74,16 @@ def allocator_names() -> tuple[str, ...]:
     return tuple(e.name for e in allocator_entries())
 
 
+def allocator_options(entry: MethodEntry) -> dict[str, inspect.Parameter]:
+    """An allocator's options: its class's keyword arguments after the target ``sparsity``."""
+    return options_of(entry.target, skip=("sparsity",))
+
+
+def allocator_entry(name: str) -> MethodEntry | None:
+    """The registered allocator ``name``, or None."""
+    return next((e for e in allocator_entries() if e.name == name), None)
+
+
 def method_names() -> tuple[str, ...]:
     """Every registered method, in table order (``order``, then name)."""
     return tuple(e.name for e in _entries())
@@ -153,7 +163,7 @@ def build_allocator(name: str, sparsity: Any, **options: Any):
     """
     from gblm.errors import ConfigError
 
-    entry = next((e for e in allocator_entries() if e.name == name), None)
+    entry = allocator_entry(name)
     if entry is None:
         raise ConfigError(
             f"sparsity.allocator={name!r} is not allowed: choose one of "

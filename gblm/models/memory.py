@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 MAPS = Path("/proc/self/maps")
+MADV_DONTNEED = 4  # Linux
 
 
 def private_file_mappings(maps: Path = MAPS) -> list[tuple[int, int]]:
@@ -163,9 +164,6 @@ def map_parameters_to_file(module: nn.Module, directory: Path | str | None = Non
         home.copy_(param.data)
         param.data = home
     return sum(p.numel() * p.element_size() for p in params)
-
-
-MADV_DONTNEED = 4  # Linux
 
 
 @functools.cache
