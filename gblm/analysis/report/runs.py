@@ -24,7 +24,8 @@ class RunRecord:
     path: Path
     name: str  # the folder relative to the sweep directory
     status: str  # finished | failed | running | unfinished | unreadable
-    method: str = "?"
+    method: str = "?"  # the method label: ``gblm``, ``wanda+owl``, ``dsnot(wanda)``, ``gblm+admm``
+    base: str = "?"  # the registered method (``method=`` of the run): ``gblm``, ``dsnot``
     model: str = "?"
     label: str = "?"
     ratio: float = float("nan")
@@ -44,6 +45,12 @@ class RunRecord:
     mask_rows: list[dict] = field(default_factory=list)
     error: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # the run's config, flattened (a.b)
+    config_hash: str | None = None  # the identity of its result-changing settings
+    # the report's rows (:mod:`.axes`): in the headline tables and in an axis's table, with sort keys
+    series: str = ""
+    series_key: tuple = ()
+    row: str = ""
+    row_key: tuple = ()
 
     @property
     def finished(self) -> bool:
@@ -116,7 +123,7 @@ def _from_config(record: RunRecord, config: Any) -> None:
     record.settings = flatten(config)
     method, model, sparsity = config.get("method"), config.get("model"), config.get("sparsity")
     if isinstance(method, dict) and method.get("name"):
-        record.method = str(method["name"])
+        record.method = record.base = str(method["name"])
     if isinstance(model, dict) and model.get("name"):
         record.model = str(model["name"])
     if isinstance(sparsity, dict) and "ratio" in sparsity:
@@ -163,7 +170,9 @@ def _from_metrics(record: RunRecord, metrics: dict) -> None:
     """Fill ``record`` from a run's ``metrics.json``."""
     record.status = str(metrics.get("status", "unknown"))
     # the label tells apart runs of one method with another plan or initial method (OWL, DSnoT)
-    record.method = str(metrics.get("method_label") or metrics.get("method", record.method))
+    record.base = str(metrics.get("method", record.base))
+    record.method = str(metrics.get("method_label") or record.base)
+    record.config_hash = metrics.get("config_hash")
     record.model = str(metrics.get("model", record.model))
     if isinstance(metrics.get("sparsity"), dict):
         _set_sparsity(record, metrics["sparsity"])
