@@ -342,3 +342,128 @@ def test_published_numbers_stand_beside_ours(tmp_path):
     assert "| wanda | 7.30 | 7.26 |  | 11.53 |" in md
     assert "Published: GBLM-Pruner paper" in md
     assert "published" not in (build_report(tmp_path / "other") / "report.md").read_text()
+
+
+def _factorial(sweep: Path) -> Path:
+    """Mask methods x a weight update (``reconstruct``), the way run records carry it: the update
+    in the config (its options only where it has them) and in the method label (``gblm+admm``)."""
+    updates = {"none": {}, "obs": {"percdamp": 0.01}, "admm": {"percdamp": 0.1, "iterations": 20}}
+    for i, method in enumerate(("magnitude", "wanda", "gblm", "ria")):
+        for j, (update, options) in enumerate(updates.items()):
+            for sparsity in (UNSTRUCTURED, TWO_FOUR):
+                label = method if update == "none" else f"{method}+{update}"
+                ppl = (90.0 - 10 * i - 5 * j) * (2 if sparsity["m"] else 1)
+                settings = {"reconstruct": {"name": update, **options}}
+                make_run(sweep, f"{label}_{sparsity['m']}", method, sparsity, ppl, images=False,
+                         settings=settings, label=label)  # fmt: skip
+    none = {"reconstruct": {"name": "none"}}
+    make_run(sweep, "sparsegpt", "sparsegpt", UNSTRUCTURED, 40.0, images=False, settings=none)
+    make_run(sweep, "dsnot", "dsnot", UNSTRUCTURED, 55.0, images=False, label="dsnot(wanda)",
+             settings={**none, "method": {"initial": "wanda"}})  # fmt: skip
+    return sweep
+
+
+def test_a_weight_update_is_an_axis_of_its_own(tmp_path):
+    from gblm.analysis.report.axes import swept_axes
+
+    sweep = _factorial(tmp_path / "factorial")
+    assert swept_axes(find_runs(sweep)) == ["reconstruct.name"]  # its options follow the update
+    out = build_report(sweep)
+    md = (out / "report.md").read_text()
+    headline = md.split("Perplexity (lower is better):")[1].split("([CSV]")[0]
+    for row in ("| gblm | 70.00 | 140.00 |", "| gblm+obs | 65.00 | 130.00 |",
+                "| gblm+admm | 60.00 | 120.00 |", "| sparsegpt | 40.00 |  |"):  # fmt: skip
+        assert row in headline  # each update its own row, never averaged with another
+    axis = md.split("### Ablation: reconstruct.name")[1].split("###")[0]
+    # the mask methods as rows, without and with each update as columns ("none" first)
+    header = "| method | sparsity | reconstruct.name=none | reconstruct.name=admm | reconstruct.name=obs |"
+    assert header in axis
+    assert "| gblm | 0.5 | 70.00 | 60.00 | 65.00 |" in axis
+    assert "| gblm | 2:4 | 140.00 | 120.00 | 130.00 |" in axis
+    assert "sparsegpt" not in axis and "dsnot" not in axis  # ran with one update only
+    assert (out / "perplexity_tiny_llama_reconstruct.name.png").exists()
+
+
+@pytest.fixture
+def saved_figures(monkeypatch) -> dict[str, dict]:
+    """What each ``savefig`` saved: the region written, legends and axes (pixels), and the
+    colour, marker and fill of every labelled series of each axes."""
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+
+    saved: dict[str, dict] = {}
+    original = Figure.savefig
+
+    def savefig(fig, path, *args, **kwargs):
+        original(fig, path, *args, **kwargs)
+        renderer = fig.canvas.get_renderer()
+        region = fig.bbox
+        if kwargs.get("bbox_inches") == "tight":
+            pad = kwargs.get("pad_inches", 0.1) * fig.dpi
+            region = fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans).padded(pad)
+        legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+        styles = []
+        for ax in fig.axes:
+            styles.append({
+                line.get_label(): (to_hex(line.get_color()), line.get_marker(), line.get_fillstyle())
+                for line in ax.get_lines()
+                if not line.get_label().startswith("_") and line.get_marker() not in (None, "None", "")
+            })  # fmt: skip
+        saved[f"{Path(path).parent.parent.name}/{Path(path).name}"] = {
+            "region": region,
+            "legends": [lg.get_window_extent(renderer) for lg in legends],
+            "axes": [ax.get_window_extent(renderer) for ax in fig.axes],
+            "styles": styles,
+        }
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
+
+
+def _legend_problems(record: dict) -> list[str]:
+    problems = []
+    for box in record["legends"]:
+        inside = record["region"]
+        if not (box.x0 >= inside.x0 - 1 and box.x1 <= inside.x1 + 1
+                and box.y0 >= inside.y0 - 1 and box.y1 <= inside.y1 + 1):  # fmt: skip
+            problems.append("legend clipped by the saved figure")
+        if any(box.overlaps(ax) for ax in record["axes"]):
+            problems.append("legend over the axes")
+    return problems
+
+
+def test_figures_keep_their_legends_and_one_style_per_method(tmp_path, saved_figures):
+    from gblm.analysis.plots import pyplot
+    from gblm.analysis.report.plots import family
+
+    out = build_report(_factorial(tmp_path / "factorial"))
+    make_run(tmp_path / "seeds", "a", "gblm", UNSTRUCTURED, 30.0, images=False)  # error bars
+    make_run(tmp_path / "seeds", "b", "gblm", UNSTRUCTURED, 31.0, images=False, seed=1)
+    build_report(tmp_path / "seeds")
+    shown = {"factorial/ppl_tiny_llama.png", "factorial/perplexity_tiny_llama_reconstruct.name.png"}
+    assert shown <= set(saved_figures) and "seeds/ppl_tiny_llama.png" in saved_figures
+    for name, record in saved_figures.items():
+        assert _legend_problems(record) == [], name
+    seen: dict[str, tuple] = {}
+    for name, record in saved_figures.items():
+        for styles in record["styles"]:
+            if "/blocks_" in name:
+                continue
+            assert len(set(styles.values())) == len(styles), name  # no two series alike
+            for series, style in styles.items():
+                assert seen.setdefault(series, style) == style, series  # the same in every figure
+    colours = {family(s): style[0] for s, style in seen.items()}
+    assert len(set(colours.values())) == len(colours)  # one colour per method ...
+    assert seen["gblm"][:2] == seen["gblm+admm"][:2] != seen["wanda"][:2]  # ... its updates
+    assert seen["gblm"][2] != seen["gblm+admm"][2]  # told apart by the fill
+    assert (out / "ppl_tiny_llama.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the check itself: a legend pushed out of an unconstrained figure is caught
+    fig, ax = pyplot().subplots()
+    ax.plot([0, 1], [0, 1], "o", label="a long method name+owl")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.savefig(tmp_path / "clipped.png")
+    pyplot().close(fig)
+    assert "legend clipped by the saved figure" in _legend_problems(
+        saved_figures[f"{tmp_path.parent.name}/clipped.png"]
+    )

@@ -232,16 +232,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m gblm.report SWEEP_DIR [--out DIR]``; 2 when the sweep folder is missing."""
     parser = argparse.ArgumentParser(prog="python -m gblm.report", description=DESCRIPTION)
     parser.add_argument(
-        "sweep_dir", type=Path, help="a sweep directory (or any folder of run folders)"
+        "sweep_dir", type=Path, help="a sweep folder (or any folder of run folders)"
     )
-    parser.add_argument(
-        "--out", type=Path, default=None, help="output folder (default SWEEP_DIR/report)"
-    )
+    parser.add_argument("--out", type=Path, help="the report's folder (default SWEEP_DIR/report)")
     args = parser.parse_args(argv)
     try:
         out = build_report(args.sweep_dir, args.out)
     except FileNotFoundError as err:
         print(err, file=sys.stderr)
         return 2
-    print(f"Wrote {out / 'report.md'} and {out / 'report.html'}")
+    print(f"Wrote {out / 'report.md'}, {out / 'report.html'} and the tables in {out / 'tables'}")
     return 0

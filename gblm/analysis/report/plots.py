@@ -24,8 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gblm.analysis.plots import pyplot
-from gblm.analysis.report.runs import RunRecord
+from gblm.analysis.report.runs import RunRecord, is_baseline
 from gblm.analysis.report.tables import DENSE_ROW, Stat, Table, fmt_number, run_title
+from gblm.methods.registry import method_names
 
 #: Paul Tol's "muted" scheme, then Okabe and Ito's orange, blue, vermillion and black.
 PALETTE = ("#CC6677", "#332288", "#DDCC77", "#117733", "#88CCEE", "#882255", "#44AA99",
@@ -47,11 +48,14 @@ def family(series: str) -> str:
 
 
 class Styles:
-    """One colour and marker per method (:func:`family`) and one fill per variant, assigned in
-    the order first asked (seed it with the report's methods in table order)."""
+    """One colour and marker per method (:func:`family`) and one fill per variant: a registered
+    method's by its place in the registry (the same in every report), the others' (``dsnot(wanda)``)
+    and the variants in the order first asked."""
 
     def __init__(self, names: Sequence[str] = ()) -> None:
-        self.families: dict[str, int] = {}
+        self.families = {
+            m: i for i, m in enumerate(m for m in method_names() if not is_baseline(m))
+        }
         self.variants: dict[str, int] = {"": 0}
         for name in names:
             self(name)
@@ -65,14 +69,18 @@ class Styles:
 
 
 def _log_axis(ax, values: Sequence[float]) -> None:
-    """A log y axis when the values span 3x or more: major ticks at 1, 2, 5 x 10^k, labelled
-    in the tables' number format; minor ticks unlabelled."""
+    """A log y axis when the values span 3x or more: major ticks at 1, 2, 5 x 10^k (1, 1.5, 2, 3, 5, 7
+    within a decade, decades over three), labelled in the tables' number format; minor unlabelled."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    if min(values) <= 0 or max(values) < 3 * min(values):
+    span = max(values) / min(values) if min(values) > 0 else 0.0
+    if span < 3:
         return
+    subs = (
+        (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if span < 10 else (1.0, 2.0, 5.0) if span < 1e3 else (1.0,)
+    )
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: fmt_number(y).removesuffix(".00")))
     ax.yaxis.set_minor_formatter(NullFormatter())
 
@@ -108,73 +116,67 @@ def _dots(
         offset = (i - (len(values) - 1) / 2) * step
         xs = [k + offset for k, c in enumerate(categories) if cells.get(c)]
         stats = [cells[c] for c in categories if cells.get(c)]
-        ys, errors = [s.mean for s in stats], [s.std or math.nan for s in stats]
+        style = styles(series)
+        ax.plot(xs, [s.mean for s in stats], linestyle="none", markersize=7, label=series, **style)
         if any(s.std for s in stats):  # error bars only where a cell averages repeats
-            ax.errorbar(xs, ys, yerr=errors, linestyle="none", capsize=3, markersize=7,
-                        label=series, **styles(series))  # fmt: skip
-        else:
-            ax.plot(xs, ys, linestyle="none", markersize=7, label=series, **styles(series))
+            errors = [s.std or math.nan for s in stats]
+            ax.errorbar(xs, [s.mean for s in stats], yerr=errors, fmt="none",
+                        ecolor=style["color"], capsize=3)  # fmt: skip
     ax.set_xticks(range(len(categories)), categories)
     ax.set_xlim(-0.6, len(categories) - 0.4)
     ax.grid(True, axis="y", which="major", alpha=0.3)
 
 
+def _dot_figure(panels: dict[str, dict[str, dict[str, Stat]]], categories: Sequence[str],
+                styles: Styles, labels: tuple[str, str, str], path: Path, log_y: bool,
+                dense: float | None = None) -> Path | None:  # fmt: skip
+    """Dot charts, one panel per key of ``panels`` (``{series: {category: Stat}}`` each) sharing
+    y; ``labels``: x label, y label, title."""
+    panels = {k: {s: c for s, c in p.items() if c} for k, p in panels.items()}
+    panels = {k: p for k, p in panels.items() if p}
+    if not panels:
+        return None
+    most = max(len(p) for p in panels.values())
+    names = [s for p in panels.values() for s in p] + [DENSE_ROW]
+    width = max(3.2, 0.8 * len(categories) + 0.15 * most * len(categories))
+    fig, axes = _figure(len(panels), names, width)
+    for ax, (panel, values) in zip(axes[0], panels.items()):
+        _dots(ax, categories, values, styles)
+        if dense is not None:
+            ax.axhline(dense, label=DENSE_ROW, **DENSE_STYLE)
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel(labels[0])
+    axes[0][0].set_ylabel(labels[1])
+    if log_y:
+        shown = [s.mean for p in panels.values() for cells in p.values() for s in cells.values()]
+        _log_axis(axes[0][0], shown + ([dense] if dense else []))
+    return save_figure(fig, axes[0], labels[2], path)
+
+
 def plot_pivot(table: Table, styles: Styles, ylabel: str, title: str, path: Path,
                log_y: bool = False) -> Path | None:  # fmt: skip
     """A :func:`.tables.pivot` table as a dot chart: one column per sparsity label."""
-    categories = [h for h in table.headers[1:] if not h.endswith("published")]
-    index = {h: j for j, h in enumerate(table.headers)}
-    values = {row[0]: {c: row[index[c]] for c in categories if isinstance(row[index[c]], Stat)}
+    columns = [(j, h) for j, h in enumerate(table.headers) if j and not h.endswith("published")]
+    values = {row[0]: {h: row[j] for j, h in columns if isinstance(row[j], Stat)}
               for row in table.rows if row[0] != DENSE_ROW}  # fmt: skip
-    values = {s: cells for s, cells in values.items() if cells}
-    if not values:
-        return None
     dense = next((row[1] for row in table.rows if row[0] == DENSE_ROW), None)
-    fig, axes = _figure(
-        1,
-        list(values),
-        width=max(3.5, 0.9 * len(categories) + 0.15 * len(values) * len(categories)),
-    )
-    ax = axes[0][0]
-    _dots(ax, categories, values, styles)
-    if isinstance(dense, (int, float)):
-        ax.axhline(dense, label=DENSE_ROW, **DENSE_STYLE)
-    shown = [s.mean for cells in values.values() for s in cells.values()] + (
-        [dense] if dense else []
-    )
-    if log_y:
-        _log_axis(ax, shown)
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel(ylabel)
-    return save_figure(fig, axes[0], title, path)
+    return _dot_figure({"": values}, [h for _, h in columns], styles, ("sparsity", ylabel, title),
+                       path, log_y, dense if isinstance(dense, (int, float)) else None)  # fmt: skip
 
 
 def plot_axis(table: Table, styles: Styles, ylabel: str, title: str, path: Path,
               log_y: bool = False) -> Path | None:  # fmt: skip
     """An :func:`.tables.axis_table` as dot charts: the axis's values as x, one series per
     method row, one panel per sparsity."""
-    categories = [h.split("=", 1)[1] for h in table.headers[2:]]
+    key, categories = (
+        table.headers[2].split("=", 1)[0],
+        [h.split("=", 1)[1] for h in table.headers[2:]],
+    )
     panels: dict[str, dict[str, dict[str, Stat]]] = {}
     for row in table.rows:
         cells = {c: v for c, v in zip(categories, row[2:]) if isinstance(v, Stat)}
-        panels.setdefault(row[1], {})[row[0]] = cells
-    if not panels:
-        return None
-    names = list(dict.fromkeys(s for p in panels.values() for s in p))
-    fig, axes = _figure(
-        len(panels),
-        names,
-        width=max(3.0, 0.6 * len(categories) + 0.08 * len(names) * len(categories)),
-    )
-    for ax, (label, values) in zip(axes[0], panels.items()):
-        _dots(ax, categories, values, styles)
-        ax.set_title(f"sparsity {label}", fontsize=10)
-        ax.set_xlabel(table.headers[2].split("=", 1)[0])
-    axes[0][0].set_ylabel(ylabel)
-    shown = [s.mean for p in panels.values() for cells in p.values() for s in cells.values()]
-    if log_y and shown:
-        _log_axis(axes[0][0], shown)
-    return save_figure(fig, axes[0], title, path)
+        panels.setdefault(f"sparsity {row[1]}", {})[row[0]] = cells
+    return _dot_figure(panels, categories, styles, (key, ylabel, title), path, log_y)
 
 
 def _curves(items: Sequence[tuple[str, list[float]]]) -> list[tuple[list[float], list[str]]]:
