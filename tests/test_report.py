@@ -230,7 +230,7 @@ def test_per_block_sparsity_table_and_schedule_targets(tmp_path):
     assert runs["1_method=gblm"].per_block_target == [0.4, 0.6]
     assert runs["0_method=wanda"].per_block_target == []
     md = (build_report(sweep) / "report.md").read_text()
-    assert "| block | wanda | gblm | gblm target |" in md  # one run per method: its name alone
+    assert "| block | wanda | gblm | target of gblm |" in md  # one run per method: its name alone
     assert "| 0 | 50.00 | 41.00 | 40.00 |" in md  # shares in %
     assert "| 1 | 51.00 | 59.00 | 60.00 |" in md
     assert "(blocks_tiny_llama_0.5.png)" in md

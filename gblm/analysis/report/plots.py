@@ -101,7 +101,10 @@ def save_figure(fig, axes, title: str, path: Path) -> Path:
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8,
                    frameon=False)  # fmt: skip
-    fig.suptitle(title, fontsize=11)
+    if len(axes) == 1 and not axes[0].get_title():  # over its axes, not over axes and legend
+        axes[0].set_title(title, fontsize=11)
+    else:
+        fig.suptitle(title, fontsize=11)
     fig.savefig(path)
     pyplot().close(fig)
     return path
@@ -220,7 +223,7 @@ def plot_block_sparsity(
         )
     for k, (values, members) in enumerate(targets):
         ax.plot(range(len(values)), values, "x--", color="0.45", linewidth=1, markersize=4,
-                label=textwrap.fill("target: " + ", ".join(members), 40), dashes=(4, 1 + k))  # fmt: skip
+                label=textwrap.fill("target of " + ", ".join(members), 40), dashes=(4, 1 + k))  # fmt: skip
     for ratio in sorted(
         {r.ratio for r in runs if not r.per_block_target and not math.isnan(r.ratio)}
     ):

@@ -226,17 +226,19 @@ def block_sparsity_table(name: str, runs: Sequence[RunRecord]) -> Table | None:
     runs = sorted((r for r in runs if r.per_block), key=lambda r: r.series_key)
     if not runs:
         return None
-    merged: dict[tuple, list[str]] = {}
+    merged: dict[tuple, tuple[list[str], list[str]]] = {}  # values -> achieved by, target of
     for r in runs:
-        for title, values in (
-            (run_title(r, runs), r.per_block),
-            (f"{run_title(r, runs)} target", r.per_block_target),
-        ):
+        for values, kind in ((r.per_block, 0), (r.per_block_target, 1)):
             if values:
-                merged.setdefault(tuple(fmt_number(100 * v) for v in values), []).append(title)
-    blocks = max(len(c) for c in merged)
-    rows = [[str(b), *(c[b] if b < len(c) else "" for c in merged)] for b in range(blocks)]
-    return Table(name, ["block", *(", ".join(t) for t in merged.values())], rows)
+                column = merged.setdefault(tuple(fmt_number(100 * v) for v in values), ([], []))
+                column[kind].append(run_title(r, runs))
+    headers = ["; ".join([", ".join(a)] * bool(a) + [f"target of {', '.join(t)}"] * bool(t))
+               for a, t in merged.values()]  # fmt: skip
+    rows = [
+        [str(b), *(c[b] if b < len(c) else "" for c in merged)]
+        for b in range(max(map(len, merged)))
+    ]
+    return Table(name, ["block", *headers], rows)
 
 
 def run_title(run: RunRecord, among: Sequence[RunRecord] = ()) -> str:
