@@ -347,7 +347,11 @@ def test_published_numbers_stand_beside_ours(tmp_path):
 def _factorial(sweep: Path) -> Path:
     """Mask methods x a weight update (``reconstruct``), the way run records carry it: the update
     in the config (its options only where it has them) and in the method label (``gblm+admm``)."""
-    updates = {"none": {}, "obs": {"percdamp": 0.01}, "admm": {"percdamp": 0.1, "iterations": 20}}
+    updates = {
+        "none": {"_target_": None},
+        "obs": {"_target_": "gblm.reconstruct.obs.OBS", "percdamp": 0.01},
+        "admm": {"_target_": "gblm.reconstruct.admm.ADMM", "percdamp": 0.1, "iterations": 20},
+    }
     for i, method in enumerate(("magnitude", "wanda", "gblm", "ria")):
         for j, (update, options) in enumerate(updates.items()):
             for sparsity in (UNSTRUCTURED, TWO_FOUR):
@@ -367,7 +371,8 @@ def test_a_weight_update_is_an_axis_of_its_own(tmp_path):
     from gblm.analysis.report.axes import swept_axes
 
     sweep = _factorial(tmp_path / "factorial")
-    assert swept_axes(find_runs(sweep)) == ["reconstruct.name"]  # its options follow the update
+    # its class and options follow the update's name: one axis
+    assert swept_axes(find_runs(sweep)) == ["reconstruct.name"]
     out = build_report(sweep)
     md = (out / "report.md").read_text()
     headline = md.split("Perplexity (lower is better):")[1].split("([CSV]")[0]

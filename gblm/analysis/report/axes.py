@@ -39,8 +39,6 @@ PREFERRED = ("calibration.nsamples", "calibration.seqlen", "calibration.source",
 
 
 def is_axis_key(key: str) -> bool:
-    if key.endswith(("._target_", ".order")):
-        return False
     return not any(key == p.rstrip(".") or key.startswith(p if p.endswith(".") else p + ".")
                    for p in NOT_AXES)  # fmt: skip
 
@@ -68,9 +66,10 @@ def _fixes(groups: Sequence[list[RunRecord]], key: str, other: str) -> bool:
 
 
 def _rank(key: str) -> tuple:
-    """Which of two axes that fix each other is kept: a preferred key, a ``.name``, the shorter."""
+    """Which of two axes that fix each other is kept: a preferred key, a ``.name``, not a
+    ``._target_`` (an update with no name is still found by its class), the shorter."""
     preferred = PREFERRED.index(key) if key in PREFERRED else len(PREFERRED)
-    return (preferred, not key.endswith(".name"), key.count("."), key)
+    return (preferred, not key.endswith(".name"), key.endswith("._target_"), key.count("."), key)
 
 
 def swept_axes(runs: Sequence[RunRecord]) -> list[str]:
