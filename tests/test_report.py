@@ -445,21 +445,31 @@ def test_figures_keep_their_legends_and_one_style_per_method(tmp_path, saved_fig
     make_run(tmp_path / "seeds", "a", "gblm", UNSTRUCTURED, 30.0, images=False)  # error bars
     make_run(tmp_path / "seeds", "b", "gblm", UNSTRUCTURED, 31.0, images=False, seed=1)
     build_report(tmp_path / "seeds")
+    for k in range(12):  # a legend taller than the axes: the figure grows
+        for variant in ("", "+owl"):
+            make_run(tmp_path / "many", f"{k}{variant}", "wanda", UNSTRUCTURED, 30.0 + k,
+                     images=False, label=f"wanda({k}){variant}", settings={"device": {"index": k, "v": variant}})  # fmt: skip
+    build_report(tmp_path / "many")
+    assert "many/ppl_tiny_llama.png" in saved_figures
     shown = {"factorial/ppl_tiny_llama.png", "factorial/perplexity_tiny_llama_reconstruct.name.png"}
     assert shown <= set(saved_figures) and "seeds/ppl_tiny_llama.png" in saved_figures
     for name, record in saved_figures.items():
         assert _legend_problems(record) == [], name
-    seen: dict[str, tuple] = {}
+    reports: dict[str, dict[str, tuple]] = {}  # report -> series -> (colour, marker, fill)
     for name, record in saved_figures.items():
+        seen = reports.setdefault(name.split("/")[0], {})
         for styles in record["styles"]:
             if "/blocks_" in name:
                 continue
             assert len(set(styles.values())) == len(styles), name  # no two series alike
             for series, style in styles.items():
                 assert seen.setdefault(series, style) == style, series  # the same in every figure
-    colours = {family(s): style[0] for s, style in seen.items()}
-    assert len(set(colours.values())) == len(colours)  # one colour per method ...
-    assert seen["gblm"][:2] == seen["gblm+admm"][:2] != seen["wanda"][:2]  # ... its updates
+    for seen in reports.values():
+        colours = {family(s): style[0] for s, style in seen.items()}
+        assert len(set(colours.values())) == len(colours)  # one colour per method
+    assert reports["seeds"]["gblm"] == reports["factorial"]["gblm"]  # a registered one's in all
+    seen = reports["factorial"]
+    assert seen["gblm"][:2] == seen["gblm+admm"][:2] != seen["wanda"][:2]  # and its updates
     assert seen["gblm"][2] != seen["gblm+admm"][2]  # told apart by the fill
     assert (out / "ppl_tiny_llama.png").read_bytes()[:4] == b"\x89PNG"
 

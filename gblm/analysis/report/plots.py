@@ -31,7 +31,8 @@ from gblm.methods.registry import method_names
 #: Paul Tol's "muted" scheme, then Okabe and Ito's orange, blue, vermillion and black.
 PALETTE = ("#CC6677", "#332288", "#DDCC77", "#117733", "#88CCEE", "#882255", "#44AA99",
            "#999933", "#AA4499", "#E69F00", "#0072B2", "#D55E00", "#000000")  # fmt: skip
-MARKERS = ("o", "s", "D", "^", "v", "P", "X", "h", "<", ">", "p", "*", "d")
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "h", "<", ">", "p", "*")  # 12: with the 13
+# colours, no two of the first 156 methods share both
 FILLS = ("full", "none", "left", "bottom", "right", "top")
 SAME_CURVE = 0.005  # per-block shares closer than this in every block are one line
 DENSE_STYLE = {"color": "0.35", "linestyle": "--", "linewidth": 1.0}
@@ -60,6 +61,11 @@ class Styles:
         for name in names:
             self(name)
 
+    def distinct(self, names: Sequence[str]) -> bool:
+        """Whether no two of ``names`` look alike (a method with more variants than fills fails)."""
+        looks = {tuple(self(n)[k] for k in ("color", "marker", "fillstyle")) for n in names}
+        return len(looks) == len(set(names))
+
     def __call__(self, series: str) -> dict:
         head = family(series)
         i = self.families.setdefault(head, len(self.families))
@@ -86,8 +92,11 @@ def _log_axis(ax, values: Sequence[float]) -> None:
 
 
 def _figure(panels: int, series: Sequence[str], width: float, height: float = 4.2):
-    """A constrained-layout figure of ``panels`` axes sharing y, widened for the legend."""
-    legend = 0.9 + 0.075 * max((len(line) for s in series for line in s.splitlines()), default=0)
+    """A constrained-layout figure of ``panels`` axes sharing y, wide and tall enough for the
+    legend of ``series`` beside them."""
+    lines = [line for s in series for line in s.splitlines()]
+    legend = 0.9 + 0.075 * max(map(len, lines), default=0)
+    height = max(height, 0.9 + 0.2 * len(lines))
     return pyplot().subplots(1, panels, sharey=True, squeeze=False, layout="constrained",
                              figsize=(width * panels + legend, height), dpi=110)  # fmt: skip
 
@@ -139,8 +148,10 @@ def _dot_figure(panels: dict[str, dict[str, dict[str, Stat]]], categories: Seque
     panels = {k: p for k, p in panels.items() if p}
     if not panels:
         return None
+    if not styles.distinct([s for p in panels.values() for s in p]):
+        return None  # its series could not be told apart: the axes' own figures show them
     most = max(len(p) for p in panels.values())
-    names = [s for p in panels.values() for s in p] + [DENSE_ROW]
+    names = list(dict.fromkeys(s for p in panels.values() for s in p)) + [DENSE_ROW]
     width = max(3.2, 0.8 * len(categories) + 0.15 * most * len(categories))
     fig, axes = _figure(len(panels), names, width)
     for ax, (panel, values) in zip(axes[0], panels.items()):
