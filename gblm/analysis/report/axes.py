@@ -97,13 +97,9 @@ def value_key(value: Any) -> tuple:
 def axis_values(runs: Sequence[RunRecord], key: str) -> list[Any]:
     """The values ``key`` takes: numbers ascending, then the others in the order of the runs'
     series (so the plain method's value, ``uniform`` or ``none``, before its variants')."""
-    values = [
-        r.settings[key] for r in sorted(runs, key=lambda r: r.series_key) if key in r.settings
-    ]
-    values = list(dict.fromkeys(values))
-    return sorted((v for v in values if value_key(v)[0] == 0), key=value_key) + [
-        v for v in values if value_key(v)[0] == 1
-    ]
+    ordered = sorted(runs, key=lambda r: r.series_key)
+    values = dict.fromkeys(r.settings[key] for r in ordered if key in r.settings)
+    return sorted(values, key=lambda v: value_key(v)[:2])  # stable: the others keep their order
 
 
 def fmt_value(value: Any) -> str:
