@@ -29,6 +29,6 @@ echo "sweeps: $(( $(date +%s) - began )) s of wall time in this launch"
   echo "windows of 256 tokens (seed 0, the same for every run), perplexity on 32 windows of 256 tokens"
   echo "of the held-out novel. Discussion of the orderings: docs/results_notes.md."
   echo
-  sed -e '1d' -e 's#](\([^)/]*\.png\))#](results/report/\1)#g' docs/results/report/report.md
+  sed -E -e '1d' -e 's#\]\(([^)/:][^):]*\.(png|csv|tex))\)#](results/report/\1)#g' docs/results/report/report.md
 } > docs/results.md
 exit $status

@@ -14,6 +14,7 @@ from gblm.analysis.records import write_mask_stats_csv
 from gblm.analysis.stats import model_mask_stats
 from gblm.pruning.masks import nm_mask, unstructured_row_mask
 from gblm.report import build_report, find_runs, main
+from gblm.utils import content_hash
 
 LINEARS = ("model.layers.{}.self_attn.q_proj", "model.layers.{}.mlp.down_proj")
 SHAPES = {"q_proj": (32, 32), "down_proj": (32, 64)}
@@ -47,13 +48,15 @@ def make_run(
     dense_ppl: float = 20.0,
     images: bool = True,
     settings: dict | None = None,
+    model: str = "tiny_llama",
+    label: str | None = None,
 ) -> Path:
     """Write one run folder the way gblm.run does: config, mask stats and images, metrics.json."""
     run_dir = sweep / folder
     (run_dir / ".hydra").mkdir(parents=True)
     config = {
         "method": {"name": method},
-        "model": {"name": "tiny_llama"},
+        "model": {"name": model},
         "sparsity": sparsity,
         "seed": seed,
     }
@@ -68,11 +71,13 @@ def make_run(
     write_mask_stats_csv(per_linear, run_dir / "mask_stats.csv")
     if images:
         save_mask_images(masks, [LINEARS[1].format(0)], run_dir / "masks")
-    label = f"{n}:{m}" if m else f"{sparsity['ratio']:g}"
+    sparsity_label = f"{n}:{m}" if m else f"{sparsity['ratio']:g}"
     metrics = {
+        "config_hash": content_hash(config, length=16),
         "method": method,
-        "sparsity": {**sparsity, "label": label},
-        "model": "tiny_llama",
+        "method_label": label or method,
+        "sparsity": {**sparsity, "label": sparsity_label},
+        "model": model,
         "ppl": {"dense": dense_ppl, "pruned": ppl},
         "timings": {
             "calibration": 1.0,
@@ -156,12 +161,12 @@ def test_report_tables_plots_and_html(report):
     assert "| dense | 20.00 | 20.00 | 20.00 |" in md
     assert "| magnitude | 95.50 |  |  |" in md
     assert "| wanda | 31.25 |  | 70.00 |" in md
-    assert "| gblm | 30.50 (n=2) | 55.00 | 65.00 |" in md  # two seeds averaged
-    assert "| gblm | 43.0 (n=2) | 35.0 | 34.0 |" in md  # zero-shot mean accuracy in %
-    assert "| gblm | 6.5 s (n=2) | 6.0 s | 6.0 s |" in md  # wall time
+    assert "| gblm | 30.50 ± 0.71 (n=2) | 55.00 | 65.00 |" in md  # two seeds: mean ± std
+    assert "| gblm | 43.00 ± 1.41 (n=2) | 35.00 | 34.00 |" in md  # zero-shot accuracy in %
+    assert "| gblm | 6.50 ± 0.71 (n=2) | 6.00 | 6.00 |" in md  # wall time (s)
     assert "| method | sparsity | austen_cloze | mean |" in md
-    assert "| gblm | 0.5 | 43.0 (n=2) | 43.0 (n=2) |" in md
-    assert "| method | sparsity | calibration | prune | evaluation | total |" in md
+    assert "| gblm | 0.5 | 43.00 ± 1.41 (n=2) | 43.00 ± 1.41 (n=2) |" in md
+    assert "| method | sparsity | calibration (s) | prune (s) | evaluation (s) | total (s) |" in md
     assert "column_structure" in md
     # failed and unfinished runs are listed, not dropped
     failed = md.split("## Failed and unfinished runs")[1].split("## All runs")[0]
@@ -173,9 +178,9 @@ def test_report_tables_plots_and_html(report):
     )
 
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert "ppl_vs_sparsity_tiny_llama.png" in pngs
-    assert "zeroshot_vs_sparsity_tiny_llama.png" in pngs
-    assert "block_sparsity_tiny_llama_0.5.png" in pngs
+    assert "ppl_tiny_llama.png" in pngs
+    assert "zeroshot_tiny_llama.png" in pngs
+    assert "blocks_tiny_llama_0.5.png" in pngs
     assert "masks_tiny_llama_2-4_model.layers.0.mlp.down_proj.png" in pngs
     for name in pngs:
         assert f"({name})" in md  # every plot is linked from the markdown
@@ -183,16 +188,18 @@ def test_report_tables_plots_and_html(report):
 
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(pngs)
-    assert "src='ppl_vs" not in page  # self-contained: no file references
+    assert "src='ppl_" not in page  # self-contained: no file references
     assert "<td>gblm</td>" in page
 
 
 def test_report_structure_column_shows_gblm_channels(report):
     md = (report / "report.md").read_text()
-    rows = [line for line in md.splitlines() if line.startswith("| gblm | 0.5 | 2_method=gblm")]
-    wanda = [line for line in md.splitlines() if line.startswith("| wanda | 0.5 | 1_method=wanda")]
-    gblm_structure = float(rows[0].split("|")[4])
-    wanda_structure = float(wanda[0].split("|")[4])
+    structure = md.split("### Mask structure")[1].split("###")[0].splitlines()
+    gblm = next(line for line in structure if line.startswith("| gblm | 0.5 |"))
+    wanda = next(line for line in structure if line.startswith("| wanda | 0.5 |"))
+    assert "(n=2)" in gblm  # two seeds: the mean and its std
+    gblm_structure = float(gblm.split("|")[3].split("±")[0])
+    wanda_structure = float(wanda.split("|")[3])
     assert gblm_structure > 2 * wanda_structure
 
 
@@ -223,22 +230,22 @@ def test_per_block_sparsity_table_and_schedule_targets(tmp_path):
     assert runs["1_method=gblm"].per_block_target == [0.4, 0.6]
     assert runs["0_method=wanda"].per_block_target == []
     md = (build_report(sweep) / "report.md").read_text()
-    assert "| block | wanda | gblm | gblm target |" in md  # one run per method: its name alone
-    assert "| 0 | 0.5000 | 0.4100 | 0.4000 |" in md
-    assert "| 1 | 0.5100 | 0.5900 | 0.6000 |" in md
-    assert "(block_sparsity_tiny_llama_0.5.png)" in md
+    assert "| block | wanda | gblm | target of gblm |" in md  # one run per method: its name alone
+    assert "| 0 | 50.00 | 41.00 | 40.00 |" in md  # shares in %
+    assert "| 1 | 51.00 | 59.00 | 60.00 |" in md
+    assert "(blocks_tiny_llama_0.5.png)" in md
 
-    make_run(sweep, "2_method=wanda,seed=1", "wanda", UNSTRUCTURED, 31.0, images=False)
+    make_run(sweep, "2_method=wanda,seed=1", "wanda", UNSTRUCTURED, 31.0, images=False, seed=1)
     md = (build_report(sweep) / "report.md").read_text()
-    # two runs of one method: the folder tells them apart
-    assert "| block | wanda (0_method=wanda) | wanda (2_method=wanda,seed=1) | gblm |" in md
+    # two runs of one method: the folder tells them apart; equal values share one column
+    assert "| block | wanda (0_method=wanda), wanda (2_method=wanda,seed=1) | gblm |" in md
 
 
 def test_methods_follow_the_registry_order(report):
     from gblm.methods.registry import method_names
 
     md = (report / "report.md").read_text()
-    table = md.split("Perplexity (lower is better):")[1].split("![")[0]
+    table = md.split("Perplexity (lower is better):")[1].split("([CSV]")[0]
     shown = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
     shown = [m for m in shown if m not in ("method", "dense")]
     assert shown == [m for m in method_names() if m in shown]
@@ -260,10 +267,218 @@ def test_swept_axes_get_their_own_tables_and_plots(tmp_path):
     text = (out / "report.md").read_text()
     assert "This sweep also varies calibration.nsamples, method.norm" in text
     assert "### Ablation: calibration.nsamples" in text and "### Ablation: method.norm" in text
-    row = next(line for line in text.splitlines() if line.startswith("| wanda | 0.5 | 40.00"))
-    assert "31.00 (n=2)" in row  # nsamples=8: the two seeds averaged, nsamples=2 apart
+    # nsamples=8: the two seeds averaged (mean ± std), nsamples=2 apart
+    assert "| wanda | 0.5 | 40.00 | 31.00 ± 1.41 (n=2) |" in text
     assert "| gblm | 0.5 | 29.00 | 28.00 |" in text  # method.norm=l1, l2
     nsamples_section = text.split("### Ablation: calibration.nsamples")[1].split("###")[0]
     assert "| gblm |" not in nsamples_section  # gblm ran at one nsamples only
-    assert (out / "ppl_vs_tiny_llama_calibration.nsamples.png").exists()
-    assert (out / "ppl_vs_tiny_llama_method.norm.png").exists()
+    # the headline table never averages over an axis: each setting is its own row
+    headline = text.split("Perplexity (lower is better):")[1].split("([CSV]")[0]
+    assert "| wanda, calibration.nsamples=2 | 40.00 |" in headline
+    assert "| wanda, calibration.nsamples=8 | 31.00 ± 1.41 (n=2) |" in headline
+    assert "| gblm, method.norm=l1 | 29.00 |" in headline
+    assert "| gblm, method.norm=l2 | 28.00 |" in headline
+    assert (out / "perplexity_tiny_llama_calibration.nsamples.png").exists()
+    assert (out / "perplexity_tiny_llama_method.norm.png").exists()
+
+
+def test_one_number_format_and_mean_with_std():
+    from gblm.analysis.report.tables import fmt_number, stat
+
+    assert [fmt_number(v) for v in (452.876, 49541.3, 999.996, 0.5)] == [
+        "452.88", "49,541", "1,000", "0.50"
+    ]  # fmt: skip
+    assert str(stat([30.0, 31.0])) == "30.50 ± 0.71 (n=2)"  # the sample std
+    assert str(stat([1000.0, 1200.0])) == "1,100 ± 141.42 (n=2)"
+    assert str(stat([0.42, None], scale=100)) == "42.00"  # one run: no spread
+
+
+def test_every_table_is_exported_as_csv_and_latex(report):
+    import pandas as pd
+
+    md = (report / "report.md").read_text()
+    csvs = sorted((report / "tables").glob("*.csv"))
+    assert len(csvs) == md.count("([CSV](tables/") == len(list((report / "tables").glob("*.tex")))
+    ppl = pd.read_csv(report / "tables" / "ppl_tiny_llama.csv").set_index("method")
+    assert ppl.loc["gblm", "0.5"] == 30.5 and ppl.loc["gblm", "0.5 n"] == 2  # numbers, not text
+    assert ppl.loc["gblm", "0.5 std"] == pytest.approx(0.7071, abs=1e-4)
+    assert ppl.loc["dense", "2:4"] == 20.0
+    latex = (report / "tables" / "ppl_tiny_llama.tex").read_text()
+    assert all(rule in latex for rule in ("\\toprule", "\\midrule", "\\bottomrule"))
+    assert "30.50 $\\pm$ 0.71 (n=2)" in latex
+
+
+def test_no_machine_path_in_the_report(report, sweep):
+    for name in ("report.md", "report.html"):
+        text = (report / name).read_text()
+        assert str(sweep) not in text and str(sweep.parent) not in text
+    assert f"Sweep {sweep.name}:" in (report / "report.md").read_text()
+
+
+def test_a_parent_folder_of_two_sweeps_counts_each_run_once(sweep, tmp_path):
+    import shutil
+
+    for copy in ("a", "b"):  # the same jobs in two sweeps under one folder
+        shutil.copytree(sweep, tmp_path / "parent" / copy, ignore=shutil.ignore_patterns("report"))
+    md = (build_report(tmp_path / "parent") / "report.md").read_text()
+    assert "| wanda | 31.25 |  | 70.00 |" in md  # not (n=2)
+    assert "| gblm | 30.50 ± 0.71 (n=2) | 55.00 | 65.00 |" in md  # the seeds only
+    assert "7 run folder(s) repeat the settings of another" in md
+    assert "b/2_method=gblm (= a/2_method=gblm)" in md
+
+
+def test_published_numbers_stand_beside_ours(tmp_path):
+    for dataset, sweep in (("wikitext2", tmp_path / "paper"), ("austen", tmp_path / "other")):
+        protocol = {"eval": {"perplexity": {"dataset": dataset}}}
+        kw = {"images": False, "model": "llama_7b", "settings": protocol, "dense_ppl": 5.70}
+        make_run(sweep, "dense", "dense", {"ratio": 0.0, "n": 0, "m": 0}, 5.70, **kw)
+        make_run(sweep, "gblm", "gblm", UNSTRUCTURED, 7.20, **kw)
+        make_run(sweep, "gblm_24", "gblm", TWO_FOUR, 11.40, **kw)
+        make_run(sweep, "wanda", "wanda", UNSTRUCTURED, 7.30, **kw)
+    md = (build_report(tmp_path / "paper") / "report.md").read_text()
+    assert "| method | 0.5 | 0.5 published | 2:4 | 2:4 published |" in md
+    assert "| dense | 5.70 | 5.68 | 5.70 | 5.68 |" in md
+    assert "| gblm | 7.20 | 7.15 | 11.40 | 11.33 |" in md
+    assert "| wanda | 7.30 | 7.26 |  | 11.53 |" in md
+    assert "Published: GBLM-Pruner paper" in md
+    assert "published" not in (build_report(tmp_path / "other") / "report.md").read_text()
+
+
+def _factorial(sweep: Path) -> Path:
+    """Mask methods x a weight update (``reconstruct``), the way run records carry it: the update
+    in the config (its options only where it has them) and in the method label (``gblm+admm``)."""
+    updates = {
+        "none": {"_target_": None},
+        "obs": {"_target_": "gblm.reconstruct.obs.OBS", "percdamp": 0.01},
+        "admm": {"_target_": "gblm.reconstruct.admm.ADMM", "percdamp": 0.1, "iterations": 20},
+    }
+    for i, method in enumerate(("magnitude", "wanda", "gblm", "ria")):
+        for j, (update, options) in enumerate(updates.items()):
+            for sparsity in (UNSTRUCTURED, TWO_FOUR):
+                label = method if update == "none" else f"{method}+{update}"
+                ppl = (90.0 - 10 * i - 5 * j) * (2 if sparsity["m"] else 1)
+                settings = {"reconstruct": {"name": update, **options}}
+                make_run(sweep, f"{label}_{sparsity['m']}", method, sparsity, ppl, images=False,
+                         settings=settings, label=label)  # fmt: skip
+    none = {"reconstruct": {"name": "none"}}
+    make_run(sweep, "sparsegpt", "sparsegpt", UNSTRUCTURED, 40.0, images=False, settings=none)
+    make_run(sweep, "dsnot", "dsnot", UNSTRUCTURED, 55.0, images=False, label="dsnot(wanda)",
+             settings={**none, "method": {"initial": "wanda"}})  # fmt: skip
+    return sweep
+
+
+def test_a_weight_update_is_an_axis_of_its_own(tmp_path):
+    from gblm.analysis.report.axes import swept_axes
+
+    sweep = _factorial(tmp_path / "factorial")
+    # its class and options follow the update's name: one axis
+    assert swept_axes(find_runs(sweep)) == ["reconstruct.name"]
+    out = build_report(sweep)
+    md = (out / "report.md").read_text()
+    headline = md.split("Perplexity (lower is better):")[1].split("([CSV]")[0]
+    for row in ("| gblm | 70.00 | 140.00 |", "| gblm+obs | 65.00 | 130.00 |",
+                "| gblm+admm | 60.00 | 120.00 |", "| sparsegpt | 40.00 |  |"):  # fmt: skip
+        assert row in headline  # each update its own row, never averaged with another
+    axis = md.split("### Ablation: reconstruct.name")[1].split("###")[0]
+    # the mask methods as rows, without and with each update as columns ("none" first)
+    header = "| method | sparsity | reconstruct.name=none | reconstruct.name=admm | reconstruct.name=obs |"
+    assert header in axis
+    assert "| gblm | 0.5 | 70.00 | 60.00 | 65.00 |" in axis
+    assert "| gblm | 2:4 | 140.00 | 120.00 | 130.00 |" in axis
+    assert "sparsegpt" not in axis and "dsnot" not in axis  # ran with one update only
+    assert (out / "perplexity_tiny_llama_reconstruct.name.png").exists()
+
+
+@pytest.fixture
+def saved_figures(monkeypatch) -> dict[str, dict]:
+    """What each ``savefig`` saved: the region written, legends and axes (pixels), and the
+    colour, marker and fill of every labelled series of each axes."""
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+
+    saved: dict[str, dict] = {}
+    original = Figure.savefig
+
+    def savefig(fig, path, *args, **kwargs):
+        original(fig, path, *args, **kwargs)
+        renderer = fig.canvas.get_renderer()
+        region = fig.bbox
+        if kwargs.get("bbox_inches") == "tight":
+            pad = kwargs.get("pad_inches", 0.1) * fig.dpi
+            region = fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans).padded(pad)
+        legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+        styles = []
+        for ax in fig.axes:
+            styles.append({
+                line.get_label(): (to_hex(line.get_color()), line.get_marker(), line.get_fillstyle())
+                for line in ax.get_lines()
+                if not line.get_label().startswith("_") and line.get_marker() not in (None, "None", "")
+            })  # fmt: skip
+        saved[f"{Path(path).parent.parent.name}/{Path(path).name}"] = {
+            "region": region,
+            "legends": [lg.get_window_extent(renderer) for lg in legends],
+            "axes": [ax.get_window_extent(renderer) for ax in fig.axes],
+            "styles": styles,
+        }
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
+
+
+def _legend_problems(record: dict) -> list[str]:
+    problems = []
+    for box in record["legends"]:
+        inside = record["region"]
+        if not (box.x0 >= inside.x0 - 1 and box.x1 <= inside.x1 + 1
+                and box.y0 >= inside.y0 - 1 and box.y1 <= inside.y1 + 1):  # fmt: skip
+            problems.append("legend clipped by the saved figure")
+        if any(box.overlaps(ax) for ax in record["axes"]):
+            problems.append("legend over the axes")
+    return problems
+
+
+def test_figures_keep_their_legends_and_one_style_per_method(tmp_path, saved_figures):
+    from gblm.analysis.plots import pyplot
+    from gblm.analysis.report.plots import family
+
+    out = build_report(_factorial(tmp_path / "factorial"))
+    make_run(tmp_path / "seeds", "a", "gblm", UNSTRUCTURED, 30.0, images=False)  # error bars
+    make_run(tmp_path / "seeds", "b", "gblm", UNSTRUCTURED, 31.0, images=False, seed=1)
+    build_report(tmp_path / "seeds")
+    for k in range(12):  # a legend taller than the axes: the figure grows
+        for variant in ("", "+owl"):
+            make_run(tmp_path / "many", f"{k}{variant}", "wanda", UNSTRUCTURED, 30.0 + k,
+                     images=False, label=f"wanda({k}){variant}", settings={"device": {"index": k, "v": variant}})  # fmt: skip
+    build_report(tmp_path / "many")
+    assert "many/ppl_tiny_llama.png" in saved_figures
+    shown = {"factorial/ppl_tiny_llama.png", "factorial/perplexity_tiny_llama_reconstruct.name.png"}
+    assert shown <= set(saved_figures) and "seeds/ppl_tiny_llama.png" in saved_figures
+    for name, record in saved_figures.items():
+        assert _legend_problems(record) == [], name
+    reports: dict[str, dict[str, tuple]] = {}  # report -> series -> (colour, marker, fill)
+    for name, record in saved_figures.items():
+        seen = reports.setdefault(name.split("/")[0], {})
+        for styles in record["styles"]:
+            if "/blocks_" in name:
+                continue
+            assert len(set(styles.values())) == len(styles), name  # no two series alike
+            for series, style in styles.items():
+                assert seen.setdefault(series, style) == style, series  # the same in every figure
+    for seen in reports.values():
+        colours = {family(s): style[0] for s, style in seen.items()}
+        assert len(set(colours.values())) == len(colours)  # one colour per method
+    assert reports["seeds"]["gblm"] == reports["factorial"]["gblm"]  # a registered one's in all
+    seen = reports["factorial"]
+    assert seen["gblm"][:2] == seen["gblm+admm"][:2] != seen["wanda"][:2]  # and its updates
+    assert seen["gblm"][2] != seen["gblm+admm"][2]  # told apart by the fill
+    assert (out / "ppl_tiny_llama.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the check itself: a legend pushed out of an unconstrained figure is caught
+    fig, ax = pyplot().subplots()
+    ax.plot([0, 1], [0, 1], "o", label="a long method name+owl")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.savefig(tmp_path / "clipped.png")
+    pyplot().close(fig)
+    assert "legend clipped by the saved figure" in _legend_problems(
+        saved_figures[f"{tmp_path.parent.name}/clipped.png"]
+    )

@@ -1,24 +1,22 @@
-"""Sweep report: tables and plots comparing every run under a sweep directory.
+"""Sweep report: tables and figures comparing every run under a sweep directory.
 
 ``python -m gblm.report SWEEP_DIR [--out DIR]`` (default ``SWEEP_DIR/report``) reads each run
 folder (any folder with a ``metrics.json``; a folder with a ``.hydra/`` but no ``metrics.json``
-is an unfinished run) and writes:
+is an unfinished run) and writes ``report.md``, ``report.html`` (self-contained, images inlined),
+the PNG figures and, in ``tables/``, every table as CSV (numbers unformatted) and LaTeX
+(booktabs). Per model: perplexity, zero-shot accuracy and wall time per method x sparsity (the
+published numbers beside ours where a paper gives them), one table and figure per ablation axis
+found in the runs' configs (:mod:`.axes`), the stage timings, zero-shot per task, the mask
+structure, the share of zeros per decoder block; failed and unfinished runs are listed, never
+silently dropped.
 
-- ``report.md``: per model, methods x sparsity tables of perplexity, zero-shot mean accuracy and
-  wall time, the stage timings, the mask-structure measures of :mod:`gblm.analysis.stats`, the
-  achieved share of zeros per decoder block of every run (beside its per-block target when a
-  schedule set one), and every run with its status (failed and unfinished runs are listed,
-  never silently dropped);
-- PNG plots: perplexity (log scale) and zero-shot accuracy against sparsity per method, the
-  per-block share of zeros of each run, and the same Linear's mask side by side across methods;
-- ``report.html``: the same content in one self-contained file (images embedded as base64), for
-  readers without a W&B server.
+A cell averages repeats (seeds) only, as ``mean ± std (n=k)``; runs of another setting of an axis
+are rows of their own, and the same job found in two sweeps is counted once. Methods are ordered
+as the method registry orders them (:mod:`gblm.methods.registry`).
 
-Several runs in one cell (seeds, calibration settings) are averaged and the cell says how many.
-Methods are ordered as the method registry orders them (:mod:`gblm.methods.registry`).
-
-Modules: :mod:`.runs` (reading run folders), :mod:`.tables`, :mod:`.plots`, :mod:`.render`
-(Markdown and HTML) and :mod:`.build` (the sections, :func:`build_report` and :func:`main`).
+Modules: :mod:`.runs` (reading run folders), :mod:`.axes`, :mod:`.tables`, :mod:`.plots`,
+:mod:`.render` (Markdown, HTML, CSV, LaTeX) and :mod:`.build` (the sections, :func:`build_report`
+and :func:`main`); ``published.yaml`` holds the published numbers.
 """
 
 from gblm.analysis.report.build import build_report, main

@@ -24,7 +24,8 @@ class RunRecord:
     path: Path
     name: str  # the folder relative to the sweep directory
     status: str  # finished | failed | running | unfinished | unreadable
-    method: str = "?"
+    method: str = "?"  # the method label: ``gblm``, ``wanda+owl``, ``dsnot(wanda)``, ``gblm+admm``
+    base: str = "?"  # the registered method (``method=`` of the run): ``gblm``, ``dsnot``
     model: str = "?"
     label: str = "?"
     ratio: float = float("nan")
@@ -33,7 +34,6 @@ class RunRecord:
     ppl_dense: float | None = None
     ppl_pruned: float | None = None
     zeroshot: float | None = None  # mean acc over tasks
-    zeroshot_norm: float | None = None
     zeroshot_tasks: dict[str, float] = field(default_factory=dict)  # task -> acc
     achieved: float | None = None  # share of zeros over the pruned Linears
     timings: dict[str, float] = field(default_factory=dict)
@@ -44,6 +44,12 @@ class RunRecord:
     mask_rows: list[dict] = field(default_factory=list)
     error: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # the run's config, flattened (a.b)
+    config_hash: str | None = None  # the identity of its result-changing settings
+    # the report's rows (:mod:`.axes`): in the headline tables and in an axis's table, with sort keys
+    series: str = ""
+    series_key: tuple = ()
+    row: str = ""
+    row_key: tuple = ()
 
     @property
     def finished(self) -> bool:
@@ -116,7 +122,7 @@ def _from_config(record: RunRecord, config: Any) -> None:
     record.settings = flatten(config)
     method, model, sparsity = config.get("method"), config.get("model"), config.get("sparsity")
     if isinstance(method, dict) and method.get("name"):
-        record.method = str(method["name"])
+        record.method = record.base = str(method["name"])
     if isinstance(model, dict) and model.get("name"):
         record.model = str(model["name"])
     if isinstance(sparsity, dict) and "ratio" in sparsity:
@@ -133,28 +139,14 @@ def _set_sparsity(record: RunRecord, sparsity: dict) -> None:
 
 def _floats(items: Any, key: str | None = None) -> list[float]:
     """The numbers of a list, in order; with ``key``, items may also be dicts holding one there."""
-    if not isinstance(items, list):
-        return []
-    values = []
-    for item in items:
-        value = item.get(key) if key is not None and isinstance(item, dict) else item
-        if number(value) is not None:
-            values.append(float(value))
-    return values
-
-
-def _per_block(check: Any) -> list[float]:
-    """``sparsity_check.per_block`` as floats in block order (floats or ``{"zero_share"}`` dicts)."""
-    if not isinstance(check, dict):
-        return []
-    return _floats(check.get("per_block"), "zero_share")
+    items = items if isinstance(items, list) else []
+    values = [item.get(key) if key and isinstance(item, dict) else item for item in items]
+    return [float(v) for v in values if number(v) is not None]
 
 
 def _mask_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
     try:
-        return read_mask_stats_csv(path)
+        return read_mask_stats_csv(path) if path.exists() else []
     except (OSError, ValueError, KeyError):
         return []
 
@@ -163,7 +155,9 @@ def _from_metrics(record: RunRecord, metrics: dict) -> None:
     """Fill ``record`` from a run's ``metrics.json``."""
     record.status = str(metrics.get("status", "unknown"))
     # the label tells apart runs of one method with another plan or initial method (OWL, DSnoT)
-    record.method = str(metrics.get("method_label") or metrics.get("method", record.method))
+    record.base = str(metrics.get("method", record.base))
+    record.method = str(metrics.get("method_label") or record.base)
+    record.config_hash = metrics.get("config_hash")
     record.model = str(metrics.get("model", record.model))
     if isinstance(metrics.get("sparsity"), dict):
         _set_sparsity(record, metrics["sparsity"])
@@ -172,15 +166,15 @@ def _from_metrics(record: RunRecord, metrics: dict) -> None:
     record.ppl_dense, record.ppl_pruned = number(ppl.get("dense")), number(ppl.get("pruned"))
     zeroshot = metrics.get("zeroshot") or {}
     record.zeroshot = number(zeroshot.get("mean_acc"))
-    record.zeroshot_norm = number(zeroshot.get("mean_acc_norm"))
     record.zeroshot_tasks = {
         str(task): float(row["acc"])
         for task, row in zeroshot.items()
         if isinstance(row, dict) and number(row.get("acc")) is not None
     }
-    check = metrics.get("sparsity_check") or {}
-    record.achieved = number(check.get("overall")) if isinstance(check, dict) else None
-    record.per_block = _per_block(check)
+    check = metrics.get("sparsity_check")
+    check = check if isinstance(check, dict) else {}
+    record.achieved = number(check.get("overall"))
+    record.per_block = _floats(check.get("per_block"), "zero_share")  # floats or dicts
     record.timings = {
         str(k): float(v) for k, v in (metrics.get("timings") or {}).items() if number(v) is not None
     }
