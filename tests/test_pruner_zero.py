@@ -144,18 +144,6 @@ def test_the_activation_statistic_is_not_used_and_options_are_checked() -> None:
         _pruner(torch.ones(3, 2)).score(NAME, torch.ones(2, 3), LinearStats())
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """An empty cache folder of this test's own, sharing only the converted tokenizer."""
-    from gblm.models.loading import smollm2_checkpoint
-
-    root = tmp_path / "cache"
-    root.mkdir()
-    (root / "models").symlink_to(smollm2_checkpoint().parent, target_is_directory=True)
-    monkeypatch.setenv("GBLM_CACHE_DIR", str(root))
-    return root
-
-
 def test_end_to_end_on_the_tiny_llama_reads_gblms_cached_norms(
     cache, tmp_path, monkeypatch, tokenizer
 ) -> None:
