@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# docs/results.md: conf/experiment/results_smollm2.yaml, launched per sparsity and family into one
+# docs/results.md: conf/experiment/results_smollm2.yaml (its methods: magnitude, wanda, sparsegpt,
+# gblm, ria, pruner_zero, each with and without OWL), launched per sparsity and family into one
 # resumable sweep dir, then the report (docs/results/) and docs/results.md from it.
 #   experiments/results_smollm2.sh          # relaunch to resume where it stopped
 # The sweep dir is kept in the repository (docs/results/sweep: each job's metrics.json, config and

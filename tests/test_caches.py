@@ -30,19 +30,6 @@ QUICK = (
 )
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """An empty cache folder of this test's own, sharing only the converted tokenizer/model."""
-    from gblm.models.loading import smollm2_checkpoint
-
-    models = smollm2_checkpoint().parent  # converted once, in the real cache
-    root = tmp_path / "cache"
-    root.mkdir()
-    (root / "models").symlink_to(models, target_is_directory=True)
-    monkeypatch.setenv("GBLM_CACHE_DIR", str(root))
-    return root
-
-
 def _windows_files(cache) -> list:
     return sorted((cache / "calibration").glob("windows_*.safetensors"))
 

@@ -47,7 +47,7 @@ EXPECTED_JOBS = {
     "dsnot_llama_60": 2 * 3,  # models x initial methods
     "dsnot_baselines_60": 2 * 4,  # models x methods
     "demo_sweep": 5,
-    "results_smollm2": 5 * 2,  # methods x (uniform, OWL), per launch of the script
+    "results_smollm2": 6 * 2,  # methods x (uniform, OWL), per launch of the script
     "tiny_sweep": 4,
 }
 

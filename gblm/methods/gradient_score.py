@@ -1,0 +1,87 @@
+"""Score methods that read the gradient stage: the stage, its cache and the norms, held once.
+
+GBLM-Pruner's gradient stage (:mod:`gblm.calibration.gradients`) gives, per decoder-block
+Linear, the norm over the calibration windows of the scaled per-window weight gradient. A method
+whose score reads those norms subclasses :class:`GradientScorePruner`: the base runs the stage as
+the method's dense-model pass (:meth:`GradientScorePruner.prepare`), through the content-keyed
+cache of :mod:`gblm.calibration.gradient_cache`, so every method that asks for the same
+settings on the same model and windows shares one cache entry (GBLM-Pruner with ``norm=l2`` and
+Pruner-Zero read the same norms); the subclass's ``score`` reads them with
+:meth:`GradientScorePruner.gradient_norm`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from torch import Tensor, nn
+
+from gblm.calibration.gradient_cache import cached_gradient_norms, gradient_cache_key
+from gblm.calibration.gradients import GradientSettings, gradient_norms
+from gblm.methods.base import RunContext, ScorePruner
+
+
+class GradientScorePruner(ScorePruner):
+    """A score method whose score reads the gradient stage's norms (by full Linear name)."""
+
+    def __init__(
+        self, comparison_group: str, gradients: GradientSettings, uses_gradients: bool = True
+    ) -> None:
+        """``gradients``: the stage's settings, checked by :class:`GradientSettings`;
+        ``uses_gradients=False`` (an ablation without the gradient term) skips the stage."""
+        super().__init__(comparison_group)
+        self.gradients = gradients
+        self.uses_gradients = uses_gradients
+        self.dense_pass = "gradients" if uses_gradients else None
+        self._grad_norms: dict[str, Tensor] | None = None
+
+    def prepare(self, model: nn.Module, windows: Tensor | None, context: RunContext) -> None:
+        """The gradient stage on the dense model, or its cached result."""
+        if not self.uses_gradients:
+            return
+        if windows is None:
+            raise ValueError("The gradient stage needs calibration windows.")
+
+        # An onloaded model (weights on the CPU) goes block by block (so does one whose weights
+        # accelerate offloads): the same norms, the accumulators in file-backed mappings.
+        settings = replace(self.gradients, blockwise=self.gradients.blockwise or context.onload)
+
+        def compute() -> dict[str, Tensor]:
+            return gradient_norms(
+                model, windows, settings, device=context.device, progress=context.progress,
+                file_backed=context.onload, scratch_dir=context.scratch_dir,
+            )  # fmt: skip
+
+        model_key = context.model_key()
+        if context.cache_dir is None or model_key is None:
+            self._grad_norms = compute()
+            return
+        key = gradient_cache_key(model_key, windows, self.gradients, context.model_dtype)
+        self._grad_norms = cached_gradient_norms(context.cache_dir / "gradients", key, compute)
+
+    def set_gradient_norms(self, grad_norms: dict[str, Tensor]) -> None:
+        """Use gradient norms computed elsewhere (by full Linear name) instead of :meth:`prepare`."""
+        self._grad_norms = grad_norms
+
+    def release(self) -> None:
+        self._grad_norms = None
+
+    def gradient_options(self) -> dict:
+        """The gradient stage's settings under their ``method.*`` keys, for :meth:`describe`."""
+        return {
+            "norm": self.gradients.norm,
+            "scale": self.gradients.scale,
+            "accumulator_dtype": self.gradients.accumulator_dtype,
+            "gradient_blockwise": self.gradients.blockwise,
+            "gradient_group_size": self.gradients.group_size,
+        }
+
+    def gradient_norm(self, name: str, method: str) -> Tensor:
+        """The gradient norm (d_out, d_in) of the Linear ``name``; ``method`` names the method
+        in the error raised when the stage has not run."""
+        if self._grad_norms is None or name not in self._grad_norms:
+            raise ValueError(
+                f"{method} has no gradient norm for {name!r}: run its gradient stage "
+                "(prepare) on the dense model first."
+            )
+        return self._grad_norms[name]

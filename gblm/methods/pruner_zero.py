@@ -1,0 +1,79 @@
+"""Pruner-Zero (Dong et al., ICML 2024): the symbolic score its genetic search found.
+
+The published metric (its ``best_tree.json``) is ``mul(abs(mul(W, W)), mms(G))``:
+
+    S = |W|^2 * mms(G),    mms(G) = (G - min G) / (max G - min G)
+
+with ``W`` the Linear's weight magnitudes and ``G`` GBLM-Pruner's l2 gradient norms (scale 100,
+summed squares in fp32, stored in fp16), min and max taken over the whole Linear. The gradient
+stage is GBLM-Pruner's, run and cached by :class:`gblm.methods.gradient_score.GradientScorePruner`:
+Pruner-Zero and ``method=gblm method.norm=l2`` read the same cache entry. The activation
+statistic plays no part. The mask is Wanda's: per output row the ``int(d_in * ratio)`` lowest
+(stable sort), or the N lowest of every M.
+
+As published: ``|W|`` is taken in the weight's dtype and both factors are widened to fp32 before
+any arithmetic; ``mms`` subtracts and divides (no reciprocal), so the bits are the published
+ones. The outer ``abs`` of the tree is dropped: ``|W| * |W|`` is never negative. A Linear whose
+norms are all equal (``max G == min G``, e.g. all zero) scores 0/0 = NaN everywhere; NaN sorts
+last and stably, so every row prunes its first ``k`` columns, as the published code does. An
+fp16 norm that overflowed to inf scales to NaN and every finite one to 0, also as published.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gblm.calibration.gradients import GradientSettings
+from gblm.calibration.stats import LinearStats
+from gblm.methods.gradient_score import GradientScorePruner
+
+
+def min_max_scale(values: Tensor) -> Tensor:
+    """``(x - min x) / (max x - min x)`` over the whole tensor, in its dtype (a new tensor)."""
+    low, high = values.min(), values.max()
+    return (values - low).div_(high - low)
+
+
+def pruner_zero_score(weight: Tensor, grad_norm: Tensor) -> Tensor:
+    """Pruner-Zero's score ``|W|^2 * mms(G)`` (d_out, d_in) in fp32; low is pruned."""
+    if grad_norm.shape != weight.shape:
+        raise ValueError(
+            f"gradient norm of shape {tuple(grad_norm.shape)} does not match the weight "
+            f"{tuple(weight.shape)}: were the gradients computed for another model?"
+        )
+    magnitude = weight.abs().to(
+        torch.float32
+    )  # |W| in the weight's dtype, widened exactly (a copy)
+    scaled = min_max_scale(grad_norm.to(device=weight.device, dtype=torch.float32))
+    return magnitude.mul_(magnitude).mul_(scaled)
+
+
+class PrunerZeroPruner(GradientScorePruner):
+    """``|W|^2`` times the min-max scaled gradient norm, selected per output row."""
+
+    stats = frozenset()
+
+    def __init__(
+        self,
+        norm: str = "l2",
+        scale: float = 100.0,
+        comparison_group: str = "row",
+        accumulator_dtype: str = "float16",
+        gradient_blockwise: bool = False,
+        gradient_group_size: int = 8,
+    ) -> None:
+        gradients = GradientSettings(
+            norm=norm,
+            scale=scale,
+            accumulator_dtype=accumulator_dtype,
+            blockwise=gradient_blockwise,
+            group_size=gradient_group_size,
+        )
+        super().__init__(comparison_group, gradients)
+
+    def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:
+        return pruner_zero_score(weight, self.gradient_norm(name, "Pruner-Zero"))
+
+    def describe(self) -> dict:
+        return {**self.gradient_options(), "comparison_group": self.comparison_group}
