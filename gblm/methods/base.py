@@ -22,13 +22,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 
 from gblm.calibration.stats import LinearStats
+from gblm.options import OneOf
 from gblm.pruning.masks import COMPARISON_GROUPS, select_mask, zero_masked_
 from gblm.pruning.sparsity import Sparsity
+
+#: The option ``comparison_group`` of the score methods: where a mask's pruned share is counted.
+ComparisonGroup = Annotated[str, OneOf(COMPARISON_GROUPS)]
 
 
 @dataclass(frozen=True)
@@ -100,12 +105,7 @@ class Pruner(ABC):
 class ScorePruner(Pruner):
     """score -> select the mask in the comparison group -> refine -> zero."""
 
-    def __init__(self, comparison_group: str = "row") -> None:
-        if comparison_group not in COMPARISON_GROUPS:
-            raise ValueError(
-                f"method.comparison_group={comparison_group!r}: allowed values are "
-                f"{', '.join(COMPARISON_GROUPS)}."
-            )
+    def __init__(self, comparison_group: ComparisonGroup = "row") -> None:
         self.comparison_group = comparison_group
 
     @abstractmethod

@@ -16,11 +16,14 @@ with a linear-sum assignment (scipy).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import Tensor
 
 from gblm.calibration.stats import LinearStats
-from gblm.methods.base import ScorePruner, require
+from gblm.methods.base import ComparisonGroup, ScorePruner, require
+from gblm.options import Range
 from gblm.pruning.masks import nm_mask
 from gblm.pruning.sparsity import Sparsity
 
@@ -91,8 +94,8 @@ class RIAPruner(ScorePruner):
 
     def __init__(
         self,
-        a: float = 0.5,
-        comparison_group: str = "layer",
+        a: Annotated[float, Range(ge=0)] = 0.5,
+        comparison_group: ComparisonGroup = "layer",
         reallocation: bool = False,
         lsa: bool = False,
     ) -> None:
