@@ -40,6 +40,8 @@ log = logging.getLogger("gblm")
 LOGGERS = ("local", "wandb")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 SCHEMA_NAME = "schema"  # the ConfigStore entry at the head of conf/config.yaml's defaults list
+#: The Linears whose masks are drawn by default (those of LLaMA-like models; others have none).
+MASK_IMAGES = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj")
 
 
 def choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
@@ -242,7 +244,8 @@ class EvalConf:
 
 @dataclass
 class LoggerConf:
-    """The ``logger`` group: local files only, or Weights & Biases after them."""
+    """The ``logger`` group: local files only, or Weights & Biases after them (its keys with
+    ``name=local`` are warned about and ignored: a machine's own config may hold them)."""
 
     name: str = "local"  # local | wandb
     project: str = "gblm"
@@ -254,8 +257,11 @@ class LoggerConf:
 
     def check(self) -> None:
         choice("logger.name", self.name, LOGGERS)
-        if self.name == "wandb":
-            choice("logger.mode", self.mode, WANDB_MODES)
+        choice("logger.mode", self.mode, WANDB_MODES)
+        default = vars(LoggerConf())
+        unused = [f"logger.{k}={v!r}" for k, v in vars(self).items() if v != default[k]]
+        if self.name == "local" and unused:
+            log.warning("%s: W&B settings, ignored with logger=local", ", ".join(unused))
 
 
 @dataclass
@@ -280,9 +286,7 @@ class RunConf:
     # dtype of the saved weights: original (the checkpoint's) | float32 | float16 | bfloat16
     save_dtype: str = "original"
     push_to_hub: str | None = None  # a hub repo id: upload the saved model there (save_model=true)
-    mask_images: list[str] = field(  # PNG masks of these Linears
-        default_factory=lambda: ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
-    )
+    mask_images: list[str] = field(default_factory=lambda: list(MASK_IMAGES))  # PNGs of their masks
     progress: bool = True
     skip_finished: bool = True  # a run dir finished with the same config is not redone
     overwrite: bool = False  # replace a run dir's finished run of another config (else refused)
@@ -314,11 +318,11 @@ class RunConf:
             )
         positive_int("batch_size", self.batch_size, auto=True)
         choice("save_dtype", self.save_dtype, ("original", *DTYPE_NAMES[1:]))
+        for key, default in (("save_dtype", "original"), ("push_to_hub", None)):
+            value = getattr(self, key)
+            if value != default and not self.save_model:
+                raise ConfigError(f"{key}={value!r} needs save_model=true (the saved model's).")
         repo = self.push_to_hub
-        if repo is not None and not self.save_model:
-            raise ConfigError(
-                f"push_to_hub={repo!r} needs save_model=true (the saved model is pushed)."
-            )
         if repo is not None and (repo.count("/") != 1 or " " in repo):
             raise ConfigError(f"push_to_hub={repo!r}: give a hub repo id as owner/name.")
 
@@ -418,10 +422,16 @@ def validate(cfg: dict[str, Any]) -> RunConf:
 
 
 def build_method(conf: RunConf):
-    """The configured method (None for the dense baseline); bad options are a ConfigError."""
-    return registry.build_method(
-        conf.method_name, conf.method.get("_target_"), **conf.method_options
-    )
+    """The configured method (None for the dense baseline); a ConfigError for an option refused
+    by its declaration or one that cannot apply to the run's target sparsity."""
+    name = conf.method_name
+    method = registry.build_method(name, conf.method.get("_target_"), **conf.method_options)
+    try:
+        if method is not None:
+            method.check_target(conf.sparsity.target())
+    except ValueError as err:
+        raise ConfigError(f"method={name}: {err}") from None
+    return method
 
 
 def build_plan(conf: RunConf):

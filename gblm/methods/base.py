@@ -2,7 +2,8 @@
 
 The run and the layer walk call a method's stages, in this order:
 
-1. :meth:`Pruner.check_model` right after the model loads (fail before any evaluation);
+1. :meth:`Pruner.check_target` before the model loads (an option that cannot apply to the
+   run's target sparsity is refused), :meth:`Pruner.check_model` right after it loads;
 2. :meth:`Pruner.prepare`, the method's own pass over the dense model, if it has one
    (GBLM-Pruner's gradient stage), named by :attr:`Pruner.dense_pass` for logs and timings;
 3. the walk: per decoder block it gathers the statistics in :attr:`Pruner.stats` (names from
@@ -75,6 +76,9 @@ class Pruner(ABC):
     dense_pass: str | None = None
     #: The method's name in tables where it is not the registry's (DSnoT: ``dsnot(wanda)``).
     label: str | None = None
+
+    def check_target(self, target: Sparsity) -> None:
+        """Raise ``ValueError`` when an option cannot apply to the run's target (before loading)."""
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ``ValueError`` when the method cannot prune ``model`` (before any heavy work)."""

@@ -109,6 +109,10 @@ class DSnoTPruner(ScorePruner):
         """The name of this run's method in the report's tables."""
         return f"dsnot({self.initial})"
 
+    def check_target(self, target: Sparsity) -> None:
+        if self.inner is not None:
+            self.inner.check_target(target)
+
     def check_model(self, model: nn.Module) -> None:
         if self.inner is not None:
             self.inner.check_model(model)

@@ -111,6 +111,14 @@ class RIAPruner(ScorePruner):
         self.reallocation = reallocation
         self.lsa = lsa
 
+    def check_target(self, target: Sparsity) -> None:
+        if self.reallocation and not target.structured:
+            raise ValueError(
+                "method.reallocation=true permutes the columns of N:M groups: it needs N:M "
+                "sparsity (sparsity=nm_2_4 or nm_4_8); with unstructured sparsity set "
+                "method.reallocation=false (and method.lsa=false)."
+            )
+
     def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:
         return ria_score(weight, require(stats, "row_sq_norms", "RIA"), self.a)
 

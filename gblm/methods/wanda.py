@@ -32,6 +32,13 @@ class WandaPruner(ScorePruner):
             )
         self.use_variant = use_variant
 
+    def check_target(self, target: Sparsity) -> None:
+        if self.use_variant and target.structured:
+            raise ValueError(
+                "method.use_variant=true is for unstructured sparsity only; with N:M "
+                f"{target.label} set method.use_variant=false."
+            )
+
     def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:
         return activation_term(weight, require(stats, "row_sq_norms", "Wanda"))
 
