@@ -17,7 +17,8 @@ The annotations understood:
   bounds (``ge``, ``gt``, ``le``, ``lt``). NaN is never a number here, and an infinity only with
   ``Range(finite=False)``. An int is never a bool nor ``1.5``; a float option takes an int
   (converted). A number without a ``Range`` is not a declaration: the author states the range;
-- ``str``, or ``Annotated[str, OneOf(values)]`` for a choice among ``values``;
+- ``str``, or ``Annotated[str, OneOf(values)]`` for a choice among ``values`` (of any of these
+  types: ``Annotated[int, OneOf((2, 4))]``);
 - ``X | None`` (null allowed; any union is a choice among its members), ``list[X]`` (every item
   checked, named ``key[i]``), ``dict[str, X]`` (a mapping; ``Any`` takes any value).
 
@@ -63,26 +64,15 @@ class Range:
 
     def describe(self, noun: str) -> str:
         """``a finite number >= 0``, ``an integer in [1, 8]``, ..."""
-        low = (
-            ("[", self.ge)
-            if self.ge is not None
-            else ("(", self.gt)
-            if self.gt is not None
-            else None
-        )
-        high = (
-            ("]", self.le)
-            if self.le is not None
-            else (")", self.lt)
-            if self.lt is not None
-            else None
-        )
-        if low and high:
-            where = f" in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
-        elif low:
-            where = f" {'>=' if low[0] == '[' else '>'} {low[1]:g}"
-        elif high:
-            where = f" {'<=' if high[0] == ']' else '<'} {high[1]:g}"
+        lo = "[" if self.ge is not None else "(" if self.gt is not None else ""
+        hi = "]" if self.le is not None else ")" if self.lt is not None else ""
+        low, high = (self.ge if lo == "[" else self.gt), (self.le if hi == "]" else self.lt)
+        if lo and hi:
+            where = f" in {lo}{low:g}, {high:g}{hi}"
+        elif lo:
+            where = f" {'>=' if lo == '[' else '>'} {low:g}"
+        elif hi:
+            where = f" {'<=' if hi == ']' else '<'} {high:g}"
         else:
             where = ""
         if noun == "integer":
@@ -213,10 +203,8 @@ def _declaration_problem(annotation: Any) -> str | None:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Annotated:
         base, meta = args[0], args[1:]
-        if base in (int, float) and not any(isinstance(m, Range) for m in meta):
+        if base in (int, float) and not any(isinstance(m, Range | OneOf) for m in meta):
             return f"a number needs its Range: Annotated[{base.__name__}, Range(...)]"
-        if any(isinstance(m, OneOf) for m in meta) and base is not str:
-            return "OneOf declares a choice of strings: Annotated[str, OneOf(...)]"
         return None if base in (int, float, str, bool) else _declaration_problem(base)
     if origin in (typing.Union, types.UnionType):
         problems = [_declaration_problem(a) for a in args if a is not type(None)]
