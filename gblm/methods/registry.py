@@ -156,15 +156,18 @@ def check_options(
     }
 
 
-def _construct(what: str, key: str, target: str, options: dict[str, Any], *inputs: Any):
-    """``target(*inputs, **options)`` with the options checked; a refused value is a ConfigError."""
+def _construct(
+    what: str, key: str, target: str, options: dict[str, Any], inputs: Mapping[str, Any] = {}
+):
+    """``target(**inputs, **options)``, the options checked (``inputs``: what the builder passes
+    itself, by argument name); a value the class refuses is a ConfigError naming ``what``."""
     from hydra.utils import get_class
 
     from gblm.errors import ConfigError
 
-    checked = check_options(key, target, options, ALLOCATOR_INPUTS if inputs else ())
+    checked = check_options(key, target, options, tuple(inputs))
     try:
-        return get_class(target)(*inputs, **checked)
+        return get_class(target)(**inputs, **checked)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{what}: {err}") from err
 
@@ -210,4 +213,4 @@ def build_allocator(name: str, sparsity: Any, **options: Any):
         )
     options = {**entry.options, **options}
     what = f"sparsity.allocator={name}"
-    return _construct(what, "sparsity", entry.target, options, sparsity)
+    return _construct(what, "sparsity", entry.target, options, {"sparsity": sparsity})
