@@ -120,6 +120,8 @@ def prune(
     elif options:
         raise ValueError("options: give them with a method name, not with a method object.")
     plan = as_sparsity_plan(sparsity)
+    if method is not None:
+        method.check_target(plan.sparsity)
     device = (
         torch.device(device) if device is not None else model.get_input_embeddings().weight.device
     )

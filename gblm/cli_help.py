@@ -33,13 +33,22 @@ def _description(path: Path) -> str:
 
 
 def _method_lines(path: Path) -> list[str]:
+    """The method's options with their defaults, comments and allowed values (declarations)."""
+    from gblm.methods.registry import method_entry, options_of
+    from gblm.options import describe
+
+    target = method_entry(path.stem).target
+    declared = options_of(target) if target else {}
     lines = [f"  {path.stem:<12} {_description(path)}"]
     for raw in path.read_text().splitlines():
         match = _OPTION.match(raw)  # top-level keys only (no indentation)
         if match and match.group(1) not in ENTRY_KEYS:
             key, value, comment = match.groups()
             text = f"method.{key}={value}"
-            lines.append(f"      {text:<36} {comment or ''}".rstrip())
+            allowed = f"[{describe(declared[key].annotation)}]" if key in declared else ""
+            lines.append(
+                f"      {text:<36} {' '.join(p for p in (comment, allowed) if p)}".rstrip()
+            )
     return lines
 
 

@@ -7,11 +7,11 @@ typed node and holds only what differs from these defaults. A value of the wrong
 values in ``check`` (each message names the key and the allowed values); :func:`validate` runs
 them all, before any model or data loads.
 
-Two nodes are plug-in registries. ``method`` is an untyped dict: the method class's keyword
-arguments are its options (:mod:`gblm.methods.registry`). ``sparsity`` holds the target
-(``ratio``, ``n``, ``m``), the ``allocator`` and every allocator's options, typed from the
-allocator classes' signatures when this module loads, so that ``sparsity.allocator=uniform,owl``
-sweeps with shared options compose.
+Two nodes are plug-in registries, whose options each class declares (:mod:`gblm.options`) and
+``registry.check_options`` checks. ``method`` is a dict: the method class's keyword arguments.
+``sparsity`` holds the target (``ratio``, ``n``, ``m``), the ``allocator`` and every allocator's
+options, typed from the classes' declarations, so that ``sparsity.allocator=uniform,owl`` sweeps
+with shared options compose.
 
 Only :mod:`gblm.run` sees a ``DictConfig``; everything below takes these typed values.
 """
@@ -19,12 +19,11 @@ Only :mod:`gblm.run` sees a ``DictConfig``; everything below takes these typed v
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from omegaconf import II, MISSING, OmegaConf
 
@@ -33,6 +32,7 @@ from gblm.devices import DTYPE_NAMES
 from gblm.errors import ConfigError
 from gblm.methods import registry
 from gblm.models.loading import KINDS, ModelSpec
+from gblm.options import OneOf, Range, check_value
 from gblm.pruning.sparsity import Sparsity
 
 log = logging.getLogger("gblm")
@@ -40,23 +40,19 @@ log = logging.getLogger("gblm")
 LOGGERS = ("local", "wandb")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 SCHEMA_NAME = "schema"  # the ConfigStore entry at the head of conf/config.yaml's defaults list
+#: The Linears whose masks are drawn by default (those of LLaMA-like models; others have none).
+MASK_IMAGES = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj")
 
 
 def choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     """``value`` if it is one of ``allowed``, else the standard refusal naming ``key``."""
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(allowed)}.")
-    return value
+    return check_value(key, value, Annotated[str, OneOf(allowed)])
 
 
 def positive_int(key: str, value: Any, minimum: int = 1, auto: bool = False) -> Any:
     """An integer >= ``minimum`` (or ``auto`` where allowed), else the refusal naming ``key``."""
-    if auto and value == "auto":
-        return value
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        allowed = f"{'auto or ' if auto else ''}an integer >= {minimum}"
-        raise ConfigError(f"{key}={value!r}: allowed values are {allowed}.")
-    return value
+    kind = Annotated[int, Range(ge=minimum)]
+    return check_value(key, value, kind | Annotated[str, OneOf(("auto",))] if auto else kind)
 
 
 # The schema ---------------------------------------------------------------------------------------
@@ -75,8 +71,6 @@ class ModelConf(ModelSpec):
         choice("model.kind", self.kind, KINDS)
         choice("model.dtype", self.dtype, DTYPE_NAMES)
         self.name = str(self.name or self.kind)
-        if not isinstance(self.onload, bool):
-            raise ConfigError(f"model.onload={self.onload!r}: allowed values are true, false.")
         if self.onload and self.device_map is not None:
             raise ConfigError(
                 "model.onload=true keeps the weights on the CPU itself; it cannot be combined "
@@ -101,22 +95,17 @@ class ModelConf(ModelSpec):
 
 
 def _allocator_fields() -> list[tuple[str, Any, Any]]:
-    """``(name, type, field)`` of every allocator's options, from the classes' signatures."""
+    """``(name, type, field)`` of every allocator's options, from the classes' declarations."""
     from hydra.utils import get_class
 
     fields: dict[str, tuple[str, Any, Any]] = {}
     for entry in registry.allocator_entries():
         hints = typing.get_type_hints(get_class(entry.target).__init__)
         for name, param in registry.allocator_options(entry).items():
-            default = entry.options.get(name, param.default)
-            if default is inspect.Parameter.empty:
-                default = None
+            default = entry.options.get(name, None if param.required else param.default)
             kind = hints[name] if default is not None else hints[name] | None
-            spec = (
-                field(default_factory=lambda d=default: list(d))
-                if isinstance(default, list)
-                else field(default=default)
-            )
+            factory = (lambda d=default: list(d)) if isinstance(default, list) else None
+            spec = field(default_factory=factory) if factory else field(default=default)
             fields.setdefault(name, (name, kind, spec))
     return list(fields.values())
 
@@ -142,20 +131,24 @@ class _SparsityBase:
             ) from None
 
     def options(self) -> dict[str, Any]:
-        """The chosen allocator's options.
-
-        Another allocator's option set away from its default is refused where it has no default
-        (it is that allocator's own input, e.g. ``per_block``), and otherwise warned about and
-        ignored, so that a sweep over allocators can share a tuning option (``lmbda``).
-        """
-        choice("sparsity.allocator", self.allocator, registry.allocator_names())
+        """The chosen allocator's options (:meth:`check` checks them)."""
         mine = registry.allocator_options(registry.allocator_entry(self.allocator))
+        return {k: getattr(self, k) for k in mine}
+
+    def check(self) -> None:
+        """The target, the allocator and its options (their declarations). Another allocator's
+        option set is refused where it has no default (its own input, e.g. ``per_block``), else
+        warned about and ignored, so that a sweep over allocators can share one (``lmbda``)."""
+        self.target()
+        choice("sparsity.allocator", self.allocator, registry.allocator_names())
+        chosen = registry.allocator_entry(self.allocator)
+        mine = registry.allocator_options(chosen)
         for entry in registry.allocator_entries():
             for name, param in registry.allocator_options(entry).items():
                 value, default = getattr(self, name), entry.options.get(name, param.default)
                 if name in mine or value == default:
                     continue
-                if param.default is inspect.Parameter.empty or param.default is None:
+                if param.required or param.default is None:
                     raise ConfigError(
                         f"sparsity.{name} is an option of sparsity.allocator={entry.name}, not of "
                         f"{self.allocator}: add sparsity={entry.name} (or sparsity.allocator="
@@ -165,7 +158,7 @@ class _SparsityBase:
                     "sparsity.%s=%r is an option of sparsity.allocator=%s, not of %s: ignored",
                     name, value, entry.name, self.allocator,
                 )  # fmt: skip
-        return {k: getattr(self, k) for k in mine}
+        registry.check_options("sparsity", chosen.target, self.options(), registry.ALLOCATOR_INPUTS)
 
 
 SparsityConf = dataclasses.make_dataclass(
@@ -251,7 +244,8 @@ class EvalConf:
 
 @dataclass
 class LoggerConf:
-    """The ``logger`` group: local files only, or Weights & Biases after them."""
+    """The ``logger`` group: local files only, or Weights & Biases after them (its keys with
+    ``name=local`` are warned about and ignored: a machine's own config may hold them)."""
 
     name: str = "local"  # local | wandb
     project: str = "gblm"
@@ -263,8 +257,11 @@ class LoggerConf:
 
     def check(self) -> None:
         choice("logger.name", self.name, LOGGERS)
-        if self.name == "wandb":
-            choice("logger.mode", self.mode, WANDB_MODES)
+        choice("logger.mode", self.mode, WANDB_MODES)
+        default = vars(LoggerConf())
+        unused = [f"logger.{k}={v!r}" for k, v in vars(self).items() if v != default[k]]
+        if self.name == "local" and unused:
+            log.warning("%s: W&B settings, ignored with logger=local", ", ".join(unused))
 
 
 @dataclass
@@ -289,9 +286,7 @@ class RunConf:
     # dtype of the saved weights: original (the checkpoint's) | float32 | float16 | bfloat16
     save_dtype: str = "original"
     push_to_hub: str | None = None  # a hub repo id: upload the saved model there (save_model=true)
-    mask_images: list[str] = field(  # PNG masks of these Linears
-        default_factory=lambda: ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
-    )
+    mask_images: list[str] = field(default_factory=lambda: list(MASK_IMAGES))  # PNGs of their masks
     progress: bool = True
     skip_finished: bool = True  # a run dir finished with the same config is not redone
     overwrite: bool = False  # replace a run dir's finished run of another config (else refused)
@@ -312,25 +307,24 @@ class RunConf:
         self.eval.perplexity.check()
         self.eval.zeroshot.check()
         self.logger.check()
-        self.sparsity.target()
-        choice("sparsity.allocator", self.sparsity.allocator, registry.allocator_names())
-        choice("method.name", self.method.get("name"), registry.method_names())
+        self.sparsity.check()
+        choice("method.name", self.method_name, registry.method_names())
+        target = self.method.get("_target_") or registry.method_entry(self.method_name).target
+        if target is not None:
+            registry.check_options("method", target, self.method_options)
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(
                 f"device={self.device!r}: allowed values are auto, cpu, cuda, cuda:N."
             )
         positive_int("batch_size", self.batch_size, auto=True)
         choice("save_dtype", self.save_dtype, ("original", *DTYPE_NAMES[1:]))
-        if self.push_to_hub is not None:
-            if not self.save_model:
-                raise ConfigError(
-                    f"push_to_hub={self.push_to_hub!r} needs save_model=true (the saved model "
-                    "is pushed)."
-                )
-            if self.push_to_hub.count("/") != 1 or " " in self.push_to_hub:
-                raise ConfigError(
-                    f"push_to_hub={self.push_to_hub!r}: give a hub repo id as owner/name."
-                )
+        for key, default in (("save_dtype", "original"), ("push_to_hub", None)):
+            value = getattr(self, key)
+            if value != default and not self.save_model:
+                raise ConfigError(f"{key}={value!r} needs save_model=true (the saved model's).")
+        repo = self.push_to_hub
+        if repo is not None and (repo.count("/") != 1 or " " in repo):
+            raise ConfigError(f"push_to_hub={repo!r}: give a hub repo id as owner/name.")
 
 
 def _require(value: Any, key: str) -> Any:
@@ -428,10 +422,16 @@ def validate(cfg: dict[str, Any]) -> RunConf:
 
 
 def build_method(conf: RunConf):
-    """The configured method (None for the dense baseline); bad options are a ConfigError."""
-    return registry.build_method(
-        conf.method_name, conf.method.get("_target_"), **conf.method_options
-    )
+    """The configured method (None for the dense baseline); a ConfigError for an option refused
+    by its declaration or one that cannot apply to the run's target sparsity."""
+    name = conf.method_name
+    method = registry.build_method(name, conf.method.get("_target_"), **conf.method_options)
+    try:
+        if method is not None:
+            method.check_target(conf.sparsity.target())
+    except ValueError as err:
+        raise ConfigError(f"method={name}: {err}") from None
+    return method
 
 
 def build_plan(conf: RunConf):

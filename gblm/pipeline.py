@@ -158,6 +158,7 @@ def inputs(
     timer = timer or StageTimer()
     c, p, z = conf.calibration, conf.eval.perplexity, conf.eval.zeroshot
     check_model_available(conf.model)
+    check_mask_images(conf)
     device, dtype = (
         _device_and_dtype(conf) if check_device else (torch.device("cpu"), torch.float32)
     )
@@ -188,6 +189,27 @@ def inputs(
     if p.enabled:
         checks.check_eval_text(tokenizer, texts["eval"], p)
     return Inputs(texts=texts, tokenizer=tokenizer, device=device, dtype=dtype)
+
+
+def check_mask_images(conf: RunConf) -> None:
+    """Every name in ``mask_images`` is a prunable Linear of the model (read from its config).
+
+    The default names, which a model of another architecture does not have, draw nothing.
+    """
+    from gblm.config import MASK_IMAGES
+    from gblm.models.layers import linear_names
+    from gblm.models.loading import model_config
+
+    if not conf.mask_images or conf.mask_images == list(MASK_IMAGES):
+        return
+    names = linear_names(model_config(conf.model), conf.model.trust_remote_code)
+    unknown = [n for n in conf.mask_images if n not in names]
+    if unknown:
+        raise ConfigError(
+            f"mask_images: {unknown[0]!r} is not a prunable Linear of model={conf.model.name}; "
+            f"its Linears are named {', '.join(names[:2])}, ..., {names[-1]} (mask_images=[] "
+            "draws none)."
+        )
 
 
 # The pruning stages, shared with the API -----------------------------------------------------------

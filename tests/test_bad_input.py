@@ -160,6 +160,41 @@ CASES = [
         "run",
     ),
     ("model_no_path", ["model=hf"], ["model.name_or_path"], "run"),
+    # A plug-in's options, each checked against its declaration; options that cannot apply.
+    ("ria_a_nan", ["method=ria", "method.a=nan"], ["method.a=nan", "finite number >= 0"], "run"),
+    ("ria_a_abc", ["method=ria", "method.a=abc"], ["method.a='abc'", "finite number"], "run"),
+    (
+        "ria_reallocation_maybe",
+        ["method=ria", "method.reallocation=maybe"],
+        ["method.reallocation='maybe'", "true, false"],
+        "run",
+    ),
+    (
+        "dsnot_threshold",
+        ["method=dsnot", "method.threshold=-1"],
+        ["method.threshold=-1", ">= 0"],
+        "run",
+    ),
+    (
+        "dsnot_max_cycle_abc",
+        ["method=dsnot", "method.max_cycle=abc"],
+        ["method.max_cycle='abc'", "an integer >= 0"],
+        "run",
+    ),
+    ("owl_lmbda_nan", ["sparsity=owl", "sparsity.lmbda=nan"], ["sparsity.lmbda=nan"], "run"),
+    (
+        "ria_reallocation_unstructured",
+        ["method=ria", "method.reallocation=true"],
+        ["method.reallocation=true", "nm_2_4"],
+        "run",
+    ),
+    ("save_dtype_unsaved", ["save_dtype=float16"], ["save_dtype='float16'", "save_model"], "run"),
+    (
+        "mask_images_unknown",
+        ["mask_images=[model.layers.0.self_attn.nope]"],
+        ["mask_images: 'model.layers.0.self_attn.nope'", "model.layers.1.mlp.down_proj"],
+        "run",
+    ),
 ]
 if not torch.cuda.is_available():
     CASES.append(("cuda_missing", ["device=cuda"], ["device='cuda'", "CUDA"], "run"))
@@ -239,6 +274,7 @@ def test_at_least_thirty_cases():
         (["seed=abc"], "seed=abc"),
         (["sparsity.ratio=1.5"], "sparsity.ratio=1.5"),
         (["calibration.nsamples=1000000000"], "calibration.nsamples=1000000000"),
+        (["method=ria", "method.a=nan"], "method.a=nan"),
     ],
 )
 def test_the_real_command_exits_2_before_loading_the_model(tmp_path, overrides, needle):

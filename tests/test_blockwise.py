@@ -155,14 +155,6 @@ def test_refuses_a_hook_other_than_a_device_maps() -> None:
         gradient_norms(model, windows(), blockwise("l1", 2), progress=False)
 
 
-@pytest.mark.parametrize("value", [0, -1, 1.5, True])
-def test_group_size_is_checked(value) -> None:
-    with pytest.raises(ValueError, match="gradient_group_size"):
-        GradientSettings(group_size=value)
-    with pytest.raises(ValueError, match="gradient_blockwise"):
-        GradientSettings(blockwise="yes")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_onloaded_from_the_host_equals_the_model_on_the_gpu(arch: str) -> None:

@@ -206,8 +206,8 @@ def test_mlp_keeps_the_initial_mask_unless_all_layers() -> None:
 
 
 def test_options_are_checked() -> None:
-    with pytest.raises(ValueError, match="layers"):
-        DSnoTPruner(layers="mlp")
+    with pytest.raises(ValueError, match="method.layers='mlp' is not allowed: choose one of"):
+        build_method("dsnot", layers="mlp")
     with pytest.raises(Exception, match="not an option"):
         DSnoTPruner(initial="wanda", initial_options={"nope": 1})
     with pytest.raises(ValueError, match="score method"):

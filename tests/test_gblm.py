@@ -249,11 +249,17 @@ def test_l1_and_l2_give_different_masks(tiny_model_norms) -> None:
         ({"scale": float("nan")}, "method.scale"),
         ({"scale": "100"}, "method.scale"),
         ({"gradient_group_size": 0}, "method.gradient_group_size"),
+        ({"gradient_group_size": 1.5}, "method.gradient_group_size"),
+        ({"gradient_group_size": True}, "method.gradient_group_size"),
+        ({"gradient_blockwise": "yes"}, "method.gradient_blockwise"),
     ],
 )
 def test_invalid_options_raise(kwargs: dict, key: str) -> None:
-    with pytest.raises(ValueError, match=key):
-        GBLMPruner(**kwargs)
+    from gblm.errors import ConfigError
+    from gblm.methods.registry import build_method
+
+    with pytest.raises(ConfigError, match=key):
+        build_method("gblm", **kwargs)
 
 
 def test_missing_or_mismatched_statistics_raise() -> None:

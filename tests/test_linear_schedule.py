@@ -30,13 +30,14 @@ def test_the_config_builds_it_with_its_option():
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
-        (["sparsity.spread=-0.1"], "sparsity.spread=-0.1"),
+        (["sparsity.spread=-0.1"], "sparsity.spread=-0.1: allowed values are a finite number >= 0"),
+        (["sparsity.spread=nan"], "sparsity.spread=nan"),
         (["sparsity.ratio=0.95", "sparsity.spread=0.2"], "both ends in [0, 1)"),
         (["sparsity=nm_2_4", "sparsity.allocator=linear"], "unstructured sparsity only"),
     ],
 )
 def test_bad_options_are_refused_before_the_model(overrides, needle):
-    with pytest.raises(ConfigError, match="sparsity.allocator=linear") as err:
+    with pytest.raises(ConfigError) as err:
         build_plan(validate(to_plain(compose_config("sparsity=linear", *overrides))))
     assert needle in str(err.value)
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 import gblm.methods.gradient_score as gradient_score
 from gblm.calibration.sequential import prune_model
 from gblm.calibration.stats import LinearStats
+from gblm.errors import ConfigError
 from gblm.methods.base import RunContext
 from gblm.methods.pruner_zero import PrunerZeroPruner, min_max_scale, pruner_zero_score
 from gblm.methods.registry import build_method
@@ -134,10 +135,10 @@ def test_the_activation_statistic_is_not_used_and_options_are_checked() -> None:
         "gradient_group_size": 8,
         "comparison_group": "row",
     }
-    with pytest.raises(ValueError, match="method.norm"):
-        PrunerZeroPruner(norm="l3")
-    with pytest.raises(ValueError, match="method.comparison_group"):
-        PrunerZeroPruner(comparison_group="column")
+    with pytest.raises(ConfigError, match="method.norm"):
+        build_method("pruner_zero", norm="l3")
+    with pytest.raises(ConfigError, match="method.comparison_group"):
+        build_method("pruner_zero", comparison_group="column")
     with pytest.raises(ValueError, match="no gradient norm"):
         PrunerZeroPruner().score(NAME, torch.ones(2, 2), LinearStats())
     with pytest.raises(ValueError, match="does not match"):

@@ -35,9 +35,11 @@ def test_every_method_runs_end_to_end(method, tmp_path):
 
 
 def test_two_four_on_opt(tmp_path):
-    cfg = compose_config("model=tiny_opt", "method=wanda", "sparsity=nm_2_4", *SMALL)
+    opt_layer = "mask_images=[model.decoder.layers.0.fc2]"  # SMALL's LLaMA name would be refused
+    cfg = compose_config("model=tiny_opt", "method=wanda", "sparsity=nm_2_4", *SMALL, opt_layer)
     metrics = run(cfg, run_dir=tmp_path)
     assert metrics["mask_stats"]["nm_valid"] is True
+    assert (tmp_path / "masks" / "model.decoder.layers.0.fc2.png").exists()
     assert metrics["sparsity_check"]["overall"] == 0.5
 
 

@@ -2,7 +2,8 @@
 
 The run and the layer walk call a method's stages, in this order:
 
-1. :meth:`Pruner.check_model` right after the model loads (fail before any evaluation);
+1. :meth:`Pruner.check_target` before the model loads (an option that cannot apply to the
+   run's target sparsity is refused), :meth:`Pruner.check_model` right after it loads;
 2. :meth:`Pruner.prepare`, the method's own pass over the dense model, if it has one
    (GBLM-Pruner's gradient stage), named by :attr:`Pruner.dense_pass` for logs and timings;
 3. the walk: per decoder block it gathers the statistics in :attr:`Pruner.stats` (names from
@@ -22,13 +23,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 
 from gblm.calibration.stats import LinearStats
+from gblm.options import OneOf
 from gblm.pruning.masks import COMPARISON_GROUPS, select_mask, zero_masked_
 from gblm.pruning.sparsity import Sparsity
+
+#: The option ``comparison_group`` of the score methods: where a mask's pruned share is counted.
+ComparisonGroup = Annotated[str, OneOf(COMPARISON_GROUPS)]
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,9 @@ class Pruner(ABC):
     #: The method's name in tables where it is not the registry's (DSnoT: ``dsnot(wanda)``).
     label: str | None = None
 
+    def check_target(self, target: Sparsity) -> None:
+        """Raise ``ValueError`` when an option cannot apply to the run's target (before loading)."""
+
     def check_model(self, model: nn.Module) -> None:
         """Raise ``ValueError`` when the method cannot prune ``model`` (before any heavy work)."""
 
@@ -100,12 +109,7 @@ class Pruner(ABC):
 class ScorePruner(Pruner):
     """score -> select the mask in the comparison group -> refine -> zero."""
 
-    def __init__(self, comparison_group: str = "row") -> None:
-        if comparison_group not in COMPARISON_GROUPS:
-            raise ValueError(
-                f"method.comparison_group={comparison_group!r}: allowed values are "
-                f"{', '.join(COMPARISON_GROUPS)}."
-            )
+    def __init__(self, comparison_group: ComparisonGroup = "row") -> None:
         self.comparison_group = comparison_group
 
     @abstractmethod

@@ -20,13 +20,14 @@ projections (q, k, v, o) are refined and the MLP keeps the initial mask (publish
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from torch import Tensor, nn
 
 from gblm.calibration.stats import LinearStats
-from gblm.methods.base import RunContext, ScorePruner, require
+from gblm.methods.base import ComparisonGroup, RunContext, ScorePruner, require
 from gblm.names import linear_type
+from gblm.options import OneOf, Range
 from gblm.pruning.dsnot import dsnot_nm, dsnot_unstructured, obs_saliency
 from gblm.pruning.masks import select_mask
 from gblm.pruning.sparsity import Sparsity
@@ -43,17 +44,13 @@ class DSnoTPruner(ScorePruner):
         self,
         initial: str = "wanda",
         initial_options: dict[str, Any] | None = None,
-        comparison_group: str | None = "row",
-        max_cycle: int = 50,
-        threshold: float = 0.1,
-        var_power: float = 1.0,
-        layers: str = "attention",
+        comparison_group: ComparisonGroup | None = "row",
+        max_cycle: Annotated[int, Range(ge=0)] = 50,
+        threshold: Annotated[float, Range(ge=0)] = 0.1,
+        var_power: Annotated[float, Range(ge=0)] = 1.0,
+        layers: Annotated[str, OneOf(LAYERS)] = "attention",
     ) -> None:
         super().__init__(comparison_group or "row")
-        if layers not in LAYERS:
-            raise ValueError(f"method.layers={layers!r}: allowed values are {', '.join(LAYERS)}.")
-        if max_cycle < 0:
-            raise ValueError(f"method.max_cycle={max_cycle}: must be >= 0.")
         self.initial = initial
         self.initial_options = dict(initial_options or {})
         self.initial_group = comparison_group
@@ -72,8 +69,21 @@ class DSnoTPruner(ScorePruner):
 
     def _initial_method(self) -> ScorePruner | None:
         """The wrapped score method; None for SparseGPT (its score is computed here)."""
-        from gblm.methods.registry import build_method
+        from gblm.methods.registry import build_method, check_options, method_entry, method_names
 
+        if self.initial not in method_names():
+            raise ValueError(
+                f"method.initial={self.initial!r} is not allowed: choose one of "
+                f"{', '.join(method_names())}."
+            )
+        if self.initial == "dsnot":
+            raise ValueError("method.initial=dsnot: choose the method whose mask DSnoT refines.")
+        target = method_entry(self.initial).target
+        if target is None:
+            raise ValueError(
+                f"method.initial={self.initial!r}: DSnoT refines the mask of a score method "
+                "(or sparsegpt's score)."
+            )
         if self.initial == "sparsegpt":
             unknown = sorted(set(self.initial_options) - {"percdamp"})
             if unknown:
@@ -81,10 +91,9 @@ class DSnoTPruner(ScorePruner):
                     f"method.initial_options.{unknown[0]}: with initial=sparsegpt the only "
                     "option is percdamp (the initial score is SparseGPT's, with no weight update)."
                 )
+            check_options("method.initial_options", target, self.initial_options)
             return None
-        if self.initial == "dsnot":
-            raise ValueError("method.initial=dsnot: choose the method whose mask DSnoT refines.")
-        options = dict(self.initial_options)
+        options = check_options("method.initial_options", target, self.initial_options)
         if self.initial_group is not None:
             options.setdefault("comparison_group", self.initial_group)
         inner = build_method(self.initial, **options)
@@ -99,6 +108,10 @@ class DSnoTPruner(ScorePruner):
     def label(self) -> str:
         """The name of this run's method in the report's tables."""
         return f"dsnot({self.initial})"
+
+    def check_target(self, target: Sparsity) -> None:
+        if self.inner is not None:
+            self.inner.check_target(target)
 
     def check_model(self, model: nn.Module) -> None:
         if self.inner is not None:

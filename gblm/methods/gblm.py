@@ -3,17 +3,23 @@
 The method owns two stages: its dense-model pass (the gradient stage of
 :mod:`gblm.calibration.gradients`, cached on disk by :mod:`gblm.calibration.gradient_cache`; run
 by :class:`gblm.methods.gradient_score.GradientScorePruner`, which Pruner-Zero shares) and the
-per-Linear score (:func:`gblm.pruning.gblm.gblm_score`). Every option of the gradient
-stage is checked once, by :class:`gblm.calibration.fold.GradientSettings`.
+per-Linear score (:func:`gblm.pruning.gblm.gblm_score`). The gradient stage's options are
+declared (type and range) in :class:`GBLMPruner`'s signature and held by
+:class:`gblm.calibration.fold.GradientSettings`.
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from torch import Tensor
 
+from gblm.calibration.fold import ACCUMULATOR_DTYPES, NORMS
 from gblm.calibration.gradients import GradientSettings
 from gblm.calibration.stats import LinearStats
+from gblm.methods.base import ComparisonGroup
 from gblm.methods.gradient_score import GradientScorePruner
+from gblm.options import OneOf, Range
 from gblm.pruning.gblm import SCORES, gblm_score
 
 
@@ -22,16 +28,14 @@ class GBLMPruner(GradientScorePruner):
 
     def __init__(
         self,
-        norm: str = "l1",
-        scale: float = 100.0,
-        score: str = "combined",
-        comparison_group: str = "row",
-        accumulator_dtype: str = "float16",
+        norm: Annotated[str, OneOf(NORMS)] = "l1",
+        scale: Annotated[float, Range(ge=0)] = 100.0,
+        score: Annotated[str, OneOf(SCORES)] = "combined",
+        comparison_group: ComparisonGroup = "row",
+        accumulator_dtype: Annotated[str, OneOf(ACCUMULATOR_DTYPES)] = "float16",
         gradient_blockwise: bool = False,
-        gradient_group_size: int = 8,
+        gradient_group_size: Annotated[int, Range(ge=1)] = 8,
     ) -> None:
-        if score not in SCORES:
-            raise ValueError(f"method.score={score!r}: allowed values are {', '.join(SCORES)}.")
         gradients = GradientSettings(
             norm=norm,
             scale=scale,

@@ -8,11 +8,14 @@ loaded model.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from torch import Tensor, nn
 
 from gblm.methods.base import RunContext
 from gblm.methods.plans import SparsityPlan
 from gblm.models.layers import decoder_layers
+from gblm.options import Range
 from gblm.pruning.sparsity import Sparsity
 
 
@@ -33,7 +36,7 @@ class LinearPlan(SparsityPlan):
 
     label = "linear"
 
-    def __init__(self, sparsity: Sparsity, spread: float = 0.1) -> None:
+    def __init__(self, sparsity: Sparsity, spread: Annotated[float, Range(ge=0)] = 0.1) -> None:
         super().__init__(sparsity)
         if sparsity.structured:
             raise ValueError(
@@ -41,7 +44,7 @@ class LinearPlan(SparsityPlan):
                 "unstructured sparsity only; set sparsity=unstructured."
             )
         low, high = sparsity.ratio - spread / 2, sparsity.ratio + spread / 2
-        if not (spread >= 0 and low >= 0 and high < 1):
+        if not (low >= 0 and high < 1):
             raise ValueError(
                 f"sparsity.spread={spread} around sparsity.ratio={sparsity.ratio}: the ratios "
                 f"would span [{low:g}, {high:g}]; allowed: spread >= 0 with both ends in [0, 1)."

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from gblm.calibration.stats import LinearStats
-from gblm.methods.base import ScorePruner
+from gblm.methods.base import ComparisonGroup, ScorePruner
 
 
 class MagnitudePruner(ScorePruner):
@@ -17,7 +17,7 @@ class MagnitudePruner(ScorePruner):
 
     needs_calibration = False
 
-    def __init__(self, comparison_group: str = "layer") -> None:
+    def __init__(self, comparison_group: ComparisonGroup = "layer") -> None:
         super().__init__(comparison_group)
 
     def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:

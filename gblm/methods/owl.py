@@ -19,6 +19,8 @@ published code crashes); gblm then gives every block the target s (or N): our ch
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -27,6 +29,7 @@ from gblm.calibration.stats import LinearStats
 from gblm.methods.base import Pruner, RunContext, require
 from gblm.methods.plans import SparsityPlan
 from gblm.names import block_index
+from gblm.options import Range
 from gblm.pruning.sparsity import Sparsity
 from gblm.pruning.wanda import activation_term
 
@@ -116,15 +119,11 @@ class OWLPlan(SparsityPlan):
     def __init__(
         self,
         sparsity: Sparsity,
-        lmbda: float = 0.08,
-        outlier_m: float = 5.0,
+        lmbda: Annotated[float, Range(ge=0)] = 0.08,
+        outlier_m: Annotated[float, Range(gt=0)] = 5.0,
         clamp: bool | None = None,
     ) -> None:
         super().__init__(sparsity)
-        if lmbda < 0:
-            raise ValueError(f"sparsity.lmbda={lmbda}: must be >= 0.")
-        if outlier_m <= 0:
-            raise ValueError(f"sparsity.outlier_m={outlier_m}: must be > 0.")
         self.lmbda = lmbda
         self.outlier_m = outlier_m
         self.clamp = clamp

@@ -2,20 +2,21 @@
 
 A plan is a plug-in like a method: one class, one ``conf/sparsity/<name>.yaml`` naming it
 (``allocator: <name>`` and ``_target_``), one test. Its options are the keyword arguments of the
-class after the target ``sparsity``; their annotated types and defaults are the config schema's
-(``sparsity.<option>``). :class:`SparsityPlan` is everything the run may ask of a plan: the
+class after the target ``sparsity``, declared by their annotations (:mod:`gblm.options`); their
+types and defaults are the config schema's (``sparsity.<option>``). :class:`SparsityPlan` is everything the run may ask of a plan: the
 target of every Linear, a check of the loaded model, an optional pass over the dense model
 before the walk, and what goes into the run record.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from torch import Tensor, nn
 
 from gblm.methods.base import RunContext
 from gblm.models.layers import decoder_layers
+from gblm.options import Range
 from gblm.pruning.sparsity import Sparsity
 
 
@@ -65,7 +66,9 @@ class UniformPlan(SparsityPlan):
 class PerBlockPlan(SparsityPlan):
     """A given unstructured ratio per decoder block (``sparsity.per_block=[r_0, r_1, ...]``)."""
 
-    def __init__(self, sparsity: Sparsity, per_block: list[float] | None = None) -> None:
+    def __init__(
+        self, sparsity: Sparsity, per_block: list[Annotated[float, Range(ge=0, lt=1)]] | None = None
+    ) -> None:
         super().__init__(sparsity)
         if not per_block:
             raise ValueError(
@@ -77,9 +80,6 @@ class PerBlockPlan(SparsityPlan):
                 f"sparsity.per_block with N:M {sparsity.label}: a per-block schedule is for "
                 "unstructured sparsity only; set sparsity=unstructured."
             )
-        for i, ratio in enumerate(per_block):
-            if not 0.0 <= ratio < 1.0:
-                raise ValueError(f"sparsity.per_block[{i}]={ratio}: each ratio must lie in [0, 1).")
         self.targets = [Sparsity(float(r)) for r in per_block]
 
     def check_model(self, model: nn.Module) -> None:

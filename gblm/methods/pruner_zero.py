@@ -21,12 +21,17 @@ fp16 norm that overflowed to inf scales to NaN and every finite one to 0, also a
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import Tensor
 
+from gblm.calibration.fold import ACCUMULATOR_DTYPES, NORMS
 from gblm.calibration.gradients import GradientSettings
 from gblm.calibration.stats import LinearStats
+from gblm.methods.base import ComparisonGroup
 from gblm.methods.gradient_score import GradientScorePruner
+from gblm.options import OneOf, Range
 
 
 def min_max_scale(values: Tensor) -> Tensor:
@@ -56,12 +61,12 @@ class PrunerZeroPruner(GradientScorePruner):
 
     def __init__(
         self,
-        norm: str = "l2",
-        scale: float = 100.0,
-        comparison_group: str = "row",
-        accumulator_dtype: str = "float16",
+        norm: Annotated[str, OneOf(NORMS)] = "l2",
+        scale: Annotated[float, Range(ge=0)] = 100.0,
+        comparison_group: ComparisonGroup = "row",
+        accumulator_dtype: Annotated[str, OneOf(ACCUMULATOR_DTYPES)] = "float16",
         gradient_blockwise: bool = False,
-        gradient_group_size: int = 8,
+        gradient_group_size: Annotated[int, Range(ge=1)] = 8,
     ) -> None:
         gradients = GradientSettings(
             norm=norm,

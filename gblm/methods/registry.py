@@ -7,15 +7,20 @@ are the keyword arguments of the class. Each ``conf/sparsity/<file>.yaml`` that 
 ``owl``, ...); the other files of that folder are patterns (``nm_2_4``) that any allocator takes.
 An allocator's options are the keyword arguments of its class after the target ``sparsity``.
 Nothing else in the code lists method or allocator names.
+
+Every option is declared once, by its annotation in the class's signature
+(:mod:`gblm.options`: ``Annotated[float, Range(ge=0)]``, ``Annotated[str, OneOf(...)]``,
+``bool``, ...), and :func:`check_options` checks a plug-in's options against those declarations.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gblm.options import Option, check_value, declared_options
 from gblm.paths import PROJECT_ROOT
 
 METHOD_DIR = PROJECT_ROOT / "conf" / "method"
@@ -24,6 +29,8 @@ SPARSITY_DIR = PROJECT_ROOT / "conf" / "sparsity"
 ENTRY_KEYS = ("name", "_target_", "order")
 #: Keys of a sparsity node that every allocator shares: its name, its class and the target.
 SPARSITY_KEYS = ("allocator", "_target_", "ratio", "n", "m")
+#: An allocator's arguments that its builder passes (the run's target), not options.
+ALLOCATOR_INPUTS = ("sparsity",)
 
 
 @dataclass(frozen=True)
@@ -74,9 +81,9 @@ def allocator_names() -> tuple[str, ...]:
     return tuple(e.name for e in allocator_entries())
 
 
-def allocator_options(entry: MethodEntry) -> dict[str, inspect.Parameter]:
+def allocator_options(entry: MethodEntry) -> dict[str, Option]:
     """An allocator's options: its class's keyword arguments after the target ``sparsity``."""
-    return options_of(entry.target, skip=("sparsity",))
+    return options_of(entry.target, skip=ALLOCATOR_INPUTS)
 
 
 def allocator_entry(name: str) -> MethodEntry | None:
@@ -103,29 +110,64 @@ def method_order(name: str) -> tuple[int, str]:
     return (names.index(name), name) if name in names else (len(names), name)
 
 
-def options_of(target: str, skip: tuple[str, ...] = ()) -> dict[str, inspect.Parameter]:
-    """The keyword arguments of the class ``target`` (less ``skip``), by name, in order."""
+def options_of(target: str, skip: tuple[str, ...] = ()) -> dict[str, Option]:
+    """The declared options of the class ``target`` (less ``skip``), by name, in order."""
     from hydra.utils import get_class
 
-    parameters = inspect.signature(get_class(target)).parameters
-    return {name: p for name, p in parameters.items() if name not in ("self", *skip)}
+    return declared_options(get_class(target), skip=skip)
 
 
-def _construct(key: str, what: str, target: str, options: dict[str, Any], *args: Any):
-    """``target(*args, **options)``; an unknown option or a refused value is a ConfigError."""
+def check_options(
+    key: str, target: str, options: Mapping[str, Any], inputs: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The ``options`` of the plug-in class ``target``, each checked against its declaration.
+
+    The one check of every plug-in's options (methods, allocators, any ``_target_`` class of a
+    config group), run by the config validation and by the builders, before the model loads.
+
+    Args:
+        key: The config node, named in refusals: ``method``, ``sparsity``, ...
+        target: The class's dotted path (its ``_target_``).
+        options: Option name -> value (the registry file's defaults with the user's on top).
+        inputs: The class's arguments that its builder passes itself (not options).
+
+    Returns:
+        The values as checked (an int given to a float option becomes a float).
+
+    Raises:
+        ConfigError: an unknown option, a missing one without a default, or a value outside
+            its declared type or range; the message names ``key.<option>`` and what is allowed.
+    """
+    from gblm.errors import ConfigError
+
+    declared = options_of(target, skip=inputs)
+    unknown = sorted(set(options) - set(declared))
+    if unknown:
+        raise ConfigError(
+            f"{key}.{unknown[0]} is not an option of {target.rpartition('.')[2]}: its options "
+            f"are {', '.join(declared) or 'none'}."
+        )
+    missing = [o.name for o in declared.values() if o.required and o.name not in options]
+    if missing:
+        raise ConfigError(f"{key}.{missing[0]} must be set (it has no default).")
+    return {
+        name: check_value(f"{key}.{name}", value, declared[name].annotation)
+        for name, value in options.items()
+    }
+
+
+def _construct(
+    what: str, key: str, target: str, options: dict[str, Any], inputs: Mapping[str, Any] = {}
+):
+    """``target(**inputs, **options)``, the options checked (``inputs``: what the builder passes
+    itself, by argument name); a value the class refuses is a ConfigError naming ``what``."""
     from hydra.utils import get_class
 
     from gblm.errors import ConfigError
 
-    allowed = list(options_of(target, skip=("sparsity",) if args else ()))
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ConfigError(
-            f"{key}.{unknown[0]} is not an option of {what}: its options are "
-            f"{', '.join(allowed) or 'none'}."
-        )
+    checked = check_options(key, target, options, tuple(inputs))
     try:
-        return get_class(target)(*args, **options)
+        return get_class(target)(**inputs, **checked)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{what}: {err}") from err
 
@@ -152,7 +194,7 @@ def build_method(name: str, target: str | None = None, **options: Any):
     target = target or entry.target
     if target is None:
         return None
-    return _construct("method", f"method={name}", target, {**entry.options, **options})
+    return _construct(f"method={name}", "method", target, {**entry.options, **options})
 
 
 def build_allocator(name: str, sparsity: Any, **options: Any):
@@ -170,4 +212,5 @@ def build_allocator(name: str, sparsity: Any, **options: Any):
             f"{', '.join(allocator_names())}."
         )
     options = {**entry.options, **options}
-    return _construct("sparsity", f"sparsity.allocator={name}", entry.target, options, sparsity)
+    what = f"sparsity.allocator={name}"
+    return _construct(what, "sparsity", entry.target, options, {"sparsity": sparsity})

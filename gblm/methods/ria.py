@@ -16,11 +16,14 @@ with a linear-sum assignment (scipy).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import Tensor
 
 from gblm.calibration.stats import LinearStats
-from gblm.methods.base import ScorePruner, require
+from gblm.methods.base import ComparisonGroup, ScorePruner, require
+from gblm.options import Range
 from gblm.pruning.masks import nm_mask
 from gblm.pruning.sparsity import Sparsity
 
@@ -91,8 +94,8 @@ class RIAPruner(ScorePruner):
 
     def __init__(
         self,
-        a: float = 0.5,
-        comparison_group: str = "layer",
+        a: Annotated[float, Range(ge=0)] = 0.5,
+        comparison_group: ComparisonGroup = "layer",
         reallocation: bool = False,
         lsa: bool = False,
     ) -> None:
@@ -107,6 +110,14 @@ class RIAPruner(ScorePruner):
         self.a = a
         self.reallocation = reallocation
         self.lsa = lsa
+
+    def check_target(self, target: Sparsity) -> None:
+        if self.reallocation and not target.structured:
+            raise ValueError(
+                "method.reallocation=true permutes the columns of N:M groups: it needs N:M "
+                "sparsity (sparsity=nm_2_4 or nm_4_8); with unstructured sparsity set "
+                "method.reallocation=false (and method.lsa=false)."
+            )
 
     def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:
         return ria_score(weight, require(stats, "row_sq_norms", "RIA"), self.a)

@@ -4,11 +4,14 @@ surviving weights to absorb the error (the solve is :func:`gblm.pruning.sparsegp
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import Tensor, nn
 
 from gblm.calibration.stats import LinearStats
 from gblm.methods.base import Pruner, require
+from gblm.options import Range
 from gblm.pruning.sparsegpt import sparsegpt_prune
 from gblm.pruning.sparsity import Sparsity
 
@@ -19,12 +22,11 @@ class SparseGPTPruner(Pruner):
     stats = frozenset({"hessian"})
 
     def __init__(
-        self, blocksize: int = 128, percdamp: float = 0.01, true_sequential: bool = False
+        self,
+        blocksize: Annotated[int, Range(ge=1)] = 128,
+        percdamp: Annotated[float, Range(ge=0)] = 0.01,
+        true_sequential: bool = False,
     ) -> None:
-        if blocksize < 1:
-            raise ValueError(f"method.blocksize={blocksize}: must be >= 1.")
-        if percdamp < 0:
-            raise ValueError(f"method.percdamp={percdamp}: must be >= 0.")
         self.blocksize = blocksize
         self.percdamp = percdamp
         self.true_sequential = true_sequential

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from gblm.calibration.stats import LinearStats
-from gblm.methods.base import ScorePruner, require
+from gblm.methods.base import ComparisonGroup, ScorePruner, require
 from gblm.pruning.masks import variant_mask
 from gblm.pruning.sparsity import Sparsity
 from gblm.pruning.wanda import activation_term
@@ -21,7 +21,9 @@ class WandaPruner(ScorePruner):
 
     stats = frozenset({"row_sq"})
 
-    def __init__(self, comparison_group: str = "row", use_variant: bool = False) -> None:
+    def __init__(
+        self, comparison_group: ComparisonGroup = "row", use_variant: bool = False
+    ) -> None:
         super().__init__(comparison_group)
         if use_variant and comparison_group != "row":
             raise ValueError(
@@ -29,6 +31,13 @@ class WandaPruner(ScorePruner):
                 f"comparison_group={comparison_group!r}."
             )
         self.use_variant = use_variant
+
+    def check_target(self, target: Sparsity) -> None:
+        if self.use_variant and target.structured:
+            raise ValueError(
+                "method.use_variant=true is for unstructured sparsity only; with N:M "
+                f"{target.label} set method.use_variant=false."
+            )
 
     def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:
         return activation_term(weight, require(stats, "row_sq_norms", "Wanda"))

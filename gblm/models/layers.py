@@ -54,6 +54,21 @@ def prunable_linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
 
 
+def linear_names(config, trust_remote_code: bool = False) -> list[str]:
+    """The full names of the prunable Linears of the model that ``config`` describes, read from
+    its skeleton on the meta device (no weight is made), in the walk's order."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    prefix = decoder_layers_path(model)
+    blocks = decoder_layers(model)
+    return [
+        f"{prefix}.{b}.{name}" for b, block in enumerate(blocks) for name in prunable_linears(block)
+    ]
+
+
 def sequential_groups(names: list[str]) -> list[list[str]]:
     """Split a block's Linear names into SparseGPT's true-sequential order; leftovers go last."""
     groups: list[list[str]] = []
