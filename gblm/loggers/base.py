@@ -90,6 +90,14 @@ class GuardedLogger:
             self.warnings.append(message)
             return None
 
+    def failures(self) -> list[str]:
+        """Every failure so far: this guard's and those the logger kept itself (``failures``)."""
+        return [*self.warnings, *getattr(self.inner, "failures", [])]
+
+    def location(self) -> dict[str, str]:
+        """Where the remote record went (the logger's ``location``: a URL, an offline folder)."""
+        return dict(getattr(self.inner, "location", None) or {})
+
     def start(self, config: Mapping) -> None:
         self.call("start", lambda: self.inner.start(config))
 
