@@ -382,9 +382,13 @@ def _save(conf: RunConf, model, tokenizer, result: Result, timer, out_dir: Path,
         dtype = getattr(model, "gblm_source_dtype", None)
     else:
         dtype = devices.resolve_dtype(conf.save_dtype, torch.device("cpu"))
+    p = conf.eval.perplexity
+    card = {"base_model": conf.model.hub_id, "evaluation": {"dataset": p.dataset, "split": p.split,
+            "seqlen": p.seqlen, "max_windows": p.max_windows}}  # fmt: skip
+    record = {**record, "status": "finished"}  # saving is the last stage: every number is final
     with timer.stage("save model"):
         saved = save_pruned_model(
-            model, tokenizer, result.masks or {}, out_dir / "model", record, dtype
+            model, tokenizer, result.masks or {}, out_dir / "model", record, dtype, card
         )
     result.saved_model = str(saved)
     result.saved_dtype = devices.dtype_name(dtype or next(model.parameters()).dtype)
