@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from gblm.run import run
 from tests.conftest import compose_config
 
@@ -68,3 +70,38 @@ def test_a_walk_without_calibration_is_not_weighed():
     conf = validate(to_plain(compose_config("model=tiny_llama", "method=magnitude", *SMALL)))
     work = planned_stages(conf, build_method(conf), build_plan(conf))
     assert set(work) == {"perplexity dense", "perplexity pruned"}  # the rate comes from them
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_opt", "tiny_qwen2", "tiny_mistral"])
+def test_tiny_models_bring_tiny_sizes(model):
+    """A tiny model runs at sizes that take seconds unless told otherwise; the command line and
+    experiments still win."""
+    from gblm.config import build_method, build_plan, to_plain, validate
+    from gblm.pipeline import planned_stages
+
+    conf = validate(to_plain(compose_config(f"model={model}", "method=gblm")))
+    c, e = conf.calibration, conf.eval
+    assert (c.nsamples, c.seqlen, e.perplexity.max_windows, e.zeroshot.cloze_items) == (
+        8,
+        64,
+        8,
+        20,
+    )
+    work = planned_stages(conf, build_method(conf), build_plan(conf))
+    assert sum(work.values()) <= 6 * 8 * 64 + 2 * 8 * 64  # a few thousand tokens in all
+    given = validate(to_plain(compose_config(f"model={model}", "calibration.nsamples=16", "eval=paper")))  # fmt: skip
+    assert (given.calibration.nsamples, given.calibration.seqlen) == (16, 64)
+    assert given.eval.perplexity.dataset == "wikitext2"  # another eval keeps the tiny sizes
+    swept = validate(to_plain(compose_config("experiment=tiny_sweep", f"model={model}")))
+    assert (swept.calibration.nsamples, swept.eval.perplexity.max_windows) == (4, 4)
+
+
+@pytest.mark.parametrize("model", ["smollm2_135m", "llama2_7b", "opt_125m"])
+def test_real_models_keep_the_published_sizes(model):
+    from gblm.config import to_plain, validate
+
+    conf = validate(to_plain(compose_config(f"model={model}")))
+    c, e = conf.calibration, conf.eval
+    assert (c.nsamples, c.seqlen, e.perplexity.max_windows, e.zeroshot.cloze_items) == (128, 2048, None, 100)  # fmt: skip
+    demo = validate(to_plain(compose_config("experiment=demo")))
+    assert (demo.calibration.nsamples, demo.calibration.seqlen, demo.eval.perplexity.max_windows) == (32, 256, 32)  # fmt: skip
