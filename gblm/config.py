@@ -277,7 +277,7 @@ class RunConf:
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     eval: EvalConf = field(default_factory=EvalConf)
     logger: LoggerConf = field(default_factory=LoggerConf)
-    seed: int = 0
+    seed: int = 0  # torch's seed, set before the model loads (the windows have calibration.seed)
     device: str = "auto"  # auto (first CUDA device, else CPU) | cpu | cuda | cuda:N
     # model dtype: auto (float16 on CUDA as published, float32 on CPU) | float32 | float16 | bfloat16
     dtype: str = "auto"
@@ -292,7 +292,7 @@ class RunConf:
     mask_images: list[str] = field(  # PNG masks of these Linears
         default_factory=lambda: ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
     )
-    progress: bool = True
+    progress: bool = True  # progress bars while the model runs
     skip_finished: bool = True  # a run dir finished with the same config is not redone
     overwrite: bool = False  # replace a run dir's finished run of another config (else refused)
 
