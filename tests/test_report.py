@@ -267,3 +267,11 @@ def test_swept_axes_get_their_own_tables_and_plots(tmp_path):
     assert "| gblm |" not in nsamples_section  # gblm ran at one nsamples only
     assert (out / "ppl_vs_tiny_llama_calibration.nsamples.png").exists()
     assert (out / "ppl_vs_tiny_llama_method.norm.png").exists()
+
+
+def test_the_report_names_no_machine_path(report, sweep):
+    """A report is published as it is: it names the sweep by its folder, never by where it lies."""
+    for name in ("report.md", "report.html"):
+        text = (report / name).read_text()
+        assert str(sweep.resolve().parent) not in text and str(report.parent) not in text, name
+        assert sweep.resolve().name in text

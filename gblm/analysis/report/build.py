@@ -185,7 +185,7 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Pa
     others = [r for r in runs if not r.finished]
 
     summary = (
-        f"Sweep {sweep_dir.resolve()}: {len(runs)} run folder(s), {len(finished)} finished, "
+        f"Sweep {sweep_dir.resolve().name}: {len(runs)} run folder(s), {len(finished)} finished, "
         f"{len(others)} failed or unfinished."
     )
     sections = [Section("Summary", blocks=[summary])]
