@@ -207,6 +207,8 @@ def live_view(remote, metrics: dict):
     sent: set[str] = set()
 
     def tell(event: str, stage: str, seconds: float | None, done: int) -> None:
+        if event not in ("start", "end"):  # a note about a stage to come
+            return
         remote.log_stage(event, stage, seconds, done)
         new = {k: v for k, v in metrics.get("ppl", {}).items() if k not in sent}
         if new:

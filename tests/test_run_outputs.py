@@ -40,6 +40,34 @@ def test_overall_estimate_prices_the_stages_left_at_the_measured_rate():
     assert "67% of the work done, about 6 s left (prune)" in estimate.lines[-1]
 
 
+def test_a_stage_read_from_a_cache_weighs_nothing():
+    from gblm.progress import OverallEstimate
+
+    estimate = OverallEstimate({"perplexity dense": 100.0, "gradients": 300.0, "prune": 200.0})
+    estimate("cached", "gradients", None, 0)  # the pipeline's note before the first stage
+    estimate("end", "perplexity dense", 2.0, 1)  # 100 units in 2 s: 200 left -> 4 s
+    assert "33% of the work done, about 4 s left (prune)" in estimate.lines[-1]
+    estimate("end", "gradients", 0.5, 2)  # read from the cache: no rate from it
+    assert "about 4 s left (prune)" in estimate.lines[-1]
+
+
+def test_a_second_gblm_run_knows_its_gradients_are_cached(tmp_path, monkeypatch, caplog):
+    """The estimate after the first stage leaves out a gradient stage that the cache holds."""
+    import logging
+
+    monkeypatch.setenv("GBLM_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = compose_config("model=tiny_llama", "method=gblm", *SMALL)
+    first_lines = []
+    for name in ("first", "second"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="gblm.progress"):
+            run(cfg, run_dir=tmp_path / name)
+        lines = [r.getMessage() for r in caplog.records if "work done" in r.getMessage()]
+        first_lines.append(lines[0])
+    assert "(gradients, prune, perplexity pruned)" in first_lines[0]
+    assert "(prune, perplexity pruned)" in first_lines[1]
+
+
 def test_planned_work_follows_the_method_and_the_run(tmp_path, caplog):
     import logging
 
