@@ -262,11 +262,14 @@ def test_a_failed_artifact_or_image_upload_is_a_warning_of_the_record(tmp_path, 
     for key in ("CACHE", "CONFIG", "DATA", "ARTIFACT"):
         monkeypatch.setenv(f"WANDB_{key}_DIR", str(tmp_path / "home" / key.lower()))
 
-    def refused(*args, **kwargs):
-        raise ValueError("refused by the server")
+    def refused(kind):  # subclasses: wandb itself asks isinstance(x, wandb.Artifact)
+        def __init__(self, *args, **kwargs):
+            raise ValueError("refused by the server")
 
-    monkeypatch.setattr(wandb, "Artifact", refused)
-    monkeypatch.setattr(wandb, "Image", refused)
+        return type(f"Refused{kind.__name__}", (kind,), {"__init__": __init__})
+
+    monkeypatch.setattr(wandb, "Artifact", refused(wandb.Artifact))
+    monkeypatch.setattr(wandb, "Image", refused(wandb.Image))
     cfg = compose_config(
         "model=tiny_llama", "method=magnitude", "logger=wandb", "logger.mode=offline",
         "eval.perplexity.max_windows=2", "progress=false", "mask_images=[model.layers.0.mlp.up_proj]",
