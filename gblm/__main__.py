@@ -1,7 +1,13 @@
-"""``python -m gblm``: the Hydra app (see ``gblm.run``); ``--help`` prints gblm's own help, and a
-config that does not compose is refused before Hydra starts (:func:`gblm.cli.cli`)."""
+"""``gblm`` (the console script) or ``python -m gblm``: the Hydra app (see ``gblm.run``);
+``--help`` prints gblm's own help, and a config that does not compose is refused before Hydra
+starts (:func:`gblm.cli.cli`)."""
 
 import sys
+
+# Hydra's shell completion and its help for it name the command from sys.argv[0]: a script file
+# ("python file.py") or a console script. "python -m gblm" is neither, so they name the console
+# script, which completion then runs: eval "$(gblm -sc install=bash)".
+_COMPLETION_FLAGS = ("--hydra-help", "-sc", "--shell-completion")
 
 
 def cli() -> None:
@@ -10,6 +16,10 @@ def cli() -> None:
 
         sys.stdout.write(help_text())
         return
+    if sys.argv[0].endswith("__main__.py") and any(
+        arg.split("=", 1)[0] in _COMPLETION_FLAGS for arg in sys.argv[1:]
+    ):
+        sys.argv[0] = "gblm"
     from gblm.cli import cli as run_cli
 
     run_cli()

@@ -274,7 +274,7 @@ class RunConf:
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     eval: EvalConf = field(default_factory=EvalConf)
     logger: LoggerConf = field(default_factory=LoggerConf)
-    seed: int = 0
+    seed: int = 0  # torch's seed, set before the model loads (the windows have calibration.seed)
     device: str = "auto"  # auto (first CUDA device, else CPU) | cpu | cuda | cuda:N
     # model dtype: auto (float16 on CUDA as published, float32 on CPU) | float32 | float16 | bfloat16
     dtype: str = "auto"
@@ -286,8 +286,9 @@ class RunConf:
     # dtype of the saved weights: original (the checkpoint's) | float32 | float16 | bfloat16
     save_dtype: str = "original"
     push_to_hub: str | None = None  # a hub repo id: upload the saved model there (save_model=true)
-    mask_images: list[str] = field(default_factory=lambda: list(MASK_IMAGES))  # PNGs of their masks
-    progress: bool = True
+    # PNG images of these Linears' masks (names of the model's prunable Linears)
+    mask_images: list[str] = field(default_factory=lambda: list(MASK_IMAGES))
+    progress: bool = True  # progress bars while the model runs
     skip_finished: bool = True  # a run dir finished with the same config is not redone
     overwrite: bool = False  # replace a run dir's finished run of another config (else refused)
 

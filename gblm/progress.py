@@ -1,8 +1,9 @@
 """The run's overall estimate: how much of its work is done and about how long is left.
 
 Each stage that does model work is weighed by the tokens it pushes through the model
-(:func:`gblm.pipeline.planned_stages`); the rate measured on the stages done so far prices the
-ones left. The estimate is a guide, printed in the log after every stage.
+(:func:`gblm.pipeline.planned_stages`), a stage whose result a cache holds by nothing (the
+pipeline says so before the first weighed stage); the rate measured on the stages done so far
+prices the ones left. The estimate is a guide, printed in the log after every stage.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class OverallEstimate:
         self.lines: list[str] = []
 
     def __call__(self, event: str, stage: str, seconds: float | None, done: int) -> None:
+        if event == "cached" and stage in self.work:  # read from a cache: no work to weigh
+            self.total -= self.work.pop(stage)
         if event != "end" or seconds is None:
             return
         if stage in self.work:

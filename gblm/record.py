@@ -33,16 +33,28 @@ def _sweep() -> Any:
 
 
 def run_name(conf: RunConf) -> str:
-    """``method_sparsity_model``, and in a sweep the job's other overrides (the swept values:
-    ``gblm_0.5_llama_7b_calibration.nsamples=32``), so ablation points have their own names."""
+    """``method_sparsity_model``, and in a sweep the other keys that name the job (those the sweep
+    varies: ``gblm_0.5_llama_7b_calibration.nsamples=32``), so ablation points have their own
+    names, unique within the sweep (a sweep over ``sparsity=uniform,per_block`` keeps
+    ``sparsity=...``: the label shows the target only)."""
     target = conf.sparsity.target()
     name = f"{conf.method_name}_{target.label}_{conf.model.name}".replace(":", "of")
     hydra = _sweep()
     if hydra is not None:
-        shown = ("method=", "sparsity=", "sparsity.ratio=", "model=")
+        shown = ("method=", "sparsity.ratio=", "model=")  # their values are in the name already
         extra = [o for o in hydra.job.override_dirname.split(",") if o and not o.startswith(shown)]
         name += "_" + ",".join(extra) if extra else ""
     return name
+
+
+def command() -> str | None:
+    """The command line that runs this config (a sweep job's own overrides), paths cut to their
+    last component; None outside a Hydra app."""
+    if not HydraConfig.initialized():
+        return None
+    from gblm.models.card import portable_command
+
+    return portable_command(list(HydraConfig.get().overrides.task))
 
 
 def method_label(conf: RunConf, method, plan) -> str:
@@ -59,6 +71,7 @@ def initial(conf: RunConf, method, plan, digest: str, process: dict) -> dict[str
         "config_hash": digest,
         "process": process,
         "run_name": run_name(conf),
+        "command": command(),
         "method": conf.method_name,
         "method_label": method_label(conf, method, plan),
         "method_settings": conf.method_options,
@@ -194,6 +207,8 @@ def live_view(remote, metrics: dict):
     sent: set[str] = set()
 
     def tell(event: str, stage: str, seconds: float | None, done: int) -> None:
+        if event not in ("start", "end"):  # a note about a stage to come
+            return
         remote.log_stage(event, stage, seconds, done)
         new = {k: v for k, v in metrics.get("ppl", {}).items() if k not in sent}
         if new:
@@ -218,9 +233,22 @@ def publish(remote, metrics: dict, run_dir: Path) -> None:
 
     remote.call("log tables and images", tables_and_images)
     files = [run_dir / n for n in RECORD_FILES] + masks
-    remote.log_artifact(
-        f"run-{run_dir.name}", "run-record", files + sorted(run_dir.glob("lm_eval_samples_*.jsonl"))
-    )
+    samples = sorted(run_dir.glob("lm_eval_samples_*.jsonl"))
+    # the run dir's parent (the date of a single run, the sweep of a job) keeps names apart
+    remote.log_artifact(f"run-{run_dir.parent.name}-{run_dir.name}", "run-record", files + samples)
+
+
+def remote_outcome(metrics: dict, remote) -> bool:
+    """The remote logger's failures into ``metrics["warnings"]`` and where its record went into
+    ``metrics["wandb"]`` (an offline run's folder, or the run's URL); whether anything changed."""
+    location = remote.location()
+    new = [w for w in remote.failures() if w not in metrics.get("warnings", [])]
+    if new:
+        metrics.setdefault("warnings", []).extend(new)
+    if location and metrics.get("wandb") != location:
+        metrics["wandb"] = location
+        return True
+    return bool(new)
 
 
 def summary_line(metrics: dict) -> str:
@@ -234,3 +262,23 @@ def summary_line(metrics: dict) -> str:
         parts.append(f"zero-shot mean acc {metrics['zeroshot'].get('mean_acc', float('nan')):.4f}")
     parts.append(f"{metrics['timings'].get('total', 0):.0f} s")
     return "gblm: " + " | ".join(parts)
+
+
+def _shown(path: str | Path) -> str:
+    """A path as the user can paste it: relative to the working directory when inside it."""
+    path = Path(path).absolute()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def where_lines(metrics: dict, run_dir: Path) -> list[str]:
+    """Where a run's outputs went: its folder, the saved model, the W&B run (or how to upload
+    an offline one)."""
+    lines = [f"gblm: run folder {_shown(run_dir)}"]
+    if metrics.get("saved_model"):
+        lines.append(f"gblm: saved model {_shown(metrics['saved_model'])}")
+    wandb = metrics.get("wandb") or {}
+    if wandb.get("sync_dir"):
+        lines.append(f"gblm: W&B run saved offline; upload it with: wandb sync {_shown(wandb['sync_dir'])}")  # fmt: skip
+    elif wandb.get("url"):
+        lines.append(f"gblm: W&B run {wandb['url']}")
+    return lines

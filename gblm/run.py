@@ -241,6 +241,9 @@ def _execute_and_record(conf: RunConf, method, plan, metrics, local, run_dir, co
         if metrics["status"] == "finished":
             record.publish(remote, metrics, run_dir)
         remote.finish(exit_code=0 if metrics["status"] == "finished" else 1)
+        if record.remote_outcome(metrics, remote):  # a failed upload is a warning of the record
+            with _signals_held():
+                local.write_metrics(metrics)
 
 
 # Signals -------------------------------------------------------------------------------------------
@@ -311,5 +314,6 @@ def main(cfg: DictConfig) -> float | None:
         signum = err.signum if isinstance(err, RunInterrupted) else signal.SIGINT
         log.error("%s: the run is recorded as interrupted", err or "interrupted by SIGINT")
         raise SystemExit(128 + int(signum)) from None
-    print(record.summary_line(metrics), flush=True)
+    lines = record.where_lines(metrics, Path(HydraConfig.get().runtime.output_dir))
+    print("\n".join([record.summary_line(metrics), *lines]), flush=True)
     return metrics.get("ppl", {}).get("pruned")

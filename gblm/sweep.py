@@ -54,13 +54,13 @@ class SweepPreflightError(RuntimeError):
 
 
 # The jobs of a sweep ---------------------------------------------------------------------------
-def expand_sweep(config: DictConfig) -> list[list[str]] | None:
-    """The jobs of a multirun, one override list each, in the order the basic sweeper runs them.
+def sweep_axes(config: DictConfig) -> dict[str, list[str]] | None:
+    """The axes of a multirun: each key with its values as overrides (``{"method": ["method=a",
+    "method=b"]}``).
 
     As Hydra's basic sweeper: ``hydra.sweeper.params`` then the command line, parsed; each key
     takes its sweep's values (``sweep_string_iterator``) or its one value, a later key replacing an
-    earlier one in its place; the jobs are the product of the keys' values, first key outermost.
-    ``None`` for a sweeper other than the basic one.
+    earlier one in its place. ``None`` for a sweeper other than the basic one.
     """
     target = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
     if not target.endswith("BasicSweeper"):
@@ -80,7 +80,50 @@ def expand_sweep(config: DictConfig) -> list[list[str]] | None:
         else:
             raise SweepPreflightError(f"{override.input_line}: the basic sweeper sweeps lists only")
         axes[key] = [f"{key}={value}" for value in values]
-    return [list(job) for job in itertools.product(*axes.values())]
+    return axes
+
+
+def expand_sweep(config: DictConfig) -> list[list[str]] | None:
+    """The jobs of a multirun, one override list each, in the order the basic sweeper runs them:
+    the product of the values of :func:`sweep_axes`, first key outermost (``None`` for a sweeper
+    other than the basic one)."""
+    axes = sweep_axes(config)
+    return None if axes is None else [list(job) for job in itertools.product(*axes.values())]
+
+
+def unnamed_keys(config: DictConfig) -> list[str]:
+    """The keys that name no job of this sweep: those the command line gives one value for every
+    job, in a sweep of two or more jobs. A key with two or more values names the jobs, and so does
+    every key of ``hydra.sweeper.params`` (an experiment's axes, even narrowed to one value on the
+    command line, so that the narrowed sweep resumes in the same job dirs)."""
+    axes = sweep_axes(config)
+    if not axes or len(expand_sweep(config) or []) < 2:
+        return []
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    parse = OverridesParser.create().parse_overrides
+    declared = {o.key_or_group for o in parse([f"{k}={v}" for k, v in params.items()])}
+    constant = parse([values[0] for values in axes.values() if len(values) == 1])
+    return [o.key_or_group for o in constant if o.key_or_group not in declared]
+
+
+def name_jobs_by_their_axes(config: DictConfig) -> None:
+    """Job dirs and names hold only the keys the sweep varies (:func:`unnamed_keys` are added to
+    ``hydra.job.config.override_dirname.exclude_keys``).
+
+    Set in the multirun's config, for :func:`job_dirs`, and appended to its Hydra overrides, with
+    which every launcher composes each job (``load_sweep_config``): a job's own
+    ``hydra.job.override_dirname``, and so its dir and run name, follow the same rule.
+    """
+    naming = config.hydra.job.config.override_dirname
+    added = [key for key in unnamed_keys(config) if key not in naming.exclude_keys]
+    if not added:
+        return
+    exclude = [*naming.exclude_keys, *added]
+    listed = ",".join(repr(key) for key in exclude)
+    override = f"hydra.job.config.override_dirname.exclude_keys=[{listed}]"
+    with read_write(config.hydra), open_dict(config.hydra):
+        naming.exclude_keys = exclude
+        config.hydra.overrides.hydra.append(override)
 
 
 def override_dirname(
@@ -282,6 +325,7 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         tic = time.perf_counter()
         try:
+            name_jobs_by_their_axes(config)
             jobs = preflight(config, *self.checks)
         except SweepPreflightError as err:  # SystemExit, not an Exception: the sweep stops
             print(f"gblm: {err}", file=sys.stderr, flush=True)

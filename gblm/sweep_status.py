@@ -113,20 +113,20 @@ def format_summary(summary: dict[str, Any]) -> str:
             error = job["error"] or "-"
             lines.append(f"  {job['status']} #{job['num']} {label}: {error} ({log_file})")
     lines.append(f"summary: {Path(summary['sweep_dir']) / SUMMARY_FILE}")
+    lines.append(f"report: python -m gblm.report {summary['sweep_dir']}")
     return "\n".join(lines)
 
 
 def format_comparison(summary: dict[str, Any]) -> str:
-    """A compact table of the finished jobs, best pruned perplexity first: what each job varied,
-    dense and pruned perplexity. Empty when no job has a perplexity."""
+    """A compact table of the finished jobs, best pruned perplexity first: each job by its dir
+    (named by what the sweep varies), dense and pruned perplexity. Empty when no job has a
+    perplexity."""
     rows = []
     for job in summary["jobs"]:
         ppl = job.get("ppl") or {}
         if job["status"] in ("finished", "skipped") and ("pruned" in ppl or "dense" in ppl):
-            varied = " ".join(o for o in job["overrides"]  # locations make no column
-                              if not o.startswith("experiment=") and ".paths=" not in o)  # fmt: skip
-            rows.append((ppl.get("pruned", ppl.get("dense")), varied or job.get("run_name") or "-",
-                         ppl.get("dense"), ppl.get("pruned")))  # fmt: skip
+            name = job["dir"] or job.get("run_name") or "-"
+            rows.append((ppl.get("pruned", ppl.get("dense")), name, ppl.get("dense"), ppl.get("pruned")))  # fmt: skip
     if not rows:
         return ""
     rows.sort(key=lambda r: (r[0] is None, r[0] if r[0] is not None else 0.0))

@@ -250,6 +250,11 @@ class StageTimer:
             except Exception as error:  # a live view must never stop the run
                 log.warning("stage listener failed on %s %s: %s", event, name, error)
 
+    def note(self, event: str, name: str) -> None:
+        """Tell the listeners about a stage before it runs: ``"cached"``, its result will be
+        read from a cache."""
+        self._tell(event, name, None)
+
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         log.info("stage %s: start", name)

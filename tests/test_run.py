@@ -118,6 +118,7 @@ def test_cli_prints_a_summary(tmp_path):
             "model=tiny_llama",
             "method=wanda",
             *SMALL,
+            "save_model=true",
             f"hydra.run.dir={tmp_path}",
         ],
         capture_output=True,
@@ -127,6 +128,17 @@ def test_cli_prints_a_summary(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "gblm: wanda 0.5 on tiny_llama" in out.stdout
     assert (tmp_path / ".hydra" / "config.yaml").exists() and (tmp_path / "run.log").exists()
+    # the last lines say where everything went
+    assert out.stdout.splitlines()[-2:] == [
+        f"gblm: run folder {tmp_path}",
+        f"gblm: saved model {tmp_path / 'model'}",
+    ]
+    # the saved model: a finished record, and a card whose command makes it again
+    saved = json.loads((tmp_path / "model" / "pruning.json").read_text())["metrics"]
+    assert saved["status"] == "finished" and saved["ppl"]["pruned"] > 0
+    card = (tmp_path / "model" / "README.md").read_text()
+    command = "python -m gblm model=tiny_llama method=wanda " + " ".join(SMALL[:4])
+    assert command in card and str(tmp_path) not in card
     bad = subprocess.run(
         [
             sys.executable,

@@ -273,6 +273,8 @@ def test_a_failing_remote_logger_is_a_warning(tmp_path, monkeypatch, broken, cap
     assert metrics["status"] == _metrics(tmp_path)["status"] == "finished"
     assert _metrics(tmp_path)["ppl"]["pruned"] > 1
     assert f"remote {broken if broken == 'setup' else 'start'} is down" in caplog.text
+    warnings = _metrics(tmp_path)["warnings"]  # the record says what the dashboard lacks
+    assert any(f"remote {'setup' if broken == 'setup' else 'log_artifact'} is down" in w for w in warnings)  # fmt: skip
 
 
 # File modes ------------------------------------------------------------------------------------

@@ -108,3 +108,50 @@ def test_bad_save_options_are_refused(overrides, message):
 
     with pytest.raises(ConfigError, match=message):
         validate(to_plain(compose_config("model=tiny_llama", *overrides)))
+
+
+def test_model_card_carries_the_hub_metadata_and_the_run(tmp_path):
+    """README.md of a saved model: the Hub's YAML header (base model, library, pipeline, tags,
+    model-index results) and the record's method, settings, sparsity, scores and command."""
+    from huggingface_hub import ModelCard
+
+    from gblm.models.card import model_card, portable_command
+    from gblm.models.loading import SMOLLM2_HUB_ID, ModelSpec
+
+    command = portable_command(["method=gblm", "sparsity=nm_2_4", f"calibration.paths=[{tmp_path}/a.txt]"])  # fmt: skip
+    metrics = {
+        "method": "gblm", "method_label": "gblm+owl", "method_settings": {"norm": "l1", "scale": 100.0},
+        "model": "smollm2_135m", "sparsity": {"ratio": 0.5, "n": 2, "m": 4, "label": "2:4"},
+        "calibration": {"source": "austen", "nsamples": 32, "seqlen": 256, "seed": 0},
+        "ppl": {"dense": 50.67, "pruned": 88.18}, "command": command,
+        "zeroshot": {"austen_cloze": {"acc": 0.45, "acc_stderr": 0.08, "samples": 40}, "mean_acc": 0.45},
+    }  # fmt: skip
+    evaluation = {"dataset": "austen", "split": "test", "seqlen": 256, "max_windows": 32}
+    path = tmp_path / "README.md"
+    path.write_text(model_card(metrics, 0.5, base_model=SMOLLM2_HUB_ID, evaluation=evaluation))
+    card = ModelCard.load(path)
+    data = card.data.to_dict()
+    assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
+    assert {"pruning", "gblm", "owl", "2-4-sparsity"} <= set(data["tags"])
+    assert (
+        data["pruning"]["achieved_sparsity"] == 0.5 and data["pruning"]["settings"]["norm"] == "l1"
+    )
+    results = {(r.metric_type, r.dataset_type): r.metric_value for r in card.data.eval_results}
+    assert results == {("perplexity", "austen"): 88.18, ("accuracy", "austen_cloze"): 0.45}
+    for text in (
+        "gblm+owl",
+        'norm="l1"',
+        "2:4 semi-structured",
+        "0.5000",
+        "88.1800",
+        "0.4500 ± 0.0800",
+        command,
+    ):
+        assert text in card.text, text
+    assert str(tmp_path) not in card.content and "<path>/a.txt" in command
+    # the base model is a Hub id only where there is one
+    assert ModelSpec(kind="smollm2").hub_id == SMOLLM2_HUB_ID
+    assert ModelSpec(kind="hf", name_or_path="meta-llama/Llama-2-7b-hf").hub_id == "meta-llama/Llama-2-7b-hf"  # fmt: skip
+    assert ModelSpec(kind="hf", name_or_path=str(tmp_path)).hub_id is None
+    assert ModelSpec(kind="tiny").hub_id is None

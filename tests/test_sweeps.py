@@ -18,7 +18,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from gblm.config import to_plain, validate
-from gblm.sweep import SweepPreflightError, expand_sweep, job_config, override_dirname, preflight
+from gblm.sweep import (
+    SweepPreflightError,
+    expand_sweep,
+    job_config,
+    name_jobs_by_their_axes,
+    override_dirname,
+    preflight,
+)
 from gblm.sweep_status import (
     JOB_STATUS_FILE,
     PLAN_FILE,
@@ -152,6 +159,35 @@ def test_preflight_stops_a_bad_sweep_with_the_reason(overrides, needle):
     assert needle in str(err.value) and "no job was started" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "dirs"),
+    [
+        # one value for every job: no job is named by it (nor by the logger's keys, ever)
+        (["method=magnitude,wanda", "calibration.nsamples=8", "logger=wandb",
+          "logger.mode=offline"], ["0_method=magnitude", "1_method=wanda"]),
+        (["method=wanda", "sparsity.ratio=0.5,0.6", "seed=3"],
+         ["0_sparsity.ratio=0.5", "1_sparsity.ratio=0.6"]),
+        # a sweep of one job: its overrides are what is not default, they name it
+        (["method=wanda", "calibration.nsamples=8"], ["0_calibration.nsamples=8,method=wanda,model=tiny_llama"]),
+        # an experiment's axes always name its jobs, narrowed to one value too: a narrowed
+        # sweep resumes in the same dirs
+        (["experiment=tiny_sweep", "method=gblm", "calibration.nsamples=4,8", "seed=1"],
+         ["calibration.nsamples=4,method=gblm", "calibration.nsamples=8,method=gblm"]),
+    ],
+)  # fmt: skip
+def test_jobs_are_named_by_what_the_sweep_varies(overrides, dirs):
+    with multirun_config("model=tiny_llama", *overrides) as cfg:
+        name_jobs_by_their_axes(cfg)
+        jobs = preflight(cfg, validate_jobs="first", check_models=False)
+        assert [job["dir"] for job in jobs] == dirs
+        # every job is composed with the same rule, which Hydra applies to its own dir and name
+        job = GlobalHydra.instance().config_loader().load_sweep_config(cfg, jobs[-1]["overrides"])
+        excluded = job.hydra.job.config.override_dirname.exclude_keys
+        assert list(excluded) == list(cfg.hydra.job.config.override_dirname.exclude_keys)
+        for key in (override.split("=")[0] for override in overrides):
+            assert key in dirs[-1] or key in excluded, key
+
+
 def test_preflight_first_mode_still_checks_every_model():
     with (
         multirun_config(
@@ -262,11 +298,9 @@ def crashed_then_resumed(tmp_path_factory):
     state = {
         "first": first,
         "summary": json.loads((sweep_dir / SUMMARY_FILE).read_text()),
-        "magnitude_mtime": (sweep_dir / "calibration=local,method=magnitude" / "metrics.json")
-        .stat()
-        .st_mtime_ns,
+        "magnitude_mtime": (sweep_dir / "method=magnitude" / "metrics.json").stat().st_mtime_ns,
         "magnitude_status": json.loads(
-            (sweep_dir / "calibration=local,method=magnitude" / JOB_STATUS_FILE).read_text()
+            (sweep_dir / "method=magnitude" / JOB_STATUS_FILE).read_text()
         ),
     }
     text.write_text(" ".join(f"word{i % 97} and more words, said she." for i in range(4000)))
@@ -287,14 +321,14 @@ def test_crash_in_one_job_leaves_the_others_intact(crashed_then_resumed):
         "incomplete": 0,
         "pending": 0,
     }
-    assert summary["failed"] == ["calibration=local,method=wanda"]
+    assert summary["failed"] == ["method=wanda"]
     failed = next(job for job in summary["jobs"] if job["status"] == "failed")
     assert "DataUnavailableError" in failed["error"] and "calibration.txt" in failed["error"]
     assert "1 failed" in first.stdout and "method=wanda" in first.stdout  # printed at exit
     plan = json.loads((sweep_dir / PLAN_FILE).read_text())["jobs"]
     assert [job["dir"] for job in plan] == [
-        "calibration=local,method=magnitude",
-        "calibration=local,method=wanda",
+        "method=magnitude",
+        "method=wanda",
     ]
     assert all((sweep_dir / job["dir"] / ".hydra").is_dir() for job in plan)  # where Hydra put them
 
@@ -305,9 +339,9 @@ def test_relaunch_skips_finished_and_redoes_failed(crashed_then_resumed):
     assert second.returncode == 0, second.stdout + second.stderr
     summary = json.loads((sweep_dir / SUMMARY_FILE).read_text())
     assert summary["counts"]["skipped"] == 1 and summary["counts"]["finished"] == 1
-    assert summary["skipped"] == ["calibration=local,method=magnitude"]
-    assert summary["finished"] == ["calibration=local,method=wanda"]
-    magnitude = sweep_dir / "calibration=local,method=magnitude"
+    assert summary["skipped"] == ["method=magnitude"]
+    assert summary["finished"] == ["method=wanda"]
+    magnitude = sweep_dir / "method=magnitude"
     assert (magnitude / "metrics.json").stat().st_mtime_ns == state[
         "magnitude_mtime"
     ]  # not rewritten
@@ -321,17 +355,14 @@ def test_relaunch_skips_finished_and_redoes_failed(crashed_then_resumed):
     assert status["launch_id"] != first_run["launch_id"]
     assert "already finished with the same config: skipped" in (second.stdout + second.stderr)
     assert "pruned ppl" in second.stdout  # the comparison table, both jobs in it
-    table = [line.split() for line in second.stdout.splitlines() if "calibration=local" in line]
-    table = [row for row in table if row[0].startswith(("method=", "calibration="))]
-    assert sorted(next(c for c in row if c.startswith("method=")) for row in table) == [
-        "method=magnitude",
-        "method=wanda",
-    ]
+    # the jobs by their folder: the sweep varies the method only
+    table = [line.split() for line in second.stdout.splitlines() if line.startswith("  method=")]
+    assert sorted(row[0] for row in table) == ["method=magnitude", "method=wanda"]
     # one metrics.json per job, every one finished
     job_dirs = sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
     assert [p.name for p in job_dirs] == [
-        "calibration=local,method=magnitude",
-        "calibration=local,method=wanda",
+        "method=magnitude",
+        "method=wanda",
     ]
     assert all(_metrics(p)["status"] == "finished" for p in job_dirs)
     assert _metrics(job_dirs[1])["sparsity_check"]["overall"] == pytest.approx(0.5, abs=0.01)
@@ -364,7 +395,8 @@ def test_job_dirs_are_where_hydra_puts_them(tmp_path):
         p.parent.relative_to(sweep_dir).as_posix() for p in sweep_dir.glob("*/.hydra")
     )
     assert sorted(job["dir"] for job in plan) == hydra_dirs and len(plan) == 4
-    assert plan[1]["dir"] == "1_+tag-'a-b'__calibration.seed-2__method-wanda"
+    # +tag has one value in every job: it names none (method is also an axis of the experiment)
+    assert plan[1]["dir"] == "1_calibration.seed-2__method-wanda"
     for job in plan:
         saved = OmegaConf.load(sweep_dir / job["dir"] / ".hydra" / "hydra.yaml").hydra
         assert list(saved.overrides.task) == job["overrides"] and saved.job.num == job["num"]
@@ -422,7 +454,8 @@ def test_tiny_sweep_runs_every_method(tmp_path):
 
 
 def test_comparison_table_orders_finished_jobs_by_pruned_perplexity():
-    job = lambda status, ov, ppl: {"status": status, "overrides": ov, "ppl": ppl}  # noqa: E731
+    job = lambda status, ov, ppl: {"status": status, "overrides": ov, "ppl": ppl,  # noqa: E731
+                                   "dir": ov[-1]}  # fmt: skip
     summary = {"jobs": [
         job("finished", ["experiment=x", "method=wanda"], {"dense": 10.0, "pruned": 30.0}),
         job("skipped", ["method=gblm"], {"dense": 10.0, "pruned": 20.0}),

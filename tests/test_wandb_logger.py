@@ -233,3 +233,52 @@ def test_a_run_logs_live_with_job_type_tags_group_and_an_artifact(tmp_path, monk
     (record,) = [a for a in artifacts if a.type == "run-record"]  # beside W&B's own table ones
     names = {f.path for f in record.manifest.contents}
     assert {"metrics.json", "mask_stats.csv", "model.layers.0.mlp.down_proj.png"} <= names
+
+
+def test_names_sent_to_wandb_are_valid_by_construction(tmp_path):
+    from gblm.loggers.wandb import artifact_name, fit
+
+    assert artifact_name("run-2026-12-07_13-00-00-0_method=gblm,calibration.nsamples=8") == (
+        "run-2026-12-07_13-00-00-0_method_gblm_calibration.nsamples_8"
+    )
+    assert artifact_name("==//") == "run"
+    long = [artifact_name("x" * 300 + suffix) for suffix in ("a", "b")]
+    assert all(len(name) == 128 for name in long) and long[0] != long[1]  # cut, still apart
+    assert fit("short", 64) == "short"
+    logger = WandbLogger(project="p", group="g" * 200, tags=("t" * 70, "", "m"), name="n" * 200,
+                         job_type="j" * 70, mode="disabled", dir=tmp_path)  # fmt: skip
+    assert len(logger.group) == len(logger.name) == 128 and len(logger.job_type) == 64
+    assert [len(t) for t in logger.tags] == [64, 1]
+
+
+def test_a_failed_artifact_or_image_upload_is_a_warning_of_the_record(tmp_path, monkeypatch):
+    """The run finishes; metrics.json names each upload that failed, as the README promises."""
+    import wandb
+
+    from gblm.run import run
+    from tests.conftest import compose_config
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for key in ("CACHE", "CONFIG", "DATA", "ARTIFACT"):
+        monkeypatch.setenv(f"WANDB_{key}_DIR", str(tmp_path / "home" / key.lower()))
+
+    def refused(kind):  # subclasses: wandb itself asks isinstance(x, wandb.Artifact)
+        def __init__(self, *args, **kwargs):
+            raise ValueError("refused by the server")
+
+        return type(f"Refused{kind.__name__}", (kind,), {"__init__": __init__})
+
+    monkeypatch.setattr(wandb, "Artifact", refused(wandb.Artifact))
+    monkeypatch.setattr(wandb, "Image", refused(wandb.Image))
+    cfg = compose_config(
+        "model=tiny_llama", "method=magnitude", "logger=wandb", "logger.mode=offline",
+        "eval.perplexity.max_windows=2", "progress=false", "mask_images=[model.layers.0.mlp.up_proj]",
+    )  # fmt: skip
+    metrics = run(cfg, run_dir=tmp_path / "run")
+    wandb.teardown()
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["status"] == metrics["status"] == "finished"
+    warnings = saved["warnings"]
+    assert any("log_artifact" in w and "refused by the server" in w for w in warnings), warnings
+    assert any("log_images" in w and "refused by the server" in w for w in warnings), warnings
+    assert saved["wandb"]["sync_dir"].startswith(str(tmp_path / "run" / "wandb" / "offline-run-"))

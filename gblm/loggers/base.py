@@ -90,6 +90,18 @@ class GuardedLogger:
             self.warnings.append(message)
             return None
 
+    def failures(self) -> list[str]:
+        """Every failure so far: this guard's and those the logger kept itself (its list
+        ``failures``, where it has one)."""
+        kept = getattr(self.inner, "failures", None)
+        return [*self.warnings, *(kept if isinstance(kept, list) else [])]
+
+    def location(self) -> dict[str, str]:
+        """Where the remote record went (the logger's mapping ``location``: a URL, an offline
+        folder), else nothing."""
+        where = getattr(self.inner, "location", None)
+        return dict(where) if isinstance(where, Mapping) else {}
+
     def start(self, config: Mapping) -> None:
         self.call("start", lambda: self.inner.start(config))
 

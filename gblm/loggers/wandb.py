@@ -10,10 +10,12 @@ start fails, the logger retries once offline so that nothing is lost.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import netrc
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +25,10 @@ log = logging.getLogger(__name__)
 
 MODES = ("auto", "online", "offline", "disabled")
 DEFAULT_HOST = "https://api.wandb.ai"
+# What W&B accepts: artifact names of these characters, at most 128 of them; run names and
+# groups of at most 128 characters; tags and job types of 1 to 64.
+ARTIFACT_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+NAME_LIMIT, TAG_LIMIT = 128, 64
 
 T = TypeVar("T")
 
@@ -55,6 +61,22 @@ def resolve_mode(mode: str, env: Mapping[str, str] | None = None) -> str:
     if env.get("WANDB_MODE") in ("online", "offline", "disabled"):
         return env["WANDB_MODE"]
     return "online" if api_key_configured(env) else "offline"
+
+
+def fit(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters; a cut one ends in a hash of the whole, so two long
+    names that differ only at their ends stay different."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"{text[: limit - 9]}-{digest}"
+
+
+def artifact_name(text: str) -> str:
+    """A valid W&B artifact name made from ``text``: every run of other characters than
+    letters, digits, ``-``, ``_`` and ``.`` becomes one ``_`` (``run-0_method=gblm,seed=1`` ->
+    ``run-0_method_gblm_seed_1``), at most 128 characters."""
+    return fit(ARTIFACT_CHARS.sub("_", text).strip("_") or "run", NAME_LIMIT)
 
 
 def flatten(metrics: Mapping, prefix: str = "", sep: str = "/") -> dict[str, Any]:
@@ -104,15 +126,17 @@ class WandbLogger:
     ) -> None:
         self.project = project
         self.entity = entity
-        self.group = group
-        self.tags = [str(t) for t in tags]
-        self.name = name
-        self.job_type = job_type
+        # Every name within W&B's limits by construction: a long one is cut, never refused.
+        self.group = fit(group, NAME_LIMIT) if group else None
+        self.tags = list(dict.fromkeys(fit(str(t), TAG_LIMIT) for t in tags if str(t)))
+        self.name = fit(name, NAME_LIMIT) if name else None
+        self.job_type = fit(job_type, TAG_LIMIT) if job_type else None
         self.mode = resolve_mode(mode)
         self.dir = Path(dir) if dir is not None else None
         self.settings = dict(settings or {})
         self.run: Any = None  # the wandb Run, once started
         self.failures: list[str] = []  # one line per call that failed, for tests and the run log
+        self.location: dict[str, str] = {}  # where the run went: url, or offline sync_dir
 
     def _guard(self, what: str, call: Callable[[], T]) -> T | None:
         """Run ``call``; on any exception log a warning, remember it, and return None."""
@@ -150,6 +174,14 @@ class WandbLogger:
         self.run = self._guard(f"init ({self.mode})", lambda: self._init(config, self.mode))
         if self.run is None and self.mode == "online":
             self.run = self._guard("init (offline retry)", lambda: self._init(config, "offline"))
+        if self.run is not None:
+            self.location = self._guard("run location", self._location) or {}
+
+    def _location(self) -> dict[str, str]:
+        """``{"sync_dir": ...}`` for an offline run (``wandb sync`` it later), else ``{"url": ...}``."""
+        if self.run.offline:
+            return {"sync_dir": str(self.run.sync_dir)}
+        return {"url": str(self.run.url)} if self.run.url else {}
 
     def log_metrics(self, metrics: Mapping) -> None:
         """Log the metrics flattened with ``/`` (``ppl/pruned``); they also land in the summary."""
@@ -198,7 +230,8 @@ class WandbLogger:
         self._guard("log_stage", lambda: self.run.log(data))
 
     def log_artifact(self, name: str, kind: str, paths: Iterable[str | os.PathLike]) -> None:
-        """The files as one artifact ``name`` of type ``kind`` (missing files are skipped)."""
+        """The files as one artifact ``name`` of type ``kind`` (missing files are skipped); the
+        name is made valid first (:func:`artifact_name`)."""
         if self.run is None:
             return
         files = [Path(p) for p in paths if Path(p).is_file()]
@@ -208,7 +241,7 @@ class WandbLogger:
         def call() -> None:
             import wandb
 
-            artifact = wandb.Artifact(name, type=kind)
+            artifact = wandb.Artifact(artifact_name(name), type=artifact_name(kind))
             for path in files:
                 artifact.add_file(str(path), name=path.name)
             self.run.log_artifact(artifact)

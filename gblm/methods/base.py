@@ -86,6 +86,11 @@ class Pruner(ABC):
     def prepare(self, model: nn.Module, windows: Tensor | None, context: RunContext) -> None:
         """The method's pass over the dense model, before the walk (none by default)."""
 
+    def dense_pass_cached(self, windows: Tensor | None, context: RunContext) -> bool:
+        """Whether :meth:`prepare` will find its result in the cache (no pass: the run's time
+        estimate weighs it as nothing). False by default."""
+        return False
+
     def release(self) -> None:
         """Free what :meth:`prepare` kept, after the walk."""
 

@@ -121,6 +121,9 @@ class DSnoTPruner(ScorePruner):
         if self.inner is not None:
             self.inner.prepare(model, windows, context)
 
+    def dense_pass_cached(self, windows: Tensor | None, context: RunContext) -> bool:
+        return self.inner is not None and self.inner.dense_pass_cached(windows, context)
+
     def release(self) -> None:
         if self.inner is not None:
             self.inner.release()

