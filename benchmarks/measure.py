@@ -69,13 +69,20 @@ class Config:
     sample_anon: bool = False
 
 
-def measure(config: Config, fresh: bool = True, timeout: float | None = None) -> dict[str, Any]:
+def measure(
+    config: Config,
+    fresh: bool = True,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Run ``config`` in a fresh Python process (``fresh=False``: in this one, for the smoke
-    tests: the peaks are then this process's); its result (see the module docstring)."""
+    tests: the peaks are then this process's); its result (see the module docstring). ``env``:
+    variables set for the child (the OpenMP runtime reads its own when it starts)."""
     if not fresh:
         return json.loads(json.dumps(run(config)))
     command = [sys.executable, "-m", "benchmarks.measure", json.dumps(asdict(config))]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False,
+                          env={**os.environ, **(env or {})})  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"{config.method} on {config.model} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -190,6 +190,23 @@ def inputs(
     return Inputs(texts=texts, tokenizer=tokenizer, device=device, dtype=dtype)
 
 
+def fingerprints(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> dict[str, str]:
+    """The content fingerprints of the run's inputs: the model's weights files and, where the
+    run uses them, the calibration and the evaluation documents. Memoised per file, so cheap
+    before the load; part of a run's identity (:mod:`gblm.run`) and of its record."""
+    from gblm.data.calibration import source_fingerprint
+    from gblm.models.loading import weights_fingerprint
+
+    memo = cache_dir() / "fingerprints"
+    c, p = conf.calibration, conf.eval.perplexity
+    found = {"model": weights_fingerprint(conf.model)}
+    if needs_calibration(method, plan):
+        found["calibration"] = source_fingerprint(c.source, c.split, c.paths, memo)
+    if p.enabled:
+        found["eval"] = source_fingerprint(p.dataset, p.split, p.paths, memo)
+    return found
+
+
 # The pruning stages, shared with the API -----------------------------------------------------------
 def prune(
     model: nn.Module,
