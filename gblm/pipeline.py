@@ -36,10 +36,11 @@ from gblm.config import RunConf
 from gblm.errors import ConfigError
 from gblm.methods.base import Pruner, RunContext
 from gblm.methods.plans import SparsityPlan
+from gblm.models.layers import decoder_layers
 from gblm.names import block_index
 from gblm.paths import cache_dir, configure_offline
 from gblm.pruning.storage import PackedMasks
-from gblm.utils import StageTimer
+from gblm.utils import StageTimer, writable_dir
 
 log = logging.getLogger("gblm")
 
@@ -153,7 +154,12 @@ def inputs(
     """
     from gblm.data import checks
     from gblm.data.sources import load_documents
-    from gblm.models.loading import check_model_available, load_tokenizer, max_positions
+    from gblm.models.loading import (
+        block_count,
+        check_model_available,
+        load_tokenizer,
+        max_positions,
+    )
 
     timer = timer or StageTimer()
     c, p, z = conf.calibration, conf.eval.perplexity, conf.eval.zeroshot
@@ -165,6 +171,13 @@ def inputs(
     seqlens = {"calibration.seqlen": c.seqlen} if calibrating else {}
     seqlens.update({"eval.perplexity.seqlen": p.seqlen} if p.enabled else {})
     checks.check_context(max_positions(conf.model), seqlens)
+    if method is not None:  # the plan against the model's block count, from its config
+        try:
+            plan.check_config(block_count(conf.model), method.needs_calibration)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if conf.model.offload_folder is not None:
+        writable_dir(conf.model.offload_folder, "model.offload_folder")
     if z.enabled:
         from gblm.eval.zeroshot import validate_task_names
 
@@ -305,6 +318,7 @@ def execute(
     if method is not None:  # the method's and the plan's checks, before any evaluation
         try:
             method.check_model(model)
+            plan.check_config(len(decoder_layers(model)), method.needs_calibration)
             plan.check_model(model)
         except ValueError as err:
             raise ConfigError(str(err)) from err

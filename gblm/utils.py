@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import stat
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -190,6 +191,27 @@ def file_digest(path: str | os.PathLike, memo_dir: str | os.PathLike | None = No
     if memo is not None:
         atomic_write_json(memo, {**stamp, "sha256": digest.hexdigest()})
     return digest.hexdigest()
+
+
+def writable_dir(path: str | os.PathLike, key: str) -> Path:
+    """``path`` as a folder this process can write into (made if missing), else the refusal
+    naming ``key``. Tried by writing a file, not by reading permission bits: root passes those,
+    a read-only mount or a full disk does not."""
+    from gblm.errors import ConfigError
+
+    folder = Path(path).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".gblm-write-check.") as handle:
+            handle.write(b"gblm")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        raise ConfigError(
+            f"{key}={str(path)!r}: the folder cannot be written ({err.strerror or err}); "
+            "choose a writable folder."
+        ) from None
+    return folder
 
 
 def cached_tensors(path: Path, compute: Callable[[], Mapping[str, Any]], what: str) -> dict:

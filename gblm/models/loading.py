@@ -247,6 +247,16 @@ def model_config(spec: ModelSpec):
         ) from None
 
 
+def block_count(spec: ModelSpec) -> int | None:
+    """The model's number of decoder blocks from its config (no weights), or None if unnamed."""
+    config = model_config(spec)
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def max_positions(spec: ModelSpec) -> int | None:
     """The model's context length (``max_position_embeddings``) from its config, or None."""
     config = model_config(spec)

@@ -29,8 +29,31 @@ def tiny_config(
     vocab_size: int = 49152,
     max_positions: int = 2048,
 ) -> PretrainedConfig:
-    """A small config of ``arch``; the vocabulary defaults to SmolLM2's so its tokenizer fits."""
+    """A small config of ``arch``; the vocabulary defaults to SmolLM2's so its tokenizer fits.
+
+    Raises ``ValueError`` naming the ``model.tiny`` key for an unknown architecture or heads
+    that do not divide the hidden size (the attention reshapes would fail inside the model).
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"model.tiny.arch={arch!r}: allowed values are {', '.join(ARCHITECTURES)}."
+        )
     kv = num_kv_heads or num_heads
+    sizes = {"hidden_size": hidden_size, "intermediate_size": intermediate_size,
+             "num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": kv}  # fmt: skip
+    for key, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"model.tiny.{key}={value!r}: allowed values are integers >= 1.")
+    if hidden_size % num_heads:
+        raise ValueError(
+            f"model.tiny.hidden_size={hidden_size} is not divisible by model.tiny.num_heads="
+            f"{num_heads}: allowed are hidden sizes that are a multiple of the head count."
+        )
+    if num_heads % kv:
+        raise ValueError(
+            f"model.tiny.num_kv_heads={kv} does not divide model.tiny.num_heads={num_heads}: "
+            "allowed are divisors of the head count."
+        )
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_attention_heads=num_heads)
     if arch == "llama":
         return LlamaConfig(
@@ -71,7 +94,7 @@ def tiny_config(
             do_layer_norm_before=True,
             enable_bias=True,
         )
-    raise ValueError(f"model.arch={arch!r}: allowed values are {', '.join(ARCHITECTURES)}.")
+    raise AssertionError(arch)  # every architecture is handled above
 
 
 def build_tiny_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
