@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from gblm import devices
 from gblm.config import RunConf
-from gblm.errors import ConfigError
+from gblm.errors import ConfigError, OutputError
 from gblm.methods.base import Pruner, RunContext
 from gblm.methods.plans import SparsityPlan
 from gblm.models.layers import decoder_layers
@@ -414,9 +414,16 @@ def _save(conf: RunConf, model, tokenizer, result: Result, timer, out_dir: Path,
     else:
         dtype = devices.resolve_dtype(conf.save_dtype, torch.device("cpu"))
     with timer.stage("save model"):
-        saved = save_pruned_model(
-            model, tokenizer, result.masks or {}, out_dir / "model", record, dtype
-        )
+        try:
+            saved = save_pruned_model(
+                model, tokenizer, result.masks or {}, out_dir / "model", record, dtype
+            )
+        except OSError as err:  # nothing half-written is left (an atomic folder write)
+            raise OutputError(
+                f"save_model=true: the pruned model could not be written to {out_dir / 'model'} "
+                f"({err.strerror or err}); the run's numbers are kept in metrics.json. Free "
+                "space (or choose another run dir) and relaunch, or set save_model=false."
+            ) from None
     result.saved_model = str(saved)
     result.saved_dtype = devices.dtype_name(dtype or next(model.parameters()).dtype)
     if conf.push_to_hub:
