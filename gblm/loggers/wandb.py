@@ -14,6 +14,7 @@ import logging
 import math
 import netrc
 import os
+import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,6 +56,26 @@ def resolve_mode(mode: str, env: Mapping[str, str] | None = None) -> str:
     if env.get("WANDB_MODE") in ("online", "offline", "disabled"):
         return env["WANDB_MODE"]
     return "online" if api_key_configured(env) else "offline"
+
+
+def server_reachable(env: Mapping[str, str] | None = None, timeout: float = 3.0) -> bool:
+    """Whether the W&B server (``WANDB_BASE_URL``, default :data:`DEFAULT_HOST`) accepts a
+    connection within ``timeout`` seconds; True behind a proxy, which only W&B itself can use.
+
+    ``wandb.init`` waits up to 90 s for a server it cannot reach before it gives up; this probe
+    costs at most ``timeout``.
+    """
+    env = os.environ if env is None else env
+    if any(env.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                "ALL_PROXY", "all_proxy")):  # fmt: skip
+        return True
+    url = urlparse(env.get("WANDB_BASE_URL", DEFAULT_HOST))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def flatten(metrics: Mapping, prefix: str = "", sep: str = "/") -> dict[str, Any]:
@@ -147,6 +168,11 @@ class WandbLogger:
         """Open the W&B run with the resolved configuration (a plain nested dict)."""
         if self.mode == "disabled":
             return
+        if self.mode == "online" and not server_reachable():
+            url = os.environ.get("WANDB_BASE_URL", DEFAULT_HOST)
+            log.warning("W&B server %s cannot be reached: the run is logged offline (upload it "
+                        "later with `wandb sync`).", url)  # fmt: skip
+            self.mode = "offline"
         self.run = self._guard(f"init ({self.mode})", lambda: self._init(config, self.mode))
         if self.run is None and self.mode == "online":
             self.run = self._guard("init (offline retry)", lambda: self._init(config, "offline"))
