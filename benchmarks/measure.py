@@ -77,12 +77,12 @@ def measure(
 ) -> dict[str, Any]:
     """Run ``config`` in a fresh Python process (``fresh=False``: in this one, for the smoke
     tests: the peaks are then this process's); its result (see the module docstring). ``env``:
-    variables set for the child (the OpenMP runtime reads its own when it starts)."""
+    the child's whole environment (None: this one's; the OpenMP runtime reads it at start)."""
     if not fresh:
         return json.loads(json.dumps(run(config)))
     command = [sys.executable, "-m", "benchmarks.measure", json.dumps(asdict(config))]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False,
-                          env={**os.environ, **(env or {})})  # fmt: skip
+                          env=env)  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"{config.method} on {config.model} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
