@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from omegaconf import II, MISSING, OmegaConf
 from gblm.data.sources import SAMPLINGS, SOURCES
 from gblm.devices import DTYPE_NAMES
 from gblm.errors import ConfigError
+from gblm.eval.zeroshot import check_limit
 from gblm.methods import registry
 from gblm.models.loading import KINDS, ModelSpec
 from gblm.pruning.sparsity import Sparsity
@@ -99,25 +99,6 @@ class ModelConf(ModelSpec):
             raise ConfigError(
                 "model.name_or_path is required with model.kind=hf (hub id or local directory)."
             )
-        if self.kind == "tiny":
-            self._check_tiny()
-
-    def _check_tiny(self) -> None:
-        """A tiny model's arguments build its config (no weights): its keys, sizes and heads."""
-        from gblm.models.tiny import tiny_config
-
-        allowed = [*inspect.signature(tiny_config).parameters, "seed"]
-        allowed.remove("vocab_size")  # the tokenizer's
-        for key in self.tiny:
-            if key not in allowed:
-                raise ConfigError(
-                    f"model.tiny.{key}: not a key of a tiny model: the keys of model.tiny are "
-                    f"{', '.join(allowed)}."
-                )
-        try:
-            tiny_config(**{k: v for k, v in self.tiny.items() if k != "seed"})
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
 
 
 def _allocator_fields() -> list[tuple[str, Any, Any]]:
@@ -257,14 +238,7 @@ class ZeroshotSettings:
     def check(self) -> None:
         positive_int("eval.zeroshot.batch_size", self.batch_size, auto=True)
         positive_int("eval.zeroshot.cloze_items", self.cloze_items)
-        limit = self.limit
-        if limit is not None and not (
-            isinstance(limit, int | float) and not isinstance(limit, bool) and 0 < limit < math.inf
-        ):
-            raise ConfigError(
-                f"eval.zeroshot.limit={limit!r}: allowed values are null (every item), an integer "
-                ">= 1 (items per task) or a fraction in (0, 1) (that share of each task's items)."
-            )
+        check_limit(self.limit)
         if self.enabled and not self.tasks:
             raise ConfigError("eval.zeroshot.enabled=true needs eval.zeroshot.tasks=[...].")
 

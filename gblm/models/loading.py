@@ -225,9 +225,10 @@ def model_config(spec: ModelSpec):
 
     Raises ModelUnavailableError naming ``model.name_or_path`` when config.json is unreadable.
     """
-    if spec.kind == "tiny":
-        from gblm.models.tiny import tiny_config
+    if spec.kind == "tiny":  # its arguments checked first, naming the model.tiny key
+        from gblm.models.tiny import check_tiny_arguments, tiny_config
 
+        check_tiny_arguments(spec.tiny)
         args = {k: v for k, v in spec.tiny.items() if k != "seed"}
         return tiny_config(**args, vocab_size=256)
     from transformers import AutoConfig
