@@ -216,7 +216,9 @@ def fingerprints(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> di
     if needs_calibration(method, plan):
         found["calibration"] = source_fingerprint(c.source, c.split, c.paths, memo)
     if p.enabled:
-        found["eval"] = source_fingerprint(p.dataset, p.split, p.paths, memo)
+        found["eval"] = source_fingerprint(
+            p.dataset, p.split, p.paths, memo, key="eval.perplexity.dataset"
+        )
     return found
 
 

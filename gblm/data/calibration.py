@@ -91,7 +91,11 @@ def documents_digest(documents: Sequence[str]) -> str:
 
 
 def source_fingerprint(
-    source: str, split: str, paths: Sequence[str] | None, memo_dir: Path | None = None
+    source: str,
+    split: str,
+    paths: Sequence[str] | None,
+    memo_dir: Path | None = None,
+    key: str = "calibration.source",
 ) -> str:
     """A content fingerprint of the documents :func:`gblm.data.sources.load_documents` reads,
     cheap enough to take before anything loads (a run's identity).
@@ -100,7 +104,7 @@ def source_fingerprint(
     ``memo_dir`` per size, mtime and inode) with its kind, in order; a file that cannot be read
     counts by its path (the inputs' check refuses it). An embedded corpus: its text's
     :func:`documents_digest`. A hub dataset without local files: its name and split (the
-    datasets cache holds one fixed revision).
+    datasets cache holds one fixed revision). ``key`` names the source in a refusal.
     """
     from gblm.data import corpus
     from gblm.data.sources import load_documents
@@ -116,7 +120,7 @@ def source_fingerprint(
                 files.append([str(path), None])
         return "files:" + content_hash(files, length=32)
     if source in corpus.SOURCES:
-        return "text:" + documents_digest(load_documents(source, split))[:32]
+        return "text:" + documents_digest(load_documents(source, split, key=key))[:32]
     return f"dataset:{source}/{split}"
 
 
