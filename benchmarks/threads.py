@@ -61,6 +61,7 @@ def measure_all(config: Config, repeats: int) -> dict[str, Any]:
                     print(f"threads: {condition}, {name} ...", file=sys.stderr, flush=True)
                     result = measure(config_t, env=child_env(extra))
                     entry["seconds"].setdefault(name, []).append(result["seconds"][PRUNE])
+                    entry.setdefault("wait_policy", {})[name] = result["machine"]["omp_wait_policy"]
             found[condition] = entry
         finally:
             if spinner is not None:
@@ -83,7 +84,9 @@ def verdicts(found: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render(report: dict[str, Any]) -> str:
     m, found = report["machine"], report["conditions"]
-    rows = [[c, str(found[c]["load_average"]), name, ", ".join(f"{s:.1f}" for s in seconds)]
+    rows = [[c, str(found[c]["load_average"]), name,
+             str(found[c].get("wait_policy", {}).get(name) or "-"),
+             ", ".join(f"{s:.1f}" for s in seconds)]
             for c in found for name, seconds in found[c]["seconds"].items()]  # fmt: skip
     checks = [[v["target"], f"{v['ratio']:.2f}x", f"{v['limit']}x", "MET" if v["met"] else
                "missed"] for v in report["verdicts"]]  # fmt: skip
@@ -94,7 +97,7 @@ def render(report: dict[str, Any]) -> str:
         f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}; {report['seconds']:.0f} s in all. "
         "Seconds of the layer walk (the pipeline's `prune` stage), one fresh process each.",
         "",
-        *table(["condition", "load average before", "setting", "seconds"], rows),
+        *table(["condition", "load average before", "setting", "OMP_WAIT_POLICY", "seconds"], rows),
         *table(["target", "ratio", "limit", "verdict"], checks),
     ]
     return "\n".join(lines).rstrip() + "\n"

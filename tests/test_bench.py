@@ -136,6 +136,6 @@ def test_the_threads_report_judges_both_conditions(tmp_path):
     assert not rows["busy: gblm default / one thread"]["met"]  # 1.06 > 1.05
     report = {"machine": {"cpu": "c", "cores": 2, "torch": "t"}, "nsamples": 8, "seqlen": 128,
               "conditions": found, "verdicts": list(rows.values()), "seconds": 1.0}  # fmt: skip
-    assert "| busy | [1.0] | spinning | 80.0 |" in render(report)
+    assert "| busy | [1.0] | spinning | - | 80.0 |" in render(report)
     assert set(SETTINGS) == {"spinning", "gblm default", "one thread"}
     assert "OMP_WAIT_POLICY" not in child_env({})
