@@ -58,9 +58,10 @@ format: $(STAMP)  ## ruff fix and format
 	$(VENV)/bin/ruff check --fix gblm tests benchmarks
 	$(VENV)/bin/ruff format gblm tests benchmarks
 
-bench: $(STAMP)  ## benchmarks: time, memory and ratio to floor per method and stage; the product's passes against their FLOP floor
+bench: $(STAMP)  ## benchmarks: time, memory and ratio to floor per method and stage; the product's passes against their FLOP floor; default threads on a quiet and a busy CPU
 	$(PY) -m benchmarks.run $(ARGS)
 	$(PY) -m benchmarks.floor
+	$(PY) -m benchmarks.threads
 
 bench-floor: $(STAMP)  ## the gradient stage and the walk on SmolLM2 (and a 2048-wide LLaMA) against their FLOP floor
 	$(PY) -m benchmarks.floor $(ARGS)

@@ -69,13 +69,20 @@ class Config:
     sample_anon: bool = False
 
 
-def measure(config: Config, fresh: bool = True, timeout: float | None = None) -> dict[str, Any]:
+def measure(
+    config: Config,
+    fresh: bool = True,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Run ``config`` in a fresh Python process (``fresh=False``: in this one, for the smoke
-    tests: the peaks are then this process's); its result (see the module docstring)."""
+    tests: the peaks are then this process's); its result (see the module docstring). ``env``:
+    the child's whole environment (None: this one's; the OpenMP runtime reads it at start)."""
     if not fresh:
         return json.loads(json.dumps(run(config)))
     command = [sys.executable, "-m", "benchmarks.measure", json.dumps(asdict(config))]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False,
+                          env=env)  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"{config.method} on {config.model} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -208,6 +215,7 @@ def machine() -> dict[str, Any]:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "load_average": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
 
 

@@ -24,6 +24,7 @@ from gblm import pipeline
 from gblm.methods.base import Pruner, RunContext
 from gblm.methods.plans import PerBlockPlan, SparsityPlan, UniformPlan
 from gblm.methods.registry import build_method
+from gblm.models.layers import decoder_layers
 from gblm.pruning.sparsity import Sparsity
 from gblm.pruning.storage import PackedMasks
 from gblm.utils import StageTimer
@@ -131,6 +132,7 @@ def prune(
         if windows is None:
             raise ValueError(f"{type(method).__name__} needs calibration: texts or token ids.")
     method.check_model(model)
+    plan.check_config(len(decoder_layers(model)), method.needs_calibration)
     plan.check_model(model)
     context = RunContext(
         device=device,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -124,9 +125,40 @@ def composition_problem(argv: list[str]) -> str | None:
     return None
 
 
+def run_folder_problem(argv: list[str]) -> str | None:
+    """The refusal for a plain run whose folder cannot be written, or None.
+
+    Hydra makes the run folder and opens its log there before the run starts, and a folder it
+    cannot write ends in a traceback of its logging setup. ``hydra.run.dir`` is tried here first:
+    the folder itself when it is fixed, else its fixed part (the folder that the dated run
+    folders go into), by writing a file (:func:`gblm.utils.writable_dir`).
+    """
+    from hydra import compose, initialize_config_dir
+
+    from gblm.errors import ConfigError
+    from gblm.utils import writable_dir
+
+    if any(arg.split("=", 1)[0] in _HYDRA_FLAGS for arg in argv):
+        return None
+    try:
+        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=argv, return_hydra_config=True)
+        raw = str(OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"])
+    except Exception:  # a Hydra-only option of the command line: Hydra itself decides
+        return None
+    fixed = raw.partition("${")[0]
+    folder = Path(fixed) if fixed == raw or fixed.endswith("/") else Path(fixed).parent
+    try:
+        writable_dir(folder if str(folder) else ".", "hydra.run.dir")
+    except ConfigError as err:
+        return str(err) if fixed == raw else f"{err} The run folders {raw} go into it."
+    return None
+
+
 def cli() -> None:
-    """``python -m gblm``: a config that does not compose is one paragraph and exit 2; then Hydra."""
-    problem = composition_problem(sys.argv[1:])
+    """``python -m gblm``: a config that does not compose is one paragraph and exit 2; so is a
+    run folder that cannot be written; then Hydra."""
+    problem = composition_problem(sys.argv[1:]) or run_folder_problem(sys.argv[1:])
     if problem is not None:
         print(f"gblm: configuration error: {problem}", file=sys.stderr, flush=True)
         raise SystemExit(2)

@@ -30,6 +30,7 @@ from omegaconf import II, MISSING, OmegaConf
 from gblm.data.sources import SAMPLINGS, SOURCES
 from gblm.devices import DTYPE_NAMES
 from gblm.errors import ConfigError
+from gblm.eval.zeroshot import check_limit
 from gblm.methods import registry
 from gblm.models.loading import KINDS, ModelSpec
 from gblm.options import OneOf, Range, check_value
@@ -89,9 +90,7 @@ class ModelConf(ModelSpec):
                 "written there)."
             )
         if self.kind == "hf" and not self.name_or_path:
-            raise ConfigError(
-                "model.name_or_path is required with model.kind=hf (hub id or local directory)."
-            )
+            raise ConfigError("model.kind=hf needs model.name_or_path (a hub id or a folder).")
 
 
 def _allocator_fields() -> list[tuple[str, Any, Any]]:
@@ -230,6 +229,7 @@ class ZeroshotSettings:
     def check(self) -> None:
         positive_int("eval.zeroshot.batch_size", self.batch_size, auto=True)
         positive_int("eval.zeroshot.cloze_items", self.cloze_items)
+        check_limit(self.limit)
         if self.enabled and not self.tasks:
             raise ConfigError("eval.zeroshot.enabled=true needs eval.zeroshot.tasks=[...].")
 

@@ -16,3 +16,7 @@ class ConfigError(UserError, ValueError):
 
 class NonFiniteError(UserError, ArithmeticError):
     """A weight, loss or perplexity is NaN or infinite; the message names which."""
+
+
+class OutputError(UserError, OSError):
+    """An output cannot be written (a full disk, a read-only folder); the message names it."""

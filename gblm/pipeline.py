@@ -32,14 +32,15 @@ import torch
 from torch import Tensor, nn
 
 from gblm import devices
-from gblm.config import RunConf
-from gblm.errors import ConfigError
+from gblm.config import MASK_IMAGES, RunConf
+from gblm.errors import ConfigError, OutputError
 from gblm.methods.base import Pruner, RunContext
 from gblm.methods.plans import SparsityPlan
+from gblm.models.layers import decoder_layers
 from gblm.names import block_index
 from gblm.paths import cache_dir, configure_offline
 from gblm.pruning.storage import PackedMasks
-from gblm.utils import StageTimer
+from gblm.utils import StageTimer, writable_dir
 
 log = logging.getLogger("gblm")
 
@@ -153,14 +154,21 @@ def inputs(
     enough tokens. A sweep's preflight runs it for every job without the device check (the
     launching machine may lack the jobs' GPUs).
     """
+    from gblm.analysis.plots import check_mask_images
     from gblm.data import checks
     from gblm.data.sources import load_documents
-    from gblm.models.loading import check_model_available, load_tokenizer, max_positions
+    from gblm.models.loading import (
+        block_count,
+        check_model_available,
+        load_tokenizer,
+        max_positions,
+    )
 
     timer = timer or StageTimer()
     c, p, z = conf.calibration, conf.eval.perplexity, conf.eval.zeroshot
     check_model_available(conf.model)
-    check_mask_images(conf)
+    if conf.mask_images and conf.mask_images != list(MASK_IMAGES):  # the default draws nothing
+        check_mask_images(conf.mask_images, conf.model)  # on a model without those Linears
     device, dtype = (
         _device_and_dtype(conf) if check_device else (torch.device("cpu"), torch.float32)
     )
@@ -168,6 +176,13 @@ def inputs(
     seqlens = {"calibration.seqlen": c.seqlen} if calibrating else {}
     seqlens.update({"eval.perplexity.seqlen": p.seqlen} if p.enabled else {})
     checks.check_context(max_positions(conf.model), seqlens)
+    if method is not None:  # the plan against the model's block count, from its config
+        try:
+            plan.check_config(block_count(conf.model), method.needs_calibration)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if conf.model.offload_folder is not None:
+        writable_dir(conf.model.offload_folder, "model.offload_folder")
     if z.enabled:
         from gblm.eval.zeroshot import validate_task_names
 
@@ -193,25 +208,23 @@ def inputs(
     return Inputs(texts=texts, tokenizer=tokenizer, device=device, dtype=dtype)
 
 
-def check_mask_images(conf: RunConf) -> None:
-    """Every name in ``mask_images`` is a prunable Linear of the model (read from its config).
+def fingerprints(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> dict[str, str]:
+    """The content fingerprints of the run's inputs: the model's weights files and, where the
+    run uses them, the calibration and the evaluation documents. Memoised per file, so cheap
+    before the load; part of a run's identity (:mod:`gblm.run`) and of its record."""
+    from gblm.data.calibration import source_fingerprint
+    from gblm.models.loading import weights_fingerprint
 
-    The default names, which a model of another architecture does not have, draw nothing.
-    """
-    from gblm.config import MASK_IMAGES
-    from gblm.models.layers import linear_names
-    from gblm.models.loading import model_config
-
-    if not conf.mask_images or conf.mask_images == list(MASK_IMAGES):
-        return
-    names = linear_names(model_config(conf.model), conf.model.trust_remote_code)
-    unknown = [n for n in conf.mask_images if n not in names]
-    if unknown:
-        raise ConfigError(
-            f"mask_images: {unknown[0]!r} is not a prunable Linear of model={conf.model.name}; "
-            f"its Linears are named {', '.join(names[:2])}, ..., {names[-1]} (mask_images=[] "
-            "draws none)."
+    memo = cache_dir() / "fingerprints"
+    c, p = conf.calibration, conf.eval.perplexity
+    found = {"model": weights_fingerprint(conf.model)}
+    if needs_calibration(method, plan):
+        found["calibration"] = source_fingerprint(c.source, c.split, c.paths, memo)
+    if p.enabled:
+        found["eval"] = source_fingerprint(
+            p.dataset, p.split, p.paths, memo, key="eval.perplexity.dataset"
         )
+    return found
 
 
 # The pruning stages, shared with the API -----------------------------------------------------------
@@ -312,6 +325,7 @@ def execute(
     if method is not None:  # the method's and the plan's checks, before any evaluation
         try:
             method.check_model(model)
+            plan.check_config(len(decoder_layers(model)), method.needs_calibration)
             plan.check_model(model)
         except ValueError as err:
             raise ConfigError(str(err)) from err
@@ -414,9 +428,16 @@ def _save(conf: RunConf, model, tokenizer, result: Result, timer, out_dir: Path,
             "seqlen": p.seqlen, "max_windows": p.max_windows}}  # fmt: skip
     record = {**record, "status": "finished"}  # saving is the last stage: every number is final
     with timer.stage("save model"):
-        saved = save_pruned_model(
-            model, tokenizer, result.masks or {}, out_dir / "model", record, dtype, card
-        )
+        try:
+            saved = save_pruned_model(
+                model, tokenizer, result.masks or {}, out_dir / "model", record, dtype, card
+            )
+        except OSError as err:  # nothing half-written is left (an atomic folder write)
+            raise OutputError(
+                f"save_model=true: the pruned model could not be written to {out_dir / 'model'} "
+                f"({err.strerror or err}); the run's numbers are kept in metrics.json. Free "
+                "space (or choose another run dir) and relaunch, or set save_model=false."
+            ) from None
     result.saved_model = str(saved)
     result.saved_dtype = devices.dtype_name(dtype or next(model.parameters()).dtype)
     if conf.push_to_hub:

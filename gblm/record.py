@@ -94,9 +94,10 @@ def initial(conf: RunConf, method, plan, digest: str, process: dict) -> dict[str
     }
 
 
-def provenance(device: str) -> dict[str, Any]:
+def provenance(device: str, fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
     """What produced the numbers beyond the config: floating-point results move with the code,
-    the libraries, the device and the thread count."""
+    the libraries, the device and the thread count; the inputs' content fingerprints
+    (:func:`gblm.pipeline.fingerprints`), which a relaunch compares."""
     import subprocess
     from importlib.metadata import PackageNotFoundError, version
 
@@ -126,6 +127,7 @@ def provenance(device: str) -> dict[str, Any]:
         **{name: package(name) for name in ("torch", "transformers", "lm_eval", "accelerate")},
         "device": devices.device_name(torch.device(device)),
         "threads": torch.get_num_threads(),
+        "fingerprints": fingerprints,
     }
 
 

@@ -31,6 +31,7 @@ from gblm.errors import ConfigError, UserError
 from gblm.loggers.base import GuardedLogger, NullLogger
 from gblm.loggers.local import LocalLogger, process_record, read_metrics, run_alive, run_lock
 from gblm.methods.registry import allocator_entry, allocator_options
+from gblm.models.loading import weights_fingerprint
 from gblm.paths import PROJECT_ROOT
 from gblm.progress import OverallEstimate
 from gblm.utils import StageTimer, content_hash
@@ -133,8 +134,23 @@ def run_dir_refusal(
     )
 
 
-def _previous_run(conf: RunConf, run_dir: Path, digest: str, container: dict) -> dict | None:
-    """The finished record to return instead of running, or None to run (raises the refusal)."""
+def changed_content(previous: dict, found: dict[str, str]) -> list[str]:
+    """The inputs whose content changed since ``previous`` finished: ``model``, ``calibration``,
+    ``eval`` (:func:`gblm.pipeline.fingerprints`). A record written before runs kept their
+    fingerprints has none to compare: nothing counts as changed, its config decides alone."""
+    old = (previous.get("provenance") or {}).get("fingerprints")
+    if not isinstance(old, dict):
+        return []
+    return sorted(k for k in set(old) | set(found) if old.get(k) != found.get(k))
+
+
+def _previous_run(
+    conf: RunConf, run_dir: Path, digest: str, container: dict, found: dict[str, str]
+) -> dict | None:
+    """The finished record to return instead of running, or None to run (raises the refusal).
+
+    The same config on the same content (``found``) is skipped; on changed content it runs
+    again (the config is the same, so nothing else is replaced)."""
     try:
         previous = read_metrics(run_dir)
     except ConfigError:
@@ -148,6 +164,11 @@ def _previous_run(conf: RunConf, run_dir: Path, digest: str, container: dict) ->
         return None  # new, failed, interrupted or killed: (re)done
     if not _same_config(previous, digest, run_dir, container):
         log.warning("run in %s finished with another config: replaced (overwrite=true)", run_dir)
+        return None
+    changed = changed_content(previous, found)
+    if changed:
+        log.warning("run in %s finished with the same config on other content (changed: %s): "
+                    "run again", run_dir, ", ".join(changed))  # fmt: skip
         return None
     if conf.skip_finished:
         log.info("run in %s already finished with the same config: skipped", run_dir)
@@ -188,10 +209,11 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
         container = to_plain(cfg)
         conf = validate(container)
         digest = config_hash(container)
-        previous = _previous_run(conf, run_dir, digest, container)
+        method, plan = build_method(conf), build_plan(conf)
+        found = pipeline.fingerprints(conf, method, plan)
+        previous = _previous_run(conf, run_dir, digest, container, found)
         if previous is not None:
             return previous
-        method, plan = build_method(conf), build_plan(conf)
     except UserError as err:
         _record_refusal(run_dir, err, digest)
         raise
@@ -200,11 +222,13 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
     with run_lock(run_dir), _interruptible():
         local.write_json("config_resolved.json", container)
         local.write_metrics(metrics)
-        _execute_and_record(conf, method, plan, metrics, local, run_dir, container)
+        _execute_and_record(conf, method, plan, metrics, local, run_dir, container, found)
     return metrics
 
 
-def _execute_and_record(conf: RunConf, method, plan, metrics, local, run_dir, container) -> None:
+def _execute_and_record(
+    conf: RunConf, method, plan, metrics, local, run_dir, container, found: dict[str, str]
+) -> None:
     """Run the stages; record the end (finished | interrupted | failed) whatever happens."""
     remote = GuardedLogger(NullLogger)  # the real one once the inputs have passed their checks
     timer = StageTimer()
@@ -219,9 +243,11 @@ def _execute_and_record(conf: RunConf, method, plan, metrics, local, run_dir, co
         given = pipeline.inputs(conf, method, plan, timer)  # nothing heavy before this passes
         remote = GuardedLogger(lambda: record.remote_logger(conf, run_dir))
         timer.listeners.append(record.live_view(remote, metrics))
-        metrics["provenance"] = record.provenance(str(given.device))
+        metrics["provenance"] = record.provenance(str(given.device), found)
         remote.start({**container, "provenance": metrics["provenance"]})
         result = pipeline.execute(conf, method, plan, given, timer, run_dir, on_update)
+        if not found["model"].startswith("files:"):  # a hub id first loaded now: its files
+            found["model"] = weights_fingerprint(conf.model)
         record.update(metrics, result, conf, run_dir)
         metrics["status"] = "finished"
     except (KeyboardInterrupt, RunInterrupted) as err:

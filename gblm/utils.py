@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import stat
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -188,8 +189,30 @@ def file_digest(path: str | os.PathLike, memo_dir: str | os.PathLike | None = No
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     if memo is not None:
-        atomic_write_json(memo, {**stamp, "sha256": digest.hexdigest()})
+        with contextlib.suppress(OSError):  # the memo is optional: a full disk only slows us
+            atomic_write_json(memo, {**stamp, "sha256": digest.hexdigest()})
     return digest.hexdigest()
+
+
+def writable_dir(path: str | os.PathLike, key: str) -> Path:
+    """``path`` as a folder this process can write into (made if missing), else the refusal
+    naming ``key``. Tried by writing a file, not by reading permission bits: root passes those,
+    a read-only mount or a full disk does not."""
+    from gblm.errors import ConfigError
+
+    folder = Path(path).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".gblm-write-check.") as handle:
+            handle.write(b"gblm")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        raise ConfigError(
+            f"{key}={str(path)!r}: the folder cannot be written ({err.strerror or err}); "
+            "choose a writable folder."
+        ) from None
+    return folder
 
 
 def cached_tensors(path: Path, compute: Callable[[], Mapping[str, Any]], what: str) -> dict:
@@ -199,29 +222,61 @@ def cached_tensors(path: Path, compute: Callable[[], Mapping[str, Any]], what: s
     a file lock (concurrent sweep jobs compute once: the others wait, then load), with the
     :func:`tensors_checksum` of its tensors in its metadata, verified on every load: a damaged or
     truncated entry is computed again with a warning that names the file. Loaded on the CPU.
+    The cache is optional: a folder that cannot be written (full, read-only, not ours) is a
+    warning, and the tensors are computed and used without being stored.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(path):
-        if path.exists():
-            try:
-                with safe_open(str(path), framework="pt") as handle:
-                    expected = (handle.metadata() or {}).get("checksum")
-                tensors = load_file(str(path))
-                problem = None if expected == tensors_checksum(tensors) else "checksum mismatch"
-            except Exception as err:  # truncated or garbled: any reader error means recompute
-                problem = str(err)
-            if problem is None:
-                log.info("%s loaded from %s", what, path)
-                return tensors
-            log.warning("damaged %s cache %s (%s): computing it again", what, path, problem)
+    lock: FileLock | None = file_lock(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as err:  # read what is there, store nothing
+        lock = None
+        _cache_unwritable(what, path, err)
+    try:
+        tensors = _read_entry(path, what)
+        if tensors is not None:
+            return tensors
         tensors = {name: t.contiguous() for name, t in compute().items()}
-        metadata = {"checksum": tensors_checksum(tensors)}
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-        log.info("%s cached at %s", what, path)
-    return tensors
+        if lock is not None:
+            metadata = {"checksum": tensors_checksum(tensors)}
+            try:
+                atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+                log.info("%s cached at %s", what, path)
+            except OSError as err:
+                _cache_unwritable(what, path, err)
+        return tensors
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _read_entry(path: Path, what: str) -> dict | None:
+    """The entry at ``path`` if it is there and its checksum holds, else None (with a warning
+    when it was there but damaged)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            expected = (handle.metadata() or {}).get("checksum")
+        tensors = load_file(str(path))
+        problem = None if expected == tensors_checksum(tensors) else "checksum mismatch"
+    except Exception as err:  # truncated or garbled: any reader error means recompute
+        problem = str(err)
+    if problem is None:
+        log.info("%s loaded from %s", what, path)
+        return tensors
+    log.warning("damaged %s cache %s (%s): computing it again", what, path, problem)
+    return None
+
+
+def _cache_unwritable(what: str, path: Path, err: OSError) -> None:
+    log.warning("the %s cache %s cannot be written (%s): the run goes on without storing it",
+                what, path, err.strerror or err)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- locks and timing

@@ -195,6 +195,51 @@ CASES = [
         ["mask_images: 'model.layers.0.self_attn.nope'", "model.layers.1.mlp.down_proj"],
         "run",
     ),
+    # Checkable before the load, from the config and the model's config (no weights)
+    (
+        "owl_lambda_past_one",
+        ["sparsity=owl", "sparsity.ratio=0.7", "sparsity.lmbda=0.35"],
+        ["sparsity.lmbda=0.35", "[0.35, 1.05]", "sparsity.lmbda < 0.3"],
+        "run",
+    ),
+    (
+        "owl_lambda_below_zero_unclamped",
+        ["method=magnitude", "sparsity=owl", "sparsity.ratio=0.1", "sparsity.lmbda=0.2"],
+        ["sparsity.lmbda=0.2", "sparsity.clamp=true"],
+        "run",
+    ),
+    (
+        "owl_lambda_nm",
+        ["sparsity=owl", "sparsity.n=2", "sparsity.m=4", "sparsity.lmbda=4"],
+        ["sparsity.lmbda=4", "2:4"],
+        "run",
+    ),
+    (
+        "per_block_length",
+        ["sparsity=per_block", "sparsity.per_block=[0.5,0.5,0.5]"],
+        ["sparsity.per_block has 3 ratios", "2 decoder blocks"],
+        "run",
+    ),
+    (
+        "zeroshot_limit_negative",
+        ["eval.zeroshot.enabled=true", "eval.zeroshot.limit=-1"],
+        ["eval.zeroshot.limit=-1", "null"],
+        "run",
+    ),
+    (
+        "offload_folder_unwritable",
+        ["model.device_map=cpu", "model.offload_folder={tmp}/empty.txt/offload"],
+        ["model.offload_folder=", "cannot be written"],
+        "run",
+    ),
+    ("tiny_arch", ["model.tiny.arch=gpt9"], ["model.tiny.arch='gpt9'", "llama"], "run"),
+    (
+        "tiny_heads",
+        ["model.tiny.hidden_size=60", "model.tiny.num_heads=8"],
+        ["model.tiny.hidden_size=60", "model.tiny.num_heads=8"],
+        "run",
+    ),
+    ("tiny_key", ["+model.tiny.layers=3"], ["model.tiny.layers", "num_layers"], "run"),
 ]
 if not torch.cuda.is_available():
     CASES.append(("cuda_missing", ["device=cuda"], ["device='cuda'", "CUDA"], "run"))

@@ -122,3 +122,20 @@ def test_no_benchmark_patches_a_production_module() -> None:
     patching = re.compile(r"setattr\(|monkeypatch|^\s*(gblm|sequential|method_base)\.\w+\s*=", re.M)
     for path in BENCHMARKS.glob("*.py"):
         assert not patching.search(path.read_text()), path.name
+
+
+def test_the_threads_report_judges_both_conditions(tmp_path):
+    from benchmarks.threads import SETTINGS, child_env, render, verdicts
+
+    found = {"quiet": {"load_average": [0.1], "seconds": {"spinning": [10.0], "gblm default":
+                                                           [10.2], "one thread": [15.0]}},
+             "busy": {"load_average": [1.0], "seconds": {"spinning": [80.0], "gblm default":
+                                                          [17.0], "one thread": [16.0]}}}  # fmt: skip
+    rows = {v["target"]: v for v in verdicts(found)}
+    assert rows["quiet: gblm default / spinning"]["met"]  # 1.02 <= 1.05
+    assert not rows["busy: gblm default / one thread"]["met"]  # 1.06 > 1.05
+    report = {"machine": {"cpu": "c", "cores": 2, "torch": "t"}, "nsamples": 8, "seqlen": 128,
+              "conditions": found, "verdicts": list(rows.values()), "seconds": 1.0}  # fmt: skip
+    assert "| busy | [1.0] | spinning | - | 80.0 |" in render(report)
+    assert set(SETTINGS) == {"spinning", "gblm default", "one thread"}
+    assert "OMP_WAIT_POLICY" not in child_env({})

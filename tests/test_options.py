@@ -199,15 +199,18 @@ def test_wandb_settings_with_the_local_logger_are_warned_about(caplog):
 
 
 def test_an_unknown_layer_in_mask_images_is_refused_before_the_model_loads():
-    from gblm.config import to_plain, validate
-    from gblm.pipeline import check_mask_images
+    from gblm.analysis.plots import check_mask_images
+    from gblm.config import MASK_IMAGES, to_plain, validate
 
-    conf = validate(to_plain(compose_config("model=tiny_opt", "mask_images=[model.layers.0.fc1]")))
+    def check(*overrides):
+        conf = validate(to_plain(compose_config("model=tiny_opt", *overrides)))
+        if conf.mask_images != list(MASK_IMAGES):  # as the inputs' check does
+            check_mask_images(conf.mask_images, conf.model)
+
     with pytest.raises(ConfigError) as err:
-        check_mask_images(conf)
+        check("mask_images=[model.layers.0.fc1]")
     message = str(err.value)
     assert "mask_images: 'model.layers.0.fc1' is not a prunable Linear of model=" in message
     assert "model.decoder.layers.1.fc2 (mask_images=[] draws none)" in message
-    check_mask_images(validate(to_plain(compose_config("model=tiny_opt"))))  # the default: none
-    ok = "mask_images=[model.decoder.layers.1.fc1]"
-    check_mask_images(validate(to_plain(compose_config("model=tiny_opt", ok))))
+    check()  # the default names: none on OPT, drawn nowhere, refused nowhere
+    check("mask_images=[model.decoder.layers.1.fc1]")

@@ -437,6 +437,10 @@ def test_other_launchers_run_a_small_sweep(tmp_path, launcher):
     assert all(
         _metrics(sweep_dir / f"method={m}")["status"] == "finished" for m in ("magnitude", "wanda")
     )
+    if launcher == "local_parallel":  # each of its 2 jobs gets its share of the cores
+        share = max(len(os.sched_getaffinity(0)) // 2, 1)
+        for m in ("magnitude", "wanda"):
+            assert _metrics(sweep_dir / f"method={m}")["provenance"]["threads"] == share
     second = _gblm(*args, timeout=600)
     assert second.returncode == 0, second.stdout + second.stderr
     assert json.loads((sweep_dir / SUMMARY_FILE).read_text())["counts"]["skipped"] == 2

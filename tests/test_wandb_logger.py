@@ -129,6 +129,7 @@ def test_failing_init_never_raises(tmp_path, monkeypatch, caplog):
         raise RuntimeError("no server")
 
     monkeypatch.setattr(wandb, "init", broken_init)
+    monkeypatch.setattr("gblm.loggers.wandb.server_reachable", lambda *args, **kwargs: True)
     logger = WandbLogger(project="p", mode="online", dir=tmp_path)
     logger.start({"a": 1})  # online fails, the offline retry fails too
     assert logger.run is None and len(logger.failures) == 2
@@ -137,6 +138,30 @@ def test_failing_init_never_raises(tmp_path, monkeypatch, caplog):
     logger.log_table("t", [{"a": 1}])
     logger.log_images("i", [tmp_path / "missing.png"])
     logger.finish(exit_code=1)
+
+
+def test_an_unreachable_server_falls_back_to_offline_in_seconds(tmp_path, monkeypatch, caplog):
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a local port that nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    began = time.monotonic()
+    logger = WandbLogger(project="p", mode="auto", dir=tmp_path)
+    logger.start({"a": 1})
+    try:
+        assert time.monotonic() - began < 10
+        assert logger.run is not None and logger.mode == "offline" and not logger.failures
+        assert f"127.0.0.1:{port} cannot be reached" in caplog.text
+    finally:
+        logger.finish()
+    assert sorted((tmp_path / "wandb").glob("offline-run-*"))
 
 
 def test_failing_log_call_never_raises(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from gblm.errors import ConfigError
 from gblm.utils import atomic_write
 
 MAX_IMAGE_PIXELS = 512  # mask images are block-averaged down to at most this many pixels a side
@@ -102,3 +103,19 @@ def _save_mask_image(plt, name: str, mask: Tensor, path: Path) -> None:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
+
+
+def check_mask_images(names: list[str], spec) -> None:
+    """Every name in ``names`` (``mask_images``) is a prunable Linear of the model ``spec`` (a
+    ``ModelSpec``), read from its config before any weight loads; else a ConfigError."""
+    from gblm.models.layers import linear_names
+    from gblm.models.loading import model_config
+
+    linears = linear_names(model_config(spec), spec.trust_remote_code)
+    unknown = [n for n in names if n not in linears]
+    if unknown:
+        raise ConfigError(
+            f"mask_images: {unknown[0]!r} is not a prunable Linear of model={spec.name}; "
+            f"its Linears are named {', '.join(linears[:2])}, ..., {linears[-1]} (mask_images=[] "
+            "draws none)."
+        )

@@ -8,6 +8,7 @@ settings).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -73,8 +74,9 @@ def cached_gradient_norms(
     (:func:`gblm.utils.cached_tensors`); the key is saved beside them as ``grad_<hash>.json``."""
     path = gradient_cache_path(cache_dir, key)
     norms = cached_tensors(path, compute, "gradient norms")
-    if not path.with_suffix(".json").exists():
-        atomic_write_text(
-            path.with_suffix(".json"), json.dumps(key, sort_keys=True, indent=2) + "\n"
-        )
+    if path.exists() and not path.with_suffix(".json").exists():
+        with contextlib.suppress(OSError):  # a note for readers; the cache is optional
+            atomic_write_text(
+                path.with_suffix(".json"), json.dumps(key, sort_keys=True, indent=2) + "\n"
+            )
     return norms

@@ -90,6 +90,40 @@ def documents_digest(documents: Sequence[str]) -> str:
     return content_hash({"documents": len(documents)}, data=chunks())
 
 
+def source_fingerprint(
+    source: str,
+    split: str,
+    paths: Sequence[str] | None,
+    memo_dir: Path | None = None,
+    key: str = "calibration.source",
+) -> str:
+    """A content fingerprint of the documents :func:`gblm.data.sources.load_documents` reads,
+    cheap enough to take before anything loads (a run's identity).
+
+    Local files: each one's sha256 (:func:`gblm.utils.file_digest`, remembered under
+    ``memo_dir`` per size, mtime and inode) with its kind, in order; a file that cannot be read
+    counts by its path (the inputs' check refuses it). An embedded corpus: its text's
+    :func:`documents_digest`. A hub dataset without local files: its name and split (the
+    datasets cache holds one fixed revision). ``key`` names the source in a refusal.
+    """
+    from gblm.data import corpus
+    from gblm.data.sources import load_documents
+    from gblm.utils import file_digest
+
+    if paths:
+        files = []
+        for raw in paths:
+            path = Path(raw).expanduser()
+            try:
+                files.append([path.name.lower().partition(".")[2], file_digest(path, memo_dir)])
+            except OSError:
+                files.append([str(path), None])
+        return "files:" + content_hash(files, length=32)
+    if source in corpus.SOURCES:
+        return "text:" + documents_digest(load_documents(source, split, key=key))[:32]
+    return f"dataset:{source}/{split}"
+
+
 def tokenizer_digest(tokenizer) -> str:
     """A hash of what the tokenizer does: a fast tokenizer's full definition, else its vocabulary."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -16,6 +16,7 @@ import math
 import netrc
 import os
 import re
+import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -77,6 +78,26 @@ def artifact_name(text: str) -> str:
     letters, digits, ``-``, ``_`` and ``.`` becomes one ``_`` (``run-0_method=gblm,seed=1`` ->
     ``run-0_method_gblm_seed_1``), at most 128 characters."""
     return fit(ARTIFACT_CHARS.sub("_", text).strip("_") or "run", NAME_LIMIT)
+
+
+def server_reachable(env: Mapping[str, str] | None = None, timeout: float = 3.0) -> bool:
+    """Whether the W&B server (``WANDB_BASE_URL``, default :data:`DEFAULT_HOST`) accepts a
+    connection within ``timeout`` seconds; True behind a proxy, which only W&B itself can use.
+
+    ``wandb.init`` waits up to 90 s for a server it cannot reach before it gives up; this probe
+    costs at most ``timeout``.
+    """
+    env = os.environ if env is None else env
+    if any(env.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                "ALL_PROXY", "all_proxy")):  # fmt: skip
+        return True
+    url = urlparse(env.get("WANDB_BASE_URL", DEFAULT_HOST))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def flatten(metrics: Mapping, prefix: str = "", sep: str = "/") -> dict[str, Any]:
@@ -171,6 +192,11 @@ class WandbLogger:
         """Open the W&B run with the resolved configuration (a plain nested dict)."""
         if self.mode == "disabled":
             return
+        if self.mode == "online" and not server_reachable():
+            url = os.environ.get("WANDB_BASE_URL", DEFAULT_HOST)
+            log.warning("W&B server %s cannot be reached: the run is logged offline (upload it "
+                        "later with `wandb sync`).", url)  # fmt: skip
+            self.mode = "offline"
         self.run = self._guard(f"init ({self.mode})", lambda: self._init(config, self.mode))
         if self.run is None and self.mode == "online":
             self.run = self._guard("init (offline retry)", lambda: self._init(config, "offline"))

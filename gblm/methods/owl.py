@@ -129,6 +129,34 @@ class OWLPlan(SparsityPlan):
         self.clamp = clamp
         self.outlier_ratios: list[float] | None = None
 
+    def check_config(self, blocks: int | None, method_calibrates: bool) -> None:
+        """Lambda against the target before the load: the block ratios span ``2 * Lambda``
+        around the target (N:M: N spans Lambda), so a target +- Lambda (N +- Lambda / 2, as
+        rounded) outside what can be pruned is refused here rather than after the outlier pass.
+        Below zero is allowed where the clamp is on. The exact check stays in
+        :meth:`set_outlier_ratios`, once the outlier ratios are known."""
+        super().check_config(blocks, method_calibrates)
+        s, lmbda = self.sparsity, self.lmbda
+        if s.structured:
+            reach = int(np.round(lmbda / 2))
+            if s.n - reach > 0 and s.n + reach < s.m:
+                return
+            raise ValueError(
+                f"sparsity.lmbda={lmbda} with N:M {s.label}: OWL's N would span "
+                f"{s.n - reach}..{s.n + reach} of {s.m}; allowed: Lambda with every N in "
+                f"1..{s.m - 1} (sparsity.lmbda < {2 * min(s.n, s.m - s.n) - 1})."
+            )
+        clamp = method_calibrates if self.clamp is None else self.clamp
+        low, high = s.ratio - lmbda, s.ratio + lmbda
+        if high < 1 and (low >= 0 or clamp):
+            return
+        bound = 1 - s.ratio if clamp else min(s.ratio, 1 - s.ratio)
+        raise ValueError(
+            f"sparsity.lmbda={lmbda} with sparsity.ratio={s.ratio}: OWL's block ratios span "
+            f"2 * Lambda around the target, [{low:g}, {high:g}] here; allowed: sparsity.lmbda < "
+            f"{bound:g}" + ("" if clamp else " (or sparsity.clamp=true for ratios below 0)") + "."
+        )
+
     def prepare(self, model: nn.Module, windows: Tensor | None, context: RunContext) -> None:
         """The dense walk: every block's outlier ratio, then every block's target."""
         from gblm.calibration.sequential import prune_model

@@ -15,7 +15,6 @@ from typing import Annotated, Any
 from torch import Tensor, nn
 
 from gblm.methods.base import RunContext
-from gblm.models.layers import decoder_layers
 from gblm.options import Range
 from gblm.pruning.sparsity import Sparsity
 
@@ -37,6 +36,16 @@ class SparsityPlan:
     def __init__(self, sparsity: Sparsity) -> None:
         self.sparsity = sparsity
         self.targets: list[Sparsity] | None = None  # one per block, once known
+
+    def check_config(self, blocks: int | None, method_calibrates: bool) -> None:
+        """Raise ``ValueError`` when the plan cannot apply to a model of ``blocks`` decoder
+        blocks (None: not known) pruned by a method that calibrates or not; before the model
+        loads, from its config. A plan whose targets are given must give one per block."""
+        if blocks is not None and self.targets is not None and len(self.targets) != blocks:
+            raise ValueError(
+                f"sparsity.per_block has {len(self.targets)} ratios, but the model has {blocks} "
+                "decoder blocks: give one ratio per block."
+            )
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ``ValueError`` when the plan cannot apply to ``model`` (right after loading)."""
@@ -81,11 +90,3 @@ class PerBlockPlan(SparsityPlan):
                 "unstructured sparsity only; set sparsity=unstructured."
             )
         self.targets = [Sparsity(float(r)) for r in per_block]
-
-    def check_model(self, model: nn.Module) -> None:
-        count = len(decoder_layers(model))
-        if len(self.targets) != count:
-            raise ValueError(
-                f"sparsity.per_block has {len(self.targets)} ratios, but the model has {count} "
-                "decoder blocks: give one ratio per block."
-            )

@@ -237,9 +237,10 @@ def model_config(spec: ModelSpec):
 
     Raises ModelUnavailableError naming ``model.name_or_path`` when config.json is unreadable.
     """
-    if spec.kind == "tiny":
-        from gblm.models.tiny import tiny_config
+    if spec.kind == "tiny":  # its arguments checked first, naming the model.tiny key
+        from gblm.models.tiny import check_tiny_arguments, tiny_config
 
+        check_tiny_arguments(spec.tiny)
         args = {k: v for k, v in spec.tiny.items() if k != "seed"}
         return tiny_config(**args, vocab_size=256)
     from transformers import AutoConfig
@@ -257,6 +258,16 @@ def model_config(spec: ModelSpec):
             f"{_where(spec)}: its config.json cannot be read ({type(err).__name__}: {reason}). "
             "Point model.name_or_path at a folder written by save_pretrained, or repair the file."
         ) from None
+
+
+def block_count(spec: ModelSpec) -> int | None:
+    """The model's number of decoder blocks from its config (no weights), or None if unnamed."""
+    config = model_config(spec)
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def max_positions(spec: ModelSpec) -> int | None:

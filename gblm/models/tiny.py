@@ -6,6 +6,10 @@ walk, the gradient stage, all four methods) on the architectures gblm supports i
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -15,6 +19,8 @@ from transformers import (
     PretrainedConfig,
     Qwen2Config,
 )
+
+from gblm.errors import ConfigError
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "opt")
 
@@ -29,8 +35,31 @@ def tiny_config(
     vocab_size: int = 49152,
     max_positions: int = 2048,
 ) -> PretrainedConfig:
-    """A small config of ``arch``; the vocabulary defaults to SmolLM2's so its tokenizer fits."""
+    """A small config of ``arch``; the vocabulary defaults to SmolLM2's so its tokenizer fits.
+
+    Raises a ConfigError naming the ``model.tiny`` key for an unknown architecture or heads
+    that do not divide the hidden size (the attention reshapes would fail inside the model).
+    """
+    if arch not in ARCHITECTURES:
+        raise ConfigError(
+            f"model.tiny.arch={arch!r}: allowed values are {', '.join(ARCHITECTURES)}."
+        )
     kv = num_kv_heads or num_heads
+    sizes = {"hidden_size": hidden_size, "intermediate_size": intermediate_size,
+             "num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": kv}  # fmt: skip
+    for key, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"model.tiny.{key}={value!r}: allowed values are integers >= 1.")
+    if hidden_size % num_heads:
+        raise ConfigError(
+            f"model.tiny.hidden_size={hidden_size} is not divisible by model.tiny.num_heads="
+            f"{num_heads}: allowed are hidden sizes that are a multiple of the head count."
+        )
+    if num_heads % kv:
+        raise ConfigError(
+            f"model.tiny.num_kv_heads={kv} does not divide model.tiny.num_heads={num_heads}: "
+            "allowed are divisors of the head count."
+        )
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_attention_heads=num_heads)
     if arch == "llama":
         return LlamaConfig(
@@ -71,7 +100,20 @@ def tiny_config(
             do_layer_norm_before=True,
             enable_bias=True,
         )
-    raise ValueError(f"model.arch={arch!r}: allowed values are {', '.join(ARCHITECTURES)}.")
+    raise AssertionError(arch)  # every architecture is handled above
+
+
+def check_tiny_arguments(args: Mapping[str, Any]) -> None:
+    """Raise a ConfigError naming the ``model.tiny`` key that :func:`tiny_config` (or the seed)
+    cannot take: an unknown key, architecture, size or head count."""
+    allowed = [k for k in inspect.signature(tiny_config).parameters if k != "vocab_size"]
+    for key in args:
+        if key not in (*allowed, "seed"):
+            raise ConfigError(
+                f"model.tiny.{key}: not a key of a tiny model: the keys of model.tiny are "
+                f"{', '.join(allowed)}, seed."
+            )
+    tiny_config(**{k: v for k, v in args.items() if k != "seed"})
 
 
 def build_tiny_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32):

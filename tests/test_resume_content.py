@@ -1,0 +1,74 @@
+"""A run's identity covers its inputs' content: a relaunch after the model or a data file changed
+in place runs again; an unchanged one, or one whose record predates the fingerprints, is skipped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gblm.data.corpus import austen_documents
+from gblm.run import run
+from tests.conftest import compose_config, save_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> dict[str, Path]:
+    text = austen_documents("train")
+    (tmp_path / "cal.txt").write_text("\n\n".join(text[:2]))
+    (tmp_path / "eval.txt").write_text(text[2][:20000])
+    return {"model": save_tiny_model(tmp_path / "model"), "cal": tmp_path / "cal.txt",
+            "eval": tmp_path / "eval.txt", "run": tmp_path / "run"}  # fmt: skip
+
+
+def _run(paths: dict[str, Path]) -> dict:
+    cfg = compose_config(
+        "model=hf", f"model.name_or_path={paths['model']}", "method=wanda",
+        "calibration.source=local", f"calibration.paths=[{paths['cal']}]",
+        "calibration.nsamples=4", "calibration.seqlen=32", "eval.perplexity.dataset=local",
+        f"eval.perplexity.paths=[{paths['eval']}]", "eval.perplexity.max_windows=2",
+        "progress=false", "mask_images=[]",
+    )  # fmt: skip
+    return run(cfg, run_dir=paths["run"])
+
+
+def _fingerprints(paths: dict[str, Path]) -> dict:
+    return json.loads((paths["run"] / "metrics.json").read_text())["provenance"]["fingerprints"]
+
+
+def test_an_unchanged_relaunch_is_skipped_and_a_changed_data_file_runs_again(inputs):
+    first = _run(inputs)
+    found = _fingerprints(inputs)
+    assert set(found) == {"model", "calibration", "eval"}
+    assert _run(inputs)["timings"] == first["timings"]  # skipped: the record as it was
+    with inputs["cal"].open("a") as handle:  # edited in place: same path, same config
+        handle.write("\n\nA new paragraph, written after the first run finished.")
+    again = _run(inputs)
+    assert again["status"] == "finished" and again["timings"] != first["timings"]
+    assert _fingerprints(inputs)["calibration"] != found["calibration"]
+    assert _fingerprints(inputs)["model"] == found["model"]
+    inputs["eval"].write_text(inputs["eval"].read_text()[1000:])
+    assert _run(inputs)["ppl"]["pruned"] != again["ppl"]["pruned"]  # other text: other numbers
+
+
+def test_a_model_replaced_at_its_path_runs_again(inputs):
+    first = _run(inputs)
+    save_tiny_model(inputs["model"], seed=1)  # another model saved over the first
+    again = _run(inputs)
+    assert again["timings"] != first["timings"] and again["ppl"] != first["ppl"]
+    assert _run(inputs)["timings"] == again["timings"]  # and now it is the same again
+
+
+def test_a_record_without_fingerprints_is_skipped_when_its_config_matches(inputs):
+    """Runs and sweeps finished before the fingerprints were recorded keep resuming."""
+    first = _run(inputs)
+    record = inputs["run"] / "metrics.json"
+    legacy = json.loads(record.read_text())
+    del legacy["provenance"]
+    record.write_text(json.dumps(legacy))
+    inputs["cal"].write_text(inputs["cal"].read_text() + " more")  # unknowable for that record
+    assert _run(inputs)["timings"] == first["timings"]
+    assert "provenance" not in json.loads(record.read_text())  # kept as it was
