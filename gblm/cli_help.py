@@ -32,13 +32,13 @@ def _description(path: Path) -> str:
     return ""
 
 
-def _method_lines(path: Path) -> list[str]:
+def _method_lines(path: Path, group: str = "method") -> list[str]:
     lines = [f"  {path.stem:<12} {_description(path)}"]
     for raw in path.read_text().splitlines():
         match = _OPTION.match(raw)  # top-level keys only (no indentation)
         if match and match.group(1) not in ENTRY_KEYS:
             key, value, comment = match.groups()
-            text = f"method.{key}={value}"
+            text = f"{group}.{key}={value}"
             lines.append(f"      {text:<36} {comment or ''}".rstrip())
     return lines
 
@@ -57,7 +57,7 @@ def _schema_lines() -> list[str]:
             comments[line.split(":")[0].strip()] = source[i - 1].strip().lstrip("# ")
     lines = []
     for f in dataclasses.fields(RunConf):
-        if f.name in GROUPS or f.name == "method":
+        if f.name in GROUPS or f.name in ("method", "reconstruct"):
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         text = f"{f.name}={default}".replace("'", "")
@@ -66,7 +66,7 @@ def _schema_lines() -> list[str]:
 
 
 def help_text() -> str:
-    from gblm.methods.registry import method_names
+    from gblm.methods.registry import method_names, reconstruct_names
 
     lines = [
         "gblm: prune a causal LM and evaluate it (one run), or sweep many (-m).",
@@ -79,6 +79,12 @@ def help_text() -> str:
     ]
     for name in method_names():
         lines += _method_lines(CONF / "method" / f"{name}.yaml")
+    lines += [
+        "",
+        "Weight updates after the masks (reconstruct=NAME; any mask method but sparsegpt):",
+    ]
+    for name in reconstruct_names():
+        lines += _method_lines(CONF / "reconstruct" / f"{name}.yaml", "reconstruct")
     for group in GROUPS:
         lines += ["", f"{group} (= one of):"]
         for path in sorted((CONF / group).glob("*.yaml")):

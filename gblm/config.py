@@ -7,8 +7,9 @@ typed node and holds only what differs from these defaults. A value of the wrong
 values in ``check`` (each message names the key and the allowed values); :func:`validate` runs
 them all, before any model or data loads.
 
-Two nodes are plug-in registries. ``method`` is an untyped dict: the method class's keyword
-arguments are its options (:mod:`gblm.methods.registry`). ``sparsity`` holds the target
+Three nodes are plug-in registries. ``method`` and ``reconstruct`` (the weight update after the
+masks) are untyped dicts: the class's keyword arguments are its options
+(:mod:`gblm.methods.registry`). ``sparsity`` holds the target
 (``ratio``, ``n``, ``m``), the ``allocator`` and every allocator's options, typed from the
 allocator classes' signatures when this module loads, so that ``sparsity.allocator=uniform,owl``
 sweeps with shared options compose.
@@ -30,7 +31,7 @@ from omegaconf import II, MISSING, OmegaConf
 
 from gblm.data.sources import SAMPLINGS, SOURCES
 from gblm.devices import DTYPE_NAMES
-from gblm.errors import ConfigError
+from gblm.errors import ConfigError, choice, positive_int
 from gblm.methods import registry
 from gblm.models.loading import KINDS, ModelSpec
 from gblm.pruning.sparsity import Sparsity
@@ -40,23 +41,6 @@ log = logging.getLogger("gblm")
 LOGGERS = ("local", "wandb")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 SCHEMA_NAME = "schema"  # the ConfigStore entry at the head of conf/config.yaml's defaults list
-
-
-def choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``allowed``, else the standard refusal naming ``key``."""
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(allowed)}.")
-    return value
-
-
-def positive_int(key: str, value: Any, minimum: int = 1, auto: bool = False) -> Any:
-    """An integer >= ``minimum`` (or ``auto`` where allowed), else the refusal naming ``key``."""
-    if auto and value == "auto":
-        return value
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        allowed = f"{'auto or ' if auto else ''}an integer >= {minimum}"
-        raise ConfigError(f"{key}={value!r}: allowed values are {allowed}.")
-    return value
 
 
 # The schema ---------------------------------------------------------------------------------------
@@ -273,6 +257,7 @@ class RunConf:
 
     model: ModelConf = field(default_factory=ModelConf)
     method: dict[str, Any] = field(default_factory=dict)  # untyped: the method class checks it
+    reconstruct: dict[str, Any] = field(default_factory=dict)  # the same, for the weight update
     sparsity: SparsityConf = field(default_factory=SparsityConf)  # type: ignore[valid-type]
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     eval: EvalConf = field(default_factory=EvalConf)
@@ -305,6 +290,10 @@ class RunConf:
         """The method node less the registry's keys: the class's keyword arguments."""
         return {k: v for k, v in self.method.items() if k not in registry.ENTRY_KEYS}
 
+    @property
+    def reconstruct_name(self) -> str:
+        return self.reconstruct.get("name") or "none"
+
     def check(self) -> None:
         """Every node's checks, then those across nodes."""
         self.model.check()
@@ -315,6 +304,7 @@ class RunConf:
         self.sparsity.target()
         choice("sparsity.allocator", self.sparsity.allocator, registry.allocator_names())
         choice("method.name", self.method.get("name"), registry.method_names())
+        choice("reconstruct.name", self.reconstruct_name, registry.reconstruct_names())
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(
                 f"device={self.device!r}: allowed values are auto, cpu, cuda, cuda:N."
@@ -428,10 +418,14 @@ def validate(cfg: dict[str, Any]) -> RunConf:
 
 
 def build_method(conf: RunConf):
-    """The configured method (None for the dense baseline); bad options are a ConfigError."""
-    return registry.build_method(
+    """The configured method (None for the dense baseline) with its weight update; bad options,
+    or a method and update that do not compose, are a ConfigError."""
+    method = registry.build_method(
         conf.method_name, conf.method.get("_target_"), **conf.method_options
     )
+    options = {k: v for k, v in conf.reconstruct.items() if k not in registry.ENTRY_KEYS}
+    update = registry.build_reconstruct(conf.reconstruct_name, **options)
+    return registry.compose(conf.method_name, method, update, conf.sparsity.target())
 
 
 def build_plan(conf: RunConf):

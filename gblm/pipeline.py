@@ -8,6 +8,7 @@ benchmarks share.
     <plan pass>     the plan's pass over the dense model (OWL's outlier ratios)   (:func:`prune`)
     <method pass>   the method's pass over the dense model (GBLM's gradients)
     prune           the layer walk: per block, statistics -> per Linear: score -> mask -> zero
+                    (-> the weight update of the kept weights, ``reconstruct=...``)
     mask statistics
     perplexity pruned
     zero-shot       lm-eval on the live model
@@ -85,8 +86,9 @@ class Result:
 
 
 def needs_calibration(method: Pruner | None, plan: SparsityPlan) -> bool:
-    """Whether the run draws calibration windows: the method or the plan runs the model."""
-    return method is not None and (method.needs_calibration or plan.needs_calibration)
+    """Whether the run draws calibration windows: the method (or its weight update) or the plan
+    runs the model."""
+    return method is not None and (method.walk_calibrates or plan.needs_calibration)
 
 
 def planned_stages(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> dict[str, float]:
@@ -212,7 +214,7 @@ def prune(
                 model,
                 method,
                 plan,
-                windows if method.needs_calibration else None,
+                windows if method.walk_calibrates else None,
                 device=context.device,
                 batch_size=context.batch_size,
                 progress=context.progress,

@@ -35,19 +35,23 @@ def _sweep() -> Any:
 def run_name(conf: RunConf) -> str:
     """``method_sparsity_model``, and in a sweep the job's other overrides (the swept values:
     ``gblm_0.5_llama_7b_calibration.nsamples=32``), so ablation points have their own names."""
-    target = conf.sparsity.target()
-    name = f"{conf.method_name}_{target.label}_{conf.model.name}".replace(":", "of")
+    target, update = conf.sparsity.target(), conf.reconstruct_name
+    method = conf.method_name + (f"+{update}" if update != "none" else "")
+    name = f"{method}_{target.label}_{conf.model.name}".replace(":", "of")
     hydra = _sweep()
     if hydra is not None:
-        shown = ("method=", "sparsity=", "sparsity.ratio=", "model=")
+        shown = ("method=", "sparsity=", "sparsity.ratio=", "model=", "reconstruct=")
         extra = [o for o in hydra.job.override_dirname.split(",") if o and not o.startswith(shown)]
         name += "_" + ",".join(extra) if extra else ""
     return name
 
 
 def method_label(conf: RunConf, method, plan) -> str:
-    """The method as the report's tables name it: ``dsnot(wanda)``, ``wanda+owl``, ``gblm``."""
+    """The method as the report's tables name it: ``dsnot(wanda)``, ``wanda+owl``, ``gblm``,
+    ``gblm+admm`` (with its weight update), ``gblm+obs+owl``."""
     label = (method.label if method is not None else None) or conf.method_name
+    if method is not None and method.update is not None:
+        label += f"+{method.update.name}"
     return label + (f"+{plan.label}" if method is not None and plan.label else "")
 
 
@@ -62,6 +66,8 @@ def initial(conf: RunConf, method, plan, digest: str, process: dict) -> dict[str
         "method": conf.method_name,
         "method_label": method_label(conf, method, plan),
         "method_settings": conf.method_options,
+        "reconstruct": conf.reconstruct_name,
+        "reconstruct_settings": method.update.describe() if method and method.update else {},
         "model": conf.model.name,
         "sparsity": {
             "ratio": target.ratio,
@@ -175,7 +181,8 @@ def remote_logger(conf: RunConf, run_dir: Path):
 
     w, hydra = conf.logger, _sweep()
     group = w.group or (Path(hydra.sweep.dir).name if hydra is not None else None)
-    tags = (conf.method_name, f"sparsity={conf.sparsity.target().label}", conf.model.name, *w.tags)
+    tags = (conf.method_name, f"sparsity={conf.sparsity.target().label}", conf.model.name,
+            f"reconstruct={conf.reconstruct_name}", *w.tags)  # fmt: skip
     return WandbLogger(
         project=w.project,
         entity=w.entity,

@@ -10,7 +10,10 @@ The run and the layer walk call a method's stages, in this order:
    Linear with that Linear's own target sparsity (:mod:`gblm.methods.plans`);
 4. inside a score method's step, :meth:`Pruner.refine` may change a chosen mask before the
    weights are zeroed (a refinement such as DSnoT);
-5. :meth:`Pruner.release` frees what :meth:`prepare` kept.
+5. the method's weight update (:attr:`Pruner.update`, a :class:`WeightUpdate` of
+   ``conf/reconstruct/``, none by default), if it has one, then changes the kept weights of that
+   Linear, its mask held fixed, from the dense weights and the statistics it declares;
+6. :meth:`Pruner.release` frees what :meth:`prepare` kept.
 
 A new score method is one subclass of :class:`ScorePruner` with its ``score``, one
 ``conf/method/<name>.yaml`` (its ``_target_`` and options) and one test file.
@@ -70,6 +73,34 @@ class Pruner(ABC):
     dense_pass: str | None = None
     #: The method's name in tables where it is not the registry's (DSnoT: ``dsnot(wanda)``).
     label: str | None = None
+    #: True: the method updates the kept weights itself (SparseGPT); no weight update composes.
+    updates_weights: bool = False
+    #: The weight update after each Linear's mask (``reconstruct=...``); None: none.
+    update: WeightUpdate | None = None
+
+    def with_update(self, update: WeightUpdate | None) -> Pruner:
+        """This method with ``update`` after every mask; ValueError where it cannot compose."""
+        if update is not None and self.updates_weights:
+            raise ValueError(
+                f"it updates the kept weights itself; reconstruct={update.name} cannot follow "
+                "it (allowed: reconstruct=none)."
+            )
+        self.update = update
+        return self
+
+    @property
+    def walk_stats(self) -> frozenset[str]:
+        """The statistics the walk gathers: the method's and its update's."""
+        return frozenset(self.stats) | (self.update.stats if self.update else frozenset())
+
+    @property
+    def walk_calibrates(self) -> bool:
+        """Whether the walk runs the calibration windows (a weight update needs them too)."""
+        return self.needs_calibration or self.update is not None
+
+    def check_target(self, target: Sparsity) -> None:
+        """Raise ``ValueError`` when the method cannot reach the run's ``target`` (before the
+        model loads; every target is fine by default)."""
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ``ValueError`` when the method cannot prune ``model`` (before any heavy work)."""
@@ -94,7 +125,39 @@ class Pruner(ABC):
 
     def describe(self) -> dict:
         """The method's settings, for logs and run records."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "stats"}
+        skip = ("stats", "update")
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in skip}
+
+
+class WeightUpdate(ABC):
+    """Changes a pruned Linear's kept weights to lower its output error on the calibration
+    inputs, its mask held fixed (a plug-in of ``conf/reconstruct/``).
+
+    The walk calls :meth:`apply` right after the method chose (and refined) the Linear's mask,
+    on the block's device; the update works in fp32 and writes the weights back in their dtype.
+    """
+
+    #: The registry's name (``conf/reconstruct/<name>.yaml``), for labels: ``gblm+obs``.
+    name: str = ""
+    #: Per-Linear statistics the walk must gather for it (names from ``STATISTICS``).
+    stats: frozenset[str] = frozenset()
+
+    @abstractmethod
+    def solve(self, dense: Tensor, mask: Tensor, stats: LinearStats) -> tuple[Tensor, Tensor]:
+        """The updated weight (dense's dtype) and the final mask, from the dense weight
+        (d_out, d_in) and the method's mask (True = pruned)."""
+
+    @torch.no_grad()
+    def apply(self, linear: nn.Linear, dense: Tensor, mask: Tensor, stats: LinearStats) -> Tensor:
+        """Write the updated weights into ``linear`` (pruned from ``dense`` to ``mask``); return
+        the mask."""
+        weight, mask = self.solve(dense, mask, stats)
+        linear.weight.data.copy_(weight)
+        return mask
+
+    def describe(self) -> dict:
+        """The update's settings, for logs and run records."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
 
 class ScorePruner(Pruner):

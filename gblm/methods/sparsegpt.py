@@ -17,6 +17,7 @@ class SparseGPTPruner(Pruner):
     """Prune with the SparseGPT solve: the surviving weights are updated to absorb the error."""
 
     stats = frozenset({"hessian"})
+    updates_weights = True
 
     def __init__(
         self, blocksize: int = 128, percdamp: float = 0.01, true_sequential: bool = False
