@@ -78,3 +78,47 @@ def test_without_the_schedule_it_is_the_update_of_its_first_mask():
     assert torch.equal(
         mask, score <= score.sort(dim=1)[0][:, int(D_IN * 0.5) - 1 : int(D_IN * 0.5)]
     )
+
+
+# method=admm ----------------------------------------------------------------------------------
+def test_method_prunes_the_tiny_model_and_refuses_other_n_m(tmp_path):
+    import json
+
+    from gblm.config import ConfigError, build_method, to_plain, validate
+    from gblm.run import run
+    from tests.conftest import compose_config
+    from tests.test_run import SMALL
+
+    cfg = compose_config("model=tiny_llama", "method=admm", "sparsity=nm_2_4", *SMALL)
+    metrics = run(cfg, run_dir=tmp_path)
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["status"] == metrics["status"] == "finished"
+    assert on_disk["mask_stats"]["nm_valid"] is True
+    assert on_disk["sparsity_check"]["overall"] == 0.5
+    for overrides, needle in (
+        (["method=admm", "sparsity=nm_4_8"], "sparsity=nm_2_4"),
+        (["method=admm", "reconstruct=obs"], "reconstruct=none"),
+        (["method=admm", "method.comparison_group=row_wise"], "layer, row"),
+    ):
+        conf = validate(to_plain(compose_config("model=tiny_llama", *overrides)))
+        with pytest.raises(ConfigError, match=needle):
+            build_method(conf)
+
+
+@pytest.mark.parametrize("group", ["layer", "row"])
+def test_method_reaches_the_target_per_layer_and_per_row(group):
+    from gblm.calibration.sequential import prune_model
+    from gblm.methods.admm import AdmmPruner
+    from gblm.models.tiny import build_tiny_model, tiny_config
+    from gblm.pruning.sparsity import Sparsity
+
+    model = build_tiny_model(tiny_config("llama", vocab_size=256), seed=0)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    masks = prune_model(model, AdmmPruner(group), Sparsity(0.6), ids, device="cpu", progress=False)
+    for name in masks:
+        mask = masks[name]
+        if group == "row":
+            assert mask.sum(dim=1).tolist() == [int(mask.shape[1] * 0.6)] * mask.shape[0]
+        else:
+            assert int(mask.sum()) == int(mask.numel() * 0.6)
+        assert bool((model.get_submodule(name).weight[mask] == 0).all())
