@@ -37,10 +37,13 @@ def _model(arch: str = "llama"):
     return build_tiny_model(tiny_config(arch, vocab_size=VOCAB), seed=0)
 
 
-def _prune(method: str, update: str, target=None, arch: str = "llama", onload: bool = False):
+def _prune(
+    method: str, update: str, target=None, arch: str = "llama", onload: bool = False, **options
+):
     model, ids = _model(arch), _windows()
     target = target if target is not None else Sparsity(0.5)
-    pruner = compose(method, registry_method(method), build_reconstruct(update), Sparsity(0.5))
+    built = build_reconstruct(update, **options)
+    pruner = compose(method, registry_method(method), built, Sparsity(0.5))
     pruner.prepare(model, ids, RunContext(device=torch.device("cpu"), model_dtype=torch.float32))
     masks = prune_model(model, pruner, target, ids, device="cpu", progress=False, onload=onload)
     return model, {name: masks[name] for name in masks}
@@ -163,6 +166,8 @@ def _conf(*overrides):
         (["method=dense", "reconstruct=admm"], ["reconstruct=admm", "reconstruct=none"]),
         (["reconstruct=admm", "reconstruct.iters=-1"], ["reconstruct.iters=-1"]),
         (["reconstruct=obs", "+reconstruct.iters=3"], ["reconstruct.iters", "blocksize"]),
+        (["method=ria", "reconstruct=obs", "reconstruct.iterative=true"], ["iterative=false"]),
+        (["method=dsnot", "reconstruct=obs", "reconstruct.iterative=true"], ["wanda or gblm"]),
     ],
 )
 def test_bad_combinations_are_refused_when_the_method_is_built(overrides, needles):
@@ -219,3 +224,17 @@ def test_python_api_takes_an_update():
         assert torch.equal(a, b), name
     with pytest.raises(ConfigError, match="reconstruct=none"):
         gblm.prune(_model(), method="sparsegpt", calibration=_windows(), reconstruct="admm")
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "gblm"])
+@pytest.mark.parametrize("target", [Sparsity(0.5), Sparsity(0.5, 2, 4)])
+def test_iterative_obs_rechooses_the_mask_on_updated_weights(method, target):
+    _, fixed = _prune(method, "obs", target, blocksize=16)
+    model, masks = _prune(method, "obs", target, iterative=True, blocksize=16)  # several blocks
+    assert any(not torch.equal(masks[name], fixed[name]) for name in fixed)
+    for name, mask in masks.items():
+        assert bool((model.get_submodule(name).weight[mask] == 0).all()), name
+        if target.structured:
+            assert mask.reshape(-1, 4).sum(dim=1).eq(2).all(), name
+        else:  # one threshold per block of columns (<=): at least the target
+            assert float(mask.float().mean()) >= 0.5, name

@@ -25,6 +25,7 @@ Linears inside decoder blocks are pruned; embeddings and the LM head never are.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 import weakref
@@ -79,6 +80,10 @@ class WalkMethod(Protocol):
 
     def prune_linear(
         self, name: str, linear: nn.Linear, stats: LinearStats, target: Sparsity
+    ) -> Tensor: ...
+
+    def column_score(
+        self, name: str, stats: LinearStats, weight_cols: Tensor, start: int, end: int
     ) -> Tensor: ...
 
 
@@ -252,10 +257,12 @@ def _prune_block(
             stats = {name: LinearStats() for name in group}
         for name in group:
             full_name, linear = f"{prefix}.{b}.{name}", linears[name]
+            target = plan.target(b, name)
             dense = linear.weight.data.clone() if update is not None else None
-            mask = method.prune_linear(full_name, linear, stats[name], plan.target(b, name))
+            mask = method.prune_linear(full_name, linear, stats[name], target)
             if update is not None:
-                mask = update.apply(linear, dense, mask, stats[name])
+                score = functools.partial(method.column_score, full_name, stats[name])
+                mask = update.apply(linear, dense, mask, stats[name], target, score)
                 del dense
             masks.add(full_name, mask)
             stats[name] = LinearStats()  # free the Hessian before the next Linear

@@ -4,6 +4,8 @@ mask, and ``method=admm``, the published pruner with its gradual mask (the math 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -42,7 +44,9 @@ class AdmmUpdate(WeightUpdate):
         self.rho = rho
         self.percdamp = percdamp
 
-    def solve(self, dense: Tensor, mask: Tensor, stats: LinearStats) -> tuple[Tensor, Tensor]:
+    def solve(
+        self, dense: Tensor, mask: Tensor, stats: LinearStats, target: Sparsity, score: Callable
+    ) -> tuple[Tensor, Tensor]:
         gram = require(stats, "gram", "reconstruct=admm")
         return admm_update(dense, gram, mask, self.iters, self.rho, self.percdamp), mask
 

@@ -77,6 +77,9 @@ class Pruner(ABC):
     updates_weights: bool = False
     #: The weight update after each Linear's mask (``reconstruct=...``); None: none.
     update: WeightUpdate | None = None
+    #: True: the score is a function of each weight and fixed per-entry statistics, so a weight
+    #: update may re-choose the mask on updated columns (:meth:`column_score`).
+    elementwise_score: bool = False
 
     def with_update(self, update: WeightUpdate | None) -> Pruner:
         """This method with ``update`` after every mask; ValueError where it cannot compose."""
@@ -84,6 +87,12 @@ class Pruner(ABC):
             raise ValueError(
                 f"it updates the kept weights itself; reconstruct={update.name} cannot follow "
                 "it (allowed: reconstruct=none)."
+            )
+        if update is not None and update.rechooses_mask and not self.elementwise_score:
+            raise ValueError(
+                f"reconstruct={update.name} with iterative=true re-chooses the mask with the "
+                "method's score of single weights, which this method has not (allowed: "
+                "reconstruct.iterative=false, or method=magnitude, wanda or gblm)."
             )
         self.update = update
         return self
@@ -123,6 +132,13 @@ class Pruner(ABC):
         """Change a chosen mask before it is applied (no refinement by default)."""
         return mask
 
+    def column_score(
+        self, name: str, stats: LinearStats, weight_cols: Tensor, start: int, end: int
+    ) -> Tensor:
+        """The score of columns ``start:end`` of ``name`` from their current values
+        ``weight_cols`` (d_out, end - start); only where :attr:`elementwise_score`."""
+        raise NotImplementedError(f"{type(self).__name__} has no score of single weights.")
+
     def describe(self) -> dict:
         """The method's settings, for logs and run records."""
         skip = ("stats", "update")
@@ -141,17 +157,30 @@ class WeightUpdate(ABC):
     name: str = ""
     #: Per-Linear statistics the walk must gather for it (names from ``STATISTICS``).
     stats: frozenset[str] = frozenset()
+    #: True: the update chooses the mask anew with the method's :meth:`Pruner.column_score`.
+    rechooses_mask: bool = False
 
     @abstractmethod
-    def solve(self, dense: Tensor, mask: Tensor, stats: LinearStats) -> tuple[Tensor, Tensor]:
+    def solve(
+        self, dense: Tensor, mask: Tensor, stats: LinearStats, target: Sparsity, score: Callable
+    ) -> tuple[Tensor, Tensor]:
         """The updated weight (dense's dtype) and the final mask, from the dense weight
-        (d_out, d_in) and the method's mask (True = pruned)."""
+        (d_out, d_in) and the method's mask (True = pruned) for ``target``; ``score(W_cols,
+        start, end)`` is the method's score of columns (where :attr:`rechooses_mask`)."""
 
     @torch.no_grad()
-    def apply(self, linear: nn.Linear, dense: Tensor, mask: Tensor, stats: LinearStats) -> Tensor:
+    def apply(
+        self,
+        linear: nn.Linear,
+        dense: Tensor,
+        mask: Tensor,
+        stats: LinearStats,
+        target: Sparsity,
+        score: Callable,
+    ) -> Tensor:
         """Write the updated weights into ``linear`` (pruned from ``dense`` to ``mask``); return
         the mask."""
-        weight, mask = self.solve(dense, mask, stats)
+        weight, mask = self.solve(dense, mask, stats, target, score)
         linear.weight.data.copy_(weight)
         return mask
 

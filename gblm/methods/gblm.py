@@ -81,16 +81,31 @@ class GBLMPruner(ScorePruner):
     def release(self) -> None:
         self._grad_norms = None
 
+    elementwise_score = True
+
+    def column_score(
+        self, name: str, stats: LinearStats, weight_cols: Tensor, start: int, end: int
+    ) -> Tensor:
+        row_sq, grad = stats.row_sq_norms, self._gradient_norm(name)
+        return gblm_score(
+            weight_cols,
+            row_sq[start:end] if row_sq is not None else None,
+            grad[:, start:end] if grad is not None else None,
+            self.score_kind,
+        )
+
+    def _gradient_norm(self, name: str) -> Tensor | None:
+        if not self.uses_gradients:
+            return None
+        if self._grad_norms is None or name not in self._grad_norms:
+            raise ValueError(
+                f"GBLM-Pruner has no gradient norm for {name!r}: run its gradient stage "
+                "(prepare) on the dense model first."
+            )
+        return self._grad_norms[name]
+
     def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:
-        grad_norm = None
-        if self.uses_gradients:
-            if self._grad_norms is None or name not in self._grad_norms:
-                raise ValueError(
-                    f"GBLM-Pruner has no gradient norm for {name!r}: run its gradient stage "
-                    "(prepare) on the dense model first."
-                )
-            grad_norm = self._grad_norms[name]
-        return gblm_score(weight, stats.row_sq_norms, grad_norm, self.score_kind)
+        return gblm_score(weight, stats.row_sq_norms, self._gradient_norm(name), self.score_kind)
 
     def describe(self) -> dict:
         return {

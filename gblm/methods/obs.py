@@ -4,11 +4,14 @@ is :func:`gblm.pruning.obs.obs_update`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor
 
 from gblm.calibration.stats import LinearStats
 from gblm.methods.base import WeightUpdate, require
-from gblm.pruning.obs import obs_update
+from gblm.pruning.obs import obs_iterative, obs_update
+from gblm.pruning.sparsity import Sparsity
 
 
 class ObsUpdate(WeightUpdate):
@@ -17,19 +20,36 @@ class ObsUpdate(WeightUpdate):
     Args:
         blocksize: columns per block of the sweep (128 published).
         percdamp: dampening, a share of ``mean(diag H)`` (0.01 published).
+        iterative: the mask re-chosen in each block of columns (each group of M for N:M) on the
+            updated weights with the method's own score (the ablation's ``ablate_*_iter``), one
+            threshold per block; only for methods whose score is one of single weights.
     """
 
     name = "obs"
     stats = frozenset({"hessian"})
 
-    def __init__(self, blocksize: int = 128, percdamp: float = 0.01) -> None:
+    def __init__(
+        self, blocksize: int = 128, percdamp: float = 0.01, iterative: bool = False
+    ) -> None:
         if blocksize < 1:
             raise ValueError(f"reconstruct.blocksize={blocksize}: must be >= 1.")
         if percdamp < 0:
             raise ValueError(f"reconstruct.percdamp={percdamp}: must be >= 0.")
         self.blocksize = blocksize
         self.percdamp = percdamp
+        self.iterative = iterative
+        self.rechooses_mask = iterative
 
-    def solve(self, dense: Tensor, mask: Tensor, stats: LinearStats) -> tuple[Tensor, Tensor]:
+    def solve(
+        self, dense: Tensor, mask: Tensor, stats: LinearStats, target: Sparsity, score: Callable
+    ) -> tuple[Tensor, Tensor]:
         hessian = require(stats, "hessian", "reconstruct=obs")
+        if self.iterative:
+            return obs_iterative(
+                dense, hessian, target.ratio, score, target.n, target.m,
+                self.blocksize, self.percdamp,
+            )  # fmt: skip
         return obs_update(dense, hessian, mask, self.blocksize, self.percdamp)
+
+    def describe(self) -> dict:
+        return {k: v for k, v in super().describe().items() if k != "rechooses_mask"}

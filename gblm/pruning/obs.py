@@ -7,9 +7,17 @@ upper Cholesky factor of ``H^-1``. Columns are visited left to right in blocks o
 column ``i``'s pruned entries are set to 0 and their error ``w / U_ii`` is spread over the
 columns right of it with row ``i`` of ``U`` (within the block at once, beyond it after the
 block). The mask is the method's and stays as it is; only the kept weights change.
+
+:func:`obs_iterative` is the ablation's other form: the mask is not given but chosen during the
+sweep with the method's own score of the *updated* weights, at the start of each block (one
+threshold over the block, ``score <= sort(score)[int(numel * ratio)]``) or, for N:M, at the start
+of each group of M columns (the N lowest of the group in each row), as SparseGPT chooses with its
+saliency.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import Tensor
 
@@ -35,3 +43,28 @@ def obs_update(
     return sparsegpt_prune(
         weight, hessian, 0.0, blocksize=blocksize, percdamp=percdamp, mask=mask.bool()
     )
+
+
+def obs_iterative(
+    weight: Tensor,
+    hessian: Tensor,
+    ratio: float,
+    score: Callable[[Tensor, int, int], Tensor],
+    n: int = 0,
+    m: int = 0,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[Tensor, Tensor]:
+    """The sweep with the mask chosen block by block on the updated weights by ``score``.
+
+    Args:
+        weight, hessian, blocksize, percdamp: as in :func:`obs_update`.
+        ratio: unstructured sparsity of every block of columns (ignored for N:M).
+        score: ``score(W_cols, start, end)``: the method's score of columns ``start:end`` from
+            their current values (d_out, end - start); low scores are pruned.
+        n, m: N:M sparsity when ``m > 0``.
+
+    Returns:
+        The updated weights in ``weight.dtype`` and the mask chosen (True = pruned).
+    """
+    return sparsegpt_prune(weight, hessian, ratio, n, m, blocksize, percdamp, score=score)
