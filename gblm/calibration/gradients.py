@@ -7,8 +7,7 @@ GBLM-Pruner (Das et al., arXiv 2311.04902) scores a weight with
 where ``G[n, i, j]`` is the gradient of sample ``n``'s loss with respect to ``W[i, j]``. This
 module computes the gradient factor, alpha folded in (:mod:`gblm.calibration.fold`). Each of the
 N calibration windows is a batch of one; its loss is the model's own mean next-token
-cross-entropy with labels = the input ids (:func:`gblm.calibration.loss.lean_loss`: the same
-kernels, a leaner backward). The weights never change.
+cross-entropy with labels = the input ids. The weights never change.
 
 **One driver over units.** The decoder blocks ``0 .. k-1`` are units of one block each; the rest
 of the model (blocks ``k ..``, final norm, LM head, loss) is the head unit. In memory ``k = 0``:
@@ -51,7 +50,6 @@ from tqdm.auto import tqdm
 
 from gblm import devices
 from gblm.calibration.fold import Folder, GradientError, GradientSettings
-from gblm.calibration.loss import lean_loss
 from gblm.models.layers import decoder_layers, prunable_linears
 from gblm.models.offload import (
     Offloaded,
@@ -74,11 +72,6 @@ def block_linear_names(model: nn.Module) -> list[dict[str, nn.Linear]]:
         {full_names[id(linear)]: linear for linear in prunable_linears(block).values()}
         for block in decoder_layers(model)
     ]
-
-
-def decoder_linear_names(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every Linear inside the decoder blocks, by its full name in ``model.named_modules()``."""
-    return {name: lin for block in block_linear_names(model) for name, lin in block.items()}
 
 
 @contextlib.contextmanager
@@ -248,11 +241,8 @@ class _Stage:
         with (
             bar,
             _stage_mode(self.model, weights),
-            lean_loss(self.model) as lean,
             self.folder.hooks(self.linears),
         ):
-            if not lean:
-                logger.info("the model's own loss function is not ForCausalLMLoss: used as is")
             for first in range(0, nsamples, size):
                 ids = windows[first : first + size]  # (S, T)
                 inputs, calls = self._skeleton_pass(ids) if k else ([None] * len(ids), [])

@@ -22,13 +22,6 @@ from gblm.paths import configure_offline
 
 SOURCES = ("austen", "kjv", "wikitext2", "c4", "local")
 SAMPLINGS = ("stream", "documents")
-DEFAULT_SAMPLING = {
-    "austen": "stream",
-    "kjv": "stream",
-    "wikitext2": "stream",
-    "c4": "documents",
-    "local": "stream",
-}
 C4_SHARDS = {
     "train": "en/c4-train.00000-of-01024.json.gz",
     "validation": "en/c4-validation.00000-of-00008.json.gz",
