@@ -83,6 +83,7 @@ class Result:
     pushed_to: str | None = None
     push_to_hub_error: str | None = None
     peak_memory_bytes: int | None = None
+    reconstruct_seconds: float | None = None  # the weight update's share of the prune stage
 
 
 def needs_calibration(method: Pruner | None, plan: SparsityPlan) -> bool:
@@ -315,6 +316,8 @@ def execute(
         )
         result.masks = prune(model, method, plan, windows, context, timer, conf.offload_inputs)
         result.plan = plan.record()  # a plan computed from the dense model knows it only now
+        if method.update is not None:
+            result.reconstruct_seconds = method.update.seconds
         with timer.stage(MASK_STATISTICS):
             from gblm.models.zeros import weight_zero_share
 

@@ -129,7 +129,8 @@ def update(metrics: dict[str, Any], result: Result, conf: RunConf, run_dir: Path
     metrics.update(device=result.device, dtype=result.dtype, ppl=dict(result.ppl))
     metrics["sparsity"].update(result.plan)
     optional = ("eval_tokens", "sparsity_check", "zeroshot", "saved_model", "saved_dtype",
-                "pushed_to", "push_to_hub_error", "peak_memory_bytes")  # fmt: skip
+                "pushed_to", "push_to_hub_error", "peak_memory_bytes",
+                "reconstruct_seconds")  # fmt: skip
     metrics.update({k: getattr(result, k) for k in optional if getattr(result, k) is not None})
     stats = result.mask_stats
     if stats is not None and "mask_stats" not in metrics:

@@ -198,6 +198,7 @@ def test_run_records_the_update(tmp_path):
     assert on_disk["reconstruct"] == "admm"
     assert on_disk["reconstruct_settings"] == {"iters": 20, "rho": 1.0, "percdamp": 0.1}
     assert on_disk["run_name"].startswith("magnitude+admm_")
+    assert 0 < on_disk["reconstruct_seconds"] < on_disk["timings"]["prune"]
     assert on_disk["sparsity_check"]["overall"] == pytest.approx(0.5, abs=1e-3)
 
 

@@ -21,6 +21,7 @@ A new score method is one subclass of :class:`ScorePruner` with its ``score``, o
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from gblm import devices
 from gblm.calibration.stats import LinearStats
 from gblm.pruning.masks import COMPARISON_GROUPS, select_mask, zero_masked_
 from gblm.pruning.sparsity import Sparsity
@@ -159,6 +161,8 @@ class WeightUpdate(ABC):
     stats: frozenset[str] = frozenset()
     #: True: the update chooses the mask anew with the method's :meth:`Pruner.column_score`.
     rechooses_mask: bool = False
+    #: Seconds spent in :meth:`apply` so far (within the walk's ``prune`` stage).
+    seconds: float = 0.0
 
     @abstractmethod
     def solve(
@@ -179,14 +183,18 @@ class WeightUpdate(ABC):
         score: Callable,
     ) -> Tensor:
         """Write the updated weights into ``linear`` (pruned from ``dense`` to ``mask``); return
-        the mask."""
+        the mask. The time it takes adds to :attr:`seconds`."""
+        began = time.perf_counter()
         weight, mask = self.solve(dense, mask, stats, target, score)
         linear.weight.data.copy_(weight)
+        devices.synchronize(weight.device)
+        self.seconds += time.perf_counter() - began
         return mask
 
     def describe(self) -> dict:
         """The update's settings, for logs and run records."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        skip = ("seconds", "rechooses_mask")
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in skip}
 
 
 class ScorePruner(Pruner):

@@ -50,6 +50,3 @@ class ObsUpdate(WeightUpdate):
                 self.blocksize, self.percdamp,
             )  # fmt: skip
         return obs_update(dense, hessian, mask, self.blocksize, self.percdamp)
-
-    def describe(self) -> dict:
-        return {k: v for k, v in super().describe().items() if k != "rechooses_mask"}
