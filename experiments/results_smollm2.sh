@@ -20,6 +20,15 @@ done
 # 2:4: OWL's N:M variant with the published Lambda for N:M (N spans Lambda: blocks at 1:4..3:4)
 sweep sparsity=nm_2_4 sparsity.lmbda=2
 sweep sparsity=nm_2_4 method=dsnot method.initial=wanda,gblm sparsity.allocator=uniform
+# The factorial table: every mask method with each weight update (reconstruct=none are the uniform
+# rows above), and the ADMM pruner; Pruner-Zero joins where it is registered.
+masks=magnitude,wanda,gblm,ria
+[ -f conf/method/pruner_zero.yaml ] && masks=$masks,pruner_zero
+for target in sparsity.ratio=0.5 sparsity.ratio=0.7 sparsity=nm_2_4; do
+  sweep $target method=$masks reconstruct=obs,admm sparsity.allocator=uniform
+  sweep $target method=dsnot method.initial=wanda reconstruct=obs,admm sparsity.allocator=uniform
+  sweep $target method=admm sparsity.allocator=uniform
+done
 echo "sweeps: $(( $(date +%s) - began )) s of wall time in this launch"
 "$PY" -m gblm.report "$DIR" --out docs/results/report
 {

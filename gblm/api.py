@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from gblm import pipeline
 from gblm.methods.base import Pruner, RunContext
 from gblm.methods.plans import PerBlockPlan, SparsityPlan, UniformPlan
-from gblm.methods.registry import build_method
+from gblm.methods.registry import build_method, build_reconstruct, compose
 from gblm.models.layers import decoder_layers
 from gblm.pruning.sparsity import Sparsity
 from gblm.pruning.storage import PackedMasks
@@ -93,6 +93,8 @@ def prune(
     progress: bool = True,
     options: Mapping[str, Any] | None = None,
     onload: bool = False,
+    reconstruct: str = "none",
+    reconstruct_options: Mapping[str, Any] | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place with a registered method; returns the masks and statistics.
 
@@ -112,17 +114,20 @@ def prune(
         onload: the model's weights stay where they are (e.g. the CPU) and each decoder block is
             moved to ``device`` for its work, GBLM's gradient stage included (block by block;
             the same masks as with the model on ``device``; ``docs/onload.md``).
+        reconstruct: the weight update after each mask, a name from ``conf/reconstruct``
+            (``none``, ``obs``, ``admm``), with ``reconstruct_options`` as in its yaml.
 
     Returns:
         :class:`PruneResult`.
     """
+    name = method if isinstance(method, str) else type(method).__name__
     if isinstance(method, str):
         method = build_method(method, **dict(options or {}))
     elif options:
         raise ValueError("options: give them with a method name, not with a method object.")
     plan = as_sparsity_plan(sparsity)
-    if method is not None:
-        method.check_target(plan.sparsity)
+    update = build_reconstruct(reconstruct, **dict(reconstruct_options or {}))
+    method = compose(name, method, update, plan.sparsity)
     device = (
         torch.device(device) if device is not None else model.get_input_embeddings().weight.device
     )

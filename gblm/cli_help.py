@@ -75,13 +75,13 @@ def _entry(text: str, help_text: str, indent: int, column: int) -> list[str]:
     return _wrap(help_text, head + " " * (column - len(head)), column) or [head]
 
 
-def _method_lines(path: Path) -> list[str]:
+def _method_lines(path: Path, group: str = "method") -> list[str]:
     lines = _entry(path.stem, description(path), 2, 15)
     for raw in path.read_text().splitlines():
         match = _OPTION.match(raw)  # top-level keys only (no indentation)
         if match and match.group(1) not in ENTRY_KEYS:
             key, value, comment = match.groups()
-            lines += _entry(f"method.{key}={value}", sentence(comment or ""), 6, 43)
+            lines += _entry(f"{group}.{key}={value}", sentence(comment or ""), 6, 43)
     return lines
 
 
@@ -133,7 +133,7 @@ def schema_keys() -> list[tuple[str, str, str]]:
 
 
 def help_text() -> str:
-    from gblm.methods.registry import method_names
+    from gblm.methods.registry import method_names, reconstruct_names
 
     lines = [
         "gblm: prune a causal LM and evaluate it (one run), or sweep many (-m).",
@@ -146,6 +146,12 @@ def help_text() -> str:
     ]
     for name in method_names():
         lines += _method_lines(CONF / "method" / f"{name}.yaml")
+    lines += [
+        "",
+        "Weight updates after the masks (reconstruct=NAME; any mask method but sparsegpt):",
+    ]
+    for name in reconstruct_names():
+        lines += _method_lines(CONF / "reconstruct" / f"{name}.yaml", "reconstruct")
     for group in GROUPS:
         lines += ["", f"{group} (= one of):"]
         for path in sorted((CONF / group).glob("*.yaml")):

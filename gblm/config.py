@@ -7,11 +7,11 @@ typed node and holds only what differs from these defaults. A value of the wrong
 values in ``check`` (each message names the key and the allowed values); :func:`validate` runs
 them all, before any model or data loads.
 
-Two nodes are plug-in registries, whose options each class declares (:mod:`gblm.options`) and
-``registry.check_options`` checks. ``method`` is a dict: the method class's keyword arguments.
-``sparsity`` holds the target (``ratio``, ``n``, ``m``), the ``allocator`` and every allocator's
-options, typed from the classes' declarations, so that ``sparsity.allocator=uniform,owl`` sweeps
-with shared options compose.
+Three nodes are plug-in registries, whose options each class declares (:mod:`gblm.options`)
+and ``registry.check_options`` checks. ``method`` and ``reconstruct`` (the weight update after the
+masks) are dicts: the class's keyword arguments. ``sparsity`` holds the target (``ratio``, ``n``,
+``m``), the ``allocator`` and every allocator's options, typed from the classes' declarations, so
+that ``sparsity.allocator=uniform,owl`` sweeps with shared options compose.
 
 Only :mod:`gblm.run` sees a ``DictConfig``; everything below takes these typed values.
 """
@@ -23,7 +23,7 @@ import logging
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Any
 
 from omegaconf import II, MISSING, OmegaConf
 
@@ -33,7 +33,7 @@ from gblm.errors import ConfigError
 from gblm.eval.zeroshot import check_limit
 from gblm.methods import registry
 from gblm.models.loading import KINDS, ModelSpec
-from gblm.options import OneOf, Range, check_value
+from gblm.options import choice, positive_int
 from gblm.pruning.sparsity import Sparsity
 
 log = logging.getLogger("gblm")
@@ -43,17 +43,6 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 SCHEMA_NAME = "schema"  # the ConfigStore entry at the head of conf/config.yaml's defaults list
 #: The Linears whose masks are drawn by default (those of LLaMA-like models; others have none).
 MASK_IMAGES = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj")
-
-
-def choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``allowed``, else the standard refusal naming ``key``."""
-    return check_value(key, value, Annotated[str, OneOf(allowed)])
-
-
-def positive_int(key: str, value: Any, minimum: int = 1, auto: bool = False) -> Any:
-    """An integer >= ``minimum`` (or ``auto`` where allowed), else the refusal naming ``key``."""
-    kind = Annotated[int, Range(ge=minimum)]
-    return check_value(key, value, kind | Annotated[str, OneOf(("auto",))] if auto else kind)
 
 
 # The schema ---------------------------------------------------------------------------------------
@@ -270,6 +259,7 @@ class RunConf:
 
     model: ModelConf = field(default_factory=ModelConf)
     method: dict[str, Any] = field(default_factory=dict)  # untyped: the method class checks it
+    reconstruct: dict[str, Any] = field(default_factory=dict)  # the same, for the weight update
     sparsity: SparsityConf = field(default_factory=SparsityConf)  # type: ignore[valid-type]
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     eval: EvalConf = field(default_factory=EvalConf)
@@ -301,6 +291,10 @@ class RunConf:
         """The method node less the registry's keys: the class's keyword arguments."""
         return {k: v for k, v in self.method.items() if k not in registry.ENTRY_KEYS}
 
+    @property
+    def reconstruct_name(self) -> str:
+        return self.reconstruct.get("name") or "none"
+
     def check(self) -> None:
         """Every node's checks, then those across nodes."""
         self.model.check()
@@ -313,6 +307,7 @@ class RunConf:
         target = self.method.get("_target_") or registry.method_entry(self.method_name).target
         if target is not None:
             registry.check_options("method", target, self.method_options)
+        choice("reconstruct.name", self.reconstruct_name, registry.reconstruct_names())
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(
                 f"device={self.device!r}: allowed values are auto, cpu, cuda, cuda:N."
@@ -423,16 +418,14 @@ def validate(cfg: dict[str, Any]) -> RunConf:
 
 
 def build_method(conf: RunConf):
-    """The configured method (None for the dense baseline); a ConfigError for an option refused
-    by its declaration or one that cannot apply to the run's target sparsity."""
-    name = conf.method_name
-    method = registry.build_method(name, conf.method.get("_target_"), **conf.method_options)
-    try:
-        if method is not None:
-            method.check_target(conf.sparsity.target())
-    except ValueError as err:
-        raise ConfigError(f"method={name}: {err}") from None
-    return method
+    """The configured method (None for the dense baseline) with its weight update; an option
+    refused by its declaration, or a method and update that do not compose, are a ConfigError."""
+    method = registry.build_method(
+        conf.method_name, conf.method.get("_target_"), **conf.method_options
+    )
+    options = {k: v for k, v in conf.reconstruct.items() if k not in registry.ENTRY_KEYS}
+    update = registry.build_reconstruct(conf.reconstruct_name, **options)
+    return registry.compose(conf.method_name, method, update, conf.sparsity.target())
 
 
 def build_plan(conf: RunConf):

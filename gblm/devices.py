@@ -99,6 +99,12 @@ def device_name(device: torch.device) -> str:
     return f"{name} ({os.cpu_count()} cores)"
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (for honest timings of GPU work)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -5,6 +5,8 @@ data file, a model folder, the device, non-finite weights): the command line pri
 as one paragraph, marks the run dir failed and exits with status 2.
 """
 
+from __future__ import annotations
+
 
 class UserError(Exception):
     """An expected error of the input or setup; the message says what to change."""

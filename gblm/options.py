@@ -241,3 +241,14 @@ def declared_options(target: Callable[..., Any], skip: tuple[str, ...] = ()) -> 
             raise TypeError(f"{where}: {problem}.")
         options[name] = Option(name, hints[name], param.default)
     return options
+
+
+def choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``allowed``, else the standard refusal naming ``key``."""
+    return check_value(key, value, Annotated[str, OneOf(allowed)])
+
+
+def positive_int(key: str, value: Any, minimum: int = 1, auto: bool = False) -> Any:
+    """An integer >= ``minimum`` (or ``auto`` where allowed), else the refusal naming ``key``."""
+    kind = Annotated[int, Range(ge=minimum)]
+    return check_value(key, value, kind | Annotated[str, OneOf(("auto",))] if auto else kind)

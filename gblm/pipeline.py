@@ -8,6 +8,7 @@ benchmarks share.
     <plan pass>     the plan's pass over the dense model (OWL's outlier ratios)   (:func:`prune`)
     <method pass>   the method's pass over the dense model (GBLM's gradients)
     prune           the layer walk: per block, statistics -> per Linear: score -> mask -> zero
+                    (-> the weight update of the kept weights, ``reconstruct=...``)
     mask statistics
     perplexity pruned
     zero-shot       lm-eval on the live model
@@ -85,11 +86,13 @@ class Result:
     pushed_to: str | None = None
     push_to_hub_error: str | None = None
     peak_memory_bytes: int | None = None
+    reconstruct_seconds: float | None = None  # the weight update's share of the prune stage
 
 
 def needs_calibration(method: Pruner | None, plan: SparsityPlan) -> bool:
-    """Whether the run draws calibration windows: the method or the plan runs the model."""
-    return method is not None and (method.needs_calibration or plan.needs_calibration)
+    """Whether the run draws calibration windows: the method (or its weight update) or the plan
+    runs the model."""
+    return method is not None and (method.walk_calibrates or plan.needs_calibration)
 
 
 def planned_stages(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> dict[str, float]:
@@ -246,16 +249,10 @@ def prune(
     try:
         with timer.stage(PRUNE):
             return prune_model(
-                model,
-                method,
-                plan,
-                windows if method.needs_calibration else None,
-                device=context.device,
-                batch_size=context.batch_size,
-                progress=context.progress,
-                offload_inputs=offload_inputs,
-                onload=context.onload,
-            )
+                model, method, plan, windows if method.walk_calibrates else None,
+                device=context.device, batch_size=context.batch_size, progress=context.progress,
+                offload_inputs=offload_inputs, onload=context.onload,
+            )  # fmt: skip
     finally:
         method.release()
 
@@ -354,6 +351,7 @@ def execute(
     if method is not None:
         result.masks = prune(model, method, plan, windows, context, timer, conf.offload_inputs)
         result.plan = plan.record()  # a plan computed from the dense model knows it only now
+        result.reconstruct_seconds = method.update.seconds if method.update else None
         with timer.stage(MASK_STATISTICS):
             from gblm.models.zeros import weight_zero_share
 

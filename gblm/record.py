@@ -33,15 +33,17 @@ def _sweep() -> Any:
 
 
 def run_name(conf: RunConf) -> str:
-    """``method_sparsity_model``, and in a sweep the other keys that name the job (those the sweep
-    varies: ``gblm_0.5_llama_7b_calibration.nsamples=32``), so ablation points have their own
-    names, unique within the sweep (a sweep over ``sparsity=uniform,per_block`` keeps
-    ``sparsity=...``: the label shows the target only)."""
-    target = conf.sparsity.target()
-    name = f"{conf.method_name}_{target.label}_{conf.model.name}".replace(":", "of")
+    """``method_sparsity_model`` (the method with its weight update: ``gblm+admm``), and in a
+    sweep the other keys that name the job (those the sweep varies:
+    ``gblm_0.5_llama_7b_calibration.nsamples=32``), so ablation points have their own names,
+    unique within the sweep (a sweep over ``sparsity=uniform,per_block`` keeps ``sparsity=...``:
+    the label shows the target only)."""
+    target, update = conf.sparsity.target(), conf.reconstruct_name
+    method = conf.method_name + (f"+{update}" if update != "none" else "")
+    name = f"{method}_{target.label}_{conf.model.name}".replace(":", "of")
     hydra = _sweep()
     if hydra is not None:
-        shown = ("method=", "sparsity.ratio=", "model=")  # their values are in the name already
+        shown = ("method=", "sparsity.ratio=", "model=", "reconstruct=")  # in the name already
         extra = [o for o in hydra.job.override_dirname.split(",") if o and not o.startswith(shown)]
         name += "_" + ",".join(extra) if extra else ""
     return name
@@ -58,8 +60,11 @@ def command() -> str | None:
 
 
 def method_label(conf: RunConf, method, plan) -> str:
-    """The method as the report's tables name it: ``dsnot(wanda)``, ``wanda+owl``, ``gblm``."""
+    """The method as the report's tables name it: ``dsnot(wanda)``, ``wanda+owl``, ``gblm``,
+    ``gblm+admm`` (with its weight update), ``gblm+obs+owl``."""
     label = (method.label if method is not None else None) or conf.method_name
+    if method is not None and method.update is not None:
+        label += f"+{method.update.name}"
     return label + (f"+{plan.label}" if method is not None and plan.label else "")
 
 
@@ -75,6 +80,8 @@ def initial(conf: RunConf, method, plan, digest: str, process: dict) -> dict[str
         "method": conf.method_name,
         "method_label": method_label(conf, method, plan),
         "method_settings": conf.method_options,
+        "reconstruct": conf.reconstruct_name,
+        "reconstruct_settings": method.update.describe() if method and method.update else {},
         "model": conf.model.name,
         "sparsity": {
             "ratio": target.ratio,
@@ -138,7 +145,8 @@ def update(metrics: dict[str, Any], result: Result, conf: RunConf, run_dir: Path
     metrics.update(device=result.device, dtype=result.dtype, ppl=dict(result.ppl))
     metrics["sparsity"].update(result.plan)
     optional = ("eval_tokens", "sparsity_check", "zeroshot", "saved_model", "saved_dtype",
-                "pushed_to", "push_to_hub_error", "peak_memory_bytes")  # fmt: skip
+                "pushed_to", "push_to_hub_error", "peak_memory_bytes",
+                "reconstruct_seconds")  # fmt: skip
     metrics.update({k: getattr(result, k) for k in optional if getattr(result, k) is not None})
     stats = result.mask_stats
     if stats is not None and "mask_stats" not in metrics:
@@ -190,7 +198,8 @@ def remote_logger(conf: RunConf, run_dir: Path):
 
     w, hydra = conf.logger, _sweep()
     group = w.group or (Path(hydra.sweep.dir).name if hydra is not None else None)
-    tags = (conf.method_name, f"sparsity={conf.sparsity.target().label}", conf.model.name, *w.tags)
+    tags = (conf.method_name, f"sparsity={conf.sparsity.target().label}", conf.model.name,
+            f"reconstruct={conf.reconstruct_name}", *w.tags)  # fmt: skip
     return WandbLogger(
         project=w.project,
         entity=w.entity,

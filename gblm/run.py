@@ -58,13 +58,16 @@ class RunInterrupted(BaseException):
 def result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """The settings that determine a run's results, normalised so that equal runs compare equal.
 
-    ``batch_size=auto`` counts as 1 (it is one window); the sparsity node
+    ``batch_size=auto`` counts as 1 (it is one window); ``reconstruct=none`` as no reconstruct
+    node (the runs recorded before weight updates existed); the sparsity node
     keeps the target and its own allocator's options only (the others' keys change nothing), and
     a ``per_block`` schedule recorded before allocators were plug-ins counts as ``per_block``.
     """
     relevant = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
     if relevant.get("batch_size") == "auto":
         relevant["batch_size"] = 1
+    if (relevant.get("reconstruct") or {}).get("name", "none") == "none":
+        relevant.pop("reconstruct", None)
     sparsity = dict(relevant.get("sparsity") or {})
     if sparsity.get("per_block") is not None and sparsity.get("allocator") == "uniform":
         sparsity["allocator"] = "per_block"

@@ -240,6 +240,19 @@ CASES = [
         "run",
     ),
     ("tiny_key", ["+model.tiny.layers=3"], ["model.tiny.layers", "num_layers"], "run"),
+    ("reconstruct_option", ["reconstruct=sgd"], ["reconstruct=sgd", "obs", "admm"], "composed"),
+    (
+        "reconstruct_after_sparsegpt",
+        ["method=sparsegpt", "reconstruct=obs"],
+        ["method=sparsegpt", "reconstruct=obs", "reconstruct=none"],
+        "run",
+    ),
+    (
+        "reconstruct_iters",
+        ["reconstruct=admm", "reconstruct.iters=-2"],
+        ["reconstruct.iters"],
+        "run",
+    ),
 ]
 if not torch.cuda.is_available():
     CASES.append(("cuda_missing", ["device=cuda"], ["device='cuda'", "CUDA"], "run"))

@@ -25,9 +25,28 @@ def test_every_method_and_sparsity_composes_and_instantiates(method, sparsity):
 
     s = _settings(f"method={method}", f"sparsity={sparsity}")
     assert s.method_name == method
+    if (method, sparsity) == ("admm", "nm_4_8"):  # the published ADMM pruner knows 2:4 only
+        with pytest.raises(ConfigError, match="nm_2_4"):
+            build_method(s)
+        return
     pruner = build_method(s)
     assert (pruner is None) == (method == "dense")
     assert s.sparsity.ratio == 0.5
+
+
+@pytest.mark.parametrize("method", _options("method"))
+@pytest.mark.parametrize("update", _options("reconstruct"))
+def test_every_method_and_update_composes_or_is_refused(method, update):
+    from gblm.config import build_method
+
+    s = _settings(f"method={method}", f"reconstruct={update}")
+    refused = update != "none" and method in ("dense", "sparsegpt", "admm")
+    if refused:
+        with pytest.raises(ConfigError, match="reconstruct=none"):
+            build_method(s)
+        return
+    pruner = build_method(s)
+    assert (pruner.update.name if pruner and pruner.update else "none") == update
 
 
 @pytest.mark.parametrize("group", ["model", "calibration", "eval", "logger"])

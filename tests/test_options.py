@@ -17,9 +17,12 @@ from tests.conftest import compose_config
 
 def _plugins() -> list[tuple[str, registry.MethodEntry, tuple[str, ...]]]:
     methods = [registry.method_entry(n) for n in registry.method_names()]
-    return [("method", e, ()) for e in methods if e.target] + [
-        ("sparsity", e, registry.ALLOCATOR_INPUTS) for e in registry.allocator_entries()
-    ]
+    updates = [("reconstruct", e, ()) for e in registry.reconstruct_entries() if e.target]
+    return (
+        [("method", e, ()) for e in methods if e.target]
+        + updates
+        + [("sparsity", e, registry.ALLOCATOR_INPUTS) for e in registry.allocator_entries()]
+    )
 
 
 @pytest.mark.parametrize(
@@ -130,6 +133,12 @@ CASES = [
     (["method=ria", "method.a=-1"], "method.a=-1"),
     (["method=ria", "method.reallocation=maybe"], "method.reallocation='maybe': allowed values are true, false"),
     (["method=ria", "method.lsa=yes"], "method.lsa='yes': allowed values are true, false"),
+    (["method=admm", "method.gradual=-1"], "method.gradual=-1: allowed values are an integer >= 0"),
+    (["method=admm", "method.rho=0"], "method.rho=0: allowed values are a finite number > 0"),
+    (["reconstruct=obs", "reconstruct.blocksize=0"], "reconstruct.blocksize=0: allowed values are an integer >= 1"),
+    (["reconstruct=obs", "reconstruct.iterative=maybe"], "reconstruct.iterative='maybe': allowed values are true, false"),
+    (["reconstruct=admm", "reconstruct.iters=abc"], "reconstruct.iters='abc': allowed values are an integer >= 0"),
+    (["reconstruct=admm", "reconstruct.percdamp=nan"], "reconstruct.percdamp=nan: allowed values are a finite number >= 0"),
     (["method=pruner_zero", "method.norm=l3"], "method.norm='l3' is not allowed: choose one of l1, l2"),
     (["method=pruner_zero", "method.scale=nan"], "method.scale=nan: allowed values are a finite number >= 0"),
     (["method=dsnot", "method.threshold=-1"], "method.threshold=-1: allowed values are a finite number >= 0"),

@@ -4,10 +4,12 @@
    calibration windows.
 2. For each block b in order: hook all its Linears, run the block on the N inputs (every Linear
    sees the block's unpruned forward), fold the statistics the method declares (``row_sq`` for
-   Wanda / GBLM, the Hessian for SparseGPT, input mean and variance for a refinement), prune
-   every Linear to the target the sparsity plan gives it, then run the now-pruned block again on
-   the same inputs to produce the inputs of block b + 1. So block b sees the outputs of the
-   pruned blocks 0..b-1.
+   Wanda / GBLM, the Hessian for SparseGPT, input mean and variance for a refinement, and what
+   the method's weight update needs), prune every Linear to the target the sparsity plan gives
+   it and, with a weight update, update its kept weights from its dense ones (one Linear at a
+   time, its statistics freed right after), then run the now-pruned block again on the same
+   inputs to produce the inputs of block b + 1. So block b sees the outputs of the pruned blocks
+   0..b-1.
 3. With ``method.true_sequential`` (SparseGPT's option) the block is pruned group by group,
    [q,k,v] -> [o] -> [gate,up] -> [down], re-running it with hooks on the next group each time.
 
@@ -15,13 +17,15 @@ The stages are module-level functions (:func:`capture_block_inputs`, :func:`gath
 :func:`reforward_block`; the per-Linear step is the method's ``prune_linear``), so a benchmark
 can time each one by wrapping it, without parameters of its own in these signatures.
 
-Methods that need no calibration (magnitude) prune every block's Linears without data. Only the
+Methods that need no calibration (magnitude) prune every block's Linears without data, unless a
+weight update asks for the walk's statistics. Only the
 Linears inside decoder blocks are pruned; embeddings and the LM head never are.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 import weakref
@@ -58,15 +62,28 @@ from gblm.pruning.storage import PackedMasks
 logger = logging.getLogger("gblm.walk")
 
 
+class WeightUpdate(Protocol):
+    """What the walk needs of a weight update (:class:`gblm.methods.base.WeightUpdate`)."""
+
+    def apply(
+        self, linear: nn.Linear, dense: Tensor, mask: Tensor, stats: LinearStats
+    ) -> Tensor: ...
+
+
 class WalkMethod(Protocol):
     """What the walk needs of a method (:class:`gblm.methods.base.Pruner` has it)."""
 
-    stats: frozenset[str]
-    needs_calibration: bool
+    walk_stats: frozenset[str]  # the method's statistics and its update's
+    walk_calibrates: bool  # the method or its update needs the calibration windows
     true_sequential: bool
+    update: WeightUpdate | None
 
     def prune_linear(
         self, name: str, linear: nn.Linear, stats: LinearStats, target: Sparsity
+    ) -> Tensor: ...
+
+    def column_score(
+        self, name: str, stats: LinearStats, weight_cols: Tensor, start: int, end: int
     ) -> Tensor: ...
 
 
@@ -225,20 +242,28 @@ def _prune_block(
     device: torch.device,
     masks: PackedMasks,
 ) -> None:
-    """Gather statistics and prune every Linear of block ``b`` (group by group if sequential)."""
+    """Gather statistics and prune every Linear of block ``b`` (group by group if sequential);
+    with a weight update, update each Linear's kept weights right after its mask is chosen."""
     linears = prunable_linears(block)
+    update = method.update
     groups = sequential_groups(list(linears)) if method.true_sequential else [list(linears)]
     for group in groups:
         group_linears = {name: linears[name] for name in group}
         if inputs is not None:
             stats = gather_statistics(
-                block, group_linears, inputs, hidden, frozenset(method.stats), device
+                block, group_linears, inputs, hidden, frozenset(method.walk_stats), device
             )
         else:
             stats = {name: LinearStats() for name in group}
         for name in group:
-            full_name = f"{prefix}.{b}.{name}"
-            mask = method.prune_linear(full_name, linears[name], stats[name], plan.target(b, name))
+            full_name, linear = f"{prefix}.{b}.{name}", linears[name]
+            target = plan.target(b, name)
+            dense = linear.weight.data.clone() if update is not None else None
+            mask = method.prune_linear(full_name, linear, stats[name], target)
+            if update is not None:
+                score = functools.partial(method.column_score, full_name, stats[name])
+                mask = update.apply(linear, dense, mask, stats[name], target, score)
+                del dense
             masks.add(full_name, mask)
             stats[name] = LinearStats()  # free the Hessian before the next Linear
 
@@ -338,7 +363,7 @@ def prune_model(
         (:class:`gblm.pruning.storage.PackedMasks`), each unpacked when read.
     """
     device = torch.device(device)
-    if method.needs_calibration and windows is None:
+    if method.walk_calibrates and windows is None:
         raise ValueError(f"{type(method).__name__} needs calibration windows; none were given.")
     blocks, prefix = decoder_layers(model), decoder_layers_path(model)
     was_training = model.training
@@ -347,7 +372,7 @@ def prune_model(
     began = time.perf_counter()
     try:
         inputs = None
-        if method.needs_calibration:
+        if method.walk_calibrates:
             ids = _as_ids(windows)
             storage = torch.device("cpu") if offload_inputs else device
             batch = min(calibration_batch(batch_size), ids.shape[0])

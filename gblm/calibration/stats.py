@@ -2,7 +2,9 @@
 
 - Activation statistic (Wanda, GBLM-Pruner): ``row_sq[j] = (1/N) sum_{n,t} X[n,t,j]^2``; the
   scores use ``sqrt(row_sq)`` = ``||X_j||_2 / sqrt(N)``.
-- Hessian (SparseGPT): ``H = (2/N) sum_{n,t} x x^T`` (d_in x d_in).
+- Hessian (SparseGPT, the OBS update): ``H = (2/N) sum_{n,t} x x^T`` (d_in x d_in).
+- Gram matrix (the ADMM update and pruner): ``XX = sum_{n,t} x x^T``, a plain sum (not scaled by
+  N), folded one sample at a time as ``XX += X^T X`` as the published code does.
 - Input sum (mask refinement, DSnoT): ``mean[j] = (1/N) sum_n sum_t X[n,t,j]``: the running mean
   over samples of each sample's token sum (so ``T`` times the token mean).
 - Token variance (DSnoT): ``var[j]``, the token-weighted running mean of each sample's population
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor
 
 #: The per-Linear statistics a method can ask the layer walk for.
-STATISTICS = ("row_sq", "hessian", "mean", "var")
+STATISTICS = ("row_sq", "hessian", "gram", "mean", "var")
 
 
 @dataclass
@@ -31,6 +33,7 @@ class LinearStats:
 
     row_sq_norms: Tensor | None = None  # (d_in,) fp32: mean over samples of sum_t X[n,t,j]^2
     hessian: Tensor | None = None  # (d_in, d_in) fp32: (2/N) sum_{n,t} x x^T
+    gram: Tensor | None = None  # (d_in, d_in) fp32: sum_{n,t} x x^T
     mean: Tensor | None = None  # (d_in,) fp32: mean over samples of sum_t X[n,t,j]
     var: Tensor | None = None  # (d_in,) fp32: token-weighted mean of per-sample variances
     nsamples: int = 0
@@ -42,6 +45,7 @@ class LinearStats:
         return cls(
             row_sq_norms=make_row_sq(d_in, device) if "row_sq" in wanted else None,
             hessian=make_hessian(d_in, device) if "hessian" in wanted else None,
+            gram=make_hessian(d_in, device) if "gram" in wanted else None,
             mean=make_row_sq(d_in, device) if "mean" in wanted else None,
             var=make_row_sq(d_in, device) if "var" in wanted else None,
         )
@@ -52,6 +56,8 @@ class LinearStats:
             accumulate_row_sq(self.row_sq_norms, self.nsamples, sample)
         if self.hessian is not None:
             accumulate_hessian(self.hessian, self.nsamples, sample)
+        if self.gram is not None:
+            accumulate_gram(self.gram, sample)
         if self.mean is not None:
             accumulate_input_sum(self.mean, self.nsamples, sample)
         if self.var is not None:
@@ -112,6 +118,15 @@ def accumulate_hessian(hessian: Tensor, nsamples: int, x: Tensor) -> int:
     cols = math.sqrt(2 / nsamples) * cols  # (d_in, b * T)
     hessian += cols.matmul(cols.t())
     return nsamples
+
+
+def accumulate_gram(gram: Tensor, x: Tensor) -> None:
+    """Add a batch's ``X^T X`` to the plain sum ``gram`` (d_in, d_in) fp32, in place.
+
+    ``x`` is (b, T, d_in) or (T, d_in); its tokens are the rows of ``X``.
+    """
+    _, cols = _columns(x)  # (d_in, b * T): X^T
+    gram += cols.matmul(cols.t())
 
 
 def accumulate_input_sum(mean: Tensor, nsamples: int, x: Tensor) -> int:

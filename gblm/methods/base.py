@@ -11,7 +11,10 @@ The run and the layer walk call a method's stages, in this order:
    Linear with that Linear's own target sparsity (:mod:`gblm.methods.plans`);
 4. inside a score method's step, :meth:`Pruner.refine` may change a chosen mask before the
    weights are zeroed (a refinement such as DSnoT);
-5. :meth:`Pruner.release` frees what :meth:`prepare` kept.
+5. the method's weight update (:attr:`Pruner.update`, a :class:`WeightUpdate` of
+   ``conf/reconstruct/``, none by default), if it has one, then changes the kept weights of that
+   Linear, its mask held fixed, from the dense weights and the statistics it declares;
+6. :meth:`Pruner.release` frees what :meth:`prepare` kept.
 
 A new score method is one subclass of :class:`ScorePruner` with its ``score``, one
 ``conf/method/<name>.yaml`` (its ``_target_`` and options) and one test file.
@@ -19,6 +22,7 @@ A new score method is one subclass of :class:`ScorePruner` with its ``score``, o
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ from typing import Annotated
 import torch
 from torch import Tensor, nn
 
+from gblm import devices
 from gblm.calibration.stats import LinearStats
 from gblm.options import OneOf
 from gblm.pruning.masks import COMPARISON_GROUPS, select_mask, zero_masked_
@@ -76,9 +81,43 @@ class Pruner(ABC):
     dense_pass: str | None = None
     #: The method's name in tables where it is not the registry's (DSnoT: ``dsnot(wanda)``).
     label: str | None = None
+    #: True: the method updates the kept weights itself (SparseGPT); no weight update composes.
+    updates_weights: bool = False
+    #: The weight update after each Linear's mask (``reconstruct=...``); None: none.
+    update: WeightUpdate | None = None
+    #: True: the score is a function of each weight and fixed per-entry statistics, so a weight
+    #: update may re-choose the mask on updated columns (:meth:`column_score`).
+    elementwise_score: bool = False
+
+    def with_update(self, update: WeightUpdate | None) -> Pruner:
+        """This method with ``update`` after every mask; ValueError where it cannot compose."""
+        if update is not None and self.updates_weights:
+            raise ValueError(
+                f"it updates the kept weights itself; reconstruct={update.name} cannot follow "
+                "it (allowed: reconstruct=none)."
+            )
+        if update is not None and update.rechooses_mask and not self.elementwise_score:
+            raise ValueError(
+                f"reconstruct={update.name} with iterative=true re-chooses the mask with the "
+                "method's score of single weights, which this method has not (allowed: "
+                "reconstruct.iterative=false, or method=magnitude, wanda or gblm)."
+            )
+        self.update = update
+        return self
+
+    @property
+    def walk_stats(self) -> frozenset[str]:
+        """The statistics the walk gathers: the method's and its update's."""
+        return frozenset(self.stats) | (self.update.stats if self.update else frozenset())
+
+    @property
+    def walk_calibrates(self) -> bool:
+        """Whether the walk runs the calibration windows (a weight update needs them too)."""
+        return self.needs_calibration or self.update is not None
 
     def check_target(self, target: Sparsity) -> None:
-        """Raise ``ValueError`` when an option cannot apply to the run's target (before loading)."""
+        """Raise ``ValueError`` when the method, or an option, cannot apply to the run's ``target``
+        (before the model loads; every target is fine by default)."""
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ``ValueError`` when the method cannot prune ``model`` (before any heavy work)."""
@@ -106,9 +145,67 @@ class Pruner(ABC):
         """Change a chosen mask before it is applied (no refinement by default)."""
         return mask
 
+    def column_score(
+        self, name: str, stats: LinearStats, weight_cols: Tensor, start: int, end: int
+    ) -> Tensor:
+        """The score of columns ``start:end`` of ``name`` from their current values
+        ``weight_cols`` (d_out, end - start); only where :attr:`elementwise_score`."""
+        raise NotImplementedError(f"{type(self).__name__} has no score of single weights.")
+
     def describe(self) -> dict:
         """The method's settings, for logs and run records."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "stats"}
+        skip = ("stats", "update")
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in skip}
+
+
+class WeightUpdate(ABC):
+    """Changes a pruned Linear's kept weights to lower its output error on the calibration
+    inputs, its mask held fixed (a plug-in of ``conf/reconstruct/``).
+
+    The walk calls :meth:`apply` right after the method chose (and refined) the Linear's mask,
+    on the block's device; the update works in fp32 and writes the weights back in their dtype.
+    """
+
+    #: The registry's name (``conf/reconstruct/<name>.yaml``), for labels: ``gblm+obs``.
+    name: str = ""
+    #: Per-Linear statistics the walk must gather for it (names from ``STATISTICS``).
+    stats: frozenset[str] = frozenset()
+    #: True: the update chooses the mask anew with the method's :meth:`Pruner.column_score`.
+    rechooses_mask: bool = False
+    #: Seconds spent in :meth:`apply` so far (within the walk's ``prune`` stage).
+    seconds: float = 0.0
+
+    @abstractmethod
+    def solve(
+        self, dense: Tensor, mask: Tensor, stats: LinearStats, target: Sparsity, score: Callable
+    ) -> tuple[Tensor, Tensor]:
+        """The updated weight (dense's dtype) and the final mask, from the dense weight
+        (d_out, d_in) and the method's mask (True = pruned) for ``target``; ``score(W_cols,
+        start, end)`` is the method's score of columns (where :attr:`rechooses_mask`)."""
+
+    @torch.no_grad()
+    def apply(
+        self,
+        linear: nn.Linear,
+        dense: Tensor,
+        mask: Tensor,
+        stats: LinearStats,
+        target: Sparsity,
+        score: Callable,
+    ) -> Tensor:
+        """Write the updated weights into ``linear`` (pruned from ``dense`` to ``mask``); return
+        the mask. The time it takes adds to :attr:`seconds`."""
+        began = time.perf_counter()
+        weight, mask = self.solve(dense, mask, stats, target, score)
+        linear.weight.data.copy_(weight)
+        devices.synchronize(weight.device)
+        self.seconds += time.perf_counter() - began
+        return mask
+
+    def describe(self) -> dict:
+        """The update's settings, for logs and run records."""
+        skip = ("seconds", "rechooses_mask")
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in skip}
 
 
 class ScorePruner(Pruner):

@@ -49,6 +49,20 @@ class GBLMPruner(GradientScorePruner):
         # A gradient-only score needs no activation statistic.
         self.stats = frozenset() if score == "gradient" else frozenset({"row_sq"})
 
+    elementwise_score = True
+
+    def column_score(
+        self, name: str, stats: LinearStats, weight_cols: Tensor, start: int, end: int
+    ) -> Tensor:
+        row_sq = stats.row_sq_norms
+        grad = self.gradient_norm(name, "GBLM-Pruner") if self.uses_gradients else None
+        return gblm_score(
+            weight_cols,
+            row_sq[start:end] if row_sq is not None else None,
+            grad[:, start:end] if grad is not None else None,
+            self.score_kind,
+        )
+
     def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:
         grad_norm = self.gradient_norm(name, "GBLM-Pruner") if self.uses_gradients else None
         return gblm_score(weight, stats.row_sq_norms, grad_norm, self.score_kind)

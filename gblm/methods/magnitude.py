@@ -16,9 +16,15 @@ class MagnitudePruner(ScorePruner):
     """Prune the weights of smallest absolute value."""
 
     needs_calibration = False
+    elementwise_score = True
 
     def __init__(self, comparison_group: ComparisonGroup = "layer") -> None:
         super().__init__(comparison_group)
 
     def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:
         return weight.abs()  # (d_out, d_in)
+
+    def column_score(
+        self, name: str, stats: LinearStats, weight_cols: Tensor, start: int, end: int
+    ) -> Tensor:
+        return weight_cols.abs()

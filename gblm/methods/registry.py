@@ -1,4 +1,5 @@
-"""The registries of plug-ins are config-group folders: ``conf/method/`` and ``conf/sparsity/``.
+"""The registries of plug-ins are config-group folders: ``conf/method/``, ``conf/sparsity/`` and
+``conf/reconstruct/``.
 
 Each ``conf/method/<name>.yaml`` names its class (``_target_``, null for the dense baseline), an
 ``order`` (where the method stands in tables: baselines first) and the method's options, which
@@ -6,7 +7,9 @@ are the keyword arguments of the class. Each ``conf/sparsity/<file>.yaml`` that 
 ``_target_`` is a sparsity allocator, registered under its ``allocator`` key (``uniform``,
 ``owl``, ...); the other files of that folder are patterns (``nm_2_4``) that any allocator takes.
 An allocator's options are the keyword arguments of its class after the target ``sparsity``.
-Nothing else in the code lists method or allocator names.
+Each ``conf/reconstruct/<name>.yaml`` is a weight update after the masks (``_target_``, null for
+``none``), its options the keyword arguments of its class. Nothing else in the code lists method,
+allocator or update names.
 
 Every option is declared once, by its annotation in the class's signature
 (:mod:`gblm.options`: ``Annotated[float, Range(ge=0)]``, ``Annotated[str, OneOf(...)]``,
@@ -25,6 +28,7 @@ from gblm.paths import PROJECT_ROOT
 
 METHOD_DIR = PROJECT_ROOT / "conf" / "method"
 SPARSITY_DIR = PROJECT_ROOT / "conf" / "sparsity"
+RECONSTRUCT_DIR = PROJECT_ROOT / "conf" / "reconstruct"
 #: Keys of a method file that describe the entry, not the class's options.
 ENTRY_KEYS = ("name", "_target_", "order")
 #: Keys of a sparsity node that every allocator shares: its name, its class and the target.
@@ -49,10 +53,15 @@ def _read(path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
-@functools.lru_cache(maxsize=1)
 def _entries() -> tuple[MethodEntry, ...]:
+    return _folder_entries(METHOD_DIR)
+
+
+@functools.lru_cache(maxsize=2)
+def _folder_entries(folder) -> tuple[MethodEntry, ...]:
+    """The entries of a registry folder of named plug-ins (methods, weight updates), in order."""
     entries = []
-    for path in sorted(METHOD_DIR.glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         data = _read(path)
         entries.append(
             MethodEntry(
@@ -214,3 +223,56 @@ def build_allocator(name: str, sparsity: Any, **options: Any):
     options = {**entry.options, **options}
     what = f"sparsity.allocator={name}"
     return _construct(what, "sparsity", entry.target, options, {"sparsity": sparsity})
+
+
+def reconstruct_entries() -> tuple[MethodEntry, ...]:
+    """Every registered weight update (``none`` first)."""
+    return _folder_entries(RECONSTRUCT_DIR)
+
+
+def reconstruct_names() -> tuple[str, ...]:
+    return tuple(e.name for e in reconstruct_entries())
+
+
+def build_reconstruct(name: str, **options: Any):
+    """The weight update ``name`` with its registered defaults updated by ``options``; None for
+    ``none``.
+
+    Raises:
+        ConfigError: unknown update or option, or a value the class refuses.
+    """
+    from gblm.errors import ConfigError
+
+    entry = next((e for e in reconstruct_entries() if e.name == name), None)
+    if entry is None:
+        raise ConfigError(
+            f"reconstruct={name!r} is not allowed: choose one of {', '.join(reconstruct_names())}."
+        )
+    if entry.target is None:
+        return None
+    options = {**entry.options, **options}
+    return _construct(f"reconstruct={name}", "reconstruct", entry.target, options)
+
+
+def compose(name: str, method: Any, update: Any, target: Any):
+    """The method ``name`` ready for a run to ``target`` (a ``Sparsity``), with ``update`` after
+    its masks; None for the dense baseline.
+
+    Raises:
+        ConfigError: the method cannot reach ``target``, or the update cannot follow it (the
+            dense baseline prunes nothing; SparseGPT updates its weights itself).
+    """
+    from gblm.errors import ConfigError
+
+    if method is None:
+        if update is not None:
+            raise ConfigError(
+                f"reconstruct={update.name} with method={name}: nothing is pruned, so nothing is "
+                "updated (allowed: reconstruct=none)."
+            )
+        return None
+    try:
+        method.check_target(target)
+        return method.with_update(update)
+    except ValueError as err:
+        raise ConfigError(f"method={name}: {err}") from None

@@ -20,6 +20,7 @@ class SparseGPTPruner(Pruner):
     """Prune with the SparseGPT solve: the surviving weights are updated to absorb the error."""
 
     stats = frozenset({"hessian"})
+    updates_weights = True
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ class WandaPruner(ScorePruner):
     """Prune by weight magnitude times input activation norm."""
 
     stats = frozenset({"row_sq"})
+    elementwise_score = True
 
     def __init__(
         self, comparison_group: ComparisonGroup = "row", use_variant: bool = False
@@ -41,6 +42,11 @@ class WandaPruner(ScorePruner):
 
     def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:
         return activation_term(weight, require(stats, "row_sq_norms", "Wanda"))
+
+    def column_score(
+        self, name: str, stats: LinearStats, weight_cols: Tensor, start: int, end: int
+    ) -> Tensor:
+        return activation_term(weight_cols, require(stats, "row_sq_norms", "Wanda")[start:end])
 
     def select(self, score: Tensor, target: Sparsity) -> Tensor:
         if self.use_variant and not target.structured:

@@ -4,9 +4,16 @@ Prune one Linear against its Hessian ``H = (2/N) sum x x^T``: columns are visite
 blocks; the mask of a block is chosen on the already updated weights by the OBS saliency
 ``w^2 / [H^-1]_jj^2``, and each pruned column's error is spread over the remaining columns with
 the upper Cholesky factor of ``H^-1`` (within the block at once, lazily beyond it).
+
+Given a mask, the same sweep runs with that mask held fixed and no selection: the OBS weight
+update of any method's mask (:func:`gblm.pruning.obs.obs_update`). Given another score of the
+current weights (``score``), the mask is chosen as above with that score in place of the OBS
+saliency (the "iterative" weight update, :func:`gblm.pruning.obs.obs_iterative`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -31,6 +38,8 @@ def sparsegpt_prune(
     m: int = 0,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    mask: Tensor | None = None,
+    score: Callable[[Tensor, int, int], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The SparseGPT solve for one weight matrix.
 
@@ -41,12 +50,19 @@ def sparsegpt_prune(
         n, m: N:M sparsity when ``m > 0``.
         blocksize: columns per block (lazy-update granularity).
         percdamp: dampening, as a share of ``mean(diag(H))`` added to the diagonal.
+        mask: (d_out, d_in) bool, True = pruned: held fixed instead of chosen (``ratio``, ``n``
+            and ``m`` are then not used).
+        score: ``score(W_cols, start, end)``, the score (low = pruned) of the current weights of
+            columns ``start:end`` (d_out, end - start), in place of ``w^2 / [H^-1]_jj^2``.
 
     Returns:
         The updated weight in ``weight.dtype`` and the boolean mask of zeroed entries (True =
         pruned: the OBS selection plus the columns of dead inputs).
     """
     d_out, d_in = weight.shape
+    fixed = mask
+    if fixed is not None:
+        n = m = 0  # nothing is chosen: the sweep only updates
     if m > 0 and (d_in % m or blocksize % m):
         raise ValueError(
             f"N:M {n}:{m} needs d_in ({d_in}) and blocksize ({blocksize}) divisible by M."
@@ -73,15 +89,24 @@ def sparsegpt_prune(
             W1t = W[:, i1:i2].t().contiguous()  # (B, d_out)
             Err1t = torch.empty_like(W1t)  # (B, d_out)
             k = int(W1t.numel() * ratio)
-            if m == 0 and k > 0:
-                saliency = W[:, i1:i2] ** 2 / d1**2  # (d_out, B)
+            if fixed is not None:
+                mask1t = fixed[:, i1:i2].t().contiguous()  # (B, d_out)
+            elif m == 0 and k > 0:
+                if score is None:
+                    saliency = W[:, i1:i2] ** 2 / d1**2  # (d_out, B)
+                else:
+                    saliency = score(W[:, i1:i2], i1, i2)
                 mask1t = (saliency <= _kth_smallest(saliency.flatten(), k)).t().contiguous()
             else:
                 mask1t = torch.zeros_like(W1t, dtype=torch.bool)  # (B, d_out)
 
             for i in range(i2 - i1):
                 if m > 0 and i % m == 0:
-                    saliency = (W1t[i : i + m].t() ** 2 / d1[:, i : i + m] ** 2).contiguous()
+                    if score is None:
+                        saliency = W1t[i : i + m].t() ** 2 / d1[:, i : i + m] ** 2
+                    else:
+                        saliency = score(W1t[i : i + m].t(), i1 + i, i1 + i + m)
+                    saliency = saliency.contiguous()
                     lowest = torch.topk(saliency, n, dim=1, largest=False)[1]  # (d_out, N)
                     mask1t[i : i + m].t().scatter_(1, lowest, True)
                 # q = w with the pruned entries zeroed; err = (w - q) / Hinv[i, i] is w on the

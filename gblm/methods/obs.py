@@ -1,0 +1,53 @@
+"""``reconstruct=obs``: the OBS weight update after any method's mask (SparseGPT's column sweep
+with the mask held fixed, as in the weight-update ablation of Wanda, arXiv 2306.11695; the math
+is :func:`gblm.pruning.obs.obs_update`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+from torch import Tensor
+
+from gblm.calibration.stats import LinearStats
+from gblm.methods.base import WeightUpdate, require
+from gblm.options import Range
+from gblm.pruning.obs import obs_iterative, obs_update
+from gblm.pruning.sparsity import Sparsity
+
+
+class ObsUpdate(WeightUpdate):
+    """The kept weights updated column by column against the Hessian, as SparseGPT does.
+
+    Args:
+        blocksize: columns per block of the sweep (128 published).
+        percdamp: dampening, a share of ``mean(diag H)`` (0.01 published).
+        iterative: the mask re-chosen in each block of columns (each group of M for N:M) on the
+            updated weights with the method's own score (the ablation's ``ablate_*_iter``), one
+            threshold per block; only for methods whose score is one of single weights.
+    """
+
+    name = "obs"
+    stats = frozenset({"hessian"})
+
+    def __init__(
+        self,
+        blocksize: Annotated[int, Range(ge=1)] = 128,
+        percdamp: Annotated[float, Range(ge=0)] = 0.01,
+        iterative: bool = False,
+    ) -> None:
+        self.blocksize = blocksize
+        self.percdamp = percdamp
+        self.iterative = iterative
+        self.rechooses_mask = iterative
+
+    def solve(
+        self, dense: Tensor, mask: Tensor, stats: LinearStats, target: Sparsity, score: Callable
+    ) -> tuple[Tensor, Tensor]:
+        hessian = require(stats, "hessian", "reconstruct=obs")
+        if self.iterative:
+            return obs_iterative(
+                dense, hessian, target.ratio, score, target.n, target.m,
+                self.blocksize, self.percdamp,
+            )  # fmt: skip
+        return obs_update(dense, hessian, mask, self.blocksize, self.percdamp)
