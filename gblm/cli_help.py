@@ -148,7 +148,7 @@ def help_text() -> str:
         lines += _method_lines(CONF / "method" / f"{name}.yaml")
     lines += [
         "",
-        "Weight updates after the masks (reconstruct=NAME; any mask method but sparsegpt):",
+        "Weight updates after the masks (reconstruct=NAME; after any mask method but sparsegpt and admm):",
     ]
     for name in reconstruct_names():
         lines += _method_lines(CONF / "reconstruct" / f"{name}.yaml", "reconstruct")
