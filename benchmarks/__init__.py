@@ -26,5 +26,3 @@ Four reports, each a thin module over :func:`benchmarks.measure.measure`:
 Reports go to ``outputs/bench/`` (``outputs/bench_onload/``) as JSON and Markdown. ``--smoke``
 runs each in seconds, in-process, for ``tests/test_bench*.py``.
 """
-
-import gblm  # noqa: F401, E402  (first: gblm's OpenMP wait policy is set before torch starts)

@@ -63,7 +63,7 @@ class Config:
     dtype: str = "float32"
     batch_size: int | str = "auto"
     onload: bool = False
-    threads: int | None = None  # torch's intra-op threads; None: torch's default
+    threads: int | None = None  # torch's intra-op threads; None: a run's default; 0: torch's own
     eval_windows: int = 0  # perplexity of the pruned model on this many random windows
     eval_batch_size: int = 1
     sample_anon: bool = False
@@ -267,6 +267,10 @@ def run(config: Config) -> dict[str, Any]:
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    elif config.threads is None:  # a run's default (0: torch's own)
+        from gblm.devices import default_threads
+
+        default_threads()
     device = torch.device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     rates = {"matmul_flops": matmul_rate(device, dtype), "copy_bytes": copy_bandwidth(device)}

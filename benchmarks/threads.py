@@ -2,15 +2,14 @@
 
 Wanda prunes SmolLM2-135M (8 x 128 calibration windows) in fresh processes under three settings:
 
-- ``spinning``: torch's default threads with libgomp's own wait policy, as gblm ran before it set
-  one (``GOMP_SPINCOUNT=300000`` is that default made explicit, which gblm leaves alone);
-- ``gblm default``: torch's default threads, ``OMP_WAIT_POLICY=PASSIVE`` (set by ``gblm``);
+- ``torch default``: torch's default threads (one per core), as gblm ran before;
+- ``gblm default``: the CPUs idle at the start (:func:`gblm.devices.default_threads`);
 - ``one thread``: ``torch.set_num_threads(1)``.
 
 Each runs on the machine as it is (``quiet``) and beside one CPU-bound process (``busy``:
 ``python -c 'while True: pass'``). Seconds: the pipeline's ``prune`` stage (the layer walk).
 The targets: on a busy machine the default is never slower than one thread; on a quiet one no
-slower than spinning (within 5%). The load average before each condition is printed: a "quiet"
+slower than torch's default (within 5%). The load average before each condition is printed: a "quiet"
 machine that others load is not quiet.
 """
 
@@ -29,9 +28,9 @@ from benchmarks.run import SMOLLM2, table, write_report
 from gblm.paths import PROJECT_ROOT
 from gblm.pipeline import PRUNE
 
-OPENMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+OPENMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
 SETTINGS: dict[str, tuple[dict[str, str], int | None]] = {  # extra environment, threads
-    "spinning": ({"GOMP_SPINCOUNT": "300000"}, None),
+    "torch default": ({}, 0),
     "gblm default": ({}, None),
     "one thread": ({}, 1),
 }
@@ -61,7 +60,7 @@ def measure_all(config: Config, repeats: int) -> dict[str, Any]:
                     print(f"threads: {condition}, {name} ...", file=sys.stderr, flush=True)
                     result = measure(config_t, env=child_env(extra))
                     entry["seconds"].setdefault(name, []).append(result["seconds"][PRUNE])
-                    entry.setdefault("wait_policy", {})[name] = result["machine"]["omp_wait_policy"]
+                    entry.setdefault("threads", {})[name] = result["machine"]["threads"]
             found[condition] = entry
         finally:
             if spinner is not None:
@@ -71,10 +70,10 @@ def measure_all(config: Config, repeats: int) -> dict[str, Any]:
 
 
 def verdicts(found: dict[str, Any]) -> list[dict[str, Any]]:
-    """Busy: the default within 5% of one thread (or faster); quiet: within 5% of spinning."""
+    """Busy: the default within 5% of one thread (or faster); quiet: within 5% of torch's default."""
     best = {c: {n: min(s) for n, s in found[c]["seconds"].items()} for c in found}
     rows = []
-    for condition, baseline in (("busy", "one thread"), ("quiet", "spinning")):
+    for condition, baseline in (("busy", "one thread"), ("quiet", "torch default")):
         if condition in best:
             ratio = best[condition]["gblm default"] / best[condition][baseline]
             rows.append({"target": f"{condition}: gblm default / {baseline}", "ratio": ratio,
@@ -85,7 +84,7 @@ def verdicts(found: dict[str, Any]) -> list[dict[str, Any]]:
 def render(report: dict[str, Any]) -> str:
     m, found = report["machine"], report["conditions"]
     rows = [[c, str(found[c]["load_average"]), name,
-             str(found[c].get("wait_policy", {}).get(name) or "-"),
+             str(found[c].get("threads", {}).get(name) or "-"),
              ", ".join(f"{s:.1f}" for s in seconds)]
             for c in found for name, seconds in found[c]["seconds"].items()]  # fmt: skip
     checks = [[v["target"], f"{v['ratio']:.2f}x", f"{v['limit']}x", "MET" if v["met"] else
@@ -97,7 +96,7 @@ def render(report: dict[str, Any]) -> str:
         f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}; {report['seconds']:.0f} s in all. "
         "Seconds of the layer walk (the pipeline's `prune` stage), one fresh process each.",
         "",
-        *table(["condition", "load average before", "setting", "OMP_WAIT_POLICY", "seconds"], rows),
+        *table(["condition", "load average before", "setting", "threads", "seconds"], rows),
         *table(["target", "ratio", "limit", "verdict"], checks),
     ]
     return "\n".join(lines).rstrip() + "\n"

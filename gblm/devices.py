@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
+import time
 from collections.abc import Iterator
 
 import torch
@@ -126,3 +128,38 @@ def no_tf32() -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def idle_cpus(interval: float = 0.2) -> float | None:
+    """How many CPUs of the machine sat idle over the next ``interval`` seconds (``/proc/stat``),
+    or None where that cannot be read."""
+
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            counts = [int(x) for x in stat.readline().split()[1:9]]
+        return counts[3] + counts[4], sum(counts)  # idle + iowait, all
+
+    try:
+        idle, total = ticks()
+        time.sleep(interval)
+        idle_after, total_after = ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (idle_after - idle) / max(total_after - total, 1)
+
+
+def default_threads() -> int:
+    """Set a run's CPU threads to the CPUs idle at its start (at least one, at most torch's
+    default), unless ``OMP_NUM_THREADS`` is set; the thread count.
+
+    OpenMP threads that finish their share spin for a core before they sleep: beside another
+    CPU-bound process, torch's two threads on two cores ran Wanda's walk 3-4 times slower than
+    one thread; the idle cores' worth of threads is as fast as one thread there and as fast as
+    torch's default on an idle machine (``make bench``: ``docs/performance.md``).
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        idle = idle_cpus()
+        threads = max(1, round(idle)) if idle is not None else torch.get_num_threads()
+        if threads < torch.get_num_threads():  # setting torch's own count again slows it down
+            torch.set_num_threads(threads)
+    return torch.get_num_threads()

@@ -25,7 +25,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from gblm import pipeline, record
+from gblm import devices, pipeline, record
 from gblm.config import RunConf, build_method, build_plan, to_plain, validate
 from gblm.errors import ConfigError, UserError
 from gblm.loggers.base import GuardedLogger, NullLogger
@@ -329,6 +329,7 @@ def _signals_held() -> Iterator[None]:
 @hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Compose, run, report. Errors are logged with the run dir; in a multirun the next job goes on."""
+    devices.default_threads()  # the CPUs idle now (unless OMP_NUM_THREADS is set)
     try:
         metrics = run(cfg)
     except UserError as err:

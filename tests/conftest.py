@@ -79,3 +79,26 @@ def save_tiny_model(path: Path, seed: int = 0, edit=None) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def correlated_problem(
+    d_out: int, d_in: int, n: int, t: int, seed: int = 0, dead: tuple[int, ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight (d_out, d_in) and calibration inputs (n, t, d_in) with correlated channels; the
+    ``dead`` input channels are zero."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(d_out, d_in, generator=gen)
+    mixing = torch.eye(d_in) + 0.3 * torch.randn(d_in, d_in, generator=gen)
+    x = torch.randn(n, t, d_in, generator=gen) @ mixing  # (n, t, d_in)
+    x[..., list(dead)] = 0
+    return weight, x
+
+
+def hessian_of(x: torch.Tensor) -> torch.Tensor:
+    """SparseGPT's Hessian (2/N-scaled X^T X, fp32) of inputs (N, T, d_in), one sample at a time."""
+    from gblm.calibration.stats import accumulate_hessian, make_hessian
+
+    hessian, n = make_hessian(x.shape[-1]), 0
+    for sample in x.split(1):
+        n = accumulate_hessian(hessian, n, sample)
+    return hessian

@@ -127,15 +127,15 @@ def test_no_benchmark_patches_a_production_module() -> None:
 def test_the_threads_report_judges_both_conditions(tmp_path):
     from benchmarks.threads import SETTINGS, child_env, render, verdicts
 
-    found = {"quiet": {"load_average": [0.1], "seconds": {"spinning": [10.0], "gblm default":
+    found = {"quiet": {"load_average": [0.1], "seconds": {"torch default": [10.0], "gblm default":
                                                            [10.2], "one thread": [15.0]}},
-             "busy": {"load_average": [1.0], "seconds": {"spinning": [80.0], "gblm default":
+             "busy": {"load_average": [1.0], "seconds": {"torch default": [80.0], "gblm default":
                                                           [17.0], "one thread": [16.0]}}}  # fmt: skip
     rows = {v["target"]: v for v in verdicts(found)}
-    assert rows["quiet: gblm default / spinning"]["met"]  # 1.02 <= 1.05
+    assert rows["quiet: gblm default / torch default"]["met"]  # 1.02 <= 1.05
     assert not rows["busy: gblm default / one thread"]["met"]  # 1.06 > 1.05
     report = {"machine": {"cpu": "c", "cores": 2, "torch": "t"}, "nsamples": 8, "seqlen": 128,
               "conditions": found, "verdicts": list(rows.values()), "seconds": 1.0}  # fmt: skip
-    assert "| busy | [1.0] | spinning | - | 80.0 |" in render(report)
-    assert set(SETTINGS) == {"spinning", "gblm default", "one thread"}
-    assert "OMP_WAIT_POLICY" not in child_env({})
+    assert "| busy | [1.0] | torch default | - | 80.0 |" in render(report)
+    assert set(SETTINGS) == {"torch default", "gblm default", "one thread"}
+    assert "OMP_NUM_THREADS" not in child_env({})

@@ -5,27 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gblm.calibration.stats import accumulate_hessian, make_hessian
 from gblm.pruning.obs import obs_update
 from gblm.pruning.sparsegpt import sparsegpt_prune
+from tests.conftest import correlated_problem, hessian_of
 
 D_OUT, D_IN, N, T = 6, 40, 4, 16
-
-
-def _problem(seed: int = 0, dead: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(D_OUT, D_IN, generator=gen)
-    mixing = torch.eye(D_IN) + 0.3 * torch.randn(D_IN, D_IN, generator=gen)
-    x = torch.randn(N, T, D_IN, generator=gen) @ mixing  # (N, T, d_in)
-    x[..., list(dead)] = 0
-    return weight, x
-
-
-def _hessian(x: torch.Tensor) -> torch.Tensor:
-    hessian, n = make_hessian(x.shape[-1]), 0
-    for sample in x.split(1):
-        n = accumulate_hessian(hessian, n, sample)
-    return hessian
 
 
 def _naive_obs(weight, hessian, mask, percdamp=0.01):
@@ -59,8 +43,8 @@ def _random_mask(seed: int, ratio: float = 0.5) -> torch.Tensor:
 
 @pytest.mark.parametrize("blocksize", [128, 16, 7])
 def test_matches_the_naive_sweep(blocksize):
-    weight, x = _problem(1, dead=(3,))
-    hessian, mask = _hessian(x), _random_mask(2)
+    weight, x = correlated_problem(D_OUT, D_IN, N, T, 1, dead=(3,))
+    hessian, mask = hessian_of(x), _random_mask(2)
     updated, out_mask = obs_update(weight, hessian, mask, blocksize=blocksize)
     expected = _naive_obs(weight, hessian, mask.tolist())
     assert torch.allclose(updated.double(), expected, rtol=1e-4, atol=1e-4)
@@ -84,7 +68,7 @@ def test_two_inputs_known_answer():
 
 def test_uncorrelated_inputs_leave_the_kept_weights():
     """A diagonal H spreads no error: the update is the masked weight, bit for bit."""
-    weight = _problem(3)[0]
+    weight = correlated_problem(D_OUT, D_IN, N, T, 3)[0]
     hessian = torch.diag(torch.rand(D_IN) + 0.5)
     mask = _random_mask(4)
     updated, _ = obs_update(weight, hessian, mask)
@@ -92,14 +76,14 @@ def test_uncorrelated_inputs_leave_the_kept_weights():
 
 
 def test_nothing_pruned_changes_nothing():
-    weight, x = _problem(5)
-    updated, _ = obs_update(weight, _hessian(x), torch.zeros(D_OUT, D_IN, dtype=torch.bool))
+    weight, x = correlated_problem(D_OUT, D_IN, N, T, 5)
+    updated, _ = obs_update(weight, hessian_of(x), torch.zeros(D_OUT, D_IN, dtype=torch.bool))
     assert torch.equal(updated, weight)
 
 
 def test_lowers_the_output_error_and_equals_sparsegpt_on_its_mask():
-    weight, x = _problem(6)
-    hessian = _hessian(x)
+    weight, x = correlated_problem(D_OUT, D_IN, N, T, 6)
+    hessian = hessian_of(x)
     solved, mask = sparsegpt_prune(weight, hessian, 0.5)
     updated, _ = obs_update(weight, hessian, mask)
     assert torch.equal(updated, solved)  # SparseGPT = its own mask + this update
@@ -110,8 +94,8 @@ def test_lowers_the_output_error_and_equals_sparsegpt_on_its_mask():
 
 
 def test_fp16_weights_come_back_in_fp16():
-    weight, x = _problem(7)
-    updated, _ = obs_update(weight.half(), _hessian(x), _random_mask(8))
+    weight, x = correlated_problem(D_OUT, D_IN, N, T, 7)
+    updated, _ = obs_update(weight.half(), hessian_of(x), _random_mask(8))
     assert updated.dtype == torch.float16
 
 
@@ -145,8 +129,8 @@ def _naive_iterative(weight, hessian, ratio, blocksize, percdamp=0.01):
 def test_iterative_form_matches_the_naive_sweep():
     from gblm.pruning.obs import obs_iterative
 
-    weight, x = _problem(9)
-    hessian = _hessian(x)
+    weight, x = correlated_problem(D_OUT, D_IN, N, T, 9)
+    hessian = hessian_of(x)
     updated, mask = obs_iterative(weight, hessian, 0.5, lambda cols, a, b: cols.abs(), blocksize=8)
     expected, expected_mask = _naive_iterative(weight, hessian, 0.5, 8)
     assert torch.equal(mask, expected_mask)
@@ -162,6 +146,6 @@ def test_iterative_form_matches_the_naive_sweep():
 def test_iterative_n_m_groups():
     from gblm.pruning.obs import obs_iterative
 
-    weight, x = _problem(10)
-    _, mask = obs_iterative(weight, _hessian(x), 0.5, lambda c, a, b: c.abs(), n=2, m=4)
+    weight, x = correlated_problem(D_OUT, D_IN, N, T, 10)
+    _, mask = obs_iterative(weight, hessian_of(x), 0.5, lambda c, a, b: c.abs(), n=2, m=4)
     assert mask.reshape(-1, 4).sum(dim=1).tolist() == [2] * (weight.numel() // 4)

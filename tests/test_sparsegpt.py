@@ -6,29 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from gblm.calibration.stats import LinearStats, accumulate_hessian, make_hessian
+from gblm.calibration.stats import LinearStats
 from gblm.methods.sparsegpt import SparseGPTPruner
 from gblm.pruning.sparsegpt import sparsegpt_prune
 from gblm.pruning.sparsity import Sparsity
+from tests.conftest import correlated_problem, hessian_of
 
 D_OUT, D_IN, N, T = 8, 32, 4, 16
-
-
-def _problem(seed: int = 0, dead: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight (d_out, d_in) and calibration inputs (N, T, d_in) with correlated channels."""
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(D_OUT, D_IN, generator=gen)
-    mixing = torch.eye(D_IN) + 0.3 * torch.randn(D_IN, D_IN, generator=gen)
-    x = torch.randn(N, T, D_IN, generator=gen) @ mixing  # (N, T, d_in)
-    x[..., list(dead)] = 0
-    return weight, x
-
-
-def _hessian(x: torch.Tensor) -> torch.Tensor:
-    hessian, n = make_hessian(D_IN), 0
-    for sample in x.split(1):
-        n = accumulate_hessian(hessian, n, sample)
-    return hessian
 
 
 def _naive_sparsegpt(
@@ -77,8 +61,8 @@ def _naive_sparsegpt(
     [(0.5, 0, 0, 8), (0.5, 0, 0, 128), (0.7, 0, 0, 16), (0.5, 2, 4, 8), (0.5, 4, 8, 16)],
 )
 def test_kernel_matches_naive_loops(ratio: float, n: int, m: int, blocksize: int) -> None:
-    weight, x = _problem(dead=(5,))
-    hessian = _hessian(x)
+    weight, x = correlated_problem(D_OUT, D_IN, N, T, dead=(5,))
+    hessian = hessian_of(x)
     new_weight, mask = sparsegpt_prune(weight, hessian, ratio, n, m, blocksize=blocksize)
     ref_weight, ref_mask = _naive_sparsegpt(weight, hessian, ratio, n, m, blocksize)
     assert torch.equal(mask, ref_mask)
@@ -86,8 +70,8 @@ def test_kernel_matches_naive_loops(ratio: float, n: int, m: int, blocksize: int
 
 
 def test_update_beats_the_same_mask_without_update() -> None:
-    weight, x = _problem(seed=1)
-    new_weight, mask = sparsegpt_prune(weight, _hessian(x), 0.5)
+    weight, x = correlated_problem(D_OUT, D_IN, N, T, seed=1)
+    new_weight, mask = sparsegpt_prune(weight, hessian_of(x), 0.5)
     masked_only = weight.masked_fill(mask, 0)
 
     def error(w: torch.Tensor) -> float:
@@ -98,8 +82,8 @@ def test_update_beats_the_same_mask_without_update() -> None:
 
 
 def test_pruned_entries_exactly_zero_and_counts() -> None:
-    weight, x = _problem(seed=2)
-    hessian = _hessian(x)
+    weight, x = correlated_problem(D_OUT, D_IN, N, T, seed=2)
+    hessian = hessian_of(x)
     new_weight, mask = sparsegpt_prune(weight, hessian, 0.5, blocksize=8)
     assert (new_weight[mask] == 0).all()  # exactly zero, not a rounding residue
     assert (new_weight[~mask] != 0).all()
@@ -110,8 +94,8 @@ def test_pruned_entries_exactly_zero_and_counts() -> None:
 
 
 def test_dead_inputs_are_zeroed_and_finite() -> None:
-    weight, x = _problem(seed=3, dead=(0, 7, 31))
-    hessian = _hessian(x)
+    weight, x = correlated_problem(D_OUT, D_IN, N, T, seed=3, dead=(0, 7, 31))
+    hessian = hessian_of(x)
     assert (torch.diag(hessian)[[0, 7, 31]] == 0).all()
     before = hessian.clone()
     new_weight, mask = sparsegpt_prune(weight, hessian, 0.25)
@@ -121,23 +105,23 @@ def test_dead_inputs_are_zeroed_and_finite() -> None:
 
 
 def test_half_precision_weight_round_trips_dtype() -> None:
-    weight, x = _problem(seed=4)
-    new_weight, mask = sparsegpt_prune(weight.half(), _hessian(x), 0.5)
+    weight, x = correlated_problem(D_OUT, D_IN, N, T, seed=4)
+    new_weight, mask = sparsegpt_prune(weight.half(), hessian_of(x), 0.5)
     assert new_weight.dtype == torch.float16
     assert (new_weight[mask] == 0).all()
 
 
 def test_nm_needs_divisible_width() -> None:
-    weight, x = _problem()
+    weight, x = correlated_problem(D_OUT, D_IN, N, T)
     with pytest.raises(ValueError, match="divisible by M"):
-        sparsegpt_prune(weight, _hessian(x), 0.5, 2, 4, blocksize=6)
+        sparsegpt_prune(weight, hessian_of(x), 0.5, 2, 4, blocksize=6)
 
 
 def test_pruner_writes_the_weight() -> None:
-    weight, x = _problem(seed=5)
+    weight, x = correlated_problem(D_OUT, D_IN, N, T, seed=5)
     linear = nn.Linear(D_IN, D_OUT, bias=False)
     linear.weight.data = weight.clone()
-    hessian = _hessian(x)
+    hessian = hessian_of(x)
     mask = SparseGPTPruner().prune_linear("x", linear, LinearStats(hessian=hessian), Sparsity(0.5))
     expected, expected_mask = sparsegpt_prune(weight, hessian, 0.5)
     assert torch.equal(mask, expected_mask)

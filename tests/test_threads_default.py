@@ -1,28 +1,47 @@
-"""gblm's OpenMP default: idle threads sleep (PASSIVE) unless the user chose a wait policy."""
+"""A run's CPU threads: the CPUs idle at its start (at least one), unless OMP_NUM_THREADS is set."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 
-import pytest
+import torch
 
+from gblm import devices
 from tests.conftest import ROOT
 
-SHOW = "import gblm, os; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+SHOW = "from gblm.devices import default_threads; print(default_threads())"
 
 
-@pytest.mark.parametrize(
-    ("given", "seen"),
-    [
-        ({}, "PASSIVE None"),
-        ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE None"),
-        ({"GOMP_SPINCOUNT": "300000"}, "None 300000"),
-    ],
-)
-def test_the_wait_policy_default_keeps_the_users_own(given, seen):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    out = subprocess.run([sys.executable, "-c", SHOW], env={**env, **given}, cwd=ROOT,
-                         capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
-    assert out.stdout.split() == seen.split()
+def _threads(env: dict[str, str]) -> int:
+    out = subprocess.run([sys.executable, "-c", SHOW], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=True)  # fmt: skip
+    return int(out.stdout.split()[-1])
+
+
+def test_idle_cpus_counts_a_busy_core_as_busy():
+    quiet = devices.idle_cpus(0.3)
+    assert quiet is not None and 0 <= quiet <= (os.cpu_count() or 1) + 0.01
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        busy = devices.idle_cpus(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy is not None and busy <= (os.cpu_count() or 1) - 0.5  # one core taken
+
+
+def test_the_default_is_between_one_and_torchs_own_and_keeps_the_users_setting(monkeypatch):
+    own = torch.get_num_threads()
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    assert 1 <= _threads(env) <= (os.cpu_count() or 1)
+    assert _threads({**env, "OMP_NUM_THREADS": "1"}) == 1
+    monkeypatch.setattr(devices, "idle_cpus", lambda interval=0.2: 0.2)  # a fully busy machine
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        assert devices.default_threads() == 1
+    finally:
+        torch.set_num_threads(own)

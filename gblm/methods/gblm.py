@@ -15,7 +15,6 @@ from typing import Annotated
 from torch import Tensor
 
 from gblm.calibration.fold import ACCUMULATOR_DTYPES, NORMS
-from gblm.calibration.gradients import GradientSettings
 from gblm.calibration.stats import LinearStats
 from gblm.methods.base import ComparisonGroup
 from gblm.methods.gradient_score import GradientScorePruner
@@ -36,15 +35,11 @@ class GBLMPruner(GradientScorePruner):
         gradient_blockwise: bool = False,
         gradient_group_size: Annotated[int, Range(ge=1)] = 8,
     ) -> None:
-        gradients = GradientSettings(
-            norm=norm,
-            scale=scale,
-            accumulator_dtype=accumulator_dtype,
-            blockwise=gradient_blockwise,
-            group_size=gradient_group_size,
-        )
         # An activation-only score (Wanda) needs no gradient stage.
-        super().__init__(comparison_group, gradients, uses_gradients=score != "activation")
+        super().__init__(
+            comparison_group, norm, scale, accumulator_dtype, gradient_blockwise,
+            gradient_group_size, uses_gradients=score != "activation",
+        )  # fmt: skip
         self.score_kind = score
         # A gradient-only score needs no activation statistic.
         self.stats = frozenset() if score == "gradient" else frozenset({"row_sq"})

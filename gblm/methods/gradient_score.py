@@ -29,12 +29,22 @@ class GradientScorePruner(ScorePruner):
     """A score method whose score reads the gradient stage's norms (by full Linear name)."""
 
     def __init__(
-        self, comparison_group: str, gradients: GradientSettings, uses_gradients: bool = True
+        self,
+        comparison_group: str,
+        norm: str,
+        scale: float,
+        accumulator_dtype: str,
+        gradient_blockwise: bool,
+        gradient_group_size: int,
+        uses_gradients: bool = True,
     ) -> None:
-        """``gradients``: the stage's settings, checked by :class:`GradientSettings`;
+        """The stage's options (declared by the subclass, whose keyword arguments they are);
         ``uses_gradients=False`` (an ablation without the gradient term) skips the stage."""
         super().__init__(comparison_group)
-        self.gradients = gradients
+        self.gradients = GradientSettings(
+            norm=norm, scale=scale, accumulator_dtype=accumulator_dtype,
+            blockwise=gradient_blockwise, group_size=gradient_group_size,
+        )  # fmt: skip
         self.uses_gradients = uses_gradients
         self.dense_pass = "gradients" if uses_gradients else None
         self._grad_norms: dict[str, Tensor] | None = None

@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from gblm.calibration.fold import ACCUMULATOR_DTYPES, NORMS
-from gblm.calibration.gradients import GradientSettings
 from gblm.calibration.stats import LinearStats
 from gblm.methods.base import ComparisonGroup
 from gblm.methods.gradient_score import GradientScorePruner
@@ -68,14 +67,10 @@ class PrunerZeroPruner(GradientScorePruner):
         gradient_blockwise: bool = False,
         gradient_group_size: Annotated[int, Range(ge=1)] = 8,
     ) -> None:
-        gradients = GradientSettings(
-            norm=norm,
-            scale=scale,
-            accumulator_dtype=accumulator_dtype,
-            blockwise=gradient_blockwise,
-            group_size=gradient_group_size,
-        )
-        super().__init__(comparison_group, gradients)
+        super().__init__(
+            comparison_group, norm, scale, accumulator_dtype, gradient_blockwise,
+            gradient_group_size,
+        )  # fmt: skip
 
     def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:
         return pruner_zero_score(weight, self.gradient_norm(name, "Pruner-Zero"))
