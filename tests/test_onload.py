@@ -81,7 +81,7 @@ def test_onloaded_capture_never_calls_a_real_block() -> None:
 
 
 def test_run_with_onload_gives_the_in_memory_masks(tmp_path, monkeypatch) -> None:
-    import gblm.methods.gblm as gblm_method
+    import gblm.methods.gradient_score as gblm_method
 
     # the norms are computed, not loaded: the cache key is the same for all three on purpose
     monkeypatch.setattr(gblm_method, "cached_gradient_norms", lambda _dir, _key, compute: compute())
