@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import resource
 import time
@@ -159,7 +160,14 @@ def default_threads() -> int:
     """
     if "OMP_NUM_THREADS" not in os.environ:
         idle = idle_cpus()
-        threads = max(1, round(idle)) if idle is not None else torch.get_num_threads()
-        if threads < torch.get_num_threads():  # setting torch's own count again slows it down
+        own = _torch_threads()  # the cap, also for the next job of a sweep in this process
+        threads = min(own, max(1, round(idle))) if idle is not None else own
+        if threads != torch.get_num_threads():  # setting the count it has again slows torch down
             torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+@functools.cache
+def _torch_threads() -> int:
+    """torch's own thread count, as it was before :func:`default_threads` first changed it."""
     return torch.get_num_threads()

@@ -43,5 +43,8 @@ def test_the_default_is_between_one_and_torchs_own_and_keeps_the_users_setting(m
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
         assert devices.default_threads() == 1
+        # the next job of a sweep in this process, on an idle machine again: torch's own count
+        monkeypatch.setattr(devices, "idle_cpus", lambda interval=0.2: 64.0)
+        assert devices.default_threads() == own
     finally:
         torch.set_num_threads(own)

@@ -66,7 +66,13 @@ class WeightUpdate(Protocol):
     """What the walk needs of a weight update (:class:`gblm.methods.base.WeightUpdate`)."""
 
     def apply(
-        self, linear: nn.Linear, dense: Tensor, mask: Tensor, stats: LinearStats
+        self,
+        linear: nn.Linear,
+        dense: Tensor,
+        mask: Tensor,
+        stats: LinearStats,
+        target: Sparsity,
+        score: Callable,
     ) -> Tensor: ...
 
 

@@ -204,8 +204,7 @@ class WeightUpdate(ABC):
 
     def describe(self) -> dict:
         """The update's settings, for logs and run records."""
-        skip = ("seconds", "rechooses_mask")
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in skip}
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "seconds"}
 
 
 class ScorePruner(Pruner):

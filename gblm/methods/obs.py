@@ -39,7 +39,10 @@ class ObsUpdate(WeightUpdate):
         self.blocksize = blocksize
         self.percdamp = percdamp
         self.iterative = iterative
-        self.rechooses_mask = iterative
+
+    @property
+    def rechooses_mask(self) -> bool:  # the iterative form chooses the mask per block anew
+        return self.iterative
 
     def solve(
         self, dense: Tensor, mask: Tensor, stats: LinearStats, target: Sparsity, score: Callable
