@@ -14,11 +14,16 @@ from typing import Annotated
 
 from torch import Tensor
 
-from gblm.calibration.fold import ACCUMULATOR_DTYPES, NORMS
 from gblm.calibration.stats import LinearStats
 from gblm.methods.base import ComparisonGroup
-from gblm.methods.gradient_score import GradientScorePruner
-from gblm.options import OneOf, Range
+from gblm.methods.gradient_score import (
+    AccumulatorDtype,
+    GradientScorePruner,
+    GroupSize,
+    Norm,
+    Scale,
+)
+from gblm.options import OneOf
 from gblm.pruning.gblm import SCORES, gblm_score
 
 
@@ -27,13 +32,13 @@ class GBLMPruner(GradientScorePruner):
 
     def __init__(
         self,
-        norm: Annotated[str, OneOf(NORMS)] = "l1",
-        scale: Annotated[float, Range(ge=0)] = 100.0,
+        norm: Norm = "l1",
+        scale: Scale = 100.0,
         score: Annotated[str, OneOf(SCORES)] = "combined",
         comparison_group: ComparisonGroup = "row",
-        accumulator_dtype: Annotated[str, OneOf(ACCUMULATOR_DTYPES)] = "float16",
+        accumulator_dtype: AccumulatorDtype = "float16",
         gradient_blockwise: bool = False,
-        gradient_group_size: Annotated[int, Range(ge=1)] = 8,
+        gradient_group_size: GroupSize = 8,
     ) -> None:
         # An activation-only score (Wanda) needs no gradient stage.
         super().__init__(

@@ -13,9 +13,11 @@ Pruner-Zero read the same norms); the subclass's ``score`` reads them with
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Annotated
 
 from torch import Tensor, nn
 
+from gblm.calibration.fold import ACCUMULATOR_DTYPES, NORMS
 from gblm.calibration.gradient_cache import (
     cached_gradient_norms,
     gradient_cache_key,
@@ -23,6 +25,13 @@ from gblm.calibration.gradient_cache import (
 )
 from gblm.calibration.gradients import GradientSettings, gradient_norms
 from gblm.methods.base import RunContext, ScorePruner
+from gblm.options import OneOf, Range
+
+#: The gradient stage's options, declared once for every method that reads its norms.
+Norm = Annotated[str, OneOf(NORMS)]
+Scale = Annotated[float, Range(ge=0)]
+AccumulatorDtype = Annotated[str, OneOf(ACCUMULATOR_DTYPES)]
+GroupSize = Annotated[int, Range(ge=1)]
 
 
 class GradientScorePruner(ScorePruner):

@@ -21,16 +21,18 @@ fp16 norm that overflowed to inf scales to NaN and every finite one to 0, also a
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import torch
 from torch import Tensor
 
-from gblm.calibration.fold import ACCUMULATOR_DTYPES, NORMS
 from gblm.calibration.stats import LinearStats
 from gblm.methods.base import ComparisonGroup
-from gblm.methods.gradient_score import GradientScorePruner
-from gblm.options import OneOf, Range
+from gblm.methods.gradient_score import (
+    AccumulatorDtype,
+    GradientScorePruner,
+    GroupSize,
+    Norm,
+    Scale,
+)
 
 
 def min_max_scale(values: Tensor) -> Tensor:
@@ -60,12 +62,12 @@ class PrunerZeroPruner(GradientScorePruner):
 
     def __init__(
         self,
-        norm: Annotated[str, OneOf(NORMS)] = "l2",
-        scale: Annotated[float, Range(ge=0)] = 100.0,
+        norm: Norm = "l2",
+        scale: Scale = 100.0,
         comparison_group: ComparisonGroup = "row",
-        accumulator_dtype: Annotated[str, OneOf(ACCUMULATOR_DTYPES)] = "float16",
+        accumulator_dtype: AccumulatorDtype = "float16",
         gradient_blockwise: bool = False,
-        gradient_group_size: Annotated[int, Range(ge=1)] = 8,
+        gradient_group_size: GroupSize = 8,
     ) -> None:
         super().__init__(
             comparison_group, norm, scale, accumulator_dtype, gradient_blockwise,
