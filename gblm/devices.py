@@ -160,7 +160,7 @@ def default_threads() -> int:
     """
     if "OMP_NUM_THREADS" not in os.environ:
         idle = idle_cpus()
-        own = _torch_threads()  # the cap, also for the next job of a sweep in this process
+        own = torch_default_threads()  # the cap, also for the next job of a sweep in this process
         threads = min(own, max(1, round(idle))) if idle is not None else own
         if threads != torch.get_num_threads():  # setting the count it has again slows torch down
             torch.set_num_threads(threads)
@@ -168,6 +168,6 @@ def default_threads() -> int:
 
 
 @functools.cache
-def _torch_threads() -> int:
+def torch_default_threads() -> int:
     """torch's own thread count, as it was before :func:`default_threads` first changed it."""
     return torch.get_num_threads()

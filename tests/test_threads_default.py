@@ -35,7 +35,7 @@ def test_idle_cpus_counts_a_busy_core_as_busy():
 
 
 def test_the_default_is_between_one_and_torchs_own_and_keeps_the_users_setting(monkeypatch):
-    own = torch.get_num_threads()
+    current, own = torch.get_num_threads(), devices.torch_default_threads()  # own: the cap
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     assert 1 <= _threads(env) <= (os.cpu_count() or 1)
     assert _threads({**env, "OMP_NUM_THREADS": "1"}) == 1
@@ -47,4 +47,4 @@ def test_the_default_is_between_one_and_torchs_own_and_keeps_the_users_setting(m
         monkeypatch.setattr(devices, "idle_cpus", lambda interval=0.2: 64.0)
         assert devices.default_threads() == own
     finally:
-        torch.set_num_threads(own)
+        torch.set_num_threads(current)
