@@ -93,9 +93,17 @@ def expand_sweep(config: DictConfig) -> list[list[str]] | None:
 
 def unnamed_keys(config: DictConfig) -> list[str]:
     """The keys that name no job of this sweep: those the command line gives one value for every
-    job, in a sweep of two or more jobs. A key with two or more values names the jobs, and so does
-    every key of ``hydra.sweeper.params`` (an experiment's axes, even narrowed to one value on the
-    command line, so that the narrowed sweep resumes in the same job dirs)."""
+    job, in a sweep of two or more jobs whose dirs hold the job's number (a new sweep dir per
+    launch, as by default). A key with two or more values names the jobs, and so does every key
+    of ``hydra.sweeper.params`` (an experiment's axes).
+
+    A resumable sweep (``conf/sweep/resumable.yaml``: job dirs named by the overrides alone, in
+    one fixed sweep dir) drops no key: its dirs are the jobs' identities across launches, so two
+    launches that differ in a constant key (``sparsity.ratio=0.5``, then ``0.7``) must not meet
+    in one dir."""
+    subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir", "")
+    if "hydra.job.num" not in str(subdir):
+        return []
     axes = sweep_axes(config)
     if not axes or len(expand_sweep(config) or []) < 2:
         return []

@@ -169,10 +169,12 @@ def test_preflight_stops_a_bad_sweep_with_the_reason(overrides, needle):
          ["0_sparsity.ratio=0.5", "1_sparsity.ratio=0.6"]),
         # a sweep of one job: its overrides are what is not default, they name it
         (["method=wanda", "calibration.nsamples=8"], ["0_calibration.nsamples=8,method=wanda,model=tiny_llama"]),
-        # an experiment's axes always name its jobs, narrowed to one value too: a narrowed
-        # sweep resumes in the same dirs
+        # a resumable sweep (one fixed dir, no job numbers) drops no key: its dirs are the jobs'
+        # identities across launches, so its axes name its jobs narrowed to one value too, and
+        # so does a constant key (a relaunch with seed=2 must not meet these runs)
         (["experiment=tiny_sweep", "method=gblm", "calibration.nsamples=4,8", "seed=1"],
-         ["calibration.nsamples=4,method=gblm", "calibration.nsamples=8,method=gblm"]),
+         ["calibration.nsamples=4,method=gblm,model=tiny_llama,seed=1",
+          "calibration.nsamples=8,method=gblm,model=tiny_llama,seed=1"]),
     ],
 )  # fmt: skip
 def test_jobs_are_named_by_what_the_sweep_varies(overrides, dirs):
@@ -186,6 +188,19 @@ def test_jobs_are_named_by_what_the_sweep_varies(overrides, dirs):
         assert list(excluded) == list(cfg.hydra.job.config.override_dirname.exclude_keys)
         for key in (override.split("=")[0] for override in overrides):
             assert key in dirs[-1] or key in excluded, key
+
+
+def test_launches_into_one_resumable_dir_never_share_a_job_dir(tmp_path):
+    """experiments/results_smollm2.sh launches one sweep per sparsity into one dir: the constant
+    ``sparsity.ratio`` of each launch must name its jobs, or the second launch meets the first."""
+    dirs = []
+    for ratio in ("0.5", "0.7"):
+        args = ("experiment=tiny_sweep", f"hydra.sweep.dir={tmp_path}", f"sparsity.ratio={ratio}")
+        with multirun_config(*args, "method=magnitude,wanda") as cfg:
+            name_jobs_by_their_axes(cfg)
+            dirs += [job["dir"] for job in preflight(cfg, validate_jobs="first", check_models=False)]
+    assert len(set(dirs)) == 4
+    assert all(f"sparsity.ratio={ratio}" in d for d, ratio in zip(dirs, ["0.5"] * 2 + ["0.7"] * 2))
 
 
 def test_preflight_first_mode_still_checks_every_model():
@@ -274,6 +289,9 @@ def _gblm(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def _metrics(job_dir: Path) -> dict:
     return json.loads((job_dir / "metrics.json").read_text())
 
+# the fixture's job dirs: a resumable sweep names its jobs by every override
+MAGNITUDE, WANDA = "calibration=local,method=magnitude", "calibration=local,method=wanda"
+
 
 @pytest.fixture(scope="module")
 def crashed_then_resumed(tmp_path_factory):
@@ -298,9 +316,9 @@ def crashed_then_resumed(tmp_path_factory):
     state = {
         "first": first,
         "summary": json.loads((sweep_dir / SUMMARY_FILE).read_text()),
-        "magnitude_mtime": (sweep_dir / "method=magnitude" / "metrics.json").stat().st_mtime_ns,
+        "magnitude_mtime": (sweep_dir / MAGNITUDE / "metrics.json").stat().st_mtime_ns,
         "magnitude_status": json.loads(
-            (sweep_dir / "method=magnitude" / JOB_STATUS_FILE).read_text()
+            (sweep_dir / MAGNITUDE / JOB_STATUS_FILE).read_text()
         ),
     }
     text.write_text(" ".join(f"word{i % 97} and more words, said she." for i in range(4000)))
@@ -321,14 +339,14 @@ def test_crash_in_one_job_leaves_the_others_intact(crashed_then_resumed):
         "incomplete": 0,
         "pending": 0,
     }
-    assert summary["failed"] == ["method=wanda"]
+    assert summary["failed"] == [WANDA]
     failed = next(job for job in summary["jobs"] if job["status"] == "failed")
     assert "DataUnavailableError" in failed["error"] and "calibration.txt" in failed["error"]
-    assert "1 failed" in first.stdout and "method=wanda" in first.stdout  # printed at exit
+    assert "1 failed" in first.stdout and WANDA in first.stdout  # printed at exit
     plan = json.loads((sweep_dir / PLAN_FILE).read_text())["jobs"]
     assert [job["dir"] for job in plan] == [
-        "method=magnitude",
-        "method=wanda",
+        MAGNITUDE,
+        WANDA,
     ]
     assert all((sweep_dir / job["dir"] / ".hydra").is_dir() for job in plan)  # where Hydra put them
 
@@ -339,9 +357,9 @@ def test_relaunch_skips_finished_and_redoes_failed(crashed_then_resumed):
     assert second.returncode == 0, second.stdout + second.stderr
     summary = json.loads((sweep_dir / SUMMARY_FILE).read_text())
     assert summary["counts"]["skipped"] == 1 and summary["counts"]["finished"] == 1
-    assert summary["skipped"] == ["method=magnitude"]
-    assert summary["finished"] == ["method=wanda"]
-    magnitude = sweep_dir / "method=magnitude"
+    assert summary["skipped"] == [MAGNITUDE]
+    assert summary["finished"] == [WANDA]
+    magnitude = sweep_dir / MAGNITUDE
     assert (magnitude / "metrics.json").stat().st_mtime_ns == state[
         "magnitude_mtime"
     ]  # not rewritten
@@ -355,14 +373,14 @@ def test_relaunch_skips_finished_and_redoes_failed(crashed_then_resumed):
     assert status["launch_id"] != first_run["launch_id"]
     assert "already finished with the same config: skipped" in (second.stdout + second.stderr)
     assert "pruned ppl" in second.stdout  # the comparison table, both jobs in it
-    # the jobs by their folder: the sweep varies the method only
-    table = [line.split() for line in second.stdout.splitlines() if line.startswith("  method=")]
-    assert sorted(row[0] for row in table) == ["method=magnitude", "method=wanda"]
+    # the jobs by their folder
+    table = [line.split() for line in second.stdout.splitlines() if line.startswith("  calib")]
+    assert sorted(row[0] for row in table) == [MAGNITUDE, WANDA]
     # one metrics.json per job, every one finished
     job_dirs = sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
     assert [p.name for p in job_dirs] == [
-        "method=magnitude",
-        "method=wanda",
+        MAGNITUDE,
+        WANDA,
     ]
     assert all(_metrics(p)["status"] == "finished" for p in job_dirs)
     assert _metrics(job_dirs[1])["sparsity_check"]["overall"] == pytest.approx(0.5, abs=0.01)
