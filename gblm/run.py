@@ -40,6 +40,9 @@ log = logging.getLogger("gblm")
 
 # Settings that do not change a run's results: a finished run with a different value is reused.
 NON_RESULT_KEYS = ("logger", "progress", "skip_finished", "overwrite", "experiment", "hydra")
+# Options of earlier versions' gradient stage that set its memory only, never a result (the norms
+# were the same to the bit either way); records that hold them still resume.
+RETIRED_MEMORY_OPTIONS = ("gradient_checkpointing", "loss_chunk_tokens")
 _INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGINT is KeyboardInterrupt already
 
 
@@ -59,7 +62,8 @@ def result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """The settings that determine a run's results, normalised so that equal runs compare equal.
 
     ``batch_size=auto`` counts as 1 (it is one window); ``reconstruct=none`` as no reconstruct
-    node (the runs recorded before weight updates existed); the sparsity node
+    node (the runs recorded before weight updates existed); the method node drops the
+    :data:`RETIRED_MEMORY_OPTIONS`; the sparsity node
     keeps the target and its own allocator's options only (the others' keys change nothing), and
     a ``per_block`` schedule recorded before allocators were plug-ins counts as ``per_block``.
     """
@@ -68,6 +72,9 @@ def result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
         relevant["batch_size"] = 1
     if (relevant.get("reconstruct") or {}).get("name", "none") == "none":
         relevant.pop("reconstruct", None)
+    if isinstance(relevant.get("method"), dict):
+        method = relevant["method"]
+        relevant["method"] = {k: v for k, v in method.items() if k not in RETIRED_MEMORY_OPTIONS}
     sparsity = dict(relevant.get("sparsity") or {})
     if sparsity.get("per_block") is not None and sparsity.get("allocator") == "uniform":
         sparsity["allocator"] = "per_block"

@@ -58,3 +58,20 @@ def test_runs_finished_under_older_defaults_are_the_same_config(tmp_path) -> Non
     assert not _same_config(previous, config_hash(now), tmp_path, {**now, "seed": 1})
     assert not _same_config(previous, config_hash(now), tmp_path, {**now, "batch_size": 4})
     assert not _same_config(previous, "0" * 16, tmp_path / "missing", now)  # no saved config
+
+
+def test_gblm_runs_that_recorded_retired_memory_options_still_resume(tmp_path) -> None:
+    """GBLM's records of earlier versions hold two memory-only options of the gradient stage that
+    no longer exist; a relaunch skips those runs, while a real change of a method option does not."""
+    import json
+
+    from gblm.run import _same_config, config_hash
+
+    now = {"method": {"name": "gblm", "norm": "l2", "scale": 100.0}, "seed": 0}
+    saved = {"method": {**now["method"], "gradient_checkpointing": True, "loss_chunk_tokens": 512},
+             "seed": 0}  # fmt: skip
+    (tmp_path / "config_resolved.json").write_text(json.dumps(saved))
+    previous = {"status": "finished", "config_hash": "f" * 16}
+    assert _same_config(previous, config_hash(now), tmp_path, now)
+    other = {**now, "method": {**now["method"], "norm": "l1"}}
+    assert not _same_config(previous, config_hash(other), tmp_path, other)
