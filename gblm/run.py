@@ -40,17 +40,14 @@ log = logging.getLogger("gblm")
 
 # Settings that do not change a run's results: a finished run with a different value is reused.
 NON_RESULT_KEYS = ("logger", "progress", "skip_finished", "overwrite", "experiment", "hydra")
-# Options of earlier versions' gradient stage that set its memory only, never a result (the norms
-# were the same to the bit either way); records that hold them still resume.
+# Memory-only options of earlier versions' gradient stage (no result changed): their records resume.
 RETIRED_MEMORY_OPTIONS = ("gradient_checkpointing", "loss_chunk_tokens")
 _INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGINT is KeyboardInterrupt already
 
 
 class RunInterrupted(BaseException):
-    """SIGTERM or SIGHUP during a run, raised in the main thread as Ctrl-C raises KeyboardInterrupt.
-
-    A BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on the way eats it.
-    """
+    """SIGTERM or SIGHUP during a run, raised in the main thread as Ctrl-C raises KeyboardInterrupt:
+    a BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on the way eats it."""
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
@@ -63,17 +60,16 @@ def result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
 
     ``batch_size=auto`` counts as 1 (it is one window); ``reconstruct=none`` as no reconstruct
     node (the runs recorded before weight updates existed); the method node drops the
-    :data:`RETIRED_MEMORY_OPTIONS`; the sparsity node
-    keeps the target and its own allocator's options only (the others' keys change nothing), and
-    a ``per_block`` schedule recorded before allocators were plug-ins counts as ``per_block``.
+    :data:`RETIRED_MEMORY_OPTIONS`; the sparsity node keeps the target and its own allocator's
+    options only (the others' keys change nothing), and a ``per_block`` schedule recorded before
+    allocators were plug-ins counts as ``per_block``.
     """
     relevant = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
     if relevant.get("batch_size") == "auto":
         relevant["batch_size"] = 1
     if (relevant.get("reconstruct") or {}).get("name", "none") == "none":
         relevant.pop("reconstruct", None)
-    if isinstance(relevant.get("method"), dict):
-        method = relevant["method"]
+    if isinstance(method := relevant.get("method"), dict):
         relevant["method"] = {k: v for k, v in method.items() if k not in RETIRED_MEMORY_OPTIONS}
     sparsity = dict(relevant.get("sparsity") or {})
     if sparsity.get("per_block") is not None and sparsity.get("allocator") == "uniform":
@@ -190,8 +186,8 @@ def _record_refusal(run_dir: Path, err: UserError, digest: str | None) -> None:
     """Mark the run dir failed with the error, unless it holds a finished or a live run."""
     try:
         previous = read_metrics(run_dir)
-    except ConfigError:
-        return  # a damaged record stays as it is until overwrite=true replaces it
+    except ConfigError:  # a damaged record stays as it is until overwrite=true replaces it
+        return
     if previous and previous.get("status") == "finished":
         log.warning("%s holds a finished run: its metrics.json is kept", run_dir)
         return
@@ -208,8 +204,7 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
     A finished run in ``run_dir`` with the same config is returned as it is; one with another
     config is kept (a ConfigError) unless ``overwrite=true``; a live run there is refused. A
     SIGTERM, SIGHUP or Ctrl-C ends the run as ``"status": "interrupted"`` and is re-raised.
-    Every expected error (:class:`gblm.errors.UserError`) is raised before the model loads,
-    with the run dir marked failed.
+    Expected errors (:class:`gblm.errors.UserError`) come before the load, the dir marked failed.
     """
     if run_dir is None:
         run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else Path.cwd()
@@ -292,10 +287,9 @@ def _interrupt(signum: int) -> BaseException:
 
 
 def _on_signal(signum: int, frame: Any) -> None:
-    if _HOLD["on"]:
-        _HOLD["pending"] = signum
-        return
-    raise _interrupt(signum)
+    if not _HOLD["on"]:
+        raise _interrupt(signum)
+    _HOLD["pending"] = signum
 
 
 @contextlib.contextmanager

@@ -191,19 +191,6 @@ def test_config_checks_the_allocator() -> None:
             build_plan(validate(to_plain(compose_config("sparsity=owl", bad))))
 
 
-def test_report_orders_labels_by_their_registered_method() -> None:
-    from gblm.analysis.report.runs import method_key
-
-    labels = ["dsnot(wanda)", "wanda+owl", "gblm", "wanda", "magnitude+owl"]
-    assert sorted(labels, key=method_key) == [
-        "magnitude+owl",
-        "wanda",
-        "wanda+owl",
-        "gblm",
-        "dsnot(wanda)",
-    ]
-
-
 def test_run_checks_owl_nm_against_each_blocks_n(tmp_path) -> None:
     from gblm.run import run
     from tests.conftest import compose_config

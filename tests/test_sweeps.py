@@ -55,6 +55,7 @@ EXPECTED_JOBS = {
     "dsnot_baselines_60": 2 * 4,  # models x methods
     "demo_sweep": 5,
     "results_smollm2": 6 * 2,  # methods x (uniform, OWL), per launch of the script
+    "reconstruct_llama1": 2 * 3 * 4,  # masks x updates x ratios, the script's first launch
     "tiny_sweep": 4,
 }
 

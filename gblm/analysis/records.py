@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,7 +18,6 @@ from gblm.analysis.stats import LINEAR_FIELDS
 from gblm.utils import atomic_write_json, atomic_write_text
 
 MASK_STATS_CSV = "mask_stats.csv"
-MASK_STATS_BLOCKS_JSON = "mask_stats_blocks.json"
 _TEXT_FIELDS = ("name", "type")  # kept as strings when read back
 
 
@@ -65,9 +63,3 @@ def write_mask_stats_blocks(
 ) -> Path:
     """Write the per-block and per-type summaries as ``{"per_block", "per_type"}`` JSON."""
     return atomic_write_json(path, {"per_block": list(per_block), "per_type": list(per_type)})
-
-
-def read_mask_stats_blocks(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
-    """``(per_block, per_type)`` of a :func:`write_mask_stats_blocks` file."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    return list(data.get("per_block") or []), list(data.get("per_type") or [])

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from gblm.analysis.records import MASK_STATS_CSV, read_mask_stats_csv
-from gblm.methods.registry import method_entry, method_order
+from gblm.methods.registry import method_entry
 
 METRICS_FILE = "metrics.json"
 
@@ -49,7 +49,6 @@ class RunRecord:
     series: str = ""
     series_key: tuple = ()
     row: str = ""
-    row_key: tuple = ()
 
     @property
     def finished(self) -> bool:
@@ -71,16 +70,6 @@ def is_baseline(method: str) -> bool:
         return method_entry(method).target is None
     except KeyError:
         return False
-
-
-def method_key(method: str) -> tuple[int, str]:
-    """Table order of methods: the registry's (``gblm.methods.registry.method_order``).
-
-    A run's label such as ``dsnot(wanda)`` or ``wanda+owl`` sorts by its registered name, then
-    by the label (the plain method first).
-    """
-    base = method.split("+", 1)[0].split("(", 1)[0]
-    return (method_order(base)[0], method)
 
 
 def sparsity_key(run: RunRecord) -> tuple[int, float, int]:
