@@ -50,6 +50,7 @@ def make_run(
     settings: dict | None = None,
     model: str = "tiny_llama",
     label: str | None = None,
+    extra: dict | None = None,
 ) -> Path:
     """Write one run folder the way gblm.run does: config, mask stats and images, metrics.json."""
     run_dir = sweep / folder
@@ -100,6 +101,7 @@ def make_run(
             "mean_acc": zeroshot,
             "mean_acc_norm": zeroshot,
         }
+    metrics.update(extra or {})
     if status == "failed":
         metrics["error"] = "RuntimeError: out of memory\ntraceback..."
         del metrics["ppl"]["pruned"]
@@ -358,8 +360,9 @@ def _factorial(sweep: Path) -> Path:
                 label = method if update == "none" else f"{method}+{update}"
                 ppl = (90.0 - 10 * i - 5 * j) * (2 if sparsity["m"] else 1)
                 settings = {"reconstruct": {"name": update, **options}}
+                timed = {} if update == "none" else {"reconstruct_seconds": 0.5 * j}
                 make_run(sweep, f"{label}_{sparsity['m']}", method, sparsity, ppl, images=False,
-                         settings=settings, label=label)  # fmt: skip
+                         settings=settings, label=label, extra=timed)  # fmt: skip
     none = {"reconstruct": {"name": "none"}}
     make_run(sweep, "sparsegpt", "sparsegpt", UNSTRUCTURED, 40.0, images=False, settings=none)
     make_run(sweep, "dsnot", "dsnot", UNSTRUCTURED, 55.0, images=False, label="dsnot(wanda)",
@@ -387,6 +390,11 @@ def test_a_weight_update_is_an_axis_of_its_own(tmp_path):
     assert "| gblm | 2:4 | 140.00 | 120.00 | 130.00 |" in axis
     assert "sparsegpt" not in axis and "dsnot" not in axis  # ran with one update only
     assert (out / "perplexity_tiny_llama_reconstruct.name.png").exists()
+    # the update's share of the prune stage, from the records, beside that stage
+    timings = md.split("### Stage timings")[1].split("###")[0]
+    assert "| prune (s) | of which update (s) | evaluation (s) |" in timings
+    assert "| gblm+admm | 0.5 | 1.00 | 2.00 | 1.00 | 3.00 | 6.00 |" in timings
+    assert "| gblm | 0.5 | 1.00 | 2.00 |  | 3.00 | 6.00 |" in timings
 
 
 @pytest.fixture

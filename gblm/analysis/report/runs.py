@@ -37,6 +37,7 @@ class RunRecord:
     zeroshot_tasks: dict[str, float] = field(default_factory=dict)  # task -> acc
     achieved: float | None = None  # share of zeros over the pruned Linears
     timings: dict[str, float] = field(default_factory=dict)
+    update_seconds: float | None = None  # the weight update's share of the prune stage
     peak_memory_bytes: int | None = None
     per_block: list[float] = field(default_factory=list)  # achieved share of zeros per block
     per_block_target: list[float] = field(default_factory=list)  # a schedule's targets, if any
@@ -167,6 +168,7 @@ def _from_metrics(record: RunRecord, metrics: dict) -> None:
     record.timings = {
         str(k): float(v) for k, v in (metrics.get("timings") or {}).items() if number(v) is not None
     }
+    record.update_seconds = number(metrics.get("reconstruct_seconds"))
     record.peak_memory_bytes = metrics.get("peak_memory_bytes")
     record.error = metrics.get("error")
 
