@@ -199,7 +199,9 @@ def test_launches_into_one_resumable_dir_never_share_a_job_dir(tmp_path):
         args = ("experiment=tiny_sweep", f"hydra.sweep.dir={tmp_path}", f"sparsity.ratio={ratio}")
         with multirun_config(*args, "method=magnitude,wanda") as cfg:
             name_jobs_by_their_axes(cfg)
-            dirs += [job["dir"] for job in preflight(cfg, validate_jobs="first", check_models=False)]
+            dirs += [
+                job["dir"] for job in preflight(cfg, validate_jobs="first", check_models=False)
+            ]
     assert len(set(dirs)) == 4
     assert all(f"sparsity.ratio={ratio}" in d for d, ratio in zip(dirs, ["0.5"] * 2 + ["0.7"] * 2))
 
@@ -290,6 +292,7 @@ def _gblm(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def _metrics(job_dir: Path) -> dict:
     return json.loads((job_dir / "metrics.json").read_text())
 
+
 # the fixture's job dirs: a resumable sweep names its jobs by every override
 MAGNITUDE, WANDA = "calibration=local,method=magnitude", "calibration=local,method=wanda"
 
@@ -318,9 +321,7 @@ def crashed_then_resumed(tmp_path_factory):
         "first": first,
         "summary": json.loads((sweep_dir / SUMMARY_FILE).read_text()),
         "magnitude_mtime": (sweep_dir / MAGNITUDE / "metrics.json").stat().st_mtime_ns,
-        "magnitude_status": json.loads(
-            (sweep_dir / MAGNITUDE / JOB_STATUS_FILE).read_text()
-        ),
+        "magnitude_status": json.loads((sweep_dir / MAGNITUDE / JOB_STATUS_FILE).read_text()),
     }
     text.write_text(" ".join(f"word{i % 97} and more words, said she." for i in range(4000)))
     state["second"] = _gblm(*args)
