@@ -383,11 +383,13 @@ def test_a_weight_update_is_an_axis_of_its_own(tmp_path):
                 "| gblm+admm | 60.00 | 120.00 |", "| sparsegpt | 40.00 |  |"):  # fmt: skip
         assert row in headline  # each update its own row, never averaged with another
     axis = md.split("### Ablation: reconstruct.name")[1].split("###")[0]
-    # the mask methods as rows, without and with each update as columns ("none" first)
-    header = "| method | sparsity | reconstruct.name=none | reconstruct.name=admm | reconstruct.name=obs |"
+    # the mask methods as rows, without and with each update as columns, in registry order
+    header = "| method | sparsity | reconstruct.name=none | reconstruct.name=obs | reconstruct.name=admm |"
     assert header in axis
-    assert "| gblm | 0.5 | 70.00 | 60.00 | 65.00 |" in axis
-    assert "| gblm | 2:4 | 140.00 | 120.00 | 130.00 |" in axis
+    assert "| gblm | 0.5 | 70.00 | 65.00 | 60.00 |" in axis
+    assert "| gblm | 2:4 | 140.00 | 130.00 | 120.00 |" in axis
+    rows = [line.split(" | ")[0] for line in headline.splitlines() if line.startswith("| gblm")]
+    assert rows == ["| gblm", "| gblm+obs", "| gblm+admm"]
     assert "sparsegpt" not in axis and "dsnot" not in axis  # ran with one update only
     assert (out / "perplexity_tiny_llama_reconstruct.name.png").exists()
     # the update's share of the prune stage, from the records, beside that stage

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gblm.analysis.report.runs import RunRecord, is_baseline
-from gblm.methods.registry import method_order
+from gblm.methods.registry import method_order, reconstruct_names
 
 #: Keys (and prefixes ending in ".") that are not ablation axes; the seeds are repeats.
 NOT_AXES = (
@@ -119,8 +119,14 @@ def _name(runs: list[RunRecord], axes: Sequence[str], head, attr: str) -> None:
         for r in group:
             suffix = "".join(f", {k}={fmt_value(r.settings.get(k))}" for k in keys)
             setattr(r, attr, name + suffix)
-            setattr(r, attr + "_key", (method_order(r.base), name,
+            setattr(r, attr + "_key", (method_order(r.base), update_order(r), name,
                                        tuple(value_key(r.settings.get(k)) for k in keys)))  # fmt: skip
+
+
+def update_order(run: RunRecord) -> int:
+    """A run's weight update in registry order (``none``, ``obs``, ``admm``), unknown ones last."""
+    names, update = reconstruct_names(), run.settings.get("reconstruct.name", "none")
+    return names.index(update) if update in names else len(names)
 
 
 def name_series(runs: Sequence[RunRecord], axes: Sequence[str]) -> None:
