@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -204,6 +206,22 @@ def test_launches_into_one_resumable_dir_never_share_a_job_dir(tmp_path):
             ]
     assert len(set(dirs)) == 4
     assert all(f"sparsity.ratio={ratio}" in d for d, ratio in zip(dirs, ["0.5"] * 2 + ["0.7"] * 2))
+
+
+def test_reconstruct_llama1_launches_are_valid_and_never_share_a_dir():
+    """experiments/reconstruct_llama1.sh needs LLaMA-7B, so it cannot run here: its launches are
+    checked as the preflight checks them (every job valid, without the model), and no two of its
+    jobs may meet in one dir of the sweep."""
+    script = (ROOT / "experiments" / "reconstruct_llama1.sh").read_text()
+    launches = [shlex.split(extra) for extra in re.findall(r'^launch (.*?)"\$@"', script, re.M)]
+    assert len(launches) == 5
+    dirs = []
+    for extra in launches:
+        with multirun_config("experiment=reconstruct_llama1", *extra) as cfg:
+            name_jobs_by_their_axes(cfg)
+            jobs = preflight(cfg, validate_jobs="all", check_models=False, check_data=False)
+            dirs += [job["dir"] for job in jobs]
+    assert len(dirs) == len(set(dirs)) == 41
 
 
 def test_preflight_first_mode_still_checks_every_model():
