@@ -60,34 +60,21 @@ def tiny_config(
             f"model.tiny.num_kv_heads={kv} does not divide model.tiny.num_heads={num_heads}: "
             "allowed are divisors of the head count."
         )
-    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_attention_heads=num_heads)
+    decoder = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_key_value_heads=kv,
+        max_position_embeddings=max_positions,
+    )
     if arch == "llama":
-        return LlamaConfig(
-            **common,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_layers,
-            num_key_value_heads=kv,
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=False,
-        )
+        return LlamaConfig(**decoder, tie_word_embeddings=False)
     if arch == "mistral":
-        return MistralConfig(
-            **common,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_layers,
-            num_key_value_heads=kv,
-            max_position_embeddings=max_positions,
-            sliding_window=None,
-        )
+        return MistralConfig(**decoder, sliding_window=None)
     if arch == "qwen2":
-        return Qwen2Config(
-            **common,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_layers,
-            num_key_value_heads=kv,
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=False,
-        )
+        return Qwen2Config(**decoder, tie_word_embeddings=False)
     if arch == "opt":
         return OPTConfig(
             vocab_size=vocab_size,
