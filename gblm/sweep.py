@@ -94,8 +94,7 @@ def expand_sweep(config: DictConfig) -> list[list[str]] | None:
 def unnamed_keys(config: DictConfig) -> list[str]:
     """The keys that name no job of this sweep: those the command line gives one value for every
     job, in a sweep of two or more jobs whose dirs hold the job's number (a new sweep dir per
-    launch, as by default). A key with two or more values names the jobs, and so does every key
-    of ``hydra.sweeper.params`` (an experiment's axes).
+    launch, as by default). A key with two or more values names the jobs.
 
     A resumable sweep (``conf/sweep/resumable.yaml``: job dirs named by the overrides alone, in
     one fixed sweep dir) drops no key: its dirs are the jobs' identities across launches, so two
@@ -107,11 +106,8 @@ def unnamed_keys(config: DictConfig) -> list[str]:
     axes = sweep_axes(config)
     if not axes or len(expand_sweep(config) or []) < 2:
         return []
-    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    parse = OverridesParser.create().parse_overrides
-    declared = {o.key_or_group for o in parse([f"{k}={v}" for k, v in params.items()])}
-    constant = parse([values[0] for values in axes.values() if len(values) == 1])
-    return [o.key_or_group for o in constant if o.key_or_group not in declared]
+    constant = [values[0] for values in axes.values() if len(values) == 1]
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(constant)]
 
 
 def name_jobs_by_their_axes(config: DictConfig) -> None:
