@@ -192,12 +192,12 @@ def timings_table(name: str, runs: Sequence[RunRecord]) -> Table:
     """Seconds per stage, and in all, for each (series, sparsity); after the prune stage, the
     weight update's share of it where a run has one (``reconstruct=...``)."""
     stages = list(dict.fromkeys(k for r in runs for k in r.timings if k != "total"))
-    columns = {f"{s} (s)": (lambda r, s=s: r.timings.get(s), 1.0) for s in stages}
-    if any(r.update_seconds is not None for r in runs) and "prune" in stages:
-        cells = list(columns.items())
-        at = stages.index("prune") + 1
-        update = ("of which update (s)", (lambda r: r.update_seconds, 1.0))
-        columns = dict([*cells[:at], update, *cells[at:]])
+    updated = any(r.update_seconds is not None for r in runs)
+    columns = {}
+    for s in stages:
+        columns[f"{s} (s)"] = (lambda r, s=s: r.timings.get(s), 1.0)
+        if s == "prune" and updated:
+            columns["of which update (s)"] = (lambda r: r.update_seconds, 1.0)
     return by_series(name, runs, {**columns, "total (s)": (lambda r: r.total_time, 1.0)})
 
 
