@@ -94,6 +94,27 @@ def correlated_problem(
     return weight, x
 
 
+def naive_obs_start(
+    weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0.01
+) -> tuple[list[list[float]], list[list[float]]]:
+    """The start of SparseGPT's OBS sweep, one entry at a time in float64, for the naive
+    references: a dead column (zero diagonal) gets H_jj = 1 and zero weights; H is damped by
+    ``percdamp`` times its mean diagonal. Returns W and the upper Cholesky factor U of the damped
+    inverse (H^-1 = U^T U), as nested lists."""
+    d_out, d_in = weight.shape
+    H = hessian.double().clone()
+    W = weight.double().tolist()
+    for j in range(d_in):
+        if H[j, j] == 0:
+            H[j, j] = 1
+            for r in range(d_out):
+                W[r][j] = 0.0
+    damp = percdamp * sum(H[j, j].item() for j in range(d_in)) / d_in
+    for j in range(d_in):
+        H[j, j] += damp
+    return W, torch.linalg.cholesky(torch.linalg.inv(H)).t().tolist()
+
+
 def hessian_of(x: torch.Tensor) -> torch.Tensor:
     """SparseGPT's Hessian (2/N-scaled X^T X, fp32) of inputs (N, T, d_in), one sample at a time."""
     from gblm.calibration.stats import accumulate_hessian, make_hessian

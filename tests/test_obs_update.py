@@ -7,7 +7,7 @@ import torch
 
 from gblm.pruning.obs import obs_update
 from gblm.pruning.sparsegpt import sparsegpt_prune
-from tests.conftest import correlated_problem, hessian_of
+from tests.conftest import correlated_problem, hessian_of, naive_obs_start
 
 D_OUT, D_IN, N, T = 6, 40, 4, 16
 
@@ -15,17 +15,7 @@ D_OUT, D_IN, N, T = 6, 40, 4, 16
 def _naive_obs(weight, hessian, mask, percdamp=0.01):
     """The sweep one entry at a time, in float64, without blocks (every later column at once)."""
     d_out, d_in = weight.shape
-    H = hessian.double().clone()
-    W = weight.double().tolist()
-    for j in range(d_in):
-        if H[j, j] == 0:
-            H[j, j] = 1
-            for r in range(d_out):
-                W[r][j] = 0.0
-    damp = percdamp * sum(H[j, j].item() for j in range(d_in)) / d_in
-    for j in range(d_in):
-        H[j, j] += damp
-    U = torch.linalg.cholesky(torch.linalg.inv(H)).t().tolist()  # upper, H^-1 = U^T U
+    W, U = naive_obs_start(weight, hessian, percdamp)
     for c in range(d_in):
         for r in range(d_out):
             if mask[r][c]:

@@ -10,7 +10,7 @@ from gblm.calibration.stats import LinearStats
 from gblm.methods.sparsegpt import SparseGPTPruner
 from gblm.pruning.sparsegpt import sparsegpt_prune
 from gblm.pruning.sparsity import Sparsity
-from tests.conftest import correlated_problem, hessian_of
+from tests.conftest import correlated_problem, hessian_of, naive_obs_start
 
 D_OUT, D_IN, N, T = 8, 32, 4, 16
 
@@ -20,17 +20,7 @@ def _naive_sparsegpt(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The algorithm written out one entry at a time, in float64, with the full (non-lazy) update."""
     d_out, d_in = weight.shape
-    H = hessian.double().clone()
-    W = weight.double().tolist()
-    for j in range(d_in):
-        if H[j, j] == 0:
-            H[j, j] = 1
-            for r in range(d_out):
-                W[r][j] = 0.0
-    damp = 0.01 * sum(H[j, j].item() for j in range(d_in)) / d_in
-    for j in range(d_in):
-        H[j, j] += damp
-    U = torch.linalg.cholesky(torch.linalg.inv(H)).t().tolist()  # upper, H^-1 = U^T U
+    W, U = naive_obs_start(weight, hessian)
     mask = [[False] * d_in for _ in range(d_out)]
     for b0 in range(0, d_in, blocksize):
         cols = range(b0, min(b0 + blocksize, d_in))
