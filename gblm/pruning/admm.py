@@ -205,14 +205,12 @@ def admm_prune(
     """
     with devices.no_tf32():
         problem = normalise(weight, gram.float(), percdamp)
-        keep = None
-        if gradual == 0:
+        keep = None  # chosen by reselect in the first iteration
+        if gradual == 0 or iters == 0:
             keep = initial_keep(problem.W, ratio, two_of_four, per_output)
 
         def reselect(V: Tensor, step: int) -> Tensor:
             return gradual_keep(V, ratio, step, gradual, two_of_four, per_output)
 
-        if keep is None and iters == 0:
-            keep = initial_keep(problem.W, ratio, two_of_four, per_output)
         W, keep = iterate(problem, keep, iters, rho, reselect, gradual)
     return W.to(weight.dtype), keep.logical_not().T
