@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,21 @@ def compose_config(*overrides: str) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """Every cache the tests write (the converted SmolLM2, corpora, windows, gradients) goes to a
+    folder of this test session, never to the checkout's ``outputs/`` (``GBLM_CACHE_DIR``, which
+    the runs started in subprocesses inherit too)."""
+    root = tmp_path_factory.mktemp("cache")
+    previous = os.environ.get("GBLM_CACHE_DIR")
+    os.environ["GBLM_CACHE_DIR"] = str(root)
+    yield root
+    if previous is None:
+        os.environ.pop("GBLM_CACHE_DIR", None)
+    else:
+        os.environ["GBLM_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """SmolLM2's tokenizer (converting the embedded model once if needed)."""
@@ -32,7 +48,7 @@ def cache(tmp_path, monkeypatch):
     """An empty cache folder of this test's own, sharing only the converted tokenizer/model."""
     from gblm.models.loading import smollm2_checkpoint
 
-    models = smollm2_checkpoint().parent  # converted once, in the real cache
+    models = smollm2_checkpoint().parent  # converted once, in the session's cache
     root = tmp_path / "cache"
     root.mkdir()
     (root / "models").symlink_to(models, target_is_directory=True)
