@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import platform
 import resource
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -22,20 +24,13 @@ _DTYPES = {
 DTYPE_NAMES = ("auto", *_DTYPES)
 
 
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` is the first CUDA device when there is one, else the CPU."""
+    cuda = torch.cuda.is_available()
     if name == "auto":
-        return (
-            torch.device("cuda", torch.cuda.current_device())
-            if cuda_available()
-            else torch.device("cpu")
-        )
+        return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not cuda_available():
+    if device.type == "cuda" and not cuda:
         raise ValueError(
             f"device={name!r} was asked for but CUDA is not available; use device=cpu or auto."
         )
@@ -54,9 +49,8 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def calibration_batch(batch_size: int | str) -> int:
-    """Windows per forward call of the layer walk: ``auto`` is one window, as published (batches
-    of the CPU's bit-exact size saved less than a quarter of the walk's time, docs/performance.md);
-    an integer is taken as given (a batch may change the last bits of some products)."""
+    """Windows per forward call of the layer walk: ``auto`` is one window, as published; an
+    integer is taken as given (a batch may change the last bits of some products)."""
     if batch_size == "auto":
         return 1
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -69,13 +63,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def input_device(model: torch.nn.Module, device: torch.device | str | None = None) -> torch.device:
-    """Where a model's token ids go: the one rule for every stage.
-
-    ``device`` (the compute device) when the model sits there whole; the input embeddings' device
-    when a device map placed the model or its weights live elsewhere (``model.onload`` keeps them
-    on the CPU); the CPU for embeddings that accelerate offloads (meta), from where its hooks send
-    the ids on to their execution device.
-    """
+    """Where a model's token ids go: ``device`` when the model sits there whole; else the input
+    embeddings' device (a device map, or ``model.onload`` keeping them on the CPU); the CPU for
+    embeddings that accelerate offloads (meta), whose hooks send the ids on."""
     embeddings = model.get_input_embeddings().weight.device
     if embeddings.type == "meta":
         return torch.device("cpu")
@@ -89,10 +79,6 @@ def device_name(device: torch.device) -> str:
     """What computes: the GPU's name, or the CPU's model name (``/proc/cpuinfo``) and cores."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import os
-    import platform
-    from pathlib import Path
-
     name = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
@@ -132,8 +118,7 @@ def no_tf32() -> Iterator[None]:
 
 
 def idle_cpus(interval: float = 0.2) -> float | None:
-    """How many CPUs of the machine sat idle over the next ``interval`` seconds (``/proc/stat``),
-    or None where that cannot be read."""
+    """How many CPUs sat idle over the next ``interval`` seconds (``/proc/stat``), or None."""
 
     def ticks() -> tuple[int, int]:
         with open("/proc/stat") as stat:
@@ -150,17 +135,15 @@ def idle_cpus(interval: float = 0.2) -> float | None:
 
 
 def default_threads() -> int:
-    """Set a run's CPU threads to the CPUs idle at its start (at least one, at most torch's
-    default), unless ``OMP_NUM_THREADS`` is set; the thread count.
+    """Set torch's CPU threads to the CPUs idle now (at least one, at most torch's default),
+    unless ``OMP_NUM_THREADS`` is set; returns the thread count.
 
-    OpenMP threads that finish their share spin for a core before they sleep: beside another
-    CPU-bound process, torch's two threads on two cores ran Wanda's walk 3-4 times slower than
-    one thread; the idle cores' worth of threads is as fast as one thread there and as fast as
-    torch's default on an idle machine (``make bench``: ``docs/performance.md``).
+    OpenMP threads spin before they sleep: beside another CPU-bound process, more threads than
+    idle cores ran the walk 3-4 times slower (``docs/performance.md``).
     """
     if "OMP_NUM_THREADS" not in os.environ:
         idle = idle_cpus()
-        own = torch_default_threads()  # the cap, also for the next job of a sweep in this process
+        own = torch_default_threads()
         threads = min(own, max(1, round(idle))) if idle is not None else own
         if threads != torch.get_num_threads():  # setting the count it has again slows torch down
             torch.set_num_threads(threads)

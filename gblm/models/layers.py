@@ -5,9 +5,11 @@ Only the Linears inside decoder blocks are pruned; embeddings and the LM head ne
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 from torch import nn
 
-from gblm.names import module_type  # the type mapping is pure naming: it lives in gblm.names
+from gblm.names import module_type
 
 # Attribute paths of the decoder-block list, tried in order.
 _BLOCK_PATHS = (
@@ -21,32 +23,23 @@ _BLOCK_PATHS = (
 SEQUENTIAL_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up", "fc1"), ("down", "fc2"))
 
 
-def _get(obj: object, path: str) -> object | None:
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks of a causal LM."""
+def decoder_layers_path(model: nn.Module) -> str:
+    """The attribute path of the decoder-block list (e.g. ``model.layers``)."""
     for path in _BLOCK_PATHS:
-        layers = _get(model, path)
-        if isinstance(layers, nn.ModuleList):
-            return layers
+        try:
+            if isinstance(attrgetter(path)(model), nn.ModuleList):
+                return path
+        except AttributeError:
+            continue
     raise ValueError(
         f"Unsupported architecture {type(model).__name__}: no decoder-block list at any of "
         f"{', '.join(_BLOCK_PATHS)}."
     )
 
 
-def decoder_layers_path(model: nn.Module) -> str:
-    for path in _BLOCK_PATHS:
-        if isinstance(_get(model, path), nn.ModuleList):
-            return path
-    decoder_layers(model)  # raises with the message
-    return ""
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a causal LM."""
+    return attrgetter(decoder_layers_path(model))(model)
 
 
 def prunable_linears(block: nn.Module) -> dict[str, nn.Linear]:
@@ -63,22 +56,16 @@ def linear_names(config, trust_remote_code: bool = False) -> list[str]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     prefix = decoder_layers_path(model)
-    blocks = decoder_layers(model)
     return [
-        f"{prefix}.{b}.{name}" for b, block in enumerate(blocks) for name in prunable_linears(block)
+        f"{prefix}.{b}.{name}"
+        for b, block in enumerate(decoder_layers(model))
+        for name in prunable_linears(block)
     ]
 
 
 def sequential_groups(names: list[str]) -> list[list[str]]:
     """Split a block's Linear names into SparseGPT's true-sequential order; leftovers go last."""
-    groups: list[list[str]] = []
-    seen: set[str] = set()
-    for types in SEQUENTIAL_GROUPS:
-        group = [n for n in names if module_type(n) in types]
-        if group:
-            groups.append(group)
-            seen.update(group)
-    rest = [n for n in names if n not in seen]
-    if rest:
-        groups.append(rest)
-    return groups
+    groups = [[n for n in names if module_type(n) in types] for types in SEQUENTIAL_GROUPS]
+    grouped = {n for group in groups for n in group}
+    groups.append([n for n in names if n not in grouped])
+    return [group for group in groups if group]

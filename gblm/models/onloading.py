@@ -1,13 +1,8 @@
 """Onloading: a model's parts on the compute device only while they work.
 
-Two helpers, used by the layer walk and by GBLM's gradient stage:
-
-- :func:`skeleton` puts stand-ins in place of decoder blocks, so the model's own code (embeddings,
-  attention masks, rotary tables, final norm, LM head, loss) runs without those blocks' weights;
-  each stand-in hands its call to a function of the caller.
-- :func:`visiting` gives a module's parameters and buffers a device copy as their ``.data`` for
-  read-only work and puts the very same host tensors back afterwards (nothing is copied back, so
-  memory-mapped weights stay mapped).
+:func:`skeleton` puts stand-ins in place of decoder blocks, so the model's own code (embeddings,
+masks, rotary tables, norm, LM head, loss) runs without their weights; :func:`visiting` lends a
+module's tensors a device copy for read-only work.
 """
 
 from __future__ import annotations
@@ -26,8 +21,8 @@ from gblm.models.offload import Offloaded
 class StandIn(nn.Module):
     """Takes the place of decoder block ``index``: ``on_call(index, hidden, args, kwargs)``.
 
-    Attributes the model reads from its blocks (e.g. ``attention_type``) come from the real block,
-    which is not registered as a submodule: its parameters are not the model's while it stands in.
+    Other attributes (e.g. ``attention_type``) come from the real block, which is not registered:
+    its parameters are not the model's while it stands in.
     """
 
     def __init__(self, index: int, block: nn.Module, on_call: Callable) -> None:
@@ -50,11 +45,8 @@ class StandIn(nn.Module):
 def skeleton(
     model: nn.Module, on_call: Callable, blocks: int | None = None
 ) -> Iterator[list[nn.Module]]:
-    """Within, the first ``blocks`` decoder blocks (default: all) are :class:`StandIn` s.
-
-    Yields:
-        The real blocks, all of them, in order (put back afterwards, also on an exception).
-    """
+    """Within, the first ``blocks`` decoder blocks (default: all) are :class:`StandIn` s; yields
+    the real blocks, all of them (put back afterwards, also on an exception)."""
     layers = decoder_layers(model)
     real = list(layers)
     count = len(real) if blocks is None else blocks
@@ -71,12 +63,11 @@ def skeleton(
 def visiting(
     module: nn.Module, device: torch.device, sources: Mapping[int, Offloaded] | None = None
 ) -> Iterator[None]:
-    """``module``'s parameters and buffers on ``device`` within the block, for read-only work.
+    """``module``'s parameters and buffers on ``device`` within, for read-only work.
 
-    Each tensor elsewhere gets a device copy as its ``.data``; afterwards the very same original
-    tensor is put back (nothing is copied back: the work must not write the weights). A no-op for
-    tensors already on ``device``. A stand-in for a weight accelerate offloads (``sources``, from
-    :func:`gblm.models.offload.placeholders`, by ``id``) gets the value its hook stores.
+    Each tensor elsewhere gets a device copy as its ``.data``; afterwards the very same host tensor
+    is put back (nothing is copied back, so memory-mapped weights stay mapped). A stand-in for an
+    offloaded weight (``sources``: :func:`gblm.models.offload.placeholders`) gets its stored value.
     """
     sources = sources or {}
 

@@ -1,25 +1,17 @@
-"""Save a pruned model with its tokenizer, masks and run record, atomically.
+"""Save a pruned model with its tokenizer, masks, run record and model card, atomically.
 
-Layout of the directory (``<run dir>/model`` when a run has ``save_model=true``)::
-
-    config.json, model*.safetensors, ...   save_pretrained: the pruned weights (zeros included)
-    tokenizer files                        tokenizer.save_pretrained
-    pruning_masks.safetensors              one uint8 tensor per pruned Linear: its boolean mask
-                                           (True = pruned) packed 8 entries per byte, first entry
-                                           in the high bit; shapes in the file's metadata
-    pruning.json                           the run's metrics and per-Linear mask statistics
-    README.md                              the model card (Hub metadata, how it was pruned, scores)
-
-It loads like any Hugging Face checkpoint, so a saved model is evaluated without pruning again:
-``python -m gblm model=hf model.name_or_path=<run dir>/model method=dense`` (or ``model=saved
-model.run_dir=<run dir>``). Everything is written into a temporary sibling directory that is then
-renamed into place (:func:`gblm.utils.atomic_write` with ``directory=True``), so a reader never
-sees a half-written model.
+The directory (``<run dir>/model``) is a plain Hugging Face checkpoint (the pruned weights hold
+their zeros; config.json carries the recipe under :data:`RECIPE_KEY`) plus
+``pruning_masks.safetensors`` (per Linear its mask, True = pruned, packed 8 entries a byte, first
+entry in the high bit; shapes in the metadata), ``pruning.json`` (the run's record and mask
+statistics) and ``README.md`` (:mod:`gblm.models.card`). It is filled in a temporary sibling and
+renamed into place, so a reader never sees half of it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -64,70 +56,38 @@ def load_masks(path: str | Path) -> dict[str, Tensor]:
 def mask_summary(masks: Mapping[str, Tensor]) -> dict[str, Any]:
     """Pruned share per Linear and overall (True = pruned)."""
     per_linear = {}
-    pruned_total = numel_total = 0
     for name, mask in masks.items():
         pruned = int(mask.sum().item())
-        per_linear[name] = {
-            "shape": list(mask.shape),
-            "pruned": pruned,
-            "ratio": pruned / max(mask.numel(), 1),
-        }
-        pruned_total += pruned
-        numel_total += mask.numel()
+        per_linear[name] = {"shape": list(mask.shape), "pruned": pruned,
+                            "ratio": pruned / max(mask.numel(), 1)}  # fmt: skip
+    pruned = sum(row["pruned"] for row in per_linear.values())
+    total = sum(mask.numel() for mask in masks.values())
     return {
         "linears": len(per_linear),
-        "pruned": pruned_total,
-        "total": numel_total,
-        "ratio": pruned_total / numel_total if numel_total else 0.0,
+        "pruned": pruned,
+        "total": total,
+        "ratio": pruned / total if total else 0.0,
         "per_linear": per_linear,
     }
 
 
-def recipe(metrics: Mapping[str, Any], masks: Mapping[str, Tensor]) -> dict[str, Any]:
-    """How the model was pruned, for config.json: method, its settings, target and achieved."""
-    from gblm import __version__
-
-    summary = mask_summary(masks)
-    return {
-        "tool": f"gblm {__version__}",
-        "method": metrics.get("method"),
-        "method_settings": metrics.get("method_settings"),
-        "sparsity": metrics.get("sparsity"),
-        "calibration": metrics.get("calibration"),
-        "achieved_sparsity": summary["ratio"],
-        "pruned_linears": summary["linears"],
-        "masks_file": MASKS_FILE if masks else None,
-    }
-
-
 def _default_permissions(directory: Path) -> None:
-    """Give the files under ``directory`` the mode its plain ``mkdir`` got under the umask.
-
-    Atomic writes go through temporary files, which are created 0600; a saved model should be
-    readable by whoever can read the run directory.
-    """
+    """Give everything under ``directory`` the mode its ``mkdir`` got under the umask (a temporary
+    file's 0600 would make the saved model unreadable to others)."""
     dir_mode = directory.stat().st_mode & 0o777
     for path in directory.rglob("*"):
         path.chmod(dir_mode if path.is_dir() else dir_mode & 0o666)
 
 
-#: The config.json key that records how a saved model was pruned.
-RECIPE_KEY = "gblm_pruning"
+RECIPE_KEY = "gblm_pruning"  # the config.json key that records how a saved model was pruned
 
 
 def _save_pretrained(
-    model: torch.nn.Module,
-    directory: Path,
-    dtype: torch.dtype | None = None,
-    recipe: Mapping[str, Any] | None = None,
+    model: torch.nn.Module, directory: Path, dtype: torch.dtype | None, recipe: Mapping[str, Any]
 ) -> None:
-    """``model.save_pretrained`` with ``use_cache`` on (the walk turned it off; a saved model
-    should generate normally), the weights in ``dtype`` (None: as they are) and the pruning
-    recipe under :data:`RECIPE_KEY` in config.json; the model and its config are left as found.
-
-    A cast goes through a cast copy of the state dict (one extra copy of the weights in
-    ``dtype``), never through the model itself, which may still be evaluated after saving.
-    """
+    """``model.save_pretrained`` with ``use_cache`` on (the walk turned it off), the weights in
+    ``dtype`` (None: as they are; cast in a copy of the state dict, never in the model) and
+    ``recipe`` under :data:`RECIPE_KEY`; the model and its config are left as found."""
     config = model.config
     saved = {
         "use_cache": getattr(config, "use_cache", None),
@@ -141,8 +101,7 @@ def _save_pretrained(
         config.use_cache = True
     if dtype is not None:
         config.dtype = dtype
-    if recipe is not None:
-        setattr(config, RECIPE_KEY, dict(recipe))
+    setattr(config, RECIPE_KEY, dict(recipe))
     try:
         model.save_pretrained(directory, state_dict=state_dict)
         if dtype is not None:  # save_pretrained writes the dtype of the model, not of the files
@@ -154,7 +113,7 @@ def _save_pretrained(
         for key, value in saved.items():
             if value is not None:
                 setattr(config, key, value)
-        if recipe is not None and hasattr(config, RECIPE_KEY):
+        if hasattr(config, RECIPE_KEY):
             delattr(config, RECIPE_KEY)
 
 
@@ -167,43 +126,38 @@ def save_pruned_model(
     dtype: torch.dtype | None = None,
     card: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Save the pruned ``model``, its ``tokenizer``, ``masks``, ``metrics`` and a model card
-    (``README.md``, :func:`gblm.models.card.model_card`) into ``out_dir``.
+    """Save the pruned ``model`` (its pruned weights already zero), its ``tokenizer``, ``masks``
+    (Linear name -> bool mask, True = pruned; empty for a dense model), the run's ``metrics`` and
+    a model card into ``out_dir`` (created or replaced); returns ``out_dir``.
 
-    Args:
-        model: a Hugging Face causal LM whose pruned weights are already zero.
-        tokenizer: its tokenizer (saved beside it, so the directory loads on its own).
-        masks: Linear name -> boolean mask (True = pruned), as the layer walk returns them; empty
-            for a dense model.
-        out_dir: the directory to create or replace.
-        metrics: the run's metrics so far, stored in ``pruning.json``; its method, sparsity
-            and achieved sparsity also go into config.json (:data:`RECIPE_KEY`).
-        dtype: the weights' dtype on disk (None: the model's own).
-        card: what the card needs beyond ``metrics``: ``base_model`` (a Hub id) and
-            ``evaluation`` (the perplexity setting).
-
-    Returns:
-        ``out_dir``.
+    ``dtype`` is the weights' dtype on disk (None: the model's own); ``card`` holds what
+    :func:`gblm.models.card.model_card` needs beyond ``metrics`` (``base_model``, ``evaluation``).
     """
-
+    from gblm import __version__
     from gblm.models.card import model_card
 
-    how = recipe(metrics, masks)
+    summary = mask_summary(masks)
+    masks_file = MASKS_FILE if masks else None
+    recipe = {
+        "tool": f"gblm {__version__}",
+        **{
+            key: metrics.get(key)
+            for key in ("method", "method_settings", "sparsity", "calibration")
+        },
+        "achieved_sparsity": summary["ratio"],
+        "pruned_linears": summary["linears"],
+        "masks_file": masks_file,
+    }
 
     def fill(tmp: Path) -> None:
-        _save_pretrained(model, tmp, dtype, how)
-        (tmp / CARD_FILE).write_text(model_card(metrics, how["achieved_sparsity"], **(card or {})))
+        _save_pretrained(model, tmp, dtype, recipe)
+        (tmp / CARD_FILE).write_text(model_card(metrics, summary["ratio"], **(card or {})))
         tokenizer.save_pretrained(tmp)
         if masks:
             save_masks(masks, tmp / MASKS_FILE)
-        atomic_write_json(
-            tmp / RECORD_FILE,
-            {
-                "metrics": dict(metrics),
-                "masks": mask_summary(masks)
-                | {"file": MASKS_FILE if masks else None, "format": MASK_FORMAT},
-            },
-        )
+        record = {"metrics": dict(metrics),
+                  "masks": summary | {"file": masks_file, "format": MASK_FORMAT}}  # fmt: skip
+        atomic_write_json(tmp / RECORD_FILE, record)
         _default_permissions(tmp)
 
     return atomic_write(out_dir, fill, directory=True)
@@ -214,14 +168,8 @@ class HubPushError(RuntimeError):
 
 
 def push_saved_model(directory: str | Path, repo_id: str, *, private: bool = True) -> str:
-    """Upload a saved model directory to the Hugging Face hub repo ``repo_id``; returns its URL.
-
-    The repo is created (private by default) when it does not exist. Raises
-    :class:`HubPushError` with the reason, e.g. when the hub libraries are offline
-    (``HF_HUB_OFFLINE=1``, which gblm sets on a machine without network) or the upload fails.
-    """
-    import os
-
+    """Upload a saved model directory to the hub repo ``repo_id`` (created, private by default,
+    when missing); returns its URL. Offline or on a failed upload: :class:`HubPushError`."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise HubPushError(
             f"push_to_hub={repo_id!r}: the Hugging Face hub is offline here (HF_HUB_OFFLINE is "

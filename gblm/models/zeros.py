@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
@@ -12,34 +13,27 @@ from gblm.names import block_index
 
 @torch.no_grad()
 def weight_zero_share(model: nn.Module, names: Iterable[str]) -> dict:
-    """The share of exact zeros in the named Linears' weights, per block and overall.
-
-    This is the post-pruning sparsity check: it reads the weights themselves, not the masks, so
-    it also catches a method that returned a mask but failed to zero the weights.
+    """The share of exact zeros in the named Linears' weights (not their masks, so it also
+    catches a method that failed to zero the weights), per block and overall.
 
     Returns:
-        ``{"overall": float, "zeros": int, "total": int,
-        "per_block": [{"block": int, "zero_share": float, "zeros": int, "total": int}, ...]}``
-        with blocks in ascending order (names without a block index count only in the overall).
+        ``{"overall", "zeros", "total", "per_block": [{"block", "zero_share", "zeros",
+        "total"}, ...]}``, blocks ascending (names without a block count only in the overall).
     """
-    zeros_by_block: dict[int, list[int]] = {}
-    zeros_all = total_all = 0
+    counts: dict[int | None, list[int]] = defaultdict(lambda: [0, 0])
     for name in names:
         weight = model.get_submodule(name).weight
-        zeros, total = int((weight == 0).sum().item()), weight.numel()
-        zeros_all += zeros
-        total_all += total
-        block = block_index(name)
-        if block is not None:
-            counts = zeros_by_block.setdefault(block, [0, 0])
-            counts[0] += zeros
-            counts[1] += total
+        zeros = int((weight == 0).sum().item())
+        for key in {None, block_index(name)}:
+            counts[key][0] += zeros
+            counts[key][1] += weight.numel()
+    zeros, total = counts[None]
     return {
-        "overall": zeros_all / total_all if total_all else 0.0,
-        "zeros": zeros_all,
-        "total": total_all,
+        "overall": zeros / total if total else 0.0,
+        "zeros": zeros,
+        "total": total,
         "per_block": [
             {"block": b, "zero_share": z / t if t else 0.0, "zeros": z, "total": t}
-            for b, (z, t) in sorted(zeros_by_block.items())
+            for b, (z, t) in sorted((b, c) for b, c in counts.items() if b is not None)
         ],
     }
