@@ -1,10 +1,7 @@
-"""The model card of a saved pruned model: ``README.md`` with the metadata the Hugging Face Hub reads.
+"""The model card (``README.md``) of a saved pruned model, from the run's record.
 
-The YAML header (``huggingface_hub.ModelCardData``) names the base model, the library and the
-pipeline, tags the pruning method and pattern, and carries the run's perplexities and zero-shot
-accuracies as ``model-index`` results; the text below says how the model was pruned (method,
-settings, target and achieved sparsity, calibration), what it scored, and the command that made
-it. Everything comes from the run's record, so the card and ``pruning.json`` agree.
+Its YAML header is the Hub's metadata (base model, tags, the scores as ``model-index`` results);
+its text says how the model was pruned, what it scored, and the command that made it.
 """
 
 from __future__ import annotations
@@ -101,14 +98,9 @@ def model_card(
     base_model: str | None = None,
     evaluation: Mapping[str, Any] | None = None,
 ) -> str:
-    """The ``README.md`` of a saved model.
-
-    Args:
-        metrics: the run's record (``metrics.json`` as it stands when the model is saved).
-        achieved: the share of zeros in the pruned Linears' masks.
-        base_model: the Hub id of the model that was pruned (None: not on the Hub).
-        evaluation: the perplexity setting: ``dataset``, ``split``, ``seqlen``, ``max_windows``.
-    """
+    """The ``README.md`` of a saved model: ``metrics`` is the run's record so far, ``achieved``
+    the share of zeros in the masks, ``base_model`` a Hub id (None: not on the Hub) and
+    ``evaluation`` the perplexity setting (``dataset``, ``split``, ``seqlen``, ``max_windows``)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from gblm import __version__

@@ -47,10 +47,8 @@ class Offloaded:
 def align_hooks(module: nn.Module) -> list[tuple[nn.Module, Any]]:
     """``(module, AlignDevicesHook)`` for every such hook in ``module``'s tree (also inside a
     ``SequentialHook``). Raises NotImplementedError for a hook of another kind."""
-    try:
-        from accelerate.hooks import AlignDevicesHook, SequentialHook
-    except ImportError:  # no accelerate: nothing is dispatched
-        return []
+    from accelerate.hooks import AlignDevicesHook, SequentialHook
+
     found = []
     for name, sub in module.named_modules():
         hook = getattr(sub, "_hf_hook", None)

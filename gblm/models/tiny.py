@@ -1,8 +1,5 @@
-"""Small seeded models built from a config, one per supported architecture, for fast tests.
-
-They are random-init, so their perplexities mean nothing; they exercise every code path (the layer
-walk, the gradient stage, all four methods) on the architectures gblm supports in seconds.
-"""
+"""Small seeded random-init models, one per supported architecture: every code path in seconds
+(their perplexities mean nothing)."""
 
 from __future__ import annotations
 
@@ -36,10 +33,8 @@ def tiny_config(
     max_positions: int = 2048,
 ) -> PretrainedConfig:
     """A small config of ``arch``; the vocabulary defaults to SmolLM2's so its tokenizer fits.
-
-    Raises a ConfigError naming the ``model.tiny`` key for an unknown architecture or heads
-    that do not divide the hidden size (the attention reshapes would fail inside the model).
-    """
+    A ConfigError names the ``model.tiny`` key of an unknown architecture, a bad size, or heads
+    that do not divide the hidden size (the attention reshapes would fail inside the model)."""
     if arch not in ARCHITECTURES:
         raise ConfigError(
             f"model.tiny.arch={arch!r}: allowed values are {', '.join(ARCHITECTURES)}."
@@ -60,34 +55,23 @@ def tiny_config(
             f"model.tiny.num_kv_heads={kv} does not divide model.tiny.num_heads={num_heads}: "
             "allowed are divisors of the head count."
         )
-    decoder = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_attention_heads=num_heads,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_key_value_heads=kv,
-        max_position_embeddings=max_positions,
-    )
-    if arch == "llama":
-        return LlamaConfig(**decoder, tie_word_embeddings=False)
-    if arch == "mistral":
-        return MistralConfig(**decoder, sliding_window=None)
-    if arch == "qwen2":
-        return Qwen2Config(**decoder, tie_word_embeddings=False)
     if arch == "opt":
         return OPTConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            num_attention_heads=num_heads,
-            ffn_dim=intermediate_size,
-            num_hidden_layers=num_layers,
-            max_position_embeddings=max_positions,
-            word_embed_proj_dim=hidden_size,
-            do_layer_norm_before=True,
-            enable_bias=True,
-        )
-    raise AssertionError(arch)  # every architecture is handled above
+            vocab_size=vocab_size, hidden_size=hidden_size, num_attention_heads=num_heads,
+            ffn_dim=intermediate_size, num_hidden_layers=num_layers,
+            max_position_embeddings=max_positions, word_embed_proj_dim=hidden_size,
+            do_layer_norm_before=True, enable_bias=True,
+        )  # fmt: skip
+    config_class, extra = {
+        "llama": (LlamaConfig, {"tie_word_embeddings": False}),
+        "mistral": (MistralConfig, {"sliding_window": None}),
+        "qwen2": (Qwen2Config, {"tie_word_embeddings": False}),
+    }[arch]
+    return config_class(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_attention_heads=num_heads,
+        intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+        num_key_value_heads=kv, max_position_embeddings=max_positions, **extra,
+    )  # fmt: skip
 
 
 def check_tiny_arguments(args: Mapping[str, Any]) -> None:
@@ -105,10 +89,6 @@ def check_tiny_arguments(args: Mapping[str, Any]) -> None:
 
 def build_tiny_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A random-init causal LM from ``config``, deterministic in ``seed``."""
-    gen_state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # the caller's (CPU) random state is left as found
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    finally:
-        torch.random.set_rng_state(gen_state)
-    return model.eval()
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
