@@ -89,10 +89,7 @@ def _save_pretrained(
     ``dtype`` (None: as they are; cast in a copy of the state dict, never in the model) and
     ``recipe`` under :data:`RECIPE_KEY`; the model and its config are left as found."""
     config = model.config
-    saved = {
-        "use_cache": getattr(config, "use_cache", None),
-        "dtype": getattr(config, "dtype", None),
-    }
+    saved = {key: getattr(config, key, None) for key in ("use_cache", "dtype")}
     state_dict = None
     if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v
