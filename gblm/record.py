@@ -162,23 +162,6 @@ def _mask_images(conf: RunConf, result: Result, metrics: dict, run_dir: Path) ->
         metrics.setdefault("warnings", []).append(message)
 
 
-def flat(metrics: dict) -> dict:
-    """The record's numbers as flat ``group/key`` names, for dashboards."""
-    out: dict[str, Any] = {}
-    for key in ("ppl", "timings", "mask_stats", "zeroshot"):
-        for k, v in (metrics.get(key) or {}).items():
-            if isinstance(v, int | float):
-                out[f"{key}/{k}"] = v
-            elif isinstance(v, dict):
-                out.update({f"{key}/{k}/{kk}": vv for kk, vv in v.items() if isinstance(vv, int | float)})  # fmt: skip
-    out["sparsity/ratio"] = metrics["sparsity"]["ratio"]
-    if "sparsity_check" in metrics:
-        out["sparsity/achieved"] = metrics["sparsity_check"].get("overall")
-    if "peak_memory_bytes" in metrics:
-        out["peak_memory_gb"] = metrics["peak_memory_bytes"] / 2**30
-    return out
-
-
 def remote_logger(conf: RunConf, run_dir: Path):
     """The W&B logger of ``logger=wandb`` (a :class:`NullLogger` otherwise)."""
     if conf.logger.name != "wandb":
@@ -222,7 +205,12 @@ def publish(remote, metrics: dict, run_dir: Path) -> None:
     """A finished run's record to the remote logger: numbers, the mask table, pictures, files."""
     from gblm.analysis.records import read_mask_stats_csv
 
-    remote.log_metrics(flat(metrics))
+    numbers = {key: metrics.get(key) or {} for key in ("ppl", "timings", "mask_stats", "zeroshot")}
+    achieved = (metrics.get("sparsity_check") or {}).get("overall")
+    numbers["sparsity"] = {"ratio": metrics["sparsity"]["ratio"], "achieved": achieved}
+    if "peak_memory_bytes" in metrics:
+        numbers["peak_memory_gb"] = metrics["peak_memory_bytes"] / 2**30
+    remote.log_metrics(numbers)  # nested: the logger names them ``ppl/pruned``
     masks = sorted((run_dir / "masks").glob("*.png")) if (run_dir / "masks").is_dir() else []
 
     def tables_and_images() -> None:

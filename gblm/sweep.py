@@ -12,6 +12,7 @@ import atexit
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -90,7 +91,7 @@ def unnamed_keys(config: DictConfig) -> list[str]:
     if "hydra.job.num" not in str(subdir):
         return []
     axes = sweep_axes(config)
-    if not axes or len(expand_sweep(config) or []) < 2:
+    if not axes or math.prod(len(values) for values in axes.values()) < 2:
         return []
     constant = [values[0] for values in axes.values() if len(values) == 1]
     return [o.key_or_group for o in OverridesParser.create().parse_overrides(constant)]
