@@ -1,9 +1,7 @@
-"""The run's overall estimate: how much of its work is done and about how long is left.
-
-Each stage that does model work is weighed by the tokens it pushes through the model
-(:func:`gblm.pipeline.planned_stages`), a stage whose result a cache holds by nothing (the
-pipeline says so before the first weighed stage); the rate measured on the stages done so far
-prices the ones left. The estimate is a guide, printed in the log after every stage.
+"""The run's overall estimate, logged after every stage: how much of its work is done and about
+how long is left. Each stage is weighed by the tokens it pushes through the model
+(:func:`gblm.pipeline.planned_stages`), a cached one by nothing; the rate measured so far prices
+the stages left.
 """
 
 from __future__ import annotations

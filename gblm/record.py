@@ -1,10 +1,8 @@
 """The run record: ``metrics.json`` and its companion files, written from the pipeline's result.
 
-``metrics.json`` starts as the run's identity (method, target, calibration) with ``"status":
-"running"`` and grows as the stages end (:func:`update`); the mask statistics go to
-``mask_stats.csv`` and ``mask_stats_blocks.json``, a few masks to PNGs (optional: a failure is a
-warning in the record). Everything here is written locally and atomically; the remote logger
-(:func:`remote_logger`) only ever sees what is already on disk.
+``metrics.json`` starts as the run's identity with ``"status": "running"`` and grows as the stages
+end (:func:`update`); the mask statistics go to ``mask_stats.csv`` and ``mask_stats_blocks.json``,
+a few masks to PNGs. The remote logger (:func:`remote_logger`) only sees what is already on disk.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from gblm.config import RunConf
 from gblm.loggers.base import NullLogger
+from gblm.loggers.local import process_record
 from gblm.pipeline import Result
 
 log = logging.getLogger("gblm")
@@ -34,10 +33,8 @@ def _sweep() -> Any:
 
 def run_name(conf: RunConf) -> str:
     """``method_sparsity_model`` (the method with its weight update: ``gblm+admm``), and in a
-    sweep the other keys that name the job (those the sweep varies:
-    ``gblm_0.5_llama_7b_calibration.nsamples=32``), so ablation points have their own names,
-    unique within the sweep (a sweep over ``sparsity=uniform,per_block`` keeps ``sparsity=...``:
-    the label shows the target only)."""
+    sweep the other keys that name the job (``gblm_0.5_llama_7b_calibration.nsamples=32``), so
+    that its name is unique within the sweep."""
     target, update = conf.sparsity.target(), conf.reconstruct_name
     method = conf.method_name + (f"+{update}" if update != "none" else "")
     name = f"{method}_{target.label}_{conf.model.name}".replace(":", "of")
@@ -50,8 +47,8 @@ def run_name(conf: RunConf) -> str:
 
 
 def command() -> str | None:
-    """The command line that runs this config (a sweep job's own overrides), paths cut to their
-    last component; None outside a Hydra app."""
+    """The command line of this config (:func:`gblm.models.card.portable_command`); None outside
+    a Hydra app."""
     if not HydraConfig.initialized():
         return None
     from gblm.models.card import portable_command
@@ -68,13 +65,13 @@ def method_label(conf: RunConf, method, plan) -> str:
     return label + (f"+{plan.label}" if method is not None and plan.label else "")
 
 
-def initial(conf: RunConf, method, plan, digest: str, process: dict) -> dict[str, Any]:
+def initial(conf: RunConf, method, plan, digest: str) -> dict[str, Any]:
     """The record of a run that starts: who runs what, to which target, on which data."""
     target, c = conf.sparsity.target(), conf.calibration
     return {
         "status": "running",
         "config_hash": digest,
-        "process": process,
+        "process": process_record(),
         "run_name": run_name(conf),
         "command": command(),
         "method": conf.method_name,
@@ -84,26 +81,18 @@ def initial(conf: RunConf, method, plan, digest: str, process: dict) -> dict[str
         "reconstruct_settings": method.update.describe() if method and method.update else {},
         "model": conf.model.name,
         "sparsity": {
-            "ratio": target.ratio,
-            "n": target.n,
-            "m": target.m,
-            "label": target.label,
+            **{k: getattr(target, k) for k in ("ratio", "n", "m", "label")},
             **plan.record(),
-        },  # fmt: skip
-        "calibration": {
-            "source": c.source,
-            "nsamples": c.nsamples,
-            "seqlen": c.seqlen,
-            "seed": c.seed,
         },
+        "calibration": {k: getattr(c, k) for k in ("source", "nsamples", "seqlen", "seed")},
         "ppl": {},
         "timings": {},
     }
 
 
 def provenance(device: str, fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
-    """What produced the numbers beyond the config: floating-point results move with the code,
-    the libraries, the device and the thread count; the inputs' content fingerprints
+    """What produced the numbers beyond the config: the code, the libraries, the device and the
+    thread count (floating-point results move with them), and the inputs' content fingerprints
     (:func:`gblm.pipeline.fingerprints`), which a relaunch compares."""
     import subprocess
     from importlib.metadata import PackageNotFoundError, version
@@ -173,23 +162,6 @@ def _mask_images(conf: RunConf, result: Result, metrics: dict, run_dir: Path) ->
         metrics.setdefault("warnings", []).append(message)
 
 
-def flat(metrics: dict) -> dict:
-    """The record's numbers as flat ``group/key`` names, for dashboards."""
-    out: dict[str, Any] = {}
-    for key in ("ppl", "timings", "mask_stats", "zeroshot"):
-        for k, v in (metrics.get(key) or {}).items():
-            if isinstance(v, int | float):
-                out[f"{key}/{k}"] = v
-            elif isinstance(v, dict):
-                out.update({f"{key}/{k}/{kk}": vv for kk, vv in v.items() if isinstance(vv, int | float)})  # fmt: skip
-    out["sparsity/ratio"] = metrics["sparsity"]["ratio"]
-    if "sparsity_check" in metrics:
-        out["sparsity/achieved"] = metrics["sparsity_check"].get("overall")
-    if "peak_memory_bytes" in metrics:
-        out["peak_memory_gb"] = metrics["peak_memory_bytes"] / 2**30
-    return out
-
-
 def remote_logger(conf: RunConf, run_dir: Path):
     """The W&B logger of ``logger=wandb`` (a :class:`NullLogger` otherwise)."""
     if conf.logger.name != "wandb":
@@ -213,8 +185,8 @@ def remote_logger(conf: RunConf, run_dir: Path):
 
 
 def live_view(remote, metrics: dict):
-    """A stage listener: each stage's start and end to the remote logger as it happens, and the
-    perplexities as soon as they exist (the dense one long before the run ends)."""
+    """A stage listener: each stage's start and end to the remote logger, and the perplexities
+    as soon as they exist (the dense one long before the run ends)."""
     sent: set[str] = set()
 
     def tell(event: str, stage: str, seconds: float | None, done: int) -> None:
@@ -233,7 +205,12 @@ def publish(remote, metrics: dict, run_dir: Path) -> None:
     """A finished run's record to the remote logger: numbers, the mask table, pictures, files."""
     from gblm.analysis.records import read_mask_stats_csv
 
-    remote.log_metrics(flat(metrics))
+    numbers = {key: metrics.get(key) or {} for key in ("ppl", "timings", "mask_stats", "zeroshot")}
+    achieved = (metrics.get("sparsity_check") or {}).get("overall")
+    numbers["sparsity"] = {"ratio": metrics["sparsity"]["ratio"], "achieved": achieved}
+    if "peak_memory_bytes" in metrics:
+        numbers["peak_memory_gb"] = metrics["peak_memory_bytes"] / 2**30
+    remote.log_metrics(numbers)  # nested: the logger names them ``ppl/pruned``
     masks = sorted((run_dir / "masks").glob("*.png")) if (run_dir / "masks").is_dir() else []
 
     def tables_and_images() -> None:
@@ -250,8 +227,8 @@ def publish(remote, metrics: dict, run_dir: Path) -> None:
 
 
 def remote_outcome(metrics: dict, remote) -> bool:
-    """The remote logger's failures into ``metrics["warnings"]`` and where its record went into
-    ``metrics["wandb"]`` (an offline run's folder, or the run's URL); whether anything changed."""
+    """The remote logger's failures into ``metrics["warnings"]``, where its record went (an
+    offline folder, a URL) into ``metrics["wandb"]``; whether anything changed."""
     location = remote.location()
     new = [w for w in remote.failures() if w not in metrics.get("warnings", [])]
     if new:
@@ -282,8 +259,7 @@ def _shown(path: str | Path) -> str:
 
 
 def where_lines(metrics: dict, run_dir: Path) -> list[str]:
-    """Where a run's outputs went: its folder, the saved model, the W&B run (or how to upload
-    an offline one)."""
+    """Where a run's outputs went: its folder, the saved model, the W&B run (or how to upload it)."""
     lines = [f"gblm: run folder {_shown(run_dir)}"]
     if metrics.get("saved_model"):
         lines.append(f"gblm: saved model {_shown(metrics['saved_model'])}")

@@ -1,10 +1,9 @@
 """One run in its run directory: identity and resume, refusals, signals, the record, loggers.
 
 ``run(cfg)`` checks the config, decides from the run dir whether to run (a finished run of the
-same config is returned as it is), then hands the stages to :mod:`gblm.pipeline` and writes the
-record (:mod:`gblm.record`) from its result, locally and atomically, before any remote logger
-sees it. The Hydra ``main`` only composes, calls ``run`` and reports, so one failed job of a
-sweep never poisons the next.
+same config is returned as it is), hands the stages to :mod:`gblm.pipeline` and writes the record
+(:mod:`gblm.record`) locally before any remote logger sees it. The Hydra ``main`` composes, calls
+``run`` and reports.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from gblm import devices, pipeline, record
 from gblm.config import RunConf, build_method, build_plan, to_plain, validate
 from gblm.errors import ConfigError, UserError
 from gblm.loggers.base import GuardedLogger, NullLogger
-from gblm.loggers.local import LocalLogger, process_record, read_metrics, run_alive, run_lock
+from gblm.loggers.local import LocalLogger, in_use, read_metrics, run_alive, run_lock
 from gblm.methods.registry import allocator_entry, allocator_options
 from gblm.models.loading import weights_fingerprint
 from gblm.paths import PROJECT_ROOT
@@ -46,8 +45,8 @@ _INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGINT is KeyboardInterr
 
 
 class RunInterrupted(BaseException):
-    """SIGTERM or SIGHUP during a run, raised in the main thread as Ctrl-C raises KeyboardInterrupt:
-    a BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on the way eats it."""
+    """SIGTERM or SIGHUP during a run: a BaseException, as KeyboardInterrupt is, so that no
+    ``except Exception`` on the way eats it."""
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
@@ -56,14 +55,10 @@ class RunInterrupted(BaseException):
 
 # Identity ------------------------------------------------------------------------------------------
 def result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The settings that determine a run's results, normalised so that equal runs compare equal.
-
-    ``batch_size=auto`` counts as 1 (it is one window); ``reconstruct=none`` as no reconstruct
-    node (the runs recorded before weight updates existed); the method node drops the
-    :data:`RETIRED_MEMORY_OPTIONS`; the sparsity node keeps the target and its own allocator's
-    options only (the others' keys change nothing), and a ``per_block`` schedule recorded before
-    allocators were plug-ins counts as ``per_block``.
-    """
+    """The settings that determine a run's results, normalised so that equal runs compare equal:
+    ``batch_size=auto`` is 1, ``reconstruct=none`` no node (as recorded before weight updates),
+    the method without :data:`RETIRED_MEMORY_OPTIONS`, the sparsity its target and its own
+    allocator's options (an old ``per_block`` schedule counts as the ``per_block`` allocator)."""
     relevant = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
     if relevant.get("batch_size") == "auto":
         relevant["batch_size"] = 1
@@ -105,28 +100,21 @@ def _result_changes(run_dir: Path, container: dict) -> list[str] | None:
 
 
 def _same_config(previous: dict, digest: str, run_dir: Path, container: dict) -> bool:
-    """Whether the finished run in ``run_dir`` had this config's results: the same hash, or a
-    saved config that differs in no key that changes results (runs of older versions)."""
+    """The same hash, or a saved config that differs in no key that changes results (runs of
+    older versions)."""
     return previous.get("config_hash") == digest or _result_changes(run_dir, container) == []
 
 
 def run_dir_refusal(
     conf: RunConf, run_dir: Path, previous: dict | None, digest: str, container: dict
 ) -> str | None:
-    """Why a run of this config must not start in ``run_dir``, or None.
-
-    A live process is writing it; or it holds a finished run of another config and
-    ``overwrite`` is false (a finished result is never replaced silently). ``previous`` is the
-    dir's ``metrics.json``; the sweep preflight asks this for every job before any starts.
-    """
+    """Why a run of this config must not start in ``run_dir`` (whose ``metrics.json`` is
+    ``previous``), or None: a live process writes it, or it holds a finished run of another config
+    and ``overwrite`` is false. The sweep preflight asks this for every job before any starts."""
     if not previous:
         return None
     if previous.get("status") == "running" and run_alive(run_dir):
-        owner = previous.get("process") or {}
-        return (
-            f"{run_dir} is in use: process {owner.get('pid')} on {owner.get('host')} is running "
-            "there. Wait for it or stop it, or choose another run dir."
-        )
+        return in_use(run_dir, previous.get("process"))
     if previous.get("status") != "finished" or conf.overwrite:
         return None
     if _same_config(previous, digest, run_dir, container):
@@ -141,9 +129,8 @@ def run_dir_refusal(
 
 
 def changed_content(previous: dict, found: dict[str, str]) -> list[str]:
-    """The inputs whose content changed since ``previous`` finished: ``model``, ``calibration``,
-    ``eval`` (:func:`gblm.pipeline.fingerprints`). A record written before runs kept their
-    fingerprints has none to compare: nothing counts as changed, its config decides alone."""
+    """The inputs (:func:`gblm.pipeline.fingerprints`) whose content changed since ``previous``
+    finished; none for a record older than the fingerprints."""
     old = (previous.get("provenance") or {}).get("fingerprints")
     if not isinstance(old, dict):
         return []
@@ -153,26 +140,22 @@ def changed_content(previous: dict, found: dict[str, str]) -> list[str]:
 def _previous_run(
     conf: RunConf, run_dir: Path, digest: str, container: dict, found: dict[str, str]
 ) -> dict | None:
-    """The finished record to return instead of running, or None to run (raises the refusal).
-
-    The same config on the same content (``found``) is skipped; on changed content it runs
-    again (the config is the same, so nothing else is replaced)."""
+    """The finished record to return instead of running (the same config on the same content
+    ``found``), or None to run; raises the refusal."""
     try:
         previous = read_metrics(run_dir)
     except ConfigError:
         if not conf.overwrite:
             raise
         previous = None  # a damaged record, replaced as asked
-    reason = run_dir_refusal(conf, run_dir, previous, digest, container)
-    if reason:
+    if reason := run_dir_refusal(conf, run_dir, previous, digest, container):
         raise ConfigError(reason)
     if not previous or previous.get("status") != "finished":
         return None  # new, failed, interrupted or killed: (re)done
     if not _same_config(previous, digest, run_dir, container):
         log.warning("run in %s finished with another config: replaced (overwrite=true)", run_dir)
         return None
-    changed = changed_content(previous, found)
-    if changed:
+    if changed := changed_content(previous, found):
         log.warning("run in %s finished with the same config on other content (changed: %s): "
                     "run again", run_dir, ", ".join(changed))  # fmt: skip
         return None
@@ -201,10 +184,10 @@ def _record_refusal(run_dir: Path, err: UserError, digest: str | None) -> None:
 def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Prune and evaluate one configuration; returns the record written to ``metrics.json``.
 
-    A finished run in ``run_dir`` with the same config is returned as it is; one with another
-    config is kept (a ConfigError) unless ``overwrite=true``; a live run there is refused. A
-    SIGTERM, SIGHUP or Ctrl-C ends the run as ``"status": "interrupted"`` and is re-raised.
-    Expected errors (:class:`gblm.errors.UserError`) come before the load, the dir marked failed.
+    A finished run in ``run_dir`` of the same config is returned as it is; one of another config
+    is kept (a ConfigError) unless ``overwrite=true``; a live run there is refused. SIGTERM,
+    SIGHUP or Ctrl-C record ``"status": "interrupted"`` and are re-raised. Expected errors
+    (:class:`gblm.errors.UserError`) come before the load, the dir marked failed.
     """
     if run_dir is None:
         run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else Path.cwd()
@@ -222,7 +205,7 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
     except UserError as err:
         _record_refusal(run_dir, err, digest)
         raise
-    metrics = record.initial(conf, method, plan, digest, process_record())
+    metrics = record.initial(conf, method, plan, digest)
     local = LocalLogger(run_dir)
     with run_lock(run_dir), _interruptible():
         local.write_json("config_resolved.json", container)
@@ -294,11 +277,8 @@ def _on_signal(signum: int, frame: Any) -> None:
 
 @contextlib.contextmanager
 def _interruptible() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise :class:`RunInterrupted` inside, SIGINT KeyboardInterrupt.
-
-    Main thread only (Python runs signal handlers there). SIGINT is taken over only from
-    Python's default handler: an ignored SIGINT (a background job) stays ignored.
-    """
+    """SIGTERM and SIGHUP raise :class:`RunInterrupted` inside (main thread only), SIGINT
+    KeyboardInterrupt unless it is ignored (a background job)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -1,13 +1,9 @@
 """Sweep preflight and summary: the Hydra callback ``hydra/callbacks=sweep`` of every multirun.
 
-- ``on_multirun_start`` (launching machine): :func:`preflight` expands the sweep as Hydra's basic
-  sweeper does and checks every job (config, model, data, job dir) before any starts; problems
-  stop the sweep, one line each, exit status 2. Else the jobs go to ``sweep_plan.json``.
-- ``on_job_end`` (the job's process, any launcher): ``job_status.json`` (finished | skipped |
-  failed) in the job dir, and a fresh ``sweep_summary.json`` (:func:`summarize`).
-- ``on_multirun_end``, or at exit (the basic sweeper re-raises a failed job's exception and skips
-  it): the summary, printed. (Hydra turns a callback's ``Exception`` into a warning: the
-  preflight stops the sweep with ``SystemExit``.)
+Before any job starts, :func:`preflight` expands the sweep as Hydra's basic sweeper does and checks
+every job (config, model, data, job dir): problems stop the sweep, exit status 2; else the jobs go
+to ``sweep_plan.json``. Each job's end writes its ``job_status.json`` and a fresh
+``sweep_summary.json`` (:mod:`gblm.sweep_status`); the sweep's end prints the summary.
 """
 
 from __future__ import annotations
@@ -16,6 +12,7 @@ import atexit
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -55,13 +52,9 @@ class SweepPreflightError(RuntimeError):
 
 # The jobs of a sweep ---------------------------------------------------------------------------
 def sweep_axes(config: DictConfig) -> dict[str, list[str]] | None:
-    """The axes of a multirun: each key with its values as overrides (``{"method": ["method=a",
-    "method=b"]}``).
-
-    As Hydra's basic sweeper: ``hydra.sweeper.params`` then the command line, parsed; each key
-    takes its sweep's values (``sweep_string_iterator``) or its one value, a later key replacing an
-    earlier one in its place. ``None`` for a sweeper other than the basic one.
-    """
+    """The axes of a multirun, each key with its values as overrides (``{"method": ["method=a",
+    "method=b"]}``), as Hydra's basic sweeper reads them: ``hydra.sweeper.params``, then the
+    command line, a later key replacing an earlier one in its place. None for another sweeper."""
     target = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
     if not target.endswith("BasicSweeper"):
         return None
@@ -84,40 +77,30 @@ def sweep_axes(config: DictConfig) -> dict[str, list[str]] | None:
 
 
 def expand_sweep(config: DictConfig) -> list[list[str]] | None:
-    """The jobs of a multirun, one override list each, in the order the basic sweeper runs them:
-    the product of the values of :func:`sweep_axes`, first key outermost (``None`` for a sweeper
-    other than the basic one)."""
+    """The jobs of a multirun, one override list each, in the basic sweeper's order: the product
+    of :func:`sweep_axes`, first key outermost (None for another sweeper)."""
     axes = sweep_axes(config)
     return None if axes is None else [list(job) for job in itertools.product(*axes.values())]
 
 
 def unnamed_keys(config: DictConfig) -> list[str]:
-    """The keys that name no job of this sweep: those the command line gives one value for every
-    job, in a sweep of two or more jobs whose dirs hold the job's number (a new sweep dir per
-    launch, as by default). A key with two or more values names the jobs.
-
-    A resumable sweep (``conf/sweep/resumable.yaml``: job dirs named by the overrides alone, in
-    one fixed sweep dir) drops no key: its dirs are the jobs' identities across launches, so two
-    launches that differ in a constant key (``sparsity.ratio=0.5``, then ``0.7``) must not meet
-    in one dir."""
+    """The keys with one value for every job, in a sweep of two or more jobs whose dirs hold the
+    job's number. A resumable sweep (job dirs named by the overrides alone) drops none: its dirs
+    are the jobs' identities across launches, which may differ in a constant key."""
     subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir", "")
     if "hydra.job.num" not in str(subdir):
         return []
     axes = sweep_axes(config)
-    if not axes or len(expand_sweep(config) or []) < 2:
+    if not axes or math.prod(len(values) for values in axes.values()) < 2:
         return []
     constant = [values[0] for values in axes.values() if len(values) == 1]
     return [o.key_or_group for o in OverridesParser.create().parse_overrides(constant)]
 
 
 def name_jobs_by_their_axes(config: DictConfig) -> None:
-    """Job dirs and names hold only the keys the sweep varies (:func:`unnamed_keys` are added to
-    ``hydra.job.config.override_dirname.exclude_keys``).
-
-    Set in the multirun's config, for :func:`job_dirs`, and appended to its Hydra overrides, with
-    which every launcher composes each job (``load_sweep_config``): a job's own
-    ``hydra.job.override_dirname``, and so its dir and run name, follow the same rule.
-    """
+    """Job dirs and names hold only the keys the sweep varies: :func:`unnamed_keys` join
+    ``hydra.job.config.override_dirname.exclude_keys``, in the multirun's config and in its Hydra
+    overrides, with which every launcher composes each job."""
     naming = config.hydra.job.config.override_dirname
     added = [key for key in unnamed_keys(config) if key not in naming.exclude_keys]
     if not added:
@@ -133,11 +116,8 @@ def name_jobs_by_their_axes(config: DictConfig) -> None:
 def override_dirname(
     overrides: Sequence[str], kv_sep: str = "=", item_sep: str = ",", exclude_keys: Sequence = ()
 ) -> str:
-    """A job's ``hydra.job.override_dirname``, as Hydra documents and computes it.
-
-    The job's overrides as typed, less ``hydra.*`` ones and those whose key (or config group) is
-    in ``exclude_keys``, sorted, joined by ``item_sep``; then every ``=`` becomes ``kv_sep``.
-    """
+    """A job's ``hydra.job.override_dirname`` as Hydra computes it: its overrides as typed, less
+    ``hydra.*`` and ``exclude_keys``, sorted, joined by ``item_sep``, ``=`` made ``kv_sep``."""
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     keep = (o for o in parsed if not o.is_hydra_override() and o.key_or_group not in exclude_keys)
     return item_sep.join(sorted(str(o.input_line) for o in keep)).replace("=", kv_sep)
@@ -157,8 +137,7 @@ def job_dirs(master: DictConfig, jobs: Sequence[Sequence[str]]) -> list[str]:
 
 
 def job_config(master: DictConfig, overrides: Sequence[str]) -> DictConfig:
-    """The config a job's task function receives (no ``hydra`` node), composed as the launcher
-    composes it."""
+    """The config a job's task function receives (no ``hydra`` node), composed as a launcher does."""
     cfg = GlobalHydra.instance().config_loader().load_sweep_config(master, list(overrides))
     with read_write(cfg), open_dict(cfg):
         cfg.pop("hydra")
@@ -177,24 +156,14 @@ def preflight(
     check_models: bool = True,
     check_data: bool = True,
 ) -> list[dict[str, Any]]:
-    """Check every job of the sweep before any starts.
-
-    Args:
-        master: the multirun's config.
-        validate_jobs: compose and validate ``all`` jobs, the ``first``, or ``none`` (beyond one
-            job per model, which ``check_models`` composes to learn the model).
-        check_models: check that every distinct model can be loaded here (offline-aware).
-        check_data: with ``check_models``, run every distinct job input through the run's own
-            preflight (:func:`gblm.run.preflight`: data files, enough tokens, context length).
-
-    Returns:
-        The jobs in launch order, each ``{"num", "overrides", "dir"}`` (``dir``: relative to the
-        sweep dir); empty for a sweeper other than the basic one.
+    """Check every job of the multirun ``master`` before any starts (see :class:`SweepCallback`
+    for the options); returns the jobs in launch order, each ``{"num", "overrides", "dir"}``
+    (relative to the sweep dir), none for a sweeper other than the basic one.
 
     Raises:
         SweepPreflightError: one line per problem: a config that does not compose or validate, a
-            model that cannot be loaded, two jobs that would share a job dir, a job dir that holds
-            a finished run of another config (without ``overwrite=true``) or a live run.
+            model that cannot be loaded, an input the run would refuse, two jobs sharing a job
+            dir, a job dir the run would refuse (:func:`gblm.run.run_dir_refusal`).
     """
     if validate_jobs not in VALIDATE_MODES:
         raise SweepPreflightError(f"validate_jobs={validate_jobs!r}: choose all, first or none")
@@ -252,14 +221,8 @@ def _check_jobs(
     check_models: bool,
     check_data: bool,
 ) -> list[str]:
-    """One line per problem of the jobs ``indices``.
-
-    A problem is a config that does not compose or validate, a job dir the run would refuse
-    (:func:`gblm.run.run_dir_refusal`: a finished run of another config, or a live run), and with
-    ``check_models`` a model that cannot be loaded (each checked once) and with ``check_data`` an
-    input the run's preflight refuses (each distinct input once: data files, tokens, context; not
-    the device, which the launching machine may lack).
-    """
+    """One line per problem of the jobs ``indices``; each distinct model and input is checked
+    once (not the device, which the launching machine may lack)."""
     from gblm.config import build_method, build_plan, to_plain, validate
     from gblm.loggers.local import read_metrics
     from gblm.models.loading import check_model_available
@@ -313,10 +276,14 @@ class SweepCallback(Callback):
 
     Args:
         validate_jobs: ``all`` | ``first`` | ``none``: which jobs are composed and validated
-            before the sweep starts (``all`` costs about one config composition per job).
-        check_models: check every distinct model of the sweep with ``check_model_available``.
+            (beyond one job per model, which ``check_models`` composes to learn the model).
+        check_models: check that every distinct model can be loaded here (offline-aware).
         check_data: also run each distinct job input through the run's preflight (data files,
             enough tokens for nsamples x seqlen, the model's context length).
+
+    ``on_multirun_end`` is skipped when a job fails (the basic sweeper re-raises), so the summary
+    is also printed at exit; the preflight stops the sweep with ``SystemExit``, since Hydra turns
+    a callback's ``Exception`` into a warning.
     """
 
     def __init__(

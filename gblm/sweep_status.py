@@ -1,8 +1,6 @@
-"""A sweep's state: each job's status from its dir, and ``sweep_summary.json``.
-
-A job's status comes from what its dir holds: ``job_status.json`` (written by the sweep callback
-when the job ends), the run's ``metrics.json`` and its run lock (held while the run's process
-lives). The summary is rewritten after every job, so it is current even if the sweep is killed.
+"""A sweep's state, ``sweep_summary.json``: each job's status from what its dir holds, its
+``job_status.json`` (:mod:`gblm.sweep` writes it when the job ends), its ``metrics.json`` and its
+run lock. The summary is rewritten after every job, so it is current even if the sweep is killed.
 """
 
 from __future__ import annotations
@@ -34,9 +32,9 @@ def job_entry(
 ) -> dict[str, Any]:
     """One job of the summary: its overrides, dir, status and error (and its run name and ppl).
 
-    Its status is its ``job_status.json``'s when the launch ``launch_id`` wrote it; else its run's:
-    ``running`` while a process holds the run lock, ``finished`` or ``failed`` as ``metrics.json``
-    says, else ``incomplete`` (interrupted, killed, or never begun); ``pending`` with no job dir.
+    The status is ``job_status.json``'s when the launch ``launch_id`` wrote it; else ``running``
+    while a process holds the run lock, ``finished`` or ``failed`` as ``metrics.json`` says, else
+    ``incomplete``; ``pending`` with no job dir.
     """
     entry = {"num": num, "overrides": list(overrides), "dir": None, "status": "pending",
              "this_launch": False, "error": None}  # fmt: skip
@@ -59,18 +57,13 @@ def job_entry(
     if status == "failed":
         error = error or metrics.get("error") or record.get("error")
     entry.update(dir=os.path.relpath(job_dir, sweep_dir), status=status, error=error)
-    entry.update(
-        this_launch=this_launch, **{k: metrics[k] for k in ("run_name", "ppl") if k in metrics}
-    )
+    entry.update(this_launch=this_launch, **{k: metrics[k] for k in ("run_name", "ppl") if k in metrics})  # fmt: skip
     return entry
 
 
 def summarize(sweep_dir: str | Path) -> dict[str, Any]:
-    """The state of every job of the sweep in ``sweep_dir`` (see :func:`job_entry`).
-
-    The jobs are those of the last launch's ``sweep_plan.json``, each in its planned dir; without
-    a plan (another sweeper), every job dir found (one that holds ``.hydra/overrides.yaml``).
-    """
+    """The state of every job of the last launch's ``sweep_plan.json`` in ``sweep_dir``; without
+    a plan (another sweeper), of every job dir found (one with ``.hydra/overrides.yaml``)."""
     sweep_dir = Path(sweep_dir).absolute()
     plan = read_json(sweep_dir / PLAN_FILE)
     launch_id = plan.get("launch_id") if plan else None
@@ -118,9 +111,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def format_comparison(summary: dict[str, Any]) -> str:
-    """A compact table of the finished jobs, best pruned perplexity first: each job by its dir
-    (named by what the sweep varies), dense and pruned perplexity. Empty when no job has a
-    perplexity."""
+    """The finished jobs by their dir, dense and pruned perplexity, the best pruned first; empty
+    when no job has a perplexity."""
     rows = []
     for job in summary["jobs"]:
         ppl = job.get("ppl") or {}

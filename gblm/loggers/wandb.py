@@ -1,11 +1,9 @@
 """Weights & Biases mirror of a run's record.
 
-The local files are written first (:mod:`gblm.loggers.local`); this logger only mirrors them, so
-every call is guarded: a W&B failure (no network, bad key, server error, missing package) logs one
-warning and the run goes on. ``mode="auto"`` logs online when an API key is configured
-(``WANDB_API_KEY`` or a netrc entry for the W&B host) and offline otherwise; an offline run lies
-under ``dir/wandb/offline-run-*`` and can be uploaded later with ``wandb sync``. When an online
-start fails, the logger retries once offline so that nothing is lost.
+Every call is guarded: a W&B failure (no network, bad key, server error, missing package) logs
+one warning and the run goes on. ``mode="auto"`` logs online when an API key is configured and
+offline otherwise; an offline run lies under ``dir/wandb/offline-run-*`` for ``wandb sync``. A
+failed online start is retried once offline, so that nothing is lost.
 """
 
 from __future__ import annotations
@@ -19,34 +17,35 @@ import re
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlparse
 
-log = logging.getLogger(__name__)
+from gblm.loggers.base import guarded
 
 MODES = ("auto", "online", "offline", "disabled")
 DEFAULT_HOST = "https://api.wandb.ai"
-# What W&B accepts: artifact names of these characters, at most 128 of them; run names and
-# groups of at most 128 characters; tags and job types of 1 to 64.
+# W&B's limits: artifact names of these characters, names and groups of at most 128 characters,
+# tags and job types of 1 to 64.
 ARTIFACT_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 NAME_LIMIT, TAG_LIMIT = 128, 64
+PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
-T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def _host(env: Mapping[str, str]) -> str:
+    return env.get("WANDB_BASE_URL", DEFAULT_HOST)
 
 
 def api_key_configured(env: Mapping[str, str] | None = None) -> bool:
-    """Whether W&B could log in without asking: ``WANDB_API_KEY`` set, or a netrc entry for the host.
-
-    The host is ``WANDB_BASE_URL`` (default :data:`DEFAULT_HOST`); the netrc file is ``NETRC`` or
-    ``~/.netrc``. No network is touched.
-    """
+    """Whether W&B could log in without asking (no network touched): ``WANDB_API_KEY`` set, or
+    an entry for the host (``WANDB_BASE_URL``) in the netrc file (``NETRC`` or ``~/.netrc``)."""
     env = os.environ if env is None else env
     if env.get("WANDB_API_KEY"):
         return True
-    host = urlparse(env.get("WANDB_BASE_URL", DEFAULT_HOST)).hostname or ""
-    path = env.get("NETRC") or str(Path.home() / ".netrc")
+    host = urlparse(_host(env)).hostname or ""
     try:
-        entry = netrc.netrc(path).authenticators(host)
+        entry = netrc.netrc(env.get("NETRC") or str(Path.home() / ".netrc")).authenticators(host)
     except (OSError, netrc.NetrcParseError):
         return False
     return bool(entry and entry[2])
@@ -59,39 +58,32 @@ def resolve_mode(mode: str, env: Mapping[str, str] | None = None) -> str:
     if mode != "auto":
         return mode
     env = os.environ if env is None else env
-    if env.get("WANDB_MODE") in ("online", "offline", "disabled"):
+    if env.get("WANDB_MODE") in MODES[1:]:
         return env["WANDB_MODE"]
     return "online" if api_key_configured(env) else "offline"
 
 
 def fit(text: str, limit: int) -> str:
-    """``text`` cut to ``limit`` characters; a cut one ends in a hash of the whole, so two long
-    names that differ only at their ends stay different."""
+    """``text`` cut to ``limit`` characters, a cut one ending in a hash of the whole (so two long
+    names that differ only at their ends stay apart)."""
     if len(text) <= limit:
         return text
-    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-    return f"{text[: limit - 9]}-{digest}"
+    return f"{text[: limit - 9]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def artifact_name(text: str) -> str:
-    """A valid W&B artifact name made from ``text``: every run of other characters than
-    letters, digits, ``-``, ``_`` and ``.`` becomes one ``_`` (``run-0_method=gblm,seed=1`` ->
-    ``run-0_method_gblm_seed_1``), at most 128 characters."""
+    """A valid W&B artifact name: each run of characters other than letters, digits, ``-_.``
+    becomes one ``_`` (``method=gblm,seed=1`` -> ``method_gblm_seed_1``); at most 128 of them."""
     return fit(ARTIFACT_CHARS.sub("_", text).strip("_") or "run", NAME_LIMIT)
 
 
 def server_reachable(env: Mapping[str, str] | None = None, timeout: float = 3.0) -> bool:
-    """Whether the W&B server (``WANDB_BASE_URL``, default :data:`DEFAULT_HOST`) accepts a
-    connection within ``timeout`` seconds; True behind a proxy, which only W&B itself can use.
-
-    ``wandb.init`` waits up to 90 s for a server it cannot reach before it gives up; this probe
-    costs at most ``timeout``.
-    """
+    """Whether the W&B server accepts a connection within ``timeout`` seconds (``wandb.init``
+    waits 90 s for one it cannot reach); True behind a proxy, which only W&B itself can use."""
     env = os.environ if env is None else env
-    if any(env.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
-                                "ALL_PROXY", "all_proxy")):  # fmt: skip
+    if any(env.get(k) for k in PROXIES):
         return True
-    url = urlparse(env.get("WANDB_BASE_URL", DEFAULT_HOST))
+    url = urlparse(_host(env))
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname or "", port), timeout=timeout).close()
@@ -101,19 +93,14 @@ def server_reachable(env: Mapping[str, str] | None = None, timeout: float = 3.0)
 
 
 def flatten(metrics: Mapping, prefix: str = "", sep: str = "/") -> dict[str, Any]:
-    """``{"ppl": {"dense": 1.0}}`` -> ``{"ppl/dense": 1.0}``, keeping numbers, bools and strings.
-
-    Lists and None are dropped (tables go through :meth:`WandbLogger.log_table`), and so are
-    non-finite floats, which W&B charts cannot show.
-    """
+    """``{"ppl": {"dense": 1.0}}`` -> ``{"ppl/dense": 1.0}``, keeping numbers, bools and strings
+    (lists, None and the non-finite floats that W&B charts cannot show are dropped)."""
     flat: dict[str, Any] = {}
     for key, value in metrics.items():
         name = f"{prefix}{sep}{key}" if prefix else str(key)
         if isinstance(value, Mapping):
             flat.update(flatten(value, name, sep))
-        elif isinstance(value, float) and not math.isfinite(value):
-            continue
-        elif isinstance(value, (bool, int, float, str)):
+        elif isinstance(value, bool | int | str) or (isinstance(value, float) and math.isfinite(value)):  # fmt: skip
             flat[name] = value
     return flat
 
@@ -121,16 +108,9 @@ def flatten(metrics: Mapping, prefix: str = "", sep: str = "/") -> dict[str, Any
 class WandbLogger:
     """Mirror a run to W&B; every method is safe to call whatever happened before.
 
-    Args:
-        project: W&B project.
-        entity: team or user; None lets W&B use the account default.
-        group: groups runs in the UI (e.g. one sweep).
-        tags: free labels (e.g. the method and sparsity).
-        name: run name; None lets W&B pick one.
-        job_type: what the run does (gblm: the method), to filter and group by in the UI.
-        mode: ``auto``, ``online``, ``offline`` or ``disabled`` (see :func:`resolve_mode`).
-        dir: where W&B writes its ``wandb/`` folder (the run directory, normally).
-        settings: extra ``wandb.Settings`` fields.
+    ``group`` groups runs in the UI (one sweep), ``job_type`` is what the run does (the method),
+    ``mode`` as :func:`resolve_mode`, ``dir`` where W&B writes its ``wandb/`` folder (the run dir),
+    ``settings`` extra ``wandb.Settings`` fields. Every name is cut to W&B's limits, never refused.
     """
 
     def __init__(
@@ -145,9 +125,7 @@ class WandbLogger:
         dir: str | os.PathLike | None = None,
         settings: Mapping[str, Any] | None = None,
     ) -> None:
-        self.project = project
-        self.entity = entity
-        # Every name within W&B's limits by construction: a long one is cut, never refused.
+        self.project, self.entity = project, entity
         self.group = fit(group, NAME_LIMIT) if group else None
         self.tags = list(dict.fromkeys(fit(str(t), TAG_LIMIT) for t in tags if str(t)))
         self.name = fit(name, NAME_LIMIT) if name else None
@@ -156,18 +134,11 @@ class WandbLogger:
         self.dir = Path(dir) if dir is not None else None
         self.settings = dict(settings or {})
         self.run: Any = None  # the wandb Run, once started
-        self.failures: list[str] = []  # one line per call that failed, for tests and the run log
+        self.failures: list[str] = []  # one line per call that failed
         self.location: dict[str, str] = {}  # where the run went: url, or offline sync_dir
 
-    def _guard(self, what: str, call: Callable[[], T]) -> T | None:
-        """Run ``call``; on any exception log a warning, remember it, and return None."""
-        try:
-            return call()
-        except Exception as error:  # W&B must never break a run
-            message = f"W&B {what} failed ({type(error).__name__}: {error}); the run goes on."
-            log.warning(message)
-            self.failures.append(message)
-            return None
+    def _guard(self, what: str, call: Callable[[], Any]) -> Any:
+        return guarded(f"W&B {what}", call, self.failures)
 
     def _init(self, config: Mapping, mode: str) -> Any:
         import wandb
@@ -193,9 +164,8 @@ class WandbLogger:
         if self.mode == "disabled":
             return
         if self.mode == "online" and not server_reachable():
-            url = os.environ.get("WANDB_BASE_URL", DEFAULT_HOST)
             log.warning("W&B server %s cannot be reached: the run is logged offline (upload it "
-                        "later with `wandb sync`).", url)  # fmt: skip
+                        "later with `wandb sync`).", _host(os.environ))  # fmt: skip
             self.mode = "offline"
         self.run = self._guard(f"init ({self.mode})", lambda: self._init(config, self.mode))
         if self.run is None and self.mode == "online":
@@ -209,59 +179,51 @@ class WandbLogger:
             return {"sync_dir": str(self.run.sync_dir)}
         return {"url": str(self.run.url)} if self.run.url else {}
 
+    def _log(self, what: str, data: Callable[[], dict]) -> None:
+        """``run.log(data())``, guarded; nothing before the start, nor when ``data()`` is empty."""
+        if self.run is not None:
+            self._guard(what, lambda: (logged := data()) and self.run.log(logged))
+
     def log_metrics(self, metrics: Mapping) -> None:
-        """Log the metrics flattened with ``/`` (``ppl/pruned``); they also land in the summary."""
-        if self.run is None:
-            return
-        flat = flatten(metrics)
-        if flat:
-            self._guard("log_metrics", lambda: self.run.log(flat))
+        """The metrics :func:`flatten`-ed (``ppl/pruned``); they also land in the summary."""
+        self._log("log_metrics", lambda: flatten(metrics))
 
     def log_table(self, name: str, rows: Sequence[Mapping]) -> None:
-        """Log rows of ``{column: value}`` as a ``wandb.Table``; columns in first-seen order."""
-        if self.run is None or not rows:
-            return
+        """Rows of ``{column: value}`` as a ``wandb.Table``; columns in first-seen order."""
 
-        def call() -> None:
+        def table() -> dict:
             import wandb
 
             columns = list(dict.fromkeys(k for row in rows for k in row))
             data = [[row.get(c) for c in columns] for row in rows]
-            self.run.log({name: wandb.Table(columns=columns, data=data)})
+            return {name: wandb.Table(columns=columns, data=data)} if rows else {}
 
-        self._guard(f"log_table {name!r}", call)
+        self._log(f"log_table {name!r}", table)
 
     def log_images(self, name: str, paths: Iterable[str | os.PathLike]) -> None:
-        """Log image files under one key, each captioned with its file stem."""
-        if self.run is None:
-            return
+        """Image files under one key, each captioned with its file stem."""
 
-        def call() -> None:
+        def images() -> dict:
             import wandb
 
             images = [wandb.Image(str(p), caption=Path(p).stem) for p in paths]
-            if images:
-                self.run.log({name: images})
+            return {name: images} if images else {}
 
-        self._guard(f"log_images {name!r}", call)
+        self._log(f"log_images {name!r}", images)
 
     def log_stage(self, event: str, stage: str, seconds: float | None, done: int) -> None:
-        """Live: ``stage`` (the one running, or just ended), ``stages_done``, and on its end
-        ``stage_s/<stage>`` (seconds), so a long run shows where it is while it runs."""
-        if self.run is None:
-            return
+        """Live: ``stage`` (running, or just ended), ``stages_done``, and on its end
+        ``stage_s/<stage>`` (seconds), so a long run shows where it is."""
         data: dict[str, Any] = {"stage": stage, "stages_done": done}
         if event == "end" and seconds is not None:
             data[f"stage_s/{stage}"] = seconds
-        self._guard("log_stage", lambda: self.run.log(data))
+        self._log("log_stage", lambda: data)
 
     def log_artifact(self, name: str, kind: str, paths: Iterable[str | os.PathLike]) -> None:
-        """The files as one artifact ``name`` of type ``kind`` (missing files are skipped); the
-        name is made valid first (:func:`artifact_name`)."""
-        if self.run is None:
-            return
+        """The files (those that exist) as one artifact ``name`` of type ``kind``, both made
+        valid (:func:`artifact_name`)."""
         files = [Path(p) for p in paths if Path(p).is_file()]
-        if not files:
+        if self.run is None or not files:
             return
 
         def call() -> None:
