@@ -16,8 +16,8 @@ The run and the layer walk call a method's stages, in this order:
    Linear, its mask held fixed, from the dense weights and the statistics it declares;
 6. :meth:`Pruner.release` frees what :meth:`prepare` kept.
 
-A new score method is one subclass of :class:`ScorePruner` with its ``score``, one
-``conf/method/<name>.yaml`` (its ``_target_`` and options) and one test file.
+A new score method is one subclass of :class:`ScorePruner` with its ``score`` (or, for a score
+of single weights, its ``column_score``), one ``conf/method/<name>.yaml`` and one test file.
 """
 
 from __future__ import annotations
@@ -146,16 +146,11 @@ class Pruner(ABC):
         return mask
 
     def column_score(
-        self, name: str, stats: LinearStats, weight_cols: Tensor, start: int, end: int
+        self, name: str, stats: LinearStats, weight_cols: Tensor, start: int, end: int | None
     ) -> Tensor:
-        """The score of columns ``start:end`` of ``name`` from their current values
-        ``weight_cols`` (d_out, end - start); only where :attr:`elementwise_score`."""
+        """The score of columns ``start:end`` (None: to the last) of ``name`` from their current
+        values ``weight_cols`` (d_out, end - start); only where :attr:`elementwise_score`."""
         raise NotImplementedError(f"{type(self).__name__} has no score of single weights.")
-
-    def describe(self) -> dict:
-        """The method's settings, for logs and run records."""
-        skip = ("stats", "update")
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in skip}
 
 
 class WeightUpdate(ABC):
@@ -203,7 +198,7 @@ class WeightUpdate(ABC):
         return mask
 
     def describe(self) -> dict:
-        """The update's settings, for logs and run records."""
+        """The update's settings, for the run record."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "seconds"}
 
 
@@ -213,9 +208,9 @@ class ScorePruner(Pruner):
     def __init__(self, comparison_group: ComparisonGroup = "row") -> None:
         self.comparison_group = comparison_group
 
-    @abstractmethod
     def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:
         """Importance of every entry of ``weight`` (d_out, d_in); low scores are pruned."""
+        return self.column_score(name, stats, weight, 0, None)
 
     def select(self, score: Tensor, target: Sparsity) -> Tensor:
         return select_mask(score, target.ratio, target.n, target.m, self.comparison_group)
