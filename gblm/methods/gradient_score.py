@@ -33,15 +33,9 @@ class GradientScorePruner(ScorePruner):
     """A score method whose score reads the gradient stage's norms (by full Linear name)."""
 
     def __init__(
-        self,
-        comparison_group: str,
-        norm: str,
-        scale: float,
-        accumulator_dtype: str,
-        gradient_blockwise: bool,
-        gradient_group_size: int,
-        uses_gradients: bool = True,
-    ) -> None:
+        self, comparison_group: str, norm: str, scale: float, accumulator_dtype: str,
+        gradient_blockwise: bool, gradient_group_size: int, uses_gradients: bool = True,
+    ) -> None:  # fmt: skip
         """The stage's options (declared by the subclass); ``uses_gradients=False`` skips it."""
         super().__init__(comparison_group)
         self.gradients = GradientSettings(

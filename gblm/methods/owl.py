@@ -29,8 +29,7 @@ from gblm.names import block_index
 from gblm.options import Range
 from gblm.pruning.sparsity import Sparsity
 
-#: The published floor for a block ratio that the allocation drives to zero or below.
-CLAMPED_RATIO = 0.01
+CLAMPED_RATIO = 0.01  #: the published floor of a block ratio driven to zero or below
 
 
 def outlier_ratio(scores: list[Tensor], outlier_m: float) -> float:
@@ -160,7 +159,7 @@ class OWLPlan(SparsityPlan):
         self.set_outlier_ratios(probe.ratios)
 
     def set_outlier_ratios(self, ratios: list[float]) -> None:
-        """The targets from given outlier ratios (percent, one per block)."""
+        """The targets from the outlier ratios (percent, one per block)."""
         self.outlier_ratios = list(ratios)
         s = self.sparsity
         if s.structured:
