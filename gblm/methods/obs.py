@@ -16,15 +16,9 @@ from gblm.pruning.sparsity import Sparsity
 
 
 class ObsUpdate(WeightUpdate):
-    """The kept weights updated column by column against the Hessian, as SparseGPT does.
-
-    Args:
-        blocksize: columns per block of the sweep (128 published).
-        percdamp: dampening, a share of ``mean(diag H)`` (0.01 published).
-        iterative: the mask re-chosen in each block of columns (each group of M for N:M) on the
-            updated weights with the method's own score (the ablation's ``ablate_*_iter``), one
-            threshold per block; only for methods whose score is one of single weights.
-    """
+    """The kept weights updated column by column against the Hessian, as SparseGPT does;
+    ``iterative=true`` re-chooses the mask per block of columns (or group of M) on the updated
+    weights with the method's own score (the ablation's ``ablate_*_iter``)."""
 
     name = "obs"
     stats = frozenset({"hessian"})
