@@ -214,7 +214,7 @@ def test_options_are_checked() -> None:
         DSnoTPruner(initial="dense")
     with pytest.raises(ValueError, match="percdamp"):
         DSnoTPruner(initial="sparsegpt", initial_options={"blocksize": 64})
-    assert build_method("dsnot").describe()["max_cycle"] == 50
+    assert build_method("dsnot").max_cycle == 50
     assert build_method("dsnot", initial="gblm").label == "dsnot(gblm)"
     assert DSnoTPruner(initial="magnitude").inner.comparison_group == "row"  # published
     assert DSnoTPruner(initial="magnitude", comparison_group=None).inner.comparison_group == "layer"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
@@ -12,9 +11,8 @@ from torch import Tensor, nn
 
 from gblm.calibration.gradients import GradientSettings, gradient_norms
 from gblm.calibration.stats import LinearStats
-from gblm.methods.gblm import GBLMPruner
+from gblm.methods.gblm import GBLMPruner, gblm_score
 from gblm.models.tiny import build_tiny_model, tiny_config
-from gblm.pruning.gblm import gblm_score
 from gblm.pruning.masks import unstructured_row_mask
 from gblm.pruning.sparsity import Sparsity
 
@@ -282,14 +280,3 @@ def test_gradient_stage_settings_are_held_once() -> None:
     pruner = GBLMPruner(norm="l2", scale=10, accumulator_dtype="float32", gradient_group_size=4)
     assert pruner.gradients == GradientSettings("l2", 10.0, "float32", False, 4)
     assert pruner.gradients.torch_accumulator_dtype == torch.float32
-    described = pruner.describe()
-    assert described == {
-        "norm": "l2",
-        "scale": 10.0,
-        "score": "combined",
-        "comparison_group": "row",
-        "accumulator_dtype": "float32",
-        "gradient_blockwise": False,
-        "gradient_group_size": 4,
-    }
-    json.dumps(described)

@@ -196,7 +196,7 @@ def test_packed_masks_hold_bits_and_give_back_the_masks() -> None:
     assert packed.nbytes == sum(-(-m.numel() // 8) for m in originals.values())
     for name, mask in originals.items():
         got = packed[name]
-        assert got.dtype == torch.bool and packed.shape(name) == tuple(mask.shape)
+        assert got.dtype == torch.bool
         assert torch.equal(got, mask)
     packed["layer0"][0, 0] ^= True  # a read is a copy: the held bits do not change
     assert torch.equal(packed["layer0"], originals["layer0"])

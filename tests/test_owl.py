@@ -11,10 +11,10 @@ from gblm.calibration.sequential import prune_model
 from gblm.methods.base import RunContext
 from gblm.methods.owl import OWLPlan, outlier_ratio, owl_block_n, owl_block_ratios
 from gblm.methods.registry import build_method
+from gblm.methods.wanda import activation_term
 from gblm.models.layers import decoder_layers, prunable_linears
 from gblm.models.tiny import build_tiny_model, tiny_config
 from gblm.pruning.sparsity import Sparsity
-from gblm.pruning.wanda import activation_term
 
 VOCAB, N, T, BLOCKS = 256, 4, 16, 4
 CPU = RunContext(device=torch.device("cpu"), model_dtype=torch.float32, progress=False)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 import gblm.methods.gradient_score as gradient_score
+from gblm.calibration.gradients import GradientSettings
 from gblm.calibration.sequential import prune_model
 from gblm.calibration.stats import LinearStats
 from gblm.errors import ConfigError
@@ -127,14 +128,8 @@ def test_equal_norms_give_nan_and_prune_the_first_columns_as_published() -> None
 def test_the_activation_statistic_is_not_used_and_options_are_checked() -> None:
     pruner = build_method("pruner_zero")
     assert pruner.stats == frozenset() and pruner.dense_pass == "gradients"
-    assert pruner.describe() == {
-        "norm": "l2",
-        "scale": 100.0,
-        "accumulator_dtype": "float16",
-        "gradient_blockwise": False,
-        "gradient_group_size": 8,
-        "comparison_group": "row",
-    }
+    assert pruner.gradients == GradientSettings("l2", 100.0, "float16", False, 8)
+    assert pruner.comparison_group == "row"
     with pytest.raises(ConfigError, match="method.norm"):
         build_method("pruner_zero", norm="l3")
     with pytest.raises(ConfigError, match="method.comparison_group"):

@@ -1,6 +1,5 @@
 """ADMM (Boža 2024, arXiv 2401.02938): ``reconstruct=admm``, the weight update after any method's
-mask, and ``method=admm``, the published pruner with its gradual mask (the math is
-:mod:`gblm.pruning.admm`)."""
+mask, and ``method=admm``, the published pruner (the math: :mod:`gblm.pruning.admm`)."""
 
 from __future__ import annotations
 
@@ -16,20 +15,14 @@ from gblm.options import Range
 from gblm.pruning.admm import admm_prune, admm_update
 from gblm.pruning.sparsity import Sparsity
 
-#: The ADMM options, declared once for the update and the pruner.
 Iters = Annotated[int, Range(ge=0)]
 Rho = Annotated[float, Range(gt=0)]
 Percdamp = Annotated[float, Range(ge=0)]
 
 
 class AdmmUpdate(WeightUpdate):
-    """The kept weights updated by ADMM iterations on the normalised least-squares problem.
-
-    Args:
-        iters: ADMM iterations (20 published).
-        rho: the ADMM penalty (1 published).
-        percdamp: dampening, a share of the normalised ``mean(diag XX)`` (0.1 published).
-    """
+    """The kept weights updated by ADMM on the normalised least-squares problem; ``iters``,
+    ``rho`` and ``percdamp`` (a share of the normalised ``mean(diag XX)``) as published."""
 
     name = "admm"
     stats = frozenset({"gram"})
@@ -48,17 +41,8 @@ class AdmmUpdate(WeightUpdate):
 
 class AdmmPruner(Pruner):
     """The published ADMM pruner: the mask chosen on the normalised weights, re-chosen in the
-    first ``gradual`` iterations as the target rises cubically, the kept weights updated by ADMM.
-
-    Args:
-        comparison_group: ``layer`` (published default; the re-chosen mask is at the target from
-            the first iteration, a published quirk) | ``row`` (per output row, the schedule's
-            sparsity at each step).
-        gradual: iterations with a re-chosen mask (15 published; 0: the first mask fixed).
-        iters: ADMM iterations (20 published).
-        rho: the ADMM penalty (1 published).
-        percdamp: dampening, a share of the normalised ``mean(diag XX)`` (0.1 published).
-    """
+    first ``gradual`` iterations (0: the first mask fixed) as the target rises cubically, the kept
+    weights updated by ADMM; ``comparison_group=layer`` is the published default."""
 
     stats = frozenset({"gram"})
     updates_weights = True
@@ -89,16 +73,10 @@ class AdmmPruner(Pruner):
         self, name: str, linear: nn.Linear, stats: LinearStats, target: Sparsity
     ) -> Tensor:
         self.check_target(target)  # a per-block plan may give a block another N
+        gram = require(stats, "gram", "ADMM")
         weight, mask = admm_prune(
-            linear.weight.data,
-            require(stats, "gram", "ADMM"),
-            target.ratio,
-            two_of_four=target.structured,
-            per_output=self.comparison_group == "row",
-            gradual=self.gradual,
-            iters=self.iters,
-            rho=self.rho,
-            percdamp=self.percdamp,
-        )
+            linear.weight.data, gram, target.ratio, target.structured,
+            self.comparison_group == "row", self.gradual, self.iters, self.rho, self.percdamp,
+        )  # fmt: skip
         linear.weight.data.copy_(weight)
         return mask

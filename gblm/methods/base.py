@@ -2,22 +2,19 @@
 
 The run and the layer walk call a method's stages, in this order:
 
-1. :meth:`Pruner.check_target` before the model loads (an option that cannot apply to the
-   run's target sparsity is refused), :meth:`Pruner.check_model` right after it loads;
-2. :meth:`Pruner.prepare`, the method's own pass over the dense model, if it has one
-   (GBLM-Pruner's gradient stage), named by :attr:`Pruner.dense_pass` for logs and timings;
-3. the walk: per decoder block it gathers the statistics in :attr:`Pruner.stats` (names from
+1. :meth:`Pruner.check_target` before the model loads, :meth:`Pruner.check_model` after;
+2. :meth:`Pruner.prepare`, the method's own pass over the dense model (GBLM-Pruner's gradient
+   stage), named by :attr:`Pruner.dense_pass`;
+3. the walk: per decoder block it gathers :attr:`Pruner.stats` (names from
    :data:`gblm.calibration.stats.STATISTICS`) and calls :meth:`Pruner.prune_linear` for every
-   Linear with that Linear's own target sparsity (:mod:`gblm.methods.plans`);
-4. inside a score method's step, :meth:`Pruner.refine` may change a chosen mask before the
-   weights are zeroed (a refinement such as DSnoT);
-5. the method's weight update (:attr:`Pruner.update`, a :class:`WeightUpdate` of
-   ``conf/reconstruct/``, none by default), if it has one, then changes the kept weights of that
-   Linear, its mask held fixed, from the dense weights and the statistics it declares;
+   Linear with its own target (:mod:`gblm.methods.plans`);
+4. inside a score method's step, :meth:`Pruner.refine` may change the mask (DSnoT);
+5. the weight update (:attr:`Pruner.update`, a :class:`WeightUpdate` of ``conf/reconstruct/``),
+   if any, changes the Linear's kept weights, its mask held fixed;
 6. :meth:`Pruner.release` frees what :meth:`prepare` kept.
 
-A new score method is one subclass of :class:`ScorePruner` with its ``score``, one
-``conf/method/<name>.yaml`` (its ``_target_`` and options) and one test file.
+A new score method is one subclass of :class:`ScorePruner` with its ``score`` (or, for a score
+of single weights, its ``column_score``), one ``conf/method/<name>.yaml`` and one test file.
 """
 
 from __future__ import annotations
@@ -146,25 +143,16 @@ class Pruner(ABC):
         return mask
 
     def column_score(
-        self, name: str, stats: LinearStats, weight_cols: Tensor, start: int, end: int
+        self, name: str, stats: LinearStats, weight_cols: Tensor, start: int, end: int | None
     ) -> Tensor:
-        """The score of columns ``start:end`` of ``name`` from their current values
-        ``weight_cols`` (d_out, end - start); only where :attr:`elementwise_score`."""
+        """The score of columns ``start:end`` (None: to the last) of ``name`` from their current
+        values ``weight_cols`` (d_out, end - start); only where :attr:`elementwise_score`."""
         raise NotImplementedError(f"{type(self).__name__} has no score of single weights.")
-
-    def describe(self) -> dict:
-        """The method's settings, for logs and run records."""
-        skip = ("stats", "update")
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in skip}
 
 
 class WeightUpdate(ABC):
     """Changes a pruned Linear's kept weights to lower its output error on the calibration
-    inputs, its mask held fixed (a plug-in of ``conf/reconstruct/``).
-
-    The walk calls :meth:`apply` right after the method chose (and refined) the Linear's mask,
-    on the block's device; the update works in fp32 and writes the weights back in their dtype.
-    """
+    inputs (a plug-in of ``conf/reconstruct/``); the walk calls :meth:`apply` after each mask."""
 
     #: The registry's name (``conf/reconstruct/<name>.yaml``), for labels: ``gblm+obs``.
     name: str = ""
@@ -203,7 +191,7 @@ class WeightUpdate(ABC):
         return mask
 
     def describe(self) -> dict:
-        """The update's settings, for logs and run records."""
+        """The update's settings, for the run record."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "seconds"}
 
 
@@ -213,9 +201,9 @@ class ScorePruner(Pruner):
     def __init__(self, comparison_group: ComparisonGroup = "row") -> None:
         self.comparison_group = comparison_group
 
-    @abstractmethod
     def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:
         """Importance of every entry of ``weight`` (d_out, d_in); low scores are pruned."""
+        return self.column_score(name, stats, weight, 0, None)
 
     def select(self, score: Tensor, target: Sparsity) -> Tensor:
         return select_mask(score, target.ratio, target.n, target.m, self.comparison_group)

@@ -1,11 +1,16 @@
-"""GBLM-Pruner (Das et al., arXiv 2311.04902): ``|W| * sqrt(row_sq) + |W| * G_p``, per output row.
+"""GBLM-Pruner (Das et al., arXiv 2311.04902): prune, per output row, the lowest
 
-The method owns two stages: its dense-model pass (the gradient stage of
-:mod:`gblm.calibration.gradients`, cached on disk by :mod:`gblm.calibration.gradient_cache`; run
-by :class:`gblm.methods.gradient_score.GradientScorePruner`, which Pruner-Zero shares) and the
-per-Linear score (:func:`gblm.pruning.gblm.gblm_score`). The gradient stage's options are
-declared (type and range) in :class:`GBLMPruner`'s signature and held by
-:class:`gblm.calibration.fold.GradientSettings`.
+    W_m[i, j] = |W[i, j]| * ||X[:, j]||_2  +  alpha * |W[i, j]| * ||G[:, i, j]||_p
+
+computed as published: ``S = |W| * sqrt(row_sq) + |W| * G_p``, with ``row_sq`` the walk's mean
+of squared inputs and ``G_p`` the dense model's per-sample gradient norm, alpha folded in (the
+gradient stage, run and cached by :class:`gblm.methods.gradient_score.GradientScorePruner`). The
+first term is fp32; the second, ``|W| * G_p``, takes torch's type promotion as published (fp16
+only when both the weight and ``G_p`` are fp16; ``promote_types(bf16, fp16)`` is fp32), then is
+widened for the sum.
+
+Ablations: ``score=gradient`` keeps only ``|W| * G_p``; ``score=activation`` only the first term,
+which is Wanda (``scale=0`` also gives Wanda's mask exactly).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Annotated
 from torch import Tensor
 
 from gblm.calibration.stats import LinearStats
-from gblm.methods.base import ComparisonGroup
+from gblm.methods.base import ComparisonGroup, require
 from gblm.methods.gradient_score import (
     AccumulatorDtype,
     GradientScorePruner,
@@ -23,12 +28,36 @@ from gblm.methods.gradient_score import (
     Norm,
     Scale,
 )
+from gblm.methods.wanda import activation_term
 from gblm.options import OneOf
-from gblm.pruning.gblm import SCORES, gblm_score
+
+SCORES = ("combined", "gradient", "activation")
+
+
+def gblm_score(
+    weight: Tensor, row_sq_norms: Tensor | None, grad_norm: Tensor | None, score: str = "combined"
+) -> Tensor:
+    """GBLM-Pruner's score (d_out, d_in) in fp32; ``row_sq_norms`` (d_in,) and ``grad_norm``
+    (d_out, d_in) may be None where ``score`` does not use them."""
+    if score not in SCORES:
+        raise ValueError(f"method.score={score!r}: allowed values are {', '.join(SCORES)}.")
+    if grad_norm is not None and grad_norm.shape != weight.shape:
+        raise ValueError(
+            f"gradient norm of shape {tuple(grad_norm.shape)} does not match the weight "
+            f"{tuple(weight.shape)}: were the gradients computed for another model?"
+        )
+    if score == "activation":
+        return activation_term(weight, row_sq_norms)
+    gradient = weight.abs() * grad_norm.to(weight.device)  # torch's type promotion, as published
+    if score == "gradient":
+        return gradient.float()
+    return activation_term(weight, row_sq_norms).add_(gradient)  # the same sum as widened first
 
 
 class GBLMPruner(GradientScorePruner):
     """Gradient-informed pruning: activation term plus ``|W|`` times the gradient norm."""
+
+    elementwise_score = True
 
     def __init__(
         self,
@@ -40,36 +69,20 @@ class GBLMPruner(GradientScorePruner):
         gradient_blockwise: bool = False,
         gradient_group_size: GroupSize = 8,
     ) -> None:
-        # An activation-only score (Wanda) needs no gradient stage.
         super().__init__(
             comparison_group, norm, scale, accumulator_dtype, gradient_blockwise,
             gradient_group_size, uses_gradients=score != "activation",
         )  # fmt: skip
         self.score_kind = score
-        # A gradient-only score needs no activation statistic.
         self.stats = frozenset() if score == "gradient" else frozenset({"row_sq"})
 
-    elementwise_score = True
-
     def column_score(
-        self, name: str, stats: LinearStats, weight_cols: Tensor, start: int, end: int
+        self, name: str, stats: LinearStats, weight_cols: Tensor, start: int, end: int | None
     ) -> Tensor:
-        row_sq = stats.row_sq_norms
-        grad = self.gradient_norm(name, "GBLM-Pruner") if self.uses_gradients else None
-        return gblm_score(
-            weight_cols,
-            row_sq[start:end] if row_sq is not None else None,
-            grad[:, start:end] if grad is not None else None,
-            self.score_kind,
-        )
-
-    def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:
-        grad_norm = self.gradient_norm(name, "GBLM-Pruner") if self.uses_gradients else None
-        return gblm_score(weight, stats.row_sq_norms, grad_norm, self.score_kind)
-
-    def describe(self) -> dict:
-        return {
-            **self.gradient_options(),
-            "score": self.score_kind,
-            "comparison_group": self.comparison_group,
-        }
+        row_sq = None
+        if self.score_kind != "gradient":
+            row_sq = require(stats, "row_sq_norms", "GBLM-Pruner")[start:end]
+        grad = None
+        if self.uses_gradients:
+            grad = self.gradient_norm(name, "GBLM-Pruner")[:, start:end]
+        return gblm_score(weight_cols, row_sq, grad, self.score_kind)

@@ -1,13 +1,8 @@
-"""Score methods that read the gradient stage: the stage, its cache and the norms, held once.
-
-GBLM-Pruner's gradient stage (:mod:`gblm.calibration.gradients`) gives, per decoder-block
-Linear, the norm over the calibration windows of the scaled per-window weight gradient. A method
-whose score reads those norms subclasses :class:`GradientScorePruner`: the base runs the stage as
-the method's dense-model pass (:meth:`GradientScorePruner.prepare`), through the content-keyed
-cache of :mod:`gblm.calibration.gradient_cache`, so every method that asks for the same
-settings on the same model and windows shares one cache entry (GBLM-Pruner with ``norm=l2`` and
-Pruner-Zero read the same norms); the subclass's ``score`` reads them with
-:meth:`GradientScorePruner.gradient_norm`.
+"""Score methods that read GBLM-Pruner's gradient stage (:mod:`gblm.calibration.gradients`): per
+decoder-block Linear, the norm over the calibration windows of the scaled per-window weight
+gradient. :class:`GradientScorePruner` runs the stage as the method's dense-model pass, through
+the content-keyed cache of :mod:`gblm.calibration.gradient_cache`, so methods asking for the same
+settings share one entry (GBLM-Pruner with ``norm=l2`` and Pruner-Zero).
 """
 
 from __future__ import annotations
@@ -38,17 +33,10 @@ class GradientScorePruner(ScorePruner):
     """A score method whose score reads the gradient stage's norms (by full Linear name)."""
 
     def __init__(
-        self,
-        comparison_group: str,
-        norm: str,
-        scale: float,
-        accumulator_dtype: str,
-        gradient_blockwise: bool,
-        gradient_group_size: int,
-        uses_gradients: bool = True,
-    ) -> None:
-        """The stage's options (declared by the subclass, whose keyword arguments they are);
-        ``uses_gradients=False`` (an ablation without the gradient term) skips the stage."""
+        self, comparison_group: str, norm: str, scale: float, accumulator_dtype: str,
+        gradient_blockwise: bool, gradient_group_size: int, uses_gradients: bool = True,
+    ) -> None:  # fmt: skip
+        """The stage's options (declared by the subclass); ``uses_gradients=False`` skips it."""
         super().__init__(comparison_group)
         self.gradients = GradientSettings(
             norm=norm, scale=scale, accumulator_dtype=accumulator_dtype,
@@ -65,8 +53,7 @@ class GradientScorePruner(ScorePruner):
         if windows is None:
             raise ValueError("The gradient stage needs calibration windows.")
 
-        # An onloaded model (weights on the CPU) goes block by block (so does one whose weights
-        # accelerate offloads): the same norms, the accumulators in file-backed mappings.
+        # An onloaded model goes block by block: the same norms, the accumulators file-backed.
         settings = replace(self.gradients, blockwise=self.gradients.blockwise or context.onload)
 
         def compute() -> dict[str, Tensor]:
@@ -78,8 +65,8 @@ class GradientScorePruner(ScorePruner):
         key = self._cache_key(windows, context)
         if key is None:
             self._grad_norms = compute()
-            return
-        self._grad_norms = cached_gradient_norms(context.cache_dir / "gradients", key, compute)
+        else:
+            self._grad_norms = cached_gradient_norms(context.cache_dir / "gradients", key, compute)
 
     def _cache_key(self, windows: Tensor, context: RunContext) -> dict | None:
         model_key = context.model_key()
@@ -103,19 +90,8 @@ class GradientScorePruner(ScorePruner):
     def release(self) -> None:
         self._grad_norms = None
 
-    def gradient_options(self) -> dict:
-        """The gradient stage's settings under their ``method.*`` keys, for :meth:`describe`."""
-        return {
-            "norm": self.gradients.norm,
-            "scale": self.gradients.scale,
-            "accumulator_dtype": self.gradients.accumulator_dtype,
-            "gradient_blockwise": self.gradients.blockwise,
-            "gradient_group_size": self.gradients.group_size,
-        }
-
     def gradient_norm(self, name: str, method: str) -> Tensor:
-        """The gradient norm (d_out, d_in) of the Linear ``name``; ``method`` names the method
-        in the error raised when the stage has not run."""
+        """The gradient norm (d_out, d_in) of the Linear ``name`` (``method``: for the error)."""
         if self._grad_norms is None or name not in self._grad_norms:
             raise ValueError(
                 f"{method} has no gradient norm for {name!r}: run its gradient stage "

@@ -1,10 +1,5 @@
-"""A sparsity schedule that rises linearly with depth: early blocks are pruned less.
-
-Block ``b`` of ``B`` gets ``r_b = r + spread * (b / (B - 1) - 1/2)``: the first block
-``r - spread/2``, the last ``r + spread/2``, and the mean of the ratios is the target ``r``, so the
-model as a whole reaches the target. It needs no calibration; the block count comes from the
-loaded model.
-"""
+"""A sparsity schedule rising linearly with depth: block ``b`` of ``B`` gets
+``r + spread * (b / (B - 1) - 1/2)``, so the mean is the target ``r``."""
 
 from __future__ import annotations
 
@@ -27,12 +22,7 @@ def linear_ratios(ratio: float, spread: float, blocks: int) -> list[float]:
 
 
 class LinearPlan(SparsityPlan):
-    """``sparsity=linear``: unstructured ratios rising linearly with depth around the target.
-
-    Args:
-        sparsity: the mean target (unstructured).
-        spread: the last block's ratio minus the first's (>= 0).
-    """
+    """``sparsity=linear``: unstructured ratios; ``spread`` is the last block's minus the first's."""
 
     label = "linear"
 

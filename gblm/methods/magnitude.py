@@ -1,8 +1,4 @@
-"""Magnitude pruning: score = |W|, no calibration data.
-
-The published default compares over the whole layer (one threshold, ``score <= t``); N:M uses
-per-row groups of M columns.
-"""
+"""Magnitude pruning: score ``|W|``, no calibration data; one threshold per layer by default."""
 
 from __future__ import annotations
 
@@ -21,10 +17,7 @@ class MagnitudePruner(ScorePruner):
     def __init__(self, comparison_group: ComparisonGroup = "layer") -> None:
         super().__init__(comparison_group)
 
-    def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:
-        return weight.abs()  # (d_out, d_in)
-
     def column_score(
-        self, name: str, stats: LinearStats, weight_cols: Tensor, start: int, end: int
+        self, name: str, stats: LinearStats, weight_cols: Tensor, start: int, end: int | None
     ) -> Tensor:
         return weight_cols.abs()

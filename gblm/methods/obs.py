@@ -1,6 +1,5 @@
-"""``reconstruct=obs``: the OBS weight update after any method's mask (SparseGPT's column sweep
-with the mask held fixed, as in the weight-update ablation of Wanda, arXiv 2306.11695; the math
-is :func:`gblm.pruning.obs.obs_update`)."""
+"""``reconstruct=obs``: the OBS weight update after any method's mask, SparseGPT's column sweep
+with the mask held fixed (Wanda's weight-update ablation, arXiv 2306.11695)."""
 
 from __future__ import annotations
 
@@ -12,20 +11,14 @@ from torch import Tensor
 from gblm.calibration.stats import LinearStats
 from gblm.methods.base import WeightUpdate, require
 from gblm.options import Range
-from gblm.pruning.obs import obs_iterative, obs_update
+from gblm.pruning.sparsegpt import sparsegpt_prune
 from gblm.pruning.sparsity import Sparsity
 
 
 class ObsUpdate(WeightUpdate):
-    """The kept weights updated column by column against the Hessian, as SparseGPT does.
-
-    Args:
-        blocksize: columns per block of the sweep (128 published).
-        percdamp: dampening, a share of ``mean(diag H)`` (0.01 published).
-        iterative: the mask re-chosen in each block of columns (each group of M for N:M) on the
-            updated weights with the method's own score (the ablation's ``ablate_*_iter``), one
-            threshold per block; only for methods whose score is one of single weights.
-    """
+    """The kept weights updated column by column against the Hessian, as SparseGPT does;
+    ``iterative=true`` re-chooses the mask per block of columns (or group of M) on the updated
+    weights with the method's own score (the ablation's ``ablate_*_iter``)."""
 
     name = "obs"
     stats = frozenset({"hessian"})
@@ -41,7 +34,7 @@ class ObsUpdate(WeightUpdate):
         self.iterative = iterative
 
     @property
-    def rechooses_mask(self) -> bool:  # the iterative form chooses the mask per block anew
+    def rechooses_mask(self) -> bool:
         return self.iterative
 
     def solve(
@@ -49,8 +42,10 @@ class ObsUpdate(WeightUpdate):
     ) -> tuple[Tensor, Tensor]:
         hessian = require(stats, "hessian", "reconstruct=obs")
         if self.iterative:
-            return obs_iterative(
-                dense, hessian, target.ratio, score, target.n, target.m,
-                self.blocksize, self.percdamp,
+            return sparsegpt_prune(
+                dense, hessian, target.ratio, target.n, target.m, self.blocksize, self.percdamp,
+                score=score,
             )  # fmt: skip
-        return obs_update(dense, hessian, mask, self.blocksize, self.percdamp)
+        return sparsegpt_prune(
+            dense, hessian, 0.0, blocksize=self.blocksize, percdamp=self.percdamp, mask=mask
+        )

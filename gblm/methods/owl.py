@@ -1,20 +1,16 @@
-"""OWL, outlier-weighed layer-wise sparsity (Yin et al., ICML 2024), as a sparsity plan.
+"""OWL, outlier-weighed layer-wise sparsity (Yin et al., ICML 2024): a ratio per decoder block.
 
-OWL gives every decoder block its own ratio and works with every method:
+1. On the dense model (the walk with nothing pruned), block b's outlier ratio is
+   ``r_b = 100 * #{A > M * mean(A)} / numel`` over the Wanda scores ``A`` of all its Linears,
+   whatever method prunes afterwards (published).
+2. ``n_b = (r_b - min r) / (max r - min r) * 2 * Lambda``, ``s_b = s - (n_b - mean n)``: blocks
+   with more outliers are pruned less. A ratio ``<= 0`` becomes 0.01 where the published code
+   does that (not on its magnitude path).
+3. N:M: ``n_b`` spans ``Lambda``, block b is pruned ``(N - round(n_b - mean n)):M`` (half to
+   even, as NumPy rounds).
 
-1. On the **dense** model (the layer walk with nothing pruned, so block b sees the dense outputs
-   of blocks 0..b-1), the Wanda score ``A = |W| * sqrt(row_sq)`` of all the block's Linears is
-   concatenated, and the block's outlier ratio is ``r_b = 100 * #{A > M * mean(A)} / numel``
-   (strict ``>``). The Wanda score is used whatever method prunes afterwards (published).
-2. ``n_b = (r_b - min r) / (max r - min r) * 2 * Lambda`` and ``s_b = s - (n_b - mean n)``: the
-   ratios span ``2 * Lambda`` around the target s, and blocks with more outliers are pruned less.
-   A ratio ``<= 0`` becomes 0.01 where the published code does that (its Wanda and SparseGPT
-   paths, not its magnitude path).
-3. N:M: ``n_b`` spans ``Lambda`` (no factor 2), ``c_b = round(n_b - mean n)`` (half to even, as
-   NumPy rounds) and block b is pruned ``(N - c_b):M``; the mean of the ``N_b`` need not be N.
-
-When every block has the same outlier ratio the published formula divides 0 by 0 (and the
-published code crashes); gblm then gives every block the target s (or N): our choice.
+Where every block has the same outlier ratio (0 / 0; the published code crashes) every block gets
+the target: our choice.
 """
 
 from __future__ import annotations
@@ -28,13 +24,12 @@ from torch import Tensor, nn
 from gblm.calibration.stats import LinearStats
 from gblm.methods.base import Pruner, RunContext, require
 from gblm.methods.plans import SparsityPlan
+from gblm.methods.wanda import activation_term
 from gblm.names import block_index
 from gblm.options import Range
 from gblm.pruning.sparsity import Sparsity
-from gblm.pruning.wanda import activation_term
 
-#: The published floor for a block ratio that the allocation drives to zero or below.
-CLAMPED_RATIO = 0.01
+CLAMPED_RATIO = 0.01  #: the published floor of a block ratio driven to zero or below
 
 
 def outlier_ratio(scores: list[Tensor], outlier_m: float) -> float:
@@ -74,7 +69,7 @@ def owl_block_n(ratios: list[float], n: int, lmbda: float) -> list[int]:
 
 
 class _OutlierProbe(Pruner):
-    """Prunes nothing: keeps each block's Wanda scores and turns them into its outlier ratio."""
+    """Prunes nothing: turns each block's Wanda scores into its outlier ratio."""
 
     stats = frozenset({"row_sq"})
 
@@ -102,15 +97,9 @@ class _OutlierProbe(Pruner):
 
 
 class OWLPlan(SparsityPlan):
-    """One target per decoder block from the dense model's outlier ratios (``sparsity=owl``).
-
-    Args:
-        sparsity: the mean target (unstructured), or the N:M pattern whose N varies per block.
-        lmbda: OWL's Lambda: the block ratios span 2 * Lambda (N:M: N spans Lambda).
-        outlier_m: OWL's M: an outlier is a Wanda score above M times the block's mean.
-        clamp: block ratios <= 0 become 0.01; None: as published, on for every method that
-            calibrates and off for magnitude (the published magnitude path has none).
-    """
+    """``sparsity=owl``: one target per block from the dense model's outlier ratios; ``clamp``
+    (ratios <= 0 become 0.01) is None for the published choice: on unless the method is
+    magnitude."""
 
     needs_calibration = True
     dense_pass = "outlier ratios"
@@ -130,11 +119,9 @@ class OWLPlan(SparsityPlan):
         self.outlier_ratios: list[float] | None = None
 
     def check_config(self, blocks: int | None, method_calibrates: bool) -> None:
-        """Lambda against the target before the load: the block ratios span ``2 * Lambda``
-        around the target (N:M: N spans Lambda), so a target +- Lambda (N +- Lambda / 2, as
-        rounded) outside what can be pruned is refused here rather than after the outlier pass.
-        Below zero is allowed where the clamp is on. The exact check stays in
-        :meth:`set_outlier_ratios`, once the outlier ratios are known."""
+        """Refuse, before the load, a Lambda that takes the target +- Lambda (N +- Lambda / 2)
+        outside what can be pruned (below zero is fine with the clamp); the exact check is
+        :meth:`set_outlier_ratios`'s."""
         super().check_config(blocks, method_calibrates)
         s, lmbda = self.sparsity, self.lmbda
         if s.structured:
@@ -172,7 +159,7 @@ class OWLPlan(SparsityPlan):
         self.set_outlier_ratios(probe.ratios)
 
     def set_outlier_ratios(self, ratios: list[float]) -> None:
-        """The targets from given outlier ratios (percent, one per block)."""
+        """The targets from the outlier ratios (percent, one per block)."""
         self.outlier_ratios = list(ratios)
         s = self.sparsity
         if s.structured:

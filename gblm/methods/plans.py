@@ -1,11 +1,8 @@
-"""Sparsity plans: what each Linear must reach. Uniform by default.
+"""Sparsity plans: the target of every Linear, uniform by default.
 
-A plan is a plug-in like a method: one class, one ``conf/sparsity/<name>.yaml`` naming it
-(``allocator: <name>`` and ``_target_``), one test. Its options are the keyword arguments of the
-class after the target ``sparsity``, declared by their annotations (:mod:`gblm.options`); their
-types and defaults are the config schema's (``sparsity.<option>``). :class:`SparsityPlan` is everything the run may ask of a plan: the
-target of every Linear, a check of the loaded model, an optional pass over the dense model
-before the walk, and what goes into the run record.
+A plan is a plug-in like a method: one class, one ``conf/sparsity/<name>.yaml`` (``allocator:
+<name>`` and ``_target_``), one test; its options are the class's keyword arguments after the
+target ``sparsity``. :class:`SparsityPlan` is all the run may ask of a plan.
 """
 
 from __future__ import annotations
@@ -20,11 +17,8 @@ from gblm.pruning.sparsity import Sparsity
 
 
 class SparsityPlan:
-    """The target sparsity of every prunable Linear: ``sparsity`` everywhere by default.
-
-    Subclasses give blocks their own targets by filling :attr:`targets` (one per decoder block),
-    at construction or in :meth:`prepare`.
-    """
+    """``sparsity`` everywhere, unless a subclass fills :attr:`targets` (one per decoder block),
+    at construction or in :meth:`prepare`."""
 
     #: True when :meth:`prepare` runs the dense model on the calibration windows.
     needs_calibration: bool = False
@@ -39,8 +33,7 @@ class SparsityPlan:
 
     def check_config(self, blocks: int | None, method_calibrates: bool) -> None:
         """Raise ``ValueError`` when the plan cannot apply to a model of ``blocks`` decoder
-        blocks (None: not known) pruned by a method that calibrates or not; before the model
-        loads, from its config. A plan whose targets are given must give one per block."""
+        blocks (None: not known), pruned by a method that calibrates or not."""
         if blocks is not None and self.targets is not None and len(self.targets) != blocks:
             raise ValueError(
                 f"sparsity.per_block has {len(self.targets)} ratios, but the model has {blocks} "

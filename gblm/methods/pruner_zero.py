@@ -1,22 +1,14 @@
 """Pruner-Zero (Dong et al., ICML 2024): the symbolic score its genetic search found.
 
-The published metric (its ``best_tree.json``) is ``mul(abs(mul(W, W)), mms(G))``:
+The published metric (``best_tree.json``) is ``mul(abs(mul(W, W)), mms(G))``:
 
     S = |W|^2 * mms(G),    mms(G) = (G - min G) / (max G - min G)
 
-with ``W`` the Linear's weight magnitudes and ``G`` GBLM-Pruner's l2 gradient norms (scale 100,
-summed squares in fp32, stored in fp16), min and max taken over the whole Linear. The gradient
-stage is GBLM-Pruner's, run and cached by :class:`gblm.methods.gradient_score.GradientScorePruner`:
-Pruner-Zero and ``method=gblm method.norm=l2`` read the same cache entry. The activation
-statistic plays no part. The mask is Wanda's: per output row the ``int(d_in * ratio)`` lowest
-(stable sort), or the N lowest of every M.
-
-As published: ``|W|`` is taken in the weight's dtype and both factors are widened to fp32 before
-any arithmetic; ``mms`` subtracts and divides (no reciprocal), so the bits are the published
-ones. The outer ``abs`` of the tree is dropped: ``|W| * |W|`` is never negative. A Linear whose
-norms are all equal (``max G == min G``, e.g. all zero) scores 0/0 = NaN everywhere; NaN sorts
-last and stably, so every row prunes its first ``k`` columns, as the published code does. An
-fp16 norm that overflowed to inf scales to NaN and every finite one to 0, also as published.
+with ``G`` GBLM-Pruner's l2 gradient norms (scale 100, stored in fp16; the same cache entry as
+``method=gblm method.norm=l2``), min and max over the whole Linear; the mask is Wanda's. As
+published, ``|W|`` is taken in the weight's dtype, both factors are widened to fp32 first and
+``mms`` subtracts and divides, so the bits are the published ones. Norms all equal give 0/0 = NaN
+everywhere, and NaN sorts last and stably: every row prunes its first ``k`` columns, as published.
 """
 
 from __future__ import annotations
@@ -48,9 +40,7 @@ def pruner_zero_score(weight: Tensor, grad_norm: Tensor) -> Tensor:
             f"gradient norm of shape {tuple(grad_norm.shape)} does not match the weight "
             f"{tuple(weight.shape)}: were the gradients computed for another model?"
         )
-    magnitude = weight.abs().to(
-        torch.float32
-    )  # |W| in the weight's dtype, widened exactly (a copy)
+    magnitude = weight.abs().to(torch.float32)  # |W| in the weight's dtype, widened (a copy)
     scaled = min_max_scale(grad_norm.to(device=weight.device, dtype=torch.float32))
     return magnitude.mul_(magnitude).mul_(scaled)
 
@@ -76,6 +66,3 @@ class PrunerZeroPruner(GradientScorePruner):
 
     def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:
         return pruner_zero_score(weight, self.gradient_norm(name, "Pruner-Zero"))
-
-    def describe(self) -> dict:
-        return {**self.gradient_options(), "comparison_group": self.comparison_group}

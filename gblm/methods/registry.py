@@ -1,19 +1,15 @@
-"""The registries of plug-ins are config-group folders: ``conf/method/``, ``conf/sparsity/`` and
-``conf/reconstruct/``.
+"""The registries of plug-ins are config-group folders; nothing else in the code lists names.
 
-Each ``conf/method/<name>.yaml`` names its class (``_target_``, null for the dense baseline), an
-``order`` (where the method stands in tables: baselines first) and the method's options, which
-are the keyword arguments of the class. Each ``conf/sparsity/<file>.yaml`` that names a
-``_target_`` is a sparsity allocator, registered under its ``allocator`` key (``uniform``,
-``owl``, ...); the other files of that folder are patterns (``nm_2_4``) that any allocator takes.
-An allocator's options are the keyword arguments of its class after the target ``sparsity``.
-Each ``conf/reconstruct/<name>.yaml`` is a weight update after the masks (``_target_``, null for
-``none``), its options the keyword arguments of its class. Nothing else in the code lists method,
-allocator or update names.
+- ``conf/method/<name>.yaml``: the class (``_target_``, null for the dense baseline), an ``order``
+  in tables (baselines first) and the options, the keyword arguments of the class;
+- ``conf/sparsity/<file>.yaml`` with a ``_target_``: a sparsity allocator, registered under its
+  ``allocator`` key, its options the class's keyword arguments after the target ``sparsity`` (the
+  other files are patterns, ``nm_2_4``, that any allocator takes);
+- ``conf/reconstruct/<name>.yaml``: a weight update after the masks (null ``_target_`` for
+  ``none``).
 
-Every option is declared once, by its annotation in the class's signature
-(:mod:`gblm.options`: ``Annotated[float, Range(ge=0)]``, ``Annotated[str, OneOf(...)]``,
-``bool``, ...), and :func:`check_options` checks a plug-in's options against those declarations.
+Every option is declared once, by its annotation in the class's signature (:mod:`gblm.options`),
+and :func:`check_options` checks a plug-in's options against it.
 """
 
 from __future__ import annotations
@@ -53,13 +49,9 @@ def _read(path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def _entries() -> tuple[MethodEntry, ...]:
-    return _folder_entries(METHOD_DIR)
-
-
 @functools.lru_cache(maxsize=2)
 def _folder_entries(folder) -> tuple[MethodEntry, ...]:
-    """The entries of a registry folder of named plug-ins (methods, weight updates), in order."""
+    """The entries of a folder of named plug-ins (methods, weight updates), in order."""
     entries = []
     for path in sorted(folder.glob("*.yaml")):
         data = _read(path)
@@ -102,12 +94,12 @@ def allocator_entry(name: str) -> MethodEntry | None:
 
 def method_names() -> tuple[str, ...]:
     """Every registered method, in table order (``order``, then name)."""
-    return tuple(e.name for e in _entries())
+    return tuple(e.name for e in _folder_entries(METHOD_DIR))
 
 
 def method_entry(name: str) -> MethodEntry:
     """The registry entry of ``name``; KeyError when there is none."""
-    for entry in _entries():
+    for entry in _folder_entries(METHOD_DIR):
         if entry.name == name:
             return entry
     raise KeyError(name)
@@ -129,24 +121,9 @@ def options_of(target: str, skip: tuple[str, ...] = ()) -> dict[str, Option]:
 def check_options(
     key: str, target: str, options: Mapping[str, Any], inputs: tuple[str, ...] = ()
 ) -> dict[str, Any]:
-    """The ``options`` of the plug-in class ``target``, each checked against its declaration.
-
-    The one check of every plug-in's options (methods, allocators, any ``_target_`` class of a
-    config group), run by the config validation and by the builders, before the model loads.
-
-    Args:
-        key: The config node, named in refusals: ``method``, ``sparsity``, ...
-        target: The class's dotted path (its ``_target_``).
-        options: Option name -> value (the registry file's defaults with the user's on top).
-        inputs: The class's arguments that its builder passes itself (not options).
-
-    Returns:
-        The values as checked (an int given to a float option becomes a float).
-
-    Raises:
-        ConfigError: an unknown option, a missing one without a default, or a value outside
-            its declared type or range; the message names ``key.<option>`` and what is allowed.
-    """
+    """The ``options`` of the plug-in class ``target`` (less its builder's ``inputs``), each
+    checked against its declaration (an int given to a float option becomes a float): the one
+    check, by the config validation and the builders. ConfigError names ``key.<option>``."""
     from gblm.errors import ConfigError
 
     declared = options_of(target, skip=inputs)
@@ -165,64 +142,42 @@ def check_options(
     }
 
 
-def _construct(
-    what: str, key: str, target: str, options: dict[str, Any], inputs: Mapping[str, Any] = {}
-):
-    """``target(**inputs, **options)``, the options checked (``inputs``: what the builder passes
-    itself, by argument name); a value the class refuses is a ConfigError naming ``what``."""
+def _build(
+    what: str, key: str, entries: tuple[MethodEntry, ...], name: str, target: str | None,
+    options: dict[str, Any], inputs: Mapping[str, Any] = {},
+):  # fmt: skip
+    """``target(**inputs, **options)`` of the entry ``name`` (``what={name}``), its registered
+    options updated by ``options`` and checked; None where it has no ``_target_``. An unknown
+    name, or a value the class refuses, is a ConfigError naming ``what``."""
     from hydra.utils import get_class
 
     from gblm.errors import ConfigError
 
-    checked = check_options(key, target, options, tuple(inputs))
-    try:
-        return get_class(target)(**inputs, **checked)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{what}: {err}") from err
-
-
-def build_method(name: str, target: str | None = None, **options: Any):
-    """The method ``name`` with its registered defaults updated by ``options``; None for dense.
-
-    Args:
-        name: A registered method (a file of ``conf/method/``).
-        target: The class's dotted path, when the config names another class than the registry.
-        options: Keyword arguments of the class; unknown ones are refused with the allowed list.
-
-    Raises:
-        ConfigError: unknown method or option, or a value the class refuses.
-    """
-    from gblm.errors import ConfigError
-
-    try:
-        entry = method_entry(name)
-    except KeyError:
-        raise ConfigError(
-            f"method={name!r} is not allowed: choose one of {', '.join(method_names())}."
-        ) from None
+    entry = next((e for e in entries if e.name == name), None)
+    if entry is None:
+        allowed = ", ".join(e.name for e in entries)
+        raise ConfigError(f"{what}={name!r} is not allowed: choose one of {allowed}.")
     target = target or entry.target
     if target is None:
         return None
-    return _construct(f"method={name}", "method", target, {**entry.options, **options})
+    checked = check_options(key, target, {**entry.options, **options}, tuple(inputs))
+    try:
+        return get_class(target)(**inputs, **checked)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{what}={name}: {err}") from err
+
+
+def build_method(name: str, target: str | None = None, **options: Any):
+    """The method ``name`` (``target``: another class than the registry's) with its registered
+    defaults updated by ``options``; None for dense. ConfigError on an unknown name or option."""
+    entries = _folder_entries(METHOD_DIR)
+    return _build("method", "method", entries, name, target, options)
 
 
 def build_allocator(name: str, sparsity: Any, **options: Any):
-    """The sparsity plan of allocator ``name`` for the target ``sparsity`` (a ``Sparsity``).
-
-    Raises:
-        ConfigError: unknown allocator or option, or a value the class refuses.
-    """
-    from gblm.errors import ConfigError
-
-    entry = allocator_entry(name)
-    if entry is None:
-        raise ConfigError(
-            f"sparsity.allocator={name!r} is not allowed: choose one of "
-            f"{', '.join(allocator_names())}."
-        )
-    options = {**entry.options, **options}
-    what = f"sparsity.allocator={name}"
-    return _construct(what, "sparsity", entry.target, options, {"sparsity": sparsity})
+    """The sparsity plan of allocator ``name`` for the target ``sparsity`` (a ``Sparsity``)."""
+    what, entries = "sparsity.allocator", allocator_entries()
+    return _build(what, "sparsity", entries, name, None, options, {"sparsity": sparsity})
 
 
 def reconstruct_entries() -> tuple[MethodEntry, ...]:
@@ -236,32 +191,13 @@ def reconstruct_names() -> tuple[str, ...]:
 
 def build_reconstruct(name: str, **options: Any):
     """The weight update ``name`` with its registered defaults updated by ``options``; None for
-    ``none``.
-
-    Raises:
-        ConfigError: unknown update or option, or a value the class refuses.
-    """
-    from gblm.errors import ConfigError
-
-    entry = next((e for e in reconstruct_entries() if e.name == name), None)
-    if entry is None:
-        raise ConfigError(
-            f"reconstruct={name!r} is not allowed: choose one of {', '.join(reconstruct_names())}."
-        )
-    if entry.target is None:
-        return None
-    options = {**entry.options, **options}
-    return _construct(f"reconstruct={name}", "reconstruct", entry.target, options)
+    ``none``."""
+    return _build("reconstruct", "reconstruct", reconstruct_entries(), name, None, options)
 
 
 def compose(name: str, method: Any, update: Any, target: Any):
     """The method ``name`` ready for a run to ``target`` (a ``Sparsity``), with ``update`` after
-    its masks; None for the dense baseline.
-
-    Raises:
-        ConfigError: the method cannot reach ``target``, or the update cannot follow it (the
-            dense baseline prunes nothing; SparseGPT updates its weights itself).
-    """
+    its masks; None for the dense baseline. ConfigError where the update cannot follow it."""
     from gblm.errors import ConfigError
 
     if method is None:

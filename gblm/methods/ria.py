@@ -1,17 +1,14 @@
 """RIA, relative importance and activations (Zhang et al., ICLR 2024).
 
-score ``S_ij = (|W_ij| / sum_i' |W_i'j| + |W_ij| / sum_j' |W_ij'|) * sqrt(row_sq_j) ** a``: the
-weight's share of its input column (summed over the outputs) plus its share of its output row,
-times the input activation norm raised to ``a`` (0.5). The relative-importance part is formed in
-the weight's dtype and the product in fp32, as the published code does.
+``S_ij = (|W_ij| / sum_i' |W_i'j| + |W_ij| / sum_j' |W_ij'|) * sqrt(row_sq_j) ** a``: the
+weight's share of its input column plus its share of its output row, times the input activation
+norm to the ``a`` (relative importance in the weight's dtype, the product in fp32, as published).
+One threshold per layer by default; ``comparison_group=row`` is the published ``--per_outneuron``.
 
-The comparison group is the whole layer by default (one threshold, ``S <= sorted(S)[k]``, so one
-entry more than ``numel * ratio`` is pruned); ``comparison_group=row`` is the published
-``--per_outneuron``. For N:M, ``reallocation=true`` is the channel permutation: the input columns
-are reordered by their total score so that every group of M mixes strong and weak columns, the
-N:M mask is chosen on the permuted score and mapped back (the mask is N:M only in the permuted
-column order; the weights are not moved). ``lsa=true`` then improves the permutation slot by slot
-with a linear-sum assignment (scipy).
+For N:M, ``reallocation=true`` is the channel permutation: the input columns are reordered by
+their total score so that every group of M mixes strong and weak ones, and the N:M mask is chosen
+on the permuted score and mapped back (the weights are not moved). ``lsa=true`` then improves the
+permutation slot by slot with a linear-sum assignment (scipy).
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
 """SparseGPT (Frantar & Alistarh 2023, arXiv 2301.00774): prune against the Hessian and update the
-surviving weights to absorb the error (the solve is :func:`gblm.pruning.sparsegpt.sparsegpt_prune`).
-"""
+surviving weights to absorb the error (:func:`gblm.pruning.sparsegpt.sparsegpt_prune`)."""
 
 from __future__ import annotations
 
@@ -36,14 +35,10 @@ class SparseGPTPruner(Pruner):
     def prune_linear(
         self, name: str, linear: nn.Linear, stats: LinearStats, target: Sparsity
     ) -> Tensor:
+        hessian = require(stats, "hessian", "SparseGPT")
         weight, mask = sparsegpt_prune(
-            linear.weight.data,
-            require(stats, "hessian", "SparseGPT"),
-            target.ratio,
-            target.n,
-            target.m,
-            blocksize=self.blocksize,
-            percdamp=self.percdamp,
-        )
+            linear.weight.data, hessian, target.ratio, target.n, target.m, self.blocksize,
+            self.percdamp,
+        )  # fmt: skip
         linear.weight.data.copy_(weight)
         return mask

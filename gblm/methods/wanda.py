@@ -1,19 +1,24 @@
-"""Wanda (Sun et al. 2023, arXiv 2306.11695): score = |W[i, j]| * ||X_j||_2 / sqrt(N).
+"""Wanda (Sun et al. 2023, arXiv 2306.11695): score ``|W_ij| * ||X_j||_2 / sqrt(N)``, per output row.
 
-The score is :func:`gblm.pruning.wanda.activation_term`; the comparison group is the output row.
-``use_variant`` is the paper's appendix variant (per-row cumulative-score budget ``alpha``, found
-by bisection), for unstructured sparsity only.
+``use_variant`` is the paper's appendix variant (a per-row cumulative-score budget, found by
+bisection), for unstructured sparsity only.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from gblm.calibration.stats import LinearStats
 from gblm.methods.base import ComparisonGroup, ScorePruner, require
 from gblm.pruning.masks import variant_mask
 from gblm.pruning.sparsity import Sparsity
-from gblm.pruning.wanda import activation_term
+
+
+def activation_term(weight: Tensor, row_sq_norms: Tensor) -> Tensor:
+    """``|W| * sqrt(row_sq)`` in fp32 (d_out, d_in): Wanda's score, GBLM-Pruner's first term."""
+    norms = row_sq_norms.to(device=weight.device, dtype=torch.float32).sqrt()  # (d_in,)
+    return weight.abs().float().mul_(norms.reshape(1, -1))  # abs() is a fresh tensor
 
 
 class WandaPruner(ScorePruner):
@@ -40,11 +45,8 @@ class WandaPruner(ScorePruner):
                 f"{target.label} set method.use_variant=false."
             )
 
-    def score(self, name: str, weight: Tensor, stats: LinearStats) -> Tensor:
-        return activation_term(weight, require(stats, "row_sq_norms", "Wanda"))
-
     def column_score(
-        self, name: str, stats: LinearStats, weight_cols: Tensor, start: int, end: int
+        self, name: str, stats: LinearStats, weight_cols: Tensor, start: int, end: int | None
     ) -> Tensor:
         return activation_term(weight_cols, require(stats, "row_sq_norms", "Wanda")[start:end])
 

@@ -1,32 +1,26 @@
 """DSnoT, training-free mask refinement (Zhang et al., ICLR 2024): the pure tensor steps.
 
-Given a Linear's initial mask (True = pruned), DSnoT swaps a pruned and a kept weight per output
-row, cycle after cycle, to drive the row's expected reconstruction error towards zero; the
-weights themselves never change. With ``mean_j = (1/N) sum_n sum_t X[n,t,j]`` (T times the token
-mean) and ``D_ij = W_ij * mean_j``, the row's error is ``e_i = sum_{j pruned} D_ij``.
+DSnoT swaps a pruned and a kept weight per output row, cycle after cycle, to drive the row's
+expected reconstruction error ``e_i = sum_{j pruned} D_ij`` towards zero, with ``D_ij = W_ij *
+mean_j`` (``mean_j``: T times the token mean of input j); the weights never change.
 
 Unstructured (:func:`dsnot_unstructured`), every row at once:
 
-- grow order: a stable ascending sort of ``G_ij = D_ij / var_j ** p`` on the pruned entries and 0
-  on the kept ones; the weight to grow back is taken from its back while ``e > 0``, else from its
-  front;
+- grow order: a stable ascending sort of ``D_ij / var_j ** p`` on the pruned entries (0 on the
+  kept); the weight to grow back is taken from its back while ``e > 0``, else from its front;
 - prune list: the kept entries by ascending Wanda score, reordered as those with ``D < 0`` (Wanda
-  ascending), then those with ``D > 0`` (Wanda descending); an entry with ``D == 0`` stands for
-  the list's first entry (as the published reorder does). The weight to prune is taken from its
-  back while ``e < 0``, else from its front;
-- each side used moves its pointer one step; a row stops for good once ``|e| <= threshold`` (the
-  error before the swap); while it is active the swap is made and ``e += D_prune - D_grow``.
+  ascending), then ``D > 0`` (descending); an entry with ``D == 0`` stands for the list's first
+  (the published reorder). The weight to prune is taken from its back while ``e < 0``, else front;
+- each side used moves its pointer one step; a row stops for good once ``|e| <= threshold``;
+  while active the swap is made and ``e += D_prune - D_grow``.
 
-N:M (:func:`dsnot_nm`): the weight to grow back is chosen as above; the one to prune is the kept
-entry of the same group of M with the lowest initial score (used entries are set to +inf; ties,
-such as a group whose entries are all used, go as ``torch.topk(..., largest=False)`` breaks them,
-as published), and a row also stops when the swap would flip the sign of its initial error.
+N:M (:func:`dsnot_nm`): the weight to prune is the kept entry of the grown one's group of M with
+the lowest initial score (used entries set to +inf; ties go as ``torch.topk`` breaks them, as
+published), and a row also stops when the swap would flip the sign of its initial error.
 
-Rows run together: a row that has stopped keeps moving its pointers while others go on, and its
-entries are written back (q kept, r pruned), which changes nothing unless a pointer has reached
-the kept entries in the middle of the grow order (published; only with more cycles than the
-row has pruned entries of one sign). Where the published code would index past the end of a list,
-the row stops and is left alone instead.
+As published, a stopped row keeps moving its pointers and its entries are written back (q kept,
+r pruned), which changes nothing unless a pointer has crossed into the kept entries of the grow
+order. Where the published code would index past the end of a list, the row is left alone.
 """
 
 from __future__ import annotations
@@ -35,24 +29,14 @@ import torch
 from torch import Tensor
 
 from gblm import devices
+from gblm.pruning.sparsegpt import damped_inverse_factor
 
 
 def obs_saliency(weight: Tensor, hessian: Tensor, percdamp: float = 0.01) -> Tensor:
-    """SparseGPT's initial score ``W^2 / diag(Hinv)^2`` (no weight update), fp32 (d_out, d_in).
-
-    Dead inputs (``H_jj == 0``) get ``H_jj = 1`` and a zero weight; ``percdamp * mean(diag H)``
-    is added to the diagonal; Hinv is the upper Cholesky factor of ``H^-1``.
-    """
+    """SparseGPT's initial score ``W^2 / diag(Hinv)^2`` (no weight update), fp32 (d_out, d_in)."""
     with devices.no_tf32():
-        W = weight.detach().float().clone()
-        H = hessian.detach().float().clone()
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
-        W[:, dead] = 0
-        diag = torch.arange(H.shape[0], device=H.device)
-        H[diag, diag] += percdamp * torch.mean(torch.diag(H))
-        H = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-        return W**2 / torch.diag(H).reshape(1, -1) ** 2
+        W, Hinv, _ = damped_inverse_factor(weight, hessian, percdamp)
+        return W**2 / torch.diag(Hinv).reshape(1, -1) ** 2
 
 
 def _growth(pruned: Tensor, D: Tensor, var: Tensor, var_power: float) -> tuple[Tensor, Tensor]:
@@ -102,23 +86,11 @@ def _swap(
 
 
 def dsnot_unstructured(
-    mask: Tensor,
-    D: Tensor,
-    wanda: Tensor,
-    var: Tensor,
-    max_cycle: int = 50,
-    threshold: float = 0.1,
-    var_power: float = 1.0,
-) -> Tensor:
-    """The refined mask (True = pruned) of an unstructured initial ``mask`` (d_out, d_in).
-
-    Args:
-        mask: the initial mask; not modified.
-        D: ``W * mean`` (fp32), the expected contribution of every weight.
-        wanda: ``|W| * sqrt(row_sq)``, the order in which kept weights are pruned.
-        var: (d_in,) the token variance of every input.
-        max_cycle, threshold, var_power: the published 50, 0.1 and 1.
-    """
+    mask: Tensor, D: Tensor, wanda: Tensor, var: Tensor, max_cycle: int = 50,
+    threshold: float = 0.1, var_power: float = 1.0,
+) -> Tensor:  # fmt: skip
+    """The refined copy of an unstructured initial ``mask`` (d_out, d_in; True = pruned), from
+    ``D = W * mean`` (fp32), the Wanda score and the token variance ``var`` (d_in,)."""
     d_out, d_in = D.shape
     pruned = mask.clone()
     error, grow = _growth(pruned, D, var, var_power)
@@ -139,20 +111,10 @@ def dsnot_unstructured(
 
 
 def dsnot_nm(
-    mask: Tensor,
-    D: Tensor,
-    initial: Tensor,
-    var: Tensor,
-    m: int,
-    max_cycle: int = 50,
-    threshold: float = 0.1,
-    var_power: float = 1.0,
-) -> Tensor:
-    """The refined mask of an N:M initial ``mask``: every swap stays inside one group of ``m``.
-
-    ``initial`` is the initial score; the kept entry of the grown weight's group with the lowest
-    initial score is pruned.
-    """
+    mask: Tensor, D: Tensor, initial: Tensor, var: Tensor, m: int, max_cycle: int = 50,
+    threshold: float = 0.1, var_power: float = 1.0,
+) -> Tensor:  # fmt: skip
+    """The refined copy of an N:M initial ``mask``; every swap stays inside one group of ``m``."""
     d_out, d_in = D.shape
     pruned = mask.clone()
     error, grow = _growth(pruned, D, var, var_power)

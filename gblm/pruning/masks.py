@@ -1,20 +1,13 @@
-"""Mask selection: the one place for unstructured (per row, per layer) and N:M selection.
+"""Mask selection from a score matrix (d_out, d_in); True in a mask means pruned.
 
-Every score method hands its score matrix (d_out, d_in) here; True in a mask means pruned.
-Each rule is written as the rule itself, in plain torch:
+- ``row``: in every output row prune the first ``int(d_in * ratio)`` of a stable ascending sort
+  (among equal scores the lower column first; Wanda / GBLM-Pruner).
+- ``layer``: prune ``score <= sort(score.flatten())[int(numel * ratio)]`` (the published
+  magnitude rule; ties may overshoot, a ratio that rounds to zero entries prunes nothing).
+- N:M: the N lowest of every group of M consecutive columns of a row.
+- :func:`variant_mask`: Wanda's appendix variant, a per-row cumulative-score budget.
 
-- ``row``: in every output row prune the first ``int(d_in * ratio)`` entries of a stable
-  ascending sort, so among equal scores the lower column index is pruned first (Wanda /
-  GBLM-Pruner).
-- ``layer``: one threshold over the whole matrix, ``t = sort(score.flatten())[int(numel * ratio)]``,
-  prune ``score <= t`` (the published magnitude rule; ties at ``t`` may overshoot slightly, and a
-  ratio that rounds to zero entries prunes nothing).
-- N:M: every row is cut into groups of M consecutive columns; the N lowest of each are pruned.
-- :func:`variant_mask` is Wanda's appendix variant: per row, prune the entries whose cumulative
-  sorted score stays under ``alpha`` times the row sum, alpha found by bisection.
-
-NaN scores sort last (``torch.sort`` and ``torch.kthvalue`` agree on that), so a NaN is pruned
-only when a row or layer has fewer finite entries than the rule asks for.
+NaN sorts last, so a NaN is pruned only when a row or layer has too few finite entries.
 """
 
 from __future__ import annotations
@@ -24,17 +17,14 @@ import torch
 from torch import Tensor
 
 COMPARISON_GROUPS = ("row", "layer")
-
-
 _NUMPY_SELECTS = (torch.float16, torch.float32, torch.float64)
 
 
 def kth_smallest(values: Tensor, k: int) -> Tensor:
     """The ``k``-th smallest entry (1-based) of every row of ``values`` (rows, n): (rows, 1).
 
-    On the CPU NumPy's introselect (``np.partition``) finds it, about 6x faster than
-    ``torch.kthvalue`` there; both put NaN last, so they agree on every input. bf16 and other
-    devices use ``torch.kthvalue``.
+    On the CPU NumPy's ``np.partition`` (faster than ``torch.kthvalue`` there; both put NaN
+    last); bf16 and other devices use ``torch.kthvalue``.
     """
     if values.device.type == "cpu" and values.dtype in _NUMPY_SELECTS:
         rows = np.partition(values.detach().numpy(), k - 1, axis=1)  # (rows, n), a copy
@@ -43,11 +33,8 @@ def kth_smallest(values: Tensor, k: int) -> Tensor:
 
 
 def zero_masked_(weight: Tensor, mask: Tensor) -> Tensor:
-    """``weight[mask] = 0`` in place, writing exactly +0.0: the raw bits times ``~mask``.
-
-    Multiplying the integer view by the kept entries is the same as a masked fill, bit for bit,
-    and on a CPU about 15x faster than ``masked_fill_`` / boolean indexing.
-    """
+    """``weight[mask] = 0`` in place, writing exactly +0.0: the raw bits times ``~mask`` (bit for
+    bit a masked fill, and much faster on a CPU)."""
     bits = _SAME_SIZE_INT.get(weight.dtype)
     if bits is None:
         weight[mask] = 0
@@ -67,10 +54,8 @@ _SAME_SIZE_INT = {
 def unstructured_row_mask(score: Tensor, ratio: float) -> Tensor:
     """Prune the first ``int(d_in * ratio)`` entries of a stable ascending sort of every row.
 
-    Found without sorting: with ``v`` the row's k-th smallest entry, the stable sort's first k
-    are every entry below ``v`` and, among the entries equal to ``v``, the leftmost ones up to
-    k in all. NaN sorts last and NaNs tie with each other, as in ``torch.sort``. A selection
-    (``kthvalue``) and a few elementwise passes instead of a sort: about 5x less work per row.
+    Without sorting: with ``v`` the row's k-th smallest entry, those are every entry below ``v``
+    and the leftmost entries equal to ``v``, up to k in all (NaNs tie, as in ``torch.sort``).
     """
     d_in = score.shape[1]
     k = int(d_in * ratio)
@@ -90,11 +75,8 @@ def unstructured_row_mask(score: Tensor, ratio: float) -> Tensor:
 
 
 def unstructured_layer_mask(score: Tensor, ratio: float) -> Tensor:
-    """Prune every entry at or below ``sorted(score.flatten())[int(numel * ratio)]``.
-
-    The comparison is made in fp32 (fp16 and bf16 widen exactly). ``kthvalue(k + 1)`` is that
-    sorted entry, found without sorting the whole layer.
-    """
+    """Prune every entry at or below ``sorted(score.flatten())[int(numel * ratio)]`` (found by
+    ``kthvalue``, compared in fp32)."""
     k = int(score.numel() * ratio)
     if k == 0:
         return torch.zeros_like(score, dtype=torch.bool)

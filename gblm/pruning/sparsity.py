@@ -20,14 +20,13 @@ class Sparsity:
             raise ValueError(
                 f"sparsity.n={self.n}, sparsity.m={self.m}: set both (N:M) or neither."
             )
-        if self.structured:
-            if not 0 < self.n < self.m:
-                raise ValueError(f"sparsity.n={self.n}, sparsity.m={self.m}: N:M needs 0 < N < M.")
-            if abs(self.ratio - self.n / self.m) > 1e-9:
-                raise ValueError(
-                    f"sparsity.ratio={self.ratio} with N:M {self.n}:{self.m}: the ratio must equal "
-                    f"N/M = {self.n / self.m:g} (set sparsity.ratio={self.n / self.m:g})."
-                )
+        if self.structured and not 0 < self.n < self.m:
+            raise ValueError(f"sparsity.n={self.n}, sparsity.m={self.m}: N:M needs 0 < N < M.")
+        if self.structured and abs(self.ratio - self.n / self.m) > 1e-9:
+            raise ValueError(
+                f"sparsity.ratio={self.ratio} with N:M {self.n}:{self.m}: the ratio must equal "
+                f"N/M = {self.n / self.m:g} (set sparsity.ratio={self.n / self.m:g})."
+            )
 
     @property
     def structured(self) -> bool:
