@@ -1,7 +1,5 @@
 """``python -m gblm.report SWEEP_DIR [--out DIR]``: the sweep report of :mod:`gblm.analysis.report`."""
 
-from __future__ import annotations
-
 import sys
 
 from gblm.analysis.report import build_report, find_runs, main

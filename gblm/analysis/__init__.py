@@ -1,11 +1,3 @@
-"""What a pruning run did to the model, measured and reported.
-
-- :mod:`gblm.analysis.stats`: mask statistics on tensors (per Linear; per block, per type and
-  overall; N:M validity). Pure tensor math: no files, no plots, no model.
-- :mod:`gblm.analysis.records`: the CSV / JSON records of those statistics in a run folder.
-- :mod:`gblm.analysis.plots`: mask images (matplotlib is imported lazily).
-- :mod:`gblm.analysis.report`: the sweep report (reading runs, tables, plots, Markdown / HTML).
-
-The package sits above :mod:`gblm.methods` and below :mod:`gblm.eval`; it reads no model and
-runs no calibration.
-"""
+"""What a pruning run did to the model, measured and reported: mask statistics (:mod:`.stats`,
+pure tensor math), their records in a run folder (:mod:`.records`), mask images (:mod:`.plots`)
+and the sweep report (:mod:`.report`). It reads no model and runs no calibration."""

@@ -1,8 +1,5 @@
-"""Mask images: the share pruned per pixel of a Linear's mask, as a PNG.
-
-Also :func:`pyplot`, the one place matplotlib is imported (lazily, with the non-interactive Agg
-backend), for these images and the sweep report's plots (:mod:`gblm.analysis.report.plots`).
-"""
+"""Mask images (the share pruned per pixel of a Linear's mask, as a PNG), and :func:`pyplot`, the
+one place matplotlib is imported (lazily, on the Agg backend)."""
 
 from __future__ import annotations
 
@@ -32,12 +29,9 @@ def pyplot():
 
 
 def downsample_mask(mask: Tensor, max_pixels: int = MAX_IMAGE_PIXELS) -> Tensor:
-    """Share pruned in blocks of the mask, so that neither side exceeds ``max_pixels``.
-
-    The block shape is ``(ceil(d_out / max_pixels), ceil(d_in / max_pixels))``; edge blocks that
-    overhang the matrix average only the entries they cover. Counts are summed straight from the
-    boolean mask, so a 70B-model matrix needs no float copy. Returns float ``(rows, cols)``.
-    """
+    """Share pruned in blocks of ``(ceil(d_out / max_pixels), ceil(d_in / max_pixels))``, float
+    ``(rows, cols)``; edge blocks average only the entries they cover. Counted from the boolean
+    mask: a 70B-model matrix needs no float copy."""
     d_out, d_in = mask.shape
     fr, fc = math.ceil(d_out / max_pixels), math.ceil(d_in / max_pixels)
     rows, cols = math.ceil(d_out / fr), math.ceil(d_in / fc)
@@ -52,25 +46,17 @@ def downsample_mask(mask: Tensor, max_pixels: int = MAX_IMAGE_PIXELS) -> Tensor:
     return pruned.float().cpu() / torch.outer(row_cover, col_cover)
 
 
-def mask_image_name(name: str) -> str:
-    """File name of a Linear's mask image: the module name with unsafe characters replaced."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".png"
-
-
 def save_mask_images(
     masks: Mapping[str, Tensor], names: Iterable[str], out_dir: str | os.PathLike
 ) -> list[Path]:
-    """Save a PNG of each named mask: share pruned per pixel, with a colorbar and its sparsity.
-
-    Masks bigger than :data:`MAX_IMAGE_PIXELS` a side are block-averaged first (see
-    :func:`downsample_mask`), so stripes of pruned columns stay visible at any size.
-    """
+    """A PNG of each named mask (file: the name, unsafe characters replaced), block-averaged
+    (:func:`downsample_mask`) so stripes of pruned columns stay visible at any size."""
     plt = pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for name in names:
-        path = out_dir / mask_image_name(name)
+        path = out_dir / (re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".png")
         _save_mask_image(plt, name, masks[name].detach().bool().cpu(), path)
         paths.append(path)
     return paths

@@ -1,10 +1,6 @@
-"""The mask-statistics records of a run: ``mask_stats.csv`` and ``mask_stats_blocks.json``.
-
-``mask_stats.csv`` holds one row per pruned Linear (columns :data:`LINEAR_FIELDS` first, then any
-extra keys in sorted order; None as an empty cell). ``mask_stats_blocks.json`` holds the per-block
-and per-type summaries: ``{"per_block": [...], "per_type": [...]}``, each per-block row with its
-achieved ``sparsity``. Both are written atomically (:func:`gblm.utils.atomic_write`).
-"""
+"""The mask-statistics records of a run, written atomically: ``mask_stats.csv`` (one row per
+pruned Linear: :data:`LINEAR_FIELDS` first, then any extra keys sorted; None as an empty cell) and
+``mask_stats_blocks.json`` (``{"per_block": [...], "per_type": [...]}``)."""
 
 from __future__ import annotations
 
@@ -39,14 +35,12 @@ def _parse_cell(value: str):
         return None
     if value in ("True", "False"):
         return value == "True"
-    try:
-        return int(value)
-    except ValueError:
-        pass
-    try:
-        return float(value)
-    except ValueError:
-        return value
+    for parse in (int, float):
+        try:
+            return parse(value)
+        except ValueError:
+            pass
+    return value
 
 
 def read_mask_stats_csv(path: str | os.PathLike) -> list[dict]:

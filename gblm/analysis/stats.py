@@ -1,33 +1,21 @@
 """Mask statistics: how much was pruned, where, and how structured the pattern is.
 
-A mask is a boolean ``(d_out, d_in)`` tensor, True = pruned (the convention of
-:mod:`gblm.pruning.masks`). Per Linear we record the sparsity, the distribution of the share
-pruned per output row and per input column, the share of rows and of columns pruned entirely,
-N:M validity, and two structure measures:
+A mask is a boolean ``(d_out, d_in)`` tensor, True = pruned (:mod:`gblm.pruning.masks`). Per
+Linear: the sparsity ``p``, the distribution of the share pruned per output row and per input
+column, the share of rows and of columns pruned entirely, N:M validity, and two structure measures:
 
 ``column_structure = std(column sparsity) / sqrt(p (1 - p) / d_out)``
 
-where ``p`` is the Linear's sparsity. If every entry were pruned independently with probability
-``p``, each column's share pruned would be a binomial proportion over ``d_out`` rows, whose
-standard deviation is the denominator; so a random mask scores about 1 and a mask that prunes
-whole input channels together scores far above 1: this is the channel structure that
-gradient-informed unstructured masks tend to show, measured. A per-row selection (Wanda,
-GBLM-Pruner, N:M) keeps exactly the same count in every row, so its column sparsities are still binomial-like and a score of 1 means "no structure beyond chance".
+the spread of the columns' shares relative to that of a mask whose entries are pruned
+independently with probability ``p`` (a binomial proportion over ``d_out`` rows). A random mask
+scores about 1; a mask that prunes whole input channels together (the channel structure of
+gradient-informed masks) scores far above 1. ``row_structure`` is the same over rows; per-row and
+N:M selection prune the same count in every row, so theirs is 0. Both are 0 when ``p`` is 0 or 1.
 
-``row_structure`` is the same over rows (``sqrt(p (1 - p) / d_in)``). Per-row and N:M selection
-prune the same count in every row, so their ``row_structure`` is 0 by construction; it is
-informative for layer-wise selection (magnitude). Both are 0 when ``p`` is 0 or 1 (there is no
-variation to measure).
-
-N:M validity (``m > 0``): each row is cut into groups of ``m`` consecutive input columns.
-``nm_valid`` is True when every group has *at least* ``n`` pruned entries, which is what a
-semi-structured kernel needs (at most ``m - n`` non-zeros per group; extra zeros are harmless);
-``nm_exact`` is True when every group has exactly ``n``, which is what gblm's N:M selection
-produces. Both are False when ``d_in`` is not a multiple of ``m``.
-
-This module is pure tensor math: no files, no plots, no model. The per-block summaries hold the
-achieved (pooled) sparsity of each block, whatever the target of each block was. The CSV and
-JSON records are in :mod:`gblm.analysis.records`, the mask images in :mod:`gblm.analysis.plots`.
+N:M validity (``m > 0``), over groups of ``m`` consecutive input columns of a row: ``nm_valid``
+when every group has at least ``n`` pruned (what a semi-structured kernel needs), ``nm_exact``
+when every group has exactly ``n`` (what gblm's N:M selection produces); both False when ``d_in``
+is not a multiple of ``m``. Pure tensor math: no files, no plots, no model.
 """
 
 from __future__ import annotations
@@ -40,31 +28,14 @@ from torch import Tensor
 
 from gblm.names import block_index, linear_type
 
-# Columns of mask_stats.csv, in order.
+#: The per-Linear fields, in the order of the columns of ``mask_stats.csv``.
 LINEAR_FIELDS = (
-    "name",
-    "block",
-    "type",
-    "d_out",
-    "d_in",
-    "pruned",
-    "total",
-    "sparsity",
-    "row_sparsity_mean",
-    "row_sparsity_std",
-    "row_sparsity_min",
-    "row_sparsity_max",
-    "col_sparsity_mean",
-    "col_sparsity_std",
-    "col_sparsity_min",
-    "col_sparsity_max",
-    "full_rows_share",
-    "full_cols_share",
-    "row_structure",
-    "column_structure",
-    "nm_valid",
+    "name", "block", "type", "d_out", "d_in", "pruned", "total", "sparsity",
+    "row_sparsity_mean", "row_sparsity_std", "row_sparsity_min", "row_sparsity_max",
+    "col_sparsity_mean", "col_sparsity_std", "col_sparsity_min", "col_sparsity_max",
+    "full_rows_share", "full_cols_share", "row_structure", "column_structure", "nm_valid",
     "nm_exact",
-)
+)  # fmt: skip
 
 
 def _distribution(prefix: str, values: Tensor) -> dict[str, float]:
@@ -79,9 +50,7 @@ def _distribution(prefix: str, values: Tensor) -> dict[str, float]:
 
 def _structure(std: float, p: float, count: int) -> float:
     """``std`` relative to the std of a binomial proportion over ``count`` draws at rate ``p``."""
-    if p <= 0.0 or p >= 1.0:
-        return 0.0
-    return std / math.sqrt(p * (1.0 - p) / count)
+    return 0.0 if p <= 0.0 or p >= 1.0 else std / math.sqrt(p * (1.0 - p) / count)
 
 
 def nm_validity(mask: Tensor, n: int, m: int) -> tuple[bool, bool]:
@@ -89,9 +58,7 @@ def nm_validity(mask: Tensor, n: int, m: int) -> tuple[bool, bool]:
     d_out, d_in = mask.shape
     if m <= 0 or d_in % m:
         return False, False
-    per_group = mask.reshape(d_out, d_in // m, m).sum(
-        dim=-1, dtype=torch.int32
-    )  # (d_out, d_in / m)
+    per_group = mask.reshape(d_out, d_in // m, m).sum(dim=-1, dtype=torch.int32)  # (d_out, d_in/m)
     return bool((per_group >= n).all()), bool((per_group == n).all())
 
 
@@ -141,37 +108,31 @@ def linear_mask_stats(name: str, mask: Tensor, n: int = 0, m: int = 0) -> dict:
 
 
 def _aggregate(rows: Sequence[dict]) -> dict:
-    """Pooled counts and sparsity, and the weight-averaged structure measures, over Linears."""
-    pruned = sum(r["pruned"] for r in rows)
-    total = sum(r["total"] for r in rows)
-    out = {
+    """Pooled counts and sparsity, and the size-weighted structure measures, over Linears."""
+
+    def weighted(key: str, weight: str) -> float:  # a big MLP matrix counts more than a k_proj
+        size = sum(r[weight] for r in rows)
+        return sum(r[key] * r[weight] for r in rows) / size if size else 0.0
+
+    pruned, total = sum(r["pruned"] for r in rows), sum(r["total"] for r in rows)
+    checks = [r["nm_valid"] for r in rows if r.get("nm_valid") is not None]
+    return {
         "linears": len(rows),
         "pruned": pruned,
         "total": total,
         "sparsity": pruned / total if total else 0.0,
-        # Weighted by size so a big MLP matrix counts more than a small k_proj.
-        "column_structure": sum(r["column_structure"] * r["total"] for r in rows) / total
-        if total
-        else 0.0,
-        "row_structure": sum(r["row_structure"] * r["total"] for r in rows) / total
-        if total
-        else 0.0,
-        "full_rows_share": sum(r["full_rows_share"] * r["d_out"] for r in rows)
-        / max(1, sum(r["d_out"] for r in rows)),
-        "full_cols_share": sum(r["full_cols_share"] * r["d_in"] for r in rows)
-        / max(1, sum(r["d_in"] for r in rows)),
+        "column_structure": weighted("column_structure", "total"),
+        "row_structure": weighted("row_structure", "total"),
+        "full_rows_share": weighted("full_rows_share", "d_out"),
+        "full_cols_share": weighted("full_cols_share", "d_in"),
+        "nm_valid": all(checks) if checks else None,
     }
-    checks = [r["nm_valid"] for r in rows if r.get("nm_valid") is not None]
-    out["nm_valid"] = all(checks) if checks else None
-    return out
 
 
 def aggregate_mask_stats(per_linear: Sequence[dict]) -> tuple[list[dict], list[dict], dict]:
-    """Per-block, per-type and overall summaries of :func:`linear_mask_stats` rows.
-
-    Lets the layer walk compute the per-Linear rows as it goes (and drop the masks), then
-    summarise at the end. Rows without a block index are left out of the per-block list only.
-    """
+    """Per-block, per-type and overall summaries of :func:`linear_mask_stats` rows (the walk
+    computes the rows as it goes and drops the masks); rows without a block index are left out
+    of the per-block list only."""
     by_block: dict[int, list[dict]] = {}
     by_type: dict[str, list[dict]] = {}
     for row in per_linear:
@@ -186,13 +147,8 @@ def aggregate_mask_stats(per_linear: Sequence[dict]) -> tuple[list[dict], list[d
 def model_mask_stats(
     masks: Mapping[str, Tensor], n: int = 0, m: int = 0, n_of: Mapping[str, int] | None = None
 ) -> tuple[list[dict], list[dict], list[dict], dict]:
-    """Statistics of every mask, by full Linear name: ``(per_linear, per_block, per_type, overall)``.
-
-    ``n_of`` gives a Linear its own N where a plan varies it per block (OWL's N:M).
-
-    ``per_linear`` rows follow :data:`LINEAR_FIELDS`; block and type summaries hold pooled counts,
-    the pooled sparsity and size-weighted structure measures (see :func:`aggregate_mask_stats`).
-    """
+    """``(per_linear, per_block, per_type, overall)`` of every mask, by full Linear name;
+    ``n_of`` gives a Linear its own N where a plan varies it per block (OWL's N:M)."""
     n_of = n_of or {}
     per_linear = [
         linear_mask_stats(name, mask, n_of.get(name, n), m) for name, mask in masks.items()

@@ -1,18 +1,13 @@
 """The swept axes of a sweep, and the rows they give the report's tables.
 
-The model (the report's sections) and the sparsity (its columns) are the main axes. Any other
-setting that takes two or more values among the runs of one registered method at one sparsity is
-an ablation axis, found from the runs' configs alone: ``calibration.nsamples``, ``method.norm``,
-``sparsity.allocator`` (uniform or OWL), ``method.initial`` (DSnoT's), a weight update
-(``reconstruct``), an allocator's options, ... A setting that another axis fixes (an update's
-options, fixed by the update chosen) is not an axis of its own. Seeds are repeats: their runs are
-averaged (mean ± std, n=). Keys that cannot change a result (loggers, progress bars, file
-locations, batching) are never axes.
-
-A table's rows never average over an axis: the headline tables' row of a run (its ``series``) is
-its method label with the value of every axis that tells runs of that label apart
-(``gblm, method.norm=l2``); an axis's own table has one row per method and setting of the other
-axes, one column per value of the axis.
+The model (the sections) and the sparsity (the columns) are the main axes. Any other setting
+with two or more values among the runs of one registered method at one sparsity is an ablation
+axis (``calibration.nsamples``, ``method.norm``, ``sparsity.allocator``, ``reconstruct``, ...),
+unless another axis fixes it (an update's options, fixed by the update). Seeds are repeats,
+averaged; settings that cannot change a result are never axes. A row never averages over an
+axis: a headline row (``run.series``) is the method label with the value of each axis that
+tells runs of that label apart (``gblm, method.norm=l2``); an axis's own table has one row per
+method and setting of the other axes, one column per value of the axis.
 """
 
 from __future__ import annotations
@@ -55,12 +50,9 @@ def _groups(runs: Sequence[RunRecord]) -> list[list[RunRecord]]:
 def _fixes(groups: Sequence[list[RunRecord]], key: str, other: str) -> bool:
     """Whether the value of ``key`` fixes that of ``other`` in every group (where it is set)."""
     for group in groups:
-        seen: dict[Any, Any] = {}
-        for r in group:
-            if (
-                other in r.settings
-                and seen.setdefault(r.settings.get(key), r.settings[other]) != (r.settings[other])
-            ):
+        seen: dict[Any, Any] = {}  # value of key -> value of other
+        for r in (r for r in group if other in r.settings):
+            if seen.setdefault(r.settings.get(key), r.settings[other]) != r.settings[other]:
                 return False
     return True
 

@@ -42,9 +42,8 @@ def published_ppl(model: str, runs: Sequence[RunRecord]) -> tuple[dict, str]:
     labels = set(tables.labels(runs)) | {None}
     rows = [row for row in data["ppl"] if row[0] == model and row[1] in shown and row[2] in labels]
     sources = "; ".join(data["sources"][s] for s in dict.fromkeys(row[4] for row in rows))
-    return {
-        (row[1], row[2]): float(row[3]) for row in rows
-    }, f"Published: {sources}." if rows else ""
+    published = {(row[1], row[2]): float(row[3]) for row in rows}
+    return published, f"Published: {sources}." if rows else ""
 
 
 def _metric(name: str, runs: Sequence[RunRecord], metric: tuple, dense: float | None, title: str,
@@ -118,14 +117,8 @@ def _block_section(
     return section if section.blocks else None
 
 
-def _axis_section(
-    model: str,
-    runs: Sequence[RunRecord],
-    key: str,
-    axes: list[str],
-    styles: plots.Styles,
-    out_dir: Path,
-) -> Section:
+def _axis_section(model: str, runs: Sequence[RunRecord], key: str, axes: list[str],
+                  styles: plots.Styles, out_dir: Path) -> Section:  # fmt: skip
     """One ablation axis: perplexity (and zero-shot accuracy) per (method, sparsity) x value."""
     section = Section(f"Ablation: {key}", level=3)
     for (ylabel, value, scale), what in (
@@ -136,18 +129,12 @@ def _axis_section(
         table = tables.axis_table(name, runs, key, axes, value, scale)
         if table is None or not any(isinstance(c, tables.Stat) for row in table.rows for c in row):
             continue
+        title, path = f"{model}: {ylabel} vs {key}", out_dir / f"{name}.png"
         section.blocks += [
             f"{what} for each value of {key} (rows: the methods and sparsities that swept it, "
             "with the other axes' values that tell their runs apart; repeats averaged):",
             table,
-            plots.plot_axis(
-                table,
-                styles,
-                ylabel,
-                f"{model}: {ylabel} vs {key}",
-                out_dir / f"{name}.png",
-                log_y=value is _PPL[1],
-            ),  # fmt: skip
+            plots.plot_axis(table, styles, ylabel, title, path, log_y=value is _PPL[1]),
         ]
     section.blocks = [b for b in section.blocks if b is not None]
     return section

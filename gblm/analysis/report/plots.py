@@ -1,19 +1,8 @@
-"""The report's figures, drawn from its tables so that both always say the same.
-
-- :func:`plot_pivot`: a metric per sparsity, a dot chart with one column per sparsity label
-  (2:4 and 4:8 their own labelled columns), the methods side by side in each, error bars where a
-  cell averages repeats, the dense model as a dashed line;
-- :func:`plot_axis`: an ablation axis as categorical x, one series per method, a panel per
-  sparsity;
-- :func:`plot_block_sparsity`: the achieved share of zeros per decoder block, runs within
-  :data:`SAME_CURVE` of each other drawn once as one line naming them all;
-- :func:`plot_mask_comparison`: one Linear's mask image of each run, side by side.
-
-:class:`Styles` gives each method one colour and one marker (Paul Tol's colour-blind-safe
-"muted" scheme, then Okabe and Ito's) and each variant of it (``+owl``, ``+admm``, an ablation
-setting) one fill, the same in every figure of a report. Legends sit outside the axes on a
-constrained layout, inside the saved figure.
-"""
+"""The report's figures, drawn from its tables so that both always say the same: dot charts of
+a metric per sparsity (:func:`plot_pivot`) and per value of an ablation axis (:func:`plot_axis`),
+the share of zeros per decoder block (:func:`plot_block_sparsity`), and one Linear's mask image of
+each run (:func:`plot_mask_comparison`). :class:`Styles` gives each method one colour and marker
+and each variant of it one fill, the same in every figure; legends sit outside the axes."""
 
 from __future__ import annotations
 
@@ -182,10 +171,8 @@ def plot_axis(table: Table, styles: Styles, ylabel: str, title: str, path: Path,
               log_y: bool = False) -> Path | None:  # fmt: skip
     """An :func:`.tables.axis_table` as dot charts: the axis's values as x, one series per
     method row, one panel per sparsity."""
-    key, categories = (
-        table.headers[2].split("=", 1)[0],
-        [h.split("=", 1)[1] for h in table.headers[2:]],
-    )
+    key = table.headers[2].split("=", 1)[0]
+    categories = [h.split("=", 1)[1] for h in table.headers[2:]]
     panels: dict[str, dict[str, dict[str, Stat]]] = {}
     for row in table.rows:
         cells = {c: v for c, v in zip(categories, row[2:]) if isinstance(v, Stat)}
@@ -215,29 +202,21 @@ def plot_block_sparsity(
     if not runs:
         return None
     achieved = _curves([(run_title(r, runs), r.per_block) for r in runs])
-    targets = _curves(
-        [(run_title(r, runs), r.per_block_target) for r in runs if r.per_block_target]
-    )
+    targets = [(run_title(r, runs), r.per_block_target) for r in runs if r.per_block_target]
+    targets = _curves(targets)
     names = [textwrap.fill(", ".join(n), 40) for _, n in achieved + targets]
     fig, axes = _figure(1, names, width=6.5, height=4.0)
     ax = axes[0][0]
     for k, (values, members) in enumerate(achieved):
         style = styles(members[0]) if len(members) == 1 else {
             "color": "0.2", "marker": MARKERS[k % len(MARKERS)], "fillstyle": "none"}  # fmt: skip
-        ax.plot(
-            range(len(values)),
-            values,
-            markersize=4,
-            linewidth=1.2,
-            label=textwrap.fill(", ".join(members), 40),
-            **style,
-        )
+        label = textwrap.fill(", ".join(members), 40)
+        ax.plot(range(len(values)), values, markersize=4, linewidth=1.2, label=label, **style)
     for k, (values, members) in enumerate(targets):
         ax.plot(range(len(values)), values, "x--", color="0.45", linewidth=1, markersize=4,
                 label=textwrap.fill("target of " + ", ".join(members), 40), dashes=(4, 1 + k))  # fmt: skip
-    for ratio in sorted(
-        {r.ratio for r in runs if not r.per_block_target and not math.isnan(r.ratio)}
-    ):
+    uniform = {r.ratio for r in runs if not r.per_block_target and not math.isnan(r.ratio)}
+    for ratio in sorted(uniform):
         ax.axhline(ratio, color="0.45", linestyle=":", linewidth=1, label=f"target {ratio:g}")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(True, alpha=0.3)

@@ -62,9 +62,6 @@ class RunRecord:
         return sum(self.timings.values()) if self.timings else None
 
 
-# ----------------------------------------------------------------------------- sort keys
-
-
 def is_baseline(method: str) -> bool:
     """Whether ``method`` is registered as no pruning at all (a ``_target_: null`` entry)."""
     try:
@@ -76,9 +73,6 @@ def is_baseline(method: str) -> bool:
 def sparsity_key(run: RunRecord) -> tuple[int, float, int]:
     """Unstructured ratios first (ascending), then N:M patterns."""
     return (1 if run.m else 0, run.ratio if not math.isnan(run.ratio) else -1.0, run.n)
-
-
-# ----------------------------------------------------------------------------- reading one run
 
 
 def number(value: Any) -> float | None:
@@ -99,6 +93,7 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _read_yaml(path: Path) -> Any:
+    """The YAML (or JSON) file's content; None when it is missing or damaged."""
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
@@ -132,13 +127,6 @@ def _floats(items: Any, key: str | None = None) -> list[float]:
     items = items if isinstance(items, list) else []
     values = [item.get(key) if key and isinstance(item, dict) else item for item in items]
     return [float(v) for v in values if number(v) is not None]
-
-
-def _mask_rows(path: Path) -> list[dict]:
-    try:
-        return read_mask_stats_csv(path) if path.exists() else []
-    except (OSError, ValueError, KeyError):
-        return []
 
 
 def _from_metrics(record: RunRecord, metrics: dict) -> None:
@@ -193,7 +181,10 @@ def read_run(run_dir: Path, sweep_dir: Path) -> RunRecord:
     masks = run_dir / "masks"
     if masks.is_dir():
         record.mask_images = {p.name: p for p in sorted(masks.glob("*.png"))}
-    record.mask_rows = _mask_rows(run_dir / MASK_STATS_CSV)
+    try:
+        record.mask_rows = read_mask_stats_csv(run_dir / MASK_STATS_CSV)
+    except (OSError, ValueError, KeyError):  # none, or damaged
+        pass
     return record
 
 

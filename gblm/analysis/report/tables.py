@@ -177,14 +177,11 @@ def by_series(
     name: str, runs: Sequence[RunRecord], columns: dict[str, tuple[Value, float]]
 ) -> Table:
     """One row per (series, sparsity): the :class:`Stat` of each named ``(value, scale)``."""
+    grids = [_grid(runs, v, lambda r: (r.series, r.label), s) for v, s in columns.values()]
     rows = []
     for label in labels(runs):
-        group = [r for r in runs if r.label == label]
-        for series in ordered(group, "series"):
-            mine = [r for r in group if r.series == series]
-            rows.append(
-                [series, label, *(stat([v(r) for r in mine], s) for v, s in columns.values())]
-            )
+        for series in ordered([r for r in runs if r.label == label], "series"):
+            rows.append([series, label, *(grid[(series, label)] for grid in grids)])
     return Table(name, ["method", "sparsity", *columns], [r for r in rows if any(r[2:])])
 
 
