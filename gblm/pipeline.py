@@ -402,7 +402,7 @@ def _zeroshot(conf: RunConf, model, given: Inputs, result: Result, timer, out_di
     if include_path is None and "austen_cloze" in z.tasks:  # the local task, exported with data
         from gblm.eval.cloze import ensure_austen_cloze_task, export_task
 
-        built = ensure_austen_cloze_task(cache_dir() / "tasks", n_items=z.cloze_items)
+        built = ensure_austen_cloze_task(n_items=z.cloze_items)
         include_path = str(export_task(built, out_dir / "lm_eval_tasks"))
     with timer.stage(ZEROSHOT):
         result.zeroshot = zeroshot_eval(
