@@ -5,9 +5,7 @@
 ...                     calibration=texts, nsamples=32, seqlen=256)
 >>> result.overall["sparsity"], gblm.evaluate(model, tokenizer, eval_texts, seqlen=256)
 
-It runs the pipeline's own pruning stages (:func:`gblm.pipeline.prune`: the plan's and the
-method's dense-model passes, then the layer walk) and its perplexity; only the files, the caches
-and the loggers of ``python -m gblm`` are left out.
+The pipeline's own pruning stages and perplexity, without the files, caches and loggers of a run.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ from gblm import pipeline
 from gblm.methods.base import Pruner, RunContext
 from gblm.methods.plans import PerBlockPlan, SparsityPlan, UniformPlan
 from gblm.methods.registry import build_method, build_reconstruct, compose
-from gblm.models.layers import decoder_layers
 from gblm.pruning.sparsity import Sparsity
 from gblm.pruning.storage import PackedMasks
 from gblm.utils import StageTimer
@@ -136,9 +133,7 @@ def prune(
         windows = calibration_windows(calibration, tokenizer, nsamples, seqlen, seed)
         if windows is None:
             raise ValueError(f"{type(method).__name__} needs calibration: texts or token ids.")
-    method.check_model(model)
-    plan.check_config(len(decoder_layers(model)), method.needs_calibration)
-    plan.check_model(model)
+    pipeline.check_model(model, method, plan)
     context = RunContext(
         device=device,
         model_dtype=next(model.parameters()).dtype,

@@ -1,8 +1,8 @@
 """``python -m gblm``: a command line whose config does not compose is refused in one paragraph.
 
-Hydra's own message for a bad override is a stack of its internals; before Hydra starts, the
-command line is composed once here and a failure becomes the standard refusal (the key, the
-allowed values, exit status 2). Then :func:`gblm.run.main` runs.
+Hydra's own message for a bad override is a stack of its internals, so the command line is
+composed here first, and a failure is the standard refusal (the key, the allowed values, exit
+status 2). Then :func:`gblm.run.main` runs.
 """
 
 from __future__ import annotations
@@ -39,15 +39,20 @@ def _override_value(overrides: list[str], key: str) -> str | None:
     return None
 
 
+def _compose(overrides: list[str], **options):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides, **options)
+
+
 def _keys_of(node_key: str, overrides: list[str], dropped: str) -> list[str]:
     """The keys of the node ``node_key`` ('' = the top level) composed without ``dropped``."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import DictConfig
 
     rest = [o for o in overrides if o.partition("=")[0].lstrip("+~") != dropped]
     try:
-        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=rest)
+        cfg = _compose(rest)
     except Exception:  # another override is bad too: list nothing rather than fail here
         return []
     node = OmegaConf.select(cfg, node_key) if node_key else cfg
@@ -103,12 +108,8 @@ def composition_error_message(err: BaseException, overrides: list[str]) -> str:
 
 
 def composition_problem(argv: list[str]) -> str | None:
-    """The paragraph for a command line whose config does not compose, or None.
-
-    Only plain runs are checked here (a multirun's jobs are checked by the sweep preflight, and
-    Hydra's own flags are left to Hydra); ``hydra.*`` overrides are left out of the check.
-    """
-    from hydra import compose, initialize_config_dir
+    """The paragraph for a command line whose config does not compose, or None. Only plain runs
+    without ``hydra.*`` overrides are checked (the sweep preflight checks a multirun's jobs)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -118,31 +119,23 @@ def composition_problem(argv: list[str]) -> str | None:
         return None
     overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra")]
     try:
-        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-            compose("config", overrides=overrides)
+        _compose(overrides)
     except (HydraException, OmegaConfBaseException) as err:
         return composition_error_message(err, overrides)
     return None
 
 
 def run_folder_problem(argv: list[str]) -> str | None:
-    """The refusal for a plain run whose folder cannot be written, or None.
-
-    Hydra makes the run folder and opens its log there before the run starts, and a folder it
-    cannot write ends in a traceback of its logging setup. ``hydra.run.dir`` is tried here first:
-    the folder itself when it is fixed, else its fixed part (the folder that the dated run
-    folders go into), by writing a file (:func:`gblm.utils.writable_dir`).
-    """
-    from hydra import compose, initialize_config_dir
-
+    """The refusal for a plain run whose folder cannot be written, or None (Hydra would end in a
+    traceback of its logging setup): ``hydra.run.dir`` itself when it is fixed, else its fixed
+    part (the folder that the dated run folders go into), tried by writing a file."""
     from gblm.errors import ConfigError
     from gblm.utils import writable_dir
 
     if any(arg.split("=", 1)[0] in _HYDRA_FLAGS for arg in argv):
         return None
     try:
-        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=argv, return_hydra_config=True)
+        cfg = _compose(argv, return_hydra_config=True)
         raw = str(OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"])
     except Exception:  # a Hydra-only option of the command line: Hydra itself decides
         return None

@@ -1,12 +1,9 @@
-"""``gblm --help`` (or ``python -m gblm --help``): the groups, every method with its options, the
-top-level keys.
+"""``gblm --help``: the groups, every method with its options, the top-level keys.
 
-Everything is read from where it is defined, as text, without importing torch or the models, so
-the help prints at once: the methods and their options from ``conf/method/*.yaml`` (the registry;
-each option's comment is its help), the other groups' options from their files' first comment
-paragraph, the top-level keys from the schema's source (:class:`gblm.config.RunConf`, read with
-``ast``) and its comments. Each description is shown as a complete sentence. Hydra's own help
-stays at ``--hydra-help``.
+Read as text from where each is defined, without importing torch or Hydra, so that it prints at
+once: the methods and their options from ``conf/method/*.yaml`` (each option's comment is its
+help), the other groups' options from their files' first comment paragraph, the top-level keys
+and their comments from the schema's source (:class:`gblm.config.RunConf`, read with ``ast``).
 """
 
 from __future__ import annotations

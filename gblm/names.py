@@ -1,8 +1,4 @@
-"""Names of the prunable Linears: their short module type and their decoder-block index.
-
-A pure mapping of strings, below every package that needs it: the layer code (``gblm.models``)
-groups Linears by type, the mask statistics (``gblm.analysis``) summarise by block and type.
-"""
+"""Names of the prunable Linears: their short module type and their decoder-block index."""
 
 from __future__ import annotations
 
@@ -34,10 +30,8 @@ def linear_type(name: str) -> str:
 
 
 def block_index(name: str) -> int | None:
-    """The decoder-block index in a full Linear name: the first all-digit component, else None.
-
-    ``model.layers.3.mlp.down_proj`` -> 3; ``model.decoder.layers.11.fc1`` -> 11.
-    """
+    """The first all-digit component of a full Linear name (``model.layers.3.mlp.down_proj`` ->
+    3), else None."""
     for part in name.split("."):
         if part.isdigit():
             return int(part)

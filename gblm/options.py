@@ -1,31 +1,11 @@
 """Typed options of plug-ins: each option's type and allowed values, declared beside it.
 
-A plug-in (a method, a sparsity allocator, any class a config group's ``_target_`` names) takes
-its options as keyword arguments, and each argument's annotation is the option's declaration::
-
-    def __init__(
-        self,
-        a: Annotated[float, Range(ge=0)] = 0.5,
-        comparison_group: Annotated[str, OneOf(COMPARISON_GROUPS)] = "layer",
-        reallocation: bool = False,
-    ) -> None: ...
-
-The annotations understood:
-
-- ``bool``: ``true`` or ``false`` only (never a string such as ``maybe``);
-- ``Annotated[int, Range(...)]`` and ``Annotated[float, Range(...)]``: a number within the
-  bounds (``ge``, ``gt``, ``le``, ``lt``). NaN is never a number here, and an infinity only with
-  ``Range(finite=False)``. An int is never a bool nor ``1.5``; a float option takes an int
-  (converted). A number without a ``Range`` is not a declaration: the author states the range;
-- ``str``, or ``Annotated[str, OneOf(values)]`` for a choice among ``values`` (of any of these
-  types: ``Annotated[int, OneOf((2, 4))]``);
-- ``X | None`` (null allowed; any union is a choice among its members), ``list[X]`` (every item
-  checked, named ``key[i]``), ``dict[str, X]`` (a mapping; ``Any`` takes any value).
-
-:func:`declared_options` reads a class's declarations (a missing or unknown one is a TypeError:
-the plug-in's bug, found by the tests); :func:`check_value` checks one value and raises the
-standard :class:`gblm.errors.ConfigError` naming the key and the allowed values. The registry's
-``check_options`` (:mod:`gblm.methods.registry`) applies them to a plug-in's options.
+A plug-in (a method, an allocator, a weight update) takes its options as keyword arguments, and
+each argument's annotation is its declaration: ``bool``, ``Annotated[int | float, Range(...)]``,
+``str`` or ``Annotated[str, OneOf(values)]``, ``X | None``, ``list[X]``, ``dict[str, X]`` (the
+rules: ``docs/methods.md``, "Options"). :func:`declared_options` reads a class's declarations (a
+missing or unknown one is the plug-in's bug: a TypeError); :func:`check_value` checks a value,
+refusing it with a :class:`gblm.errors.ConfigError` that names the key and the allowed values.
 """
 
 from __future__ import annotations
