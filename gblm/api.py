@@ -56,25 +56,6 @@ def as_sparsity_plan(sparsity: float | str | Sparsity | Sequence[float] | Sparsi
     return PerBlockPlan(Sparsity(0.0), [float(r) for r in sparsity])
 
 
-def calibration_windows(
-    calibration: Tensor | Sequence[str] | None,
-    tokenizer: Any,
-    nsamples: int,
-    seqlen: int,
-    seed: int = 0,
-) -> Tensor | None:
-    """(N, T) token ids: given as a tensor, or drawn from texts as the run draws them."""
-    if calibration is None or isinstance(calibration, Tensor):
-        if calibration is not None and (calibration.ndim != 2 or calibration.dtype != torch.long):
-            raise ValueError("calibration: a tensor must be (N, T) int64 token ids.")
-        return calibration
-    from gblm.data.calibration import sample_windows
-
-    if tokenizer is None:
-        raise ValueError("calibration texts need the tokenizer: prune(model, tokenizer, ...).")
-    return sample_windows(tokenizer, list(calibration), nsamples, seqlen, seed)
-
-
 def prune(
     model: nn.Module,
     tokenizer: Any = None,
@@ -128,11 +109,20 @@ def prune(
     device = (
         torch.device(device) if device is not None else model.get_input_embeddings().weight.device
     )
-    windows = None
-    if pipeline.needs_calibration(method, plan):
-        windows = calibration_windows(calibration, tokenizer, nsamples, seqlen, seed)
-        if windows is None:
-            raise ValueError(f"{type(method).__name__} needs calibration: texts or token ids.")
+    windows = calibration  # (N, T) token ids, or drawn from texts as the run draws them
+    if not pipeline.needs_calibration(method, plan):
+        windows = None
+    elif calibration is None:
+        raise ValueError(f"{type(method).__name__} needs calibration: texts or token ids.")
+    elif isinstance(calibration, Tensor):
+        if calibration.ndim != 2 or calibration.dtype != torch.long:
+            raise ValueError("calibration: a tensor must be (N, T) int64 token ids.")
+    elif tokenizer is None:
+        raise ValueError("calibration texts need the tokenizer: prune(model, tokenizer, ...).")
+    else:
+        from gblm.data.calibration import sample_windows
+
+        windows = sample_windows(tokenizer, list(calibration), nsamples, seqlen, seed)
     pipeline.check_model(model, method, plan)
     context = RunContext(
         device=device,

@@ -46,24 +46,19 @@ def _compose(overrides: list[str], **options):
         return compose("config", overrides=overrides, **options)
 
 
-def _keys_of(node_key: str, overrides: list[str], dropped: str) -> list[str]:
-    """The keys of the node ``node_key`` ('' = the top level) composed without ``dropped``."""
+def _unknown_key_message(key: str, overrides: list[str]) -> str:
+    """``key`` named with the keys of its parent node, composed without it."""
     from omegaconf import DictConfig
 
-    rest = [o for o in overrides if o.partition("=")[0].lstrip("+~") != dropped]
-    try:
-        cfg = _compose(rest)
-    except Exception:  # another override is bad too: list nothing rather than fail here
-        return []
-    node = OmegaConf.select(cfg, node_key) if node_key else cfg
-    if not isinstance(node, DictConfig):
-        return []
-    return [k for k in node if not str(k).startswith("_") and k not in ENTRY_KEYS]
-
-
-def _unknown_key_message(key: str, overrides: list[str]) -> str:
     parent = key.rpartition(".")[0]
-    keys = _keys_of(parent, overrides, key)
+    try:
+        cfg = _compose([o for o in overrides if o.partition("=")[0].lstrip("+~") != key])
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+    except Exception:  # another override is bad too: list nothing rather than fail here
+        node = None
+    keys = []
+    if isinstance(node, DictConfig):
+        keys = [k for k in node if not str(k).startswith("_") and k not in ENTRY_KEYS]
     where = f"{parent}" if parent else "the top level of the config"
     listed = f": the keys of {where} are {', '.join(map(str, keys))}" if keys else ""
     return f"{key}: not a key of the config{listed}. Check its spelling."
@@ -108,15 +103,13 @@ def composition_error_message(err: BaseException, overrides: list[str]) -> str:
 
 
 def composition_problem(argv: list[str]) -> str | None:
-    """The paragraph for a command line whose config does not compose, or None. Only plain runs
-    without ``hydra.*`` overrides are checked (the sweep preflight checks a multirun's jobs)."""
+    """The paragraph for a command line whose config does not compose (``hydra.*`` overrides left
+    out), or None."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     import gblm.config  # noqa: F401  (the schema in Hydra's ConfigStore)
 
-    if any(arg.split("=", 1)[0] in _HYDRA_FLAGS for arg in argv):
-        return None
     overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra")]
     try:
         _compose(overrides)
@@ -132,8 +125,6 @@ def run_folder_problem(argv: list[str]) -> str | None:
     from gblm.errors import ConfigError
     from gblm.utils import writable_dir
 
-    if any(arg.split("=", 1)[0] in _HYDRA_FLAGS for arg in argv):
-        return None
     try:
         cfg = _compose(argv, return_hydra_config=True)
         raw = str(OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"])
@@ -150,11 +141,14 @@ def run_folder_problem(argv: list[str]) -> str | None:
 
 def cli() -> None:
     """``python -m gblm``: a config that does not compose is one paragraph and exit 2; so is a
-    run folder that cannot be written; then Hydra."""
-    problem = composition_problem(sys.argv[1:]) or run_folder_problem(sys.argv[1:])
-    if problem is not None:
-        print(f"gblm: configuration error: {problem}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+    run folder that cannot be written; then Hydra. Only plain runs are checked: Hydra's own flags
+    are left to Hydra, and the sweep preflight checks a multirun's jobs."""
+    argv = sys.argv[1:]
+    if not any(arg.split("=", 1)[0] in _HYDRA_FLAGS for arg in argv):
+        problem = composition_problem(argv) or run_folder_problem(argv)
+        if problem is not None:
+            print(f"gblm: configuration error: {problem}", file=sys.stderr, flush=True)
+            raise SystemExit(2)
     from gblm.run import main
 
     main()

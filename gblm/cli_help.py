@@ -59,17 +59,14 @@ def description(path: Path) -> str:
     return sentence(text)
 
 
-def _wrap(text: str, first: str, column: int) -> list[str]:
-    return textwrap.wrap(text, WIDTH, initial_indent=first, subsequent_indent=" " * column,
-                         break_on_hyphens=False, break_long_words=False)  # fmt: skip
-
-
 def _entry(text: str, help_text: str, indent: int, column: int) -> list[str]:
     """``text`` then ``help_text`` from ``column``, wrapped to :data:`WIDTH` under it."""
     head = " " * indent + text
-    if len(head) >= column:  # a long key: its help on the next line
-        return [head, *_wrap(help_text, " " * column, column)]
-    return _wrap(help_text, head + " " * (column - len(head)), column) or [head]
+    long = len(head) >= column  # a long key: its help on the next line
+    lines = textwrap.wrap(help_text, WIDTH, subsequent_indent=" " * column,
+                          initial_indent=" " * column if long else head.ljust(column),
+                          break_on_hyphens=False, break_long_words=False)  # fmt: skip
+    return [head, *lines] if long else lines or [head]
 
 
 def _method_lines(path: Path, group: str = "method") -> list[str]:

@@ -33,10 +33,10 @@ class Range:
     finite: bool = True
 
     def holds(self, x: float) -> bool:
-        if math.isnan(x) or (self.finite and math.isinf(x)):
-            return False
         return not (
-            (self.ge is not None and x < self.ge)
+            math.isnan(x)
+            or (self.finite and math.isinf(x))
+            or (self.ge is not None and x < self.ge)
             or (self.gt is not None and x <= self.gt)
             or (self.le is not None and x > self.le)
             or (self.lt is not None and x >= self.lt)
@@ -81,6 +81,9 @@ class Option:
     @property
     def required(self) -> bool:
         return self.default is inspect.Parameter.empty
+
+
+_SCALARS = {bool: bool, int: int, float: int | float, str: str}  # the types each one accepts
 
 
 def _refuse(key: str, value: Any, allowed: str) -> ConfigError:
@@ -159,22 +162,11 @@ def check_value(key: str, value: Any, annotation: Any) -> Any:
         return {k: check_value(f"{key}.{k}", v, item) for k, v in value.items()}
     if annotation is Any:
         return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise _refuse(key, value, describe(bool))
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _refuse(key, value, describe(int))
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _refuse(key, value, describe(float))
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise _refuse(key, value, describe(str))
-        return value
+    if annotation in _SCALARS:
+        bool_as_number = isinstance(value, bool) and annotation is not bool
+        if bool_as_number or not isinstance(value, _SCALARS[annotation]):
+            raise _refuse(key, value, describe(annotation))
+        return float(value) if annotation is float else value
     raise TypeError(f"{key}: the annotation {annotation!r} is not an option declaration.")
 
 

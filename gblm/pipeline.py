@@ -276,9 +276,9 @@ def calibration_windows(
     c = conf.calibration
     with timer.stage("calibration windows"):
         key = cal.windows_cache_key(
-            tokenizer_id=cal.tokenizer_digest(tokenizer), documents_sha256=cal.documents_digest(texts),
-            nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed, sampling=c.sampling,
-            vocab_size=len(tokenizer),
+            tokenizer_id=cal.tokenizer_digest(tokenizer), vocab_size=len(tokenizer),
+            documents_sha256=cal.documents_digest(texts), nsamples=c.nsamples, seqlen=c.seqlen,
+            seed=c.seed, sampling=c.sampling,
         )  # fmt: skip
         return cal.cached_windows(
             cache_dir(),
@@ -299,7 +299,8 @@ def execute(
     """Load the model, then run every stage :func:`planned_stages` names; returns the result.
 
     ``out_dir`` receives lm-eval's output and the saved model; ``on_update`` sees the result after
-    each stage that adds to it, and returns the run's record as it then stands (saved with the model).
+    each stage that adds to it, and returns the run's record as it then stands (saved with the
+    model).
     """
     from gblm.models.loading import load_model, weights_fingerprint
 
@@ -314,7 +315,25 @@ def execute(
     if method is not None:  # before any evaluation
         check_model(model, method, plan)
     stages = planned_stages(conf, method, plan)
-    evaluate = _perplexity(conf, model, given, result, timer)
+    tokens: list[Tensor] = []  # the evaluation text, tokenized at its first use
+
+    def evaluate(tag: str) -> None:
+        from gblm.data.evaluation import join_and_tokenize
+        from gblm.eval.perplexity import perplexity
+
+        p = conf.eval.perplexity
+        if not tokens:
+            with timer.stage("tokenize eval"):
+                tokens.append(join_and_tokenize(given.tokenizer, given.texts["eval"]))
+            result.eval_tokens = int(tokens[0].numel())
+        with timer.stage(perplexity_stage(tag)):
+            result.ppl[tag] = perplexity(
+                model, tokens[0], p.seqlen, device=devices.input_device(model, device),
+                batch_size=p.batch_size, max_windows=p.max_windows, progress=conf.progress,
+                desc=f"perplexity ({tag})",
+            )  # fmt: skip
+        log.info("perplexity %s: %.3f", tag, result.ppl[tag])
+
     if method is not None:  # the windows first: then the time estimate knows what is cached
         windows = None
         if needs_calibration(method, plan):
@@ -354,30 +373,6 @@ def execute(
         _save(conf, model, given.tokenizer, result, timer, out_dir, on_update(result))
     result.peak_memory_bytes = devices.peak_memory_bytes(device)
     return result
-
-
-def _perplexity(conf: RunConf, model, given: Inputs, result: Result, timer: StageTimer):
-    """A function ``tag -> None`` that evaluates the model as it is then into ``result.ppl``."""
-    p = conf.eval.perplexity
-    tokens: list[Tensor] = []
-
-    def evaluate(tag: str) -> None:
-        from gblm.data.evaluation import join_and_tokenize
-        from gblm.eval.perplexity import perplexity
-
-        if not tokens:
-            with timer.stage("tokenize eval"):
-                tokens.append(join_and_tokenize(given.tokenizer, given.texts["eval"]))
-            result.eval_tokens = int(tokens[0].numel())
-        with timer.stage(perplexity_stage(tag)):
-            result.ppl[tag] = perplexity(
-                model, tokens[0], p.seqlen, device=devices.input_device(model, given.device),
-                batch_size=p.batch_size, max_windows=p.max_windows, progress=conf.progress,
-                desc=f"perplexity ({tag})",
-            )  # fmt: skip
-        log.info("perplexity %s: %.3f", tag, result.ppl[tag])
-
-    return evaluate
 
 
 def _zeroshot(conf: RunConf, model, given: Inputs, result: Result, timer, out_dir: Path) -> None:
