@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import typing
 from collections.abc import Mapping
@@ -35,7 +36,6 @@ from omegaconf.errors import (
 from gblm.data.sources import SAMPLINGS, SOURCES
 from gblm.devices import DTYPE_NAMES
 from gblm.errors import ConfigError
-from gblm.eval.zeroshot import check_limit
 from gblm.methods import registry
 from gblm.models.loading import KINDS, ModelSpec
 from gblm.options import choice, positive_int
@@ -223,7 +223,12 @@ class ZeroshotSettings:
     def check(self) -> None:
         positive_int("eval.zeroshot.batch_size", self.batch_size, auto=True)
         positive_int("eval.zeroshot.cloze_items", self.cloze_items)
-        check_limit(self.limit)
+        limit = self.limit  # as lm-eval reads it: below 1, a share of each task's items
+        if limit is not None and not (type(limit) in (int, float) and 0 < limit < math.inf):
+            raise ConfigError(
+                f"eval.zeroshot.limit={limit!r}: allowed values are null (every item), an integer "
+                ">= 1 (items per task) or a fraction in (0, 1) (that share of each task's items)."
+            )
         if self.enabled and not self.tasks:
             raise ConfigError("eval.zeroshot.enabled=true needs eval.zeroshot.tasks=[...].")
 

@@ -79,20 +79,15 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def canonical_json(obj: Any) -> str:
-    """The JSON text that :func:`content_hash` hashes: sorted keys, ``default=str``, compact."""
-    return json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"), ensure_ascii=False)
-
-
 def content_hash(obj: Any = None, *, data: Iterable[bytes] = (), length: int | None = None) -> str:
-    """The project's one hash (cache keys, run identities): sha256 hex of ``obj``'s
-    :func:`canonical_json`, then of the raw bytes of each chunk of ``data`` (e.g. a tensor's,
-    with its shape and dtype in ``obj``); ``length`` keeps the first that many hex digits."""
-    digest = hashlib.sha256(canonical_json(obj).encode("utf-8"))
+    """The project's one hash (cache keys, run identities): sha256 hex of ``obj`` as canonical
+    JSON (sorted keys, ``default=str``), then of the raw bytes of each chunk of ``data`` (e.g. a
+    tensor's, with its shape and dtype in ``obj``); ``length`` keeps that many hex digits."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(text.encode("utf-8"))
     for chunk in data:
         digest.update(chunk)
-    hexdigest = digest.hexdigest()
-    return hexdigest if length is None else hexdigest[:length]
+    return digest.hexdigest()[:length]
 
 
 def tensors_checksum(tensors: Mapping[str, Any]) -> str:

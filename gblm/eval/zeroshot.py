@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from gblm.devices import input_device
-from gblm.errors import ConfigError
 
 # The GBLM-Pruner / Wanda zero-shot suite.
 DEFAULT_TASKS = (
@@ -63,16 +62,6 @@ def check_tasks(tasks: Sequence[str], task_manager: Any) -> None:
         raise ValueError(
             f"{TASKS_KEY}: unknown lm-eval task(s) {'; '.join(hints)}. The defaults are "
             f"{', '.join(DEFAULT_TASKS)}; local tasks (austen_cloze) need their include path."
-        )
-
-
-def check_limit(limit: Any) -> None:
-    """``eval.zeroshot.limit`` as lm-eval reads it (below 1: a share of each task's items, else
-    a count), or the refusal: null, or a finite number > 0."""
-    if limit is not None and not (type(limit) in (int, float) and 0 < limit < math.inf):
-        raise ConfigError(
-            f"eval.zeroshot.limit={limit!r}: allowed values are null (every item), an integer "
-            ">= 1 (items per task) or a fraction in (0, 1) (that share of each task's items)."
         )
 
 
