@@ -226,21 +226,18 @@ class StageTimer:
         self.listeners: list[Callable[[str, str, float | None, int], None]] = []
         self.done = 0
 
-    def _tell(self, event: str, name: str, seconds: float | None) -> None:
+    def note(self, event: str, name: str, seconds: float | None = None) -> None:
+        """Tell the listeners about a stage (``"cached"`` before it runs: read from a cache)."""
         for listener in self.listeners:
             try:
                 listener(event, name, seconds, self.done)
             except Exception as error:  # a live view must never stop the run
                 log.warning("stage listener failed on %s %s: %s", event, name, error)
 
-    def note(self, event: str, name: str) -> None:
-        """Tell the listeners about a stage before it runs (``"cached"``: read from a cache)."""
-        self._tell(event, name, None)
-
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         log.info("stage %s: start", name)
-        self._tell("start", name, None)
+        self.note("start", name)
         start = time.perf_counter()
         try:
             yield
@@ -249,4 +246,4 @@ class StageTimer:
             self.timings[name] = self.timings.get(name, 0.0) + seconds
             self.done += 1
             log.info("stage %s: %.1f s", name, seconds)
-            self._tell("end", name, seconds)
+            self.note("end", name, seconds)
