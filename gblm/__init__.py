@@ -1,8 +1,7 @@
 """gblm: prune causal language models with GBLM-Pruner, Wanda, SparseGPT, magnitude and more.
 
-The Python API (:mod:`gblm.api`): ``gblm.prune(model, tokenizer, method=..., sparsity=...,
-calibration=...)`` and ``gblm.evaluate(model, tokenizer, texts)``. ``python -m gblm`` runs the
-Hydra app. The API is imported on first use, so ``import gblm`` stays light.
+``gblm.prune`` and ``gblm.evaluate`` (:mod:`gblm.api`, imported on first use, so that ``import
+gblm`` stays light); ``python -m gblm`` runs the Hydra app.
 """
 
 __version__ = "0.1.0"

@@ -1,6 +1,5 @@
-"""``gblm`` (the console script) or ``python -m gblm``: the Hydra app (see ``gblm.run``);
-``--help`` prints gblm's own help, and a config that does not compose is refused before Hydra
-starts (:func:`gblm.cli.cli`)."""
+"""``gblm`` (the console script) or ``python -m gblm``: ``--help`` prints gblm's own help, else
+:func:`gblm.cli.cli` runs the Hydra app."""
 
 import sys
 

@@ -5,9 +5,7 @@
 ...                     calibration=texts, nsamples=32, seqlen=256)
 >>> result.overall["sparsity"], gblm.evaluate(model, tokenizer, eval_texts, seqlen=256)
 
-It runs the pipeline's own pruning stages (:func:`gblm.pipeline.prune`: the plan's and the
-method's dense-model passes, then the layer walk) and its perplexity; only the files, the caches
-and the loggers of ``python -m gblm`` are left out.
+The pipeline's own pruning stages and perplexity, without the files, caches and loggers of a run.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ from gblm import pipeline
 from gblm.methods.base import Pruner, RunContext
 from gblm.methods.plans import PerBlockPlan, SparsityPlan, UniformPlan
 from gblm.methods.registry import build_method, build_reconstruct, compose
-from gblm.models.layers import decoder_layers
 from gblm.pruning.sparsity import Sparsity
 from gblm.pruning.storage import PackedMasks
 from gblm.utils import StageTimer
@@ -57,25 +54,6 @@ def as_sparsity_plan(sparsity: float | str | Sparsity | Sequence[float] | Sparsi
     if isinstance(sparsity, (int, float)):
         return UniformPlan(Sparsity(float(sparsity)))
     return PerBlockPlan(Sparsity(0.0), [float(r) for r in sparsity])
-
-
-def calibration_windows(
-    calibration: Tensor | Sequence[str] | None,
-    tokenizer: Any,
-    nsamples: int,
-    seqlen: int,
-    seed: int = 0,
-) -> Tensor | None:
-    """(N, T) token ids: given as a tensor, or drawn from texts as the run draws them."""
-    if calibration is None or isinstance(calibration, Tensor):
-        if calibration is not None and (calibration.ndim != 2 or calibration.dtype != torch.long):
-            raise ValueError("calibration: a tensor must be (N, T) int64 token ids.")
-        return calibration
-    from gblm.data.calibration import sample_windows
-
-    if tokenizer is None:
-        raise ValueError("calibration texts need the tokenizer: prune(model, tokenizer, ...).")
-    return sample_windows(tokenizer, list(calibration), nsamples, seqlen, seed)
 
 
 def prune(
@@ -131,14 +109,21 @@ def prune(
     device = (
         torch.device(device) if device is not None else model.get_input_embeddings().weight.device
     )
-    windows = None
-    if pipeline.needs_calibration(method, plan):
-        windows = calibration_windows(calibration, tokenizer, nsamples, seqlen, seed)
-        if windows is None:
-            raise ValueError(f"{type(method).__name__} needs calibration: texts or token ids.")
-    method.check_model(model)
-    plan.check_config(len(decoder_layers(model)), method.needs_calibration)
-    plan.check_model(model)
+    windows = calibration  # (N, T) token ids, or drawn from texts as the run draws them
+    if not pipeline.needs_calibration(method, plan):
+        windows = None
+    elif calibration is None:
+        raise ValueError(f"{type(method).__name__} needs calibration: texts or token ids.")
+    elif isinstance(calibration, Tensor):
+        if calibration.ndim != 2 or calibration.dtype != torch.long:
+            raise ValueError("calibration: a tensor must be (N, T) int64 token ids.")
+    elif tokenizer is None:
+        raise ValueError("calibration texts need the tokenizer: prune(model, tokenizer, ...).")
+    else:
+        from gblm.data.calibration import sample_windows
+
+        windows = sample_windows(tokenizer, list(calibration), nsamples, seqlen, seed)
+    pipeline.check_model(model, method, plan)
     context = RunContext(
         device=device,
         model_dtype=next(model.parameters()).dtype,

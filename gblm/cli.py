@@ -1,8 +1,8 @@
 """``python -m gblm``: a command line whose config does not compose is refused in one paragraph.
 
-Hydra's own message for a bad override is a stack of its internals; before Hydra starts, the
-command line is composed once here and a failure becomes the standard refusal (the key, the
-allowed values, exit status 2). Then :func:`gblm.run.main` runs.
+Hydra's own message for a bad override is a stack of its internals, so the command line is
+composed here first, and a failure is the standard refusal (the key, the allowed values, exit
+status 2). Then :func:`gblm.run.main` runs.
 """
 
 from __future__ import annotations
@@ -39,26 +39,26 @@ def _override_value(overrides: list[str], key: str) -> str | None:
     return None
 
 
-def _keys_of(node_key: str, overrides: list[str], dropped: str) -> list[str]:
-    """The keys of the node ``node_key`` ('' = the top level) composed without ``dropped``."""
+def _compose(overrides: list[str], **options):
     from hydra import compose, initialize_config_dir
-    from omegaconf import DictConfig
 
-    rest = [o for o in overrides if o.partition("=")[0].lstrip("+~") != dropped]
-    try:
-        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=rest)
-    except Exception:  # another override is bad too: list nothing rather than fail here
-        return []
-    node = OmegaConf.select(cfg, node_key) if node_key else cfg
-    if not isinstance(node, DictConfig):
-        return []
-    return [k for k in node if not str(k).startswith("_") and k not in ENTRY_KEYS]
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides, **options)
 
 
 def _unknown_key_message(key: str, overrides: list[str]) -> str:
+    """``key`` named with the keys of its parent node, composed without it."""
+    from omegaconf import DictConfig
+
     parent = key.rpartition(".")[0]
-    keys = _keys_of(parent, overrides, key)
+    try:
+        cfg = _compose([o for o in overrides if o.partition("=")[0].lstrip("+~") != key])
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+    except Exception:  # another override is bad too: list nothing rather than fail here
+        node = None
+    keys = []
+    if isinstance(node, DictConfig):
+        keys = [k for k in node if not str(k).startswith("_") and k not in ENTRY_KEYS]
     where = f"{parent}" if parent else "the top level of the config"
     listed = f": the keys of {where} are {', '.join(map(str, keys))}" if keys else ""
     return f"{key}: not a key of the config{listed}. Check its spelling."
@@ -103,46 +103,30 @@ def composition_error_message(err: BaseException, overrides: list[str]) -> str:
 
 
 def composition_problem(argv: list[str]) -> str | None:
-    """The paragraph for a command line whose config does not compose, or None.
-
-    Only plain runs are checked here (a multirun's jobs are checked by the sweep preflight, and
-    Hydra's own flags are left to Hydra); ``hydra.*`` overrides are left out of the check.
-    """
-    from hydra import compose, initialize_config_dir
+    """The paragraph for a command line whose config does not compose (``hydra.*`` overrides left
+    out), or None."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     import gblm.config  # noqa: F401  (the schema in Hydra's ConfigStore)
 
-    if any(arg.split("=", 1)[0] in _HYDRA_FLAGS for arg in argv):
-        return None
     overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra")]
     try:
-        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-            compose("config", overrides=overrides)
+        _compose(overrides)
     except (HydraException, OmegaConfBaseException) as err:
         return composition_error_message(err, overrides)
     return None
 
 
 def run_folder_problem(argv: list[str]) -> str | None:
-    """The refusal for a plain run whose folder cannot be written, or None.
-
-    Hydra makes the run folder and opens its log there before the run starts, and a folder it
-    cannot write ends in a traceback of its logging setup. ``hydra.run.dir`` is tried here first:
-    the folder itself when it is fixed, else its fixed part (the folder that the dated run
-    folders go into), by writing a file (:func:`gblm.utils.writable_dir`).
-    """
-    from hydra import compose, initialize_config_dir
-
+    """The refusal for a plain run whose folder cannot be written, or None (Hydra would end in a
+    traceback of its logging setup): ``hydra.run.dir`` itself when it is fixed, else its fixed
+    part (the folder that the dated run folders go into), tried by writing a file."""
     from gblm.errors import ConfigError
     from gblm.utils import writable_dir
 
-    if any(arg.split("=", 1)[0] in _HYDRA_FLAGS for arg in argv):
-        return None
     try:
-        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=argv, return_hydra_config=True)
+        cfg = _compose(argv, return_hydra_config=True)
         raw = str(OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"])
     except Exception:  # a Hydra-only option of the command line: Hydra itself decides
         return None
@@ -157,11 +141,14 @@ def run_folder_problem(argv: list[str]) -> str | None:
 
 def cli() -> None:
     """``python -m gblm``: a config that does not compose is one paragraph and exit 2; so is a
-    run folder that cannot be written; then Hydra."""
-    problem = composition_problem(sys.argv[1:]) or run_folder_problem(sys.argv[1:])
-    if problem is not None:
-        print(f"gblm: configuration error: {problem}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+    run folder that cannot be written; then Hydra. Only plain runs are checked: Hydra's own flags
+    are left to Hydra, and the sweep preflight checks a multirun's jobs."""
+    argv = sys.argv[1:]
+    if not any(arg.split("=", 1)[0] in _HYDRA_FLAGS for arg in argv):
+        problem = composition_problem(argv) or run_folder_problem(argv)
+        if problem is not None:
+            print(f"gblm: configuration error: {problem}", file=sys.stderr, flush=True)
+            raise SystemExit(2)
     from gblm.run import main
 
     main()

@@ -1,12 +1,9 @@
-"""``gblm --help`` (or ``python -m gblm --help``): the groups, every method with its options, the
-top-level keys.
+"""``gblm --help``: the groups, every method with its options, the top-level keys.
 
-Everything is read from where it is defined, as text, without importing torch or the models, so
-the help prints at once: the methods and their options from ``conf/method/*.yaml`` (the registry;
-each option's comment is its help), the other groups' options from their files' first comment
-paragraph, the top-level keys from the schema's source (:class:`gblm.config.RunConf`, read with
-``ast``) and its comments. Each description is shown as a complete sentence. Hydra's own help
-stays at ``--hydra-help``.
+Read as text from where each is defined, without importing torch or Hydra, so that it prints at
+once: the methods and their options from ``conf/method/*.yaml`` (each option's comment is its
+help), the other groups' options from their files' first comment paragraph, the top-level keys
+and their comments from the schema's source (:class:`gblm.config.RunConf`, read with ``ast``).
 """
 
 from __future__ import annotations
@@ -62,17 +59,14 @@ def description(path: Path) -> str:
     return sentence(text)
 
 
-def _wrap(text: str, first: str, column: int) -> list[str]:
-    return textwrap.wrap(text, WIDTH, initial_indent=first, subsequent_indent=" " * column,
-                         break_on_hyphens=False, break_long_words=False)  # fmt: skip
-
-
 def _entry(text: str, help_text: str, indent: int, column: int) -> list[str]:
     """``text`` then ``help_text`` from ``column``, wrapped to :data:`WIDTH` under it."""
     head = " " * indent + text
-    if len(head) >= column:  # a long key: its help on the next line
-        return [head, *_wrap(help_text, " " * column, column)]
-    return _wrap(help_text, head + " " * (column - len(head)), column) or [head]
+    long = len(head) >= column  # a long key: its help on the next line
+    lines = textwrap.wrap(help_text, WIDTH, subsequent_indent=" " * column,
+                          initial_indent=" " * column if long else head.ljust(column),
+                          break_on_hyphens=False, break_long_words=False)  # fmt: skip
+    return [head, *lines] if long else lines or [head]
 
 
 def _method_lines(path: Path, group: str = "method") -> list[str]:

@@ -1,36 +1,41 @@
 """The config schema, written once: every key, its type, its default and its checks.
 
-The dataclasses below are the keys of a run. :class:`RunConf` is stored in Hydra's ConfigStore as
-``schema`` and heads the defaults list of ``conf/config.yaml``, so every group file merges onto a
-typed node and holds only what differs from these defaults. A value of the wrong type
-(``calibration.nsamples=abc``) fails at composition, naming its key. Each node checks its allowed
-values in ``check`` (each message names the key and the allowed values); :func:`validate` runs
-them all, before any model or data loads.
+:class:`RunConf` is stored in Hydra's ConfigStore as ``schema`` and heads the defaults list of
+``conf/config.yaml``, so every group file merges onto a typed node (a value of the wrong type
+fails at composition, naming its key). Each node's ``check`` refuses a value that is not allowed,
+naming the key and the allowed values; :func:`validate` runs them all before anything loads.
 
-Three nodes are plug-in registries, whose options each class declares (:mod:`gblm.options`)
-and ``registry.check_options`` checks. ``method`` and ``reconstruct`` (the weight update after the
-masks) are dicts: the class's keyword arguments. ``sparsity`` holds the target (``ratio``, ``n``,
-``m``), the ``allocator`` and every allocator's options, typed from the classes' declarations, so
-that ``sparsity.allocator=uniform,owl`` sweeps with shared options compose.
-
-Only :mod:`gblm.run` sees a ``DictConfig``; everything below takes these typed values.
+``method`` and ``reconstruct`` are dicts, the plug-in class's keyword arguments, checked against
+its declarations (:mod:`gblm.options`). ``sparsity`` holds the target, the ``allocator`` and
+every allocator's options, typed from their declarations, so that a sweep over allocators with
+shared options composes. Only :mod:`gblm.run` sees a ``DictConfig``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import II, MISSING, OmegaConf
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING, DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    InterpolationResolutionError,
+    InterpolationToMissingValueError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+)
 
 from gblm.data.sources import SAMPLINGS, SOURCES
 from gblm.devices import DTYPE_NAMES
 from gblm.errors import ConfigError
-from gblm.eval.zeroshot import check_limit
 from gblm.methods import registry
 from gblm.models.loading import KINDS, ModelSpec
 from gblm.options import choice, positive_int
@@ -124,9 +129,9 @@ class _SparsityBase:
         return {k: getattr(self, k) for k in mine}
 
     def check(self) -> None:
-        """The target, the allocator and its options (their declarations). Another allocator's
-        option set is refused where it has no default (its own input, e.g. ``per_block``), else
-        warned about and ignored, so that a sweep over allocators can share one (``lmbda``)."""
+        """The target, the allocator and its options. Another allocator's option is refused where
+        it has no default (``per_block``), else warned about and ignored (a sweep over allocators
+        may share one: ``lmbda``)."""
         self.target()
         choice("sparsity.allocator", self.allocator, registry.allocator_names())
         chosen = registry.allocator_entry(self.allocator)
@@ -218,7 +223,12 @@ class ZeroshotSettings:
     def check(self) -> None:
         positive_int("eval.zeroshot.batch_size", self.batch_size, auto=True)
         positive_int("eval.zeroshot.cloze_items", self.cloze_items)
-        check_limit(self.limit)
+        limit = self.limit  # as lm-eval reads it: below 1, a share of each task's items
+        if limit is not None and not (type(limit) in (int, float) and 0 < limit < math.inf):
+            raise ConfigError(
+                f"eval.zeroshot.limit={limit!r}: allowed values are null (every item), an integer "
+                ">= 1 (items per task) or a fraction in (0, 1) (that share of each task's items)."
+            )
         if self.enabled and not self.tasks:
             raise ConfigError("eval.zeroshot.enabled=true needs eval.zeroshot.tasks=[...].")
 
@@ -324,44 +334,25 @@ class RunConf:
 
 
 def _require(value: Any, key: str) -> Any:
-    """``${gblm.require:${a.b},a.b}``: the value of ``a.b``, which an option needs set.
-
-    A group file cannot make a key with a schema default mandatory (``???`` never replaces a
-    value in a merge), so the option that needs it interpolates through this resolver.
-    """
+    """``${gblm.require:${a.b},a.b}``: the value of ``a.b``, which an option needs set (``???``
+    in a group file never replaces a schema default in a merge)."""
     if value is None or value == "":
         raise ConfigError(f"{key} must be set (it has no default)")
     return value
 
 
-def register_schema() -> None:
-    """Store :class:`RunConf` in Hydra's ConfigStore, and the ``gblm.require`` resolver."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConf)
-    OmegaConf.register_new_resolver("gblm.require", _require, replace=True)
-
-
-register_schema()
+ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConf)
+OmegaConf.register_new_resolver("gblm.require", _require, replace=True)
 
 
 # From a composed config to checked values ---------------------------------------------------------
 def _missing_key(err: Exception) -> str:
-    import re
-
     found = re.search(r"Missing mandatory value: ([\w.\[\]]+)", str(getattr(err, "msg", err)))
     return found.group(1) if found else str(err.full_key)
 
 
 def to_plain(cfg: Any) -> dict[str, Any]:
     """A resolved plain dict of a DictConfig; a missing mandatory value (``???``) is a ConfigError."""
-    from omegaconf import DictConfig
-    from omegaconf.errors import (
-        InterpolationResolutionError,
-        InterpolationToMissingValueError,
-        MissingMandatoryValue,
-    )
-
     if not isinstance(cfg, DictConfig):
         return dict(cfg)
     try:
@@ -397,13 +388,6 @@ def _unknown_schema_key(key: str) -> str:
 def validate(cfg: dict[str, Any]) -> RunConf:
     """``cfg`` merged onto the schema and checked: defaults filled in, every value of its type
     and allowed; raises ConfigError naming the key otherwise."""
-    from omegaconf.errors import (
-        ConfigAttributeError,
-        ConfigKeyError,
-        MissingMandatoryValue,
-        OmegaConfBaseException,
-    )
-
     try:
         conf = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConf), cfg))
     except MissingMandatoryValue as err:

@@ -1,9 +1,5 @@
-"""Errors that reach the user as a message, not a traceback.
-
-Every :class:`UserError` is an expected failure of the user's input or setup (a config value, a
-data file, a model folder, the device, non-finite weights): the command line prints its message
-as one paragraph, marks the run dir failed and exits with status 2.
-"""
+"""Errors that reach the user as a message, not a traceback: the command line prints a
+:class:`UserError` as one paragraph, marks the run dir failed and exits with status 2."""
 
 from __future__ import annotations
 

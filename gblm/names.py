@@ -1,44 +1,23 @@
-"""Names of the prunable Linears: their short module type and their decoder-block index.
-
-A pure mapping of strings, below every package that needs it: the layer code (``gblm.models``)
-groups Linears by type, the mask statistics (``gblm.analysis``) summarise by block and type.
-"""
+"""Names of the prunable Linears: their short module type and their decoder-block index."""
 
 from __future__ import annotations
 
 # Short module types, for per-type statistics (and the column order of per-type tables).
 MODULE_TYPES = ("q", "k", "v", "o", "gate", "up", "down", "fc1", "fc2", "other")
-_TYPE_BY_SUFFIX = {
-    "q_proj": "q",
-    "k_proj": "k",
-    "v_proj": "v",
-    "o_proj": "o",
-    "out_proj": "o",
-    "dense": "o",
-    "gate_proj": "gate",
-    "up_proj": "up",
-    "down_proj": "down",
-    "fc1": "fc1",
-    "fc2": "fc2",
-}
+_TYPE_BY_SUFFIX = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "out_proj": "o",
+                   "dense": "o", "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
+                   "fc1": "fc1", "fc2": "fc2"}  # fmt: skip
 
 
 def module_type(name: str) -> str:
-    """``self_attn.q_proj`` -> ``q``; unknown names -> ``other``."""
+    """``self_attn.q_proj`` -> ``q`` (its last component's type); unknown names -> ``other``."""
     return _TYPE_BY_SUFFIX.get(name.rsplit(".", 1)[-1], "other")
 
 
-def linear_type(name: str) -> str:
-    """Short module type (``q``, ``down``, ...) from the last two components of a Linear name."""
-    return module_type(".".join(name.split(".")[-2:]))
+linear_type = module_type  # a full Linear name's type (``model.layers.0.mlp.down_proj``: down)
 
 
 def block_index(name: str) -> int | None:
-    """The decoder-block index in a full Linear name: the first all-digit component, else None.
-
-    ``model.layers.3.mlp.down_proj`` -> 3; ``model.decoder.layers.11.fc1`` -> 11.
-    """
-    for part in name.split("."):
-        if part.isdigit():
-            return int(part)
-    return None
+    """The first all-digit component of a full Linear name (``model.layers.3.mlp.down_proj`` ->
+    3), else None."""
+    return next((int(part) for part in name.split(".") if part.isdigit()), None)

@@ -1,31 +1,11 @@
 """Typed options of plug-ins: each option's type and allowed values, declared beside it.
 
-A plug-in (a method, a sparsity allocator, any class a config group's ``_target_`` names) takes
-its options as keyword arguments, and each argument's annotation is the option's declaration::
-
-    def __init__(
-        self,
-        a: Annotated[float, Range(ge=0)] = 0.5,
-        comparison_group: Annotated[str, OneOf(COMPARISON_GROUPS)] = "layer",
-        reallocation: bool = False,
-    ) -> None: ...
-
-The annotations understood:
-
-- ``bool``: ``true`` or ``false`` only (never a string such as ``maybe``);
-- ``Annotated[int, Range(...)]`` and ``Annotated[float, Range(...)]``: a number within the
-  bounds (``ge``, ``gt``, ``le``, ``lt``). NaN is never a number here, and an infinity only with
-  ``Range(finite=False)``. An int is never a bool nor ``1.5``; a float option takes an int
-  (converted). A number without a ``Range`` is not a declaration: the author states the range;
-- ``str``, or ``Annotated[str, OneOf(values)]`` for a choice among ``values`` (of any of these
-  types: ``Annotated[int, OneOf((2, 4))]``);
-- ``X | None`` (null allowed; any union is a choice among its members), ``list[X]`` (every item
-  checked, named ``key[i]``), ``dict[str, X]`` (a mapping; ``Any`` takes any value).
-
-:func:`declared_options` reads a class's declarations (a missing or unknown one is a TypeError:
-the plug-in's bug, found by the tests); :func:`check_value` checks one value and raises the
-standard :class:`gblm.errors.ConfigError` naming the key and the allowed values. The registry's
-``check_options`` (:mod:`gblm.methods.registry`) applies them to a plug-in's options.
+A plug-in (a method, an allocator, a weight update) takes its options as keyword arguments, and
+each argument's annotation is its declaration: ``bool``, ``Annotated[int | float, Range(...)]``,
+``str`` or ``Annotated[str, OneOf(values)]``, ``X | None``, ``list[X]``, ``dict[str, X]`` (the
+rules: ``docs/methods.md``, "Options"). :func:`declared_options` reads a class's declarations (a
+missing or unknown one is the plug-in's bug: a TypeError); :func:`check_value` checks a value,
+refusing it with a :class:`gblm.errors.ConfigError` that names the key and the allowed values.
 """
 
 from __future__ import annotations
@@ -53,10 +33,10 @@ class Range:
     finite: bool = True
 
     def holds(self, x: float) -> bool:
-        if math.isnan(x) or (self.finite and math.isinf(x)):
-            return False
         return not (
-            (self.ge is not None and x < self.ge)
+            math.isnan(x)
+            or (self.finite and math.isinf(x))
+            or (self.ge is not None and x < self.ge)
             or (self.gt is not None and x <= self.gt)
             or (self.le is not None and x > self.le)
             or (self.lt is not None and x >= self.lt)
@@ -101,6 +81,9 @@ class Option:
     @property
     def required(self) -> bool:
         return self.default is inspect.Parameter.empty
+
+
+_SCALARS = {bool: bool, int: int, float: int | float, str: str}  # the types each one accepts
 
 
 def _refuse(key: str, value: Any, allowed: str) -> ConfigError:
@@ -179,22 +162,11 @@ def check_value(key: str, value: Any, annotation: Any) -> Any:
         return {k: check_value(f"{key}.{k}", v, item) for k, v in value.items()}
     if annotation is Any:
         return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise _refuse(key, value, describe(bool))
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _refuse(key, value, describe(int))
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _refuse(key, value, describe(float))
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise _refuse(key, value, describe(str))
-        return value
+    if annotation in _SCALARS:
+        bool_as_number = isinstance(value, bool) and annotation is not bool
+        if bool_as_number or not isinstance(value, _SCALARS[annotation]):
+            raise _refuse(key, value, describe(annotation))
+        return float(value) if annotation is float else value
     raise TypeError(f"{key}: the annotation {annotation!r} is not an option declaration.")
 
 

@@ -28,14 +28,11 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
-def configure_offline() -> bool:
-    """Switch the hub libraries to offline mode when the hub cannot be reached.
-
-    Without this, every hub lookup retries for half a minute before failing. Returns True when
-    offline.
-    """
+def configure_offline() -> None:
+    """Switch the hub libraries to offline mode when the hub cannot be reached (else every
+    lookup retries for half a minute)."""
     if hub_reachable():
-        return False
+        return
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -48,4 +45,3 @@ def configure_offline() -> bool:
         import datasets.config
 
         datasets.config.HF_HUB_OFFLINE = True
-    return True

@@ -14,10 +14,9 @@ benchmarks share.
     zero-shot       lm-eval on the live model
     save model
 
-Which of them a run needs is decided once, by :func:`planned_stages`; the progress estimate reads
-the same list. Every stage is timed under its name by a :class:`gblm.utils.StageTimer`. The
-result is a typed :class:`Result`, filled as the stages end; ``on_update`` sees it after every
-stage that adds a number, so a caller can write its record as the run goes.
+Which of them a run needs is decided once, by :func:`planned_stages` (the progress estimate reads
+the same list); each is timed under its name by a :class:`gblm.utils.StageTimer`, and fills the
+typed :class:`Result`.
 """
 
 from __future__ import annotations
@@ -46,9 +45,8 @@ from gblm.utils import StageTimer, writable_dir
 log = logging.getLogger("gblm")
 
 PRUNE = "prune"
-#: Work per zero-shot item, in forward-pass tokens: 4 choices x a ~160-token cloze passage,
-#: which lm-eval scores at about 0.6 of a perplexity pass's time per token (two demo runs on 2
-#: cores: 40 items in 35 and 39 s where a perplexity token took 2.3 ms).
+#: Work per zero-shot item in forward-pass tokens: 4 choices x a ~160-token passage, which lm-eval
+#: scores at about 0.6 of a perplexity pass's time per token (measured on the demo).
 ZEROSHOT_TOKENS_PER_ITEM = 400
 MASK_STATISTICS = "mask statistics"
 ZEROSHOT = "zero-shot"
@@ -90,20 +88,16 @@ class Result:
 
 
 def needs_calibration(method: Pruner | None, plan: SparsityPlan) -> bool:
-    """Whether the run draws calibration windows: the method (or its weight update) or the plan
-    runs the model."""
+    """Whether the method (or its weight update) or the plan runs the model on calibration."""
     return method is not None and (method.walk_calibrates or plan.needs_calibration)
 
 
 def planned_stages(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> dict[str, float]:
     """The stages of this run that push tokens through the model, in order, each with its work
-    in forward-pass equivalents (tokens; a backward costs about two forwards).
-
-    A perplexity pass is its windows x T tokens (every window of the text: known only later,
-    weighed as 64); the walk 2 x N x T (the capture and the re-forward of every block; its
-    statistics and solves ride on them); the plan's dense walk the same; the method's dense pass
-    (GBLM's gradients) 3 x N x T; a zero-shot pass its items x choices x context tokens.
-    Loading, bookkeeping and magnitude's masking (no forward pass) weigh nothing.
+    in forward-pass tokens: a perplexity pass its windows x T (all windows: weighed as 64); the
+    walk and the plan's dense walk 2 x N x T (the capture and the re-forward of every block); the
+    method's dense pass (GBLM's gradients; a backward is about two forwards) 3 x N x T; zero-shot
+    its items x :data:`ZEROSHOT_TOKENS_PER_ITEM`. Everything else weighs nothing.
     """
     c, p = conf.calibration, conf.eval.perplexity
     calibration = c.nsamples * c.seqlen if needs_calibration(method, plan) else 0
@@ -135,14 +129,6 @@ class Inputs:
     dtype: torch.dtype
 
 
-def _device_and_dtype(conf: RunConf) -> tuple[torch.device, torch.dtype]:
-    try:
-        device = devices.resolve_device(conf.device)
-        return device, devices.resolve_dtype(conf.model.dtype, device)
-    except (ValueError, RuntimeError) as err:
-        raise ConfigError(str(err)) from None
-
-
 def inputs(
     conf: RunConf,
     method: Pruner | None,
@@ -150,11 +136,9 @@ def inputs(
     timer: StageTimer | None = None,
     check_device: bool = True,
 ) -> Inputs:
-    """Every check that needs no weights, cheapest first; raises :class:`gblm.errors.UserError`.
-
-    The model's files and config (its context length against the sequence lengths), the
-    device, the zero-shot task names, the data files, the tokenizer and whether the texts hold
-    enough tokens. A sweep's preflight runs it for every job without the device check (the
+    """Every check that needs no weights, cheapest first (the model's files and context length,
+    the device, the task names, the data files, the tokenizer, enough tokens in the texts);
+    raises :class:`gblm.errors.UserError`. A sweep's preflight skips the device check (the
     launching machine may lack the jobs' GPUs).
     """
     from gblm.analysis.plots import check_mask_images
@@ -172,9 +156,13 @@ def inputs(
     check_model_available(conf.model)
     if conf.mask_images and conf.mask_images != list(MASK_IMAGES):  # the default draws nothing
         check_mask_images(conf.mask_images, conf.model)  # on a model without those Linears
-    device, dtype = (
-        _device_and_dtype(conf) if check_device else (torch.device("cpu"), torch.float32)
-    )
+    device, dtype = torch.device("cpu"), torch.float32
+    if check_device:
+        try:
+            device = devices.resolve_device(conf.device)
+            dtype = devices.resolve_dtype(conf.model.dtype, device)
+        except (ValueError, RuntimeError) as err:
+            raise ConfigError(str(err)) from None
     calibrating = needs_calibration(method, plan)
     seqlens = {"calibration.seqlen": c.seqlen} if calibrating else {}
     seqlens.update({"eval.perplexity.seqlen": p.seqlen} if p.enabled else {})
@@ -212,9 +200,8 @@ def inputs(
 
 
 def fingerprints(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> dict[str, str]:
-    """The content fingerprints of the run's inputs: the model's weights files and, where the
-    run uses them, the calibration and the evaluation documents. Memoised per file, so cheap
-    before the load; part of a run's identity (:mod:`gblm.run`) and of its record."""
+    """The content fingerprints of the model's weights files and, where the run uses them, the
+    calibration and evaluation documents (memoised per file): part of a run's identity."""
     from gblm.data.calibration import source_fingerprint
     from gblm.models.loading import weights_fingerprint
 
@@ -231,6 +218,16 @@ def fingerprints(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> di
 
 
 # The pruning stages, shared with the API -----------------------------------------------------------
+def check_model(model: nn.Module, method: Pruner, plan: SparsityPlan) -> None:
+    """The method's and the plan's checks of the loaded model; a ConfigError names the problem."""
+    try:
+        method.check_model(model)
+        plan.check_config(len(decoder_layers(model)), method.needs_calibration)
+        plan.check_model(model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
 def prune(
     model: nn.Module,
     method: Pruner,
@@ -279,14 +276,10 @@ def calibration_windows(
     c = conf.calibration
     with timer.stage("calibration windows"):
         key = cal.windows_cache_key(
-            tokenizer_id=cal.tokenizer_digest(tokenizer),
-            documents_sha256=cal.documents_digest(texts),
-            nsamples=c.nsamples,
-            seqlen=c.seqlen,
-            seed=c.seed,
-            sampling=c.sampling,
-            vocab_size=len(tokenizer),
-        )
+            tokenizer_id=cal.tokenizer_digest(tokenizer), vocab_size=len(tokenizer),
+            documents_sha256=cal.documents_digest(texts), nsamples=c.nsamples, seqlen=c.seqlen,
+            seed=c.seed, sampling=c.sampling,
+        )  # fmt: skip
         return cal.cached_windows(
             cache_dir(),
             key,
@@ -305,9 +298,9 @@ def execute(
 ) -> Result:
     """Load the model, then run every stage :func:`planned_stages` names; returns the result.
 
-    ``out_dir`` receives what lm-eval and the saved model write; ``on_update`` is called with the
-    result after each stage that adds to it and returns the run's record as it then stands
-    (saved with the model).
+    ``out_dir`` receives lm-eval's output and the saved model; ``on_update`` sees the result after
+    each stage that adds to it, and returns the run's record as it then stands (saved with the
+    model).
     """
     from gblm.models.loading import load_model, weights_fingerprint
 
@@ -319,15 +312,28 @@ def execute(
         model = load_model(conf.model, device, dtype, given.tokenizer)
     log.info("model %s: %s, %.1fM parameters, %s on %s", conf.model.name, type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6, result.dtype, device)  # fmt: skip
-    if method is not None:  # the method's and the plan's checks, before any evaluation
-        try:
-            method.check_model(model)
-            plan.check_config(len(decoder_layers(model)), method.needs_calibration)
-            plan.check_model(model)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+    if method is not None:  # before any evaluation
+        check_model(model, method, plan)
     stages = planned_stages(conf, method, plan)
-    evaluate = _perplexity(conf, model, given, result, timer)
+    tokens: list[Tensor] = []  # the evaluation text, tokenized at its first use
+
+    def evaluate(tag: str) -> None:
+        from gblm.data.evaluation import join_and_tokenize
+        from gblm.eval.perplexity import perplexity
+
+        p = conf.eval.perplexity
+        if not tokens:
+            with timer.stage("tokenize eval"):
+                tokens.append(join_and_tokenize(given.tokenizer, given.texts["eval"]))
+            result.eval_tokens = int(tokens[0].numel())
+        with timer.stage(perplexity_stage(tag)):
+            result.ppl[tag] = perplexity(
+                model, tokens[0], p.seqlen, device=devices.input_device(model, device),
+                batch_size=p.batch_size, max_windows=p.max_windows, progress=conf.progress,
+                desc=f"perplexity ({tag})",
+            )  # fmt: skip
+        log.info("perplexity %s: %.3f", tag, result.ppl[tag])
+
     if method is not None:  # the windows first: then the time estimate knows what is cached
         windows = None
         if needs_calibration(method, plan):
@@ -369,30 +375,6 @@ def execute(
     return result
 
 
-def _perplexity(conf: RunConf, model, given: Inputs, result: Result, timer: StageTimer):
-    """A function ``tag -> None`` that evaluates the model as it is then into ``result.ppl``."""
-    p = conf.eval.perplexity
-    tokens: list[Tensor] = []
-
-    def evaluate(tag: str) -> None:
-        from gblm.data.evaluation import join_and_tokenize
-        from gblm.eval.perplexity import perplexity
-
-        if not tokens:
-            with timer.stage("tokenize eval"):
-                tokens.append(join_and_tokenize(given.tokenizer, given.texts["eval"]))
-            result.eval_tokens = int(tokens[0].numel())
-        with timer.stage(perplexity_stage(tag)):
-            result.ppl[tag] = perplexity(
-                model, tokens[0], p.seqlen, device=devices.input_device(model, given.device),
-                batch_size=p.batch_size, max_windows=p.max_windows, progress=conf.progress,
-                desc=f"perplexity ({tag})",
-            )  # fmt: skip
-        log.info("perplexity %s: %.3f", tag, result.ppl[tag])
-
-    return evaluate
-
-
 def _zeroshot(conf: RunConf, model, given: Inputs, result: Result, timer, out_dir: Path) -> None:
     """lm-eval on the live model; its results JSON (and per-item log) kept in ``out_dir``."""
     from gblm.eval.zeroshot import zeroshot_eval
@@ -402,7 +384,7 @@ def _zeroshot(conf: RunConf, model, given: Inputs, result: Result, timer, out_di
     if include_path is None and "austen_cloze" in z.tasks:  # the local task, exported with data
         from gblm.eval.cloze import ensure_austen_cloze_task, export_task
 
-        built = ensure_austen_cloze_task(cache_dir() / "tasks", n_items=z.cloze_items)
+        built = ensure_austen_cloze_task(n_items=z.cloze_items)
         include_path = str(export_task(built, out_dir / "lm_eval_tasks"))
     with timer.stage(ZEROSHOT):
         result.zeroshot = zeroshot_eval(

@@ -22,24 +22,33 @@ from filelock import FileLock
 log = logging.getLogger("gblm")
 
 
-# ----------------------------------------------------------------------------- atomic writes
+def atomic_write(
+    path: str | os.PathLike, content: bytes | Callable[[Path], None], *, directory: bool = False
+) -> Path:
+    """Write ``path`` through a temporary sibling and a rename, so readers never see half of it.
 
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _write_temp_file(path: Path, content: bytes | Callable[[Path], None]) -> Path:
-    """A new temporary sibling of ``path`` holding the content.
-
-    Created with mode 0666 less the umask, as a plain ``open`` would (``mkstemp``'s 0600 would
-    stay on the result and hide run records from the other readers of a shared folder); the
-    mode is set again after a callback, which may have replaced the file with one of its own.
+    ``content`` is the file's bytes, or a callback that fills the temporary path it is given (an
+    existing empty file, e.g. for ``torch.save(obj, tmp)``; with ``directory=True`` an existing
+    empty folder, and a folder at ``path`` is replaced whole). The result has the mode a plain
+    ``open`` or ``mkdir`` would give it (not ``mkstemp``'s 0600: run records are read by others).
+    On any error the temporary is removed and ``path`` is left as it was. Returns ``path``.
     """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
+        if directory:
+            tmp.mkdir()
+            content(tmp)
+            if path.exists():  # moved aside first, deleted once the new one is in place
+                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+                path.rename(old)
+                tmp.rename(path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(path)
+            return path
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0666 less the umask
         if callable(content):
             os.close(fd)
@@ -48,71 +57,14 @@ def _write_temp_file(path: Path, content: bytes | Callable[[Path], None]) -> Pat
             with os.fdopen(fd, "wb") as handle:
                 handle.write(content)
         os.chmod(tmp, mode)  # a callback that replaced the file (its own temp + rename) keeps it
-        _fsync_file(tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def _write_temp_dir(path: Path, content: Callable[[Path], None]) -> Path:
-    """A temporary sibling directory of ``path``, filled by ``content``.
-
-    Made with ``mkdir`` (the umask's mode), not ``mkdtemp``, whose 0700 would stay on the result.
-    """
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        content(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return tmp
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Move ``tmp`` to ``path``; an existing ``path`` is moved aside first, then deleted."""
-    if not path.exists():
-        tmp.rename(path)
-        return
-    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-    path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def atomic_write(
-    path: str | os.PathLike, content: bytes | Callable[[Path], None], *, directory: bool = False
-) -> Path:
-    """Write ``path`` through a temporary sibling and a rename, so readers never see half of it.
-
-    Args:
-        path: the file (or, with ``directory=True``, the directory) to create or replace.
-        content: the file's bytes, or a callback that writes the temporary path it is given (an
-            existing empty file, e.g. for ``torch.save(obj, tmp)``; or an existing empty
-            directory). The result has the mode a plain ``open`` or ``mkdir`` would give it.
-        directory: the result is a directory; an existing one at ``path`` is replaced whole.
-
-    On any error (in the callback too) the temporary is removed and ``path`` is left as it was.
-    Returns ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        if not callable(content):
-            raise TypeError("atomic_write(directory=True) needs a callback that fills the folder.")
-        tmp = _write_temp_dir(path, content)
-        try:
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
-    tmp = _write_temp_file(path, content)
-    try:
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if directory:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -127,35 +79,20 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-# ----------------------------------------------------------------------------- content hashes
-
-
-def canonical_json(obj: Any) -> str:
-    """The JSON text that :func:`content_hash` hashes: sorted keys, ``default=str``, compact."""
-    return json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"), ensure_ascii=False)
-
-
 def content_hash(obj: Any = None, *, data: Iterable[bytes] = (), length: int | None = None) -> str:
-    """sha256 hex of ``obj``'s :func:`canonical_json`, then of each chunk of ``data``.
-
-    The one hash of the project for cache keys and run identities. ``obj`` is any JSON-able
-    value (a dict of settings, a list of documents; other values are hashed as ``str``); ``data``
-    adds raw bytes that are too big or not meant for JSON (e.g. ``tensor.numpy().tobytes()``,
-    with the shape and dtype in ``obj``). ``length`` keeps the first that many hex digits.
-    """
-    digest = hashlib.sha256(canonical_json(obj).encode("utf-8"))
+    """The project's one hash (cache keys, run identities): sha256 hex of ``obj`` as canonical
+    JSON (sorted keys, ``default=str``), then of the raw bytes of each chunk of ``data`` (e.g. a
+    tensor's, with its shape and dtype in ``obj``); ``length`` keeps that many hex digits."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(text.encode("utf-8"))
     for chunk in data:
         digest.update(chunk)
-    hexdigest = digest.hexdigest()
-    return hexdigest if length is None else hexdigest[:length]
+    return digest.hexdigest()[:length]
 
 
 def tensors_checksum(tensors: Mapping[str, Any]) -> str:
-    """:func:`content_hash` of named tensors: names, shapes, dtypes, then the raw bytes in name order.
-
-    The checksum stored beside a cache entry of tensors and checked when it is read back; any
-    flipped byte of any tensor changes it. Works for every dtype (bf16 too: bytes via uint8).
-    """
+    """:func:`content_hash` of named tensors: names, shapes, dtypes, then the raw bytes in name
+    order (every dtype, bf16 too: bytes via uint8). Stored with a cache entry, checked on reads."""
     import torch
 
     names = sorted(tensors)
@@ -170,11 +107,8 @@ def tensors_checksum(tensors: Mapping[str, Any]) -> str:
 
 
 def file_digest(path: str | os.PathLike, memo_dir: str | os.PathLike | None = None) -> str:
-    """sha256 of a file's bytes; with ``memo_dir``, computed once per (size, mtime, inode).
-
-    The memo (one small JSON per file under ``memo_dir``) spares hashing a model's weights on
-    every run; a file rewritten in place (new mtime, size or inode) is hashed again.
-    """
+    """sha256 of a file's bytes; with ``memo_dir`` (one small JSON per file there), computed once
+    per (path, size, mtime, inode), which spares hashing a model's weights on every run."""
     path = Path(path).resolve()
     st = path.stat()
     stamp = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
@@ -196,8 +130,7 @@ def file_digest(path: str | os.PathLike, memo_dir: str | os.PathLike | None = No
 
 def writable_dir(path: str | os.PathLike, key: str) -> Path:
     """``path`` as a folder this process can write into (made if missing), else the refusal
-    naming ``key``. Tried by writing a file, not by reading permission bits: root passes those,
-    a read-only mount or a full disk does not."""
+    naming ``key``. Tried by writing a file: root passes permission bits, a full disk does not."""
     from gblm.errors import ConfigError
 
     folder = Path(path).expanduser()
@@ -216,14 +149,13 @@ def writable_dir(path: str | os.PathLike, key: str) -> Path:
 
 
 def cached_tensors(path: Path, compute: Callable[[], Mapping[str, Any]], what: str) -> dict:
-    """The named tensors stored at ``path``, or those ``compute`` returns, stored there first.
+    """The named tensors stored at ``path`` (on the CPU), or those ``compute`` returns, stored
+    there first: the project's one cache writer.
 
-    The one cache writer of the project. The entry is a safetensors file written atomically under
-    a file lock (concurrent sweep jobs compute once: the others wait, then load), with the
-    :func:`tensors_checksum` of its tensors in its metadata, verified on every load: a damaged or
-    truncated entry is computed again with a warning that names the file. Loaded on the CPU.
-    The cache is optional: a folder that cannot be written (full, read-only, not ours) is a
-    warning, and the tensors are computed and used without being stored.
+    A safetensors file written atomically under a file lock (concurrent sweep jobs compute once),
+    with its :func:`tensors_checksum` in its metadata, verified on every load: a damaged entry is
+    computed again, with a warning. A cache folder that cannot be written is a warning too: the
+    tensors are computed and used without being stored.
     """
     from safetensors.torch import save_file
 
@@ -253,8 +185,7 @@ def cached_tensors(path: Path, compute: Callable[[], Mapping[str, Any]], what: s
 
 
 def _read_entry(path: Path, what: str) -> dict | None:
-    """The entry at ``path`` if it is there and its checksum holds, else None (with a warning
-    when it was there but damaged)."""
+    """The entry at ``path`` if it is there and its checksum holds, else None."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -279,9 +210,6 @@ def _cache_unwritable(what: str, path: Path, err: OSError) -> None:
                 what, path, err.strerror or err)  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- locks and timing
-
-
 def file_lock(path: Path, timeout: float = -1) -> FileLock:
     """An inter-process lock beside ``path`` (sweep jobs share caches)."""
     return FileLock(str(path) + ".lock", timeout=timeout)
@@ -298,22 +226,18 @@ class StageTimer:
         self.listeners: list[Callable[[str, str, float | None, int], None]] = []
         self.done = 0
 
-    def _tell(self, event: str, name: str, seconds: float | None) -> None:
+    def note(self, event: str, name: str, seconds: float | None = None) -> None:
+        """Tell the listeners about a stage (``"cached"`` before it runs: read from a cache)."""
         for listener in self.listeners:
             try:
                 listener(event, name, seconds, self.done)
             except Exception as error:  # a live view must never stop the run
                 log.warning("stage listener failed on %s %s: %s", event, name, error)
 
-    def note(self, event: str, name: str) -> None:
-        """Tell the listeners about a stage before it runs: ``"cached"``, its result will be
-        read from a cache."""
-        self._tell(event, name, None)
-
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         log.info("stage %s: start", name)
-        self._tell("start", name, None)
+        self.note("start", name)
         start = time.perf_counter()
         try:
             yield
@@ -322,4 +246,4 @@ class StageTimer:
             self.timings[name] = self.timings.get(name, 0.0) + seconds
             self.done += 1
             log.info("stage %s: %.1f s", name, seconds)
-            self._tell("end", name, seconds)
+            self.note("end", name, seconds)

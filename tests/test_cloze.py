@@ -10,15 +10,13 @@ import textwrap
 import pytest
 
 from gblm.eval.cloze import (
-    DEFAULT_DESIGN,
+    CONTEXT_WORDS,
     N_CHOICES,
     TASK_NAME,
-    build_austen_cloze,
     build_items,
     export_task,
+    paragraph_sentences,
     prepare_austen_cloze,
-    split_sentences,
-    write_task_dir,
 )
 from gblm.eval.zeroshot import TASKS_KEY, check_tasks, summarize_results, zeroshot_eval
 
@@ -53,6 +51,10 @@ def fake_documents(n_docs: int = 4, seed: int = 0) -> list[str]:
     return docs
 
 
+def split_sentences(doc: str) -> list[str]:
+    return [s for paragraph in paragraph_sentences(doc) for s in paragraph]
+
+
 def test_split_sentences_keeps_titles_and_quotes_together():
     doc = (
         "Chapter 3\n\nMr. Elliot came in. Anne looked up;\nshe was glad!  "
@@ -68,15 +70,12 @@ def test_split_sentences_keeps_titles_and_quotes_together():
     ]
 
 
-def test_builder_is_deterministic_and_well_formed(tmp_path):
+def test_builder_is_deterministic_and_well_formed():
     docs = fake_documents()
-    a = build_austen_cloze(docs, tmp_path / "a.jsonl", n_items=30, seed=0)
-    b = build_austen_cloze(docs, tmp_path / "b.jsonl", n_items=30, seed=0)
-    c = build_austen_cloze(docs, tmp_path / "c.jsonl", n_items=30, seed=1)
-    assert a.read_bytes() == b.read_bytes()
-    assert a.read_bytes() != c.read_bytes()
+    items = build_items(docs, n_items=30, seed=0)
+    assert items == build_items(docs, n_items=30, seed=0)
+    assert items != build_items(docs, n_items=30, seed=1)
 
-    items = [json.loads(line) for line in a.read_text().splitlines()]
     assert len(items) == 30 and [it["id"] for it in items] == list(range(30))
     sentences = [split_sentences(doc) for doc in docs]
     labels = set()
@@ -87,7 +86,7 @@ def test_builder_is_deterministic_and_well_formed(tmp_path):
         assert item["choices"].count(answer) == 1 and item["choices"][item["label"]] == answer
         # the passage is the sentences right before the answer, in the same chapter
         assert item["context"].endswith(sentences[item["doc"]][item["sentence"] - 1])
-        assert len(item["context"].split()) >= DEFAULT_DESIGN.context_words
+        assert len(item["context"].split()) >= CONTEXT_WORDS
         # the answer names someone the passage names
         words = set(re.findall(r"\w+", answer)) & set(re.findall(r"\w+", item["context"]))
         assert words & set(NAMES)
@@ -118,8 +117,8 @@ def test_prepare_caches_by_content(tmp_path):
 def test_task_loads_through_lm_eval(tmp_path):
     from lm_eval.tasks import TaskManager
 
-    jsonl = build_austen_cloze(fake_documents(), tmp_path / "data" / "items.jsonl", n_items=12)
-    task_dir = write_task_dir(tmp_path / "task", jsonl)
+    task_dir = prepare_austen_cloze(fake_documents(), tmp_path, n_items=12)
+    jsonl = task_dir / f"{TASK_NAME}.jsonl"
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
     assert TASK_NAME in manager.all_tasks
     task = manager.load([TASK_NAME])["tasks"][TASK_NAME]

@@ -20,18 +20,14 @@ from gblm.errors import NonFiniteError
 CHUNK_TOKENS = 256  # positions per cross-entropy call: bounds the fp32 copy of the logits
 
 
-def token_losses(logits: Tensor, ids: Tensor, chunk: int = CHUNK_TOKENS) -> Tensor:
-    """Next-token cross-entropy of every position: (b, T, vocab) logits, (b, T) ids -> (b, T-1).
-
-    Computed ``chunk`` positions at a time, so the fp32 logits and their log-softmax exist for
-    one chunk only instead of the whole (b, T-1, vocab) at once (and no copy of the shifted
-    logits is made); each position's loss is the same number either way.
-    """
+def token_losses(logits: Tensor, ids: Tensor) -> Tensor:
+    """Next-token cross-entropy of every position: (b, T, vocab) logits, (b, T) ids -> (b, T-1),
+    :data:`CHUNK_TOKENS` positions at a time (the same numbers, without the whole fp32 copy)."""
     targets = ids[:, 1:]  # (b, T-1)
     losses = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
     for row in range(logits.shape[0]):
-        for start in range(0, targets.shape[1], chunk):
-            end = min(start + chunk, targets.shape[1])
+        for start in range(0, targets.shape[1], CHUNK_TOKENS):
+            end = min(start + CHUNK_TOKENS, targets.shape[1])
             losses[row, start:end] = F.cross_entropy(
                 logits[row, start:end].float(), targets[row, start:end], reduction="none"
             )
@@ -50,11 +46,8 @@ def perplexity(
     progress: bool = True,
     desc: str = "perplexity",
 ) -> float:
-    """Perplexity of ``model`` on ``tokens`` (1, numel) in windows of ``seqlen``.
-
-    Args:
-        max_windows: evaluate only the first windows (quick runs); None = all, as published.
-    """
+    """Perplexity of ``model`` on ``tokens`` (1, numel) in windows of ``seqlen``; only the first
+    ``max_windows`` windows (quick runs), or all (None, as published)."""
     nseg = tokens.numel() // seqlen
     if max_windows is not None:
         nseg = min(nseg, max_windows)
@@ -76,8 +69,9 @@ def perplexity(
 
 
 @torch.no_grad()
-def first_non_finite_output(model, batch: Tensor) -> str | None:
-    """The first module, in the order they finish, whose output on ``batch`` has NaN or inf."""
+def _non_finite_message(model, windows: Tensor, device, desc: str, value: float) -> str:
+    """Which window's loss is not finite, and the first module (in the order they finish) whose
+    output on it is not."""
     names = {module: name for name, module in model.named_modules()}
     found: list[str] = []
 
@@ -88,26 +82,19 @@ def first_non_finite_output(model, batch: Tensor) -> str | None:
         if not bool(torch.isfinite(out).all()):
             found.append(names[module] or type(module).__name__)
 
-    handles = [module.register_forward_hook(hook) for module in model.modules()]
-    try:
-        model(batch, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found[0] if found else None
-
-
-@torch.no_grad()
-def _non_finite_message(model, windows: Tensor, device, desc: str, value: float) -> str:
-    """Which window's loss is not finite, and the first module whose output is not."""
     where = ""
     for n in range(windows.shape[0]):
         batch = windows[n : n + 1].to(device)
         if bool(torch.isfinite(token_losses(model(batch, use_cache=False).logits, batch)).all()):
             continue
-        module = first_non_finite_output(model, batch)
+        handles = [module.register_forward_hook(hook) for module in model.modules()]
+        try:
+            model(batch, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
         where = f" The loss of window {n} is not finite" + (
-            f"; the first non-finite output is {module}'s." if module else "."
+            f"; the first non-finite output is {found[0]}'s." if found else "."
         )
         break
     return (
