@@ -21,7 +21,8 @@ from typing import Any
 
 from torch import nn
 
-from gblm.models.layers import decoder_layers, module_type, prunable_linears
+from gblm.models.layers import decoder_layers, prunable_linears
+from gblm.names import module_type
 
 # Linears that read the same input tensor in the supported architectures.
 _SHARED_INPUT_TYPES = (("q", "k", "v"), ("gate", "up"))

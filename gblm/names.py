@@ -10,11 +10,9 @@ _TYPE_BY_SUFFIX = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "
 
 
 def module_type(name: str) -> str:
-    """``self_attn.q_proj`` -> ``q`` (its last component's type); unknown names -> ``other``."""
+    """``model.layers.0.self_attn.q_proj`` -> ``q`` (its last component's type); unknown names ->
+    ``other``."""
     return _TYPE_BY_SUFFIX.get(name.rsplit(".", 1)[-1], "other")
-
-
-linear_type = module_type  # a full Linear name's type (``model.layers.0.mlp.down_proj``: down)
 
 
 def block_index(name: str) -> int | None:

@@ -180,7 +180,7 @@ def inputs(
         try:
             validate_task_names(z.tasks, z.include_path)
         except ValueError as err:
-            raise ConfigError(f"eval.zeroshot.tasks: {err}") from None
+            raise ConfigError(str(err)) from None  # the message names the key
     configure_offline()
     texts: dict[str, list[str]] = {}
     with timer.stage("load data"):  # an unavailable dataset fails before the model loads

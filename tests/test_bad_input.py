@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +222,12 @@ CASES = [
         "run",
     ),
     (
+        "zeroshot_task_typo",
+        ["eval.zeroshot.enabled=true", "eval.zeroshot.tasks=[arc_easyy]"],
+        ["eval.zeroshot.tasks", "arc_easyy", "arc_easy"],
+        "run",
+    ),
+    (
         "zeroshot_limit_negative",
         ["eval.zeroshot.enabled=true", "eval.zeroshot.limit=-1"],
         ["eval.zeroshot.limit=-1", "null"],
@@ -313,6 +320,7 @@ def test_bad_input_is_refused_before_the_model_loads(
     assert "Traceback" not in out.err and "Traceback" not in out.out
     message = [line for line in out.err.splitlines() if line.startswith("gblm: ")]
     assert len(message) == 1, out.err[-2000:]  # one paragraph
+    assert not re.search(r"([\w.]+: )\1", message[0]), message[0]  # the key named once
     for needle in needles:
         assert needle.format(tmp=inputs) in message[0], message[0]
     assert no_model_load == []

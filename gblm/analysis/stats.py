@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from gblm.names import block_index, linear_type
+from gblm.names import block_index, module_type
 
 #: The per-Linear fields, in the order of the columns of ``mask_stats.csv``.
 LINEAR_FIELDS = (
@@ -87,7 +87,7 @@ def linear_mask_stats(name: str, mask: Tensor, n: int = 0, m: int = 0) -> dict:
     stats: dict = {
         "name": name,
         "block": block_index(name),
-        "type": linear_type(name),
+        "type": module_type(name),
         "d_out": d_out,
         "d_in": d_in,
         "pruned": pruned,

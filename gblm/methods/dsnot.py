@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from gblm.calibration.stats import LinearStats
 from gblm.methods.base import ComparisonGroup, RunContext, ScorePruner, require
 from gblm.methods.wanda import activation_term
-from gblm.names import linear_type
+from gblm.names import module_type
 from gblm.options import OneOf, Range
 from gblm.pruning.dsnot import dsnot_nm, dsnot_unstructured, obs_saliency
 from gblm.pruning.sparsity import Sparsity
@@ -127,7 +127,7 @@ class DSnoTPruner(ScorePruner):
     def refine(
         self, name: str, linear: nn.Linear, stats: LinearStats, mask: Tensor, target: Sparsity
     ) -> Tensor:
-        if self.layers == "attention" and linear_type(name) not in _ATTENTION:
+        if self.layers == "attention" and module_type(name) not in _ATTENTION:
             return mask
         weight = linear.weight.data
         mean = require(stats, "mean", "DSnoT").to(weight.device)
