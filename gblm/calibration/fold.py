@@ -10,7 +10,8 @@ completes a weight's gradient, then frees it: at most one weight gradient exists
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+import functools
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +23,7 @@ from gblm.errors import NonFiniteError
 from gblm.models.memory import file_backed_zeros
 
 NORMS = ("l1", "l2")
-ACCUMULATOR_DTYPES = {
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-}
+ACCUMULATOR_DTYPES = {name: getattr(torch, name) for name in ("float16", "float32", "bfloat16")}
 
 
 @dataclass(frozen=True)
@@ -114,25 +111,22 @@ class Folder:
     def hooks(self, linears: Mapping[str, nn.Linear]) -> Iterator[None]:
         """Each weight's gradient folded by a post-accumulate-grad hook, then freed."""
 
-        def hook_for(name: str) -> Callable[[Tensor], None]:
-            def fold_grad(weight: Tensor) -> None:
-                self.fold(name, weight.grad)
-                weight.grad = None
-
-            return fold_grad
+        def fold_grad(name: str, weight: Tensor) -> None:
+            self.fold(name, weight.grad)
+            weight.grad = None
 
         with contextlib.ExitStack() as stack:
             for name, lin in linears.items():
-                stack.callback(lin.weight.register_post_accumulate_grad_hook(hook_for(name)).remove)
+                hook = functools.partial(fold_grad, name)
+                stack.callback(lin.weight.register_post_accumulate_grad_hook(hook).remove)
             yield
 
     @contextlib.contextmanager
-    def on(self, names: list[str], device: torch.device | None) -> Iterator[None]:
-        """Within, the accumulators of ``names`` on ``device`` (None: where they are); copied
-        back into their home tensors afterwards."""
+    def on(self, names: list[str], device: torch.device) -> Iterator[None]:
+        """Within, the accumulators of ``names`` on ``device``; copied back into their home
+        tensors afterwards."""
         homes = {name: self.accumulators[name] for name in names}
-        if device is not None:
-            self.accumulators.update({name: acc.to(device) for name, acc in homes.items()})
+        self.accumulators.update({name: acc.to(device) for name, acc in homes.items()})
         try:
             yield
         finally:

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -161,28 +162,23 @@ class _Stop(Exception):
     """Raised by the stand-in of block ``k - 1`` to end a skeleton pass."""
 
 
+@dataclass
 class _Stage:
     """The passes of the module docstring. ``sources`` is None in memory, else the offloaded
     weights' stores, and every unit is onloaded to ``compute`` with its accumulators."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        folder: Folder,
-        blocks: list[dict[str, nn.Linear]],
-        compute: torch.device,
-        sources: Mapping[int, Offloaded] | None,
-        k: int,
-        progress: bool,
-    ) -> None:
-        self.model, self.folder, self.compute, self.sources, self.k, self.progress = (
-            model, folder, compute, sources, k, progress,
-        )  # fmt: skip
-        self.real = list(decoder_layers(model))
-        self.names = [list(linears) for linears in blocks]
-        self.linears = {name: lin for linears in blocks for name, lin in linears.items()}
-        self.host = torch.device("cpu")
-        self.tuple_outputs = False
+    model: nn.Module
+    folder: Folder
+    blocks: list[dict[str, nn.Linear]]  # per block, its Linears by full name
+    compute: torch.device
+    sources: Mapping[int, Offloaded] | None
+    k: int
+    progress: bool
+    tuple_outputs: bool = False  # whether the blocks return tuples (transformers < 5)
+
+    def __post_init__(self) -> None:
+        self.real = list(decoder_layers(self.model))
+        self.linears = {name: lin for linears in self.blocks for name, lin in linears.items()}
 
     def _onloaded(self, module: nn.Module, names: list[str]) -> contextlib.AbstractContextManager:
         """``module`` and the accumulators of ``names`` on the compute device (when onloading)."""
@@ -217,7 +213,7 @@ class _Stage:
 
         def record(index: int, hidden: Tensor, args: tuple, kwargs: dict) -> Tensor:
             if index == 0:
-                inputs.append(hidden.detach().to(self.host))
+                inputs.append(hidden.detach().to("cpu"))
             calls[-1].append((args, dict(kwargs)))
             if index == self.k - 1:
                 raise _Stop
@@ -242,14 +238,14 @@ class _Stage:
                 args, kwargs = calls[j][b]
                 out = self.real[b](hidden.to(self.compute), *args, **kwargs)
                 self.tuple_outputs = isinstance(out, tuple | list)
-                outputs.append(block_output(out).to(self.host))
+                outputs.append(block_output(out).to("cpu"))
         return outputs
 
     def _head_unit(self, ids: Tensor, inputs: list, first: int, bar: tqdm) -> list:
         """Each window's loss through blocks ``k ..`` and the head, and its backward; returns the
         gradient of block ``k``'s input per window (None for ``k = 0``)."""
         current: list[Any] = [None]  # what the stand-ins return: the current window's leaf
-        names = [name for block in self.names[self.k :] for name in block]
+        names = [name for block in self.blocks[self.k :] for name in block]
         grads = []
         with (
             skeleton(self.model, lambda *_: current[0], blocks=self.k),
@@ -281,7 +277,7 @@ class _Stage:
         """Recompute block ``b`` from each window's kept input, backpropagate its gradient, and
         return the gradients of the block's inputs."""
         passed = []
-        with self._onloaded(self.real[b], self.names[b]):
+        with self._onloaded(self.real[b], list(self.blocks[b])):
             for j, hidden in enumerate(inputs):
                 # Block 0's input does not require grad in the full model either (embeddings frozen).
                 x = hidden.to(self.compute).requires_grad_(b > 0)  # (1, T, H)

@@ -13,6 +13,7 @@ in files and use ``calibration=local`` / ``eval.perplexity.dataset=local`` inste
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
@@ -68,16 +69,9 @@ def _export_austen(out_dir: Path) -> None:
 
 
 def _paragraphs(lines: list[str]) -> list[str]:
-    paragraphs, current = [], []
-    for line in lines:
-        if line.strip():
-            current.append(line.strip())
-        elif current:
-            paragraphs.append(" ".join(current))
-            current = []
-    if current:
-        paragraphs.append(" ".join(current))
-    return paragraphs
+    """Runs of non-blank lines, each joined with spaces."""
+    runs = itertools.groupby((line.strip() for line in lines), key=bool)
+    return [" ".join(run) for nonblank, run in runs if nonblank]
 
 
 def _austen_chapters(text: str) -> list[str]:
