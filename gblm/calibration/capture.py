@@ -22,7 +22,7 @@ from gblm.models.layers import decoder_layers
 
 
 class _BlockReached(Exception):
-    """Raised by the catcher hook to stop the forward pass at block 0."""
+    """Stops the forward pass at block 0."""
 
 
 def block_output(out: Any) -> Tensor:

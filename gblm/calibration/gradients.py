@@ -67,9 +67,7 @@ def _stage_mode(model: nn.Module, weights: list[Tensor]) -> Iterator[None]:
     flags = [p.requires_grad for p in params]
     grads = {id(w): w.grad for w in weights}
     try:
-        model.eval()
-        for p in params:
-            p.requires_grad_(False)
+        model.eval().requires_grad_(False)
         for w in weights:
             w.grad = None  # an old .grad would be summed into the first sample's gradient
             w.requires_grad_(True)
@@ -98,11 +96,9 @@ def gradient_norms(
     """GBLM-Pruner's accumulated per-sample gradient norm of every decoder-block Linear.
 
     Args:
-        model: A causal LM, left exactly as found (weights, train/eval and ``requires_grad``
-            flags, ``.grad``).
+        model: A causal LM, left exactly as found (weights, flags, ``.grad``).
         windows: Calibration token ids (N, T); each row is one sample (a batch of one).
-        settings: The stage's settings (default: the published ones). A model whose weights
-            accelerate offloads always goes block by block.
+        settings: Default: the published ones. An offloaded model always goes block by block.
         device: The compute device (block by block, default accelerate's execution device, else
             that of the input embeddings; in memory, as :func:`gblm.devices.input_device` rules).
         accumulate_on: Device of the accumulators (default each weight's, the CPU for an

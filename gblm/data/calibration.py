@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from gblm.data import corpus
 from gblm.data.evaluation import join_and_tokenize
-from gblm.data.sources import SAMPLINGS
-from gblm.utils import cached_tensors, content_hash
+from gblm.data.sources import SAMPLINGS, load_documents
+from gblm.utils import cached_tensors, content_hash, file_digest
 
 
 def sample_windows(
@@ -102,10 +103,6 @@ def source_fingerprint(
     :func:`documents_digest`. A hub dataset: its name and split (the datasets cache holds one
     fixed revision). ``key`` names the source in a refusal.
     """
-    from gblm.data import corpus
-    from gblm.data.sources import load_documents
-    from gblm.utils import file_digest
-
     if paths:
         files = []
         for raw in paths:

