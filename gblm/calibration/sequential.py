@@ -77,18 +77,18 @@ def _on_device(block: nn.Module, device: torch.device) -> Iterator[torch.device]
             yield execution_device
         return
     home = {p.device for p in block.parameters()}
-    moved = home != {device}
-    if moved:
-        if len(home) > 1:
-            raise NotImplementedError(
-                f"A decoder block is split over devices {sorted(map(str, home))}."
-            )
-        block.to(device)
+    if home == {device}:
+        yield device
+        return
+    if len(home) > 1:
+        raise NotImplementedError(
+            f"A decoder block is split over devices {sorted(map(str, home))}."
+        )
+    block.to(device)
     try:
         yield device
     finally:
-        if moved:
-            block.to(home.pop())
+        block.to(home.pop())
 
 
 @contextlib.contextmanager
