@@ -112,8 +112,8 @@ def test_attached_hooks_are_removed_on_error() -> None:
         assert linear._forward_hooks
         raise RuntimeError("boom")
     assert not linear._forward_hooks
-    with attached_hooks([(linear, lambda *a: None)], pre=True, with_kwargs=True) as handles:
-        assert len(handles) == 1 and linear._forward_pre_hooks
+    with attached_hooks([(linear, lambda *a: None)], pre=True, with_kwargs=True):
+        assert len(linear._forward_pre_hooks) == 1
     assert not linear._forward_pre_hooks
 
 

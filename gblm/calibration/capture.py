@@ -1,20 +1,19 @@
 """Block-0 input capture: step 1 of the sequential layer walk.
 
-The model runs on the calibration windows, batch by batch, until the first decoder block is
-called; a forward pre-hook on that block records its hidden states and every keyword argument it
-receives (attention mask, position ids, rotary ``position_embeddings`` (cos, sin), cache flags,
-...) and stops the forward pass with a private exception. The walk then calls each block directly
-with those arguments, so nothing architecture-specific is rebuilt by hand.
+The model runs on the calibration windows until decoder block 0 is called; a forward pre-hook
+there records the hidden states and every keyword argument the block receives (attention mask,
+position ids, rotary ``(cos, sin)``, ...) and stops the pass. The walk then calls each block with
+those arguments, so nothing architecture-specific is rebuilt by hand.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
 from gblm import devices
@@ -23,18 +22,13 @@ from gblm.models.layers import decoder_layers
 
 
 class _BlockReached(Exception):
-    """Raised by the catcher hook to stop the forward pass at block 0 (never escapes capture)."""
+    """Stops the forward pass at block 0."""
 
 
-def to_device(value: Any, device: torch.device | str) -> Any:
-    """Move tensors, also inside tuples, lists and dicts, to ``device``; leave the rest as is."""
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, tuple | list):
-        return type(value)(to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
+def block_output(out: Any) -> Tensor:
+    """A decoder block's output hidden states: transformers >= 5 returns a Tensor, older
+    versions a tuple whose first entry is the states."""
+    return out[0] if isinstance(out, tuple | list) else out
 
 
 @dataclass
@@ -44,10 +38,9 @@ class BlockInputs:
     Attributes:
         hidden: (N, T, hidden) hidden states, in the model dtype, on the storage device.
         batch_size: windows per forward call.
-        calls: per batch size, the extra positional arguments and the keyword arguments block 0
-            was called with. Windows are unpadded and of equal length, so every batch of a given
-            size gets the same arguments; a smaller last batch gets its own entry (tensors such as
-            OPT's position ids or an eager attention mask carry the batch dimension).
+        calls: per batch size, the extra positional and the keyword arguments block 0 got. The
+            windows are of equal length, so every batch of a size gets the same arguments; a
+            smaller last batch has its own (OPT's position ids carry the batch dimension).
     """
 
     hidden: Tensor
@@ -57,39 +50,21 @@ class BlockInputs:
         default_factory=dict, repr=False
     )
 
-    @property
-    def nsamples(self) -> int:
-        return self.hidden.shape[0]
-
     def batches(self) -> Iterator[tuple[int, int]]:
         """``(start, end)`` of every batch of windows."""
-        for start in range(0, self.nsamples, self.batch_size):
-            yield start, min(start + self.batch_size, self.nsamples)
+        nsamples = self.hidden.shape[0]
+        for start in range(0, nsamples, self.batch_size):
+            yield start, min(start + self.batch_size, nsamples)
 
     def call_args(self, batch: int, device: torch.device | str) -> tuple[tuple, dict[str, Any]]:
-        """Positional extras and keyword arguments for a batch of ``batch`` windows, on ``device``."""
+        """The arguments for a batch of ``batch`` windows, on ``device`` (moved once per device)."""
         key = (batch, str(device))
-        if key not in self._moved:  # moved once per device, not once per forward call
-            args, kwargs = self.calls[batch]
-            self._moved[key] = (to_device(args, device), to_device(kwargs, device))
+        if key not in self._moved:
+            self._moved[key] = send_to_device(self.calls[batch], device)
         return self._moved[key]
 
 
 @torch.no_grad()
-@contextlib.contextmanager
-def _cache_off(model: nn.Module) -> Iterator[None]:
-    """``model.config.use_cache = False`` for the block, restored after."""
-    config = getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None)
-    if config is not None:
-        config.use_cache = False
-    try:
-        yield
-    finally:
-        if config is not None:
-            config.use_cache = use_cache
-
-
 def capture_block_inputs(
     model: nn.Module,
     windows: Tensor,
@@ -97,22 +72,12 @@ def capture_block_inputs(
     batch_size: int = 1,
     storage_device: torch.device | str = "cpu",
 ) -> BlockInputs:
-    """Run the model up to decoder block 0 on every window and record the block's inputs.
-
-    Args:
-        model: a causal LM (``decoder_layers`` must find its blocks).
-        windows: (N, T) token ids.
-        batch_size: windows per forward call.
-        storage_device: where the (N, T, hidden) hidden states are kept ("cpu" to offload).
-
-    Returns:
-        The captured :class:`BlockInputs`.
-    """
+    """Run ``model`` up to decoder block 0 on the (N, T) token ids ``windows``, ``batch_size``
+    at a time, and record the block's inputs; the hidden states are kept on ``storage_device``."""
     if windows.dim() != 2:
         raise ValueError(f"windows: expected (N, T) token ids, got shape {tuple(windows.shape)}.")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1.")
-    block = decoder_layers(model)[0]
     input_device = devices.input_device(model)
     nsamples = windows.shape[0]
     hidden: Tensor | None = None
@@ -134,11 +99,12 @@ def capture_block_inputs(
         calls.setdefault(states.shape[0], (extra, dict(kwargs)))
         raise _BlockReached
 
-    with _cache_off(model), attached_hooks([(block, catch)], pre=True, with_kwargs=True):
+    with attached_hooks([(decoder_layers(model)[0], catch)], pre=True, with_kwargs=True):
         for start in range(0, nsamples, batch_size):
-            ids = windows[start : start + batch_size].to(input_device)  # (b, T)
             try:
-                model(input_ids=ids, use_cache=False)
+                model(
+                    input_ids=windows[start : start + batch_size].to(input_device), use_cache=False
+                )
             except _BlockReached:
                 continue
             raise RuntimeError("The forward pass never reached decoder block 0.")

@@ -3,16 +3,15 @@
 - ``l1``: ``G1 = sum_n |scale * g_n|``, accumulated in ``accumulator_dtype`` (published: fp16);
 - ``l2``: ``G2 = sqrt(sum_n (scale * g_n)^2)``, accumulated in fp32, stored in ``accumulator_dtype``.
 
-Per sample: the gradient to fp32, times scale, abs (l1) or square (l2), cast to the accumulator's
-dtype, add; no division by N. :class:`Folder` does it from a post-accumulate-grad hook the moment
-autograd completes a weight's gradient, then frees that gradient, so at most one weight gradient
-exists beside the accumulators.
+No division by N. :class:`Folder` folds from a post-accumulate-grad hook the moment autograd
+completes a weight's gradient, then frees it: at most one weight gradient exists at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+import functools
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,31 +23,23 @@ from gblm.errors import NonFiniteError
 from gblm.models.memory import file_backed_zeros
 
 NORMS = ("l1", "l2")
-ACCUMULATOR_DTYPES = {
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-}
+ACCUMULATOR_DTYPES = {name: getattr(torch, name) for name in ("float16", "float32", "bfloat16")}
 
 
 @dataclass(frozen=True)
 class GradientSettings:
-    """Every setting of the gradient stage (keys of ``method.*``, whose types and ranges
-    :class:`gblm.methods.gblm.GBLMPruner` declares and the registry checks).
+    """Every setting of the gradient stage (keys of ``method.*``, declared by
+    :class:`gblm.methods.gblm.GBLMPruner`).
 
     Attributes:
-        norm: ``l1`` (``sum_n |scale * g_n|``, the paper's headline) or ``l2``
-            (``sqrt(sum_n (scale * g_n)^2)``).
+        norm: ``l1`` (the paper's headline) or ``l2``.
         scale: The paper's alpha, applied to each gradient before the norm (published: 100).
         accumulator_dtype: dtype name of the l1 running sum and of the result (published:
-            ``float16``); l2 always sums in fp32 and only the result is cast. A ``torch.dtype``
-            is accepted and stored by name.
+            ``float16``); a ``torch.dtype`` is stored by name.
         blockwise: One decoder block on the compute device at a time, each recomputed in its
-            backward (models larger than the device; also less activation memory). The same
-            norms bit for bit.
-        group_size: With ``blockwise``, the windows that go through the blocks together (S):
-            each block is moved to the device twice per group; their block inputs stay on the
-            host. No effect on the norms.
+            backward (less memory; the same norms bit for bit).
+        group_size: With ``blockwise``, the windows that go through the blocks together; no
+            effect on the norms.
     """
 
     norm: str = "l1"
@@ -81,9 +72,9 @@ class Folder:
         accumulate_on: torch.device | None,
         files: tuple[Path | None] | None,
     ) -> None:
-        """Zero accumulators, (d_out, d_in) each, on ``accumulate_on`` (default: the weight's
-        device, the CPU for one accelerate offloads); with ``files``, one file-backed mapping per block in ``files[0]``
-        (:func:`gblm.models.memory.file_backed_zeros`)."""
+        """Zero (d_out, d_in) accumulators on ``accumulate_on`` (default: the weight's device, the
+        CPU for an offloaded one); with ``files``, one file-backed mapping per block in
+        ``files[0]`` (:func:`gblm.models.memory.file_backed_zeros`)."""
         self.norm, self.scale = settings.norm, settings.scale
         # l2 sums squares in fp32 whatever the stored dtype (published: fp32, then sqrt -> fp16).
         dtype = settings.torch_accumulator_dtype if self.norm == "l1" else torch.float32
@@ -99,18 +90,15 @@ class Folder:
                     where = torch.device("cpu")
                 self.accumulators[name] = torch.zeros(lin.weight.shape, dtype=dtype, device=where)
         self.samples_seen = dict.fromkeys(self.accumulators, 0)
-        # One 0-d fp32 check value per Linear per sample: the sum of the folded term, finite iff
-        # every entry was (barring an overflow of the sum itself). Checked once per sample so
-        # the hooks never synchronize with the device.
+        # Per Linear per sample, the sum of the folded term: finite iff every entry was (barring
+        # an overflow of the sum). Checked once per sample, so the hooks never synchronize.
         self.checks: list[tuple[str, Tensor]] = []
 
     @torch.no_grad()
     def fold(self, name: str, grad: Tensor) -> None:
-        """Fold one sample's (d_out, d_in) weight gradient into ``name``'s accumulator.
-
-        The published step: grad -> fp32, times scale, abs (l1) or square (l2), cast to the
-        accumulator's dtype, add. An fp32 gradient is modified in place (its owner frees it).
-        """
+        """Fold one sample's (d_out, d_in) weight gradient into ``name``'s accumulator, as
+        published: to fp32, times scale, abs (l1) or square (l2), to the accumulator's dtype,
+        add. An fp32 gradient is modified in place (its owner frees it)."""
         acc = self.accumulators[name]  # looked up per call: onloading moves it
         term = grad if grad.dtype == torch.float32 else grad.float()
         term.mul_(self.scale)
@@ -121,33 +109,24 @@ class Folder:
 
     @contextlib.contextmanager
     def hooks(self, linears: Mapping[str, nn.Linear]) -> Iterator[None]:
-        """Each weight's gradient folded by a post-accumulate-grad hook as soon as it is
-        complete, then freed: at most one weight gradient exists beside the accumulators."""
+        """Each weight's gradient folded by a post-accumulate-grad hook, then freed."""
 
-        def hook_for(name: str) -> Callable[[Tensor], None]:
-            def fold_grad(weight: Tensor) -> None:
-                self.fold(name, weight.grad)
-                weight.grad = None
+        def fold_grad(name: str, weight: Tensor) -> None:
+            self.fold(name, weight.grad)
+            weight.grad = None
 
-            return fold_grad
-
-        handles = [
-            lin.weight.register_post_accumulate_grad_hook(hook_for(name))
-            for name, lin in linears.items()
-        ]
-        try:
+        with contextlib.ExitStack() as stack:
+            for name, lin in linears.items():
+                hook = functools.partial(fold_grad, name)
+                stack.callback(lin.weight.register_post_accumulate_grad_hook(hook).remove)
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     @contextlib.contextmanager
-    def on(self, names: list[str], device: torch.device | None) -> Iterator[None]:
-        """Within, the accumulators of ``names`` on ``device`` (None: where they are); copied
-        back into their home tensors afterwards."""
+    def on(self, names: list[str], device: torch.device) -> Iterator[None]:
+        """Within, the accumulators of ``names`` on ``device``; copied back into their home
+        tensors afterwards."""
         homes = {name: self.accumulators[name] for name in names}
-        if device is not None:
-            self.accumulators.update({name: acc.to(device) for name, acc in homes.items()})
+        self.accumulators.update({name: acc.to(device) for name, acc in homes.items()})
         try:
             yield
         finally:

@@ -1,10 +1,5 @@
-"""GBLM's gradient norms on disk: keyed by what produced them, checked on every load.
-
-:func:`cached_gradient_norms` keeps the result of :func:`gblm.calibration.gradients.gradient_norms`
-as safetensors (:func:`gblm.utils.cached_tensors`: atomic, locked, checksummed), keyed by a hash
-of what produced it (:func:`gradient_cache_key`: the weights by content, the windows, the
-settings).
-"""
+"""GBLM's gradient norms on disk (:func:`gblm.utils.cached_tensors`: atomic, locked,
+checksummed), keyed by what produced them: the weights by content, the windows, the settings."""
 
 from __future__ import annotations
 
@@ -38,12 +33,12 @@ def windows_digest(windows: Tensor) -> str:
 def gradient_cache_key(
     model_id: str, windows: Tensor, settings: GradientSettings, model_dtype: torch.dtype | str
 ) -> dict:
-    """Everything the gradient norms depend on, as a JSON-able dict for :func:`cached_gradient_norms`.
+    """Everything the gradient norms depend on, as a JSON-able dict; ``model_id`` names the
+    weights by content (:meth:`gblm.methods.base.RunContext.model_key`), not by their path.
 
-    ``model_id`` identifies the weights by content (:func:`gblm.models.loading.weights_fingerprint`,
-    through :meth:`gblm.methods.base.RunContext.model_key`), not by their path.
+    Not in the key: ``blockwise`` and ``group_size``, which give the same norms bit for bit.
     """
-    key = {
+    return {
         "kind": "gblm-gradient-norms",
         "version": CACHE_FORMAT_VERSION,
         "model": model_id,
@@ -57,9 +52,6 @@ def gradient_cache_key(
         "scale": settings.scale,
         "accumulator_dtype": settings.accumulator_dtype,
     }
-    # Not in the key: blockwise and group_size, which give the same norms bit for bit
-    # (tests/test_gradients.py), so one cache entry serves them all.
-    return key
 
 
 def gradient_cache_path(cache_dir: Path, key: dict) -> Path:
@@ -70,8 +62,8 @@ def gradient_cache_path(cache_dir: Path, key: dict) -> Path:
 def cached_gradient_norms(
     cache_dir: Path, key: dict, compute: Callable[[], dict[str, Tensor]]
 ) -> dict[str, Tensor]:
-    """The gradient norms for ``key`` from ``cache_dir``, or computed and stored there
-    (:func:`gblm.utils.cached_tensors`); the key is saved beside them as ``grad_<hash>.json``."""
+    """The gradient norms for ``key`` from ``cache_dir``, or computed and stored there; the key
+    is saved beside them as ``grad_<hash>.json``."""
     path = gradient_cache_path(cache_dir, key)
     norms = cached_tensors(path, compute, "gradient norms")
     if path.exists() and not path.with_suffix(".json").exists():

@@ -4,35 +4,17 @@ GBLM-Pruner (Das et al., arXiv 2311.04902) scores a weight with
 
     W_m[i, j] = |W[i, j]| * ||X[:, j]||_2  +  alpha * |W[i, j]| * ||G[:, i, j]||_p
 
-where ``G[n, i, j]`` is the gradient of sample ``n``'s loss with respect to ``W[i, j]``. This
-module computes the gradient factor, alpha folded in (:mod:`gblm.calibration.fold`). Each of the
-N calibration windows is a batch of one; its loss is the model's own mean next-token
-cross-entropy with labels = the input ids. The weights never change.
+where ``G[n, i, j]`` is the gradient of window ``n``'s loss (the model's own next-token
+cross-entropy, a batch of one) with respect to ``W[i, j]``. This module computes the second
+factor, alpha folded in (:mod:`gblm.calibration.fold`); the weights never change.
 
-**One driver over units.** The decoder blocks ``0 .. k-1`` are units of one block each; the rest
-of the model (blocks ``k ..``, final norm, LM head, loss) is the head unit. In memory ``k = 0``:
-the head unit is the whole model and each window's pass is ``model(ids, labels=ids).loss
-.backward()``, the published computation. Block by block (``blockwise``, for models larger than
-the compute device, or whose weights accelerate offloads) ``k`` is the last block, and for each
-group of S windows:
-
-1. **Skeleton pass**: the model runs with its blocks replaced by stand-ins that record each
-   block's call (hidden states, mask, rotary tables); the stand-in of block ``k - 1`` stops it.
-2. **Forward**: blocks ``0 .. k-1`` in order, each onloaded once, on the S windows; every
-   block's input is kept on the host.
-3. **Head unit**: the model runs on each window with blocks ``0 .. k-1`` standing in for the kept
-   input of block ``k``, a leaf that requires grad; its loss's backward leaves the gradient there.
-4. **Backward**: blocks ``k-1 .. 0``, each onloaded once, recompute their forward from the kept
-   input and backpropagate the gradient from the block above.
-
-Either way autograd forms each window's weight gradients, and a post-accumulate-grad hook folds
-each one into its accumulator the moment it is complete, then frees it
-(:class:`gblm.calibration.fold.Folder`). Every accumulator adds the windows in the order
-0 .. N-1, and a block's input gradient is summed from the same consumers in the same order on a
-leaf as on an interior node, so both ways give the same norms bit for bit
-(tests/test_blockwise.py). Weights are never written: onloading swaps a
-parameter's ``.data`` for a device copy and puts the very same tensor back
-(:func:`gblm.models.onloading.visiting`).
+One driver over units: decoder blocks ``0 .. k-1`` are units of one block each, the rest of the
+model (blocks ``k ..``, final norm, LM head, loss) is the head unit. In memory ``k = 0`` and each
+window's pass is ``model(ids, labels=ids).loss.backward()``, as published. Block by block
+``k = L - 1``: a skeleton pass records each block's call, blocks ``0 .. k-1`` run forward one at
+a time, the head unit backpropagates into the kept input of block ``k``, and each block in reverse
+recomputes its forward and passes the gradient on. Both give the same norms bit for bit
+(docs/onload.md, tests/test_blockwise.py).
 """
 
 from __future__ import annotations
@@ -41,6 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from gblm import devices
+from gblm.calibration.capture import block_output
 from gblm.calibration.fold import Folder, GradientError, GradientSettings
 from gblm.models.layers import decoder_layers, prunable_linears
 from gblm.models.offload import (
@@ -83,9 +67,7 @@ def _stage_mode(model: nn.Module, weights: list[Tensor]) -> Iterator[None]:
     flags = [p.requires_grad for p in params]
     grads = {id(w): w.grad for w in weights}
     try:
-        model.eval()
-        for p in params:
-            p.requires_grad_(False)
+        model.eval().requires_grad_(False)
         for w in weights:
             w.grad = None  # an old .grad would be summed into the first sample's gradient
             w.requires_grad_(True)
@@ -98,27 +80,6 @@ def _stage_mode(model: nn.Module, weights: list[Tensor]) -> Iterator[None]:
             p.requires_grad_(flag)
         for w in weights:
             w.grad = grads[id(w)]
-
-
-def _check_windows(windows: Tensor) -> tuple[int, int]:
-    """(N, T) of a valid window tensor: int64 ids, N >= 1 samples of T >= 2 tokens."""
-    if windows.ndim != 2 or windows.dtype != torch.long:
-        raise ValueError(
-            f"windows must be a (N, T) tensor of int64 token ids, got {tuple(windows.shape)} "
-            f"{windows.dtype}."
-        )
-    nsamples, seqlen = windows.shape
-    if nsamples == 0 or seqlen < 2:
-        raise ValueError(f"windows of shape {tuple(windows.shape)}: need N >= 1 and T >= 2.")
-    return nsamples, seqlen
-
-
-def _compute_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    """``device``; else accelerate's one execution device, else that of the input embeddings."""
-    if device is not None:
-        return torch.device(device)
-    placed = execution_devices(model)
-    return placed.pop() if len(placed) == 1 else devices.input_device(model)
 
 
 def gradient_norms(
@@ -135,22 +96,16 @@ def gradient_norms(
     """GBLM-Pruner's accumulated per-sample gradient norm of every decoder-block Linear.
 
     Args:
-        model: A causal LM (``model(input_ids, labels=input_ids).loss``); it is left exactly as
-            found: same weights, train/eval flags, ``requires_grad`` flags and ``.grad``.
-        windows: Calibration token ids, shape (N, T); each row is one sample (batch of one).
-        settings: The stage's settings (:class:`GradientSettings`; default: the published ones).
-            A model whose weights accelerate offloads always goes block by block.
-        device: The compute device: where the ids go (in memory, as
-            :func:`gblm.devices.input_device` rules) or where each block, the embeddings and the
-            head are moved for their work (block by block; default accelerate's execution device,
-            else that of the input embeddings).
-        accumulate_on: Device of the accumulators (between uses, block by block); default each
-            weight's device (the CPU for a weight accelerate offloads). ``"cpu"`` keeps them in
-            host memory, as the published code does.
+        model: A causal LM, left exactly as found (weights, flags, ``.grad``).
+        windows: Calibration token ids (N, T); each row is one sample (a batch of one).
+        settings: Default: the published ones. An offloaded model always goes block by block.
+        device: The compute device (block by block, default accelerate's execution device, else
+            that of the input embeddings; in memory, as :func:`gblm.devices.input_device` rules).
+        accumulate_on: Device of the accumulators (default each weight's, the CPU for an
+            offloaded one); ``"cpu"`` keeps them in host memory, as published.
         progress: Show a tqdm bar labelled ``gradients``.
         file_backed: Block by block, the accumulators in file-backed mappings, one file per
-            block in ``scratch_dir`` (default: the system's temporary folder), never anonymous
-            memory (:func:`gblm.models.memory.file_backed_zeros`; the CPU only).
+            block in ``scratch_dir`` (default: the system's temporary folder; the CPU only).
 
     Returns:
         ``{full Linear name: (d_out, d_in) tensor}``, e.g. ``model.layers.0.self_attn.q_proj``.
@@ -159,7 +114,14 @@ def gradient_norms(
         GradientError: A window's loss or a Linear's gradient is NaN or infinite.
     """
     settings = settings or GradientSettings()
-    nsamples, seqlen = _check_windows(windows)
+    if windows.ndim != 2 or windows.dtype != torch.long:
+        raise ValueError(
+            f"windows must be a (N, T) tensor of int64 token ids, got {tuple(windows.shape)} "
+            f"{windows.dtype}."
+        )
+    nsamples, seqlen = windows.shape
+    if nsamples == 0 or seqlen < 2:
+        raise ValueError(f"windows of shape {tuple(windows.shape)}: need N >= 1 and T >= 2.")
     blockwise = settings.blockwise or has_offloaded(model)
     on = torch.device(accumulate_on) if accumulate_on is not None else None
     if file_backed and (not blockwise or on not in (None, torch.device("cpu"))):
@@ -171,7 +133,11 @@ def gradient_norms(
     versions = {name: p._version for name, p in model.named_parameters()}
     start = time.perf_counter()
     if blockwise:
-        compute = _compute_device(model, device)
+        if device is not None:
+            compute = torch.device(device)
+        else:  # accelerate's one execution device, else that of the input embeddings
+            placed = execution_devices(model)
+            compute = placed.pop() if len(placed) == 1 else devices.input_device(model)
         with placeholders(model) as sources, held_hooks(model, compute):
             stage = _Stage(model, folder, blocks, compute, sources, len(blocks) - 1, progress)
             stage.run(windows, settings.group_size)
@@ -192,38 +158,23 @@ class _Stop(Exception):
     """Raised by the stand-in of block ``k - 1`` to end a skeleton pass."""
 
 
-def _first(out: Any) -> Tensor:
-    # transformers >= 5 returns a Tensor, older versions a tuple whose first entry is the states.
-    return out[0] if isinstance(out, tuple | list) else out
-
-
+@dataclass
 class _Stage:
-    """The passes of the module docstring: blocks ``0 .. k-1`` one at a time, then the head unit.
+    """The passes of the module docstring. ``sources`` is None in memory, else the offloaded
+    weights' stores, and every unit is onloaded to ``compute`` with its accumulators."""
 
-    ``sources`` is None in memory (nothing is onloaded, the model runs where it is placed), else
-    the offloaded weights' stores (:func:`gblm.models.offload.placeholders`) and every unit is
-    onloaded to ``compute`` for its work, with its accumulators.
-    """
+    model: nn.Module
+    folder: Folder
+    blocks: list[dict[str, nn.Linear]]  # per block, its Linears by full name
+    compute: torch.device
+    sources: Mapping[int, Offloaded] | None
+    k: int
+    progress: bool
+    tuple_outputs: bool = False  # whether the blocks return tuples (transformers < 5)
 
-    def __init__(
-        self,
-        model: nn.Module,
-        folder: Folder,
-        blocks: list[dict[str, nn.Linear]],
-        compute: torch.device,
-        sources: Mapping[int, Offloaded] | None,
-        k: int,
-        progress: bool,
-    ) -> None:
-        self.model, self.folder, self.compute, self.sources, self.k = (
-            model, folder, compute, sources, k,
-        )  # fmt: skip
-        self.real = list(decoder_layers(model))
-        self.names = [list(linears) for linears in blocks]
-        self.linears = {name: lin for linears in blocks for name, lin in linears.items()}
-        self.progress = progress
-        self.host = torch.device("cpu")
-        self.tuple_outputs = False
+    def __post_init__(self) -> None:
+        self.real = list(decoder_layers(self.model))
+        self.linears = {name: lin for linears in self.blocks for name, lin in linears.items()}
 
     def _onloaded(self, module: nn.Module, names: list[str]) -> contextlib.AbstractContextManager:
         """``module`` and the accumulators of ``names`` on the compute device (when onloading)."""
@@ -238,11 +189,7 @@ class _Stage:
         nsamples, k = windows.shape[0], self.k
         weights = [lin.weight for lin in self.linears.values()]
         bar = tqdm(total=nsamples * (2 * k + 1), desc="gradients", disable=not self.progress)
-        with (
-            bar,
-            _stage_mode(self.model, weights),
-            self.folder.hooks(self.linears),
-        ):
+        with bar, _stage_mode(self.model, weights), self.folder.hooks(self.linears):
             for first in range(0, nsamples, size):
                 ids = windows[first : first + size]  # (S, T)
                 inputs, calls = self._skeleton_pass(ids) if k else ([None] * len(ids), [])
@@ -262,7 +209,7 @@ class _Stage:
 
         def record(index: int, hidden: Tensor, args: tuple, kwargs: dict) -> Tensor:
             if index == 0:
-                inputs.append(hidden.detach().to(self.host))
+                inputs.append(hidden.detach().to("cpu"))
             calls[-1].append((args, dict(kwargs)))
             if index == self.k - 1:
                 raise _Stop
@@ -287,14 +234,14 @@ class _Stage:
                 args, kwargs = calls[j][b]
                 out = self.real[b](hidden.to(self.compute), *args, **kwargs)
                 self.tuple_outputs = isinstance(out, tuple | list)
-                outputs.append(_first(out).to(self.host))
+                outputs.append(block_output(out).to("cpu"))
         return outputs
 
     def _head_unit(self, ids: Tensor, inputs: list, first: int, bar: tqdm) -> list:
         """Each window's loss through blocks ``k ..`` and the head, and its backward; returns the
         gradient of block ``k``'s input per window (None for ``k = 0``)."""
         current: list[Any] = [None]  # what the stand-ins return: the current window's leaf
-        names = [name for block in self.names[self.k :] for name in block]
+        names = [name for block in self.blocks[self.k :] for name in block]
         grads = []
         with (
             skeleton(self.model, lambda *_: current[0], blocks=self.k),
@@ -326,12 +273,12 @@ class _Stage:
         """Recompute block ``b`` from each window's kept input, backpropagate its gradient, and
         return the gradients of the block's inputs."""
         passed = []
-        with self._onloaded(self.real[b], self.names[b]):
+        with self._onloaded(self.real[b], list(self.blocks[b])):
             for j, hidden in enumerate(inputs):
                 # Block 0's input does not require grad in the full model either (embeddings frozen).
                 x = hidden.to(self.compute).requires_grad_(b > 0)  # (1, T, H)
                 args, kwargs = calls[j][b]
-                _first(self.real[b](x, *args, **kwargs)).backward(grads[j])
+                block_output(self.real[b](x, *args, **kwargs)).backward(grads[j])
                 grads[j] = None
                 self.folder.check_sample(first + j)
                 passed.append(x.grad)
@@ -349,18 +296,15 @@ def _finish(
     missing = [name for name, count in folder.samples_seen.items() if count == 0]
     if missing:
         logger.warning(
-            "%d decoder Linears received no gradient (their norm stays 0): %s",
-            len(missing),
+            "%d decoder Linears received no gradient (their norm stays 0): %s", len(missing),
             ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""),
-        )
+        )  # fmt: skip
     norms = folder.finish(settings.torch_accumulator_dtype)
     overflowed = [name for name, g in norms.items() if bool(torch.isinf(g).any())]
     if overflowed:
         logger.warning(
             "%s accumulator overflowed to inf in %d Linears (e.g. %s); those weights always "
             "survive. accumulator_dtype=float32 avoids it.",
-            settings.accumulator_dtype,
-            len(overflowed),
-            overflowed[0],
-        )
+            settings.accumulator_dtype, len(overflowed), overflowed[0],
+        )  # fmt: skip
     return norms

@@ -1,9 +1,4 @@
-"""Forward hooks that never leak.
-
-Every hook the calibration code attaches (statistics on Linears, the block-0 input catcher) is
-registered inside :func:`attached_hooks`, whose ``finally`` removes it, so a failed step never
-leaves a hook behind on the model.
-"""
+"""Forward hooks that never leak: removed on exit from :func:`attached_hooks`, also on an error."""
 
 from __future__ import annotations
 
@@ -11,35 +6,16 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 
 @contextlib.contextmanager
 def attached_hooks(
-    hooks: Iterable[tuple[nn.Module, Callable]],
-    *,
-    pre: bool = False,
-    with_kwargs: bool = False,
-) -> Iterator[list[RemovableHandle]]:
-    """Register ``(module, hook)`` pairs for the duration of the ``with`` block.
-
-    Args:
-        hooks: pairs of a module and the hook to attach to it.
-        pre: forward pre-hooks (``hook(module, args[, kwargs])``) instead of forward hooks
-            (``hook(module, args, [kwargs,] output)``).
-        with_kwargs: pass the keyword arguments of the call to the hook as well.
-
-    Yields:
-        The handles, in registration order. All are removed on exit, also on an exception.
-    """
-    handles: list[RemovableHandle] = []
-    try:
+    hooks: Iterable[tuple[nn.Module, Callable]], *, pre: bool = False, with_kwargs: bool = False
+) -> Iterator[None]:
+    """Register ``(module, hook)`` pairs as forward hooks (``pre``: forward pre-hooks) for the
+    ``with`` block; ``with_kwargs`` also passes the call's keyword arguments to the hook."""
+    with contextlib.ExitStack() as stack:
         for module, hook in hooks:
-            if pre:
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=with_kwargs))
-            else:
-                handles.append(module.register_forward_hook(hook, with_kwargs=with_kwargs))
-        yield handles
-    finally:
-        for handle in handles:
-            handle.remove()
+            register = module.register_forward_pre_hook if pre else module.register_forward_hook
+            stack.callback(register(hook, with_kwargs=with_kwargs).remove)
+        yield

@@ -1,25 +1,16 @@
-"""The sequential layer walk (Wanda, GBLM-Pruner, SparseGPT; docs/methods.md).
+"""The sequential layer walk (docs/methods.md).
 
 1. Capture the inputs of decoder block 0 (hidden states and every keyword argument) for all N
    calibration windows.
-2. For each block b in order: hook all its Linears, run the block on the N inputs (every Linear
-   sees the block's unpruned forward), fold the statistics the method declares (``row_sq`` for
-   Wanda / GBLM, the Hessian for SparseGPT, input mean and variance for a refinement, and what
-   the method's weight update needs), prune every Linear to the target the sparsity plan gives
-   it and, with a weight update, update its kept weights from its dense ones (one Linear at a
-   time, its statistics freed right after), then run the now-pruned block again on the same
-   inputs to produce the inputs of block b + 1. So block b sees the outputs of the pruned blocks
-   0..b-1.
+2. For each block in order: run it on the N inputs with hooks on its Linears and fold the
+   statistics the method declares; prune every Linear to its target (and, with a weight update,
+   update its kept weights from its dense ones, one Linear at a time); then run the pruned block
+   again to produce the inputs of the next block, which so sees the pruned blocks before it.
 3. With ``method.true_sequential`` (SparseGPT's option) the block is pruned group by group,
    [q,k,v] -> [o] -> [gate,up] -> [down], re-running it with hooks on the next group each time.
 
-The stages are module-level functions (:func:`capture_block_inputs`, :func:`gather_statistics`,
-:func:`reforward_block`; the per-Linear step is the method's ``prune_linear``), so a benchmark
-can time each one by wrapping it, without parameters of its own in these signatures.
-
-Methods that need no calibration (magnitude) prune every block's Linears without data, unless a
-weight update asks for the walk's statistics. Only the
-Linears inside decoder blocks are pruned; embeddings and the LM head never are.
+A method that needs no calibration (magnitude, without an update that needs statistics) prunes
+without data. Only the Linears inside decoder blocks are pruned, never embeddings or the LM head.
 """
 
 from __future__ import annotations
@@ -31,13 +22,13 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from gblm.calibration.capture import BlockInputs, capture_block_inputs
+from gblm.calibration.capture import BlockInputs, block_output, capture_block_inputs
 from gblm.calibration.hooks import attached_hooks
 from gblm.calibration.stats import LinearStats
 from gblm.devices import calibration_batch
@@ -56,68 +47,23 @@ from gblm.models.memory import (
 )
 from gblm.models.offload import execution_devices, materialized
 from gblm.models.onloading import skeleton, visiting
-from gblm.pruning.sparsity import Sparsity
 from gblm.pruning.storage import PackedMasks
+
+if TYPE_CHECKING:
+    from gblm.methods.base import Pruner
+    from gblm.methods.plans import SparsityPlan
+    from gblm.pruning.sparsity import Sparsity
 
 logger = logging.getLogger("gblm.walk")
 
 
-class WeightUpdate(Protocol):
-    """What the walk needs of a weight update (:class:`gblm.methods.base.WeightUpdate`)."""
-
-    def apply(
-        self,
-        linear: nn.Linear,
-        dense: Tensor,
-        mask: Tensor,
-        stats: LinearStats,
-        target: Sparsity,
-        score: Callable,
-    ) -> Tensor: ...
-
-
-class WalkMethod(Protocol):
-    """What the walk needs of a method (:class:`gblm.methods.base.Pruner` has it)."""
-
-    walk_stats: frozenset[str]  # the method's statistics and its update's
-    walk_calibrates: bool  # the method or its update needs the calibration windows
-    true_sequential: bool
-    update: WeightUpdate | None
-
-    def prune_linear(
-        self, name: str, linear: nn.Linear, stats: LinearStats, target: Sparsity
-    ) -> Tensor: ...
-
-    def column_score(
-        self, name: str, stats: LinearStats, weight_cols: Tensor, start: int, end: int
-    ) -> Tensor: ...
-
-
-class TargetPlan(Protocol):
-    """What the walk needs of a sparsity plan: :class:`gblm.methods.plans.SparsityPlan`, or one
-    :class:`Sparsity` for every Linear (it is its own uniform plan)."""
-
-    def target(self, block: int, name: str) -> Sparsity: ...
-
-
-def _as_ids(windows: Tensor | Sequence[Tensor]) -> Tensor:
-    """(N, T) token ids from a tensor or a sequence of (T,) / (1, T) tensors."""
-    if isinstance(windows, Tensor):
-        return windows
-    return torch.cat([w.reshape(1, -1) for w in windows])
-
-
 @contextlib.contextmanager
 def _on_device(block: nn.Module, device: torch.device) -> Iterator[torch.device]:
-    """Run a block's work on ``device``: move it there and back, unless accelerate places it.
+    """Move ``block`` to ``device`` for its work and back; yields the device it computes on.
 
-    A block accelerate places computes on its execution device; its offloaded weights (meta
-    tensors) are read from their hooks' stores onto that device for the work and the pruned
-    values written back there afterwards (:func:`gblm.models.offload.materialized`), so that
-    evaluation and saving see them.
-
-    Yields:
-        The device the block computes on (accelerate's execution device for a dispatched block).
+    A block accelerate places computes on its execution device instead, its offloaded weights
+    read from their stores and the pruned values written back there
+    (:func:`gblm.models.offload.materialized`).
     """
     placed = execution_devices(block)
     if len(placed) > 1:
@@ -131,18 +77,18 @@ def _on_device(block: nn.Module, device: torch.device) -> Iterator[torch.device]
             yield execution_device
         return
     home = {p.device for p in block.parameters()}
-    moved = home != {device}
-    if moved:
-        if len(home) > 1:
-            raise NotImplementedError(
-                f"A decoder block is split over devices {sorted(map(str, home))}."
-            )
-        block.to(device)
+    if home == {device}:
+        yield device
+        return
+    if len(home) > 1:
+        raise NotImplementedError(
+            f"A decoder block is split over devices {sorted(map(str, home))}."
+        )
+    block.to(device)
     try:
         yield device
     finally:
-        if moved:
-            block.to(home.pop())
+        block.to(home.pop())
 
 
 @contextlib.contextmanager
@@ -160,11 +106,9 @@ def _run_block(
     start: int,
     end: int,
 ) -> Tensor:
-    """Block output for windows ``start:end`` of ``hidden`` (N, T, hidden), on ``device``."""
+    """Block output (b, T, hidden) for windows ``start:end`` of ``hidden``, on ``device``."""
     args, kwargs = inputs.call_args(end - start, device)
-    out = block(hidden[start:end].to(device), *args, **kwargs)
-    # transformers >= 5 returns a Tensor, older versions a tuple whose first entry is the states.
-    return out[0] if isinstance(out, tuple | list) else out  # (b, T, hidden)
+    return block_output(block(hidden[start:end].to(device), *args, **kwargs))
 
 
 def gather_statistics(
@@ -181,9 +125,8 @@ def gather_statistics(
 
     Linears that read the very same input tensor (LLaMA's q/k/v, gate/up) get the same statistics,
     so with ``share_inputs`` they are folded once, by the first of them, and the others refer to
-    the same tensors (bit for bit what folding them separately gives, at a third of the Hessian
-    work for q/k/v). Should a block feed a Linear a shared input in some batches and its own in
-    others, the statistics are gathered again without sharing.
+    the same tensors (bit for bit what folding them separately gives). Should a block feed a
+    Linear a shared input in some batches only, they are gathered again without sharing.
     """
     stats = {
         name: LinearStats.empty(wanted, lin.in_features, device) for name, lin in linears.items()
@@ -205,8 +148,7 @@ def gather_statistics(
             source[name].add(None)
             folded[id(x)] = (weakref.ref(x), name)
             x = x.detach().reshape(batch, -1, x.shape[-1])  # (b, T, d_in): OPT flattens tokens
-            # One window at a time, as with batch_size=1: the block's forward is batched, the
-            # running means take the same steps in the same order whatever the batch size.
+            # One window at a time, so the running means take the same steps whatever the batch.
             for sample in x.split(1):  # (1, T, d_in) each
                 stats[name].fold(sample)
 
@@ -228,21 +170,12 @@ def gather_statistics(
     return stats
 
 
-def reforward_block(
-    block: nn.Module, inputs: BlockInputs, hidden: Tensor, outputs: Tensor, device: torch.device
-) -> None:
-    """Run the (pruned) block on every input in ``hidden``, writing the results into ``outputs``."""
-    for start, end in inputs.batches():
-        out = _run_block(block, inputs, hidden, device, start, end)
-        outputs[start:end] = out.to(outputs.device)
-
-
 def _prune_block(
     block: nn.Module,
     b: int,
     prefix: str,
-    method: WalkMethod,
-    plan: TargetPlan,
+    method: Pruner,
+    plan: SparsityPlan | Sparsity,
     inputs: BlockInputs | None,
     hidden: Tensor | None,
     device: torch.device,
@@ -275,61 +208,10 @@ def _prune_block(
 
 
 @torch.no_grad()
-def _walk_blocks(
-    blocks: Sequence[nn.Module],
-    prefix: str,
-    method: WalkMethod,
-    plan: TargetPlan,
-    inputs: BlockInputs | None,
-    device: torch.device,
-    masks: PackedMasks,
-    progress: bool,
-    spill: bool = False,
-    scratch_dir: Path | None = None,
-) -> None:
-    """Prune the blocks in order; with calibration inputs, each pruned block feeds the next.
-
-    With ``spill``, a block whose weights were the pages of a memory-mapped checkpoint gets a
-    file-backed mapping of its own (in ``scratch_dir``; the system's temporary folder by default;
-    :func:`gblm.models.memory.map_parameters_to_file`), so the pruned model does not pile up in
-    anonymous memory. A block that computes where it lives (the CPU) moves there before it is
-    pruned, in place of the private copy: one copy of the block instead of two, and no anonymous
-    copy of it at all. A block moved to a device comes back as ordinary memory and moves after.
-    After each block the free pages of the heap go back to the kernel
-    (:func:`gblm.models.memory.release_free_heap`): the block's freed scratch otherwise stayed
-    there, fragmented, about 60 MB more per block at 2048 hidden (docs/onload.md).
-    """
-    hidden = outputs = None
-    if inputs is not None:
-        hidden = inputs.hidden  # (N, T, hidden): inputs of the current block
-        outputs = torch.empty_like(hidden)  # (N, T, hidden): inputs of the next block
-    for b, block in enumerate(tqdm(blocks, desc="prune blocks", disable=not progress)):
-        block_began = time.perf_counter()
-        # Read per block: a checkpoint shard is unmapped once its last tensor is gone, and its
-        # addresses may then hold a new (shared) mapping that must not be taken for it.
-        mapped = private_file_mappings()  # weights still in the checkpoint's pages (mmap)
-        to_file = spill and in_file_mappings(block, mapped)
-        with _on_device(block, device) as block_device:
-            if to_file and in_file_mappings(block, mapped):  # not moved: it computes at home
-                map_parameters_to_file(block, scratch_dir)  # no copy-on-write faults either
-                to_file = False
-            else:
-                privatize_parameters(block, mapped)  # no copy-on-write faults as the masks land
-            _prune_block(block, b, prefix, method, plan, inputs, hidden, block_device, masks)
-            if inputs is not None:
-                reforward_block(block, inputs, hidden, outputs, block_device)
-                hidden, outputs = outputs, hidden
-        if to_file:  # it came back from the device as ordinary memory
-            map_parameters_to_file(block, scratch_dir)
-        if spill:
-            release_free_heap()  # the block's scratch, freed, out of the heap (module docstring)
-        logger.debug("block %d pruned in %.2f s", b, time.perf_counter() - block_began)
-
-
 def prune_model(
     model: nn.Module,
-    method: WalkMethod,
-    plan: TargetPlan,
+    method: Pruner,
+    plan: SparsityPlan | Sparsity,
     windows: Tensor | Sequence[Tensor] | None = None,
     *,
     device: torch.device | str,
@@ -343,30 +225,21 @@ def prune_model(
 
     Args:
         model: a causal LM (LLaMA, Mistral, Qwen2, OPT, ...).
-        method: the method (:class:`gblm.methods.base.Pruner`); its ``stats`` decide which
-            statistics are gathered, its ``prune_linear`` prunes each Linear.
-        plan: every Linear's target (:class:`gblm.methods.plans.SparsityPlan`), or one target for
-            all of them.
-        windows: (N, T) calibration token ids (or N tensors of T ids); not used by methods that
-            need no calibration (magnitude).
-        device: the compute device; blocks living elsewhere are moved there for their work.
-        batch_size: windows per forward call, or ``auto`` (one window, as published;
-            :func:`gblm.devices.calibration_batch`).
-        progress: show a tqdm bar.
+        method: decides the statistics gathered (``walk_stats``) and prunes each Linear.
+        plan: every Linear's target, or one :class:`Sparsity` for all of them.
+        windows: (N, T) calibration token ids (or N tensors of T ids); unused without calibration.
+        device: the compute device; each block is moved there for its work and back.
+        batch_size: windows per forward call, or ``auto`` (:func:`gblm.devices.calibration_batch`).
         offload_inputs: keep the (N, T, hidden) block inputs on the CPU instead of ``device``.
-        onload: the weights live off ``device`` (CPU memory, memory-mapped files): block 0's
-            inputs are captured with only the embeddings (and whatever else is not a decoder
-            block) moved to ``device``, so masks, rotary tables and hidden states are computed
-            there as in the in-memory run. Each block is moved to ``device`` for its work and
-            back in any case (:func:`_on_device`). Weights that were a memory-mapped checkpoint's
-            pages leave it for a file-backed mapping of their own, block by block, once pruned.
-        scratch_dir: with ``onload``, where those files go (unlinked at once); None: the
-            system's temporary folder.
+        onload: the weights live off ``device``: block 0's inputs are captured with only the
+            embeddings (and the rest outside the blocks) moved there, and a block whose weights
+            are a memory-mapped checkpoint's pages moves, once pruned, into a file-backed mapping
+            of its own in ``scratch_dir`` (None: the system's temporary folder), with the heap's
+            free pages handed back after each block (docs/onload.md).
 
     Returns:
-        The boolean masks (True = pruned), on the CPU, keyed by the full module name as in
-        ``model.named_modules()`` (e.g. ``model.layers.0.self_attn.q_proj``); held as bits
-        (:class:`gblm.pruning.storage.PackedMasks`), each unpacked when read.
+        The masks (True = pruned) as bits on the CPU, keyed by full module name, e.g.
+        ``model.layers.0.self_attn.q_proj``.
     """
     device = torch.device(device)
     if method.walk_calibrates and windows is None:
@@ -377,23 +250,45 @@ def prune_model(
     masks = PackedMasks()
     began = time.perf_counter()
     try:
-        inputs = None
+        inputs = hidden = outputs = None
         if method.walk_calibrates:
-            ids = _as_ids(windows)
+            if not isinstance(windows, Tensor):
+                windows = torch.cat([w.reshape(1, -1) for w in windows])
             storage = torch.device("cpu") if offload_inputs else device
-            batch = min(calibration_batch(batch_size), ids.shape[0])
+            batch = min(calibration_batch(batch_size), windows.shape[0])
             with _embeddings_on(model, device) if onload else contextlib.nullcontext():
-                inputs = capture_block_inputs(model, ids, batch_size=batch, storage_device=storage)
-        _walk_blocks(
-            blocks, prefix, method, plan, inputs, device, masks, progress, onload, scratch_dir
-        )
+                inputs = capture_block_inputs(
+                    model, windows, batch_size=batch, storage_device=storage
+                )
+            hidden = inputs.hidden  # (N, T, hidden): inputs of the current block
+            outputs = torch.empty_like(hidden)  # (N, T, hidden): inputs of the next block
+        for b, block in enumerate(tqdm(blocks, desc="prune blocks", disable=not progress)):
+            block_began = time.perf_counter()
+            # Read per block: a shard is unmapped once its last tensor is gone, and its addresses
+            # may then hold a new (shared) mapping that must not be taken for it.
+            mapped = private_file_mappings()  # weights still in the checkpoint's pages (mmap)
+            to_file = onload and in_file_mappings(block, mapped)
+            with _on_device(block, device) as block_device:
+                if to_file and in_file_mappings(block, mapped):  # not moved: it computes at home
+                    map_parameters_to_file(block, scratch_dir)
+                    to_file = False
+                else:
+                    privatize_parameters(block, mapped)  # no copy-on-write faults as masks land
+                _prune_block(block, b, prefix, method, plan, inputs, hidden, block_device, masks)
+                if inputs is not None:
+                    for start, end in inputs.batches():
+                        out = _run_block(block, inputs, hidden, block_device, start, end)
+                        outputs[start:end] = out.to(outputs.device)
+                    hidden, outputs = outputs, hidden
+            if to_file:  # it came back from the device as ordinary memory
+                map_parameters_to_file(block, scratch_dir)
+            if onload:
+                release_free_heap()  # the block's freed scratch, else fragmented in the heap
+            logger.debug("block %d pruned in %.2f s", b, time.perf_counter() - block_began)
     finally:
         model.train(was_training)
     logger.info(
         "%s: pruned %d Linears in %d blocks in %.1f s",
-        type(method).__name__,
-        len(masks),
-        len(blocks),
-        time.perf_counter() - began,
-    )
+        type(method).__name__, len(masks), len(blocks), time.perf_counter() - began,
+    )  # fmt: skip
     return masks

@@ -9,7 +9,6 @@ sample only draws ``i`` the same way. Labels are the ids themselves (next-token 
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from gblm.data.sources import SAMPLINGS
-from gblm.utils import cached_tensors, content_hash
-
-log = logging.getLogger("gblm.data")
+from gblm.data import corpus
+from gblm.data.evaluation import join_and_tokenize
+from gblm.data.sources import SAMPLINGS, load_documents
+from gblm.utils import cached_tensors, content_hash, file_digest
 
 
 def sample_windows(
@@ -41,45 +40,44 @@ def sample_windows(
     random.seed(seed)
     windows = torch.empty(nsamples, seqlen, dtype=torch.long)
     if sampling == "stream":
-        ids = tokenizer("\n\n".join(documents), return_tensors="pt").input_ids[0]
+        ids = join_and_tokenize(tokenizer, documents)[0]
         if ids.numel() <= seqlen:
             raise ValueError(
                 f"calibration.seqlen={seqlen} is not shorter than the whole calibration text "
                 f"({ids.numel()} tokens): use a shorter seqlen or more text."
             )
-        for n in range(nsamples):
-            i = random.randint(0, ids.numel() - seqlen - 1)
-            windows[n] = ids[i : i + seqlen]
-        return windows
-    lengths: dict[int, Tensor] = {}
+    tokenized: dict[int, Tensor] = {}
     for n in range(nsamples):
-        for _attempt in range(100_000):
-            d = random.randint(0, len(documents) - 1)
-            if d not in lengths:
-                lengths[d] = tokenizer(documents[d], return_tensors="pt").input_ids[0]
-            ids = lengths[d]
-            if ids.numel() > seqlen:
-                break
-        else:
-            longest = max(len(doc) for doc in documents)
-            raise ValueError(
-                f"calibration.seqlen={seqlen}: no calibration document is longer than that "
-                f"(longest has {longest} characters); use calibration.sampling=stream or a shorter seqlen."
-            )
+        if sampling == "documents":
+            ids = _draw_document(tokenizer, documents, seqlen, tokenized)
         i = random.randint(0, ids.numel() - seqlen - 1)
         windows[n] = ids[i : i + seqlen]
     return windows
+
+
+def _draw_document(
+    tokenizer, documents: Sequence[str], seqlen: int, tokenized: dict[int, Tensor]
+) -> Tensor:
+    """The ids of a random document longer than ``seqlen`` tokens, redrawn until one is."""
+    for _attempt in range(100_000):
+        d = random.randint(0, len(documents) - 1)
+        if d not in tokenized:
+            tokenized[d] = tokenizer(documents[d], return_tensors="pt").input_ids[0]
+        if tokenized[d].numel() > seqlen:
+            return tokenized[d]
+    longest = max(len(doc) for doc in documents)
+    raise ValueError(
+        f"calibration.seqlen={seqlen}: no calibration document is longer than that "
+        f"(longest has {longest} characters); use calibration.sampling=stream or a shorter seqlen."
+    )
 
 
 WINDOWS_CACHE_VERSION = 2  # 2: keyed by the documents' and the tokenizer's content, checksummed
 
 
 def documents_digest(documents: Sequence[str]) -> str:
-    """sha256 of the documents' text (each length-prefixed): the content the windows come from.
-
-    An edited data file gives new documents, hence a new digest and new windows, whatever its
-    path; the same text under another path shares the cache entry.
-    """
+    """sha256 of the documents' text (each length-prefixed): the windows follow the content,
+    not the path of the files."""
 
     def chunks():
         for doc in documents:
@@ -100,16 +98,11 @@ def source_fingerprint(
     """A content fingerprint of the documents :func:`gblm.data.sources.load_documents` reads,
     cheap enough to take before anything loads (a run's identity).
 
-    Local files: each one's sha256 (:func:`gblm.utils.file_digest`, remembered under
-    ``memo_dir`` per size, mtime and inode) with its kind, in order; a file that cannot be read
-    counts by its path (the inputs' check refuses it). An embedded corpus: its text's
-    :func:`documents_digest`. A hub dataset without local files: its name and split (the
-    datasets cache holds one fixed revision). ``key`` names the source in a refusal.
+    Local files: each one's kind and sha256 (:func:`gblm.utils.file_digest`, memoized under
+    ``memo_dir``), or its path if unreadable (the inputs' check refuses it). An embedded corpus:
+    :func:`documents_digest`. A hub dataset: its name and split (the datasets cache holds one
+    fixed revision). ``key`` names the source in a refusal.
     """
-    from gblm.data import corpus
-    from gblm.data.sources import load_documents
-    from gblm.utils import file_digest
-
     if paths:
         files = []
         for raw in paths:
@@ -141,11 +134,8 @@ def windows_cache_key(
     sampling: str,
     vocab_size: int,
 ) -> str:
-    """16 hex digits of :func:`gblm.utils.content_hash` over everything the windows depend on.
-
-    ``tokenizer_id`` is :func:`tokenizer_digest`, ``documents_sha256`` :func:`documents_digest`:
-    the key follows the content, not the names of the files or of the model.
-    """
+    """16 hex digits of :func:`gblm.utils.content_hash` over everything the windows depend on
+    (``tokenizer_id``: :func:`tokenizer_digest`, ``documents_sha256``: :func:`documents_digest`)."""
     key = dict(
         version=WINDOWS_CACHE_VERSION,
         tokenizer=tokenizer_id,

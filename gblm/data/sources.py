@@ -26,21 +26,15 @@ C4_SHARDS = {
     "train": "en/c4-train.00000-of-01024.json.gz",
     "validation": "en/c4-validation.00000-of-00008.json.gz",
 }
+_SPLITS = {  # the splits of a source, where known without loading it
+    **dict.fromkeys(corpus.SOURCES, corpus.SPLITS),
+    "c4": tuple(C4_SHARDS),
+    "wikitext2": ("train", "validation", "test"),
+}
 
 
 class DataUnavailableError(UserError, RuntimeError):
     """A dataset cannot be had (offline, missing files); the message says how to supply it."""
-
-
-def _splits(source: str) -> tuple[str, ...] | None:
-    """The splits a source has, when known without loading it."""
-    if source in ("austen", "kjv"):
-        return corpus.SPLITS
-    if source == "c4":
-        return tuple(C4_SHARDS)
-    if source == "wikitext2":
-        return ("train", "validation", "test")
-    return None
 
 
 def _offline_help(source: str, key: str) -> str:
@@ -51,16 +45,6 @@ def _offline_help(source: str, key: str) -> str:
         f"(wikitext2: the wikitext-2-raw-v1 parquet files or .txt; c4: the .json.gz shard), or use "
         f"the embedded corpus ({key}=austen)."
     )
-
-
-def _read_text(path: Path, key: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataUnavailableError(
-            f"{key}: local data file {str(path)!r} cannot be read as UTF-8 text "
-            f"({type(err).__name__}: {err})."
-        ) from None
 
 
 def _load_files(
@@ -78,7 +62,13 @@ def _load_files(
             raise DataUnavailableError(f"{key}: local data file {str(path)!r} {what}.")
         name = path.name.lower()
         if name.endswith(".txt"):
-            docs.append(_read_text(path, key))
+            try:
+                docs.append(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as err:
+                raise DataUnavailableError(
+                    f"{key}: local data file {str(path)!r} cannot be read as UTF-8 text "
+                    f"({type(err).__name__}: {err})."
+                ) from None
         elif name.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")):
             tabular.setdefault("json", []).append(str(path))
         elif name.endswith(".parquet"):
@@ -114,7 +104,7 @@ def load_documents(
     if source not in SOURCES:
         raise ValueError(f"{key}={source!r}: allowed values are {', '.join(SOURCES)}.")
     group = key.rsplit(".", 1)[0]
-    allowed = _splits(source)
+    allowed = _SPLITS.get(source)
     if allowed is not None and split not in allowed and (source in corpus.SOURCES or not paths):
         raise ConfigError(
             f"{group}.split={split!r} is not a split of {key}={source}: allowed values are "
@@ -137,19 +127,11 @@ def load_documents(
         if source == "wikitext2":
             # The published loaders: load_dataset('wikitext', 'wikitext-2-raw-v1', split=...).
             return list(datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
-        shard = C4_SHARDS.get(split)
-        if shard is None:
-            raise ValueError(f"c4 has splits {', '.join(C4_SHARDS)}, not {split!r}.")
         # No config name: the old 'allenai--c4' name fails on current datasets.
-        ds = datasets.load_dataset("allenai/c4", data_files={split: shard}, split=split)
+        ds = datasets.load_dataset("allenai/c4", data_files={split: C4_SHARDS[split]}, split=split)
         return list(ds["text"])
-    except (ConnectionError, OSError, FileNotFoundError) as err:
-        raise DataUnavailableError(_offline_help(source, key)) from err
     except Exception as err:  # datasets raises several of its own types offline
-        if (
-            "offline" in str(err).lower()
-            or "hub" in str(err).lower()
-            or "connect" in str(err).lower()
-        ):
+        offline = any(word in str(err).lower() for word in ("offline", "hub", "connect"))
+        if isinstance(err, ConnectionError | OSError) or offline:
             raise DataUnavailableError(_offline_help(source, key)) from err
         raise
