@@ -13,7 +13,6 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from gblm.methods.registry import ENTRY_KEYS
 from gblm.paths import PROJECT_ROOT
 
 _HYDRA_FLAGS = ("--multirun", "-m", "--help", "-h", "--hydra-help", "--cfg", "-c", "--info",
@@ -48,20 +47,14 @@ def _compose(overrides: list[str], **options):
 
 def _unknown_key_message(key: str, overrides: list[str]) -> str:
     """``key`` named with the keys of its parent node, composed without it."""
-    from omegaconf import DictConfig
+    from gblm.config import unknown_key_message
 
-    parent = key.rpartition(".")[0]
     try:
         cfg = _compose([o for o in overrides if o.partition("=")[0].lstrip("+~") != key])
-        node = OmegaConf.select(cfg, parent) if parent else cfg
+        parent = OmegaConf.select(cfg, key.rpartition(".")[0])
     except Exception:  # another override is bad too: list nothing rather than fail here
-        node = None
-    keys = []
-    if isinstance(node, DictConfig):
-        keys = [k for k in node if not str(k).startswith("_") and k not in ENTRY_KEYS]
-    where = f"{parent}" if parent else "the top level of the config"
-    listed = f": the keys of {where} are {', '.join(map(str, keys))}" if keys else ""
-    return f"{key}: not a key of the config{listed}. Check its spelling."
+        parent = None
+    return unknown_key_message(key, parent)
 
 
 def _parse_failure(overrides: list[str]) -> str | None:

@@ -43,9 +43,6 @@ from gblm.pruning.sparsity import Sparsity
 
 log = logging.getLogger("gblm")
 
-LOGGERS = ("local", "wandb")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
-SCHEMA_NAME = "schema"  # the ConfigStore entry at the head of conf/config.yaml's defaults list
 #: The Linears whose masks are drawn by default (those of LLaMA-like models; others have none).
 MASK_IMAGES = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj")
 
@@ -255,8 +252,8 @@ class LoggerConf:
     mode: str = "auto"  # auto (online when logged in, else offline) | online | offline | disabled
 
     def check(self) -> None:
-        choice("logger.name", self.name, LOGGERS)
-        choice("logger.mode", self.mode, WANDB_MODES)
+        choice("logger.name", self.name, ("local", "wandb"))
+        choice("logger.mode", self.mode, ("auto", "online", "offline", "disabled"))
         default = vars(LoggerConf())
         unused = [f"logger.{k}={v!r}" for k, v in vars(self).items() if v != default[k]]
         if self.name == "local" and unused:
@@ -341,7 +338,7 @@ def _require(value: Any, key: str) -> Any:
     return value
 
 
-ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConf)
+ConfigStore.instance().store(name="schema", node=RunConf)  # heads conf/config.yaml's defaults
 OmegaConf.register_new_resolver("gblm.require", _require, replace=True)
 
 
@@ -374,14 +371,14 @@ def to_plain(cfg: Any) -> dict[str, Any]:
     return plain
 
 
-def _unknown_schema_key(key: str) -> str:
-    """``key`` is in no schema node: name it with the keys its parent node has."""
-    node: Any = RunConf()
-    parent = key.rpartition(".")[0]
-    for part in parent.split(".") if parent else []:
-        node = getattr(node, part, None)
-    keys = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
-    listed = f": the keys of {parent or 'the top level'} are {', '.join(keys)}" if keys else ""
+def unknown_key_message(key: str, parent: Any) -> str:
+    """The refusal of ``key``, no key of the config, naming the keys of its ``parent`` node (a
+    mapping; a plug-in's registry keys, ``name``, ``_target_`` and ``order``, left out)."""
+    where = key.rpartition(".")[0]
+    hidden = registry.ENTRY_KEYS if where in ("method", "reconstruct") else ()
+    names = parent if isinstance(parent, Mapping) else ()
+    keys = [str(k) for k in names if not str(k).startswith("_") and k not in hidden]
+    listed = f": the keys of {where or 'the top level'} are {', '.join(keys)}" if keys else ""
     return f"{key}: not a key of the config{listed}. Check its spelling."
 
 
@@ -395,7 +392,9 @@ def validate(cfg: dict[str, Any]) -> RunConf:
     except OmegaConfBaseException as err:
         reason = str(getattr(err, "msg", err)).splitlines()[0]
         if isinstance(err, ConfigKeyError | ConfigAttributeError):
-            raise ConfigError(_unknown_schema_key(str(err.full_key))) from None
+            key = str(err.full_key)
+            schema = OmegaConf.select(OmegaConf.structured(RunConf), key.rpartition(".")[0])
+            raise ConfigError(unknown_key_message(key, schema)) from None
         raise ConfigError(f"{err.full_key}: {reason}") from None
     conf.check()
     return conf
