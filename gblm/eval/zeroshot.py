@@ -23,15 +23,8 @@ from torch import nn
 from gblm.devices import input_device
 
 # The GBLM-Pruner / Wanda zero-shot suite.
-DEFAULT_TASKS = (
-    "boolq",
-    "rte",
-    "hellaswag",
-    "winogrande",
-    "arc_easy",
-    "arc_challenge",
-    "openbookqa",
-)
+DEFAULT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
+                 "openbookqa")  # fmt: skip
 TASKS_KEY = "eval.zeroshot.tasks"  # the config key named in error messages
 SEED = 1234  # lm-eval's python/numpy/torch seeds (it reseeds the global generators)
 
@@ -74,7 +67,7 @@ def validate_task_names(
 
     others = [t for t in tasks if not (t == TASK_NAME and include_path is None)]
     if not tasks:
-        check_tasks(tasks, None)
+        check_tasks(tasks, None)  # the empty list's message, before any index is built
     if others:
         check_tasks(others, _task_manager(include_path, others))
 

@@ -239,11 +239,10 @@ def load_tokenizer(spec: ModelSpec):
 
 def model_config(spec: ModelSpec):
     """The model's config, read before any weight (a tiny model's is built from its arguments)."""
-    if spec.kind == "tiny":  # its arguments checked first, naming the model.tiny key
-        from gblm.models.tiny import check_tiny_arguments, tiny_config
+    if spec.kind == "tiny":
+        from gblm.models.tiny import tiny_model_config
 
-        check_tiny_arguments(spec.tiny)
-        return tiny_config(**{k: v for k, v in spec.tiny.items() if k != "seed"}, vocab_size=256)
+        return tiny_model_config(spec.tiny, vocab_size=256)
     from transformers import AutoConfig
 
     source, kwargs = _source(spec)
@@ -288,12 +287,10 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, tokeni
     from transformers import AutoModelForCausalLM
 
     if spec.kind == "tiny":
-        from gblm.models.tiny import build_tiny_model, tiny_config
+        from gblm.models.tiny import build_tiny_model, tiny_model_config
 
-        args = dict(spec.tiny)
-        seed = int(args.pop("seed", 0))
-        config = tiny_config(**args, vocab_size=len(tokenizer))
-        model = build_tiny_model(config, seed=seed, dtype=dtype)
+        config = tiny_model_config(spec.tiny, vocab_size=len(tokenizer))
+        model = build_tiny_model(config, seed=int(spec.tiny.get("seed", 0)), dtype=dtype)
     else:
         source, kwargs = _source(spec)
         placement = {"device_map": spec.device_map, "offload_folder": spec.offload_folder}

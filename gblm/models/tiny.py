@@ -74,9 +74,9 @@ def tiny_config(
     )  # fmt: skip
 
 
-def check_tiny_arguments(args: Mapping[str, Any]) -> None:
-    """Raise a ConfigError naming the ``model.tiny`` key that :func:`tiny_config` (or the seed)
-    cannot take: an unknown key, architecture, size or head count."""
+def tiny_model_config(args: Mapping[str, Any], vocab_size: int = 49152) -> PretrainedConfig:
+    """The :func:`tiny_config` of the ``model.tiny`` arguments (their ``seed`` aside); a
+    ConfigError names a key it cannot take."""
     allowed = [k for k in inspect.signature(tiny_config).parameters if k != "vocab_size"]
     for key in args:
         if key not in (*allowed, "seed"):
@@ -84,7 +84,7 @@ def check_tiny_arguments(args: Mapping[str, Any]) -> None:
                 f"model.tiny.{key}: not a key of a tiny model: the keys of model.tiny are "
                 f"{', '.join(allowed)}, seed."
             )
-    tiny_config(**{k: v for k, v in args.items() if k != "seed"})
+    return tiny_config(**{k: v for k, v in args.items() if k != "seed"}, vocab_size=vocab_size)
 
 
 def build_tiny_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
