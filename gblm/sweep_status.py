@@ -14,13 +14,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from gblm.loggers.local import run_alive
+from gblm.loggers.local import METRICS_FILE, run_alive
 from gblm.utils import atomic_write_json, file_lock
 
 PLAN_FILE = "sweep_plan.json"
 SUMMARY_FILE = "sweep_summary.json"
 JOB_STATUS_FILE = "job_status.json"
-METRICS_FILE = "metrics.json"
 # finished: ran to the end (in this launch, or an earlier one not relaunched since); skipped: found
 # finished with the same config; failed: raised; running: its process holds the run lock;
 # incomplete: its run ended without a result (interrupted, killed) or never began; pending: no dir.

@@ -32,18 +32,9 @@ _HELD = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)  # flock: another proces
 _NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # flock: no locks on this filesystem
 
 
-class LocalLogger:
-    """Writes ``metrics.json`` and the other records into the run directory, atomically."""
-
-    def __init__(self, run_dir: str | Path) -> None:
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-
-    def write_json(self, name: str, data: Any) -> None:
-        atomic_write_json(self.run_dir / name, data)
-
-    def write_metrics(self, metrics: dict[str, Any]) -> None:
-        self.write_json(METRICS_FILE, metrics)
+def write_metrics(run_dir: str | Path, metrics: dict[str, Any]) -> None:
+    """``metrics.json`` in ``run_dir``, written atomically (the folder made if missing)."""
+    atomic_write_json(Path(run_dir) / METRICS_FILE, metrics)
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, Any] | None:
