@@ -9,7 +9,6 @@ same config is returned as it is), hands the stages to :mod:`gblm.pipeline` and 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import signal
 import sys
@@ -32,7 +31,7 @@ from gblm.loggers.local import in_use, read_metrics, run_alive, run_lock, write_
 from gblm.methods.registry import allocator_entry, allocator_options
 from gblm.models.loading import weights_fingerprint
 from gblm.paths import PROJECT_ROOT
-from gblm.utils import StageTimer, atomic_write_json, content_hash
+from gblm.utils import StageTimer, atomic_write_json, content_hash, read_json
 
 log = logging.getLogger("gblm")
 
@@ -89,10 +88,7 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def _result_changes(run_dir: Path, container: dict) -> list[str] | None:
     """Keys that change results between the saved config and ``container``; None if unreadable."""
-    try:
-        old = json.loads((run_dir / "config_resolved.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    old = read_json(run_dir / "config_resolved.json")
     if not isinstance(old, dict):
         return None
     return _changed_keys(result_settings(old), result_settings(container))

@@ -34,10 +34,9 @@ from gblm.sweep_status import (
     format_comparison,
     format_summary,
     now,
-    read_json,
     write_summary,
 )
-from gblm.utils import atomic_write_json
+from gblm.utils import atomic_write_json, read_json
 
 log = logging.getLogger("gblm.sweep")
 

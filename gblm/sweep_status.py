@@ -5,7 +5,6 @@ run lock. The summary is rewritten after every job, so it is current even if the
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -15,7 +14,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from gblm.loggers.local import METRICS_FILE, run_alive
-from gblm.utils import atomic_write_json, file_lock
+from gblm.utils import atomic_write_json, file_lock, read_json
 
 PLAN_FILE = "sweep_plan.json"
 SUMMARY_FILE = "sweep_summary.json"
@@ -133,10 +132,3 @@ def format_comparison(summary: dict[str, Any]) -> str:
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None

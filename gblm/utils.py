@@ -79,6 +79,14 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def content_hash(obj: Any = None, *, data: Iterable[bytes] = (), length: int | None = None) -> str:
     """The project's one hash (cache keys, run identities): sha256 hex of ``obj`` as canonical
     JSON (sorted keys, ``default=str``), then of the raw bytes of each chunk of ``data`` (e.g. a

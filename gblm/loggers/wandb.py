@@ -92,14 +92,14 @@ def server_reachable(env: Mapping[str, str] | None = None, timeout: float = 3.0)
     return True
 
 
-def flatten(metrics: Mapping, prefix: str = "", sep: str = "/") -> dict[str, Any]:
+def flatten(metrics: Mapping, prefix: str = "") -> dict[str, Any]:
     """``{"ppl": {"dense": 1.0}}`` -> ``{"ppl/dense": 1.0}``, keeping numbers, bools and strings
     (lists, None and the non-finite floats that W&B charts cannot show are dropped)."""
     flat: dict[str, Any] = {}
     for key, value in metrics.items():
-        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        name = f"{prefix}/{key}" if prefix else str(key)
         if isinstance(value, Mapping):
-            flat.update(flatten(value, name, sep))
+            flat.update(flatten(value, name))
         elif isinstance(value, bool | int | str) or (isinstance(value, float) and math.isfinite(value)):  # fmt: skip
             flat[name] = value
     return flat
