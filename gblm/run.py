@@ -109,7 +109,7 @@ def run_dir_refusal(
     if not previous:
         return None
     if previous.get("status") == "running" and run_alive(run_dir):
-        return in_use(run_dir, previous.get("process"))
+        return in_use(run_dir, previous)
     finished = previous.get("status") == "finished"
     if not finished or conf.overwrite or _same_config(previous, digest, run_dir, container):
         return None

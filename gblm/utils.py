@@ -83,7 +83,7 @@ def read_json(path: Path) -> Any:
     """The JSON in ``path``, or None when it is missing or unreadable."""
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
         return None
 
 
