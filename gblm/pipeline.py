@@ -14,15 +14,16 @@ benchmarks share.
     zero-shot       lm-eval on the live model
     save model
 
-Which of them a run needs is decided once, by :func:`planned_stages` (the progress estimate reads
-the same list); each is timed under its name by a :class:`gblm.utils.StageTimer`, and fills the
-typed :class:`Result`.
+Which of them a run needs is decided once, by :func:`planned_stages` (the progress estimate,
+:class:`OverallEstimate`, weighs the same list); each is timed under its name by a
+:class:`gblm.utils.StageTimer`, and fills the typed :class:`Result`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,6 @@ PRUNE = "prune"
 #: Work per zero-shot item in forward-pass tokens: 4 choices x a ~160-token passage, which lm-eval
 #: scores at about 0.6 of a perplexity pass's time per token (measured on the demo).
 ZEROSHOT_TOKENS_PER_ITEM = 400
-MASK_STATISTICS = "mask statistics"
 ZEROSHOT = "zero-shot"
 
 
@@ -92,6 +92,17 @@ def needs_calibration(method: Pruner | None, plan: SparsityPlan) -> bool:
     return method is not None and (method.walk_calibrates or plan.needs_calibration)
 
 
+def _documents(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> dict[str, tuple]:
+    """The documents the run reads, by use: ``(source, split, paths, key naming the source)``."""
+    c, p = conf.calibration, conf.eval.perplexity
+    used: dict[str, tuple] = {}
+    if needs_calibration(method, plan):
+        used["calibration"] = (c.source, c.split, c.paths, "calibration.source")
+    if p.enabled:
+        used["eval"] = (p.dataset, p.split, p.paths, "eval.perplexity.dataset")
+    return used
+
+
 def planned_stages(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> dict[str, float]:
     """The stages of this run that push tokens through the model, in order, each with its work
     in forward-pass tokens: a perplexity pass its windows x T (all windows: weighed as 64); the
@@ -116,6 +127,42 @@ def planned_stages(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> 
     if conf.eval.zeroshot.enabled:
         stages[ZEROSHOT] = conf.eval.zeroshot.cloze_items * ZEROSHOT_TOKENS_PER_ITEM
     return stages
+
+
+class OverallEstimate:
+    """A :class:`gblm.utils.StageTimer` listener that logs, after each stage, how much of the run's
+    work (:func:`planned_stages`; a cached stage weighs nothing) is done and about how long is
+    left: the rate measured so far prices the stages left."""
+
+    def __init__(self, work: dict[str, float]) -> None:
+        self.work = dict(work)
+        self.total = sum(self.work.values())
+        self.done_work = 0.0
+        self.work_seconds = 0.0  # time spent in the weighed stages
+        self.began = time.perf_counter()
+        self.lines: list[str] = []
+
+    def __call__(self, event: str, stage: str, seconds: float | None, done: int) -> None:
+        if event == "cached" and stage in self.work:  # read from a cache: no work to weigh
+            self.total -= self.work.pop(stage)
+        if event != "end" or seconds is None:
+            return
+        if stage in self.work:
+            self.done_work += self.work.pop(stage)
+            self.work_seconds += seconds
+        line = f"overall: {_duration(time.perf_counter() - self.began)} so far"
+        if self.total and self.done_work:
+            share = self.done_work / self.total
+            left = (self.total - self.done_work) * self.work_seconds / self.done_work
+            line += f", {100 * share:.0f}% of the work done, about {_duration(left)} left"
+            if self.work:
+                line += f" ({', '.join(self.work)})"
+        self.lines.append(line)
+        logging.getLogger("gblm.progress").info(line)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 # Inputs: everything that needs no weights -------------------------------------------------------
@@ -182,14 +229,8 @@ def inputs(
         except ValueError as err:
             raise ConfigError(str(err)) from None  # the message names the key
     configure_offline()
-    texts: dict[str, list[str]] = {}
     with timer.stage("load data"):  # an unavailable dataset fails before the model loads
-        if calibrating:
-            texts["calibration"] = load_documents(c.source, c.split, c.paths)
-        if p.enabled:
-            texts["eval"] = load_documents(
-                p.dataset, p.split, p.paths, key="eval.perplexity.dataset"
-            )
+        texts = {use: load_documents(*doc) for use, doc in _documents(conf, method, plan).items()}
     with timer.stage("load tokenizer"):
         tokenizer = load_tokenizer(conf.model)
     if calibrating:
@@ -206,14 +247,9 @@ def fingerprints(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> di
     from gblm.models.loading import weights_fingerprint
 
     memo = cache_dir() / "fingerprints"
-    c, p = conf.calibration, conf.eval.perplexity
     found = {"model": weights_fingerprint(conf.model)}
-    if needs_calibration(method, plan):
-        found["calibration"] = source_fingerprint(c.source, c.split, c.paths, memo)
-    if p.enabled:
-        found["eval"] = source_fingerprint(
-            p.dataset, p.split, p.paths, memo, key="eval.perplexity.dataset"
-        )
+    for use, (source, split, paths, key) in _documents(conf, method, plan).items():
+        found[use] = source_fingerprint(source, split, paths, memo, key=key)
     return found
 
 
@@ -358,7 +394,7 @@ def execute(
         result.masks = prune(model, method, plan, windows, context, timer, conf.offload_inputs)
         result.plan = plan.record()  # a plan computed from the dense model knows it only now
         result.reconstruct_seconds = method.update.seconds if method.update else None
-        with timer.stage(MASK_STATISTICS):
+        with timer.stage("mask statistics"):
             from gblm.models.zeros import weight_zero_share
 
             result.mask_stats = mask_statistics(result.masks, plan)

@@ -59,10 +59,11 @@ def command() -> str | None:
 def method_label(conf: RunConf, method, plan) -> str:
     """The method as the report's tables name it: ``dsnot(wanda)``, ``wanda+owl``, ``gblm``,
     ``gblm+admm`` (with its weight update), ``gblm+obs+owl``."""
-    label = (method.label if method is not None else None) or conf.method_name
-    if method is not None and method.update is not None:
-        label += f"+{method.update.name}"
-    return label + (f"+{plan.label}" if method is not None and plan.label else "")
+    if method is None:
+        return conf.method_name
+    label = method.label or conf.method_name
+    label += f"+{method.update.name}" if method.update is not None else ""
+    return label + (f"+{plan.label}" if plan.label else "")
 
 
 def initial(conf: RunConf, method, plan, digest: str) -> dict[str, Any]:
@@ -90,7 +91,7 @@ def initial(conf: RunConf, method, plan, digest: str) -> dict[str, Any]:
     }
 
 
-def provenance(device: str, fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
+def provenance(device: str, fingerprints: dict[str, str]) -> dict[str, Any]:
     """What produced the numbers beyond the config: the code, the libraries, the device and the
     thread count (floating-point results move with them), and the inputs' content fingerprints
     (:func:`gblm.pipeline.fingerprints`), which a relaunch compares."""
@@ -176,7 +177,7 @@ def remote_logger(conf: RunConf, run_dir: Path):
         project=w.project,
         entity=w.entity,
         group=group or f"single-{conf.model.name}",  # single runs of a model side by side
-        tags=tuple(dict.fromkeys(tags)),
+        tags=tags,  # repeats dropped by the logger
         name=w.run_name or run_name(conf),
         job_type=conf.method_name,
         mode=w.mode,

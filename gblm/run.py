@@ -9,7 +9,6 @@ same config is returned as it is), hands the stages to :mod:`gblm.pipeline` and 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import signal
 import sys
@@ -28,12 +27,11 @@ from gblm import devices, pipeline, record
 from gblm.config import RunConf, build_method, build_plan, to_plain, validate
 from gblm.errors import ConfigError, UserError
 from gblm.loggers.base import GuardedLogger, NullLogger
-from gblm.loggers.local import LocalLogger, in_use, read_metrics, run_alive, run_lock
+from gblm.loggers.local import in_use, read_metrics, run_alive, run_lock, write_metrics
 from gblm.methods.registry import allocator_entry, allocator_options
 from gblm.models.loading import weights_fingerprint
 from gblm.paths import PROJECT_ROOT
-from gblm.progress import OverallEstimate
-from gblm.utils import StageTimer, content_hash
+from gblm.utils import StageTimer, atomic_write_json, content_hash, read_json
 
 log = logging.getLogger("gblm")
 
@@ -90,10 +88,7 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def _result_changes(run_dir: Path, container: dict) -> list[str] | None:
     """Keys that change results between the saved config and ``container``; None if unreadable."""
-    try:
-        old = json.loads((run_dir / "config_resolved.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    old = read_json(run_dir / "config_resolved.json")
     if not isinstance(old, dict):
         return None
     return _changed_keys(result_settings(old), result_settings(container))
@@ -114,10 +109,9 @@ def run_dir_refusal(
     if not previous:
         return None
     if previous.get("status") == "running" and run_alive(run_dir):
-        return in_use(run_dir, previous.get("process"))
-    if previous.get("status") != "finished" or conf.overwrite:
-        return None
-    if _same_config(previous, digest, run_dir, container):
+        return in_use(run_dir, previous)
+    finished = previous.get("status") == "finished"
+    if not finished or conf.overwrite or _same_config(previous, digest, run_dir, container):
         return None
     changed = _result_changes(run_dir, container) or []
     what = f" (changed: {', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''})"
@@ -177,7 +171,7 @@ def _record_refusal(run_dir: Path, err: UserError, digest: str | None) -> None:
     if previous and previous.get("status") == "running" and run_alive(run_dir):
         return  # another process's live run: its record is its own
     failed = {"status": "failed", "error": f"{type(err).__name__}: {err}", "config_hash": digest}
-    LocalLogger(run_dir).write_metrics(failed)
+    write_metrics(run_dir, failed)
 
 
 # The run -------------------------------------------------------------------------------------------
@@ -206,25 +200,24 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
         _record_refusal(run_dir, err, digest)
         raise
     metrics = record.initial(conf, method, plan, digest)
-    local = LocalLogger(run_dir)
     with run_lock(run_dir), _interruptible():
-        local.write_json("config_resolved.json", container)
-        local.write_metrics(metrics)
-        _execute_and_record(conf, method, plan, metrics, local, run_dir, container, found)
+        atomic_write_json(run_dir / "config_resolved.json", container)
+        write_metrics(run_dir, metrics)
+        _execute_and_record(conf, method, plan, metrics, run_dir, container, found)
     return metrics
 
 
 def _execute_and_record(
-    conf: RunConf, method, plan, metrics, local, run_dir, container, found: dict[str, str]
+    conf: RunConf, method, plan, metrics, run_dir, container, found: dict[str, str]
 ) -> None:
     """Run the stages; record the end (finished | interrupted | failed) whatever happens."""
     remote = GuardedLogger(NullLogger)  # the real one once the inputs have passed their checks
     timer = StageTimer()
-    timer.listeners.append(OverallEstimate(pipeline.planned_stages(conf, method, plan)))
+    timer.listeners.append(pipeline.OverallEstimate(pipeline.planned_stages(conf, method, plan)))
     started = time.perf_counter()
 
     def on_update(result: pipeline.Result) -> dict:
-        local.write_metrics(record.update(metrics, result, conf, run_dir))
+        write_metrics(run_dir, record.update(metrics, result, conf, run_dir))
         return metrics
 
     try:
@@ -251,13 +244,13 @@ def _execute_and_record(
     finally:
         metrics["timings"] = {**timer.timings, "total": time.perf_counter() - started}
         with _signals_held():
-            local.write_metrics(metrics)
+            write_metrics(run_dir, metrics)
         if metrics["status"] == "finished":
             record.publish(remote, metrics, run_dir)
         remote.finish(exit_code=0 if metrics["status"] == "finished" else 1)
         if record.remote_outcome(metrics, remote):  # a failed upload is a warning of the record
             with _signals_held():
-                local.write_metrics(metrics)
+                write_metrics(run_dir, metrics)
 
 
 # Signals -------------------------------------------------------------------------------------------

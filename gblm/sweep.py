@@ -27,17 +27,16 @@ from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from gblm.loggers.local import METRICS_FILE, read_metrics
 from gblm.sweep_status import (
     JOB_STATUS_FILE,
-    METRICS_FILE,
     PLAN_FILE,
     format_comparison,
     format_summary,
     now,
-    read_json,
     write_summary,
 )
-from gblm.utils import atomic_write_json
+from gblm.utils import atomic_write_json, read_json
 
 log = logging.getLogger("gblm.sweep")
 
@@ -224,7 +223,6 @@ def _check_jobs(
     """One line per problem of the jobs ``indices``; each distinct model and input is checked
     once (not the device, which the launching machine may lack)."""
     from gblm.config import build_method, build_plan, to_plain, validate
-    from gblm.loggers.local import read_metrics
     from gblm.models.loading import check_model_available
     from gblm.pipeline import inputs as run_inputs
     from gblm.run import config_hash, run_dir_refusal

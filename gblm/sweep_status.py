@@ -5,7 +5,6 @@ run lock. The summary is rewritten after every job, so it is current even if the
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -14,13 +13,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from gblm.loggers.local import run_alive
-from gblm.utils import atomic_write_json, file_lock
+from gblm.loggers.local import METRICS_FILE, run_alive
+from gblm.utils import atomic_write_json, file_lock, read_json
 
 PLAN_FILE = "sweep_plan.json"
 SUMMARY_FILE = "sweep_summary.json"
 JOB_STATUS_FILE = "job_status.json"
-METRICS_FILE = "metrics.json"
 # finished: ran to the end (in this launch, or an earlier one not relaunched since); skipped: found
 # finished with the same config; failed: raised; running: its process holds the run lock;
 # incomplete: its run ended without a result (interrupted, killed) or never began; pending: no dir.
@@ -134,10 +132,3 @@ def format_comparison(summary: dict[str, Any]) -> str:
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None

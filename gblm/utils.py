@@ -79,6 +79,14 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return None
+
+
 def content_hash(obj: Any = None, *, data: Iterable[bytes] = (), length: int | None = None) -> str:
     """The project's one hash (cache keys, run identities): sha256 hex of ``obj`` as canonical
     JSON (sorted keys, ``default=str``), then of the raw bytes of each chunk of ``data`` (e.g. a
@@ -159,19 +167,19 @@ def cached_tensors(path: Path, compute: Callable[[], Mapping[str, Any]], what: s
     """
     from safetensors.torch import save_file
 
-    lock: FileLock | None = file_lock(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-    except OSError as err:  # read what is there, store nothing
-        lock = None
-        _cache_unwritable(what, path, err)
-    try:
+    with contextlib.ExitStack() as held:
+        writable = True
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(file_lock(path))
+        except OSError as err:  # read what is there, store nothing
+            writable = False
+            _cache_unwritable(what, path, err)
         tensors = _read_entry(path, what)
         if tensors is not None:
             return tensors
         tensors = {name: t.contiguous() for name, t in compute().items()}
-        if lock is not None:
+        if writable:
             metadata = {"checksum": tensors_checksum(tensors)}
             try:
                 atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -179,9 +187,6 @@ def cached_tensors(path: Path, compute: Callable[[], Mapping[str, Any]], what: s
             except OSError as err:
                 _cache_unwritable(what, path, err)
         return tensors
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _read_entry(path: Path, what: str) -> dict | None:
@@ -210,9 +215,9 @@ def _cache_unwritable(what: str, path: Path, err: OSError) -> None:
                 what, path, err.strerror or err)  # fmt: skip
 
 
-def file_lock(path: Path, timeout: float = -1) -> FileLock:
+def file_lock(path: Path) -> FileLock:
     """An inter-process lock beside ``path`` (sweep jobs share caches)."""
-    return FileLock(str(path) + ".lock", timeout=timeout)
+    return FileLock(str(path) + ".lock")
 
 
 class StageTimer:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gblm.config import ConfigError
-from gblm.loggers.local import LOCK_FILE, LocalLogger, process_record, run_alive, run_lock
+from gblm.loggers.local import LOCK_FILE, process_record, run_alive, run_lock, write_metrics
 from gblm.run import run
 from gblm.sweep_status import PLAN_FILE, summarize
 from gblm.utils import atomic_write
@@ -143,13 +143,12 @@ def test_a_live_run_is_refused_and_a_killed_one_is_incomplete_and_redone(tmp_pat
 
 def test_every_record_of_a_run_is_written_under_its_lock(tmp_path, monkeypatch):
     written = []
-    write_metrics = LocalLogger.write_metrics
 
-    def spy(self, metrics):
-        written.append((metrics["status"], run_alive(self.run_dir)))
-        return write_metrics(self, metrics)
+    def spy(run_dir, metrics):
+        written.append((metrics["status"], run_alive(run_dir)))
+        return write_metrics(run_dir, metrics)
 
-    monkeypatch.setattr(LocalLogger, "write_metrics", spy)
+    monkeypatch.setattr("gblm.run.write_metrics", spy)
     run(compose_config(*SMALL), run_dir=tmp_path)
     assert written[0] == ("running", True) and written[-1] == ("finished", True)
     assert all(alive for _, alive in written) and not run_alive(tmp_path)

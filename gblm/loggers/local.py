@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gblm.errors import ConfigError
-from gblm.utils import atomic_write_json
+from gblm.utils import atomic_write_json, read_json
 
 log = logging.getLogger("gblm.loggers.local")
 
@@ -32,18 +32,9 @@ _HELD = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)  # flock: another proces
 _NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # flock: no locks on this filesystem
 
 
-class LocalLogger:
-    """Writes ``metrics.json`` and the other records into the run directory, atomically."""
-
-    def __init__(self, run_dir: str | Path) -> None:
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-
-    def write_json(self, name: str, data: Any) -> None:
-        atomic_write_json(self.run_dir / name, data)
-
-    def write_metrics(self, metrics: dict[str, Any]) -> None:
-        self.write_json(METRICS_FILE, metrics)
+def write_metrics(run_dir: str | Path, metrics: dict[str, Any]) -> None:
+    """``metrics.json`` in ``run_dir``, written atomically (the folder made if missing)."""
+    atomic_write_json(Path(run_dir) / METRICS_FILE, metrics)
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, Any] | None:
@@ -73,9 +64,10 @@ def process_record() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
-def in_use(run_dir: str | Path, owner: dict | None) -> str:
-    """The refusal of a run dir that the live process ``owner`` (:func:`process_record`) writes."""
-    owner = owner or {}
+def in_use(run_dir: str | Path, record: Any) -> str:
+    """The refusal of a run dir that a live process writes, named by the ``process``
+    (:func:`process_record`) of its ``record`` (``metrics.json``, damaged or not)."""
+    owner = (record.get("process") if isinstance(record, dict) else None) or {}
     return (
         f"{run_dir} is in use: process {owner.get('pid')} on {owner.get('host')} is running "
         "there. Wait for it or stop it, or choose another run dir."
@@ -95,11 +87,7 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
     try:
         taken = _flock(fd, fcntl.LOCK_EX)
         if taken is False:
-            try:
-                owner = (read_metrics(run_dir) or {}).get("process")
-            except (OSError, ValueError):
-                owner = None
-            raise ConfigError(in_use(run_dir, owner))
+            raise ConfigError(in_use(run_dir, read_json(path.parent / METRICS_FILE)))
         if taken is None:
             log.warning("%s: no file locks on this filesystem; the run is not locked", run_dir)
         yield

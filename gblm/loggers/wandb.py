@@ -92,14 +92,14 @@ def server_reachable(env: Mapping[str, str] | None = None, timeout: float = 3.0)
     return True
 
 
-def flatten(metrics: Mapping, prefix: str = "", sep: str = "/") -> dict[str, Any]:
+def flatten(metrics: Mapping, prefix: str = "") -> dict[str, Any]:
     """``{"ppl": {"dense": 1.0}}`` -> ``{"ppl/dense": 1.0}``, keeping numbers, bools and strings
     (lists, None and the non-finite floats that W&B charts cannot show are dropped)."""
     flat: dict[str, Any] = {}
     for key, value in metrics.items():
-        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        name = f"{prefix}/{key}" if prefix else str(key)
         if isinstance(value, Mapping):
-            flat.update(flatten(value, name, sep))
+            flat.update(flatten(value, name))
         elif isinstance(value, bool | int | str) or (isinstance(value, float) and math.isfinite(value)):  # fmt: skip
             flat[name] = value
     return flat
@@ -109,8 +109,8 @@ class WandbLogger:
     """Mirror a run to W&B; every method is safe to call whatever happened before.
 
     ``group`` groups runs in the UI (one sweep), ``job_type`` is what the run does (the method),
-    ``mode`` as :func:`resolve_mode`, ``dir`` where W&B writes its ``wandb/`` folder (the run dir),
-    ``settings`` extra ``wandb.Settings`` fields. Every name is cut to W&B's limits, never refused.
+    ``mode`` as :func:`resolve_mode`, ``dir`` where W&B writes its ``wandb/`` folder (the run dir).
+    Every name is cut to W&B's limits, never refused.
     """
 
     def __init__(
@@ -123,7 +123,6 @@ class WandbLogger:
         job_type: str | None = None,
         mode: str = "auto",
         dir: str | os.PathLike | None = None,
-        settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.project, self.entity = project, entity
         self.group = fit(group, NAME_LIMIT) if group else None
@@ -132,7 +131,6 @@ class WandbLogger:
         self.job_type = fit(job_type, TAG_LIMIT) if job_type else None
         self.mode = resolve_mode(mode)
         self.dir = Path(dir) if dir is not None else None
-        self.settings = dict(settings or {})
         self.run: Any = None  # the wandb Run, once started
         self.failures: list[str] = []  # one line per call that failed
         self.location: dict[str, str] = {}  # where the run went: url, or offline sync_dir
@@ -156,7 +154,7 @@ class WandbLogger:
             dir=str(self.dir) if self.dir is not None else None,
             config=dict(config),
             reinit="finish_previous",  # a Hydra multirun keeps one process for many runs
-            settings=wandb.Settings(**{"silent": True, **self.settings}),
+            settings=wandb.Settings(silent=True),
         )
 
     def start(self, config: Mapping) -> None:
