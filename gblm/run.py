@@ -31,7 +31,7 @@ from gblm.loggers.local import in_use, read_metrics, run_alive, run_lock, write_
 from gblm.methods.registry import allocator_entry, allocator_options
 from gblm.models.loading import weights_fingerprint
 from gblm.paths import PROJECT_ROOT
-from gblm.utils import StageTimer, atomic_write_json, content_hash, read_json
+from gblm.utils import OverallEstimate, StageTimer, atomic_write_json, content_hash, read_json
 
 log = logging.getLogger("gblm")
 
@@ -213,7 +213,7 @@ def _execute_and_record(
     """Run the stages; record the end (finished | interrupted | failed) whatever happens."""
     remote = GuardedLogger(NullLogger)  # the real one once the inputs have passed their checks
     timer = StageTimer()
-    timer.listeners.append(pipeline.OverallEstimate(pipeline.planned_stages(conf, method, plan)))
+    timer.listeners.append(OverallEstimate(pipeline.planned_stages(conf, method, plan)))
     started = time.perf_counter()
 
     def on_update(result: pipeline.Result) -> dict:

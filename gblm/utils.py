@@ -1,5 +1,5 @@
 """Small shared helpers: the one atomic writer, the one content hash (and its tensor and file
-forms), file locks, stage timing."""
+forms), file locks, stage timing and the overall estimate."""
 
 from __future__ import annotations
 
@@ -252,3 +252,40 @@ class StageTimer:
             self.done += 1
             log.info("stage %s: %.1f s", name, seconds)
             self.note("end", name, seconds)
+
+
+class OverallEstimate:
+    """A :class:`gblm.utils.StageTimer` listener that logs, after each stage, how much of the run's
+    work (:func:`gblm.pipeline.planned_stages`; a cached stage weighs
+    nothing) is done and about how long is
+    left: the rate measured so far prices the stages left."""
+
+    def __init__(self, work: dict[str, float]) -> None:
+        self.work = dict(work)
+        self.total = sum(self.work.values())
+        self.done_work = 0.0
+        self.work_seconds = 0.0  # time spent in the weighed stages
+        self.began = time.perf_counter()
+        self.lines: list[str] = []
+
+    def __call__(self, event: str, stage: str, seconds: float | None, done: int) -> None:
+        if event == "cached" and stage in self.work:  # read from a cache: no work to weigh
+            self.total -= self.work.pop(stage)
+        if event != "end" or seconds is None:
+            return
+        if stage in self.work:
+            self.done_work += self.work.pop(stage)
+            self.work_seconds += seconds
+        line = f"overall: {_duration(time.perf_counter() - self.began)} so far"
+        if self.total and self.done_work:
+            share = self.done_work / self.total
+            left = (self.total - self.done_work) * self.work_seconds / self.done_work
+            line += f", {100 * share:.0f}% of the work done, about {_duration(left)} left"
+            if self.work:
+                line += f" ({', '.join(self.work)})"
+        self.lines.append(line)
+        logging.getLogger("gblm.progress").info(line)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"

@@ -28,7 +28,7 @@ def test_zeroshot_results_samples_and_task_are_kept_in_the_run_dir(tmp_path):
 
 
 def test_overall_estimate_prices_the_stages_left_at_the_measured_rate():
-    from gblm.pipeline import OverallEstimate
+    from gblm.utils import OverallEstimate
 
     estimate = OverallEstimate({"perplexity dense": 100.0, "gradients": 300.0, "prune": 200.0})
     estimate("start", "load model", None, 0)
@@ -41,7 +41,7 @@ def test_overall_estimate_prices_the_stages_left_at_the_measured_rate():
 
 
 def test_a_stage_read_from_a_cache_weighs_nothing():
-    from gblm.pipeline import OverallEstimate
+    from gblm.utils import OverallEstimate
 
     estimate = OverallEstimate({"perplexity dense": 100.0, "gradients": 300.0, "prune": 200.0})
     estimate("cached", "gradients", None, 0)  # the pipeline's note before the first stage
