@@ -316,7 +316,7 @@ def execute(
     tokens: list[Tensor] = []  # the evaluation text, tokenized at its first use
 
     def evaluate(tag: str) -> None:
-        from gblm.data.evaluation import join_and_tokenize
+        from gblm.data.sources import join_and_tokenize
         from gblm.eval.perplexity import perplexity
 
         p = conf.eval.perplexity
