@@ -1,12 +1,9 @@
 """GBLM-Pruner's gradient stage: per-sample gradient norms of the dense model.
 
-GBLM-Pruner (Das et al., arXiv 2311.04902) scores a weight with
-
-    W_m[i, j] = |W[i, j]| * ||X[:, j]||_2  +  alpha * |W[i, j]| * ||G[:, i, j]||_p
-
-where ``G[n, i, j]`` is the gradient of window ``n``'s loss (the model's own next-token
-cross-entropy, a batch of one) with respect to ``W[i, j]``. This module computes the second
-factor, alpha folded in (:mod:`gblm.calibration.fold`); the weights never change.
+For every decoder-block weight, ``alpha * ||G[:, i, j]||_p`` (the factor of GBLM-Pruner's score,
+:mod:`gblm.methods.gblm`), with ``G[n, i, j]`` the gradient of window ``n``'s loss (the model's
+own next-token cross-entropy, a batch of one) with respect to ``W[i, j]``, folded by
+:mod:`gblm.calibration.fold`; the weights never change.
 
 One driver over units: decoder blocks ``0 .. k-1`` are units of one block each, the rest of the
 model (blocks ``k ..``, final norm, LM head, loss) is the head unit. In memory ``k = 0`` and each
