@@ -154,7 +154,7 @@ def evaluate(
 ) -> float:
     """Perplexity of ``model`` on ``data``: texts (joined with blank lines, as published) or
     (1, numel) token ids, cut into windows of ``seqlen`` tokens."""
-    from gblm.data.evaluation import join_and_tokenize
+    from gblm.data.sources import join_and_tokenize
     from gblm.devices import input_device
     from gblm.eval.perplexity import perplexity
 

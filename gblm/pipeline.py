@@ -218,11 +218,9 @@ def fingerprints(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> di
 
 # The pruning stages, shared with the API -----------------------------------------------------------
 def check_model(model: nn.Module, method: Pruner, plan: SparsityPlan) -> None:
-    """The method's and the plan's checks of the loaded model; a ConfigError names the problem."""
+    """The plan's check of the loaded model; a ConfigError names the problem."""
     try:
-        method.check_model(model)
         plan.check_config(len(decoder_layers(model)), method.needs_calibration)
-        plan.check_model(model)
     except ValueError as err:
         raise ConfigError(str(err)) from err
 
@@ -317,7 +315,7 @@ def execute(
     tokens: list[Tensor] = []  # the evaluation text, tokenized at its first use
 
     def evaluate(tag: str) -> None:
-        from gblm.data.evaluation import join_and_tokenize
+        from gblm.data.sources import join_and_tokenize
         from gblm.eval.perplexity import perplexity
 
         p = conf.eval.perplexity

@@ -133,9 +133,9 @@ def naive_obs_start(
 
 def hessian_of(x: torch.Tensor) -> torch.Tensor:
     """SparseGPT's Hessian (2/N-scaled X^T X, fp32) of inputs (N, T, d_in), one sample at a time."""
-    from gblm.calibration.stats import accumulate_hessian, make_hessian
+    from gblm.calibration.stats import LinearStats
 
-    hessian, n = make_hessian(x.shape[-1]), 0
+    stats = LinearStats.empty(frozenset({"hessian"}), x.shape[-1])
     for sample in x.split(1):
-        n = accumulate_hessian(hessian, n, sample)
-    return hessian
+        stats.fold(sample)
+    return stats.hessian

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from gblm.calibration.gradient_cache import cached_gradient_norms, gradient_cache_key
 from gblm.calibration.gradients import GradientError, GradientSettings, gradient_norms
+from gblm.methods.gradient_score import cached_gradient_norms, gradient_cache_key
 from gblm.models.layers import decoder_layers
 from gblm.models.tiny import build_tiny_model, tiny_config
 from gblm.utils import content_hash
@@ -249,10 +249,8 @@ def test_block_by_block_recomputes_every_block_but_the_last(llama_case: Case) ->
     assert calls == [2 * NSAMPLES] * (len(blocks) - 1) + [NSAMPLES]
 
 
-def test_accumulate_on_cpu_and_bad_arguments(llama_case: Case) -> None:
+def test_bad_arguments(llama_case: Case) -> None:
     model, ids, _ = llama_case
-    got = gradient_norms(model, ids, accumulate_on="cpu", progress=False)
-    assert all(g.device.type == "cpu" for g in got.values())
     with pytest.raises(ValueError, match="int64"):
         gradient_norms(model, ids.float(), progress=False)
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from gblm.calibration.hooks import attached_hooks
 from gblm.calibration.sequential import prune_model
-from gblm.calibration.stats import accumulate_gram, make_hessian
+from gblm.calibration.stats import LinearStats
 from gblm.config import ConfigError, build_method, to_plain, validate
 from gblm.methods.base import RunContext
 from gblm.methods.plans import PerBlockPlan
@@ -148,11 +148,11 @@ def test_disk_offloaded_model_gets_the_updated_weights(tmp_path):
 
 def test_gram_statistic_is_the_plain_sum():
     x = torch.randn(3, 5, 4)
-    gram = make_hessian(4)
+    stats = LinearStats.empty(frozenset({"gram"}), 4)
     for sample in x.split(1):
-        accumulate_gram(gram, sample)
+        stats.fold(sample)
     flat = x.reshape(-1, 4)
-    assert torch.allclose(gram, flat.T @ flat, atol=1e-5)
+    assert torch.allclose(stats.gram, flat.T @ flat, atol=1e-5)
 
 
 def _conf(*overrides):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from gblm.calibration.stats import LinearStats, accumulate_row_sq, make_row_sq
+from gblm.calibration.stats import LinearStats
 from gblm.methods.magnitude import MagnitudePruner
 from gblm.methods.wanda import WandaPruner
 from gblm.pruning.sparsity import Sparsity
@@ -26,10 +26,10 @@ def _layer_and_inputs(seed: int = 0) -> tuple[nn.Linear, torch.Tensor]:
 
 
 def _stats(x: torch.Tensor) -> LinearStats:
-    row_sq, n = make_row_sq(D_IN), 0
+    stats = LinearStats.empty(frozenset({"row_sq"}), D_IN)
     for sample in x.split(1):
-        n = accumulate_row_sq(row_sq, n, sample)
-    return LinearStats(row_sq_norms=row_sq, nsamples=n)
+        stats.fold(sample)
+    return stats
 
 
 def test_wanda_score_matches_loop() -> None:

@@ -49,8 +49,7 @@ class GradientSettings:
     group_size: int = 8
 
     def __post_init__(self) -> None:
-        if isinstance(self.accumulator_dtype, torch.dtype):
-            object.__setattr__(self, "accumulator_dtype", dtype_name(self.accumulator_dtype))
+        object.__setattr__(self, "accumulator_dtype", dtype_name(self.accumulator_dtype))
         object.__setattr__(self, "scale", float(self.scale))  # 100 and 100.0: one cache key
 
     @property
@@ -69,12 +68,11 @@ class Folder:
         self,
         blocks: list[dict[str, nn.Linear]],
         settings: GradientSettings,
-        accumulate_on: torch.device | None,
         files: tuple[Path | None] | None,
     ) -> None:
-        """Zero (d_out, d_in) accumulators on ``accumulate_on`` (default: the weight's device, the
-        CPU for an offloaded one); with ``files``, one file-backed mapping per block in
-        ``files[0]`` (:func:`gblm.models.memory.file_backed_zeros`)."""
+        """Zero (d_out, d_in) accumulators on each weight's device (the CPU for an offloaded
+        one); with ``files``, one file-backed mapping per block in ``files[0]``
+        (:func:`gblm.models.memory.file_backed_zeros`)."""
         self.norm, self.scale = settings.norm, settings.scale
         # l2 sums squares in fp32 whatever the stored dtype (published: fp32, then sqrt -> fp16).
         dtype = settings.torch_accumulator_dtype if self.norm == "l1" else torch.float32
@@ -85,7 +83,7 @@ class Folder:
                 self.accumulators.update(zip(linears, file_backed_zeros(specs, files[0])))
                 continue
             for name, lin in linears.items():
-                where = accumulate_on or lin.weight.device
+                where = lin.weight.device
                 if where.type == "meta":  # a weight accelerate offloads: its home is the host
                     where = torch.device("cpu")
                 self.accumulators[name] = torch.zeros(lin.weight.shape, dtype=dtype, device=where)

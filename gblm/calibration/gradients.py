@@ -1,12 +1,9 @@
 """GBLM-Pruner's gradient stage: per-sample gradient norms of the dense model.
 
-GBLM-Pruner (Das et al., arXiv 2311.04902) scores a weight with
-
-    W_m[i, j] = |W[i, j]| * ||X[:, j]||_2  +  alpha * |W[i, j]| * ||G[:, i, j]||_p
-
-where ``G[n, i, j]`` is the gradient of window ``n``'s loss (the model's own next-token
-cross-entropy, a batch of one) with respect to ``W[i, j]``. This module computes the second
-factor, alpha folded in (:mod:`gblm.calibration.fold`); the weights never change.
+For every decoder-block weight, ``alpha * ||G[:, i, j]||_p`` (the factor of GBLM-Pruner's score,
+:mod:`gblm.methods.gblm`), with ``G[n, i, j]`` the gradient of window ``n``'s loss (the model's
+own next-token cross-entropy, a batch of one) with respect to ``W[i, j]``, folded by
+:mod:`gblm.calibration.fold`; the weights never change.
 
 One driver over units: decoder blocks ``0 .. k-1`` are units of one block each, the rest of the
 model (blocks ``k ..``, final norm, LM head, loss) is the head unit. In memory ``k = 0`` and each
@@ -88,7 +85,6 @@ def gradient_norms(
     settings: GradientSettings | None = None,
     *,
     device: str | torch.device | None = None,
-    accumulate_on: str | torch.device | None = None,
     progress: bool = True,
     file_backed: bool = False,
     scratch_dir: Path | None = None,
@@ -101,8 +97,6 @@ def gradient_norms(
         settings: Default: the published ones. An offloaded model always goes block by block.
         device: The compute device (block by block, default accelerate's execution device, else
             that of the input embeddings; in memory, as :func:`gblm.devices.input_device` rules).
-        accumulate_on: Device of the accumulators (default each weight's, the CPU for an
-            offloaded one); ``"cpu"`` keeps them in host memory, as published.
         progress: Show a tqdm bar labelled ``gradients``.
         file_backed: Block by block, the accumulators in file-backed mappings, one file per
             block in ``scratch_dir`` (default: the system's temporary folder; the CPU only).
@@ -123,11 +117,10 @@ def gradient_norms(
     if nsamples == 0 or seqlen < 2:
         raise ValueError(f"windows of shape {tuple(windows.shape)}: need N >= 1 and T >= 2.")
     blockwise = settings.blockwise or has_offloaded(model)
-    on = torch.device(accumulate_on) if accumulate_on is not None else None
-    if file_backed and (not blockwise or on not in (None, torch.device("cpu"))):
-        raise ValueError("file-backed accumulators: block by block, on the CPU only.")
+    if file_backed and not blockwise:
+        raise ValueError("file-backed accumulators: block by block only.")
     blocks = block_linear_names(model)
-    folder = Folder(blocks, settings, on, (scratch_dir,) if file_backed else None)
+    folder = Folder(blocks, settings, (scratch_dir,) if file_backed else None)
     # Every in-place write to a tensor bumps its version counter: a free check that the stage
     # (no optimizer, hooks under no_grad) left every parameter untouched.
     versions = {name: p._version for name, p in model.named_parameters()}

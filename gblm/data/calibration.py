@@ -17,8 +17,7 @@ import torch
 from torch import Tensor
 
 from gblm.data import corpus
-from gblm.data.evaluation import join_and_tokenize
-from gblm.data.sources import SAMPLINGS, load_documents
+from gblm.data.sources import SAMPLINGS, join_and_tokenize, load_documents
 from gblm.utils import cached_tensors, content_hash, file_digest
 
 

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gblm.data import corpus
 from gblm.errors import ConfigError, UserError
 from gblm.paths import configure_offline
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 SOURCES = ("austen", "kjv", "wikitext2", "c4", "local")
 SAMPLINGS = ("stream", "documents")
@@ -135,3 +139,9 @@ def load_documents(
         if isinstance(err, ConnectionError | OSError) or offline:
             raise DataUnavailableError(_offline_help(source, key)) from err
         raise
+
+
+def join_and_tokenize(tokenizer, documents: Sequence[str]) -> Tensor:
+    """(1, numel) token ids of the documents joined with ``"\n\n"`` (a ``stream`` source; the
+    published evaluation protocol)."""
+    return tokenizer("\n\n".join(documents), return_tensors="pt").input_ids

@@ -2,7 +2,7 @@
 
 The run and the layer walk call a method's stages, in this order:
 
-1. :meth:`Pruner.check_target` before the model loads, :meth:`Pruner.check_model` after;
+1. :meth:`Pruner.check_target` before the model loads;
 2. :meth:`Pruner.prepare`, the method's own pass over the dense model (GBLM-Pruner's gradient
    stage), named by :attr:`Pruner.dense_pass`;
 3. the walk: per decoder block it gathers :attr:`Pruner.stats` (names from
@@ -115,9 +115,6 @@ class Pruner(ABC):
     def check_target(self, target: Sparsity) -> None:
         """Raise ``ValueError`` when the method, or an option, cannot apply to the run's ``target``
         (before the model loads; every target is fine by default)."""
-
-    def check_model(self, model: nn.Module) -> None:
-        """Raise ``ValueError`` when the method cannot prune ``model`` (before any heavy work)."""
 
     def prepare(self, model: nn.Module, windows: Tensor | None, context: RunContext) -> None:
         """The method's pass over the dense model, before the walk (none by default)."""

@@ -106,9 +106,6 @@ class DSnoTPruner(ScorePruner):
     def check_target(self, target: Sparsity) -> None:
         self.inner.check_target(target)
 
-    def check_model(self, model: nn.Module) -> None:
-        self.inner.check_model(model)
-
     def prepare(self, model: nn.Module, windows: Tensor | None, context: RunContext) -> None:
         self.inner.prepare(model, windows, context)
 

@@ -27,6 +27,7 @@ from gblm.methods.gradient_score import (
     GroupSize,
     Norm,
     Scale,
+    check_shape,
 )
 from gblm.methods.wanda import activation_term
 from gblm.options import OneOf
@@ -41,13 +42,9 @@ def gblm_score(
     (d_out, d_in) may be None where ``score`` does not use them."""
     if score not in SCORES:
         raise ValueError(f"method.score={score!r}: allowed values are {', '.join(SCORES)}.")
-    if grad_norm is not None and grad_norm.shape != weight.shape:
-        raise ValueError(
-            f"gradient norm of shape {tuple(grad_norm.shape)} does not match the weight "
-            f"{tuple(weight.shape)}: were the gradients computed for another model?"
-        )
     if score == "activation":
         return activation_term(weight, row_sq_norms)
+    check_shape(grad_norm, weight)
     gradient = weight.abs() * grad_norm.to(weight.device)  # torch's type promotion, as published
     if score == "gradient":
         return gradient.float()

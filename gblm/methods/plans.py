@@ -40,9 +40,6 @@ class SparsityPlan:
                 "decoder blocks: give one ratio per block."
             )
 
-    def check_model(self, model: nn.Module) -> None:
-        """Raise ``ValueError`` when the plan cannot apply to ``model`` (right after loading)."""
-
     def prepare(self, model: nn.Module, windows: Tensor | None, context: RunContext) -> None:
         """Compute the targets from the dense model, before the walk (nothing by default)."""
 

@@ -24,6 +24,7 @@ from gblm.methods.gradient_score import (
     GroupSize,
     Norm,
     Scale,
+    check_shape,
 )
 
 
@@ -35,11 +36,7 @@ def min_max_scale(values: Tensor) -> Tensor:
 
 def pruner_zero_score(weight: Tensor, grad_norm: Tensor) -> Tensor:
     """Pruner-Zero's score ``|W|^2 * mms(G)`` (d_out, d_in) in fp32; low is pruned."""
-    if grad_norm.shape != weight.shape:
-        raise ValueError(
-            f"gradient norm of shape {tuple(grad_norm.shape)} does not match the weight "
-            f"{tuple(weight.shape)}: were the gradients computed for another model?"
-        )
+    check_shape(grad_norm, weight)
     magnitude = weight.abs().to(torch.float32)  # |W| in the weight's dtype, widened (a copy)
     scaled = min_max_scale(grad_norm.to(device=weight.device, dtype=torch.float32))
     return magnitude.mul_(magnitude).mul_(scaled)
