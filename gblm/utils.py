@@ -255,10 +255,9 @@ class StageTimer:
 
 
 class OverallEstimate:
-    """A :class:`gblm.utils.StageTimer` listener that logs, after each stage, how much of the run's
-    work (:func:`gblm.pipeline.planned_stages`; a cached stage weighs
-    nothing) is done and about how long is
-    left: the rate measured so far prices the stages left."""
+    """A :class:`StageTimer` listener that logs, after each stage, how much of the run's work
+    (:func:`gblm.pipeline.planned_stages`; a cached stage weighs nothing) is done and about how
+    long is left: the rate measured so far prices the stages left."""
 
     def __init__(self, work: dict[str, float]) -> None:
         self.work = dict(work)
