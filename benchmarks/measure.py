@@ -274,8 +274,11 @@ def run(config: Config) -> dict[str, Any]:
     device = torch.device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     rates = {"matmul_flops": matmul_rate(device, dtype), "copy_bytes": copy_bandwidth(device)}
-    reset_high_water_mark()  # the rates' operands are gone: the peaks count the run alone
-    baseline = {"rss": status_bytes("VmRSS") or 0, "anon": status_bytes("RssAnon") or 0}
+    # The rates' operands are gone: the peaks count the run alone. The baseline is read from the
+    # same counter as the peaks: the kernel's resident count is approximate (per-CPU batches), so
+    # a ``VmRSS`` read may lie a few pages above a later ``VmHWM`` in a run that holds little.
+    resident = "VmHWM" if reset_high_water_mark() else "VmRSS"
+    baseline = {"rss": status_bytes(resident) or 0, "anon": status_bytes("RssAnon") or 0}
     sampler = AnonSampler() if config.sample_anon else None
     model = build_model(config, device, dtype)
     method = build_method(config.method, **config.options)
