@@ -179,8 +179,15 @@ class WandbLogger:
 
     def _log(self, what: str, data: Callable[[], dict]) -> None:
         """``run.log(data())``, guarded; nothing before the start, nor when ``data()`` is empty."""
-        if self.run is not None:
-            self._guard(what, lambda: (logged := data()) and self.run.log(logged))
+        if self.run is None:
+            return
+
+        def log() -> None:
+            logged = data()
+            if logged:
+                self.run.log(logged)
+
+        self._guard(what, log)
 
     def log_metrics(self, metrics: Mapping) -> None:
         """The metrics :func:`flatten`-ed (``ppl/pruned``); they also land in the summary."""
@@ -204,8 +211,8 @@ class WandbLogger:
         def images() -> dict:
             import wandb
 
-            images = [wandb.Image(str(p), caption=Path(p).stem) for p in paths]
-            return {name: images} if images else {}
+            pictures = [wandb.Image(str(p), caption=Path(p).stem) for p in paths]
+            return {name: pictures} if pictures else {}
 
         self._log(f"log_images {name!r}", images)
 
