@@ -20,7 +20,7 @@ import functools
 import logging
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -190,7 +190,7 @@ def _prune_block(
         group_linears = {name: linears[name] for name in group}
         if inputs is not None:
             stats = gather_statistics(
-                block, group_linears, inputs, hidden, frozenset(method.walk_stats), device
+                block, group_linears, inputs, hidden, method.walk_stats, device
             )
         else:
             stats = {name: LinearStats() for name in group}
@@ -212,7 +212,7 @@ def prune_model(
     model: nn.Module,
     method: Pruner,
     plan: SparsityPlan | Sparsity,
-    windows: Tensor | Sequence[Tensor] | None = None,
+    windows: Tensor | None = None,
     *,
     device: torch.device | str,
     batch_size: int | str = "auto",
@@ -227,7 +227,7 @@ def prune_model(
         model: a causal LM (LLaMA, Mistral, Qwen2, OPT, ...).
         method: decides the statistics gathered (``walk_stats``) and prunes each Linear.
         plan: every Linear's target, or one :class:`Sparsity` for all of them.
-        windows: (N, T) calibration token ids (or N tensors of T ids); unused without calibration.
+        windows: (N, T) calibration token ids; unused without calibration.
         device: the compute device; each block is moved there for its work and back.
         batch_size: windows per forward call, or ``auto`` (:func:`gblm.devices.calibration_batch`).
         offload_inputs: keep the (N, T, hidden) block inputs on the CPU instead of ``device``.
@@ -252,8 +252,6 @@ def prune_model(
     try:
         inputs = hidden = outputs = None
         if method.walk_calibrates:
-            if not isinstance(windows, Tensor):
-                windows = torch.cat([w.reshape(1, -1) for w in windows])
             storage = torch.device("cpu") if offload_inputs else device
             batch = min(calibration_batch(batch_size), windows.shape[0])
             with _embeddings_on(model, device) if onload else contextlib.nullcontext():
