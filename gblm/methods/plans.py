@@ -45,9 +45,7 @@ class SparsityPlan:
 
     def target(self, block: int, name: str) -> Sparsity:
         """The target of Linear ``name`` (its name inside the block, e.g. ``self_attn.q_proj``)."""
-        if self.targets is None:
-            return self.sparsity
-        return self.targets[block]
+        return self.sparsity if self.targets is None else self.targets[block]
 
     def block_targets(self) -> list[float] | None:
         """One target ratio per block when they differ, for the run record; None when uniform."""

@@ -99,10 +99,7 @@ def method_names() -> tuple[str, ...]:
 
 def method_entry(name: str) -> MethodEntry:
     """The registry entry of ``name``; KeyError when there is none."""
-    for entry in _folder_entries(METHOD_DIR):
-        if entry.name == name:
-            return entry
-    raise KeyError(name)
+    return {e.name: e for e in _folder_entries(METHOD_DIR)}[name]
 
 
 def method_order(name: str) -> tuple[int, str]:
