@@ -19,3 +19,11 @@ def block_index(name: str) -> int | None:
     """The first all-digit component of a full Linear name (``model.layers.3.mlp.down_proj`` ->
     3), else None."""
     return next((int(part) for part in name.split(".") if part.isdigit()), None)
+
+
+def in_block_name(name: str) -> str:
+    """A full Linear name's part after its block index (``model.layers.3.mlp.down_proj`` ->
+    ``mlp.down_proj``, ``model.decoder.layers.3.fc1`` -> ``fc1``): the name a plan is asked by."""
+    parts = name.split(".")
+    start = next((i + 1 for i, part in enumerate(parts) if part.isdigit()), 0)
+    return ".".join(parts[start:])

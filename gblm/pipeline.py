@@ -37,7 +37,7 @@ from gblm.errors import ConfigError, OutputError
 from gblm.methods.base import Pruner, RunContext
 from gblm.methods.plans import SparsityPlan
 from gblm.models.layers import decoder_layers
-from gblm.names import block_index
+from gblm.names import block_index, in_block_name
 from gblm.paths import cache_dir, configure_offline
 from gblm.pruning.storage import PackedMasks
 from gblm.utils import StageTimer, writable_dir
@@ -255,9 +255,7 @@ def mask_statistics(masks: PackedMasks, plan: SparsityPlan) -> MaskStats:
     """Every mask's statistics, each Linear checked against its own target's N:M."""
     from gblm.analysis.stats import model_mask_stats
 
-    targets = {
-        name: plan.target(block_index(name), ".".join(name.split(".")[-2:])) for name in masks
-    }
+    targets = {name: plan.target(block_index(name), in_block_name(name)) for name in masks}
     n_of = {name: t.n for name, t in targets.items()}
     m = next((t.m for t in targets.values() if t.structured), 0)
     return MaskStats(*model_mask_stats(masks, 0, m, n_of))

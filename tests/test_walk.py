@@ -330,6 +330,34 @@ def test_a_plan_may_give_each_linear_its_own_target() -> None:
             assert (groups == 2).all(), name
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_the_mask_statistics_ask_the_plan_by_the_walks_names(arch: str) -> None:
+    """A plan is asked for a Linear's target by its name inside the block, in the walk and in the
+    mask statistics alike (OPT's Linears sit one level shallower than LLaMA's)."""
+    from gblm.pipeline import mask_statistics
+
+    class Asked(SparsityPlan):
+        def __init__(self, sparsity: Sparsity) -> None:
+            super().__init__(sparsity)
+            self.asked: list[set[tuple[int, str]]] = [set()]
+
+        def target(self, block: int, name: str) -> Sparsity:
+            self.asked[-1].add((block, name))
+            return super().target(block, name)
+
+    model, plan = _model(arch), Asked(Sparsity(0.5))
+    masks = prune_model(model, MagnitudePruner(), plan, device="cpu", progress=False)
+    plan.asked.append(set())
+    mask_statistics(masks, plan)
+    walk, statistics = plan.asked
+    expected = {
+        (block, name)
+        for block, layer in enumerate(decoder_layers(model))
+        for name in prunable_linears(layer)
+    }
+    assert walk == statistics == expected
+
+
 def test_mean_and_variance_statistics_match_a_direct_computation() -> None:
     """The walk folds DSnoT's input statistics: per-sample token sums and variances."""
 
