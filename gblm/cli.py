@@ -1,4 +1,5 @@
-"""``python -m gblm``: a command line whose config does not compose is refused in one paragraph.
+"""``gblm`` (the console script) or ``python -m gblm``: gblm's own ``--help``, and a command line
+whose config does not compose refused in one paragraph.
 
 Hydra's own message for a bad override is a stack of its internals, so the command line is
 composed here first, and a failure is the standard refusal (the key, the allowed values, exit
@@ -11,15 +12,16 @@ import re
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from gblm.paths import PROJECT_ROOT
 
 _HYDRA_FLAGS = ("--multirun", "-m", "--help", "-h", "--hydra-help", "--cfg", "-c", "--info",
                 "-i", "--shell-completion", "-sc", "--config-path", "-cp", "--config-name",
                 "-cn", "--config-dir", "-cd", "--resolve", "-p", "--package", "--run", "-r",
                 "--experimental-rerun", "--version")  # fmt: skip
-
+# Hydra's shell completion and its help for it name the command from sys.argv[0]: a script file
+# ("python file.py") or a console script. "python -m gblm" is neither, so they name the console
+# script, which completion then runs: eval "$(gblm -sc install=bash)".
+_COMPLETION_FLAGS = ("--hydra-help", "-sc", "--shell-completion")
 
 _TYPE_HINTS = (
     ("converted to Integer", "must be an integer"),
@@ -47,6 +49,8 @@ def _compose(overrides: list[str], **options):
 
 def _unknown_key_message(key: str, overrides: list[str]) -> str:
     """``key`` named with the keys of its parent node, composed without it."""
+    from omegaconf import OmegaConf
+
     from gblm.config import unknown_key_message
 
     try:
@@ -115,6 +119,8 @@ def run_folder_problem(argv: list[str]) -> str | None:
     """The refusal for a plain run whose folder cannot be written, or None (Hydra would end in a
     traceback of its logging setup): ``hydra.run.dir`` itself when it is fixed, else its fixed
     part (the folder that the dated run folders go into), tried by writing a file."""
+    from omegaconf import OmegaConf
+
     from gblm.errors import ConfigError
     from gblm.utils import writable_dir
 
@@ -133,10 +139,20 @@ def run_folder_problem(argv: list[str]) -> str | None:
 
 
 def cli() -> None:
-    """``python -m gblm``: a config that does not compose is one paragraph and exit 2; so is a
-    run folder that cannot be written; then Hydra. Only plain runs are checked: Hydra's own flags
-    are left to Hydra, and the sweep preflight checks a multirun's jobs."""
+    """``--help`` prints gblm's own help (read as text: no torch, no Hydra); a config that does
+    not compose is one paragraph and exit 2; so is a run folder that cannot be written; then
+    Hydra. Only plain runs are checked: Hydra's own flags are left to Hydra, and the sweep
+    preflight checks a multirun's jobs."""
     argv = sys.argv[1:]
+    if any(arg in ("--help", "-h") for arg in argv):
+        from gblm.cli_help import help_text
+
+        sys.stdout.write(help_text())
+        return
+    if sys.argv[0].endswith("__main__.py") and any(
+        arg.split("=", 1)[0] in _COMPLETION_FLAGS for arg in argv
+    ):
+        sys.argv[0] = "gblm"
     if not any(arg.split("=", 1)[0] in _HYDRA_FLAGS for arg in argv):
         problem = composition_problem(argv) or run_folder_problem(argv)
         if problem is not None:
