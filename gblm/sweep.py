@@ -112,14 +112,14 @@ def name_jobs_by_their_axes(config: DictConfig) -> None:
         config.hydra.overrides.hydra.append(override)
 
 
-def override_dirname(
-    overrides: Sequence[str], kv_sep: str = "=", item_sep: str = ",", exclude_keys: Sequence = ()
-) -> str:
-    """A job's ``hydra.job.override_dirname`` as Hydra computes it: its overrides as typed, less
-    ``hydra.*`` and ``exclude_keys``, sorted, joined by ``item_sep``, ``=`` made ``kv_sep``."""
+def override_dirname(overrides: Sequence[str], naming: DictConfig) -> str:
+    """A job's ``hydra.job.override_dirname`` as Hydra computes it from ``naming``
+    (``hydra.job.config.override_dirname``): its overrides as typed, less ``hydra.*`` and the
+    ``exclude_keys``, sorted, joined by ``item_sep``, ``=`` made ``kv_sep``."""
     parsed = OverridesParser.create().parse_overrides(list(overrides))
-    keep = (o for o in parsed if not o.is_hydra_override() and o.key_or_group not in exclude_keys)
-    return item_sep.join(sorted(str(o.input_line) for o in keep)).replace("=", kv_sep)
+    excluded = naming.exclude_keys
+    keep = (o for o in parsed if not o.is_hydra_override() and o.key_or_group not in excluded)
+    return naming.item_sep.join(sorted(str(o.input_line) for o in keep)).replace("=", naming.kv_sep)
 
 
 def job_dirs(master: DictConfig, jobs: Sequence[Sequence[str]]) -> list[str]:
@@ -128,7 +128,7 @@ def job_dirs(master: DictConfig, jobs: Sequence[Sequence[str]]) -> list[str]:
     node = master.copy()
     dirs = []
     for num, overrides in enumerate(jobs):
-        dirname = override_dirname(overrides, naming.kv_sep, naming.item_sep, naming.exclude_keys)
+        dirname = override_dirname(overrides, naming)
         with read_write(node.hydra), open_dict(node.hydra):
             node.hydra.job.num, node.hydra.job.override_dirname = num, dirname
         dirs.append(str(node.hydra.sweep.subdir))

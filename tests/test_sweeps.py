@@ -438,10 +438,7 @@ def test_job_dirs_are_where_hydra_puts_them(tmp_path):
     for job in plan:
         saved = OmegaConf.load(sweep_dir / job["dir"] / ".hydra" / "hydra.yaml").hydra
         assert list(saved.overrides.task) == job["overrides"] and saved.job.num == job["num"]
-        naming = saved.job.config.override_dirname
-        ours = override_dirname(
-            job["overrides"], naming.kv_sep, naming.item_sep, naming.exclude_keys
-        )
+        ours = override_dirname(job["overrides"], saved.job.config.override_dirname)
         assert ours == saved.job.override_dirname
     summary = json.loads((sweep_dir / SUMMARY_FILE).read_text())
     assert summary["counts"]["failed"] == 4 and summary["failed"] == [job["dir"] for job in plan]
