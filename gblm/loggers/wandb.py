@@ -33,14 +33,13 @@ PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"
 log = logging.getLogger(__name__)
 
 
-def _host(env: Mapping[str, str]) -> str:
+def _host(env: Mapping[str, str] = os.environ) -> str:
     return env.get("WANDB_BASE_URL", DEFAULT_HOST)
 
 
-def api_key_configured(env: Mapping[str, str] | None = None) -> bool:
+def api_key_configured(env: Mapping[str, str] = os.environ) -> bool:
     """Whether W&B could log in without asking (no network touched): ``WANDB_API_KEY`` set, or
     an entry for the host (``WANDB_BASE_URL``) in the netrc file (``NETRC`` or ``~/.netrc``)."""
-    env = os.environ if env is None else env
     if env.get("WANDB_API_KEY"):
         return True
     host = urlparse(_host(env)).hostname or ""
@@ -51,13 +50,12 @@ def api_key_configured(env: Mapping[str, str] | None = None) -> bool:
     return bool(entry and entry[2])
 
 
-def resolve_mode(mode: str, env: Mapping[str, str] | None = None) -> str:
+def resolve_mode(mode: str, env: Mapping[str, str] = os.environ) -> str:
     """``auto`` -> ``WANDB_MODE`` when set, else online with a key and offline without."""
     if mode not in MODES:
         raise ValueError(f"logger.mode={mode!r}: allowed values are {', '.join(MODES)}.")
     if mode != "auto":
         return mode
-    env = os.environ if env is None else env
     if env.get("WANDB_MODE") in MODES[1:]:
         return env["WANDB_MODE"]
     return "online" if api_key_configured(env) else "offline"
@@ -77,16 +75,15 @@ def artifact_name(text: str) -> str:
     return fit(ARTIFACT_CHARS.sub("_", text).strip("_") or "run", NAME_LIMIT)
 
 
-def server_reachable(env: Mapping[str, str] | None = None, timeout: float = 3.0) -> bool:
-    """Whether the W&B server accepts a connection within ``timeout`` seconds (``wandb.init``
-    waits 90 s for one it cannot reach); True behind a proxy, which only W&B itself can use."""
-    env = os.environ if env is None else env
-    if any(env.get(k) for k in PROXIES):
+def server_reachable() -> bool:
+    """Whether the W&B server accepts a connection within 3 seconds (``wandb.init`` waits 90 s
+    for one it cannot reach); True behind a proxy, which only W&B itself can use."""
+    if any(os.environ.get(k) for k in PROXIES):
         return True
-    url = urlparse(_host(env))
+    url = urlparse(_host())
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+        socket.create_connection((url.hostname or "", port), timeout=3.0).close()
     except OSError:
         return False
     return True
@@ -163,7 +160,7 @@ class WandbLogger:
             return
         if self.mode == "online" and not server_reachable():
             log.warning("W&B server %s cannot be reached: the run is logged offline (upload it "
-                        "later with `wandb sync`).", _host(os.environ))  # fmt: skip
+                        "later with `wandb sync`).", _host())  # fmt: skip
             self.mode = "offline"
         self.run = self._guard(f"init ({self.mode})", lambda: self._init(config, self.mode))
         if self.run is None and self.mode == "online":
