@@ -69,7 +69,9 @@ def _entry(text: str, help_text: str, indent: int, column: int) -> list[str]:
     return [head, *lines] if long else lines or [head]
 
 
-def _method_lines(path: Path, group: str = "method") -> list[str]:
+def _method_lines(path: Path) -> list[str]:
+    """A method (or weight update) and its options, ``group.key=default``, from its yaml."""
+    group = path.parent.name
     lines = _entry(path.stem, description(path), 2, 15)
     for raw in path.read_text().splitlines():
         match = _OPTION.match(raw)  # top-level keys only (no indentation)
@@ -85,7 +87,7 @@ def _shown(value: object) -> str:
         return str(value).lower()
     if value is None:
         return "null"
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "[" + ", ".join(map(_shown, value)) + "]"
     return str(value)
 
@@ -114,7 +116,6 @@ def schema_keys() -> list[tuple[str, str, str]]:
         if isinstance(value, ast.Call) and value.args and isinstance(value.args[0], ast.Name):
             value = constants.get(value.args[0].id, value)  # list(CONSTANT): the constant's value
         default = ast.literal_eval(value) if value is not None else None
-        default = list(default) if isinstance(default, tuple) else default
         comment = re.search(r"#\s*(.*)$", lines[item.lineno - 1])
         above = []
         row = item.lineno - 2
@@ -145,7 +146,7 @@ def help_text() -> str:
         "Weight updates after the masks (reconstruct=NAME; after any mask method but sparsegpt and admm):",
     ]
     for name in reconstruct_names():
-        lines += _method_lines(CONF / "reconstruct" / f"{name}.yaml", "reconstruct")
+        lines += _method_lines(CONF / "reconstruct" / f"{name}.yaml")
     for group in GROUPS:
         lines += ["", f"{group} (= one of):"]
         for path in sorted((CONF / group).glob("*.yaml")):
