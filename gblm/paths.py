@@ -16,13 +16,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GBLM_CACHE_DIR", PROJECT_ROOT / "outputs" / "cache"))
 
 
-@functools.lru_cache(maxsize=1)
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """True when the Hugging Face hub answers; False offline or when ``HF_HUB_OFFLINE`` is set."""
+@functools.cache
+def hub_reachable() -> bool:
+    """True when the Hugging Face hub answers within 3 s; False offline or when ``HF_HUB_OFFLINE``
+    is set."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection(("huggingface.co", 443), timeout=3.0).close()
         return True
     except OSError:
         return False
