@@ -384,8 +384,7 @@ def _zeroshot(conf: RunConf, model, given: Inputs, result: Result, timer, out_di
     with timer.stage(ZEROSHOT):
         result.zeroshot = zeroshot_eval(
             model, given.tokenizer, z.tasks, limit=z.limit, batch_size=z.batch_size,
-            device=devices.input_device(model, given.device), include_path=include_path,
-            results_dir=out_dir, log_samples=z.log_samples,
+            include_path=include_path, results_dir=out_dir, log_samples=z.log_samples,
         )  # fmt: skip
 
 

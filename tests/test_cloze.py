@@ -141,7 +141,7 @@ def test_zeroshot_eval_runs_a_tiny_model(tmp_path, tokenizer):
     model = build_tiny_model(tiny_config("llama", vocab_size=len(tokenizer)), seed=0)
     task_dir = prepare_austen_cloze(fake_documents(), tmp_path / "cache", n_items=20)
     result = zeroshot_eval(
-        model, tokenizer, [TASK_NAME], limit=5, include_path=task_dir, device="cpu",
+        model, tokenizer, [TASK_NAME], limit=5, include_path=task_dir,
         results_dir=tmp_path / "run", log_samples=True,
     )  # fmt: skip
     row = result[TASK_NAME]
@@ -187,9 +187,10 @@ def test_dense_smollm2_is_clearly_above_chance():
     import torch
 
     from gblm.eval.cloze import ensure_austen_cloze_task
-    from gblm.models.loading import ModelSpec, load_model_and_tokenizer
+    from gblm.models.loading import ModelSpec, load_model, load_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(ModelSpec(), torch.device("cpu"), torch.float32)
+    tokenizer = load_tokenizer(ModelSpec())
+    model = load_model(ModelSpec(), torch.device("cpu"), torch.float32, tokenizer)
     task_dir = ensure_austen_cloze_task()
     result = zeroshot_eval(model, tokenizer, [TASK_NAME], include_path=task_dir, batch_size=8)
     assert result[TASK_NAME]["samples"] == 100

@@ -17,10 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
-
-from gblm.devices import input_device
 
 # The GBLM-Pruner / Wanda zero-shot suite.
 DEFAULT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
@@ -109,7 +106,6 @@ def zeroshot_eval(
     *,
     limit: int | float | None = None,
     batch_size: int | str = 1,
-    device: torch.device | str | None = None,
     include_path: str | os.PathLike | None = None,
     results_dir: str | os.PathLike | None = None,
     log_samples: bool = False,
@@ -119,8 +115,6 @@ def zeroshot_eval(
     Args:
         limit: at most this many items per task (a share of them when < 1); None = all.
         batch_size: lm-eval's batch size (``"auto"`` lets lm-eval pick on CUDA).
-        device: a model not dispatched with a ``device_map`` is moved there (in place); None =
-            where the model is.
         include_path: a folder of local task YAMLs.
         results_dir: where to keep lm-eval's output: ``lm_eval_results.json`` and, with
             ``log_samples``, each task's per-item log ``lm_eval_samples_<task>.jsonl``.
@@ -133,9 +127,6 @@ def zeroshot_eval(
     tasks = list(tasks)
     task_manager = _task_manager(include_path, tasks)
     check_tasks(tasks, task_manager)
-    if device is not None and getattr(model, "hf_device_map", None) is None:
-        if input_device(model) != torch.device(device):
-            model.to(torch.device(device))
     was_training = model.training
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
