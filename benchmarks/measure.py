@@ -226,9 +226,9 @@ def build_model(config: Config, device: torch.device, dtype: torch.dtype) -> tor
 
     spec = config.model
     if spec.get("smollm2"):
-        from gblm.models.loading import ModelSpec, load_model_and_tokenizer
+        from gblm.models.loading import ModelSpec, load_model, load_tokenizer
 
-        return load_model_and_tokenizer(ModelSpec(), device, dtype)[0]
+        return load_model(ModelSpec(), device, dtype, load_tokenizer(ModelSpec()))
     if "llama" in spec:
         torch.manual_seed(0)
         llama = LlamaConfig(**spec["llama"], tie_word_embeddings=False)

@@ -71,10 +71,10 @@ def test_file_backed_accumulators_change_nothing(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def smollm2() -> nn.Module:
     from gblm.config import ModelSpec
-    from gblm.models.loading import load_model_and_tokenizer
+    from gblm.models.loading import load_model, load_tokenizer
 
-    model, _ = load_model_and_tokenizer(ModelSpec(), torch.device("cpu"), torch.float32)
-    return model
+    spec = ModelSpec()
+    return load_model(spec, torch.device("cpu"), torch.float32, load_tokenizer(spec))
 
 
 @pytest.mark.parametrize("norm", ["l1", "l2"])

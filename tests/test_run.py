@@ -64,7 +64,7 @@ def test_unavailable_data_fails_before_the_model_loads_and_is_recorded(tmp_path,
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the data check")
 
-    monkeypatch.setattr(loading, "load_model_and_tokenizer", must_not_load)
+    monkeypatch.setattr(loading, "load_model", must_not_load)
     cfg = compose_config(
         "model=tiny_llama",
         "method=wanda",

@@ -187,10 +187,10 @@ def _cuda_count() -> int:
 @pytest.mark.skipif(_cuda_count() < 1, reason="needs a CUDA device")
 @pytest.mark.parametrize("device_map", ["auto", {"": "cuda:0"}], ids=["auto", "all-cuda0"])
 def test_cuda_device_map_places_and_runs(tmp_path, saved_tiny, small_local_data, device_map):
-    from gblm.models.loading import ModelSpec, load_model_and_tokenizer
+    from gblm.models.loading import ModelSpec, load_model, load_tokenizer
 
     spec = ModelSpec(kind="hf", name="tiny", name_or_path=str(saved_tiny), device_map=device_map)
-    model, _ = load_model_and_tokenizer(spec, torch.device("cuda"), torch.float16)
+    model = load_model(spec, torch.device("cuda"), torch.float16, load_tokenizer(spec))
     assert {p.device.type for p in model.parameters()} == {"cuda"}
     metrics = _run(
         tmp_path,

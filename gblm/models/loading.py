@@ -271,13 +271,6 @@ def max_positions(spec: ModelSpec) -> int | None:
     return _config_int(spec, "max_position_embeddings", "n_positions", "max_sequence_length")
 
 
-def load_model_and_tokenizer(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
-    """The model in eval mode (:func:`load_model`) and its tokenizer."""
-    check_model_available(spec)
-    tokenizer = load_tokenizer(spec)
-    return load_model(spec, device, dtype, tokenizer), tokenizer
-
-
 def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, tokenizer):
     """The model in eval mode, weights checked finite, on ``device`` unless ``device_map`` places
     it or ``onload`` keeps it on the CPU (as loaded: safetensors weights stay memory-mapped).
