@@ -40,11 +40,6 @@ class CorpusUnavailableError(UserError, RuntimeError):
     """An embedded corpus cannot be exported on this machine."""
 
 
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}: allowed values are {', '.join(SPLITS)}.")
-
-
 def _export_austen(out_dir: Path) -> None:
     if shutil.which("Rscript") is None:
         raise CorpusUnavailableError(
@@ -85,7 +80,6 @@ def _austen_chapters(text: str) -> list[str]:
 
 def austen_documents(split: str, root: Path | None = None) -> list[str]:
     """Chapters of the Austen novels in ``split`` (train / validation / test), in book order."""
-    _check_split(split)
     out_dir = (root or cache_dir()) / "corpus" / "austen"
     if not all((out_dir / f"{b}.txt").exists() for b in AUSTEN_BOOKS):
         _export_austen(out_dir)
@@ -125,7 +119,6 @@ def _kjv_chapters(text: str) -> list[str]:
 
 def kjv_documents(split: str, root: Path | None = None) -> list[str]:
     """Chapters of the King James Bible in ``split``: every 9th of 10 validation, 10th test."""
-    _check_split(split)
     path = (root or cache_dir()) / "corpus" / "kjv" / "kjv.txt"
     if not path.exists():
         _export_kjv(path)
