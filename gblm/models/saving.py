@@ -19,6 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gblm import __version__
+from gblm.devices import dtype_name
+from gblm.models.card import model_card
 from gblm.pruning.storage import pack_mask, unpack_mask
 from gblm.utils import atomic_write, atomic_write_json
 
@@ -28,14 +31,13 @@ CARD_FILE = "README.md"
 MASK_FORMAT = "gblm-packbits-v1"
 
 
-def save_masks(masks: Mapping[str, Tensor], path: Path) -> Path:
+def save_masks(masks: Mapping[str, Tensor], path: Path) -> None:
     """Write ``masks`` (Linear name -> bool mask) bit-packed into one safetensors file."""
     from safetensors.torch import save_file
 
     packed = {name: pack_mask(mask) for name, mask in masks.items()}
     shapes = {name: list(mask.shape) for name, mask in masks.items()}
     save_file(packed, str(path), metadata={"format": MASK_FORMAT, "shapes": json.dumps(shapes)})
-    return Path(path)
 
 
 def load_masks(path: str | Path) -> dict[str, Tensor]:
@@ -104,7 +106,7 @@ def _save_pretrained(
         if dtype is not None:  # save_pretrained writes the dtype of the model, not of the files
             config_file = directory / "config.json"
             written = json.loads(config_file.read_text())
-            written["dtype"] = str(dtype).removeprefix("torch.")
+            written["dtype"] = dtype_name(dtype)
             atomic_write_json(config_file, written)
     finally:
         for key, value in saved.items():
@@ -130,9 +132,6 @@ def save_pruned_model(
     ``dtype`` is the weights' dtype on disk (None: the model's own); ``card`` holds what
     :func:`gblm.models.card.model_card` needs beyond ``metrics`` (``base_model``, ``evaluation``).
     """
-    from gblm import __version__
-    from gblm.models.card import model_card
-
     summary = mask_summary(masks)
     masks_file = MASKS_FILE if masks else None
     recipe = {
@@ -164,9 +163,9 @@ class HubPushError(RuntimeError):
     """The saved model could not be pushed (offline, no token, no permission, ...)."""
 
 
-def push_saved_model(directory: str | Path, repo_id: str, *, private: bool = True) -> str:
-    """Upload a saved model directory to the hub repo ``repo_id`` (created, private by default,
-    when missing); returns its URL. Offline or on a failed upload: :class:`HubPushError`."""
+def push_saved_model(directory: str | Path, repo_id: str) -> str:
+    """Upload a saved model directory to the hub repo ``repo_id`` (created private when missing);
+    returns its URL. Offline or on a failed upload: :class:`HubPushError`."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise HubPushError(
             f"push_to_hub={repo_id!r}: the Hugging Face hub is offline here (HF_HUB_OFFLINE is "
@@ -177,7 +176,7 @@ def push_saved_model(directory: str | Path, repo_id: str, *, private: bool = Tru
 
     api = HfApi()
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.create_repo(repo_id, private=True, exist_ok=True, repo_type="model")
         api.upload_folder(folder_path=str(directory), repo_id=repo_id, repo_type="model",
                           commit_message="gblm: pruned model")  # fmt: skip
     except Exception as err:  # network, auth, permission: all end the push, never the run
