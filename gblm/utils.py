@@ -19,6 +19,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from gblm.errors import ConfigError
+
 log = logging.getLogger("gblm")
 
 
@@ -139,8 +141,6 @@ def file_digest(path: str | os.PathLike, memo_dir: str | os.PathLike | None = No
 def writable_dir(path: str | os.PathLike, key: str) -> Path:
     """``path`` as a folder this process can write into (made if missing), else the refusal
     naming ``key``. Tried by writing a file: root passes permission bits, a full disk does not."""
-    from gblm.errors import ConfigError
-
     folder = Path(path).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)

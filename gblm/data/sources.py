@@ -122,7 +122,7 @@ def load_documents(
         return _load_files(paths, split, key=f"{group}.paths")
     if source == "local":
         raise DataUnavailableError(
-            f"{key}=local needs files: set {key.rsplit('.', 1)[0]}.paths=[a.txt, b.jsonl, ...]."
+            f"{key}=local needs files: set {group}.paths=[a.txt, b.jsonl, ...]."
         )
     configure_offline()
     import datasets

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from gblm.data.corpus import austen_documents
+from gblm.paths import cache_dir
 from gblm.utils import atomic_write_text, content_hash
 
 TASK_NAME = "austen_cloze"
@@ -188,7 +190,4 @@ def export_task(task_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path
 
 def ensure_austen_cloze_task(n_items: int = 100) -> Path:
     """The task folder of the corpus's held-out Austen chapters, in ``<cache>/tasks``."""
-    from gblm.data.corpus import austen_documents
-    from gblm.paths import cache_dir
-
     return prepare_austen_cloze(austen_documents("test"), cache_dir() / "tasks", n_items=n_items)

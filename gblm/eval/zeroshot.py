@@ -19,6 +19,9 @@ from typing import Any
 
 from torch import nn
 
+from gblm.eval.cloze import TASK_NAME
+from gblm.utils import atomic_write_text
+
 # The GBLM-Pruner / Wanda zero-shot suite.
 DEFAULT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
                  "openbookqa")  # fmt: skip
@@ -60,8 +63,6 @@ def validate_task_names(
 ) -> None:
     """Fail before any model loads on a task name lm-eval will not know; ``austen_cloze`` without
     an include path is known (it is generated on demand)."""
-    from gblm.eval.cloze import TASK_NAME
-
     others = [t for t in tasks if not (t == TASK_NAME and include_path is None)]
     if not tasks:
         check_tasks(tasks, None)  # the empty list's message, before any index is built
@@ -121,8 +122,6 @@ def zeroshot_eval(
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-
-    from gblm.utils import atomic_write_text
 
     tasks = list(tasks)
     task_manager = _task_manager(include_path, tasks)

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from gblm.errors import UserError
+from gblm.errors import NonFiniteError, UserError
 from gblm.models.memory import privatize_parameters
 from gblm.paths import cache_dir, configure_offline, hub_reachable
-from gblm.utils import atomic_write, file_lock
+from gblm.utils import atomic_write, content_hash, file_digest, file_lock
 
 log = logging.getLogger("gblm.models")
 
@@ -188,8 +188,6 @@ def weights_fingerprint(spec: ModelSpec) -> str:
     """A content hash of the model's :data:`WEIGHT_FILES`, for cache keys (each file's sha256
     remembered per size, mtime and inode under ``<cache>/fingerprints``); without local files
     (a tiny model, a hub id not yet downloaded) its :attr:`ModelSpec.model_id`."""
-    from gblm.utils import content_hash, file_digest
-
     directory = model_directory(spec)
     if directory is None or not directory.is_dir():
         return spec.model_id
@@ -324,8 +322,6 @@ def _finite_flag(tensor: torch.Tensor) -> torch.Tensor:
 def check_finite_weights(model, what: str = "the model") -> None:
     """Refuse a model with a NaN or infinite parameter (not on meta), naming the tensors:
     :class:`gblm.errors.NonFiniteError`."""
-    from gblm.errors import NonFiniteError
-
     params = [
         (name, p)
         for name, p in model.named_parameters()
