@@ -31,10 +31,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto`` is float16 on CUDA (the published protocol) and float32 on the CPU."""
-    if isinstance(name, torch.dtype):
-        return name
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if name not in _DTYPES:
