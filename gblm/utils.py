@@ -78,7 +78,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
     """:func:`atomic_write` of ``data`` as indented JSON (``default=str``) and a final newline."""
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -116,25 +116,23 @@ def tensors_checksum(tensors: Mapping[str, Any]) -> str:
     return content_hash(layout, data=chunks())
 
 
-def file_digest(path: str | os.PathLike, memo_dir: str | os.PathLike | None = None) -> str:
-    """sha256 of a file's bytes; with ``memo_dir`` (one small JSON per file there), computed once
-    per (path, size, mtime, inode), which spares hashing a model's weights on every run."""
+def file_digest(path: str | os.PathLike, memo_dir: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, computed once per (path, size, mtime, inode) and remembered in
+    one small JSON per file in ``memo_dir``, which spares hashing a model's weights on every run."""
     path = Path(path).resolve()
     st = path.stat()
     stamp = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
-    memo = Path(memo_dir) / f"{content_hash(str(path), length=24)}.json" if memo_dir else None
-    if memo is not None and memo.exists():
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            seen = json.loads(memo.read_text())
-            if {k: seen[k] for k in stamp} == stamp and len(seen["sha256"]) == 64:
-                return seen["sha256"]
+    memo = Path(memo_dir) / f"{content_hash(str(path), length=24)}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # no memo, or a bad one
+        seen = json.loads(memo.read_text())
+        if {k: seen[k] for k in stamp} == stamp and len(seen["sha256"]) == 64:
+            return seen["sha256"]
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
-    if memo is not None:
-        with contextlib.suppress(OSError):  # the memo is optional: a full disk only slows us
-            atomic_write_json(memo, {**stamp, "sha256": digest.hexdigest()})
+    with contextlib.suppress(OSError):  # the memo is optional: a full disk only slows us
+        atomic_write_json(memo, {**stamp, "sha256": digest.hexdigest()})
     return digest.hexdigest()
 
 

@@ -88,11 +88,7 @@ def documents_digest(documents: Sequence[str]) -> str:
 
 
 def source_fingerprint(
-    source: str,
-    split: str,
-    paths: Sequence[str] | None,
-    memo_dir: Path | None = None,
-    key: str = "calibration.source",
+    source: str, split: str, paths: Sequence[str] | None, memo_dir: Path, key: str
 ) -> str:
     """A content fingerprint of the documents :func:`gblm.data.sources.load_documents` reads,
     cheap enough to take before anything loads (a run's identity).

@@ -51,9 +51,7 @@ def _offline_help(source: str, key: str) -> str:
     )
 
 
-def _load_files(
-    paths: Sequence[str | Path], split: str, key: str = "calibration.paths"
-) -> list[str]:
+def _load_files(paths: Sequence[str | Path], split: str, key: str) -> list[str]:
     """Documents from local files; a ``.txt`` file is one document. ``key`` names the paths."""
     import datasets
 
