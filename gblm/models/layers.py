@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from operator import attrgetter
 
+import torch
 from torch import nn
 
 from gblm.names import module_type
@@ -50,7 +51,6 @@ def prunable_linears(block: nn.Module) -> dict[str, nn.Linear]:
 def linear_names(config, trust_remote_code: bool = False) -> list[str]:
     """The full names of the prunable Linears of the model that ``config`` describes, read from
     its skeleton on the meta device (no weight is made), in the walk's order."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
