@@ -33,7 +33,6 @@ class Offloaded:
 
     @property
     def slots(self) -> dict:
-        """The owner's ``_buffers`` or ``_parameters``."""
         return self.owner._buffers if self.buffer else self.owner._parameters
 
     def current(self) -> Tensor:

@@ -98,8 +98,6 @@ def _save_pretrained(
                       for k, v in model.state_dict().items()}  # fmt: skip
     if saved["use_cache"] is not None:
         config.use_cache = True
-    if dtype is not None:
-        config.dtype = dtype
     setattr(config, RECIPE_KEY, dict(recipe))
     try:
         model.save_pretrained(directory, state_dict=state_dict)
