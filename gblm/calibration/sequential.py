@@ -73,7 +73,7 @@ def _on_device(block: nn.Module, device: torch.device) -> Iterator[torch.device]
         )
     if placed:
         execution_device = placed.pop()
-        with materialized(block, execution_device, write=True):
+        with materialized(block, execution_device):
             yield execution_device
         return
     home = {p.device for p in block.parameters()}

@@ -174,18 +174,16 @@ def write_back(entry: Offloaded, value: Tensor) -> None:
 
 
 @contextlib.contextmanager
-def materialized(module: nn.Module, device: torch.device, write: bool) -> Iterator[None]:
+def materialized(module: nn.Module, device: torch.device) -> Iterator[None]:
     """Within, ``module``'s offloaded tensors are real ones on ``device`` (new Parameters, read
-    from the ``weights_map``) and the hooks hold still; with ``write`` their values are written
-    back (:func:`write_back`) before the meta tensors return. One block's weights at a time."""
+    from the ``weights_map``) and the hooks hold still; their values are written back
+    (:func:`write_back`) before the meta tensors return. One block's weights at a time."""
     entries = offloaded_tensors(module)
-    if write:
-        check_writable(entries)
+    check_writable(entries)
     with held_hooks(module), _replaced(entries, lambda entry: entry.read().to(device)):
         yield
-        if write:
-            for entry in entries:
-                write_back(entry, entry.current())
+        for entry in entries:
+            write_back(entry, entry.current())
 
 
 @contextlib.contextmanager
