@@ -74,8 +74,8 @@ def mask_summary(masks: Mapping[str, Tensor]) -> dict[str, Any]:
 
 
 def _default_permissions(directory: Path) -> None:
-    """Give everything under ``directory`` the mode its ``mkdir`` got under the umask (a temporary
-    file's 0600 would make the saved model unreadable to others)."""
+    """Give everything under ``directory`` the mode its ``mkdir`` got under the umask (safetensors
+    writes its files 0600, which would make the saved weights unreadable to others)."""
     dir_mode = directory.stat().st_mode & 0o777
     for path in directory.rglob("*"):
         path.chmod(dir_mode if path.is_dir() else dir_mode & 0o666)
