@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from gblm.eval.cloze import TASK_NAME
-from gblm.utils import atomic_write_text
+from gblm.utils import atomic_write_json, atomic_write_text
 
 # The GBLM-Pruner / Wanda zero-shot suite.
 DEFAULT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
@@ -140,9 +140,7 @@ def zeroshot_eval(
         raise RuntimeError("lm-eval returned no results (not rank 0?).")
     if results_dir is not None:
         results = {k: v for k, v in out.items() if k != "samples"}
-        atomic_write_text(
-            Path(results_dir, "lm_eval_results.json"), json.dumps(results, indent=1, default=str)
-        )
+        atomic_write_json(Path(results_dir, "lm_eval_results.json"), results)
         for task, items in (out.get("samples") or {}).items():
             text = "".join(json.dumps(i, default=str) + "\n" for i in items)
             atomic_write_text(Path(results_dir, f"lm_eval_samples_{task}.jsonl"), text)
