@@ -190,14 +190,13 @@ def cached_tensors(path: Path, compute: Callable[[], Mapping[str, Any]], what: s
 def _read_entry(path: Path, what: str) -> dict | None:
     """The entry at ``path`` if it is there and its checksum holds, else None."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     if not path.exists():
         return None
     try:
         with safe_open(str(path), framework="pt") as handle:
             expected = (handle.metadata() or {}).get("checksum")
-        tensors = load_file(str(path))
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
         problem = None if expected == tensors_checksum(tensors) else "checksum mismatch"
     except Exception as err:  # truncated or garbled: any reader error means recompute
         problem = str(err)
