@@ -22,10 +22,9 @@ def write_mask_stats_csv(per_linear: Iterable[dict], path: str | os.PathLike) ->
     rows = list(per_linear)
     fields = list(LINEAR_FIELDS) + sorted({k for r in rows for k in r} - set(LINEAR_FIELDS))
     buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=fields)  # None and a missing key: an empty cell
     writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in fields})
+    writer.writerows(rows)
     return atomic_write_text(path, buffer.getvalue())
 
 

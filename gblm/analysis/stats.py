@@ -129,10 +129,16 @@ def _aggregate(rows: Sequence[dict]) -> dict:
     }
 
 
-def aggregate_mask_stats(per_linear: Sequence[dict]) -> tuple[list[dict], list[dict], dict]:
-    """Per-block, per-type and overall summaries of :func:`linear_mask_stats` rows (the walk
-    computes the rows as it goes and drops the masks); rows without a block index are left out
-    of the per-block list only."""
+def model_mask_stats(
+    masks: Mapping[str, Tensor], n: int = 0, m: int = 0, n_of: Mapping[str, int] | None = None
+) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """``(per_linear, per_block, per_type, overall)`` of every mask, by full Linear name;
+    ``n_of`` gives a Linear its own N where a plan varies it per block (OWL's N:M). A Linear
+    without a block index is left out of the per-block list only."""
+    n_of = n_of or {}
+    per_linear = [
+        linear_mask_stats(name, mask, n_of.get(name, n), m) for name, mask in masks.items()
+    ]
     by_block: dict[int, list[dict]] = {}
     by_type: dict[str, list[dict]] = {}
     for row in per_linear:
@@ -141,17 +147,4 @@ def aggregate_mask_stats(per_linear: Sequence[dict]) -> tuple[list[dict], list[d
         by_type.setdefault(row["type"], []).append(row)
     per_block = [{"block": b, **_aggregate(rows)} for b, rows in sorted(by_block.items())]
     per_type = [{"type": t, **_aggregate(rows)} for t, rows in by_type.items()]
-    return per_block, per_type, _aggregate(list(per_linear))
-
-
-def model_mask_stats(
-    masks: Mapping[str, Tensor], n: int = 0, m: int = 0, n_of: Mapping[str, int] | None = None
-) -> tuple[list[dict], list[dict], list[dict], dict]:
-    """``(per_linear, per_block, per_type, overall)`` of every mask, by full Linear name;
-    ``n_of`` gives a Linear its own N where a plan varies it per block (OWL's N:M)."""
-    n_of = n_of or {}
-    per_linear = [
-        linear_mask_stats(name, mask, n_of.get(name, n), m) for name, mask in masks.items()
-    ]
-    per_block, per_type, overall = aggregate_mask_stats(per_linear)
-    return per_linear, per_block, per_type, overall
+    return per_linear, per_block, per_type, _aggregate(per_linear)
