@@ -2,8 +2,3 @@
 run folders, :mod:`.axes` finds the swept settings, :mod:`.tables` and :mod:`.plots` make the
 tables and their figures, :mod:`.render` writes them (Markdown, HTML, CSV, LaTeX) and
 :mod:`.build` assembles the sections; ``published.yaml`` holds the published numbers."""
-
-from gblm.analysis.report.build import build_report, main
-from gblm.analysis.report.runs import find_runs
-
-__all__ = ["build_report", "find_runs", "main"]

@@ -1,9 +1,7 @@
-"""Assembling the report: the sections of each model, the summary, and ``python -m gblm.report``."""
+"""Assembling the report: the sections of each model and the summary (:func:`build_report`)."""
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +13,6 @@ from gblm.analysis.report.render import Section, render_html, render_markdown, w
 from gblm.analysis.report.runs import RunRecord, find_runs, is_baseline
 from gblm.utils import atomic_write_text
 
-DESCRIPTION = "Sweep report: tables and plots comparing every run under a sweep directory."
 MAX_MASK_LAYERS = 4  # mask comparisons per (model, sparsity)
 PUBLISHED = Path(__file__).with_name("published.yaml")
 
@@ -213,20 +210,3 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Pa
     atomic_write_text(out / "report.md", render_markdown(title, sections, out))
     atomic_write_text(out / "report.html", render_html(title, sections))
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gblm.report SWEEP_DIR [--out DIR]``; 2 when the sweep folder is missing."""
-    parser = argparse.ArgumentParser(prog="python -m gblm.report", description=DESCRIPTION)
-    parser.add_argument(
-        "sweep_dir", type=Path, help="a sweep folder (or any folder of run folders)"
-    )
-    parser.add_argument("--out", type=Path, help="the report's folder (default SWEEP_DIR/report)")
-    args = parser.parse_args(argv)
-    try:
-        out = build_report(args.sweep_dir, args.out)
-    except FileNotFoundError as err:
-        print(err, file=sys.stderr)
-        return 2
-    print(f"Wrote {out / 'report.md'}, {out / 'report.html'} and the tables in {out / 'tables'}")
-    return 0
