@@ -1,9 +1,8 @@
-"""Reading the run folders of a sweep into :class:`RunRecord` objects, and their sort keys."""
+"""Reading the run folders of a sweep into :class:`RunRecord` objects."""
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,11 +67,6 @@ def is_baseline(method: str) -> bool:
         return method_entry(method).target is None
     except KeyError:
         return False
-
-
-def sparsity_key(run: RunRecord) -> tuple[int, float, int]:
-    """Unstructured ratios first (ascending), then N:M patterns."""
-    return (1 if run.m else 0, run.ratio if not math.isnan(run.ratio) else -1.0, run.n)
 
 
 def number(value: Any) -> float | None:

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from gblm.analysis.report.axes import axis_rows, axis_values, fmt_value
-from gblm.analysis.report.runs import RunRecord, is_baseline, number, sparsity_key
+from gblm.analysis.report.runs import RunRecord, is_baseline, number
 from gblm.names import MODULE_TYPES
 
 DENSE_ROW = "dense"  # the label of the unpruned model's row in the pivots
@@ -87,17 +87,15 @@ class Table:
 
 
 def labels(runs: Sequence[RunRecord]) -> list[str]:
-    """The sparsity labels of ``runs`` in column order (see :func:`sparsity_key`)."""
-    return list({r.label: r for r in sorted(runs, key=sparsity_key)})
+    """The sparsity labels of ``runs`` in column order: unstructured ratios ascending, then N:M."""
+    in_order = sorted(runs, key=lambda r: (r.m > 0, -1.0 if math.isnan(r.ratio) else r.ratio, r.n))
+    return list(dict.fromkeys(r.label for r in in_order))
 
 
 def ordered(runs: Sequence[RunRecord], attr: str) -> list[str]:
     """The distinct ``series`` (or ``row``) names of ``runs`` in their sort order."""
-    return list(
-        dict.fromkeys(
-            getattr(r, attr) for r in sorted(runs, key=lambda r: getattr(r, attr + "_key"))
-        )
-    )
+    in_order = sorted(runs, key=lambda r: getattr(r, attr + "_key"))
+    return list(dict.fromkeys(getattr(r, attr) for r in in_order))
 
 
 def _grid(runs: Sequence[RunRecord], value: Value, key, scale: float) -> dict[Any, Stat | None]:
@@ -106,9 +104,6 @@ def _grid(runs: Sequence[RunRecord], value: Value, key, scale: float) -> dict[An
     for r in runs:
         groups.setdefault(key(r), []).append(value(r))
     return {k: stat(v, scale) for k, v in groups.items()}
-
-
-# ----------------------------------------------------------------------------- tables
 
 
 def dense_baseline(runs: Sequence[RunRecord]) -> tuple[float | None, float | None, str]:
