@@ -20,9 +20,8 @@ METRICS_FILE = "metrics.json"
 class RunRecord:
     """What the report needs from one run folder."""
 
-    path: Path
     name: str  # the folder relative to the sweep directory
-    status: str  # finished | failed | running | unfinished | unreadable
+    status: str = "unfinished"  # finished | failed | running | unfinished | unreadable
     method: str = "?"  # the method label: ``gblm``, ``wanda+owl``, ``dsnot(wanda)``, ``gblm+admm``
     base: str = "?"  # the registered method (``method=`` of the run): ``gblm``, ``dsnot``
     model: str = "?"
@@ -157,9 +156,7 @@ def _from_metrics(record: RunRecord, metrics: dict) -> None:
 
 def read_run(run_dir: Path, sweep_dir: Path) -> RunRecord:
     """One run folder -> :class:`RunRecord` (never raises on a damaged folder)."""
-    record = RunRecord(
-        path=run_dir, name=run_dir.relative_to(sweep_dir).as_posix() or ".", status="unfinished"
-    )
+    record = RunRecord(name=run_dir.relative_to(sweep_dir).as_posix() or ".")
     config = _read_yaml(run_dir / ".hydra" / "config.yaml")
     if config is None:  # a run outside Hydra keeps its resolved config beside its metrics
         config = _read_yaml(run_dir / "config_resolved.json")  # JSON is YAML
