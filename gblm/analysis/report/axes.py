@@ -18,10 +18,10 @@ from typing import Any
 from gblm.analysis.report.runs import RunRecord, is_baseline
 from gblm.methods.registry import method_order, reconstruct_names
 
-#: Keys (and prefixes ending in ".") that are not ablation axes; the seeds are repeats.
+#: Keys that are not ablation axes, nor is any key under them; the seeds are repeats.
 NOT_AXES = (
-    "method.name", "sparsity.ratio", "sparsity.n", "sparsity.m", "sparsity.label", "model.",
-    "logger.", "hydra.", "experiment", "progress", "skip_finished", "overwrite", "mask_images",
+    "method.name", "sparsity.ratio", "sparsity.n", "sparsity.m", "sparsity.label", "model",
+    "logger", "hydra", "experiment", "progress", "skip_finished", "overwrite", "mask_images",
     "save_model", "save_dtype", "push_to_hub", "seed", "calibration.seed", "calibration.paths",
     "eval.perplexity.paths", "eval.perplexity.batch_size", "eval.perplexity.enabled",
     "eval.perplexity.dense", "eval.zeroshot.enabled", "eval.zeroshot.include_path",
@@ -34,8 +34,7 @@ PREFERRED = ("calibration.nsamples", "calibration.seqlen", "calibration.source",
 
 
 def is_axis_key(key: str) -> bool:
-    return not any(key == p.rstrip(".") or key.startswith(p if p.endswith(".") else p + ".")
-                   for p in NOT_AXES)  # fmt: skip
+    return not any(key == p or key.startswith(p + ".") for p in NOT_AXES)
 
 
 def _groups(runs: Sequence[RunRecord]) -> list[list[RunRecord]]:
