@@ -42,7 +42,7 @@ def _distribution(prefix: str, values: Tensor) -> dict[str, float]:
     """Mean, population std, min and max of a 1-D float tensor, as plain floats."""
     return {
         f"{prefix}_mean": values.mean().item(),
-        f"{prefix}_std": values.std(unbiased=False).item() if values.numel() > 1 else 0.0,
+        f"{prefix}_std": values.std(unbiased=False).item(),
         f"{prefix}_min": values.min().item(),
         f"{prefix}_max": values.max().item(),
     }
