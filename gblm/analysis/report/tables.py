@@ -58,10 +58,6 @@ def stat(values: Sequence[float | None], scale: float = 1.0) -> Stat | None:
     return Stat(statistics.fmean(present), std, len(present))
 
 
-def cell_text(cell: Cell) -> str:
-    return fmt_number(cell) if isinstance(cell, (int, float)) else "" if cell is None else str(cell)
-
-
 @dataclass
 class Table:
     """A table of the report; ``name`` is the file stem of its CSV and LaTeX exports."""
@@ -72,7 +68,11 @@ class Table:
     note: str = ""  # a sentence under the table (sources, what a merged column holds)
 
     def text(self) -> list[list[str]]:
-        return [[cell_text(c) for c in row] for row in self.rows]
+        """The cells as printed: text and a Stat as they read, a number (or None) by fmt_number."""
+        return [
+            [str(c) if isinstance(c, (str, Stat)) else fmt_number(c) for c in row]
+            for row in self.rows
+        ]
 
     def numbers(self) -> pd.DataFrame:
         """The table for a CSV: numbers unformatted, a column of repeats with its std and n."""
