@@ -190,7 +190,7 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Pa
         raise FileNotFoundError(f"Sweep directory {sweep_dir} does not exist.")
     out = Path(out_dir) if out_dir is not None else sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    runs = find_runs(sweep_dir, exclude=[out])
+    runs = find_runs(sweep_dir)  # the report's own folder holds no run
     finished, copies = counted_once([r for r in runs if r.finished])
     others = [r for r in runs if not r.finished]
 

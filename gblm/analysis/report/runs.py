@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,16 +179,13 @@ def read_run(run_dir: Path, sweep_dir: Path) -> RunRecord:
     return record
 
 
-def find_runs(sweep_dir: str | Path, exclude: Iterable[Path] = ()) -> list[RunRecord]:
-    """Every run folder under ``sweep_dir``, sorted by folder name; ``exclude`` folders skipped."""
+def find_runs(sweep_dir: str | Path) -> list[RunRecord]:
+    """Every run folder under ``sweep_dir``, sorted by folder name."""
     sweep_dir = Path(sweep_dir).resolve()
-    skip = {Path(p).resolve() for p in exclude}
     runs = []
     stack = [sweep_dir]
     while stack:
         folder = stack.pop()
-        if folder in skip:
-            continue
         if (folder / METRICS_FILE).exists() or (folder / ".hydra").is_dir():
             runs.append(read_run(folder, sweep_dir))
             continue  # a run's own sub-folders (masks, model, wandb) hold no runs
