@@ -32,7 +32,7 @@ from gblm.data.calibration import sample_windows
 from gblm.data.sources import load_documents
 from gblm.methods.registry import build_method
 from gblm.models.layers import decoder_layers, prunable_linears
-from gblm.models.loading import ModelSpec, load_model_and_tokenizer
+from gblm.models.loading import ModelSpec, load_model, load_tokenizer
 from gblm.pruning.sparsity import Sparsity
 
 TYPES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -90,7 +90,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=3, help="every k-th block")
     args = parser.parse_args()
     began = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(ModelSpec(), torch.device("cpu"), torch.float32)
+    tokenizer = load_tokenizer(ModelSpec())
+    model = load_model(ModelSpec(), torch.device("cpu"), torch.float32, tokenizer)
     draw = lambda split: sample_windows(  # noqa: E731
         tokenizer, load_documents("austen", split), args.nsamples, args.seqlen, seed=0
     )
