@@ -252,7 +252,8 @@ def _check_jobs(
             except Exception as err:
                 available[model] = False
                 errors.append(f"model {spec.name} (job #{i}): {type(err).__name__}: {err}")
-        data = (s.calibration, s.eval, s.method_name, s.sparsity, s.mask_images)
+        # what the inputs' checks read: the method and its weight update decide the calibration
+        data = (s.calibration, s.eval, s.method, s.reconstruct, s.sparsity, s.mask_images)
         key = (model, *map(repr, data))
         if not (check_models and check_data and available[model]) or key in inputs:
             continue

@@ -510,3 +510,17 @@ def test_comparison_table_orders_finished_jobs_by_pruned_perplexity():
     ]
     assert lines[2].split()[1:] == ["10.00", "20.00"] and lines[1].split()[2] == "-"
     assert format_comparison({"jobs": []}) == ""
+
+
+def test_preflight_checks_the_data_of_a_job_whose_weight_update_calibrates(tmp_path):
+    """Magnitude reads no calibration text, magnitude + OBS does: the preflight's check of each
+    distinct job input must not take the second for the first (both name method=magnitude)."""
+    missing = tmp_path / "no_such_calibration.txt"
+    with (
+        multirun_config(
+            "experiment=tiny_sweep", f"hydra.sweep.dir={tmp_path}", "method=magnitude",
+            "reconstruct=none,obs", "calibration=local", f"calibration.paths=[{missing}]",
+        ) as cfg,
+        pytest.raises(SweepPreflightError, match=r"job #1: .*no_such_calibration"),
+    ):  # fmt: skip
+        preflight(cfg)
