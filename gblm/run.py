@@ -201,8 +201,9 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
         raise
     metrics = record.initial(conf, method, plan, digest)
     with run_lock(run_dir), _interruptible():
-        atomic_write_json(run_dir / "config_resolved.json", container)
+        # "running" first: a saved config never stands beside a finished record of another one
         write_metrics(run_dir, metrics)
+        atomic_write_json(run_dir / "config_resolved.json", container)
         _execute_and_record(conf, method, plan, metrics, run_dir, container, found)
     return metrics
 

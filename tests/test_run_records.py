@@ -205,6 +205,29 @@ def test_a_changed_config_does_not_replace_a_finished_run(tmp_path):
     assert replaced["sparsity"]["ratio"] == _metrics(tmp_path)["sparsity"]["ratio"] == 0.3
 
 
+def test_a_run_stopped_before_its_first_record_never_inherits_the_finished_one(
+    tmp_path, monkeypatch
+):
+    """overwrite=true of another config, stopped (killed, a full disk) before its first
+    metrics.json: the relaunch must not take the kept record of the old config for its own."""
+    import gblm.run
+
+    run(compose_config(*SMALL), run_dir=tmp_path)  # sparsity.ratio=0.5, finished
+
+    def full_disk(run_dir, metrics):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(gblm.run, "write_metrics", full_disk)
+        with pytest.raises(OSError):
+            run(compose_config(*SMALL, "sparsity.ratio=0.3", "overwrite=true"), run_dir=tmp_path)
+    try:
+        again = run(compose_config(*SMALL, "sparsity.ratio=0.3"), run_dir=tmp_path)
+    except ConfigError:  # the finished run of the other config, kept and refused: fine
+        return
+    assert again["sparsity"]["ratio"] == 0.3  # never the 0.5 run's record
+
+
 def test_the_cli_refuses_a_changed_config_with_exit_status_2(tmp_path):
     run(compose_config(*SMALL), run_dir=tmp_path)
     out = subprocess.run(
