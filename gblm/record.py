@@ -128,6 +128,17 @@ def provenance(device: str, fingerprints: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def clear_outputs(run_dir: Path) -> None:
+    """Remove the companion files an earlier run left in ``run_dir`` (mask statistics, mask
+    pictures, lm-eval's output): a run that writes none of them must not show the old ones."""
+    stale = [run_dir / n for n in RECORD_FILES[2:]] + sorted(
+        run_dir.glob("lm_eval_samples_*.jsonl")
+    )
+    stale += sorted((run_dir / "masks").glob("*.png")) if (run_dir / "masks").is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+
+
 def update(metrics: dict[str, Any], result: Result, conf: RunConf, run_dir: Path) -> dict:
     """``metrics`` with what ``result`` holds now; the mask statistics' files written once."""
     from gblm.analysis.records import write_mask_stats_blocks, write_mask_stats_csv

@@ -204,6 +204,7 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
         # "running" first: a saved config never stands beside a finished record of another one
         write_metrics(run_dir, metrics)
         atomic_write_json(run_dir / "config_resolved.json", container)
+        record.clear_outputs(run_dir)  # an earlier run's mask files and lm-eval output
         _execute_and_record(conf, method, plan, metrics, run_dir, container, found)
     return metrics
 

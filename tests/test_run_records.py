@@ -228,6 +228,20 @@ def test_a_run_stopped_before_its_first_record_never_inherits_the_finished_one(
     assert again["sparsity"]["ratio"] == 0.3  # never the 0.5 run's record
 
 
+def test_a_replaced_run_leaves_none_of_the_old_runs_mask_files(tmp_path):
+    """overwrite=true of a pruned run by the dense baseline: the report must not show the old
+    run's mask statistics and pictures as the dense run's."""
+    from gblm.analysis.report.runs import read_run
+
+    run(compose_config(*SMALL), run_dir=tmp_path / "run")  # magnitude: masks, their stats, a PNG
+    assert (tmp_path / "run" / "mask_stats.csv").exists()
+    run(compose_config(*SMALL, "method=dense", "overwrite=true"), run_dir=tmp_path / "run")
+    shown = read_run(tmp_path / "run", tmp_path)
+    assert shown.status == "finished" and shown.base == "dense"
+    assert shown.mask_rows == [] and shown.mask_images == {}
+    assert not (tmp_path / "run" / "mask_stats_blocks.json").exists()
+
+
 def test_the_cli_refuses_a_changed_config_with_exit_status_2(tmp_path):
     run(compose_config(*SMALL), run_dir=tmp_path)
     out = subprocess.run(
