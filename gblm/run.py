@@ -227,6 +227,7 @@ def _execute_and_record(
         remote = GuardedLogger(lambda: record.remote_logger(conf, run_dir))
         timer.listeners.append(record.live_view(remote, metrics))
         metrics["provenance"] = record.provenance(str(given.device), found)
+        write_metrics(run_dir, metrics)  # on disk before the remote logger is sent it
         remote.start({**container, "provenance": metrics["provenance"]})
         result = pipeline.execute(conf, method, plan, given, timer, run_dir, on_update)
         if not found["model"].startswith("files:"):  # a hub id first loaded now: its files

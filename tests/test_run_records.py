@@ -313,6 +313,35 @@ def test_a_failing_remote_logger_is_a_warning(tmp_path, monkeypatch, broken, cap
     assert any(f"remote {'setup' if broken == 'setup' else 'log_artifact'} is down" in w for w in warnings)  # fmt: skip
 
 
+class _DiskCheckingLogger:
+    """A remote logger that notes, at each call, whether what it is sent is already on disk."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.seen = run_dir, []
+
+    def start(self, config):
+        on_disk = _metrics(self.run_dir).get("provenance")
+        self.seen.append(("start", on_disk == config["provenance"]))
+
+    def log_metrics(self, metrics):
+        on_disk = _metrics(self.run_dir)
+        self.seen.append(("log_metrics", all(on_disk.get(k) and all(
+            on_disk[k].get(n) == v for n, v in metrics[k].items()) for k in ("ppl",) if k in metrics)))  # fmt: skip
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def test_the_remote_logger_is_sent_only_what_the_record_on_disk_holds(tmp_path, monkeypatch):
+    import gblm.record
+
+    remote = _DiskCheckingLogger(tmp_path)
+    monkeypatch.setattr(gblm.record, "remote_logger", lambda conf, run_dir: remote)
+    run(compose_config(*SMALL), run_dir=tmp_path)
+    assert remote.seen and ("start", True) in remote.seen
+    assert all(ok for _, ok in remote.seen), remote.seen
+
+
 # File modes ------------------------------------------------------------------------------------
 @pytest.fixture
 def umask_022():
