@@ -320,6 +320,9 @@ def test_cache_key_tracks_windows_and_settings() -> None:
         gradient_cache_key("m2", ids, GradientSettings("l1", 100.0, torch.float16), torch.float16)
         != base
     )
+    settings = GradientSettings("l1", 100.0, torch.float16)
+    assert gradient_cache_key("m", ids, settings, torch.float16, torch.device("cpu", 0)) == base
+    assert gradient_cache_key("m", ids, settings, torch.float16, "cuda:1") != base
     json.dumps(base)
 
 

@@ -84,7 +84,9 @@ class GradientScorePruner(ScorePruner):
         model_key = context.model_key()
         if context.cache_dir is None or model_key is None:
             return None
-        return gradient_cache_key(model_key, windows, self.gradients, context.model_dtype)
+        return gradient_cache_key(
+            model_key, windows, self.gradients, context.model_dtype, context.device
+        )
 
     def dense_pass_cached(self, windows: Tensor | None, context: RunContext) -> bool:
         """Whether :meth:`prepare` will read the gradient norms from the cache."""
@@ -114,7 +116,7 @@ class GradientScorePruner(ScorePruner):
 
 # The cache: the norms on disk (:func:`gblm.utils.cached_tensors`: atomic, locked, checksummed),
 # keyed by what produced them: the weights by content, the windows, the settings.
-CACHE_FORMAT_VERSION = 2  # 2: the model keyed by its weights' content; a checksum per entry
+CACHE_FORMAT_VERSION = 3  # 2: the weights by content, a checksum per entry; 3: the device type
 
 
 def windows_digest(windows: Tensor) -> str:
@@ -126,10 +128,16 @@ def windows_digest(windows: Tensor) -> str:
 
 
 def gradient_cache_key(
-    model_id: str, windows: Tensor, settings: GradientSettings, model_dtype: torch.dtype | str
+    model_id: str,
+    windows: Tensor,
+    settings: GradientSettings,
+    model_dtype: torch.dtype | str,
+    device: torch.device | str = "cpu",
 ) -> dict:
     """Everything the gradient norms depend on, as a JSON-able dict; ``model_id`` names the
-    weights by content (:meth:`gblm.methods.base.RunContext.model_key`), not by their path.
+    weights by content (:meth:`gblm.methods.base.RunContext.model_key`), not by their path. The
+    device type is in the key: a GPU's sums round differently from the CPU's, so a CPU run that
+    shares a cache folder with a GPU run computes its own norms (the masks a fresh run gives).
 
     Not in the key: ``blockwise`` and ``group_size``, which give the same norms bit for bit.
     """
@@ -138,6 +146,7 @@ def gradient_cache_key(
         "version": CACHE_FORMAT_VERSION,
         "model": model_id,
         "model_dtype": dtype_name(model_dtype),
+        "device": torch.device(device).type,
         "nsamples": int(windows.shape[0]),
         "seqlen": int(windows.shape[1]),
         "windows_sha256": windows_digest(windows),
