@@ -258,8 +258,8 @@ def summary_line(metrics: dict) -> str:
     parts += [f"{tag} ppl {ppl[tag]:.2f}" for tag in ("dense", "pruned") if tag in ppl]
     if "sparsity_check" in metrics:
         parts.append(f"sparsity {metrics['sparsity_check']['overall']:.4f}")
-    if "zeroshot" in metrics:
-        parts.append(f"zero-shot mean acc {metrics['zeroshot'].get('mean_acc', float('nan')):.4f}")
+    if "mean_acc" in (metrics.get("zeroshot") or {}):
+        parts.append(f"zero-shot mean acc {metrics['zeroshot']['mean_acc']:.4f}")
     parts.append(f"{metrics['timings'].get('total', 0):.0f} s")
     return "gblm: " + " | ".join(parts)
 

@@ -180,6 +180,22 @@ def test_summarize_results_drops_groups_and_falls_back_to_acc():
     assert summary["mean_acc_norm"] == pytest.approx(0.6)
 
 
+def test_summarize_results_keeps_a_task_without_accuracy_out_of_the_means():
+    """A task scored by perplexity keeps its metrics; the means are over the tasks with an acc."""
+    results = {
+        "results": {
+            "boolq": {"acc,none": 0.8},
+            "wikitext": {"word_perplexity,none": 40.5, "bits_per_byte,none": 0.9},
+        },
+        "n-samples": {"wikitext": {"original": 62, "effective": 62}},
+    }
+    summary = summarize_results(results)
+    assert summary["wikitext"] == {"word_perplexity": 40.5, "bits_per_byte": 0.9, "samples": 62}
+    assert summary["mean_acc"] == summary["mean_acc_norm"] == pytest.approx(0.8)
+    only = summarize_results({"results": {"wikitext": {"word_perplexity,none": 40.5}}})
+    assert only == {"wikitext": {"word_perplexity": 40.5}}
+
+
 @pytest.mark.slow
 def test_dense_smollm2_is_clearly_above_chance():
     """The embedded SmolLM2 on the 100 held-out items (chance 25%; measured acc 0.58, acc_norm

@@ -73,13 +73,14 @@ def validate_task_names(
 def summarize_results(results: dict) -> dict:
     """lm-eval's results -> ``{task: {"acc", "acc_norm", ..., "samples"}, "mean_acc",
     "mean_acc_norm"}``: every finite numeric metric of a leaf task (a filter other than ``none``
-    as ``name@filter``), and the unweighted means over the leaf tasks. A task without
-    ``acc_norm`` reports its ``acc`` there (``acc_norm_is_acc: True``)."""
+    as ``name@filter``), and the unweighted means over the leaf tasks that have an ``acc`` (a task
+    scored otherwise, e.g. by perplexity, keeps its own metrics and stays out of the means). A task
+    without ``acc_norm`` reports its ``acc`` there (``acc_norm_is_acc: True``)."""
     groups = set(results.get("groups", {}))
     samples = results.get("n-samples", {})
     per_task: dict[str, dict[str, Any]] = {}
     for task, metrics in results["results"].items():
-        if task in groups or "acc,none" not in metrics:
+        if task in groups:
             continue
         row: dict[str, Any] = {}
         for key, value in metrics.items():  # every metric and stderr: "acc,none", "acc_stderr,none"
@@ -87,16 +88,18 @@ def summarize_results(results: dict) -> dict:
             number = isinstance(value, int | float) and not isinstance(value, bool)
             if number and math.isfinite(value):  # not a stderr lm-eval could not compute (nan)
                 row[name if kind in ("", "none") else f"{name}@{kind}"] = float(value)
-        if "acc_norm" not in row:
+        if "acc" in row and "acc_norm" not in row:
             row["acc_norm"], row["acc_norm_is_acc"] = row["acc"], True
         if task in samples:
             row["samples"] = int(samples[task].get("effective", 0))
         per_task[task] = row
     if not per_task:
-        raise ValueError("lm-eval returned no task with an accuracy (acc) metric.")
+        raise ValueError("lm-eval returned no results for the requested tasks.")
     summary: dict[str, Any] = dict(per_task)
-    summary["mean_acc"] = sum(r["acc"] for r in per_task.values()) / len(per_task)
-    summary["mean_acc_norm"] = sum(r["acc_norm"] for r in per_task.values()) / len(per_task)
+    scored = [r for r in per_task.values() if "acc" in r]
+    if scored:
+        summary["mean_acc"] = sum(r["acc"] for r in scored) / len(scored)
+        summary["mean_acc_norm"] = sum(r["acc_norm"] for r in scored) / len(scored)
     return summary
 
 
