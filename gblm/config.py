@@ -338,8 +338,15 @@ def _require(value: Any, key: str) -> Any:
     return value
 
 
+def _named(overrides: str) -> str:
+    """``${gblm.named:${hydra.job.override_dirname}}``: ``_<overrides>`` after a run folder's
+    time, or nothing for a run without any (``experiment=demo`` alone names no folder)."""
+    return f"_{overrides}" if overrides else ""
+
+
 ConfigStore.instance().store(name="schema", node=RunConf)  # heads conf/config.yaml's defaults
 OmegaConf.register_new_resolver("gblm.require", _require, replace=True)
+OmegaConf.register_new_resolver("gblm.named", _named, replace=True)
 
 
 # From a composed config to checked values ---------------------------------------------------------

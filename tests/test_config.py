@@ -239,3 +239,17 @@ def test_hub_model_offline_says_how_to_supply_it(monkeypatch):
     with pytest.raises(ModelUnavailableError, match="model.name_or_path=DIR"):
         check_model_available(s.model)
     paths.hub_reachable.cache_clear()
+
+
+def test_a_run_folder_is_named_by_its_overrides_without_a_dangling_separator() -> None:
+    """``${gblm.named:...}`` after the time: ``_<overrides>`` (commas and all), or nothing."""
+    from omegaconf import OmegaConf
+
+    for overrides, name in (("", "12-00-00"), ("method=gblm,sparsity.ratio=0.6",
+                                               "12-00-00_method=gblm,sparsity.ratio=0.6")):  # fmt: skip
+        cfg = OmegaConf.create({"o": overrides, "dir": "12-00-00${gblm.named:${o}}"})
+        assert cfg.dir == name
+    hydra_run = OmegaConf.load(CONF / "config.yaml").hydra.run
+    assert OmegaConf.to_container(hydra_run)["dir"].endswith(
+        "${gblm.named:${hydra.job.override_dirname}}"
+    )
