@@ -248,9 +248,11 @@ def _execute_and_record(
         metrics["timings"] = {**timer.timings, "total": time.perf_counter() - started}
         with _signals_held():
             write_metrics(run_dir, metrics)
-        if metrics["status"] == "finished":
-            record.publish(remote, metrics, run_dir)
-        remote.finish(exit_code=0 if metrics["status"] == "finished" else 1)
+        try:  # a signal during the upload still closes the remote run (the record is whole)
+            if metrics["status"] == "finished":
+                record.publish(remote, metrics, run_dir)
+        finally:
+            remote.finish(exit_code=0 if metrics["status"] == "finished" else 1)
         if record.remote_outcome(metrics, remote):  # a failed upload is a warning of the record
             with _signals_held():
                 write_metrics(run_dir, metrics)

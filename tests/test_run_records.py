@@ -342,6 +342,38 @@ def test_the_remote_logger_is_sent_only_what_the_record_on_disk_holds(tmp_path, 
     assert all(ok for _, ok in remote.seen), remote.seen
 
 
+class _InterruptedUpload:
+    """A remote logger whose record upload is cut by SIGTERM (the handler raises mid-call)."""
+
+    def __init__(self) -> None:
+        self.finished_with: list[int] = []
+
+    def log_artifact(self, *args, **kwargs):
+        from gblm.run import RunInterrupted
+
+        raise RunInterrupted(signal.SIGTERM)
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.finished_with.append(exit_code)
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def test_a_signal_during_the_final_upload_keeps_the_record_and_closes_the_logger(
+    tmp_path, monkeypatch
+):
+    import gblm.record
+    from gblm.run import RunInterrupted
+
+    remote = _InterruptedUpload()
+    monkeypatch.setattr(gblm.record, "remote_logger", lambda conf, run_dir: remote)
+    with pytest.raises(RunInterrupted):
+        run(compose_config(*SMALL), run_dir=tmp_path)
+    assert _metrics(tmp_path)["status"] == "finished"  # every number was on disk before
+    assert remote.finished_with == [0]
+
+
 # File modes ------------------------------------------------------------------------------------
 @pytest.fixture
 def umask_022():
