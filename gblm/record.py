@@ -20,8 +20,15 @@ from gblm.pipeline import Result
 
 log = logging.getLogger("gblm")
 
-RECORD_FILES = ("metrics.json", "config_resolved.json", "mask_stats.csv",
-                "mask_stats_blocks.json", "lm_eval_results.json")  # fmt: skip
+# The files a run's stages write beside its record (a new run in the folder starts without them).
+OUTPUT_FILES = ("mask_stats.csv", "mask_stats_blocks.json", "lm_eval_results.json")
+RECORD_FILES = ("metrics.json", "config_resolved.json", *OUTPUT_FILES)
+
+
+def _pictures_and_samples(run_dir: Path) -> tuple[list[Path], list[Path]]:
+    """The mask pictures and lm-eval's per-item logs in ``run_dir``."""
+    pictures = sorted((run_dir / "masks").glob("*.png"))
+    return pictures, sorted(run_dir.glob("lm_eval_samples_*.jsonl"))
 
 
 def _sweep() -> Any:
@@ -131,11 +138,8 @@ def provenance(device: str, fingerprints: dict[str, str]) -> dict[str, Any]:
 def clear_outputs(run_dir: Path) -> None:
     """Remove the companion files an earlier run left in ``run_dir`` (mask statistics, mask
     pictures, lm-eval's output): a run that writes none of them must not show the old ones."""
-    stale = [run_dir / n for n in RECORD_FILES[2:]] + sorted(
-        run_dir.glob("lm_eval_samples_*.jsonl")
-    )
-    stale += sorted((run_dir / "masks").glob("*.png")) if (run_dir / "masks").is_dir() else []
-    for path in stale:
+    pictures, samples = _pictures_and_samples(run_dir)
+    for path in [run_dir / name for name in OUTPUT_FILES] + pictures + samples:
         path.unlink(missing_ok=True)
 
 
@@ -223,7 +227,7 @@ def publish(remote, metrics: dict, run_dir: Path) -> None:
     if "peak_memory_bytes" in metrics:
         numbers["peak_memory_gb"] = metrics["peak_memory_bytes"] / 2**30
     remote.log_metrics(numbers)  # nested: the logger names them ``ppl/pruned``
-    masks = sorted((run_dir / "masks").glob("*.png")) if (run_dir / "masks").is_dir() else []
+    masks, samples = _pictures_and_samples(run_dir)
 
     def tables_and_images() -> None:
         if (run_dir / "mask_stats.csv").exists():
@@ -232,10 +236,9 @@ def publish(remote, metrics: dict, run_dir: Path) -> None:
             remote.log_images("masks", masks)
 
     remote.call("log tables and images", tables_and_images)
-    files = [run_dir / n for n in RECORD_FILES] + masks
-    samples = sorted(run_dir.glob("lm_eval_samples_*.jsonl"))
+    files = [run_dir / n for n in RECORD_FILES] + masks + samples
     # the run dir's parent (the date of a single run, the sweep of a job) keeps names apart
-    remote.log_artifact(f"run-{run_dir.parent.name}-{run_dir.name}", "run-record", files + samples)
+    remote.log_artifact(f"run-{run_dir.parent.name}-{run_dir.name}", "run-record", files)
 
 
 def remote_outcome(metrics: dict, remote) -> bool:
