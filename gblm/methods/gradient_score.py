@@ -8,7 +8,6 @@ content-keyed cache on disk, so methods asking for the same settings share one e
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import replace
@@ -23,7 +22,7 @@ from gblm.calibration.gradients import GradientSettings, gradient_norms
 from gblm.devices import dtype_name
 from gblm.methods.base import RunContext, ScorePruner
 from gblm.options import OneOf, Range
-from gblm.utils import atomic_write_text, cached_tensors, content_hash
+from gblm.utils import atomic_write_text, cached_tensors, content_hash, tensors_checksum
 
 #: The gradient stage's options, declared once for every method that reads its norms.
 Norm = Annotated[str, OneOf(NORMS)]
@@ -119,14 +118,6 @@ class GradientScorePruner(ScorePruner):
 CACHE_FORMAT_VERSION = 3  # 2: the weights by content, a checksum per entry; 3: the device type
 
 
-def windows_digest(windows: Tensor) -> str:
-    """sha256 of the window ids (as int64, C order) and their shape."""
-    ids = windows.detach().to(device="cpu", dtype=torch.int64).contiguous()
-    digest = hashlib.sha256(repr(tuple(ids.shape)).encode())
-    digest.update(ids.numpy().tobytes())
-    return digest.hexdigest()
-
-
 def gradient_cache_key(
     model_id: str,
     windows: Tensor,
@@ -149,7 +140,7 @@ def gradient_cache_key(
         "device": torch.device(device).type,
         "nsamples": int(windows.shape[0]),
         "seqlen": int(windows.shape[1]),
-        "windows_sha256": windows_digest(windows),
+        "windows_sha256": tensors_checksum({"windows": windows.to(torch.int64)}),
         "norm": settings.norm,
         "scale": settings.scale,
         "accumulator_dtype": settings.accumulator_dtype,
