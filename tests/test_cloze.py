@@ -219,3 +219,22 @@ def test_validate_task_names_knows_the_generated_task():
     validate_task_names([TASK_NAME])  # generated on demand: no include path, no index built
     with pytest.raises(ValueError, match=f"{TASKS_KEY} is empty"):
         validate_task_names([])
+
+
+def test_zeroshot_scores_without_a_bos_like_the_published_harness(tmp_path, tokenizer):
+    """Wanda's eval_zero_shot (which GBLM-Pruner's numbers follow) tokenizes every request with
+    add_special_tokens=False; lm-eval >= 0.4.10 instead leaves it to the tokenizer, and a LLaMA
+    tokenizer prepends its BOS. Here SmolLM2's tokenizer is made to add one, as LLaMA's does."""
+    import copy
+
+    from gblm.models.tiny import build_tiny_model, tiny_config
+
+    bos_tokenizer = copy.deepcopy(tokenizer)
+    bos_tokenizer.add_bos_token = True
+    assert bos_tokenizer("Anne")["input_ids"][0] == bos_tokenizer.bos_token_id
+    model = build_tiny_model(tiny_config("llama", vocab_size=len(tokenizer)), seed=0)
+    firsts: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: firsts.extend(args[0][:, 0].tolist()))
+    task_dir = prepare_austen_cloze(fake_documents(), tmp_path / "cache", n_items=8)
+    zeroshot_eval(model, bos_tokenizer, [TASK_NAME], limit=2, include_path=task_dir)
+    assert firsts and bos_tokenizer.bos_token_id not in firsts

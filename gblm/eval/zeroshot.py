@@ -2,9 +2,11 @@
 
 The model object is handed to lm-eval's Hugging Face wrapper (``HFLM(pretrained=model)``), so what
 is scored is exactly the model in memory. Every task is scored 0-shot by the log-likelihood of
-each choice: ``acc`` picks the highest sum, ``acc_norm`` the highest per byte (lm-eval's
-definitions). Local tasks (``austen_cloze``, :mod:`gblm.eval.cloze`) come in through
-``include_path``.
+each choice: ``acc`` picks the highest sum, ``acc_norm`` the highest per character (lm-eval's
+definitions). As in Wanda's ``eval_zero_shot`` (which GBLM-Pruner's numbers follow), requests
+are tokenized without special tokens (``add_bos_token=False``): no BOS, whatever the tokenizer
+and lm-eval version (lm-eval's default is the tokenizer's since late 2025: a BOS for LLaMA). Local
+tasks (``austen_cloze``, :mod:`gblm.eval.cloze`) come in through ``include_path``.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def zeroshot_eval(
     task_manager = _task_manager(include_path, tasks)
     check_tasks(tasks, task_manager)
     was_training = model.training
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=False)
     try:
         out = simple_evaluate(
             model=lm, tasks=tasks, num_fewshot=0, limit=limit, task_manager=task_manager,
