@@ -110,6 +110,17 @@ def test_wikitext_parquet_layout(tmp_path):
     assert docs == ["", " = Title = \n", " Some text . \n"]
 
 
+def test_wikitext_raw_text_file_reads_as_the_hub_rows(tmp_path):
+    """The original wiki.test.raw (saved as .txt) is the hub's rows, a line each (blank lines
+    empty), so the text joined with blank lines is the published one, not the file as it stands."""
+    raw = tmp_path / "wiki.test.txt"
+    raw.write_text(" \n = Title = \n \n Some text . \n More text . \n", encoding="utf-8")
+    docs = load_documents("wikitext2", "test", [raw], key="eval.perplexity.dataset")
+    assert docs == ["", " = Title = \n", "", " Some text . \n", " More text . \n"]
+    # other sources keep a .txt file as one document
+    assert load_documents("local", "test", [raw]) == [raw.read_text(encoding="utf-8")]
+
+
 def test_missing_local_file_and_offline_hub(tmp_path, monkeypatch):
     with pytest.raises(DataUnavailableError, match="does not exist"):
         load_documents("local", "train", [tmp_path / "nope.txt"])

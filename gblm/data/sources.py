@@ -3,7 +3,7 @@
 | source      | where from                                                    | sampled as |
 |-------------|---------------------------------------------------------------|------------|
 | austen, kjv | the embedded corpora (:mod:`gblm.data.corpus`)                  | stream     |
-| wikitext2   | ``datasets``: ``wikitext`` / ``wikitext-2-raw-v1``, or local parquet/json/txt | stream |
+| wikitext2   | ``datasets``: ``wikitext`` / ``wikitext-2-raw-v1``, or local parquet/json/txt (``wiki.*.raw``: a row per line) | stream |
 | c4          | ``datasets``: ``allenai/c4``, shard ``en/c4-train.00000-of-01024.json.gz``, or a local copy | documents |
 | local       | your files: ``.txt`` (one document each), ``.json``/``.jsonl``(``.gz``) with a ``text`` field, ``.parquet`` | stream or documents |
 
@@ -51,8 +51,12 @@ def _offline_help(source: str, key: str) -> str:
     )
 
 
-def _load_files(paths: Sequence[str | Path], split: str, key: str) -> list[str]:
-    """Documents from local files; a ``.txt`` file is one document. ``key`` names the paths."""
+def _load_files(
+    paths: Sequence[str | Path], split: str, key: str, lines: bool = False
+) -> list[str]:
+    """Documents from local files; a ``.txt`` file is one document, or with ``lines`` one per
+    line, a blank line empty (the rows the hub's ``wikitext`` builder made of ``wiki.*.raw``).
+    ``key`` names the paths."""
     import datasets
 
     docs: list[str] = []
@@ -65,7 +69,10 @@ def _load_files(paths: Sequence[str | Path], split: str, key: str) -> list[str]:
         name = path.name.lower()
         if name.endswith(".txt"):
             try:
-                docs.append(path.read_text(encoding="utf-8"))
+                with path.open(encoding="utf-8") as handle:
+                    docs.extend(
+                        [r if r.strip() else "" for r in handle] if lines else [handle.read()]
+                    )
             except (OSError, UnicodeDecodeError) as err:
                 raise DataUnavailableError(
                     f"{key}: local data file {str(path)!r} cannot be read as UTF-8 text "
@@ -117,7 +124,7 @@ def load_documents(
     if source == "kjv":
         return corpus.kjv_documents(split)
     if paths:
-        return _load_files(paths, split, key=f"{group}.paths")
+        return _load_files(paths, split, key=f"{group}.paths", lines=source == "wikitext2")
     if source == "local":
         raise DataUnavailableError(
             f"{key}=local needs files: set {group}.paths=[a.txt, b.jsonl, ...]."
