@@ -135,3 +135,40 @@ def test_damaged_windows_cache_is_rebuilt(tmp_path, caplog, damage):
     assert str(path) in caplog.text and "computing it again" in caplog.text
     cached_windows(tmp_path, "key", make)
     assert len(calls) == 2  # the rebuilt entry is whole: loaded, not made again
+
+
+def test_windows_key_follows_a_python_tokenizers_special_tokens():
+    """A tokenizer without a Rust backend (remote code, sentencepiece-only) was keyed by its
+    vocabulary alone: one that adds a BOS shared the windows cached for one that does not."""
+    from transformers import PreTrainedTokenizer
+
+    from gblm.data.calibration import tokenizer_digest
+
+    class Chars(PreTrainedTokenizer):
+        def __init__(self, bos: bool = False, **kwargs):
+            self.vocab, self.bos = {chr(i): i for i in range(32, 127)} | {"<s>": 1}, bos
+            super().__init__(bos_token="<s>", **kwargs)
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+        @property
+        def vocab_size(self):
+            return len(self.vocab)
+
+        def _tokenize(self, text):
+            return list(text)
+
+        def _convert_token_to_id(self, token):
+            return self.vocab.get(token, 0)
+
+        def _convert_id_to_token(self, index):
+            return chr(index)
+
+        def build_inputs_with_special_tokens(self, ids, pair=None):
+            return [1] * self.bos + ids
+
+    plain, with_bos = Chars(), Chars(bos=True)
+    assert plain("Hi").input_ids != with_bos("Hi").input_ids
+    assert tokenizer_digest(plain) != tokenizer_digest(with_bos)
+    assert tokenizer_digest(plain) == tokenizer_digest(Chars())

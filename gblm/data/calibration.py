@@ -112,10 +112,17 @@ def source_fingerprint(
     return f"dataset:{source}/{split}"
 
 
+_PROBE = " Chapter 12\n\nMr. Smith's café, naïve  text:\t3.14 — done."
+
+
 def tokenizer_digest(tokenizer) -> str:
-    """A hash of what the tokenizer does: a fast tokenizer's full definition, else its vocabulary."""
+    """A hash of what the tokenizer does: a fast tokenizer's full definition, else its vocabulary
+    and its ids of a probe text (special tokens added as the windows' calls add them)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    if backend is not None:
+        spec = backend.to_str()
+    else:
+        spec = [sorted(tokenizer.get_vocab().items()), list(tokenizer(_PROBE).input_ids)]
     return content_hash({"class": type(tokenizer).__name__, "tokenizer": spec}, length=32)
 
 
