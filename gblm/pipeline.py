@@ -267,18 +267,22 @@ def calibration_windows(
 ) -> Tensor:
     """The (N, T) calibration windows, from the cache when the same ones were drawn before."""
     from gblm.data import calibration as cal
+    from gblm.data.sources import CALIBRATION_SEPARATORS
 
     c = conf.calibration
+    separator = CALIBRATION_SEPARATORS.get(c.source, "\n\n")
     with timer.stage("calibration windows"):
         key = cal.windows_cache_key(
             tokenizer_id=cal.tokenizer_digest(tokenizer), vocab_size=len(tokenizer),
             documents_sha256=cal.documents_digest(texts), nsamples=c.nsamples, seqlen=c.seqlen,
-            seed=c.seed, sampling=c.sampling,
+            seed=c.seed, sampling=c.sampling, separator=separator,
         )  # fmt: skip
         return cal.cached_windows(
             cache_dir(),
             key,
-            lambda: cal.sample_windows(tokenizer, texts, c.nsamples, c.seqlen, c.seed, c.sampling),
+            lambda: cal.sample_windows(
+                tokenizer, texts, c.nsamples, c.seqlen, c.seed, c.sampling, separator
+            ),
         )
 
 

@@ -51,6 +51,35 @@ def test_stream_sampling_draws_only_the_start():
     assert torch.equal(got, torch.tensor([ids[i : i + 8] for i in starts]))
 
 
+def test_wikitext2_calibration_joins_its_rows_with_a_space_as_the_published_loaders(cache):
+    """The published loaders calibrate on ``" ".join(train rows)`` and evaluate on
+    ``"\n\n".join(test rows)``; the embedded corpora are joined with a blank line."""
+    from omegaconf import OmegaConf
+
+    from gblm.config import validate
+    from gblm.pipeline import calibration_windows
+    from gblm.utils import StageTimer
+    from tests.conftest import compose_config
+
+    class Tokenizer(CharTokenizer):  # what the windows' cache key reads of a tokenizer
+        def get_vocab(self):
+            return {chr(i): i for i in range(128)}
+
+        def __len__(self):
+            return 128
+
+    rows = [" = Title = \n", "", " Some text here .\n", " More text follows .\n", ""]
+    for source, separator in (("wikitext2", " "), ("austen", "\n\n")):
+        cfg = compose_config(f"calibration={source}", "calibration.nsamples=6",
+                             "calibration.seqlen=9", "calibration.seed=4")  # fmt: skip
+        conf = validate(OmegaConf.to_container(cfg, resolve=True))
+        got = calibration_windows(conf, Tokenizer(), rows, StageTimer())
+        ids = [0] + [ord(ch) for ch in separator.join(rows)]
+        random.seed(4)
+        starts = [random.randint(0, len(ids) - 9 - 1) for _ in range(6)]
+        assert torch.equal(got, torch.tensor([ids[i : i + 9] for i in starts])), source
+
+
 def test_sampling_is_seeded():
     docs = [
         "".join(chr(65 + i % 50) for i in range(60)),
@@ -147,6 +176,7 @@ def test_content_hash_and_windows_cache_key():
         seqlen=64,
         seed=0,
         sampling="documents",
+        separator="\n\n",
         vocab_size=100,
     )
     key = windows_cache_key(**base)
@@ -158,6 +188,7 @@ def test_content_hash_and_windows_cache_key():
         seqlen=128,
         seed=1,
         sampling="stream",
+        separator=" ",
         vocab_size=101,
     )
     for name, value in changes.items():  # every input is part of the key

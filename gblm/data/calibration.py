@@ -3,8 +3,8 @@
 ``documents`` sampling (C4): ``random.seed(seed)``; for each sample draw a document with
 ``random.randint(0, len(docs) - 1)``, tokenize it alone and redraw until it is longer than T tokens;
 then ``i = random.randint(0, len - T - 1)`` and take ``ids[i:i+T]``.
-``stream`` sampling (WikiText): the documents joined with ``"\n\n"`` are tokenized once and each
-sample only draws ``i`` the same way. Labels are the ids themselves (next-token loss).
+``stream`` sampling (WikiText): the documents joined with ``separator`` (WikiText-2's train rows
+with a space, as published) are tokenized once and each sample only draws ``i`` the same way. Labels are the ids themselves (next-token loss).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def sample_windows(
     seqlen: int,
     seed: int = 0,
     sampling: str = "documents",
+    separator: str = "\n\n",
 ) -> Tensor:
     """(nsamples, seqlen) int64 token ids drawn from ``documents``."""
     if sampling not in SAMPLINGS:
@@ -39,7 +40,7 @@ def sample_windows(
     random.seed(seed)
     windows = torch.empty(nsamples, seqlen, dtype=torch.long)
     if sampling == "stream":
-        ids = join_and_tokenize(tokenizer, documents)[0]
+        ids = join_and_tokenize(tokenizer, documents, separator)[0]
         if ids.numel() <= seqlen:
             raise ValueError(
                 f"calibration.seqlen={seqlen} is not shorter than the whole calibration text "
@@ -71,7 +72,9 @@ def _draw_document(
     )
 
 
-WINDOWS_CACHE_VERSION = 2  # 2: keyed by the documents' and the tokenizer's content, checksummed
+WINDOWS_CACHE_VERSION = (
+    3  # 2: keyed by the documents' and the tokenizer's content; 3: the separator
+)
 
 
 def documents_digest(documents: Sequence[str]) -> str:
@@ -134,6 +137,7 @@ def windows_cache_key(
     seqlen: int,
     seed: int,
     sampling: str,
+    separator: str,
     vocab_size: int,
 ) -> str:
     """16 hex digits of :func:`gblm.utils.content_hash` over everything the windows depend on
@@ -146,6 +150,7 @@ def windows_cache_key(
         seqlen=seqlen,
         seed=seed,
         sampling=sampling,
+        separator=separator,
         vocab=vocab_size,
     )
     return content_hash(key, length=16)

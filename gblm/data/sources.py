@@ -7,8 +7,10 @@
 | c4          | ``datasets``: ``allenai/c4``, shard ``en/c4-train.00000-of-01024.json.gz``, or a local copy | documents |
 | local       | your files: ``.txt`` (one document each), ``.json``/``.jsonl``(``.gz``) with a ``text`` field, ``.parquet`` | stream or documents |
 
-``stream`` sources are joined with ``"\n\n"`` and tokenized once (the published WikiText protocol);
-``documents`` sources are sampled one document at a time (the published C4 protocol).
+``stream`` sources are joined with ``"\n\n"`` and tokenized once (the published WikiText protocol),
+except WikiText-2 for calibration, whose rows the published loaders join with a space
+(:data:`CALIBRATION_SEPARATORS`); ``documents`` sources are sampled one document at a time (the
+published C4 protocol).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
 
 SOURCES = ("austen", "kjv", "wikitext2", "c4", "local")
 SAMPLINGS = ("stream", "documents")
+#: What a ``stream`` calibration source's documents are joined with, where not ``"\n\n"``.
+CALIBRATION_SEPARATORS = {"wikitext2": " "}
 C4_SHARDS = {
     "train": "en/c4-train.00000-of-01024.json.gz",
     "validation": "en/c4-validation.00000-of-00008.json.gz",
@@ -146,7 +150,7 @@ def load_documents(
         raise
 
 
-def join_and_tokenize(tokenizer, documents: Sequence[str]) -> Tensor:
-    """(1, numel) token ids of the documents joined with ``"\n\n"`` (a ``stream`` source; the
-    published evaluation protocol)."""
-    return tokenizer("\n\n".join(documents), return_tensors="pt").input_ids
+def join_and_tokenize(tokenizer, documents: Sequence[str], separator: str = "\n\n") -> Tensor:
+    """(1, numel) token ids of the documents joined with ``separator`` (a ``stream`` source; the
+    published evaluation protocol joins with ``"\n\n"``)."""
+    return tokenizer(separator.join(documents), return_tensors="pt").input_ids
