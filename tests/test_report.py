@@ -216,6 +216,17 @@ def test_cli_default_out_dir_and_missing_sweep(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_cli_refuses_an_out_folder_it_cannot_write(tmp_path, capsys):
+    # was a traceback of out.mkdir (exit status 1)
+    sweep = tmp_path / "sweep"
+    make_run(sweep, "0_method=wanda", "wanda", UNSTRUCTURED, 31.25, images=False)
+    (tmp_path / "a_file").write_text("")
+    capsys.readouterr()
+    assert main([str(sweep), "--out", str(tmp_path / "a_file" / "report")]) == 2
+    err = capsys.readouterr().err
+    assert "--out=" in err and "cannot be written" in err and "Traceback" not in err
+
+
 def test_per_block_sparsity_table_and_schedule_targets(tmp_path):
     sweep = tmp_path / "sweep"
     make_run(sweep, "0_method=wanda", "wanda", UNSTRUCTURED, 31.25, images=False)

@@ -11,7 +11,7 @@ from gblm.analysis.report import plots, tables
 from gblm.analysis.report.axes import name_series, swept_axes
 from gblm.analysis.report.render import Section, render_html, render_markdown, write_exports
 from gblm.analysis.report.runs import RunRecord, find_runs, is_baseline
-from gblm.utils import atomic_write_text
+from gblm.utils import atomic_write_text, writable_dir
 
 MAX_MASK_LAYERS = 4  # mask comparisons per (model, sparsity)
 PUBLISHED = Path(__file__).with_name("published.yaml")
@@ -188,8 +188,7 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Pa
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"Sweep directory {sweep_dir} does not exist.")
-    out = Path(out_dir) if out_dir is not None else sweep_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(out_dir if out_dir is not None else sweep_dir / "report", "--out")
     runs = find_runs(sweep_dir)  # the report's own folder holds no run
     finished, copies = counted_once([r for r in runs if r.finished])
     others = [r for r in runs if not r.finished]
