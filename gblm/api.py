@@ -22,6 +22,7 @@ from gblm import pipeline
 from gblm.methods.base import Pruner, RunContext
 from gblm.methods.plans import PerBlockPlan, SparsityPlan, UniformPlan
 from gblm.methods.registry import build_method, build_reconstruct, compose
+from gblm.options import positive_int
 from gblm.pruning.sparsity import Sparsity
 from gblm.pruning.storage import PackedMasks
 from gblm.utils import StageTimer
@@ -158,6 +159,10 @@ def evaluate(
     from gblm.devices import input_device
     from gblm.eval.perplexity import perplexity
 
+    positive_int("seqlen", seqlen, minimum=2)
+    positive_int("batch_size", batch_size)
+    if max_windows is not None:
+        positive_int("max_windows", max_windows)
     if data is None:
         raise ValueError("evaluate: give the evaluation texts or token ids as data.")
     if isinstance(data, Tensor):

@@ -85,3 +85,24 @@ def test_prune_onloaded_gives_the_same_masks(tiny_llama):
     result = gblm.prune(tiny_llama, calibration=WINDOWS, progress=False, onload=True)
     assert same_masks(result.masks, expected.masks)
     assert all(torch.equal(a, b) for a, b in zip(tiny_llama.parameters(), reference.parameters()))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "needle"),
+    [
+        ({"max_windows": -1}, "max_windows=-1: allowed values are an integer >= 1"),
+        ({"max_windows": 0}, "max_windows=0: allowed values are an integer >= 1"),
+        ({"seqlen": 0}, "seqlen=0: allowed values are an integer >= 2"),
+        ({"seqlen": 1}, "seqlen=1: allowed values are an integer >= 2"),
+        ({"batch_size": 0}, "batch_size=0: allowed values are an integer >= 1"),
+    ],
+)
+def test_evaluate_refuses_bad_arguments_instead_of_a_wrong_perplexity(
+    tiny_llama, arguments, needle
+):
+    # max_windows=-1 was a perplexity of 1.0 (no window, a sum of nothing); the others a
+    # ZeroDivisionError, a NaN perplexity or a message blaming the text's length
+    tokens = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match=needle):
+        gblm.evaluate(tiny_llama, data=tokens, **{"seqlen": 32, **arguments}, progress=False)
+
