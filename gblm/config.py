@@ -315,10 +315,12 @@ class RunConf:
         if target is not None:
             registry.check_options("method", target, self.method_options)
         choice("reconstruct.name", self.reconstruct_name, registry.reconstruct_names())
-        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(
                 f"device={self.device!r}: allowed values are auto, cpu, cuda, cuda:N."
             )
+        if not -(2**63) <= self.seed < 2**64:  # torch.manual_seed's range
+            raise ConfigError(f"seed={self.seed}: allowed values are integers in [-2**63, 2**64).")
         positive_int("batch_size", self.batch_size, auto=True)
         choice("save_dtype", self.save_dtype, ("original", *DTYPE_NAMES[1:]))
         for key, default in (("save_dtype", "original"), ("push_to_hub", None)):

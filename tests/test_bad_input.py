@@ -77,6 +77,11 @@ CASES = [
     ("sampling", ["calibration.sampling=random"], ["calibration.sampling", "stream"], "run"),
     ("ppl_dataset", ["eval.perplexity.dataset=ptb"], ["eval.perplexity.dataset", "austen"], "run"),
     ("device_name", ["device=tpu"], ["device='tpu'", "cuda:N"], "run"),
+    # torch's own words naming no key before (and a sweep's preflight let them through)
+    ("device_index", ["device=cuda:abc"], ["device='cuda:abc'", "cuda:N"], "run"),
+    ("device_prefix", ["device=cudax"], ["device='cudax'", "cuda:N"], "run"),
+    # a traceback of torch.manual_seed before
+    ("seed_overflow", ["seed=99999999999999999999999"], ["seed=9999", "2**64"], "run"),
     ("dtype", ["dtype=float8"], ["model.dtype", "bfloat16"], "run"),
     ("method_norm", ["method=gblm", "method.norm=l3"], ["method.norm", "l1, l2"], "run"),
     ("calibration_split", ["calibration.split=tran"], ["calibration.split='tran'", "train"], "run"),

@@ -146,6 +146,9 @@ def test_paper_protocol_settings():
         (["sparsity.ratio=0.5,1.5"], "sparsity.ratio=1.5"),
         (["method=gblm", "method.norm=l3"], "method.norm='l3'"),
         (["model=hf", "model.name_or_path=/nonexistent/model"], "/nonexistent/model"),
+        # the preflight leaves the device to the job's machine: its name is checked all the same
+        (["method=wanda", "device=cpu,cuda:abc"], "device='cuda:abc'"),
+        (["method=wanda", "seed=0,99999999999999999999999"], "seed=99999999999999999999999"),
         # locations do not name job dirs: sweeping over them would make two jobs share one dir
         (
             ["method=wanda", "calibration=local", "calibration.paths=[a.txt],[b.txt]"],
