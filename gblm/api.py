@@ -51,6 +51,8 @@ def as_sparsity_plan(sparsity: float | str | Sparsity | Sequence[float] | Sparsi
         n, sep, m = sparsity.partition(":")
         if not sep or not (n.isdigit() and m.isdigit()):
             raise ValueError(f"sparsity={sparsity!r}: write N:M patterns as 'N:M', e.g. '2:4'.")
+        if not 0 < int(n) < int(m):
+            raise ValueError(f"sparsity={sparsity!r}: an N:M pattern needs 0 < N < M, e.g. '2:4'.")
         return UniformPlan(Sparsity(int(n) / int(m), int(n), int(m)))
     if isinstance(sparsity, (int, float)):
         return UniformPlan(Sparsity(float(sparsity)))
@@ -107,6 +109,8 @@ def prune(
     plan = as_sparsity_plan(sparsity)
     update = build_reconstruct(reconstruct, **dict(reconstruct_options or {}))
     method = compose(name, method, update, plan.sparsity)
+    if method is None:
+        raise ValueError(f"method={name} prunes nothing: choose a pruning method.")
     device = (
         torch.device(device) if device is not None else model.get_input_embeddings().weight.device
     )

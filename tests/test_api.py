@@ -106,3 +106,16 @@ def test_evaluate_refuses_bad_arguments_instead_of_a_wrong_perplexity(
     with pytest.raises(ValueError, match=needle):
         gblm.evaluate(tiny_llama, data=tokens, **{"seqlen": 32, **arguments}, progress=False)
 
+
+def test_options_of_a_plugin_that_takes_none_are_refused(tiny_llama):
+    # reconstruct="none" dropped its options without a word (no ADMM ran), "dense" failed
+    # with an AttributeError, "2:0" with a ZeroDivisionError
+    before = [p.detach().clone() for p in tiny_llama.parameters()]
+    with pytest.raises(ValueError, match=r"reconstruct.iters=5: reconstruct=none takes no option"):
+        gblm.prune(tiny_llama, method="wanda", calibration=WINDOWS, progress=False,
+                   reconstruct_options={"iters": 5})  # fmt: skip
+    with pytest.raises(ValueError, match="method=dense prunes nothing"):
+        gblm.prune(tiny_llama, method="dense", calibration=WINDOWS, progress=False)
+    with pytest.raises(ValueError, match="0 < N < M"):
+        gblm.prune(tiny_llama, method="magnitude", sparsity="2:0", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny_llama.parameters()))

@@ -82,6 +82,19 @@ CASES = [
     ("device_prefix", ["device=cudax"], ["device='cudax'", "cuda:N"], "run"),
     # a traceback of torch.manual_seed before
     ("seed_overflow", ["seed=99999999999999999999999"], ["seed=9999", "2**64"], "run"),
+    # options of a plug-in that takes none were dropped without a word
+    (
+        "reconstruct_none_option",
+        ["+reconstruct.iters=5"],
+        ["reconstruct.iters=5", "reconstruct=none takes no option"],
+        "run",
+    ),
+    (
+        "dense_option",
+        ["method=dense", "+method.norm=l2"],
+        ["method.norm='l2'", "method=dense takes no option"],
+        "run",
+    ),
     ("dtype", ["dtype=float8"], ["model.dtype", "bfloat16"], "run"),
     ("method_norm", ["method=gblm", "method.norm=l3"], ["method.norm", "l1, l2"], "run"),
     ("calibration_split", ["calibration.split=tran"], ["calibration.split='tran'", "train"], "run"),

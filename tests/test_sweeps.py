@@ -149,6 +149,7 @@ def test_paper_protocol_settings():
         # the preflight leaves the device to the job's machine: its name is checked all the same
         (["method=wanda", "device=cpu,cuda:abc"], "device='cuda:abc'"),
         (["method=wanda", "seed=0,99999999999999999999999"], "seed=99999999999999999999999"),
+        (["method=wanda", "reconstruct=none", "+reconstruct.iters=5,20"], "reconstruct.iters=5"),
         # locations do not name job dirs: sweeping over them would make two jobs share one dir
         (
             ["method=wanda", "calibration=local", "calibration.paths=[a.txt],[b.txt]"],

@@ -156,6 +156,10 @@ def _build(
         raise ConfigError(f"{what}={name!r} is not allowed: choose one of {allowed}.")
     target = target or entry.target
     if target is None:
+        if given := sorted(set(options) - set(entry.options)):
+            raise ConfigError(
+                f"{key}.{given[0]}={options[given[0]]!r}: {what}={name} takes no option."
+            )
         return None
     checked = check_options(key, target, {**entry.options, **options}, tuple(inputs))
     try:
