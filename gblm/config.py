@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import re
 import typing
 from collections.abc import Mapping
@@ -221,7 +220,8 @@ class ZeroshotSettings:
         positive_int("eval.zeroshot.batch_size", self.batch_size, auto=True)
         positive_int("eval.zeroshot.cloze_items", self.cloze_items)
         limit = self.limit  # as lm-eval reads it: below 1, a share of each task's items
-        if limit is not None and not (type(limit) in (int, float) and 0 < limit < math.inf):
+        whole = type(limit) in (int, float) and limit >= 1 and float(limit).is_integer()
+        if limit is not None and not (whole or type(limit) is float and 0 < limit < 1):
             raise ConfigError(
                 f"eval.zeroshot.limit={limit!r}: allowed values are null (every item), an integer "
                 ">= 1 (items per task) or a fraction in (0, 1) (that share of each task's items)."

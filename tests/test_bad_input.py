@@ -251,6 +251,20 @@ CASES = [
         ["eval.zeroshot.limit=-1", "null"],
         "run",
     ),
+    # lm-eval reads 1.5 as 1 item: not one of the allowed values the refusal names
+    (
+        "zeroshot_limit_fractional_count",
+        ["eval.zeroshot.enabled=true", "eval.zeroshot.limit=1.5"],
+        ["eval.zeroshot.limit=1.5", "an integer >= 1"],
+        "run",
+    ),
+    # was blamed on eval.zeroshot.tasks (an unknown austen_cloze)
+    (
+        "zeroshot_include_path_missing",
+        ["eval.zeroshot.enabled=true", "eval.zeroshot.include_path={tmp}/no_tasks"],
+        ["eval.zeroshot.include_path=", "no_tasks", "is not a folder"],
+        "run",
+    ),
     (
         "offload_folder_unwritable",
         ["model.device_map=cpu", "model.offload_folder={tmp}/empty.txt/offload"],

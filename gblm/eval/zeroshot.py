@@ -65,6 +65,11 @@ def validate_task_names(
 ) -> None:
     """Fail before any model loads on a task name lm-eval will not know; ``austen_cloze`` without
     an include path is known (it is generated on demand)."""
+    if include_path is not None and not os.path.isdir(include_path):
+        raise ValueError(
+            f"eval.zeroshot.include_path={str(include_path)!r} is not a folder: give the folder "
+            "of the extra lm-eval task YAMLs, or null."
+        )
     others = [t for t in tasks if not (t == TASK_NAME and include_path is None)]
     if not tasks:
         check_tasks(tasks, None)  # the empty list's message, before any index is built
