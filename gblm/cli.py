@@ -28,6 +28,7 @@ _TYPE_HINTS = (
     ("converted to Float", "must be a number"),
     ("not a valid bool", "must be true or false"),
     ("is not Optional", "must not be null"),
+    ("is not a ListConfig", "must be a list, e.g. [a,b]"),
 )
 
 
@@ -93,8 +94,8 @@ def composition_error_message(err: BaseException, overrides: list[str]) -> str:
         return _unknown_key_message(str(key), overrides)
     if key:
         reason = str(getattr(cause, "msg", cause)).splitlines()[0]
-        hint = next((h for needle, h in _TYPE_HINTS if needle in reason), reason)
-        return f"{key}={_override_value(overrides, str(key))}: {hint} ({reason})."
+        hint = next((f"{h} ({reason})" for needle, h in _TYPE_HINTS if needle in reason), reason)
+        return f"{key}={_override_value(overrides, str(key))}: {hint}."
     parsed = _parse_failure(overrides)
     return parsed or " ".join(text.split())
 

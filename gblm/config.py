@@ -210,8 +210,9 @@ class ZeroshotSettings:
     enabled: bool = False
     # a local multiple-choice task built from Persuasion (gblm/eval/cloze.py)
     tasks: list[str] = field(default_factory=lambda: ["austen_cloze"])
-    limit: int | float | None = None
-    batch_size: int | str = 8  # an integer, or auto
+    # typed Any here (and batch_size at the top): check()'s refusal names the allowed values
+    limit: Any = None  # null | an integer >= 1 | a fraction in (0, 1)
+    batch_size: Any = 8  # an integer, or auto
     include_path: str | None = None  # a folder of extra lm-eval task YAMLs
     cloze_items: int = 100
     log_samples: bool = False  # keep lm-eval's per-item log in the run dir
@@ -277,7 +278,7 @@ class RunConf:
     dtype: str = "auto"
     # calibration windows per forward in the layer walk: auto (one, as published) | an integer
     # (faster on a CPU, but a batched product may change the last bits of some shapes)
-    batch_size: int | str = "auto"
+    batch_size: Any = "auto"
     offload_inputs: bool = False  # keep the walk's (N, T, hidden) block inputs on the CPU
     save_model: bool = False  # save_pretrained the pruned model with its masks into the run dir
     # dtype of the saved weights: original (the checkpoint's) | float32 | float16 | bfloat16

@@ -53,6 +53,31 @@ CASES = [
     ("method_option", ["method=pruneall"], ["method=pruneall", "gblm", "wanda"], "composed"),
     ("calibration_option", ["calibration=tran"], ["calibration=tran", "austen"], "composed"),
     ("paths_unparsable", ["calibration.paths=[a"], ["calibration.paths"], "composed"),
+    # the schema's type errors in OmegaConf's words, twice, naming no allowed value before
+    (
+        "paths_not_a_list",
+        ["calibration.paths=a.txt"],
+        ["calibration.paths=a.txt", "a list"],
+        "composed",
+    ),
+    (
+        "batch_size_fraction",
+        ["batch_size=1.5"],
+        ["batch_size=1.5", "an integer >= 1 or auto"],
+        "run",
+    ),
+    (
+        "zeroshot_batch_size_fraction",
+        ["eval.zeroshot.batch_size=0.5"],
+        ["eval.zeroshot.batch_size=0.5", "an integer >= 1 or auto"],
+        "run",
+    ),
+    (
+        "zeroshot_limit_word",
+        ["eval.zeroshot.limit=all"],
+        ["eval.zeroshot.limit='all'", "null (every item)"],
+        "run",
+    ),
     ("plus_method_key_typo", ["+method.nrom=l2"], ["method.nrom", "norm, scale"], "run"),
     (
         "plus_calibration_key_typo",
@@ -352,6 +377,7 @@ def test_bad_input_is_refused_before_the_model_loads(
     assert "Traceback" not in out.err and "Traceback" not in out.out
     message = [line for line in out.err.splitlines() if line.startswith("gblm: ")]
     assert len(message) == 1, out.err[-2000:]  # one paragraph
+    assert message[0].count("Invalid value") < 2 and "type hint" not in message[0], message[0]
     assert not re.search(r"([\w.]+: )\1", message[0]), message[0]  # the key named once
     for needle in needles:
         assert needle.format(tmp=inputs) in message[0], message[0]
