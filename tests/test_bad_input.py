@@ -115,6 +115,12 @@ CASES = [
         "run",
     ),
     (
+        "method_target_not_importable",
+        ["method._target_=nowhere.Pruner"],
+        ["method._target_='nowhere.Pruner'", "cannot be imported"],
+        "run",
+    ),
+    (
         "dense_option",
         ["method=dense", "+method.norm=l2"],
         ["method.norm='l2'", "method=dense takes no option"],

@@ -123,7 +123,11 @@ def check_options(
     check, by the config validation and the builders. ConfigError names ``key.<option>``."""
     from gblm.errors import ConfigError
 
-    declared = options_of(target, skip=inputs)
+    try:
+        declared = options_of(target, skip=inputs)
+    except (ImportError, ValueError) as err:  # hydra's get_class: no such module, not a class
+        reason = str(err.__cause__ or err).splitlines()[0].rstrip(":")
+        raise ConfigError(f"{key}._target_={target!r} cannot be imported: {reason}.") from None
     unknown = sorted(set(options) - set(declared))
     if unknown:
         raise ConfigError(
