@@ -151,3 +151,37 @@ def test_gradients_of_offloaded_models_go_block_by_block_and_equal_the_in_memory
             assert bool(value.abs().sum() > 0) and torch.equal(got[name], value), name
         assert has_offloaded(model)  # the meta weights are back
         assert all(p.grad is None for p in model.parameters())
+
+
+def test_zero_share_of_a_disk_offloaded_model_reads_the_stored_weights(tmp_path: Path) -> None:
+    from gblm.models.zeros import weight_zero_share
+
+    memory = _dense("llama")
+    masks = _prune(memory, "wanda")
+    offloaded = _disk_offloaded("llama", tmp_path)
+    _prune(offloaded, "wanda")
+    assert weight_zero_share(offloaded, list(masks)) == weight_zero_share(memory, list(masks))
+
+
+def test_run_with_a_disk_device_map_finishes_with_the_in_memory_numbers(
+    tmp_path: Path, tokenizer
+) -> None:
+    from gblm.run import run
+    from tests.conftest import compose_config
+    from tests.test_run import SMALL
+
+    checkpoint = tmp_path / "checkpoint"
+    dense = build_tiny_model(tiny_config("llama", vocab_size=len(tokenizer)), seed=0)
+    dense.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    placed = ",".join(f"{k}:{v}" for k, v in _device_map(dense).items())
+    base = ("model=hf", f"model.name_or_path={checkpoint}", "method=wanda", *SMALL)
+    memory = run(compose_config(*base), run_dir=tmp_path / "m")
+    offloaded = run(
+        compose_config(*base, f"+model.device_map={{{placed}}}",
+                       f"model.offload_folder={tmp_path / 'offload'}"),
+        run_dir=tmp_path / "o",
+    )  # fmt: skip
+    assert offloaded["status"] == "finished"
+    assert offloaded["sparsity_check"] == memory["sparsity_check"]
+    assert offloaded["ppl"] == memory["ppl"]
