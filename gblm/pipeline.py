@@ -49,6 +49,7 @@ PRUNE = "prune"
 #: scores at about 0.6 of a perplexity pass's time per token (measured on the demo).
 ZEROSHOT_TOKENS_PER_ITEM = 400
 ZEROSHOT = "zero-shot"
+SAVED_MODEL = "model"  # save_model=true writes <run dir>/model
 
 
 def perplexity_stage(tag: str) -> str:
@@ -408,11 +409,11 @@ def _save(conf: RunConf, model, tokenizer, result: Result, timer, out_dir: Path,
     with timer.stage("save model"):
         try:
             saved = save_pruned_model(
-                model, tokenizer, result.masks or {}, out_dir / "model", record, dtype, card
+                model, tokenizer, result.masks or {}, out_dir / SAVED_MODEL, record, dtype, card
             )
         except OSError as err:  # nothing half-written is left (an atomic folder write)
             raise OutputError(
-                f"save_model=true: the pruned model could not be written to {out_dir / 'model'} "
+                f"save_model=true: the pruned model could not be written to {out_dir / SAVED_MODEL} "
                 f"({err.strerror or err}); the run's numbers are kept in metrics.json. Free "
                 "space (or choose another run dir) and relaunch, or set save_model=false."
             ) from None

@@ -8,6 +8,7 @@ a few masks to PNGs. The remote logger (:func:`remote_logger`) only sees what is
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from gblm.config import RunConf
 from gblm.loggers.base import NullLogger
 from gblm.loggers.local import process_record
-from gblm.pipeline import Result
+from gblm.pipeline import SAVED_MODEL, Result
 
 log = logging.getLogger("gblm")
 
@@ -137,10 +138,13 @@ def provenance(device: str, fingerprints: dict[str, str]) -> dict[str, Any]:
 
 def clear_outputs(run_dir: Path) -> None:
     """Remove the companion files an earlier run left in ``run_dir`` (mask statistics, mask
-    pictures, lm-eval's output): a run that writes none of them must not show the old ones."""
+    pictures, lm-eval's output, the saved model and the temporaries of a killed save): a run that
+    writes none of them must not show the old ones."""
     pictures, samples = _pictures_and_samples(run_dir)
     for path in [run_dir / name for name in OUTPUT_FILES] + pictures + samples:
         path.unlink(missing_ok=True)
+    for folder in [run_dir / SAVED_MODEL, *run_dir.glob(f".{SAVED_MODEL}.*")]:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def update(metrics: dict[str, Any], result: Result, conf: RunConf, run_dir: Path) -> dict:

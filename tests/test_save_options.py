@@ -155,3 +155,12 @@ def test_model_card_carries_the_hub_metadata_and_the_run(tmp_path):
     assert ModelSpec(kind="hf", name_or_path="meta-llama/Llama-2-7b-hf").hub_id == "meta-llama/Llama-2-7b-hf"  # fmt: skip
     assert ModelSpec(kind="hf", name_or_path=str(tmp_path)).hub_id is None
     assert ModelSpec(kind="tiny").hub_id is None
+
+
+def test_a_new_run_in_the_folder_never_shows_an_earlier_runs_saved_model(tmp_path):
+    run(compose_config("model=tiny_llama", *SMALL), run_dir=tmp_path)
+    assert (tmp_path / "model" / "pruning.json").exists()
+    other = ("method=magnitude", "save_model=false", "overwrite=true")
+    metrics = run(compose_config("model=tiny_llama", *SMALL, *other), run_dir=tmp_path)
+    assert metrics["status"] == "finished" and "saved_model" not in metrics
+    assert not (tmp_path / "model").exists()  # wanda's model beside magnitude's record: removed
