@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from gblm import pipeline
+from gblm.config import CalibrationSettings
 from gblm.methods.base import Pruner, RunContext
 from gblm.methods.plans import PerBlockPlan, SparsityPlan, UniformPlan
 from gblm.methods.registry import build_method, build_reconstruct, compose
@@ -69,6 +70,7 @@ def prune(
     nsamples: int = 128,
     seqlen: int = 2048,
     seed: int = 0,
+    sampling: str = CalibrationSettings.sampling,
     device: str | torch.device | None = None,
     batch_size: int | str = "auto",
     progress: bool = True,
@@ -88,6 +90,8 @@ def prune(
             :class:`gblm.methods.plans.SparsityPlan`.
         calibration: texts (``nsamples`` windows of ``seqlen`` tokens are drawn with ``seed``) or
             (N, T) token ids; not needed by magnitude.
+        sampling: how windows are drawn from texts, as ``calibration.sampling``: ``stream`` (a
+            run's default) or ``documents`` (one document at a time, C4's published protocol).
         device: where each block is computed; default the device of the model's embeddings.
         batch_size: calibration windows per forward in the walk; ``auto`` is one, as published.
         progress: tqdm bars.
@@ -127,7 +131,7 @@ def prune(
     else:
         from gblm.data.calibration import sample_windows
 
-        windows = sample_windows(tokenizer, list(calibration), nsamples, seqlen, seed)
+        windows = sample_windows(tokenizer, list(calibration), nsamples, seqlen, seed, sampling)
     pipeline.check_model(model, method, plan)
     context = RunContext(
         device=device,

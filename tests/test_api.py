@@ -40,14 +40,20 @@ def test_prune_gives_the_walks_masks(tiny_llama, method):
         assert "gradients" in result.seconds
 
 
-def test_calibration_texts_are_drawn_as_the_run_draws_them(tokenizer):
+@pytest.mark.parametrize("sampling", [None, "stream", "documents"])
+def test_calibration_texts_are_drawn_as_the_run_draws_them(tokenizer, sampling):
+    """By default as a run with the schema's calibration.sampling (stream), else as asked."""
+    from gblm.config import CalibrationSettings
+
     texts = [" ".join(f"word{i} of line {j}." for i in range(40)) for j in range(30)]
-    windows = sample_windows(tokenizer, texts, 4, 32, seed=3)
+    drawn = sampling or CalibrationSettings.sampling
+    windows = sample_windows(tokenizer, texts, 4, 32, seed=3, sampling=drawn)
     model = build_tiny_model(tiny_config("llama", vocab_size=len(tokenizer)), seed=0)
     reference = copy.deepcopy(model)
     expected = prune_model(reference, build_method("wanda"), Sparsity(0.5), windows, device="cpu")
+    given = {"sampling": sampling} if sampling else {}
     result = gblm.prune(model, tokenizer, method="wanda", calibration=texts, nsamples=4,
-                        seqlen=32, seed=3, progress=False)  # fmt: skip
+                        seqlen=32, seed=3, progress=False, **given)  # fmt: skip
     assert same_masks(result.masks, expected)
 
 
