@@ -125,3 +125,12 @@ def test_options_of_a_plugin_that_takes_none_are_refused(tiny_llama):
     with pytest.raises(ValueError, match="0 < N < M"):
         gblm.prune(tiny_llama, method="magnitude", sparsity="2:0", progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, tiny_llama.parameters()))
+
+
+def test_evaluate_a_model_in_training_mode_runs_without_dropout():
+    tokens = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(2))
+    model = build_tiny_model(tiny_config("opt", vocab_size=256), seed=0)  # OPT: dropout 0.1
+    expected = gblm.evaluate(model, data=tokens, seqlen=32, progress=False)
+    model.train()  # e.g. just fine-tuned
+    assert gblm.evaluate(model, data=tokens, seqlen=32, progress=False) == expected
+    assert model.training  # left as found
