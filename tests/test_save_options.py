@@ -164,3 +164,17 @@ def test_a_new_run_in_the_folder_never_shows_an_earlier_runs_saved_model(tmp_pat
     metrics = run(compose_config("model=tiny_llama", *SMALL, *other), run_dir=tmp_path)
     assert metrics["status"] == "finished" and "saved_model" not in metrics
     assert not (tmp_path / "model").exists()  # wanda's model beside magnitude's record: removed
+
+
+def test_model_card_of_a_local_model_names_it_without_its_folder(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from gblm.models.card import model_card
+
+    local = str(tmp_path / "checkpoints" / "llama-2-7b-hf")  # model=hf name: its name_or_path
+    metrics = {"method": "wanda", "model": local, "sparsity": {"ratio": 0.5, "label": "0.5"}}
+    path = tmp_path / "README.md"
+    path.write_text(model_card(metrics, 0.5, evaluation={"dataset": "austen"}))
+    card = ModelCard.load(path)
+    assert str(tmp_path) not in card.content
+    assert card.text.lstrip().startswith("# llama-2-7b-hf-wanda-0.5")

@@ -108,7 +108,8 @@ def model_card(
     evaluation = evaluation or {}
     sparsity = metrics.get("sparsity") or {}
     label = metrics.get("method_label") or metrics.get("method")
-    name = f"{metrics.get('model')}-{label}-{sparsity.get('label')}".replace(":", "of")
+    model = PurePath(str(metrics.get("model"))).name  # a local folder's last component only
+    name = f"{model}-{label}-{sparsity.get('label')}".replace(":", "of")
     data = ModelCardData(
         base_model=base_model, library_name="transformers", pipeline_tag="text-generation",
         tags=_tags(metrics), model_name=name, eval_results=_eval_results(metrics, evaluation) or None,
@@ -117,7 +118,7 @@ def model_card(
                  "target_sparsity": sparsity.get("label"), "achieved_sparsity": round(achieved, 6)},
     )  # fmt: skip
     calibration = metrics.get("calibration") or {}
-    source = base_model or f"{metrics.get('model')} (not a Hub model)"
+    source = base_model or f"{model} (not a Hub model)"
     lines = [
         f"# {name}",
         "",
