@@ -29,7 +29,7 @@ from gblm.errors import ConfigError, UserError
 from gblm.loggers.base import GuardedLogger, NullLogger
 from gblm.loggers.local import in_use, read_metrics, run_alive, run_lock, write_metrics
 from gblm.methods.registry import allocator_entry, allocator_options
-from gblm.models.loading import weights_fingerprint
+from gblm.models.loading import model_directory, weights_fingerprint
 from gblm.paths import PROJECT_ROOT
 from gblm.utils import OverallEstimate, StageTimer, atomic_write_json, content_hash, read_json
 
@@ -110,6 +110,13 @@ def run_dir_refusal(
         return None
     if previous.get("status") == "running" and run_alive(run_dir):
         return in_use(run_dir, previous)
+    if (source := model_directory(conf.model)) and source.resolve() == (
+        run_dir / pipeline.SAVED_MODEL
+    ).resolve():
+        return (
+            f"model.name_or_path={source} is this run folder's saved model, which a new run here "
+            "replaces: run in another folder (hydra.run.dir=...)."
+        )
     finished = previous.get("status") == "finished"
     if not finished or conf.overwrite or _same_config(previous, digest, run_dir, container):
         return None

@@ -166,6 +166,17 @@ def test_a_new_run_in_the_folder_never_shows_an_earlier_runs_saved_model(tmp_pat
     assert not (tmp_path / "model").exists()  # wanda's model beside magnitude's record: removed
 
 
+def test_a_run_that_loads_its_own_folders_saved_model_is_refused_before_it_is_removed(tmp_path):
+    from gblm.errors import ConfigError
+
+    run(compose_config("model=tiny_llama", *SMALL), run_dir=tmp_path)
+    saved = sorted(p.name for p in (tmp_path / "model").iterdir())
+    again = ("model=saved", f"model.run_dir={tmp_path}", "method=dense", "overwrite=true")
+    with pytest.raises(ConfigError, match="model.name_or_path=.* is this run folder's saved model"):
+        run(compose_config(*again), run_dir=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == saved  # nothing lost
+
+
 def test_model_card_of_a_local_model_names_it_without_its_folder(tmp_path):
     from huggingface_hub import ModelCard
 
