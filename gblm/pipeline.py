@@ -40,7 +40,7 @@ from gblm.models.layers import decoder_layers
 from gblm.names import block_index, in_block_name
 from gblm.paths import cache_dir, configure_offline
 from gblm.pruning.storage import PackedMasks
-from gblm.utils import StageTimer, writable_dir
+from gblm.utils import StageTimer, content_hash, writable_dir
 
 log = logging.getLogger("gblm")
 
@@ -206,14 +206,23 @@ def inputs(
 
 def fingerprints(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> dict[str, str]:
     """The content fingerprints of the model's weights files and, where the run uses them, the
-    calibration and evaluation documents (memoised per file): part of a run's identity."""
+    calibration and evaluation documents (memoised per file) and how lm-eval is asked: part of a
+    run's identity."""
     from gblm.data.calibration import source_fingerprint
+    from gblm.data.sources import CALIBRATION_SEPARATORS
+    from gblm.eval.zeroshot import REQUESTS
     from gblm.models.loading import weights_fingerprint
 
     memo = cache_dir() / "fingerprints"
     found = {"model": weights_fingerprint(conf.model)}
     for use, (source, split, paths, key) in _documents(conf, method, plan).items():
         found[use] = source_fingerprint(source, split, paths, memo, key=key)
+    if (
+        separator := CALIBRATION_SEPARATORS.get(conf.calibration.source)
+    ) and "calibration" in found:
+        found["calibration"] += f" joined by {separator!r}"  # the windows follow the separator
+    if conf.eval.zeroshot.enabled:
+        found["zero-shot"] = content_hash(REQUESTS, length=16)
     return found
 
 

@@ -72,3 +72,30 @@ def test_a_record_without_fingerprints_is_skipped_when_its_config_matches(inputs
     inputs["cal"].write_text(inputs["cal"].read_text() + " more")  # unknowable for that record
     assert _run(inputs)["timings"] == first["timings"]
     assert "provenance" not in json.loads(record.read_text())  # kept as it was
+
+
+def test_a_run_scored_or_calibrated_by_an_earlier_protocol_runs_again():
+    """How lm-eval is asked (no BOS) and WikiText-2's calibration separator (a space) are part of a
+    run's identity: a finished record from before them is run again, not returned as finished."""
+    from omegaconf import OmegaConf
+
+    from gblm.config import build_method, build_plan, validate
+    from gblm.pipeline import fingerprints
+    from gblm.run import changed_content
+
+    cfg = compose_config("method=wanda", "calibration=wikitext2", "eval.zeroshot.enabled=true")
+    conf = validate(OmegaConf.to_container(cfg, resolve=True))
+    found = fingerprints(conf, build_method(conf), build_plan(conf))
+    earlier = {"model": found["model"], "eval": found["eval"],  # as the code before recorded them
+               "calibration": "dataset:wikitext2/train"}  # fmt: skip
+    assert changed_content({"provenance": {"fingerprints": earlier}}, found) == [
+        "calibration",
+        "zero-shot",
+    ]
+    plain = compose_config("method=wanda", "calibration=austen")  # neither: nothing new recorded
+    conf = validate(OmegaConf.to_container(plain, resolve=True))
+    assert set(fingerprints(conf, build_method(conf), build_plan(conf))) == {
+        "model",
+        "calibration",
+        "eval",
+    }

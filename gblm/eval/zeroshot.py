@@ -31,6 +31,11 @@ TASKS_KEY = "eval.zeroshot.tasks"  # the config key named in error messages
 SEED = 1234  # lm-eval's python/numpy/torch seeds (it reseeds the global generators)
 
 
+#: How lm-eval is asked, part of a run's identity (:func:`gblm.pipeline.fingerprints`): a finished
+#: run scored another way runs again.
+REQUESTS = {"num_fewshot": 0, "add_bos_token": False}
+
+
 def _task_manager(include_path: str | os.PathLike | None, tasks: Sequence[str]):
     """A TaskManager that knows ``tasks``; the built-in index (~10 s to build) only if needed."""
     from lm_eval.tasks import TaskManager
@@ -137,10 +142,11 @@ def zeroshot_eval(
     task_manager = _task_manager(include_path, tasks)
     check_tasks(tasks, task_manager)
     was_training = model.training
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=False)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              add_bos_token=REQUESTS["add_bos_token"])  # fmt: skip
     try:
         out = simple_evaluate(
-            model=lm, tasks=tasks, num_fewshot=0, limit=limit, task_manager=task_manager,
+            model=lm, tasks=tasks, num_fewshot=REQUESTS["num_fewshot"], limit=limit, task_manager=task_manager,
             log_samples=log_samples and results_dir is not None, random_seed=SEED,
             numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED,
         )  # fmt: skip
