@@ -57,7 +57,8 @@ def linear_with(weight: Tensor) -> nn.Linear:
 
 
 def naive_score(weight: Tensor, stats: _Stats, score: str = "combined") -> Tensor:
-    """Entry by entry: fp32 activation term + (|W| * G in the promoted dtype) cast to fp32."""
+    """Entry by entry: fp32 activation term + (|W| * G in the promoted dtype) cast to fp32; the
+    gradient-only score (the published ``prune_gradient``) widens both factors first."""
     G = stats.grad_norm
     out = torch.zeros(weight.shape, dtype=torch.float32)
     product_dtype = torch.promote_types(weight.dtype, G.dtype) if G is not None else None
@@ -68,6 +69,8 @@ def naive_score(weight: Tensor, stats: _Stats, score: str = "combined") -> Tenso
             grad = None
             if G is not None:
                 grad = (w.to(product_dtype) * G[i, j].to(product_dtype)).float()
+            if score == "gradient":
+                grad = w.float() * G[i, j].float()
             out[i, j] = {"combined": act + grad, "activation": act, "gradient": grad}[score]
     return out
 
@@ -85,13 +88,41 @@ def test_combined_score_matches_naive_loop(
 
 
 def test_fp16_model_with_fp16_accumulators_keeps_the_fp16_product() -> None:
-    """Both factors fp16 (the published fp16 model): the product is rounded to fp16."""
+    """Both factors fp16 (the published fp16 model): ``|W| * G`` of the combined score is rounded
+    to fp16 (published ``prune_gblm``), then widened for the sum."""
     weight, stats = layer_stats(grad_dtype=torch.float16)
     weight = weight.half()
-    score = scored(GBLMPruner(score="gradient"), weight, stats)
+    stats.row_sq_norms = torch.zeros(D_IN)  # the activation term adds 0: the product is seen
+    score = scored(GBLMPruner(), weight, stats)
     fp16_product = (weight.abs() * stats.grad_norm).float()
     assert torch.equal(score, fp16_product)
     assert not torch.equal(score, weight.abs().float() * stats.grad_norm.float())
+
+
+def _published_gradient_mask(weight: Tensor, grad: Tensor, ratio: float) -> Tensor:
+    """The published gradient-only ablation (GBLM-Pruner's ``prune_gradient``), written out:
+    ``W_metric = |W|.to(fp32) * |G|.to(fp32)``, per row the ``int(d_in * ratio)`` lowest of a
+    stable sort pruned."""
+    metric = torch.abs(weight).to(torch.float32) * torch.abs(grad).to(torch.float32)
+    order = torch.sort(metric, dim=-1, stable=True)[1]
+    mask = torch.zeros_like(metric, dtype=torch.bool)
+    mask.scatter_(1, order[:, : int(metric.shape[1] * ratio)], True)
+    return mask
+
+
+def test_gradient_only_score_of_an_fp16_model_is_the_published_fp32_product() -> None:
+    """``score=gradient`` on an fp16 model with fp16 norms (the published protocol): the
+    published ``prune_gradient`` widens both factors to fp32 before the product, so products that
+    fp16 rounds to one value keep their order."""
+    gen = torch.Generator().manual_seed(2)  # here fp16 products flip 2 entries of the mask
+    d_out, d_in = 64, 128
+    weight = torch.randn(d_out, d_in, generator=gen).half()
+    grad = (torch.rand(d_out, d_in, generator=gen) * 10.0).half()
+    stats = _Stats(grad_norm=grad, nsamples=4)
+    expected = _published_gradient_mask(weight, grad, 0.5)
+    linear = linear_with(weight).half()
+    mask = pruned(GBLMPruner(score="gradient"), linear, stats, Sparsity(0.5))
+    assert torch.equal(mask, expected)
 
 
 def _published_mask(weight: Tensor, row_sq: Tensor, grad: Tensor, ratio: float) -> Tensor:

@@ -9,7 +9,8 @@ first term is fp32; the second, ``|W| * G_p``, takes torch's type promotion as p
 only when both the weight and ``G_p`` are fp16; ``promote_types(bf16, fp16)`` is fp32), then is
 widened for the sum.
 
-Ablations: ``score=gradient`` keeps only ``|W| * G_p``; ``score=activation`` only the first term,
+Ablations: ``score=gradient`` keeps only ``|W| * G_p``, formed in fp32 as the published
+``prune_gradient`` does (both factors widened first); ``score=activation`` only the first term,
 which is Wanda (``scale=0`` also gives Wanda's mask exactly).
 """
 
@@ -45,9 +46,10 @@ def gblm_score(
     if score == "activation":
         return activation_term(weight, row_sq_norms)
     check_shape(grad_norm, weight)
-    gradient = weight.abs() * grad_norm.to(weight.device)  # torch's type promotion, as published
-    if score == "gradient":
-        return gradient.float()
+    grad_norm = grad_norm.to(weight.device)
+    if score == "gradient":  # the published prune_gradient widens both factors first
+        return weight.abs().float().mul_(grad_norm.float())
+    gradient = weight.abs() * grad_norm  # torch's type promotion, as published (prune_gblm)
     return activation_term(weight, row_sq_norms).add_(gradient)  # the same sum as widened first
 
 
