@@ -5,6 +5,7 @@ run lock. The summary is rewritten after every job, so it is current even if the
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -119,7 +120,8 @@ def format_comparison(summary: dict[str, Any]) -> str:
             rows.append((ppl.get("pruned", ppl.get("dense")), name, ppl.get("dense"), ppl.get("pruned")))  # fmt: skip
     if not rows:
         return ""
-    rows.sort(key=lambda r: (r[0] is None, r[0] if r[0] is not None else 0.0))
+    # no perplexity or a NaN one (a diverged job) last: NaN compares false, unsorting the rest
+    rows.sort(key=lambda r: (r[0] is None or math.isnan(r[0]), r[0] if r[0] is not None else 0.0))
     width = max(len("job"), *(len(r[1]) for r in rows))
 
     def fmt(v: float | None) -> str:

@@ -528,3 +528,15 @@ def test_preflight_checks_the_data_of_a_job_whose_weight_update_calibrates(tmp_p
         pytest.raises(SweepPreflightError, match=r"job #1: .*no_such_calibration"),
     ):  # fmt: skip
         preflight(cfg)
+
+
+def test_comparison_table_puts_a_diverged_job_last_and_keeps_the_order():
+    """A NaN perplexity (a diverged job) compares false with every number: it used to leave the
+    table unsorted, a worse job printed above the best one."""
+    summary = {"jobs": [
+        {"status": "finished", "dir": d, "ppl": {"dense": 10.0, "pruned": p}}
+        for d, p in (("a", 50.0), ("b", float("nan")), ("c", 20.0), ("d", float("inf")), ("e", 30.0))
+    ]}  # fmt: skip
+    lines = format_comparison(summary).splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["c", "e", "a", "d", "b"]
+    assert lines[-1].split()[-1] == "nan"
