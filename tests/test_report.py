@@ -503,3 +503,18 @@ def test_figures_keep_their_legends_and_one_style_per_method(tmp_path, saved_fig
     assert "legend clipped by the saved figure" in _legend_problems(
         saved_figures[f"{tmp_path.parent.name}/clipped.png"]
     )
+
+
+def test_a_diverged_repeat_is_shown_not_dropped_nor_a_crash(tmp_path):
+    """A seed whose perplexity overflowed (inf) or went NaN: the report used to crash on the
+    spread of [inf, 30] (statistics.stdev) and to leave a NaN out of the mean, so the cell read
+    as if every repeat were fine; a NaN printed as an empty cell, like "not measured"."""
+    sweep = tmp_path / "sweep"
+    make_run(sweep, "0_gblm_s0", "gblm", UNSTRUCTURED, float("inf"), images=False)
+    make_run(sweep, "1_gblm_s1", "gblm", UNSTRUCTURED, 30.0, seed=1, images=False)
+    make_run(sweep, "2_wanda_s0", "wanda", UNSTRUCTURED, float("nan"), images=False)
+    make_run(sweep, "3_wanda_s1", "wanda", UNSTRUCTURED, 31.0, seed=1, images=False)
+    md = (build_report(sweep) / "report.md").read_text()
+    assert "| gblm | inf (n=2) |" in md
+    assert "| wanda | nan (n=2) |" in md
+    assert "| 2_wanda_s0 | finished | wanda | 0.5 | tiny_llama | 20.00 | nan |" in md

@@ -68,7 +68,8 @@ def _log_axis(ax, values: Sequence[float]) -> None:
     within a decade, decades over three), labelled in the tables' number format; minor unlabelled."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    span = max(values) / min(values) if min(values) > 0 else 0.0
+    values = [v for v in values if math.isfinite(v)]  # a diverged run's inf or NaN: no scale
+    span = max(values) / min(values) if values and min(values) > 0 else 0.0
     if span < 3:
         return
     subs = (

@@ -26,15 +26,19 @@ Value = Callable[[RunRecord], "float | None"]
 
 
 def fmt_number(value: float | None) -> str:
-    """``452.88``, ``49,541``: two decimals below 1000, whole and thousands-separated above."""
-    if value is None or math.isnan(value):
+    """``452.88``, ``49,541``: two decimals below 1000, whole and thousands-separated above;
+    ``nan`` and ``inf`` as such (a diverged run), None as nothing (not measured)."""
+    if value is None:
         return ""
+    if not math.isfinite(value):
+        return str(value)
     return f"{value:.2f}" if round(abs(value), 2) < 1000 else f"{value:,.0f}"
 
 
 @dataclass(frozen=True)
 class Stat:
-    """The mean of ``n`` repeats and their sample standard deviation (None for one run)."""
+    """The mean of ``n`` repeats and their sample standard deviation (None for one run, or
+    when a repeat is not finite)."""
 
     mean: float
     std: float | None = None
@@ -43,6 +47,8 @@ class Stat:
     def __str__(self) -> str:
         if self.n < 2:
             return fmt_number(self.mean)
+        if self.std is None:
+            return f"{fmt_number(self.mean)} (n={self.n})"
         return f"{fmt_number(self.mean)} ± {fmt_number(self.std)} (n={self.n})"
 
 
@@ -50,11 +56,13 @@ Cell = str | float | Stat | None
 
 
 def stat(values: Sequence[float | None], scale: float = 1.0) -> Stat | None:
-    """The :class:`Stat` of the numbers among ``values`` (times ``scale``); None if there are none."""
-    present = [scale * v for v in values if v is not None and not math.isnan(v)]
+    """The :class:`Stat` of the numbers among ``values`` (times ``scale``); None if there are none.
+    A NaN or inf counts (a diverged repeat makes the mean so), only None is missing."""
+    present = [scale * v for v in values if v is not None]
     if not present:
         return None
-    std = statistics.stdev(present) if len(present) > 1 else None
+    finite = all(math.isfinite(v) for v in present)
+    std = statistics.stdev(present) if len(present) > 1 and finite else None
     return Stat(statistics.fmean(present), std, len(present))
 
 
