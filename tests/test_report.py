@@ -518,3 +518,27 @@ def test_a_diverged_repeat_is_shown_not_dropped_nor_a_crash(tmp_path):
     assert "| gblm | inf (n=2) |" in md
     assert "| wanda | nan (n=2) |" in md
     assert "| 2_wanda_s0 | finished | wanda | 0.5 | tiny_llama | 20.00 | nan |" in md
+
+
+def test_a_killed_run_and_a_damaged_record_are_named_as_such(tmp_path):
+    """A run killed outright leaves "running" in metrics.json: the report showed it running
+    (the sweep summary says incomplete, killed), though no process holds its run lock; a
+    metrics.json that is JSON but no object crashed the report with a traceback."""
+    from gblm.loggers.local import run_lock
+
+    sweep = tmp_path / "sweep"
+    extra = {"process": {"pid": 4242, "host": "node7"}}
+    make_run(sweep, "0_killed", "gblm", UNSTRUCTURED, None, status="running", extra=extra, images=False)  # fmt: skip
+    live = make_run(sweep, "1_live", "wanda", UNSTRUCTURED, None, status="running", images=False)
+    make_run(sweep, "2_damaged", "gblm", SIXTY, 30.0, images=False)
+    (sweep / "2_damaged" / "metrics.json").write_text("[1, 2]")
+    with run_lock(live):
+        runs = {r.name: r for r in find_runs(sweep)}
+        out = build_report(sweep)
+    assert runs["0_killed"].status == "killed"
+    assert "4242" in runs["0_killed"].error and "node7" in runs["0_killed"].error
+    assert runs["1_live"].status == "running"
+    assert (
+        runs["2_damaged"].status == "unreadable" and "not a JSON object" in runs["2_damaged"].error
+    )
+    assert "| 0_killed | killed | gblm |" in (out / "report.md").read_text()

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from gblm.analysis.records import MASK_STATS_CSV, read_mask_stats_csv
+from gblm.loggers.local import run_alive
 from gblm.methods.registry import method_entry
 
 METRICS_FILE = "metrics.json"
@@ -21,7 +22,9 @@ class RunRecord:
     """What the report needs from one run folder."""
 
     name: str  # the folder relative to the sweep directory
-    status: str = "unfinished"  # finished | failed | running | unfinished | unreadable
+    # finished | failed | interrupted | running | killed (no process holds its run lock) |
+    # unfinished (no metrics.json) | unreadable
+    status: str = "unfinished"
     method: str = "?"  # the method label: ``gblm``, ``wanda+owl``, ``dsnot(wanda)``, ``gblm+admm``
     base: str = "?"  # the registered method (``method=`` of the run): ``gblm``, ``dsnot``
     model: str = "?"
@@ -165,10 +168,17 @@ def read_run(run_dir: Path, sweep_dir: Path) -> RunRecord:
     if metrics_path.exists():
         try:
             metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+            error = None if isinstance(metrics, dict) else "not a JSON object"
         except (OSError, json.JSONDecodeError) as err:
-            record.status, record.error = "unreadable", f"{METRICS_FILE}: {err}"
+            error = str(err)
+        if error is not None:
+            record.status, record.error = "unreadable", f"{METRICS_FILE}: {error}"
             return record
         _from_metrics(record, metrics)
+        if record.status == "running" and not run_alive(run_dir):  # killed: its lock is free
+            owner = metrics.get("process") or {}
+            record.status = "killed"
+            record.error = f"killed: process {owner.get('pid')} on {owner.get('host')} is gone"
     masks = run_dir / "masks"
     if masks.is_dir():
         record.mask_images = {p.name: p for p in sorted(masks.glob("*.png"))}
