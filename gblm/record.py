@@ -182,8 +182,18 @@ def _mask_images(conf: RunConf, result: Result, metrics: dict, run_dir: Path) ->
         metrics.setdefault("warnings", []).append(message)
 
 
-def remote_logger(conf: RunConf, run_dir: Path):
-    """The W&B logger of ``logger=wandb`` (a :class:`NullLogger` otherwise)."""
+def resumed_wandb(previous: Any, digest: str) -> dict[str, str]:
+    """``{"id": ...}`` of the W&B run of an unfinished earlier attempt of the same config in the
+    run dir (``previous``: its ``metrics.json``), which a relaunch goes on with; else nothing."""
+    if not isinstance(previous, dict) or previous.get("status") == "finished":
+        return {}
+    wandb_id = (previous.get("wandb") or {}).get("id")
+    return {"id": wandb_id} if wandb_id and previous.get("config_hash") == digest else {}
+
+
+def remote_logger(conf: RunConf, run_dir: Path, resume_id: str | None = None):
+    """The W&B logger of ``logger=wandb`` (a :class:`NullLogger` otherwise); ``resume_id``: the
+    W&B run to go on with (:func:`resumed_wandb`)."""
     if conf.logger.name != "wandb":
         return NullLogger()
     from gblm.loggers.wandb import WandbLogger
@@ -201,6 +211,7 @@ def remote_logger(conf: RunConf, run_dir: Path):
         job_type=conf.method_name,
         mode=w.mode,
         dir=str(run_dir),
+        resume_id=resume_id,
     )
 
 

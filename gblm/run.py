@@ -208,6 +208,8 @@ def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> dict[str, 
         raise
     metrics = record.initial(conf, method, plan, digest)
     with run_lock(run_dir), _interruptible():
+        if resumed := record.resumed_wandb(read_json(run_dir / "metrics.json"), digest):
+            metrics["wandb"] = resumed  # a relaunch goes on with the W&B run it began
         # "running" first: a saved config never stands beside a finished record of another one
         write_metrics(run_dir, metrics)
         atomic_write_json(run_dir / "config_resolved.json", container)
@@ -231,7 +233,8 @@ def _execute_and_record(
 
     try:
         given = pipeline.inputs(conf, method, plan, timer)  # nothing heavy before this passes
-        remote = GuardedLogger(lambda: record.remote_logger(conf, run_dir))
+        resume_id = (metrics.get("wandb") or {}).get("id")
+        remote = GuardedLogger(lambda: record.remote_logger(conf, run_dir, resume_id))
         timer.listeners.append(record.live_view(remote, metrics))
         metrics["provenance"] = record.provenance(str(given.device), found)
         write_metrics(run_dir, metrics)  # on disk before the remote logger is sent it

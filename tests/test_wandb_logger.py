@@ -307,3 +307,35 @@ def test_a_failed_artifact_or_image_upload_is_a_warning_of_the_record(tmp_path, 
     assert any("log_artifact" in w and "refused by the server" in w for w in warnings), warnings
     assert any("log_images" in w and "refused by the server" in w for w in warnings), warnings
     assert saved["wandb"]["sync_dir"].startswith(str(tmp_path / "run" / "wandb" / "offline-run-"))
+
+
+def test_a_relaunch_of_an_interrupted_run_resumes_its_wandb_run(tmp_path, monkeypatch):
+    """An interrupted run relaunched in its run dir is one run: it used to open a second W&B
+    run (a new id) beside the first, left failed, for one local record."""
+    import wandb
+
+    from gblm import pipeline
+    from gblm.run import run
+    from tests.conftest import compose_config
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_config(
+        "model=tiny_llama", "method=magnitude", "logger=wandb", "logger.mode=offline",
+        "eval.perplexity.max_windows=2", "progress=false",
+    )  # fmt: skip
+    execute = pipeline.execute
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "execute", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, run_dir=tmp_path)
+    first = json.loads((tmp_path / "metrics.json").read_text())
+    assert first["status"] == "interrupted" and first["wandb"]["id"]
+    monkeypatch.setattr(pipeline, "execute", execute)
+    metrics = run(cfg, run_dir=tmp_path)
+    wandb.teardown()
+    assert metrics["status"] == "finished"
+    ids = {p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*")}
+    assert ids == {first["wandb"]["id"]} == {metrics["wandb"]["id"]}

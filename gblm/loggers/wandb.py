@@ -106,7 +106,8 @@ class WandbLogger:
     """Mirror a run to W&B; every method is safe to call whatever happened before.
 
     ``group`` groups runs in the UI (one sweep), ``job_type`` is what the run does (the method),
-    ``mode`` as :func:`resolve_mode`, ``dir`` where W&B writes its ``wandb/`` folder (the run dir).
+    ``mode`` as :func:`resolve_mode`, ``dir`` where W&B writes its ``wandb/`` folder (the run dir),
+    ``resume_id`` the W&B run to go on with (that of an unfinished earlier attempt of the run).
     Every name is cut to W&B's limits, never refused.
     """
 
@@ -120,6 +121,7 @@ class WandbLogger:
         job_type: str | None = None,
         mode: str = "auto",
         dir: str | os.PathLike | None = None,
+        resume_id: str | None = None,
     ) -> None:
         self.project, self.entity = project, entity
         self.group = fit(group, NAME_LIMIT) if group else None
@@ -128,6 +130,7 @@ class WandbLogger:
         self.job_type = fit(job_type, TAG_LIMIT) if job_type else None
         self.mode = resolve_mode(mode)
         self.dir = Path(dir) if dir is not None else None
+        self.resume_id = resume_id
         self.run: Any = None  # the wandb Run, once started
         self.failures: list[str] = []  # one line per call that failed
         self.location: dict[str, str] = {}  # where the run went: url, or offline sync_dir
@@ -150,6 +153,8 @@ class WandbLogger:
             mode=mode,
             dir=str(self.dir) if self.dir is not None else None,
             config=dict(config),
+            id=self.resume_id,
+            resume="allow" if self.resume_id else None,
             reinit="finish_previous",  # a Hydra multirun keeps one process for many runs
             settings=wandb.Settings(silent=True),
         )
@@ -169,10 +174,10 @@ class WandbLogger:
             self.location = self._guard("run location", self._location) or {}
 
     def _location(self) -> dict[str, str]:
-        """``{"sync_dir": ...}`` for an offline run (``wandb sync`` it later), else ``{"url": ...}``."""
+        """``{"id", "sync_dir"}`` for an offline run (``wandb sync`` it later), else ``{"id", "url"}``."""
         if self.run.offline:
-            return {"sync_dir": str(self.run.sync_dir)}
-        return {"url": str(self.run.url)} if self.run.url else {}
+            return {"id": self.run.id, "sync_dir": str(self.run.sync_dir)}
+        return {"id": self.run.id, **({"url": str(self.run.url)} if self.run.url else {})}
 
     def _log(self, what: str, data: Callable[[], dict]) -> None:
         """``run.log(data())``, guarded; nothing before the start, nor when ``data()`` is empty."""
