@@ -299,7 +299,7 @@ class _BrokenLogger:
 def test_a_failing_remote_logger_is_a_warning(tmp_path, monkeypatch, broken, caplog):
     import gblm.record
 
-    def make(s, run_dir):
+    def make(s, run_dir, resume_id=None):
         if broken == "setup":
             raise RuntimeError("remote setup is down")
         return _BrokenLogger()
@@ -336,7 +336,7 @@ def test_the_remote_logger_is_sent_only_what_the_record_on_disk_holds(tmp_path, 
     import gblm.record
 
     remote = _DiskCheckingLogger(tmp_path)
-    monkeypatch.setattr(gblm.record, "remote_logger", lambda conf, run_dir: remote)
+    monkeypatch.setattr(gblm.record, "remote_logger", lambda conf, run_dir, resume_id: remote)
     run(compose_config(*SMALL), run_dir=tmp_path)
     assert remote.seen and ("start", True) in remote.seen
     assert all(ok for _, ok in remote.seen), remote.seen
@@ -367,7 +367,7 @@ def test_a_signal_during_the_final_upload_keeps_the_record_and_closes_the_logger
     from gblm.run import RunInterrupted
 
     remote = _InterruptedUpload()
-    monkeypatch.setattr(gblm.record, "remote_logger", lambda conf, run_dir: remote)
+    monkeypatch.setattr(gblm.record, "remote_logger", lambda conf, run_dir, resume_id: remote)
     with pytest.raises(RunInterrupted):
         run(compose_config(*SMALL), run_dir=tmp_path)
     assert _metrics(tmp_path)["status"] == "finished"  # every number was on disk before
