@@ -136,6 +136,17 @@ def file_digest(path: str | os.PathLike, memo_dir: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def evaluating(model) -> Iterator[None]:
+    """Within, ``model`` is in eval mode (no dropout); its own mode is put back after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def writable_dir(path: str | os.PathLike, key: str) -> Path:
     """``path`` as a folder this process can write into (made if missing), else the refusal
     naming ``key``. Tried by writing a file: root passes permission bits, a full disk does not."""

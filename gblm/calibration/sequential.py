@@ -48,6 +48,7 @@ from gblm.models.memory import (
 from gblm.models.offload import execution_devices, materialized
 from gblm.models.onloading import skeleton, visiting
 from gblm.pruning.storage import PackedMasks
+from gblm.utils import evaluating
 
 if TYPE_CHECKING:
     from gblm.methods.base import Pruner
@@ -245,11 +246,9 @@ def prune_model(
     if method.walk_calibrates and windows is None:
         raise ValueError(f"{type(method).__name__} needs calibration windows; none were given.")
     blocks, prefix = decoder_layers(model), decoder_layers_path(model)
-    was_training = model.training
-    model.eval()
     masks = PackedMasks()
     began = time.perf_counter()
-    try:
+    with evaluating(model):
         inputs = hidden = outputs = None
         if method.walk_calibrates:
             storage = torch.device("cpu") if offload_inputs else device
@@ -283,8 +282,6 @@ def prune_model(
             if onload:
                 release_free_heap()  # the block's freed scratch, else fragmented in the heap
             logger.debug("block %d pruned in %.2f s", b, time.perf_counter() - block_began)
-    finally:
-        model.train(was_training)
     logger.info(
         "%s: pruned %d Linears in %d blocks in %.1f s",
         type(method).__name__, len(masks), len(blocks), time.perf_counter() - began,

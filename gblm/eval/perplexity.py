@@ -16,6 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from gblm.errors import NonFiniteError
+from gblm.utils import evaluating
 
 CHUNK_TOKENS = 256  # positions per cross-entropy call: bounds the fp32 copy of the logits
 
@@ -57,16 +58,12 @@ def perplexity(
         )
     windows = tokens.reshape(-1)[: nseg * seqlen].reshape(nseg, seqlen)  # (nseg, T)
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
-    was_training = model.training  # a model in training mode is evaluated without dropout
-    model.eval()
-    try:
+    with evaluating(model):  # a model in training mode is evaluated without dropout
         for start in tqdm(range(0, nseg, batch_size), desc=desc, disable=not progress, leave=False):
             batch = windows[start : start + batch_size].to(device)  # (b, T)
             logits = model(batch, use_cache=False).logits  # (b, T, vocab)
             loss = token_losses(logits, batch)  # (b, T-1)
             nll_sum += (loss.mean(dim=1).double() * seqlen).sum()
-    finally:
-        model.train(was_training)
     value = float(torch.exp(nll_sum / (nseg * seqlen)).item())
     if not math.isfinite(value):
         raise NonFiniteError(_non_finite_message(model, windows, device, desc, value))

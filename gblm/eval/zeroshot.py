@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from gblm.eval.cloze import TASK_NAME
-from gblm.utils import atomic_write_json, atomic_write_text
+from gblm.utils import atomic_write_json, atomic_write_text, evaluating
 
 # The GBLM-Pruner / Wanda zero-shot suite.
 DEFAULT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
@@ -141,17 +141,15 @@ def zeroshot_eval(
     tasks = list(tasks)
     task_manager = _task_manager(include_path, tasks)
     check_tasks(tasks, task_manager)
-    was_training = model.training
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-              add_bos_token=REQUESTS["add_bos_token"])  # fmt: skip
-    try:
+    with evaluating(model):  # HFLM puts the model in eval mode; its own mode comes back
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                  add_bos_token=REQUESTS["add_bos_token"])  # fmt: skip
         out = simple_evaluate(
-            model=lm, tasks=tasks, num_fewshot=REQUESTS["num_fewshot"], limit=limit, task_manager=task_manager,
-            log_samples=log_samples and results_dir is not None, random_seed=SEED,
-            numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED,
+            model=lm, tasks=tasks, num_fewshot=REQUESTS["num_fewshot"], limit=limit,
+            task_manager=task_manager, log_samples=log_samples and results_dir is not None,
+            random_seed=SEED, numpy_random_seed=SEED, torch_random_seed=SEED,
+            fewshot_random_seed=SEED,
         )  # fmt: skip
-    finally:
-        model.train(was_training)
     if out is None:  # only non-zero ranks get None; gblm runs one process
         raise RuntimeError("lm-eval returned no results (not rank 0?).")
     if results_dir is not None:
