@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from gblm.loggers.local import METRICS_FILE, run_alive
+from gblm.loggers.local import METRICS_FILE, killed, run_alive
 from gblm.utils import atomic_write_json, file_lock, read_json
 
 PLAN_FILE = "sweep_plan.json"
@@ -45,12 +45,10 @@ def job_entry(
     status, error = metrics.get("status"), None
     if this_launch:
         status, error = record["status"], record.get("error")
+    elif reason := killed(job_dir, metrics):  # the record of a run whose process is gone
+        status, error = "incomplete", reason
     elif run_alive(job_dir):
         status = "running"
-    elif status == "running":  # the record of a run whose process is gone
-        owner = metrics.get("process") or {}
-        error = f"killed: process {owner.get('pid')} on {owner.get('host')} is gone"
-        status = "incomplete"
     elif status not in ("finished", "failed"):
         status, error = "incomplete", metrics.get("error") or status
     if status == "failed":

@@ -108,6 +108,15 @@ def run_alive(run_dir: str | Path) -> bool:
         os.close(fd)
 
 
+def killed(run_dir: str | Path, metrics: dict) -> str | None:
+    """Why a record left ``running`` has no run behind it (no process holds its run lock):
+    ``killed: process <pid> on <host> is gone``; None for any other record, or a live run."""
+    if metrics.get("status") != "running" or run_alive(run_dir):
+        return None
+    owner = metrics.get("process") or {}
+    return f"killed: process {owner.get('pid')} on {owner.get('host')} is gone"
+
+
 def _flock(fd: int, operation: int) -> bool | None:
     """``flock`` without waiting: True taken, False held by another, None no locks here."""
     try:

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from gblm.analysis.records import MASK_STATS_CSV, read_mask_stats_csv
-from gblm.loggers.local import run_alive
+from gblm.loggers.local import killed
 from gblm.methods.registry import method_entry
 
 METRICS_FILE = "metrics.json"
@@ -175,10 +175,8 @@ def read_run(run_dir: Path, sweep_dir: Path) -> RunRecord:
             record.status, record.error = "unreadable", f"{METRICS_FILE}: {error}"
             return record
         _from_metrics(record, metrics)
-        if record.status == "running" and not run_alive(run_dir):  # killed: its lock is free
-            owner = metrics.get("process") or {}
-            record.status = "killed"
-            record.error = f"killed: process {owner.get('pid')} on {owner.get('host')} is gone"
+        if reason := killed(run_dir, metrics):  # left "running", its lock free
+            record.status, record.error = "killed", reason
     masks = run_dir / "masks"
     if masks.is_dir():
         record.mask_images = {p.name: p for p in sorted(masks.glob("*.png"))}
