@@ -209,19 +209,19 @@ def fingerprints(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> di
     calibration and evaluation documents (memoised per file) and how lm-eval is asked: part of a
     run's identity."""
     from gblm.data.calibration import source_fingerprint
-    from gblm.data.sources import CALIBRATION_SEPARATORS
-    from gblm.eval.zeroshot import REQUESTS
+    from gblm.data.sources import STREAM_SEPARATOR, calibration_separator
     from gblm.models.loading import weights_fingerprint
 
     memo = cache_dir() / "fingerprints"
     found = {"model": weights_fingerprint(conf.model)}
     for use, (source, split, paths, key) in _documents(conf, method, plan).items():
         found[use] = source_fingerprint(source, split, paths, memo, key=key)
-    if (
-        separator := CALIBRATION_SEPARATORS.get(conf.calibration.source)
-    ) and "calibration" in found:
-        found["calibration"] += f" joined by {separator!r}"  # the windows follow the separator
+    separator = calibration_separator(conf.calibration.source)
+    if "calibration" in found and separator != STREAM_SEPARATOR:  # the windows follow it
+        found["calibration"] += f" joined by {separator!r}"
     if conf.eval.zeroshot.enabled:
+        from gblm.eval.zeroshot import REQUESTS
+
         found["zero-shot"] = content_hash(REQUESTS, length=16)
     return found
 
@@ -277,10 +277,10 @@ def calibration_windows(
 ) -> Tensor:
     """The (N, T) calibration windows, from the cache when the same ones were drawn before."""
     from gblm.data import calibration as cal
-    from gblm.data.sources import CALIBRATION_SEPARATORS
+    from gblm.data.sources import calibration_separator
 
     c = conf.calibration
-    separator = CALIBRATION_SEPARATORS.get(c.source, "\n\n")
+    separator = calibration_separator(c.source)
     with timer.stage("calibration windows"):
         key = cal.windows_cache_key(
             tokenizer_id=cal.tokenizer_digest(tokenizer), vocab_size=len(tokenizer),

@@ -4,7 +4,8 @@
 ``random.randint(0, len(docs) - 1)``, tokenize it alone and redraw until it is longer than T tokens;
 then ``i = random.randint(0, len - T - 1)`` and take ``ids[i:i+T]``.
 ``stream`` sampling (WikiText): the documents joined with ``separator`` (WikiText-2's train rows
-with a space, as published) are tokenized once and each sample only draws ``i`` the same way. Labels are the ids themselves (next-token loss).
+with a space, as published) are tokenized once and each sample only draws ``i`` the same way.
+Labels are the ids themselves (next-token loss).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 from gblm.data import corpus
-from gblm.data.sources import SAMPLINGS, join_and_tokenize, load_documents
+from gblm.data.sources import SAMPLINGS, STREAM_SEPARATOR, join_and_tokenize, load_documents
 from gblm.utils import cached_tensors, content_hash, file_digest
 
 
@@ -28,7 +29,7 @@ def sample_windows(
     seqlen: int,
     seed: int = 0,
     sampling: str = "documents",
-    separator: str = "\n\n",
+    separator: str = STREAM_SEPARATOR,
 ) -> Tensor:
     """(nsamples, seqlen) int64 token ids drawn from ``documents``."""
     if sampling not in SAMPLINGS:
@@ -72,9 +73,8 @@ def _draw_document(
     )
 
 
-WINDOWS_CACHE_VERSION = (
-    3  # 2: keyed by the documents' and the tokenizer's content; 3: the separator
-)
+# 2: keyed by the documents' and the tokenizer's content, checksummed; 3: the separator
+WINDOWS_CACHE_VERSION = 3
 
 
 def documents_digest(documents: Sequence[str]) -> str:

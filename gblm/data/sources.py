@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 SOURCES = ("austen", "kjv", "wikitext2", "c4", "local")
 SAMPLINGS = ("stream", "documents")
-#: What a ``stream`` calibration source's documents are joined with, where not ``"\n\n"``.
+STREAM_SEPARATOR = "\n\n"  # what a ``stream`` source's documents are joined with
+#: The calibration sources joined otherwise.
 CALIBRATION_SEPARATORS = {"wikitext2": " "}
 C4_SHARDS = {
     "train": "en/c4-train.00000-of-01024.json.gz",
@@ -150,7 +151,14 @@ def load_documents(
         raise
 
 
-def join_and_tokenize(tokenizer, documents: Sequence[str], separator: str = "\n\n") -> Tensor:
+def calibration_separator(source: str) -> str:
+    """What the calibration documents of ``source`` are joined with (a ``stream`` source)."""
+    return CALIBRATION_SEPARATORS.get(source, STREAM_SEPARATOR)
+
+
+def join_and_tokenize(
+    tokenizer, documents: Sequence[str], separator: str = STREAM_SEPARATOR
+) -> Tensor:
     """(1, numel) token ids of the documents joined with ``separator`` (a ``stream`` source; the
     published evaluation protocol joins with ``"\n\n"``)."""
     return tokenizer(separator.join(documents), return_tensors="pt").input_ids
