@@ -18,6 +18,7 @@ from gblm.config import RunConf
 from gblm.loggers.base import NullLogger
 from gblm.loggers.local import process_record
 from gblm.pipeline import SAVED_MODEL, Result
+from gblm.utils import atomic_leftovers
 
 log = logging.getLogger("gblm")
 
@@ -143,7 +144,7 @@ def clear_outputs(run_dir: Path) -> None:
     pictures, samples = _pictures_and_samples(run_dir)
     for path in [run_dir / name for name in OUTPUT_FILES] + pictures + samples:
         path.unlink(missing_ok=True)
-    for folder in [run_dir / SAVED_MODEL, *run_dir.glob(f".{SAVED_MODEL}.*")]:
+    for folder in [run_dir / SAVED_MODEL, *atomic_leftovers(run_dir / SAVED_MODEL)]:
         shutil.rmtree(folder, ignore_errors=True)
 
 

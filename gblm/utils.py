@@ -71,6 +71,13 @@ def atomic_write(
     return path
 
 
+def atomic_leftovers(path: str | os.PathLike) -> list[Path]:
+    """The temporaries (``.<name>.*``) that :func:`atomic_write` calls for ``path`` left behind
+    when their process was killed."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*"))
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """:func:`atomic_write` of ``text`` as UTF-8 (newlines written as given)."""
     return atomic_write(path, text.encode("utf-8"))
