@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -337,5 +338,7 @@ def test_a_relaunch_of_an_interrupted_run_resumes_its_wandb_run(tmp_path, monkey
     metrics = run(cfg, run_dir=tmp_path)
     wandb.teardown()
     assert metrics["status"] == "finished"
-    ids = {p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*")}
+    # offline-run-<date>_<time>-<id>, with "-1" added when a relaunch starts in the same second
+    names = [p.name for p in (tmp_path / "wandb").glob("offline-run-*")]
+    ids = {re.fullmatch(r"offline-run-\d{8}_\d{6}-([^-]+)(?:-\d+)?", n).group(1) for n in names}
     assert ids == {first["wandb"]["id"]} == {metrics["wandb"]["id"]}
