@@ -157,7 +157,9 @@ def test_an_unreachable_server_falls_back_to_offline_in_seconds(tmp_path, monkey
     logger = WandbLogger(project="p", mode="auto", dir=tmp_path)
     logger.start({"a": 1})
     try:
-        assert time.monotonic() - began < 10
+        # not W&B's own wait for the server (init_timeout, 90 s); a loaded machine may take a
+        # while to start W&B's offline service, so the bound is generous
+        assert time.monotonic() - began < 45
         assert logger.run is not None and logger.mode == "offline" and not logger.failures
         assert f"127.0.0.1:{port} cannot be reached" in caplog.text
     finally:
