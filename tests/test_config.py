@@ -241,6 +241,22 @@ def test_hub_model_offline_says_how_to_supply_it(monkeypatch):
     paths.hub_reachable.cache_clear()
 
 
+def test_no_location_names_a_run_folder() -> None:
+    """A folder, file or hub repo in the overrides would nest the run folder by its slashes (and
+    carry a machine's paths into W&B run names): locations are left out of every name."""
+    from omegaconf import OmegaConf
+
+    from gblm.sweep import override_dirname
+
+    naming = OmegaConf.load(CONF / "config.yaml").hydra.job.config.override_dirname
+    locations = ["model.name_or_path=/m", "model.run_dir=/r/1", "model.offload_folder=/o",
+                 "calibration.paths=[/a.txt]", "eval.perplexity.paths=[/b.txt]",
+                 "eval.zeroshot.include_path=/tasks", "push_to_hub=me/pruned"]  # fmt: skip
+    assert override_dirname(["model=saved", *locations, "method=wanda"], naming) == (
+        "method=wanda,model=saved"
+    )
+
+
 def test_a_run_folder_is_named_by_its_overrides_without_a_dangling_separator() -> None:
     """``${gblm.named:...}`` after the time: ``_<overrides>`` (commas and all), or nothing."""
     from omegaconf import OmegaConf
