@@ -189,3 +189,35 @@ def test_model_card_of_a_local_model_names_it_without_its_folder(tmp_path):
     card = ModelCard.load(path)
     assert str(tmp_path) not in card.content
     assert card.text.lstrip().startswith("# llama-2-7b-hf-wanda-0.5")
+
+
+def _strings(value) -> list[str]:
+    """Every string (keys included) in a JSON value."""
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in [str(k), *_strings(v)]]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_a_saved_model_holds_nothing_of_the_machine_that_made_it(tmp_path, tokenizer):
+    """What push_to_hub publishes: no host name, process id or absolute path of this machine
+    (pruning.json held the record's host, the model's folder and the mask pictures' paths)."""
+    import socket
+
+    checkpoint = tmp_path / "ckpt"
+    tokenizer.save_pretrained(checkpoint)
+    build_tiny_model(tiny_config("llama", vocab_size=49152), seed=0).save_pretrained(checkpoint)
+    overrides = ("model=hf", f"model.name_or_path={checkpoint}", *SMALL)
+    cfg = compose_config(*overrides, "mask_images=[model.layers.0.mlp.down_proj]")
+    local = run(cfg, run_dir=tmp_path / "run")
+    assert local["process"]["host"] == socket.gethostname()  # the local record keeps it
+    saved = tmp_path / "run" / "model"
+    for path in saved.glob("*"):
+        if path.suffix != ".safetensors":
+            assert str(tmp_path) not in path.read_text(), path.name
+    published = json.loads((saved / "pruning.json").read_text())["metrics"]
+    assert socket.gethostname() not in _strings(published) and "process" not in published
+    assert published["model"] == "<path>/ckpt" and published["run_name"] == "wanda_0.5_<path>/ckpt"
+    assert published["method"] == "wanda" and published["calibration"]["seed"] == 0
+    assert published["provenance"]["gblm"] and published["ppl"]["pruned"] > 0

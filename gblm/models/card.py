@@ -17,12 +17,15 @@ from typing import Any
 _ABSOLUTE_PATH = re.compile(r"(?<=[=\[,])~?/[^\s,\]]*")
 
 
+def portable_path(text: str) -> str:
+    """An absolute path (``/data/x/model``, ``~/model``) as ``<path>/model``, so that no machine's
+    folders end up in a card or a published record; anything else (a hub id, a name) as it is."""
+    return f"<path>/{PurePath(text).name}" if text.startswith(("/", "~/")) else text
+
+
 def portable_command(overrides: Sequence[str]) -> str:
-    """``python -m gblm <overrides>``, with every absolute path cut to its last component, so that
-    no machine's folders end up in a card or a published record."""
-    shown = [
-        _ABSOLUTE_PATH.sub(lambda m: f"<path>/{PurePath(m.group()).name}", o) for o in overrides
-    ]
+    """``python -m gblm <overrides>``, with every absolute path cut to its last component."""
+    shown = [_ABSOLUTE_PATH.sub(lambda m: portable_path(m.group()), o) for o in overrides]
     return shlex.join(["python", "-m", "gblm", *shown])
 
 
@@ -125,7 +128,7 @@ def model_card(
         f"{source} pruned with **{label}** to {_target(sparsity)} sparsity by gblm "
         f"{__version__}. The pruned weights are stored as zeros in a dense checkpoint, so it loads "
         "and runs as any transformers model; `pruning_masks.safetensors` holds the masks "
-        "(bit-packed) and `pruning.json` the run's full record.",
+        "(bit-packed) and `pruning.json` the run's record.",
         "",
         "## Pruning",
         "",

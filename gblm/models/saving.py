@@ -3,8 +3,8 @@
 The directory (``<run dir>/model``) is a plain Hugging Face checkpoint (the pruned weights hold
 their zeros; config.json carries the recipe under :data:`RECIPE_KEY`) plus
 ``pruning_masks.safetensors`` (per Linear its mask, True = pruned, packed 8 entries a byte, first
-entry in the high bit; shapes in the metadata), ``pruning.json`` (the run's record and mask
-statistics) and ``README.md`` (:mod:`gblm.models.card`). It is filled in a temporary sibling and
+entry in the high bit; shapes in the metadata), ``pruning.json`` (the run's record less the
+machine's fields, :func:`published_record`, and mask statistics) and ``README.md`` (:mod:`gblm.models.card`). It is filled in a temporary sibling and
 renamed into place, so a reader never sees half of it.
 """
 
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from gblm import __version__
 from gblm.devices import dtype_name
-from gblm.models.card import model_card
+from gblm.models.card import model_card, portable_path
 from gblm.pruning.storage import pack_mask, unpack_mask
 from gblm.utils import atomic_write, atomic_write_json
 
@@ -114,6 +114,23 @@ def _save_pretrained(
             delattr(config, RECIPE_KEY)
 
 
+#: The run record's fields about the machine that ran it (its host and process id; its run dir's
+#: mask pictures and the warnings about such local outputs): metrics.json keeps them, a saved
+#: model, which push_to_hub publishes, leaves them out.
+MACHINE_FIELDS = ("process", "mask_images", "warnings")
+
+
+def published_record(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics`` as a saved model carries it: without :data:`MACHINE_FIELDS`, and a local
+    model's folder (the model's name and the run's) cut to its name (:func:`portable_path`)."""
+    record = {key: value for key, value in metrics.items() if key not in MACHINE_FIELDS}
+    model = str(metrics.get("model"))
+    if (shown := portable_path(model)) != model:
+        record["model"] = shown
+        record["run_name"] = str(metrics.get("run_name")).replace(model, shown)
+    return record
+
+
 def save_pruned_model(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -149,7 +166,7 @@ def save_pruned_model(
         tokenizer.save_pretrained(tmp)
         if masks:
             save_masks(masks, tmp / MASKS_FILE)
-        record = {"metrics": dict(metrics),
+        record = {"metrics": published_record(metrics),
                   "masks": summary | {"file": masks_file, "format": MASK_FORMAT}}  # fmt: skip
         atomic_write_json(tmp / RECORD_FILE, record)
         _default_permissions(tmp)
