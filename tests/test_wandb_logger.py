@@ -213,12 +213,26 @@ def test_disabled_and_null_loggers_do_nothing(tmp_path):
 
 
 def test_flatten():
-    assert flatten(
-        {"ppl": {"dense": 1.0, "pruned": float("nan")}, "n": 2, "x": None, "l": [1]}
-    ) == {
-        "ppl/dense": 1.0,
-        "n": 2,
-    }
+    flat = flatten({"ppl": {"dense": 1.0, "pruned": float("inf")}, "n": 2, "x": None, "l": [1]})
+    assert flat == {"ppl/dense": 1.0, "ppl/pruned": float("inf"), "n": 2}
+
+
+def test_a_diverged_runs_infinite_perplexity_reaches_the_dashboard(tmp_path, monkeypatch):
+    """W&B takes inf and NaN in ``run.log`` (the summary shows Infinity, NaN): a diverged run's
+    ``ppl/pruned`` is there, not missing as if the run had not been evaluated."""
+    import math
+
+    import wandb
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(project="gblm-test", mode="offline", dir=tmp_path)
+    logger.start({})
+    logger.log_metrics({"ppl": {"dense": 20.5, "pruned": float("inf")}, "s": float("nan")})
+    logger.finish()
+    wandb.teardown()  # the service closes the run's file (see the first test)
+    _, history, _ = offline_run_contents(tmp_path)
+    assert logger.failures == [] and history["ppl/pruned"] == float("inf")
+    assert math.isnan(history["s"]) and history["ppl/dense"] == 20.5
 
 
 def test_a_run_logs_live_with_job_type_tags_group_and_an_artifact(tmp_path, monkeypatch):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import netrc
 import os
 import re
@@ -91,13 +90,14 @@ def server_reachable() -> bool:
 
 def flatten(metrics: Mapping, prefix: str = "") -> dict[str, Any]:
     """``{"ppl": {"dense": 1.0}}`` -> ``{"ppl/dense": 1.0}``, keeping numbers, bools and strings
-    (lists, None and the non-finite floats that W&B charts cannot show are dropped)."""
+    (lists and None are dropped). Non-finite floats stay: W&B keeps them (the summary shows a
+    diverged run's ``ppl/pruned`` as Infinity), while a chart skips them."""
     flat: dict[str, Any] = {}
     for key, value in metrics.items():
         name = f"{prefix}/{key}" if prefix else str(key)
         if isinstance(value, Mapping):
             flat.update(flatten(value, name))
-        elif isinstance(value, bool | int | str) or (isinstance(value, float) and math.isfinite(value)):  # fmt: skip
+        elif isinstance(value, bool | int | float | str):
             flat[name] = value
     return flat
 
