@@ -221,3 +221,18 @@ def test_a_saved_model_holds_nothing_of_the_machine_that_made_it(tmp_path, token
     assert published["model"] == "<path>/ckpt" and published["run_name"] == "wanda_0.5_<path>/ckpt"
     assert published["method"] == "wanda" and published["calibration"]["seed"] == 0
     assert published["provenance"]["gblm"] and published["ppl"]["pruned"] > 0
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "calibration.paths=['/home/alice/a.txt']",  # Hydra's quoted strings
+        'model.name_or_path="/home/alice/llama"',
+        "calibration.paths=[/data/b.txt, /home/alice/a.txt]",  # a space after the comma
+        "model.name_or_path=~alice/llama",
+    ],
+)
+def test_the_published_command_cuts_every_absolute_path_however_written(override):
+    from gblm.models.card import portable_command
+
+    assert "alice" not in portable_command(["method=wanda", override])

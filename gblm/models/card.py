@@ -13,14 +13,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import PurePath
 from typing import Any
 
-#: An absolute path in an override's value (``key=/data/x/model``, ``key=[~/a.txt,b]``).
-_ABSOLUTE_PATH = re.compile(r"(?<=[=\[,])~?/[^\s,\]]*")
+#: An absolute path in an override's value (``key=/data/x/model``, ``key=[~/a.txt, '/b.txt']``,
+#: ``key=~user/model``).
+_ABSOLUTE_PATH = re.compile(r"(?<=[=\[,\s'\"])(~[\w.-]*)?/[^\s,\]'\"]+")
 
 
 def portable_path(text: str) -> str:
     """An absolute path (``/data/x/model``, ``~/model``) as ``<path>/model``, so that no machine's
     folders end up in a card or a published record; anything else (a hub id, a name) as it is."""
-    return f"<path>/{PurePath(text).name}" if text.startswith(("/", "~/")) else text
+    return f"<path>/{PurePath(text).name}" if text.startswith(("/", "~")) else text
 
 
 def portable_command(overrides: Sequence[str]) -> str:
