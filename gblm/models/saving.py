@@ -4,8 +4,9 @@ The directory (``<run dir>/model``) is a plain Hugging Face checkpoint (the prun
 their zeros; config.json carries the recipe under :data:`RECIPE_KEY`) plus
 ``pruning_masks.safetensors`` (per Linear its mask, True = pruned, packed 8 entries a byte, first
 entry in the high bit; shapes in the metadata), ``pruning.json`` (the run's record less the
-machine's fields, :func:`published_record`, and mask statistics) and ``README.md`` (:mod:`gblm.models.card`). It is filled in a temporary sibling and
-renamed into place, so a reader never sees half of it.
+machine's fields, :func:`published_record`, and mask statistics) and ``README.md``
+(:mod:`gblm.models.card`). It is filled in a temporary sibling and renamed into place, so a
+reader never sees half of it.
 """
 
 from __future__ import annotations
