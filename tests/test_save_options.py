@@ -157,6 +157,21 @@ def test_model_card_carries_the_hub_metadata_and_the_run(tmp_path):
     assert ModelSpec(kind="tiny").hub_id is None
 
 
+def test_a_diverged_perplexity_is_shown_in_the_card_but_is_no_hub_result(tmp_path):
+    """The Hub's model-index feeds leaderboards: an infinite perplexity is no score there."""
+    from huggingface_hub import ModelCard
+
+    from gblm.models.card import model_card
+
+    metrics = {"method": "wanda", "model": "m", "sparsity": {"ratio": 0.9, "label": "0.9"},
+               "ppl": {"dense": 50.0, "pruned": float("inf")}}  # fmt: skip
+    evaluation = {"dataset": "austen", "split": "test", "seqlen": 256}
+    path = tmp_path / "README.md"
+    path.write_text(model_card(metrics, 0.9, evaluation=evaluation))
+    card = ModelCard.load(path)
+    assert not card.data.eval_results and "| perplexity, pruned model | inf |" in card.text
+
+
 def test_a_new_run_in_the_folder_never_shows_an_earlier_runs_saved_model(tmp_path):
     run(compose_config("model=tiny_llama", *SMALL), run_dir=tmp_path)
     assert (tmp_path / "model" / "pruning.json").exists()

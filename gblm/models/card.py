@@ -7,6 +7,7 @@ its text says how the model was pruned, what it scored, and the command that mad
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -58,8 +59,8 @@ def _eval_results(metrics: Mapping[str, Any], evaluation: Mapping[str, Any]) -> 
     from huggingface_hub import EvalResult
 
     results = []
-    pruned = (metrics.get("ppl") or {}).get("pruned")
-    if pruned is not None and evaluation.get("dataset"):
+    pruned = (metrics.get("ppl") or {}).get("pruned")  # a diverged one (inf, nan) is no result
+    if pruned is not None and math.isfinite(float(pruned)) and evaluation.get("dataset"):
         results.append(EvalResult(
             task_type="text-generation", dataset_type=str(evaluation["dataset"]),
             dataset_name=str(evaluation["dataset"]), dataset_split=evaluation.get("split"),
