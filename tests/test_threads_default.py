@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -24,13 +23,16 @@ def _threads(env: dict[str, str]) -> int:
 def test_idle_cpus_counts_a_busy_core_as_busy():
     quiet = devices.idle_cpus(0.3)
     assert quiet is not None and 0 <= quiet <= (os.cpu_count() or 1) + 0.01
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(0.5)
-        busy = devices.idle_cpus(0.5)
-    finally:
-        spinner.kill()
-        spinner.wait()
+    # the spinner says when it spins: a sleep could end before a slow interpreter start does
+    spin = "print('spinning', flush=True)\nwhile True: pass"
+    with subprocess.Popen(
+        [sys.executable, "-c", spin], stdout=subprocess.PIPE, text=True
+    ) as spinner:
+        try:
+            assert spinner.stdout.readline() == "spinning\n"
+            busy = devices.idle_cpus(0.5)
+        finally:
+            spinner.kill()  # then the with closes its pipe and waits for it
     assert busy is not None and busy <= (os.cpu_count() or 1) - 0.5  # one core taken
 
 
