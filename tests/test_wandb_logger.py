@@ -15,6 +15,14 @@ from gblm.loggers.wandb import WandbLogger, api_key_configured, flatten, resolve
 pytest.importorskip("wandb")
 
 
+@pytest.fixture(autouse=True)
+def _wandb_home(tmp_path, monkeypatch):
+    """W&B's own folders (cache, config, data, artifact staging) in the test's tmp_path: by
+    default they are under the user's home, which a CI runner may not have writable."""
+    for key in ("CACHE", "CONFIG", "DATA", "ARTIFACT"):
+        monkeypatch.setenv(f"WANDB_{key}_DIR", str(tmp_path / "home" / key.lower()))
+
+
 def read_wandb_records(path: Path) -> list:
     """Decode a ``run-*.wandb`` file: a 7-byte W&B header, then LevelDB-log records.
 
@@ -301,8 +309,6 @@ def test_a_failed_artifact_or_image_upload_is_a_warning_of_the_record(tmp_path, 
     from tests.conftest import compose_config
 
     monkeypatch.setenv("WANDB_SILENT", "true")
-    for key in ("CACHE", "CONFIG", "DATA", "ARTIFACT"):
-        monkeypatch.setenv(f"WANDB_{key}_DIR", str(tmp_path / "home" / key.lower()))
 
     def refused(kind):  # subclasses: wandb itself asks isinstance(x, wandb.Artifact)
         def __init__(self, *args, **kwargs):
