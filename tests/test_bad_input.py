@@ -8,6 +8,7 @@ as real subprocesses to prove the exit status and that the log never reaches ``l
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -355,9 +356,13 @@ def no_model_load(monkeypatch):
 
 
 def _cli(argv: list[str], monkeypatch) -> int:
+    """The command line in this process; the root logger and torch's threads that Hydra's app
+    sets are put back as they were (they would outlive the test)."""
     from gblm.cli import cli
 
     monkeypatch.setattr(sys, "argv", ["gblm", *argv])
+    root, threads = logging.getLogger(), torch.get_num_threads()
+    handlers, level = list(root.handlers), root.level
     GlobalHydra.instance().clear()
     try:
         cli()
@@ -365,6 +370,12 @@ def _cli(argv: list[str], monkeypatch) -> int:
         return done.code
     finally:
         GlobalHydra.instance().clear()
+        for handler in set(root.handlers) - set(handlers):
+            handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
     return 0
 
 
@@ -392,6 +403,22 @@ def test_bad_input_is_refused_before_the_model_loads(
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["status"] == "failed" and "traceback" not in metrics
         assert needles[0].format(tmp=inputs) in metrics["error"]
+
+
+def test_a_case_leaves_no_logging_or_threads_behind(inputs, no_model_load, monkeypatch, capsys):
+    """Hydra's app in this process sets the root logger (a handler on this test's captured stream,
+    closed after it; a file in its tmp_path) and torch's threads (the CPUs idle now): left set,
+    each later test's log record printed a logging error's traceback into that test's stderr."""
+    from gblm import devices
+
+    root, threads = logging.getLogger(), torch.get_num_threads()
+    handlers, level = list(root.handlers), root.level
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(devices, "idle_cpus", lambda interval=0.2: 1.0 if threads > 1 else 2.0)
+    argv = [*BASE, "sparsity.ratio=1.5", f"hydra.run.dir={inputs / 'run'}"]
+    assert _cli(argv, monkeypatch) == 2  # a "run" case: refused by the run, its log set up
+    assert (root.handlers, root.level) == (handlers, level)
+    assert torch.get_num_threads() == threads
 
 
 def test_at_least_thirty_cases():
