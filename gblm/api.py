@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from gblm import pipeline
 from gblm.config import CalibrationSettings
+from gblm.data.sources import STREAM_SEPARATOR
 from gblm.methods.base import Pruner, RunContext
 from gblm.methods.plans import PerBlockPlan, SparsityPlan, UniformPlan
 from gblm.methods.registry import build_method, build_reconstruct, compose
@@ -71,6 +72,7 @@ def prune(
     seqlen: int = 2048,
     seed: int = 0,
     sampling: str = CalibrationSettings.sampling,
+    separator: str = STREAM_SEPARATOR,
     device: str | torch.device | None = None,
     batch_size: int | str = "auto",
     progress: bool = True,
@@ -92,6 +94,8 @@ def prune(
             (N, T) token ids; not needed by magnitude.
         sampling: how windows are drawn from texts, as ``calibration.sampling``: ``stream`` (a
             run's default) or ``documents`` (one document at a time, C4's published protocol).
+        separator: what ``stream`` joins the texts with: ``"\n\n"``, or ``" "`` for WikiText-2
+            train rows as ``calibration=wikitext2`` joins them (the published loaders).
         device: where each block is computed; default the device of the model's embeddings.
         batch_size: calibration windows per forward in the walk; ``auto`` is one, as published.
         progress: tqdm bars.
@@ -131,7 +135,9 @@ def prune(
     else:
         from gblm.data.calibration import sample_windows
 
-        windows = sample_windows(tokenizer, list(calibration), nsamples, seqlen, seed, sampling)
+        windows = sample_windows(
+            tokenizer, list(calibration), nsamples, seqlen, seed, sampling, separator
+        )
     pipeline.check_model(model, method, plan)
     context = RunContext(
         device=device,

@@ -57,6 +57,25 @@ def test_calibration_texts_are_drawn_as_the_run_draws_them(tokenizer, sampling):
     assert same_masks(result.masks, expected)
 
 
+def test_wikitext2_rows_can_be_drawn_as_calibration_wikitext2_draws_them(tokenizer):
+    """A run's calibration=wikitext2 joins the rows with a space (the published loaders), not
+    the blank line of the other stream sources: separator=" " gives the run's windows and masks."""
+    from gblm.data.sources import calibration_separator
+
+    rows = [" ".join(f"word{i} of row {j}." for i in range(12)) for j in range(40)]
+    run_windows = sample_windows(tokenizer, rows, 4, 32, seed=0, sampling="stream",
+                                 separator=calibration_separator("wikitext2"))  # fmt: skip
+    assert not torch.equal(run_windows, sample_windows(tokenizer, rows, 4, 32, sampling="stream"))
+    model = build_tiny_model(tiny_config("llama", vocab_size=len(tokenizer)), seed=0)
+    reference = copy.deepcopy(model)
+    expected = prune_model(
+        reference, build_method("wanda"), Sparsity(0.5), run_windows, device="cpu"
+    )
+    result = gblm.prune(model, tokenizer, method="wanda", calibration=rows, nsamples=4, seqlen=32,
+                        separator=" ", progress=False)  # fmt: skip
+    assert same_masks(result.masks, expected)
+
+
 def test_nm_pattern_per_block_ratios_and_options(tiny_llama):
     nm = gblm.prune(copy.deepcopy(tiny_llama), method="wanda", sparsity="2:4",
                     calibration=WINDOWS, progress=False)  # fmt: skip
