@@ -11,10 +11,8 @@ from typing import Any
 import yaml
 
 from gblm.analysis.records import MASK_STATS_CSV, read_mask_stats_csv
-from gblm.loggers.local import killed
+from gblm.loggers.local import METRICS_FILE, killed
 from gblm.methods.registry import method_entry
-
-METRICS_FILE = "metrics.json"
 
 
 @dataclass
