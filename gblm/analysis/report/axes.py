@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from gblm.analysis.report.runs import RunRecord, is_baseline
+from gblm.analysis.report.runs import RunRecord, is_baseline, number
 from gblm.methods.registry import method_order, reconstruct_names
 
 #: Keys that are not ablation axes, nor is any key under them; the seeds are repeats.
@@ -81,8 +81,7 @@ def swept_axes(runs: Sequence[RunRecord]) -> list[str]:
 
 def value_key(value: Any) -> tuple:
     """Sort key of a setting's values: numbers ascending, then the others by their text."""
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return (0, value, "") if numeric else (1, 0, str(value))
+    return (0, value, "") if number(value) is not None else (1, 0, str(value))
 
 
 def axis_values(runs: Sequence[RunRecord], key: str) -> list[Any]:
