@@ -37,7 +37,7 @@ def write_exports(table: Table, out_dir: Path) -> None:
     folder.mkdir(exist_ok=True)
     atomic_write_text(folder / f"{table.name}.csv", table.numbers().to_csv(index=False))
     align = "".join("r" if any(c and c[0].isdigit() for c in col) else "l"
-                    for col in zip(*table.text())) if table.rows else ""  # fmt: skip
+                    for col in zip(*table.text()))  # fmt: skip
     latex = _frame(table).to_latex(index=False, escape=True, column_format=align or None)
     atomic_write_text(folder / f"{table.name}.tex", latex.replace("±", "$\\pm$"))
 
