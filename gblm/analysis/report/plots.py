@@ -165,7 +165,7 @@ def plot_pivot(table: Table, styles: Styles, ylabel: str, title: str, path: Path
               for row in table.rows if row[0] != DENSE_ROW}  # fmt: skip
     dense = next((row[1] for row in table.rows if row[0] == DENSE_ROW), None)
     return _dot_figure({"": values}, [h for _, h in columns], styles, ("sparsity", ylabel, title),
-                       path, log_y, dense if isinstance(dense, (int, float)) else None)  # fmt: skip
+                       path, log_y, dense)  # fmt: skip
 
 
 def plot_axis(table: Table, styles: Styles, ylabel: str, title: str, path: Path,
