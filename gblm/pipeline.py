@@ -37,6 +37,7 @@ from gblm.errors import ConfigError, OutputError
 from gblm.methods.base import Pruner, RunContext
 from gblm.methods.plans import SparsityPlan
 from gblm.models.layers import decoder_layers
+from gblm.models.loading import TOKENIZER_FILES, ModelSpec, files_fingerprint
 from gblm.names import block_index, in_block_name
 from gblm.paths import cache_dir, configure_offline
 from gblm.pruning.storage import PackedMasks
@@ -204,16 +205,20 @@ def inputs(
     return Inputs(texts=texts, tokenizer=tokenizer, device=device, dtype=dtype)
 
 
+def model_fingerprints(spec: ModelSpec) -> dict[str, str]:
+    """The content fingerprints of the model's weights files and of its tokenizer's files."""
+    return {"model": files_fingerprint(spec), "tokenizer": files_fingerprint(spec, TOKENIZER_FILES)}
+
+
 def fingerprints(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> dict[str, str]:
-    """The content fingerprints of the model's weights files and, where the run uses them, the
-    calibration and evaluation documents (memoised per file) and how lm-eval is asked: part of a
-    run's identity."""
+    """The content fingerprints of the model's and its tokenizer's files and, where the run uses
+    them, the calibration and evaluation documents (memoised per file) and how lm-eval is asked:
+    part of a run's identity."""
     from gblm.data.calibration import source_fingerprint
     from gblm.data.sources import STREAM_SEPARATOR, calibration_separator
-    from gblm.models.loading import weights_fingerprint
 
     memo = cache_dir() / "fingerprints"
-    found = {"model": weights_fingerprint(conf.model)}
+    found = model_fingerprints(conf.model)
     for use, (source, split, paths, key) in _documents(conf, method, plan).items():
         found[use] = source_fingerprint(source, split, paths, memo, key=key)
     separator = calibration_separator(conf.calibration.source)
@@ -311,7 +316,7 @@ def execute(
     each stage that adds to it, and returns the run's record as it then stands (saved with the
     model).
     """
-    from gblm.models.loading import load_model, weights_fingerprint
+    from gblm.models.loading import load_model
 
     device, dtype = given.device, given.dtype
     result = Result(device=str(device), dtype=devices.dtype_name(dtype))
@@ -353,7 +358,7 @@ def execute(
             model_id=conf.model.model_id,
             cache_dir=cache_dir(),
             progress=conf.progress,
-            fingerprint=lambda: weights_fingerprint(conf.model),
+            fingerprint=lambda: files_fingerprint(conf.model),
             onload=conf.model.onload,
             batch_size=conf.batch_size,
             method_calibrates=method.needs_calibration,

@@ -29,7 +29,7 @@ from gblm.errors import ConfigError, UserError
 from gblm.loggers.base import GuardedLogger, NullLogger
 from gblm.loggers.local import in_use, read_metrics, run_alive, run_lock, write_metrics
 from gblm.methods.registry import allocator_entry, allocator_options
-from gblm.models.loading import model_directory, weights_fingerprint
+from gblm.models.loading import model_directory
 from gblm.paths import PROJECT_ROOT
 from gblm.utils import OverallEstimate, StageTimer, atomic_write_json, content_hash, read_json
 
@@ -39,6 +39,8 @@ log = logging.getLogger("gblm")
 NON_RESULT_KEYS = ("logger", "progress", "skip_finished", "overwrite", "experiment", "hydra")
 # Memory-only options of earlier versions' gradient stage (no result changed): their records resume.
 RETIRED_MEMORY_OPTIONS = ("gradient_checkpointing", "loss_chunk_tokens")
+# Inputs fingerprinted since runs were recorded without them (unknowable for such a record).
+LATER_FINGERPRINTS = ("tokenizer",)
 _INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGINT is KeyboardInterrupt already
 
 
@@ -131,11 +133,13 @@ def run_dir_refusal(
 
 def changed_content(previous: dict, found: dict[str, str]) -> list[str]:
     """The inputs (:func:`gblm.pipeline.fingerprints`) whose content changed since ``previous``
-    finished; none for a record older than the fingerprints."""
+    finished; none for a record older than the fingerprints, nor for one of
+    :data:`LATER_FINGERPRINTS` that the record predates."""
     old = (previous.get("provenance") or {}).get("fingerprints")
     if not isinstance(old, dict):
         return []
-    return sorted(k for k in set(old) | set(found) if old.get(k) != found.get(k))
+    keys = set(old) | (set(found) - set(LATER_FINGERPRINTS))
+    return sorted(k for k in keys if old.get(k) != found.get(k))
 
 
 def _previous_run(
@@ -241,7 +245,7 @@ def _execute_and_record(
         remote.start({**container, "provenance": metrics["provenance"]})
         result = pipeline.execute(conf, method, plan, given, timer, run_dir, on_update)
         if not found["model"].startswith("files:"):  # a hub id first loaded now: its files
-            found["model"] = weights_fingerprint(conf.model)
+            found.update(pipeline.model_fingerprints(conf.model))
         record.update(metrics, result, conf, run_dir)
         metrics["status"] = "finished"
     except (KeyboardInterrupt, RunInterrupted) as err:

@@ -42,7 +42,7 @@ def _fingerprints(paths: dict[str, Path]) -> dict:
 def test_an_unchanged_relaunch_is_skipped_and_a_changed_data_file_runs_again(inputs):
     first = _run(inputs)
     found = _fingerprints(inputs)
-    assert set(found) == {"model", "calibration", "eval"}
+    assert set(found) == {"model", "tokenizer", "calibration", "eval"}
     assert _run(inputs)["timings"] == first["timings"]  # skipped: the record as it was
     with inputs["cal"].open("a") as handle:  # edited in place: same path, same config
         handle.write("\n\nA new paragraph, written after the first run finished.")
@@ -60,6 +60,27 @@ def test_a_model_replaced_at_its_path_runs_again(inputs):
     again = _run(inputs)
     assert again["timings"] != first["timings"] and again["ppl"] != first["ppl"]
     assert _run(inputs)["timings"] == again["timings"]  # and now it is the same again
+
+
+def test_a_tokenizer_edited_in_place_runs_again_and_a_record_before_its_fingerprint_does_not(
+    inputs,
+):
+    """The windows are the tokenizer's: a tokenizer file changed beside the same weights (a fixed
+    tokenizer_config.json) changes the run. A record from before the tokenizer was fingerprinted
+    keeps resuming: its tokenizer is unknowable, as a record's without any fingerprints."""
+    first = _run(inputs)
+    settings = inputs["model"] / "tokenizer_config.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "model_max_length": 4096}))
+    again = _run(inputs)
+    assert again["timings"] != first["timings"]
+    found = _fingerprints(inputs)
+    record = inputs["run"] / "metrics.json"
+    legacy = json.loads(record.read_text())
+    del legacy["provenance"]["fingerprints"]["tokenizer"]
+    record.write_text(json.dumps(legacy))
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "model_max_length": 8192}))
+    assert _run(inputs)["timings"] == again["timings"]  # skipped: the record as it was
+    assert found["model"] == _fingerprints(inputs)["model"]
 
 
 def test_a_record_without_fingerprints_is_skipped_when_its_config_matches(inputs):
@@ -96,6 +117,7 @@ def test_a_run_scored_or_calibrated_by_an_earlier_protocol_runs_again():
     conf = validate(OmegaConf.to_container(plain, resolve=True))
     assert set(fingerprints(conf, build_method(conf), build_plan(conf))) == {
         "model",
+        "tokenizer",
         "calibration",
         "eval",
     }

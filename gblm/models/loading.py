@@ -35,6 +35,9 @@ SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model that GGUF wa
 # The files a model's weights and architecture come from (tokenizer files only shape the windows,
 # which the gradient cache key holds by content).
 WEIGHT_FILES = ("config.json", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+#: What a tokenizer reads from the model's folder (transformers' file names).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")  # fmt: skip
 
 
 class ModelUnavailableError(UserError, RuntimeError):
@@ -184,15 +187,16 @@ def model_directory(spec: ModelSpec) -> Path | None:
         return None
 
 
-def weights_fingerprint(spec: ModelSpec) -> str:
-    """A content hash of the model's :data:`WEIGHT_FILES`, for cache keys (each file's sha256
-    remembered per size, mtime and inode under ``<cache>/fingerprints``); without local files
-    (a tiny model, a hub id not yet downloaded) its :attr:`ModelSpec.model_id`."""
+def files_fingerprint(spec: ModelSpec, names: tuple[str, ...] = WEIGHT_FILES) -> str:
+    """A content hash of the model's :data:`WEIGHT_FILES` (or its :data:`TOKENIZER_FILES`), for
+    cache keys (each file's sha256 remembered per size, mtime and inode under
+    ``<cache>/fingerprints``); without local files (a tiny model, a hub id not yet downloaded)
+    its :attr:`ModelSpec.model_id`."""
     directory = model_directory(spec)
     if directory is None or not directory.is_dir():
         return spec.model_id
     memo = cache_dir() / "fingerprints"
-    files = sorted({p for pattern in WEIGHT_FILES for p in directory.glob(pattern) if p.is_file()})
+    files = sorted({p for pattern in names for p in directory.glob(pattern) if p.is_file()})
     digests = {p.name: [p.stat().st_size, file_digest(p, memo)] for p in files}
     return "files:" + content_hash({"kind": spec.kind, "files": digests}, length=32)
 
