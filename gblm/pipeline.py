@@ -41,7 +41,7 @@ from gblm.models.loading import TOKENIZER_FILES, ModelSpec, files_fingerprint
 from gblm.names import block_index, in_block_name
 from gblm.paths import cache_dir, configure_offline
 from gblm.pruning.storage import PackedMasks
-from gblm.utils import StageTimer, content_hash, writable_dir
+from gblm.utils import StageTimer, content_hash, file_digest, writable_dir
 
 log = logging.getLogger("gblm")
 
@@ -212,8 +212,8 @@ def model_fingerprints(spec: ModelSpec) -> dict[str, str]:
 
 def fingerprints(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> dict[str, str]:
     """The content fingerprints of the model's and its tokenizer's files and, where the run uses
-    them, the calibration and evaluation documents (memoised per file) and how lm-eval is asked:
-    part of a run's identity."""
+    them, the calibration and evaluation documents (memoised per file), how lm-eval is asked and
+    the files of ``eval.zeroshot.include_path``: part of a run's identity."""
     from gblm.data.calibration import source_fingerprint
     from gblm.data.sources import STREAM_SEPARATOR, calibration_separator
 
@@ -224,10 +224,15 @@ def fingerprints(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> di
     separator = calibration_separator(conf.calibration.source)
     if "calibration" in found and separator != STREAM_SEPARATOR:  # the windows follow it
         found["calibration"] += f" joined by {separator!r}"
-    if conf.eval.zeroshot.enabled:
+    if (z := conf.eval.zeroshot).enabled:
         from gblm.eval.zeroshot import REQUESTS
 
         found["zero-shot"] = content_hash(REQUESTS, length=16)
+        if z.include_path:  # the user's task YAMLs and whatever lies beside them
+            folder = Path(z.include_path).expanduser()
+            files = sorted(p for p in folder.rglob("*") if p.is_file())
+            tasks = {str(p.relative_to(folder)): file_digest(p, memo) for p in files}
+            found["zero-shot tasks"] = "files:" + content_hash(tasks, length=32)
     return found
 
 

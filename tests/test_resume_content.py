@@ -121,3 +121,30 @@ def test_a_run_scored_or_calibrated_by_an_earlier_protocol_runs_again():
         "calibration",
         "eval",
     }
+
+
+def test_the_users_zero_shot_task_files_are_part_of_the_identity(tmp_path):
+    """A task YAML edited in ``eval.zeroshot.include_path`` asks other questions: the run changes.
+    A record from before these files were fingerprinted compares the rest."""
+    from omegaconf import OmegaConf
+
+    from gblm.config import build_method, build_plan, validate
+    from gblm.pipeline import fingerprints
+    from gblm.run import changed_content
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "mine.yaml").write_text("task: mine\ndataset_path: json\n")
+    (tmp_path / "data" / "items.jsonl").write_text('{"q": 1}\n')
+    cfg = compose_config("method=wanda", "eval.zeroshot.enabled=true",
+                         f"eval.zeroshot.include_path={tmp_path}")  # fmt: skip
+    conf = validate(OmegaConf.to_container(cfg, resolve=True))
+
+    def found() -> dict[str, str]:
+        return fingerprints(conf, build_method(conf), build_plan(conf))
+
+    first = found()
+    assert changed_content({"provenance": {"fingerprints": first}}, found()) == []
+    (tmp_path / "data" / "items.jsonl").write_text('{"q": 2}\n')
+    assert changed_content({"provenance": {"fingerprints": first}}, found()) == ["zero-shot tasks"]
+    earlier = {k: v for k, v in first.items() if k != "zero-shot tasks"}
+    assert changed_content({"provenance": {"fingerprints": earlier}}, found()) == []
