@@ -61,6 +61,17 @@ def as_sparsity_plan(sparsity: float | str | Sparsity | Sequence[float] | Sparsi
     return PerBlockPlan(Sparsity(0.0), [float(r) for r in sparsity])
 
 
+def _check_token_ids(key: str, ids: Tensor, model: nn.Module) -> None:
+    """Refuse ids the model's embedding has no row for (before they reach it: on a GPU such an
+    index is a device-side assert that spoils the process's CUDA context)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(
+            f"{key}: token ids must lie in [0, {vocab}) (the model's vocabulary); found "
+            f"{int(ids.min())}..{int(ids.max())}."
+        )
+
+
 def prune(
     model: nn.Module,
     tokenizer: Any = None,
@@ -130,6 +141,7 @@ def prune(
     elif isinstance(calibration, Tensor):
         if calibration.ndim != 2 or calibration.dtype != torch.long:
             raise ValueError("calibration: a tensor must be (N, T) int64 token ids.")
+        _check_token_ids("calibration", calibration, model)
     elif tokenizer is None:
         raise ValueError("calibration texts need the tokenizer: prune(model, tokenizer, ...).")
     else:
@@ -181,6 +193,7 @@ def evaluate(
         raise ValueError("evaluate: give the evaluation texts or token ids as data.")
     if isinstance(data, Tensor):
         tokens = data.reshape(1, -1)
+        _check_token_ids("data", tokens, model)
     else:
         if tokenizer is None:
             raise ValueError(

@@ -97,6 +97,22 @@ def test_bad_calls_say_what_is_missing(tiny_llama):
         gblm.prune(tiny_llama, method="gblm", calibration=WINDOWS, options={"nrom": "l2"})
 
 
+def test_token_ids_outside_the_vocabulary_are_refused_before_the_model_runs(tiny_llama):
+    """An id the embedding has no row for was an IndexError from inside the walk (on a GPU, a
+    device-side assert that spoils the process's CUDA context)."""
+    high = WINDOWS.clone()
+    high[0, 3] = 256  # the tiny model's vocabulary is 256
+    with pytest.raises(
+        ValueError, match=r"calibration: token ids must lie in \[0, 256\).*found \d+\.\.256\."
+    ):
+        gblm.prune(tiny_llama, method="wanda", calibration=high, progress=False)
+    negative = torch.full((1, 64), -1)
+    with pytest.raises(
+        ValueError, match=r"data: token ids must lie in \[0, 256\).*found -1\.\.-1\."
+    ):
+        gblm.evaluate(tiny_llama, data=negative, seqlen=32, progress=False)
+
+
 def test_evaluate_is_the_runs_perplexity(tiny_llama):
     tokens = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(2))
     expected = perplexity(tiny_llama, tokens, 32, device=torch.device("cpu"), progress=False)
