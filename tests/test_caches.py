@@ -172,3 +172,28 @@ def test_windows_key_follows_a_python_tokenizers_special_tokens():
     assert plain("Hi").input_ids != with_bos("Hi").input_ids
     assert tokenizer_digest(plain) != tokenizer_digest(with_bos)
     assert tokenizer_digest(plain) == tokenizer_digest(Chars())
+
+
+def test_windows_key_follows_a_fast_tokenizers_split_special_tokens():
+    """``split_special_tokens: true`` (tokenizer_config.json) splits a special token's text into
+    ordinary tokens; the fast tokenizer's definition does not hold it, so a tokenizer that splits
+    shared the windows cached for one that does not (a rerun on the edited tokenizer got the
+    earlier run's windows)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from gblm.data.calibration import tokenizer_digest
+
+    vocab = {"[UNK]": 0, "<s>": 1, **{chr(i): i for i in range(32, 127)}}
+
+    def make(**kwargs):
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>", **kwargs
+        )
+
+    whole, split = make(), make(split_special_tokens=True)
+    assert whole("a<s>b").input_ids != split("a<s>b").input_ids
+    assert tokenizer_digest(whole) != tokenizer_digest(split)
+    assert tokenizer_digest(whole) == tokenizer_digest(make())

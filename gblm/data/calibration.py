@@ -119,14 +119,14 @@ _PROBE = " Chapter 12\n\nMr. Smith's café, naïve  text:\t3.14 — done."
 
 
 def tokenizer_digest(tokenizer) -> str:
-    """A hash of what the tokenizer does: a fast tokenizer's full definition, else its vocabulary
-    and its ids of a probe text (special tokens added as the windows' calls add them)."""
+    """A hash of what the tokenizer does: a fast tokenizer's full definition, else its vocabulary;
+    and its ids of a probe text holding its special tokens (added as the windows' calls add them;
+    kept whole or split, ``split_special_tokens``, which no definition holds)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        spec = backend.to_str()
-    else:
-        spec = [sorted(tokenizer.get_vocab().items()), list(tokenizer(_PROBE).input_ids)]
-    return content_hash({"class": type(tokenizer).__name__, "tokenizer": spec}, length=32)
+    spec = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    probe = _PROBE + " ".join(tokenizer.all_special_tokens)
+    ids = list(tokenizer(probe).input_ids)
+    return content_hash({"class": type(tokenizer).__name__, "tokenizer": [spec, ids]}, length=32)
 
 
 def windows_cache_key(
