@@ -40,6 +40,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+RESOLVED = "device and dtype"  # what :func:`resolved` describes, a run's fingerprint
+
+
+def resolved(device: str, dtype: str) -> str:
+    """What a run's ``device`` and ``dtype`` settings compute in here, ``auto`` resolved: ``"cpu
+    float32"``, ``"cuda float16"`` (part of a run's identity: a CPU's float32 numbers are not a
+    GPU's float16 ones). A device named is taken as named (a machine without it refuses it later).
+    """
+    where = resolve_device(device) if device == "auto" else torch.device(device)
+    return f"{where.type} {dtype_name(resolve_dtype(dtype, where))}"
+
+
 def calibration_batch(batch_size: int | str) -> int:
     """Windows per forward call of the layer walk: ``auto`` is one window, as published; an
     integer is taken as given (a batch may change the last bits of some products)."""

@@ -211,14 +211,15 @@ def model_fingerprints(spec: ModelSpec) -> dict[str, str]:
 
 
 def fingerprints(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> dict[str, str]:
-    """The content fingerprints of the model's and its tokenizer's files and, where the run uses
-    them, the calibration and evaluation documents (memoised per file), how lm-eval is asked and
-    the files of ``eval.zeroshot.include_path``: part of a run's identity."""
+    """The content fingerprints of the model's and its tokenizer's files, the device and dtype
+    ``auto`` gives here, where the run uses them the calibration and evaluation documents (memoised
+    per file), how lm-eval is asked and the files of ``eval.zeroshot.include_path``: its identity."""
     from gblm.data.calibration import source_fingerprint
     from gblm.data.sources import STREAM_SEPARATOR, calibration_separator
 
     memo = cache_dir() / "fingerprints"
     found = model_fingerprints(conf.model)
+    found[devices.RESOLVED] = devices.resolved(conf.device, conf.model.dtype)
     for use, (source, split, paths, key) in _documents(conf, method, plan).items():
         found[use] = source_fingerprint(source, split, paths, memo, key=key)
     separator = calibration_separator(conf.calibration.source)

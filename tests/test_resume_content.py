@@ -42,7 +42,7 @@ def _fingerprints(paths: dict[str, Path]) -> dict:
 def test_an_unchanged_relaunch_is_skipped_and_a_changed_data_file_runs_again(inputs):
     first = _run(inputs)
     found = _fingerprints(inputs)
-    assert set(found) == {"model", "tokenizer", "calibration", "eval"}
+    assert set(found) == {"model", "tokenizer", "device and dtype", "calibration", "eval"}
     assert _run(inputs)["timings"] == first["timings"]  # skipped: the record as it was
     with inputs["cal"].open("a") as handle:  # edited in place: same path, same config
         handle.write("\n\nA new paragraph, written after the first run finished.")
@@ -118,6 +118,7 @@ def test_a_run_scored_or_calibrated_by_an_earlier_protocol_runs_again():
     assert set(fingerprints(conf, build_method(conf), build_plan(conf))) == {
         "model",
         "tokenizer",
+        "device and dtype",
         "calibration",
         "eval",
     }
@@ -148,3 +149,33 @@ def test_the_users_zero_shot_task_files_are_part_of_the_identity(tmp_path):
     assert changed_content({"provenance": {"fingerprints": first}}, found()) == ["zero-shot tasks"]
     earlier = {k: v for k, v in first.items() if k != "zero-shot tasks"}
     assert changed_content({"provenance": {"fingerprints": earlier}}, found()) == []
+
+
+def test_a_relaunch_where_auto_resolves_to_another_device_runs_again(monkeypatch):
+    """``device=auto dtype=auto`` is the CPU in float32 on one machine and a GPU in float16 on
+    another: a run dir finished on the CPU was returned as finished by a relaunch on a GPU (its
+    float32 masks and numbers, not what the GPU computes). A device named explicitly is the same
+    everywhere, and a record from before this fingerprint compares the rest."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from gblm.config import build_method, build_plan, validate
+    from gblm.pipeline import fingerprints
+    from gblm.run import changed_content
+
+    def found(*overrides: str) -> dict:
+        cfg = compose_config("model=tiny_llama", "method=magnitude", *overrides)
+        conf = validate(OmegaConf.to_container(cfg, resolve=True))
+        return fingerprints(conf, build_method(conf), build_plan(conf))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    on_cpu, named = found(), found("device=cuda")
+    assert on_cpu["device and dtype"] == "cpu float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    on_gpu = found()
+    assert on_gpu["device and dtype"] == "cuda float16"
+    assert changed_content({"provenance": {"fingerprints": on_cpu}}, on_gpu) == ["device and dtype"]
+    assert changed_content({"provenance": {"fingerprints": named}}, found("device=cuda")) == []
+    legacy = {k: v for k, v in on_cpu.items() if k != "device and dtype"}
+    assert changed_content({"provenance": {"fingerprints": legacy}}, on_gpu) == []
