@@ -37,7 +37,7 @@ from gblm.errors import ConfigError, OutputError
 from gblm.methods.base import Pruner, RunContext
 from gblm.methods.plans import SparsityPlan
 from gblm.models.layers import decoder_layers
-from gblm.models.loading import TOKENIZER_FILES, ModelSpec, files_fingerprint
+from gblm.models.loading import TOKENIZER_FILES, ModelSpec, code_fingerprint, files_fingerprint
 from gblm.names import block_index, in_block_name
 from gblm.paths import cache_dir, configure_offline
 from gblm.pruning.storage import PackedMasks
@@ -206,8 +206,10 @@ def inputs(
 
 
 def model_fingerprints(spec: ModelSpec) -> dict[str, str]:
-    """The content fingerprints of the model's weights files and of its tokenizer's files."""
-    return {"model": files_fingerprint(spec), "tokenizer": files_fingerprint(spec, TOKENIZER_FILES)}
+    """The fingerprints of the model's weights, its tokenizer's files and its own (remote) code."""
+    found = {"model": files_fingerprint(spec), "model code": code_fingerprint(spec)}
+    found["tokenizer"] = files_fingerprint(spec, TOKENIZER_FILES)
+    return {name: value for name, value in found.items() if value}  # no code: none of its own
 
 
 def fingerprints(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> dict[str, str]:
@@ -364,7 +366,7 @@ def execute(
             model_id=conf.model.model_id,
             cache_dir=cache_dir(),
             progress=conf.progress,
-            fingerprint=lambda: files_fingerprint(conf.model),
+            fingerprint=lambda: files_fingerprint(conf.model) + code_fingerprint(conf.model),
             onload=conf.model.onload,
             batch_size=conf.batch_size,
             method_calibrates=method.needs_calibration,

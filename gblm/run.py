@@ -40,7 +40,7 @@ NON_RESULT_KEYS = ("logger", "progress", "skip_finished", "overwrite", "experime
 # Memory-only options of earlier versions' gradient stage (no result changed): their records resume.
 RETIRED_MEMORY_OPTIONS = ("gradient_checkpointing", "loss_chunk_tokens")
 # Inputs fingerprinted since runs were recorded without them (unknowable for such a record).
-LATER_FINGERPRINTS = ("tokenizer", "zero-shot tasks", devices.RESOLVED)
+LATER_FINGERPRINTS = ("tokenizer", "zero-shot tasks", devices.RESOLVED, "model code")
 _INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGINT is KeyboardInterrupt already
 
 

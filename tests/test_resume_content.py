@@ -179,3 +179,33 @@ def test_a_relaunch_where_auto_resolves_to_another_device_runs_again(monkeypatch
     assert changed_content({"provenance": {"fingerprints": named}}, found("device=cuda")) == []
     legacy = {k: v for k, v in on_cpu.items() if k != "device and dtype"}
     assert changed_content({"provenance": {"fingerprints": legacy}}, on_gpu) == []
+
+
+def test_a_models_own_code_edited_in_place_runs_again(tmp_path):
+    """With ``model.trust_remote_code=true`` the architecture is the model folder's own Python
+    code: an edited ``modeling_*.py`` beside the same weights returned the earlier run's numbers
+    as finished. Without remote code the .py files are not read; a record from before compares
+    the rest."""
+    from omegaconf import OmegaConf
+
+    from gblm.config import build_method, build_plan, validate
+    from gblm.pipeline import fingerprints
+    from gblm.run import changed_content
+
+    (tmp_path / "config.json").write_text('{"model_type": "mine"}')
+    code = tmp_path / "modeling_mine.py"
+    code.write_text("SCALE = 1.0\n")
+
+    def found(*overrides: str) -> dict:
+        cfg = compose_config("model=hf", f"model.name_or_path={tmp_path}", "method=magnitude",
+                             "eval.perplexity.enabled=false", *overrides)  # fmt: skip
+        conf = validate(OmegaConf.to_container(cfg, resolve=True))
+        return fingerprints(conf, build_method(conf), build_plan(conf))
+
+    before, plain = found("model.trust_remote_code=true"), found()
+    code.write_text("SCALE = 2.0\n")
+    after = found("model.trust_remote_code=true")
+    assert changed_content({"provenance": {"fingerprints": before}}, after) == ["model code"]
+    assert changed_content({"provenance": {"fingerprints": plain}}, found()) == []
+    legacy = {k: v for k, v in before.items() if k != "model code"}
+    assert changed_content({"provenance": {"fingerprints": legacy}}, after) == []

@@ -35,6 +35,8 @@ SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model that GGUF wa
 # The files a model's weights and architecture come from (tokenizer files only shape the windows,
 # which the gradient cache key holds by content).
 WEIGHT_FILES = ("config.json", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+#: A model's own code (``trust_remote_code=true``): its architecture.
+CODE_FILES = ("*.py",)
 #: What a tokenizer reads from the model's folder (transformers' file names).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")  # fmt: skip
@@ -199,6 +201,12 @@ def files_fingerprint(spec: ModelSpec, names: tuple[str, ...] = WEIGHT_FILES) ->
     files = sorted({p for pattern in names for p in directory.glob(pattern) if p.is_file()})
     digests = {p.name: [p.stat().st_size, file_digest(p, memo)] for p in files}
     return "files:" + content_hash({"kind": spec.kind, "files": digests}, length=32)
+
+
+def code_fingerprint(spec: ModelSpec) -> str:
+    """With ``trust_remote_code`` the fingerprint of the model folder's own code
+    (:data:`CODE_FILES`), which is its architecture; else "" (no code of its own runs)."""
+    return files_fingerprint(spec, CODE_FILES) if spec.trust_remote_code else ""
 
 
 def _source(spec: ModelSpec) -> tuple[str | Path, dict[str, Any]]:
