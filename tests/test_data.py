@@ -62,6 +62,8 @@ def test_wikitext2_calibration_joins_its_rows_with_a_space_as_the_published_load
     from tests.conftest import compose_config
 
     class Tokenizer(CharTokenizer):  # what the windows' cache key reads of a tokenizer
+        all_special_tokens: list[str] = []
+
         def get_vocab(self):
             return {chr(i): i for i in range(128)}
 
