@@ -40,9 +40,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-RESOLVED = "device and dtype"  # what :func:`resolved` describes, a run's fingerprint
-
-
 def resolved(device: str, dtype: str) -> str:
     """What a run's ``device`` and ``dtype`` settings compute in here, ``auto`` resolved: ``"cpu
     float32"``, ``"cuda float16"`` (part of a run's identity: a CPU's float32 numbers are not a

@@ -36,8 +36,8 @@ from gblm.config import MASK_IMAGES, RunConf
 from gblm.errors import ConfigError, OutputError
 from gblm.methods.base import Pruner, RunContext
 from gblm.methods.plans import SparsityPlan
+from gblm.models import loading
 from gblm.models.layers import decoder_layers
-from gblm.models.loading import TOKENIZER_FILES, ModelSpec, code_fingerprint, files_fingerprint
 from gblm.names import block_index, in_block_name
 from gblm.paths import cache_dir, configure_offline
 from gblm.pruning.storage import PackedMasks
@@ -156,16 +156,10 @@ def inputs(
     from gblm.analysis.plots import check_mask_images
     from gblm.data import checks
     from gblm.data.sources import load_documents
-    from gblm.models.loading import (
-        block_count,
-        check_model_available,
-        load_tokenizer,
-        max_positions,
-    )
 
     timer = timer or StageTimer()
     c, p, z = conf.calibration, conf.eval.perplexity, conf.eval.zeroshot
-    check_model_available(conf.model)
+    loading.check_model_available(conf.model)
     if conf.mask_images and conf.mask_images != list(MASK_IMAGES):  # the default draws nothing
         check_mask_images(conf.mask_images, conf.model)  # on a model without those Linears
     device, dtype = torch.device("cpu"), torch.float32
@@ -178,10 +172,10 @@ def inputs(
     calibrating = needs_calibration(method, plan)
     seqlens = {"calibration.seqlen": c.seqlen} if calibrating else {}
     seqlens.update({"eval.perplexity.seqlen": p.seqlen} if p.enabled else {})
-    checks.check_context(max_positions(conf.model), seqlens)
+    checks.check_context(loading.max_positions(conf.model), seqlens)
     if method is not None:  # the plan against the model's block count, from its config
         try:
-            plan.check_config(block_count(conf.model), method.needs_calibration)
+            plan.check_config(loading.block_count(conf.model), method.needs_calibration)
         except ValueError as err:
             raise ConfigError(str(err)) from None
     if conf.model.offload_folder is not None:
@@ -197,7 +191,7 @@ def inputs(
     with timer.stage("load data"):  # an unavailable dataset fails before the model loads
         texts = {use: load_documents(*doc) for use, doc in _documents(conf, method, plan).items()}
     with timer.stage("load tokenizer"):
-        tokenizer = load_tokenizer(conf.model)
+        tokenizer = loading.load_tokenizer(conf.model)
     if calibrating:
         checks.check_calibration_text(tokenizer, texts["calibration"], c)
     if p.enabled:
@@ -205,11 +199,17 @@ def inputs(
     return Inputs(texts=texts, tokenizer=tokenizer, device=device, dtype=dtype)
 
 
-def model_fingerprints(spec: ModelSpec) -> dict[str, str]:
+# Inputs fingerprinted since runs were recorded without them: such a record compares the rest.
+LATER_FINGERPRINTS = ("tokenizer", "model code", "device and dtype", "zero-shot tasks")
+
+
+def model_fingerprints(spec: loading.ModelSpec) -> dict[str, str]:
     """The fingerprints of the model's weights, its tokenizer's files and its own (remote) code."""
-    found = {"model": files_fingerprint(spec), "model code": code_fingerprint(spec)}
-    found["tokenizer"] = files_fingerprint(spec, TOKENIZER_FILES)
-    return {name: value for name, value in found.items() if value}  # no code: none of its own
+    found = {"model": loading.files_fingerprint(spec),
+             "tokenizer": loading.files_fingerprint(spec, loading.TOKENIZER_FILES)}  # fmt: skip
+    if spec.trust_remote_code:  # the model's architecture is its own code
+        found["model code"] = loading.code_fingerprint(spec)
+    return found
 
 
 def fingerprints(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> dict[str, str]:
@@ -221,7 +221,7 @@ def fingerprints(conf: RunConf, method: Pruner | None, plan: SparsityPlan) -> di
 
     memo = cache_dir() / "fingerprints"
     found = model_fingerprints(conf.model)
-    found[devices.RESOLVED] = devices.resolved(conf.device, conf.model.dtype)
+    found["device and dtype"] = devices.resolved(conf.device, conf.model.dtype)
     for use, (source, split, paths, key) in _documents(conf, method, plan).items():
         found[use] = source_fingerprint(source, split, paths, memo, key=key)
     separator = calibration_separator(conf.calibration.source)
@@ -324,14 +324,12 @@ def execute(
     each stage that adds to it, and returns the run's record as it then stands (saved with the
     model).
     """
-    from gblm.models.loading import load_model
-
     device, dtype = given.device, given.dtype
     result = Result(device=str(device), dtype=devices.dtype_name(dtype))
     devices.reset_peak_memory(device)
     torch.manual_seed(conf.seed)
     with timer.stage("load model"):
-        model = load_model(conf.model, device, dtype, given.tokenizer)
+        model = loading.load_model(conf.model, device, dtype, given.tokenizer)
     log.info("model %s: %s, %.1fM parameters, %s on %s", conf.model.name, type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6, result.dtype, device)  # fmt: skip
     if method is not None:  # before any evaluation
@@ -366,7 +364,9 @@ def execute(
             model_id=conf.model.model_id,
             cache_dir=cache_dir(),
             progress=conf.progress,
-            fingerprint=lambda: files_fingerprint(conf.model) + code_fingerprint(conf.model),
+            fingerprint=lambda: (
+                loading.files_fingerprint(conf.model) + loading.code_fingerprint(conf.model)
+            ),
             onload=conf.model.onload,
             batch_size=conf.batch_size,
             method_calibrates=method.needs_calibration,

@@ -39,8 +39,6 @@ log = logging.getLogger("gblm")
 NON_RESULT_KEYS = ("logger", "progress", "skip_finished", "overwrite", "experiment", "hydra")
 # Memory-only options of earlier versions' gradient stage (no result changed): their records resume.
 RETIRED_MEMORY_OPTIONS = ("gradient_checkpointing", "loss_chunk_tokens")
-# Inputs fingerprinted since runs were recorded without them (unknowable for such a record).
-LATER_FINGERPRINTS = ("tokenizer", "zero-shot tasks", devices.RESOLVED, "model code")
 _INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGINT is KeyboardInterrupt already
 
 
@@ -134,11 +132,11 @@ def run_dir_refusal(
 def changed_content(previous: dict, found: dict[str, str]) -> list[str]:
     """The inputs (:func:`gblm.pipeline.fingerprints`) whose content changed since ``previous``
     finished; none for a record older than the fingerprints, nor for one of
-    :data:`LATER_FINGERPRINTS` that the record predates."""
+    :data:`gblm.pipeline.LATER_FINGERPRINTS` that the record predates."""
     old = (previous.get("provenance") or {}).get("fingerprints")
     if not isinstance(old, dict):
         return []
-    keys = set(old) | (set(found) - set(LATER_FINGERPRINTS))
+    keys = set(old) | (set(found) - set(pipeline.LATER_FINGERPRINTS))
     return sorted(k for k in keys if old.get(k) != found.get(k))
 
 

@@ -190,10 +190,10 @@ def model_directory(spec: ModelSpec) -> Path | None:
 
 
 def files_fingerprint(spec: ModelSpec, names: tuple[str, ...] = WEIGHT_FILES) -> str:
-    """A content hash of the model's :data:`WEIGHT_FILES` (or its :data:`TOKENIZER_FILES`), for
-    cache keys (each file's sha256 remembered per size, mtime and inode under
-    ``<cache>/fingerprints``); without local files (a tiny model, a hub id not yet downloaded)
-    its :attr:`ModelSpec.model_id`."""
+    """A content hash of the model's files ``names`` (:data:`WEIGHT_FILES`, :data:`TOKENIZER_FILES`
+    or :data:`CODE_FILES`), for cache keys (each file's sha256 remembered per size, mtime and inode
+    under ``<cache>/fingerprints``); without local files (a tiny model, a hub id not yet
+    downloaded) its :attr:`ModelSpec.model_id`."""
     directory = model_directory(spec)
     if directory is None or not directory.is_dir():
         return spec.model_id
